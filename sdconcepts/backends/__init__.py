@@ -1,0 +1,1 @@
+"""Edges over diffusers/transformers: the only package allowed to import them."""

@@ -1,0 +1,91 @@
+"""Small random-weight models in the Stable Diffusion layouts, built from configs for tests and benchmarks.
+
+The UNet keeps the full SD block layout (4 blocks, 2 layers each) so that single-file conversion sees the real key
+structure; only widths shrink. The cross-attention width (48) differs from every channel width (32/64) so that
+hypernetwork modules keyed by width are never ambiguous.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdconcepts.backends.tokenizer import load_clip_tokenizer
+
+SD1_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def build_tiny_sd1(seed: int = 0) -> dict[str, object]:
+    """Return the components of a tiny SD-1.x-layout model with random weights (deterministic for a seed)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 32, 64, 64),
+        cross_attention_dim=48,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=48,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=48,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": load_clip_tokenizer("sd1"),
+        "scheduler": DDIMScheduler(**SD1_SCHEDULER),
+    }
+
+
+def save_tiny_sd1(path: Path, seed: int = 0) -> Path:
+    """Write a tiny SD-1.x model as a diffusers folder (model_index.json and one folder per component)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        **build_tiny_sd1(seed),  # type: ignore[arg-type]
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
