@@ -1,0 +1,75 @@
+"""Benchmark: our txt2img path against a plain ``StableDiffusionPipeline.__call__`` on the same model.
+
+Same model, prompt, seed, sampler and steps, measured interleaved in one run; prints medians and the ratio
+(goal: ours ≤ 1.05× the pipeline). Usage: ``python bench/bench_generate.py [--ckpt PATH] [--repeats N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR, load_model, make_scheduler, txt2img
+    from sdconcepts.generation import GenerationParams
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", type=Path, default=None, help="model (default: the embedded model, else a tiny one)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sampler", default="DDIM")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ref = args.ckpt
+    if ref is None and not DEFAULT_MODEL_DIR.exists():
+        from sdconcepts.backends.tiny import save_tiny_sd1
+
+        ref = save_tiny_sd1(Path(tempfile.mkdtemp()) / "tiny-sd1")
+    model = load_model(ref, device="cpu")
+    pipe = StableDiffusionPipeline(
+        unet=model.unet, vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+        scheduler=make_scheduler(model, args.sampler), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    prompt, seed, cfg, size = "a red circle on a teal background", 1234, 7.0, model.default_size
+    params = GenerationParams(prompt=prompt, steps=args.steps, sampler=args.sampler, cfg_scale=cfg, seed=seed)
+
+    def ours() -> None:
+        txt2img(model, params)
+
+    def theirs() -> None:
+        pipe(prompt, num_inference_steps=args.steps, guidance_scale=cfg, height=size, width=size,
+             generator=torch.Generator("cpu").manual_seed(seed))
+
+    for fn in (ours, theirs, ours, theirs):  # warm-up
+        fn()
+    times: dict[str, list[float]] = {"ours": [], "pipeline": []}
+    for _ in range(args.repeats):
+        for name, fn in (("ours", ours), ("pipeline", theirs)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model: {model.name} ({size}x{size}), {args.steps} steps {args.sampler}, CFG {cfg}, {args.threads} threads, "
+          f"{args.repeats} interleaved repeats")
+    print(f"pipeline median: {med['pipeline'] * 1000:.1f} ms")
+    print(f"ours     median: {med['ours'] * 1000:.1f} ms")
+    print(f"ratio ours/pipeline: {med['ours'] / med['pipeline']:.3f} (goal <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

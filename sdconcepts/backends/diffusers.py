@@ -1,0 +1,577 @@
+"""The diffusers backend: load a model, encode prompts with A1111's semantics, and sample txt2img images.
+
+This is the only place that drives diffusers models and schedulers at generation time. Prompt parsing, seeds and
+infotext are pure functions in the core; here they meet the UNet, the VAE and the CLIP text encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
+from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
+from sdconcepts.prompts import (
+    EmbeddingEntry,
+    PromptChunk,
+    build_chunks,
+    build_embedding_index,
+    get_prompt_schedule,
+    parse_extra_network_tags,
+    text_at_step,
+)
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS / "toyworld" / "model"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+# A1111 sampler name -> (diffusers scheduler class name, extra config). Karras variants use Karras sigmas.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DDIM": ("DDIMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+}
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class ModelLoadError(ValueError):
+    """A model path that cannot be loaded; the message names the path and the reason."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded text-to-image model and what the engine needs to know about it."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    family: str
+    prediction_type: str
+    name: str
+    path: Path | None
+    device: torch.device
+    dtype: torch.dtype
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Width and height must be multiples of this: the UNet halves the latent once per down block but the last."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def context_width(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def short_hash(self) -> str | None:
+        """A1111's 10-hex-digit model hash (SHA-256 of the weights file); None for in-memory models."""
+        if self._hash is None and self.path is not None:
+            self._hash = weights_hash(self.path)[:10]
+        return self._hash
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_model(
+    ref: str | Path | None = None, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """Load the embedded default model (``ref`` None), a diffusers folder, or an A1111 single-file checkpoint."""
+    dev = torch.device(device) if device is not None else default_device()
+    dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    path = Path(ref) if ref is not None else DEFAULT_MODEL_DIR
+    if not path.exists():
+        if ref is None:
+            raise ModelLoadError(f"{path}: the embedded default model is missing from this install")
+        raise ModelLoadError(f"{path}: no such file or folder")
+    if path.is_dir():
+        model = _load_diffusers_folder(path, dt)
+    elif path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        model = _load_single_file(path, dt)
+    else:
+        raise ModelLoadError(f"{path}: not a model (expected a diffusers folder or {', '.join(CHECKPOINT_SUFFIXES)})")
+    return _finish(model, dev)
+
+
+def model_from_components(components: Mapping[str, Any], *, name: str = "in-memory", family: str = "sd1") -> LoadedModel:
+    """Wrap already-built components (tests, training previews) as a LoadedModel without touching disk."""
+    scheduler = components["scheduler"]
+    unet = components["unet"]
+    model = LoadedModel(
+        unet=unet,
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components.get("tokenizer") or load_clip_tokenizer(family),
+        scheduler_config=dict(scheduler.config),
+        family=family,
+        prediction_type=str(scheduler.config.get("prediction_type", "epsilon")),
+        name=name,
+        path=None,
+        device=unet.device,
+        dtype=unet.dtype,
+    )
+    return model
+
+
+def _finish(model: LoadedModel, device: torch.device) -> LoadedModel:
+    for module in (model.unet, model.vae, model.text_encoder):
+        module.to(device=device, dtype=model.dtype)
+        module.eval()
+        module.requires_grad_(False)
+    model.device = device
+    return model
+
+
+def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    missing = [sub for sub in ("unet", "vae", "text_encoder", "scheduler") if not (path / sub).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{path}: not a diffusers model folder (missing {', '.join(missing)})")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(
+            path, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: cannot load the diffusers folder: {_first_line(exc)}") from exc
+    scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+    family = "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
+    if (path / "tokenizer" / "vocab.json").is_file():
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    else:
+        tokenizer = load_clip_tokenizer(family)
+    return LoadedModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        family=family,
+        prediction_type=str(scheduler_config.get("prediction_type", "epsilon")),
+        name=path.name if path != DEFAULT_MODEL_DIR else "toyworld",
+        path=path,
+        device=torch.device("cpu"),
+        dtype=dtype,
+    )
+
+
+def _load_single_file(path: Path, dtype: torch.dtype) -> LoadedModel:
+    from sdconcepts.backends.single_file import load_single_file
+    from sdconcepts.checkpoint_files import CheckpointError
+
+    try:
+        parts = load_single_file(path, dtype=dtype)
+    except CheckpointError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    scheduler = parts["scheduler"]
+    return LoadedModel(
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        scheduler_config=dict(scheduler.config),
+        family=parts["family"],
+        prediction_type=parts["prediction_type"],
+        name=path.stem,
+        path=path,
+        device=torch.device("cpu"),
+        dtype=dtype,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: unreadable JSON: {_first_line(exc)}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def weights_hash(path: Path) -> str:
+    """SHA-256 of a checkpoint file (A1111's hash), or of a diffusers folder's UNet weights file."""
+    target = path
+    if path.is_dir():
+        candidates = sorted((path / "unet").glob("*.safetensors")) or sorted((path / "unet").glob("*.bin"))
+        if not candidates:
+            return "0" * 64
+        target = candidates[0]
+    stat = target.stat()
+    key = (str(target.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        digest = hashlib.sha256()
+        with open(target, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _HASH_CACHE[key] = digest.hexdigest()
+    return _HASH_CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt encoding (A1111 semantics: 75-token chunks, emphasis, embeddings placed at their token positions)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptEncoder:
+    """Encodes prompt texts to conditioning tensors ``[77 * chunks, width]`` the way A1111 does.
+
+    ``embeddings`` maps an embedding's prompt word to its vectors ``[n, width]``; matching is case-insensitive as in
+    A1111 (names are looked up through their token ids, and the CLIP tokenizer lower-cases).
+    """
+
+    model: LoadedModel
+    embeddings: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    clip_skip: int = 1
+    emphasis: str = "Original"
+    comma_backtrack: int = 20
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        tok = self.model.tokenizer
+        self._comma = int(tok.convert_tokens_to_ids(",</w>"))
+        entries: list[EmbeddingEntry] = []
+        self._vectors: dict[str, torch.Tensor] = {}
+        names = list(self.embeddings)
+        for name, ids in zip(names, self.tokenize(names), strict=True):
+            vectors = self.embeddings[name]
+            if vectors.ndim != 2 or not ids:
+                continue
+            entries.append(EmbeddingEntry(ids=tuple(ids), name=name, vectors=int(vectors.shape[0])))
+            self._vectors[name] = vectors
+        self._index = build_embedding_index(entries)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        ids: list[list[int]] = self.model.tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def chunks(self, text: str) -> tuple[list[PromptChunk], int]:
+        return build_chunks(
+            text,
+            self.tokenize,
+            bos=BOS_ID,
+            eos=EOS_ID,
+            comma=self._comma,
+            embeddings=self._index,
+            comma_backtrack=self.comma_backtrack,
+            emphasis=self.emphasis != "None",
+        )
+
+    def encode(self, text: str) -> torch.Tensor:
+        cached = self._cache.get(text)
+        if cached is None:
+            cached = self._encode(text)
+            self._cache[text] = cached
+        return cached
+
+    def encode_many(self, texts: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {text: self.encode(text) for text in dict.fromkeys(texts)}
+
+    @torch.no_grad()
+    def _encode(self, text: str) -> torch.Tensor:
+        chunks, _ = self.chunks(text)
+        model = self.model
+        tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long)
+        if model.family == "sd2":
+            # OpenCLIP pads with id 0 after the first end-of-text token (A1111 does the same).
+            for row in tokens:
+                eos_at = (row == EOS_ID).nonzero()
+                if len(eos_at):
+                    row[int(eos_at[0]) + 1 :] = model.tokenizer.pad_token_id
+        fixes = [[(f.offset, self._vectors[f.name]) for f in c.fixes] for c in chunks]
+        with _embedding_fixes(model.text_encoder, fixes):
+            z = _run_text_encoder(model.text_encoder, tokens.to(model.device), self.clip_skip)
+        multipliers = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)
+        if self.emphasis in ("Original", "No norm"):
+            z = _apply_emphasis(z, multipliers, normalize=self.emphasis == "Original")
+        return z.reshape(-1, z.shape[-1])
+
+
+def _apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, *, normalize: bool) -> torch.Tensor:
+    if bool((multipliers == 1).all()):
+        return z
+    weighted = z * multipliers.unsqueeze(-1)
+    if normalize:
+        # A1111 "Original": restore the mean of the whole chunk tensor after weighting.
+        weighted = weighted * (z.mean() / weighted.mean())
+    return weighted
+
+
+def _text_model(text_encoder: Any) -> Any:
+    """transformers 5 flattened CLIPTextModel; transformers 4 keeps the layers under ``.text_model``."""
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
+def _run_text_encoder(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    if clip_skip <= 1:
+        return text_encoder(input_ids=tokens).last_hidden_state
+    out = text_encoder(input_ids=tokens, output_hidden_states=True)
+    hidden = out.hidden_states[-clip_skip]
+    return _text_model(text_encoder).final_layer_norm(hidden)
+
+
+@contextmanager
+def _embedding_fixes(text_encoder: Any, fixes: Sequence[Sequence[tuple[int, torch.Tensor]]]) -> Any:
+    """Overwrite the token-embedding rows of each placed embedding (A1111's EmbeddingsWithFixes)."""
+    if not any(fixes):
+        yield
+        return
+    layer = text_encoder.get_input_embeddings()
+
+    def hook(_module: Any, _args: Any, output: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for chunk_fixes, row in zip(fixes, output, strict=True):
+            for offset, vectors in chunk_fixes:
+                count = min(row.shape[0] - offset - 1, vectors.shape[0])
+                row = torch.cat(
+                    [row[: offset + 1], vectors[:count].to(row), row[offset + 1 + count :]]
+                )
+            rows.append(row)
+        return torch.stack(rows)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def stack_conds(conds: Sequence[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """Batch conditionings of different chunk counts by appending empty-prompt chunks (A1111's pad_cond)."""
+    longest = max(c.shape[0] for c in conds)
+    padded = []
+    for c in conds:
+        missing = (longest - c.shape[0]) // empty.shape[0]
+        padded.append(torch.cat([c, empty.repeat(missing, 1)]) if missing else c)
+    return torch.stack(padded)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# txt2img
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    infotexts: list[str]
+    seeds: list[int]
+    params: GenerationParams
+    warnings: list[str]
+
+
+def make_scheduler(model: LoadedModel, sampler: str) -> Any:
+    import diffusers
+
+    if sampler not in SCHEDULERS:
+        raise GenerationError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    class_name, extra = SCHEDULERS[sampler]
+    cls = getattr(diffusers, class_name)
+    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
+    config["prediction_type"] = model.prediction_type
+    return cls.from_config(config, **extra)
+
+
+def txt2img(
+    model: LoadedModel,
+    params: GenerationParams,
+    *,
+    embeddings: Mapping[str, torch.Tensor] | None = None,
+    progress: ProgressCallback | None = None,
+    emphasis: str = "Original",
+    known_networks: Mapping[str, Iterable[str]] | None = None,
+) -> GenerationResult:
+    """Generate ``batch_count`` batches of ``batch_size`` images with A1111's prompt semantics and seeds.
+
+    Extra-network tags (``<hypernet:name:1>``) are removed from the positive prompt before encoding and kept in the
+    infotext; a tag naming a network that ``known_networks`` does not list comes back as a warning.
+    """
+    params = params.validated()
+    width = params.width or model.default_size
+    height = params.height or model.default_size
+    multiple = model.size_multiple
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise GenerationError(f"width and height must be positive multiples of {multiple} for this model")
+
+    prompt_text, tags = parse_extra_network_tags(params.prompt)
+    warnings = []
+    networks = known_networks or {}
+    for tag in tags:
+        name = tag.args[0] if tag.args else ""
+        if name not in set(networks.get(tag.name, ())):
+            warnings.append(f"unknown {tag.name} {name!r}: the tag was removed from the prompt and has no effect")
+
+    encoder = PromptEncoder(model, embeddings or {}, clip_skip=params.clip_skip, emphasis=emphasis)
+    steps = params.steps
+    cond_schedule = get_prompt_schedule(prompt_text, steps)
+    uncond_schedule = get_prompt_schedule(params.negative_prompt, steps)
+    conds = encoder.encode_many([t for _, t in cond_schedule] + [t for _, t in uncond_schedule] + [""])
+    empty = conds[""]
+
+    images: list[Image.Image] = []
+    infotexts: list[str] = []
+    all_seeds: list[int] = []
+    total = steps * params.batch_count
+    done = 0
+    for batch_seeds in params.image_seeds():
+
+        def step_progress(_i: int) -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        latents = sample_latents(
+            model,
+            sampler=params.sampler,
+            steps=steps,
+            cfg_scale=params.cfg_scale,
+            seeds=batch_seeds,
+            width=width,
+            height=height,
+            cond_at=lambda i: text_at_step(cond_schedule, i),
+            uncond_at=lambda i: text_at_step(uncond_schedule, i),
+            conds=conds,
+            empty=empty,
+            on_step=step_progress,
+        )
+        for image, seed in zip(decode_latents(model, latents), batch_seeds, strict=True):
+            images.append(image)
+            all_seeds.append(seed)
+            infotexts.append(
+                format_infotext(
+                    params,
+                    prompt=params.prompt,
+                    negative_prompt=params.negative_prompt,
+                    seed=seed,
+                    width=width,
+                    height=height,
+                    model_name=model.name,
+                    model_hash=model.short_hash,
+                )
+            )
+    return GenerationResult(images=images, infotexts=infotexts, seeds=all_seeds, params=params, warnings=warnings)
+
+
+def initial_noise(
+    model: LoadedModel, generators: Sequence[torch.Generator], width: int, height: int
+) -> torch.Tensor:
+    """A1111's seeding: each image's noise comes from a CPU generator seeded with its own seed."""
+    channels = int(model.unet.config.in_channels)
+    shape = (channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+    noise = [torch.randn(shape, generator=g) for g in generators]
+    return torch.stack(noise).to(device=model.device, dtype=model.dtype)
+
+
+@torch.no_grad()
+def sample_latents(
+    model: LoadedModel,
+    *,
+    sampler: str,
+    steps: int,
+    cfg_scale: float,
+    seeds: Sequence[int],
+    width: int,
+    height: int,
+    cond_at: Callable[[int], str],
+    uncond_at: Callable[[int], str],
+    conds: Mapping[str, torch.Tensor],
+    empty: torch.Tensor,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Run the sampler loop; the conditioning may change per step (prompt editing and alternation)."""
+    scheduler = make_scheduler(model, sampler)
+    scheduler.set_timesteps(steps, device=model.device)
+    # Each image's generator goes on to give the sampler's own noise (ancestral samplers), as A1111's ImageRNG does.
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    latents = initial_noise(model, generators, width, height) * scheduler.init_noise_sigma
+    batch = len(seeds)
+    guided = cfg_scale != 1.0
+    context_cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def context(i: int) -> torch.Tensor:
+        key = (cond_at(i), uncond_at(i))
+        if key not in context_cache:
+            texts = ([key[1]] * batch if guided else []) + [key[0]] * batch
+            context_cache[key] = stack_conds([conds[t] for t in texts], empty).to(model.device, model.dtype)
+        return context_cache[key]
+
+    accepts_generator = "generator" in _step_parameters(scheduler)
+    for i, t in enumerate(scheduler.timesteps):
+        model_input = torch.cat([latents, latents]) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        noise_pred = model.unet(model_input, t, encoder_hidden_states=context(i)).sample
+        if guided:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + cfg_scale * (cond - uncond)
+        kwargs = {"generator": generators} if accepts_generator else {}
+        latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
+        if on_step is not None:
+            on_step(i)
+    return latents
+
+
+_STEP_PARAMS: dict[type, frozenset[str]] = {}
+
+
+def _step_parameters(scheduler: Any) -> frozenset[str]:
+    import inspect
+
+    cls = type(scheduler)
+    if cls not in _STEP_PARAMS:
+        _STEP_PARAMS[cls] = frozenset(inspect.signature(scheduler.step).parameters)
+    return _STEP_PARAMS[cls]
+
+
+@torch.no_grad()
+def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+    scaling = float(getattr(model.vae.config, "scaling_factor", 0.18215))
+    pixels = model.vae.decode(latents / scaling).sample
+    pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]

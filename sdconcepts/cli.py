@@ -1,0 +1,142 @@
+"""Command line: ``python -m sdconcepts generate …`` and the toy-world tools; errors are one line, never tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams
+
+log = logging.getLogger("sdconcepts")
+
+
+class CommandError(Exception):
+    """An error the CLI reports as one line and exit code 2."""
+
+
+def _existing_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: no such folder")
+    return path
+
+
+def _existing_path(value: str) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{value}: no such file or folder")
+    return path
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="txt2img: generate images from a prompt",
+        description="Generate images with A1111's prompt language (emphasis, BREAK, [from:to:when], [a|b]). "
+        "Each PNG carries A1111's 'parameters' infotext.",
+    )
+    p.add_argument("--prompt", required=True, help="the prompt")
+    p.add_argument("--negative-prompt", default="", help="the negative prompt (default: empty)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="Euler a", metavar="NAME",
+                   help=f"sampler, one of: {', '.join(SAMPLERS)} (default: Euler a)")
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (default: 7)")
+    p.add_argument("--seed", type=int, default=-1, help="seed; -1 picks a random one (default: -1)")
+    p.add_argument("--width", type=_positive_int, default=None, help="width in pixels (default: the model's size)")
+    p.add_argument("--height", type=_positive_int, default=None, help="height in pixels (default: the model's size)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="images per batch (default: 1)")
+    p.add_argument("--batch-count", type=_positive_int, default=1, help="number of batches (default: 1)")
+    p.add_argument("--clip-skip", type=_positive_int, default=1, help="stop at the N-th last CLIP layer (default: 1)")
+    p.add_argument("--ckpt", type=_existing_path, default=None,
+                   help="model: a diffusers folder or an A1111 .safetensors/.ckpt file (default: the embedded toy-world model)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--output", required=True, type=Path,
+                   help="a folder (files named like A1111's NNNNN-SEED.png) or a .png path")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from sdconcepts.backends.diffusers import ModelLoadError, load_model, txt2img
+    from sdconcepts.images import next_image_path, save_png
+
+    params = GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        sampler=args.sampler,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        batch_size=args.batch_size,
+        batch_count=args.batch_count,
+        clip_skip=args.clip_skip,
+    )
+    try:
+        params = params.validated()
+        model = load_model(args.ckpt, device=args.device)
+        with tqdm(total=params.steps * params.batch_count, unit="step", desc="generate", file=sys.stderr) as bar:
+            result = txt2img(model, params, progress=lambda done, _total: bar.update(done - bar.n))
+    except (GenerationError, ModelLoadError) as exc:
+        raise CommandError(str(exc)) from exc
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    output: Path = args.output
+    single_file = output.suffix.lower() == ".png"
+    for index, (image, infotext, seed) in enumerate(zip(result.images, result.infotexts, result.seeds, strict=True)):
+        if single_file:
+            path = output if len(result.images) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+        else:
+            path = next_image_path(output, seed)
+        save_png(image, path, infotext)
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sdconcepts",
+        description="sdconcepts: textual inversion embeddings and hypernetworks for Stable Diffusion.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_generate_parser(subparsers)
+    from sdconcepts.toyworld.cli import add_toyworld_parser
+
+    add_toyworld_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args))
+    except CommandError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,27 @@
+"""Shared fixtures: real diffusers/transformers components at tiny size, seeded, on the CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SD-1.x model saved as a diffusers folder."""
+    from sdconcepts.backends.tiny import save_tiny_sd1
+
+    return save_tiny_sd1(tmp_path_factory.mktemp("tiny") / "tiny-sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from sdconcepts.backends.diffusers import load_model
+
+    return load_model(tiny_model_dir, device="cpu")

@@ -1,0 +1,64 @@
+"""The command line, run as a user runs it: a subprocess of ``python -m sdconcepts``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sdconcepts.generation import parse_infotext
+from sdconcepts.images import read_infotext
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "sdconcepts", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def test_generate_writes_pngs_with_infotext(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_cli("generate", "--prompt", "a (red:1.1) circle", "--negative-prompt", "blue", "--steps", "3",
+                   "--sampler", "DPM++ 2M", "--cfg-scale", "6", "--seed", "21", "--batch-size", "2",
+                   "--batch-count", "2", "--ckpt", str(tiny_model_dir), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-21.png", "00001-22.png", "00002-23.png", "00003-24.png"]
+    prompt, negative, fields = parse_infotext(read_infotext(files[2]) or "")
+    assert (prompt, negative) == ("a (red:1.1) circle", "blue")
+    assert fields["Seed"] == "23" and fields["Sampler"] == "DPM++ 2M" and fields["Steps"] == "3"
+    assert fields["Model"] == "tiny-sd1"
+    assert "generate" in proc.stderr  # the progress bar
+
+
+def test_help_documents_every_option() -> None:
+    proc = run_cli("generate", "--help")
+    assert proc.returncode == 0
+    for option in ("--prompt", "--negative-prompt", "--steps", "--sampler", "--cfg-scale", "--seed", "--width",
+                   "--height", "--batch-size", "--batch-count", "--ckpt", "--output", "--clip-skip"):
+        assert option in proc.stdout, option
+    assert "Euler a" in proc.stdout and "DPM++ 2M" in proc.stdout
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_bad_options_and_missing_files_are_one_line_errors(tmp_path: Path, tiny_model_dir: Path) -> None:
+    line = _one_line_error(run_cli("generate", "--prompt", "x", "--output", str(tmp_path), "--steps", "zero"))
+    assert "zero" in line
+    line = _one_line_error(run_cli("generate", "--prompt", "x", "--output", str(tmp_path), "--ckpt",
+                                   str(tmp_path / "missing.safetensors")))
+    assert "missing.safetensors" in line
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a checkpoint at all")
+    line = _one_line_error(run_cli("generate", "--prompt", "x", "--output", str(tmp_path), "--ckpt", str(bogus)))
+    assert "bogus.safetensors" in line
+    line = _one_line_error(run_cli("generate", "--prompt", "x", "--output", str(tmp_path), "--width", "33",
+                                   "--ckpt", str(tiny_model_dir)))
+    assert "multiples of 32" in line
+    line = _one_line_error(run_cli("generate", "--prompt", "x", "--output", str(tmp_path), "--sampler", "Foo"))
+    assert "Foo" in line

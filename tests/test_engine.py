@@ -1,0 +1,197 @@
+"""The generation engine on a tiny real model: loading, A1111 prompt encoding, samplers, seeds, infotext."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdconcepts.backends.diffusers import (
+    SCHEDULERS,
+    ModelLoadError,
+    PromptEncoder,
+    load_model,
+    model_from_components,
+    txt2img,
+)
+from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams, parse_infotext
+from sdconcepts.images import read_infotext, save_png
+
+
+def _pixels(result) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
+
+
+def test_every_listed_sampler_has_a_scheduler() -> None:
+    assert set(SAMPLERS) == set(SCHEDULERS)
+    assert {"Euler a", "Euler", "DPM++ 2M", "DDIM"} <= set(SAMPLERS)
+
+
+def test_loads_diffusers_folder_with_properties(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    assert tiny_model.family == "sd1"
+    assert tiny_model.prediction_type == "epsilon"
+    assert tiny_model.vae_scale_factor == 4 and tiny_model.default_size == 32 and tiny_model.size_multiple == 32
+    assert tiny_model.short_hash is not None and len(tiny_model.short_hash) == 10
+    assert not any(p.requires_grad for p in tiny_model.unet.parameters())
+
+
+def test_missing_and_bogus_models_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_model(tmp_path / "nope.safetensors")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="not a diffusers model folder"):
+        load_model(tmp_path / "empty")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelLoadError, match="not a model") as info:
+        load_model(text)
+    assert "\n" not in str(info.value) and "notes.txt" in str(info.value)
+
+
+def test_plain_prompt_matches_diffusers_encode_prompt(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        unet=tiny_model.unet, vae=tiny_model.vae, text_encoder=tiny_model.text_encoder,
+        tokenizer=tiny_model.tokenizer, scheduler=DDIMScheduler.from_config(tiny_model.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    prompt = "a red circle on a teal background, sharp"
+    theirs, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    ours = PromptEncoder(tiny_model).encode(prompt)
+    assert ours.shape == (77, 48)
+    torch.testing.assert_close(ours, theirs[0], rtol=0, atol=1e-6)
+
+
+def test_emphasis_weights_change_only_the_weighted_tokens(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    plain = PromptEncoder(tiny_model, emphasis="No norm").encode("a red circle")
+    weighted = PromptEncoder(tiny_model, emphasis="No norm").encode("a (red:1.5) circle")
+    # BOS, "a", "red", "circle": only position 2 is scaled (the transformer output is weighted afterwards).
+    torch.testing.assert_close(weighted[2], plain[2] * 1.5)
+    torch.testing.assert_close(weighted[3], plain[3])
+    original = PromptEncoder(tiny_model).encode("a (red:1.5) circle")
+    torch.testing.assert_close(original.mean(), plain.mean(), rtol=1e-5, atol=1e-6)
+    ignored = PromptEncoder(tiny_model, emphasis="Ignore").encode("a (red:1.5) circle")
+    torch.testing.assert_close(ignored, plain)
+
+
+def test_long_prompts_and_break_make_more_chunks(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    enc = PromptEncoder(tiny_model)
+    long_prompt = ", ".join(["red circle"] * 40)
+    assert enc.encode(long_prompt).shape == (154, 48)
+    assert enc.encode("a red circle BREAK a blue square").shape == (154, 48)
+    assert enc.encode("").shape == (77, 48)
+
+
+def test_clip_skip_uses_an_earlier_layer(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    one = PromptEncoder(tiny_model, clip_skip=1).encode("a red circle")
+    two = PromptEncoder(tiny_model, clip_skip=2).encode("a red circle")
+    assert one.shape == two.shape and not torch.allclose(one, two)
+
+
+def test_embedding_vectors_are_placed_at_the_word(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(1)
+    vectors = torch.randn(2, 48)
+    with_emb = PromptEncoder(tiny_model, {"mything": vectors}).encode("a MyThing circle")
+    without = PromptEncoder(tiny_model).encode("a mything circle")
+    assert not torch.allclose(with_emb, without)
+    # The same prompt with the vectors written straight into the token embedding gives the same output.
+    te = tiny_model.text_encoder
+    table = te.get_input_embeddings().weight
+    ids = tiny_model.tokenizer("a x x circle", padding="max_length", max_length=77).input_ids
+    embeds = table[torch.tensor(ids)].clone()
+    embeds[2:4] = vectors
+    handle = te.get_input_embeddings().register_forward_hook(lambda m, a, out: embeds.unsqueeze(0))
+    try:
+        expected = te(input_ids=torch.tensor([ids])).last_hidden_state[0]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(with_emb, expected, rtol=0, atol=1e-6)
+
+
+def test_same_seed_same_image_and_seeds_differ(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    params = GenerationParams(prompt="a red circle", steps=4, seed=7, cfg_scale=5)
+    a = txt2img(tiny_model, params)
+    b = txt2img(tiny_model, params)
+    c = txt2img(tiny_model, GenerationParams(prompt="a red circle", steps=4, seed=8, cfg_scale=5))
+    assert (_pixels(a) == _pixels(b)).all()
+    assert (_pixels(a) != _pixels(c)).any()
+    assert a.images[0].size == (32, 32)
+
+
+def test_batch_image_matches_single_generation_with_its_seed(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    batch = txt2img(tiny_model, GenerationParams(prompt="a blue cross", steps=3, seed=10, batch_size=2,
+                                                  batch_count=2, sampler="Euler a"))
+    assert batch.seeds == [10, 11, 12, 13] and len(batch.images) == 4
+    single = txt2img(tiny_model, GenerationParams(prompt="a blue cross", steps=3, seed=13, sampler="Euler a"))
+    assert np.abs(_pixels(batch)[3] - _pixels(single)[0]).max() <= 1
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_generates(tiny_model, sampler: str) -> None:  # type: ignore[no-untyped-def]
+    result = txt2img(tiny_model, GenerationParams(prompt="a green ring", steps=3, seed=1, sampler=sampler))
+    pixels = _pixels(result)
+    assert pixels.shape == (1, 32, 32, 3) and pixels.std() > 0
+
+
+def test_prompt_editing_switches_conditioning_mid_run(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    def run(prompt: str) -> np.ndarray:
+        return _pixels(txt2img(tiny_model, GenerationParams(prompt=prompt, steps=6, seed=3, sampler="DDIM")))
+
+    edited = run("a [red:blue:3] circle")
+    assert (edited != run("a red circle")).any()
+    assert (edited != run("a blue circle")).any()
+    # A switch after the last step never happens: identical to the first prompt.
+    assert (run("a [red:blue:10] circle") == run("a red circle")).all()
+    assert (run("a [red|blue] circle") != run("a red circle")).any()
+
+
+def test_guidance_scale_one_skips_the_unconditional_pass(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    calls: list[int] = []
+    handle = tiny_model.unet.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        txt2img(tiny_model, GenerationParams(prompt="x", steps=2, seed=1, cfg_scale=1.0))
+        txt2img(tiny_model, GenerationParams(prompt="x", steps=2, seed=1, cfg_scale=7.0))
+    finally:
+        handle.remove()
+    assert calls == [1, 1, 2, 2]
+
+
+def test_negative_prompt_and_tags(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    base = GenerationParams(prompt="a red circle", steps=3, seed=5, sampler="DDIM")
+    plain = txt2img(tiny_model, base)
+    negative = txt2img(tiny_model, GenerationParams(**{**base.__dict__, "negative_prompt": "blue"}))
+    assert (_pixels(plain) != _pixels(negative)).any()
+    tagged = txt2img(tiny_model, GenerationParams(**{**base.__dict__, "prompt": "a red circle <hypernet:nope:0.5>"}))
+    # The tag is stripped before encoding (same image), kept in the infotext, and reported as unknown.
+    assert (_pixels(tagged) == _pixels(plain)).all()
+    assert tagged.infotexts[0].startswith("a red circle <hypernet:nope:0.5>\n")
+    assert any("nope" in w for w in tagged.warnings)
+
+
+def test_sizes_must_fit_the_model(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(GenerationError, match="multiples of 32"):
+        txt2img(tiny_model, GenerationParams(prompt="x", steps=1, width=40, height=32))
+    wide = txt2img(tiny_model, GenerationParams(prompt="x", steps=1, seed=1, width=64, height=32))
+    assert wide.images[0].size == (64, 32)
+
+
+def test_png_carries_the_infotext(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = txt2img(tiny_model, GenerationParams(prompt="a red circle", negative_prompt="blurry", steps=2,
+                                                   seed=99, cfg_scale=4.5, sampler="DDIM"))
+    path = save_png(result.images[0], tmp_path / "out.png", result.infotexts[0])
+    prompt, negative, fields = parse_infotext(read_infotext(path) or "")
+    assert (prompt, negative) == ("a red circle", "blurry")
+    assert fields == {"Steps": "2", "Sampler": "DDIM", "CFG scale": "4.5", "Seed": "99", "Size": "32x32",
+                      "Model hash": tiny_model.short_hash, "Model": "tiny-sd1"}
+
+
+def test_in_memory_components_generate() -> None:
+    from sdconcepts.backends.tiny import build_tiny_sd1
+
+    model = model_from_components(build_tiny_sd1(seed=3))
+    assert model.short_hash is None
+    result = txt2img(model, GenerationParams(prompt="a red circle", steps=2, seed=1))
+    assert "Model hash" not in result.infotexts[0]
