@@ -89,3 +89,59 @@ def save_tiny_sd1(path: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_tiny_sd2(seed: int = 0, prediction_type: str = "epsilon") -> dict[str, object]:
+    """Return the components of a tiny SD-2.x-layout model with random weights (deterministic for a seed).
+
+    As SD 2: linear projections in the UNet's transformers, a fixed head width (16 here, 64 in SD 2) so the head
+    count grows with the block width, a gelu text encoder that converts to OpenCLIP's layout, and `!` padding. The
+    text width (40) differs from SD1-tiny's (48) and from every channel width; the VAE uses two resnets per block.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 32, 64, 64),
+        cross_attention_dim=40,
+        attention_head_dim=(2, 2, 4, 4),
+        use_linear_projection=True,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=40,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=5,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=40,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
+        )
+    )
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": load_clip_tokenizer("sd2"),
+        "scheduler": DDIMScheduler(**{**SD1_SCHEDULER, "prediction_type": prediction_type}),
+    }

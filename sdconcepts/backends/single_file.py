@@ -1,0 +1,206 @@
+"""Build diffusers/transformers models from A1111-style single-file checkpoints, and write models back as one.
+
+The file format (reading, key names, config inference) is `sdconcepts.checkpoint_files`; this module only turns
+its plain state dicts and config dicts into UNet2DConditionModel, AutoencoderKL, CLIPTextModel and a scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdconcepts import checkpoint_files as cf
+from sdconcepts.backends.tokenizer import load_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+# CLIPTextConfig fields that shape the text encoder's outputs; the rest of its to_dict() is library bookkeeping.
+_TEXT_CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "projection_dim",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+    "attention_dropout",
+    "initializer_range",
+    "initializer_factor",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
+def load_single_file(
+    path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    probe_prediction: bool = True,
+) -> dict[str, Any]:
+    """Load an A1111-style SD 1.x/2.x checkpoint into diffusers/transformers components.
+
+    Returns ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` (DDIM, from the inferred scheduler
+    config), ``family``, ``prediction_type``, ``configs`` (the ModelConfigs used) and ``extra`` (tensors of the file
+    no component uses, EMA copies excepted; save_single_file writes them back). A SD2 file that states no
+    prediction type is probed as A1111 does (`probe_v_prediction`) unless `probe_prediction` is False.
+    Raises CheckpointError for a file that is not such a checkpoint or whose weights do not fit.
+    """
+    state_dict, metadata = cf.read_checkpoint_with_metadata(path)
+    stated = cf.explicit_prediction_type(path, state_dict, metadata)
+    configs = cf.infer_configs(state_dict, prediction_type=stated or "epsilon", metadata=metadata)
+    parts, leftovers = cf.split_checkpoint(state_dict, configs)
+
+    unet = _materialize(lambda: UNet2DConditionModel.from_config(configs.unet), parts["unet"], dtype, path, "UNet")
+    if stated is None and configs.family == "sd2" and probe_prediction and configs.unet["in_channels"] == 4:
+        if probe_v_prediction(unet):
+            configs = cf.infer_configs(state_dict, prediction_type="v_prediction", metadata=metadata)
+            unet.register_to_config(sample_size=configs.unet["sample_size"])
+    del state_dict
+    vae = _materialize(lambda: AutoencoderKL.from_config(configs.vae), parts["vae"], dtype, path, "VAE")
+    text_encoder = _materialize(
+        lambda: CLIPTextModel(CLIPTextConfig(**configs.text_encoder)),
+        parts["text_encoder"],
+        dtype,
+        path,
+        "text encoder",
+    )
+    return {
+        "unet": unet.to(device).eval(),
+        "vae": vae.to(device).eval(),
+        "text_encoder": text_encoder.to(device).eval(),
+        "tokenizer": load_clip_tokenizer(configs.family),
+        "scheduler": DDIMScheduler.from_config(configs.scheduler),
+        "family": configs.family,
+        "prediction_type": configs.prediction_type,
+        "configs": configs,
+        "extra": {k: v for k, v in leftovers.items() if not k.startswith("model_ema.")},
+    }
+
+
+def _materialize(make: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, path: Any, what: str) -> Any:
+    """Build a model without initialising weights (on the meta device), then take the checkpoint's tensors."""
+    with torch.device("meta"):
+        model = make()
+    if isinstance(model, CLIPTextModel):
+        state_dict = cf.match_text_encoder_keys(state_dict, model.state_dict().keys())
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise cf.CheckpointError(f"{path}: {what} weights do not fit the inferred config ({reason})") from None
+    # Buffers the state dict does not carry (CLIP's non-persistent position_ids) are still on the meta device.
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if not buffer.is_meta:
+                continue
+            if name != "position_ids":
+                raise cf.CheckpointError(f"{path}: {what} buffer {name} is not in the checkpoint")
+            ids = torch.arange(buffer.shape[-1], dtype=buffer.dtype).expand(buffer.shape)
+            setattr(module, name, ids)
+    return model
+
+
+@torch.no_grad()
+def probe_v_prediction(unet: UNet2DConditionModel) -> bool:
+    """A1111's SD2 test (modules/sd_models_config.py): run the UNet at t=999 on a constant 0.5 latent and context;
+    a v-prediction model returns roughly the negated input, an epsilon model roughly the input, so a mean of
+    (output - input) below -1 means v.
+
+    Meaningful only for trained SD2 weights; on a random model the answer is arbitrary.
+    """
+    param = next(unet.parameters())
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=param.dtype, device=param.device)
+    context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=param.dtype, device=param.device)
+    timestep = torch.tensor([999], device=param.device)
+    out = unet(x, timestep, encoder_hidden_states=context).sample
+    return bool((out.float() - x.float()).mean().item() < -1)
+
+
+def _family_of(components: dict[str, Any]) -> str:
+    family = components.get("family")
+    if family:
+        return str(family)
+    # SD2's OpenCLIP text encoder uses gelu; SD1's CLIP ViT-L uses quick_gelu.
+    return "sd2" if components["text_encoder"].config.hidden_act == "gelu" else "sd1"
+
+
+def _prediction_of(components: dict[str, Any]) -> str:
+    stated = components.get("prediction_type")
+    if stated:
+        return str(stated)
+    scheduler = components.get("scheduler")
+    config = getattr(scheduler, "config", None) or {}
+    return str(config.get("prediction_type", "epsilon"))
+
+
+def _plain(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+
+
+def save_single_file(
+    components: dict[str, Any], path: str | os.PathLike[str], *, dtype: torch.dtype | None = None
+) -> Path:
+    """Write `components` (unet, vae, text_encoder; optional scheduler, family, prediction_type, extra) as one
+    A1111-style checkpoint: `.safetensors`, or `.ckpt` holding ``{"state_dict": ...}``.
+
+    A v-prediction model also gets the sidecar `.yaml` A1111 needs (the full LDM config with
+    ``parameterization: "v"``); an epsilon model removes a sidecar this module wrote earlier. A sidecar someone
+    else wrote that contradicts the model is an error, raised before anything is written.
+    """
+    target = Path(path)
+    family = _family_of(components)
+    prediction = _prediction_of(components)
+    unet, vae, text_encoder = components["unet"], components["vae"], components["text_encoder"]
+
+    text_config = text_encoder.config.to_dict()
+    configs = {
+        "unet": _plain(unet.config),
+        "vae": _plain(vae.config),
+        "text_encoder": {k: text_config[k] for k in _TEXT_CONFIG_KEYS if k in text_config},
+    }
+    scheduler_config = getattr(components.get("scheduler"), "config", None)
+    if scheduler_config is not None:
+        configs["scheduler"] = _plain(scheduler_config)
+    metadata = cf.make_metadata(configs, family=family, prediction_type=prediction)
+    model_configs = cf.ModelConfigs(
+        unet=configs["unet"],
+        vae=configs["vae"],
+        text_encoder=configs["text_encoder"],
+        scheduler={**configs.get("scheduler", {}), "prediction_type": prediction},
+        family=family,
+        prediction_type=prediction,
+    )
+
+    sidecar = cf.sidecar_yaml_path(target)
+    ours = cf.is_our_sidecar(target)
+    if sidecar.is_file() and not ours:
+        says = cf.explicit_prediction_type(target, {}, None)
+        if says != prediction:
+            raise cf.CheckpointError(
+                f"{sidecar}: this config file says {says} but the model is {prediction}; move it away first"
+            )
+
+    state_dict = cf.diffusers_to_ldm(
+        unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), family, extra=components.get("extra")
+    )
+    if dtype is not None:
+        state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
+    cf.write_checkpoint(target, state_dict, metadata=metadata)
+
+    if prediction == "v_prediction" and (ours or not sidecar.is_file()):
+        sidecar.write_text(cf.ldm_config_yaml(model_configs), encoding="utf-8")
+    elif prediction != "v_prediction" and ours:
+        sidecar.unlink()
+    log.info("wrote %s (%s, %s, %d tensors)", target, family, prediction, len(state_dict))
+    return target

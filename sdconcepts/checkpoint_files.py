@@ -1,0 +1,1038 @@
+"""A1111-style single-file Stable Diffusion checkpoints (the original LDM/CompVis key layout), SD 1.x and SD 2.x.
+
+This module owns the file format: reading `.safetensors`/`.ckpt` without unrestricted unpickling, telling the model
+family and prediction type apart, inferring model configs from tensor shapes, and renaming keys between the LDM
+layout and diffusers' layout in both directions, generically over widths and block counts. Pure core: torch,
+safetensors and the standard library only; building models from the result is `sdconcepts.backends.single_file`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "CheckpointError",
+    "ModelConfigs",
+    "detect_family",
+    "detect_prediction_type",
+    "diffusers_to_ldm",
+    "explicit_prediction_type",
+    "infer_configs",
+    "ldm_config_yaml",
+    "ldm_to_diffusers",
+    "make_metadata",
+    "match_text_encoder_keys",
+    "read_checkpoint",
+    "read_checkpoint_with_metadata",
+    "sidecar_yaml_path",
+    "split_checkpoint",
+    "write_checkpoint",
+]
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+TEXT_MODEL = "text_model."
+FAMILIES = ("sd1", "sd2")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+# Our own record of the configs, so that hyperparameters no tensor shape reveals (attention heads, GroupNorm
+# groups) survive a round trip: safetensors header metadata, or a top-level entry beside "state_dict" in a .ckpt.
+# A1111 and diffusers ignore both.
+METADATA_CONFIGS = "sdconcepts.configs"
+METADATA_FAMILY = "sdconcepts.family"
+METADATA_PREDICTION = "sdconcepts.prediction_type"
+CKPT_METADATA_KEY = "sdconcepts_metadata"
+SIDECAR_MARKER = "# written by sdconcepts"
+
+_TORCH_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
+_CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "configs"
+
+# A1111 reads `parameterization: "v"` from the LDM config YAML beside the checkpoint (modules/sd_models_config.py).
+_V_PARAMETERIZATION = re.compile(r"""^\s*parameterization\s*:\s*["']?v["']?\s*(?:#.*)?$""", re.MULTILINE)
+
+# Non-tensor globals that Lightning-era .ckpt files pickle beside their weights (training-callback state keyed by
+# the callback class, numpy scalars of logged metrics). The same set A1111's restricted unpickler accepts. They are
+# replaced by an inert stand-in: their values are never used, and nothing from those libraries is imported or run.
+_HARMLESS_GLOBALS = frozenset(
+    {
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+        "pytorch_lightning.callbacks.model_checkpoint",
+        "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.dtype",
+        "numpy.ndarray",
+    }
+)
+_HARMLESS_GLOBAL_PATTERN = re.compile(r"numpy\.dtypes\.\w+DType")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable SD 1.x/2.x single-file checkpoint; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelConfigs:
+    """Constructor kwargs for UNet2DConditionModel, AutoencoderKL, CLIPTextConfig and a diffusers scheduler."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    scheduler: dict[str, Any]
+    family: str
+    prediction_type: str
+
+
+class _Inert:
+    """Stand-in for an allow-listed harmless global: accepts any construction and state, keeps nothing."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> _Inert:
+        return object.__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> StateDict:
+    """Return the tensors of a single-file SD 1.x/2.x checkpoint (`.safetensors`, `.ckpt`, `.pt`, `.pth`, `.bin`)."""
+    return read_checkpoint_with_metadata(path)[0]
+
+
+def read_checkpoint_with_metadata(path: str | os.PathLike[str]) -> tuple[StateDict, dict[str, str]]:
+    """Return ``(state_dict, metadata)``: the tensors and the string metadata (safetensors header, or our entry).
+
+    Raises CheckpointError naming the file for anything that is not a SD 1.x/2.x checkpoint.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: not a file")
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        state_dict, metadata = _read_safetensors(p)
+    elif suffix in _TORCH_SUFFIXES:
+        state_dict, metadata = _unwrap(p, _torch_load(p))
+    else:
+        raise CheckpointError(f"{p}: unsupported file type {suffix or '(none)'}; expected .safetensors or .ckpt")
+    if not state_dict:
+        raise CheckpointError(f"{p}: holds no tensors")
+    if not any(k.startswith(UNET_PREFIX) for k in state_dict):
+        raise CheckpointError(f"{p}: no UNet weights ({UNET_PREFIX}*); not a Stable Diffusion checkpoint")
+    try:
+        detect_family(state_dict)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{p}: {exc}") from None
+    return state_dict, metadata
+
+
+def _read_safetensors(p: Path) -> tuple[StateDict, dict[str, str]]:
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except Exception as exc:  # safetensors raises its own error types for bad headers and truncated files
+        raise CheckpointError(f"{p}: not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _torch_load(p: Path) -> object:
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = exc
+    # A failure may come from non-tensor globals that real Lightning .ckpt files carry; retry with an allow-list
+    # of harmless ones, but only when the pickle asks for nothing else. Never full unpickling.
+    if not zipfile.is_zipfile(p):
+        raise CheckpointError(f"{p}: not a loadable checkpoint ({_first_line(first)})") from None
+    try:
+        needed = list(torch.serialization.get_unsafe_globals_in_checkpoint(p))
+    except Exception as exc:
+        raise CheckpointError(f"{p}: not a loadable checkpoint ({_first_line(exc)})") from None
+    refused = [g for g in needed if g not in _HARMLESS_GLOBALS and not _HARMLESS_GLOBAL_PATTERN.fullmatch(g)]
+    if refused:
+        raise CheckpointError(f"{p}: refused to unpickle {', '.join(sorted(refused))} (only weights are loaded)")
+    if not needed:
+        raise CheckpointError(f"{p}: not a loadable checkpoint ({_first_line(first)})") from None
+    try:
+        with torch.serialization.safe_globals([(_Inert, name) for name in needed]):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{p}: not a loadable checkpoint ({_first_line(exc)})") from None
+
+
+def _unwrap(p: Path, obj: object) -> tuple[StateDict, dict[str, str]]:
+    metadata: dict[str, str] = {}
+    if isinstance(obj, dict):
+        raw = obj.get(CKPT_METADATA_KEY)
+        if isinstance(raw, dict):
+            metadata = {str(k): v for k, v in raw.items() if isinstance(v, str)}
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{p}: holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}, metadata
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+# ------------------------------------------------------------------------------------------------------- detection
+
+
+def detect_family(state_dict: Mapping[str, Tensor]) -> str:
+    """Return ``"sd1"`` (CLIP ViT-L, HF key names) or ``"sd2"`` (OpenCLIP ViT-H) from the text-encoder keys."""
+    sd1 = sd2 = False
+    for k in state_dict:
+        if k.startswith("conditioner.embedders."):
+            raise CheckpointError("SDXL checkpoint (conditioner.embedders.*); only SD 1.x and SD 2.x are supported")
+        if k.startswith(SD2_TEXT_PREFIX + "transformer.resblocks."):
+            sd2 = True
+        elif k.startswith(SD1_TEXT_PREFIX):
+            sd1 = True
+    if sd2:
+        return "sd2"
+    if sd1:
+        return "sd1"
+    raise CheckpointError(
+        f"unknown model family: no text encoder keys ({SD1_TEXT_PREFIX}* for SD 1.x, "
+        f"{SD2_TEXT_PREFIX}transformer.* for SD 2.x)"
+    )
+
+
+def sidecar_yaml_path(path: str | os.PathLike[str]) -> Path:
+    """The A1111 config YAML beside a checkpoint: same folder and stem, `.yaml`."""
+    return Path(path).with_suffix(".yaml")
+
+
+def explicit_prediction_type(
+    path: str | os.PathLike[str] | None, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> str | None:
+    """The prediction type a checkpoint states, or None when it states none.
+
+    In order: an A1111 sidecar YAML (it *is* the model config there, so without ``parameterization: "v"`` it means
+    epsilon), a ``v_pred`` marker key (ComfyUI's convention), our own metadata.
+    """
+    if path is not None:
+        yaml = sidecar_yaml_path(path)
+        if yaml.is_file():
+            text = yaml.read_text(encoding="utf-8", errors="replace")
+            return "v_prediction" if _V_PARAMETERIZATION.search(text) else "epsilon"
+    if "v_pred" in state_dict:
+        return "v_prediction"
+    stated = (metadata or {}).get(METADATA_PREDICTION)
+    return stated if stated in PREDICTION_TYPES else None
+
+
+def detect_prediction_type(
+    path: str | os.PathLike[str] | None, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> str:
+    """Return ``"epsilon"`` or ``"v_prediction"``; see explicit_prediction_type, else epsilon for SD1 and SD2.
+
+    A file that states nothing defaults to epsilon. For SD2, A1111 instead runs the UNet once on a constant input at
+    t=999 and calls it v-prediction when the mean of (output - input) is below -1; that probe needs a built UNet and
+    lives in the backend (`sdconcepts.backends.single_file.probe_v_prediction`).
+    """
+    return explicit_prediction_type(path, state_dict, metadata) or "epsilon"
+
+
+# ---------------------------------------------------------------------------------------------------- key layouts
+
+
+@dataclass(frozen=True)
+class _UNetLayout:
+    blocks: int
+    layers: int  # resnets per down block; up blocks have one more
+    down_attention: tuple[bool, ...]
+    up_attention: tuple[bool, ...]
+    mid_attention: bool
+
+
+@dataclass(frozen=True)
+class _VAELayout:
+    blocks: int
+    layers: int
+
+
+# (ldm module, diffusers module, renames of the leading part of what follows the module, ldm name first)
+_Module = tuple[str, str, tuple[tuple[str, str], ...]]
+
+_UNET_RESNET = (
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("skip_connection", "conv_shortcut"),
+)
+_VAE_RESNET = (("nin_shortcut", "conv_shortcut"),)
+_VAE_ATTENTION = (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))
+_VAE_ATTENTION_LINEAR = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
+
+
+def _indices(keys: Iterable[str], prefix: str) -> set[int]:
+    found = set()
+    for k in keys:
+        if k.startswith(prefix):
+            head = k[len(prefix) :].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return found
+
+
+def _ldm_unet_layout(sd: Mapping[str, Tensor]) -> _UNetLayout:
+    p = UNET_PREFIX
+    inputs = _indices(sd, p + "input_blocks.")
+    if not inputs:
+        raise CheckpointError(f"no UNet input blocks ({p}input_blocks.*)")
+    downs = sorted(i for i in inputs if f"{p}input_blocks.{i}.0.op.weight" in sd)
+    layers = downs[0] - 1 if downs else max(inputs)
+    blocks = len(downs) + 1
+    expected_downs = [(i + 1) * (layers + 1) for i in range(blocks - 1)]
+    if layers < 1 or downs != expected_downs or max(inputs) != blocks * (layers + 1) - 1:
+        raise CheckpointError("UNet input blocks are not in the SD layout (resnets, then one downsampler per block)")
+    step = layers + 1
+    return _UNetLayout(
+        blocks=blocks,
+        layers=layers,
+        down_attention=tuple(f"{p}input_blocks.{1 + i * step}.1.proj_in.weight" in sd for i in range(blocks)),
+        up_attention=tuple(f"{p}output_blocks.{i * step}.1.proj_in.weight" in sd for i in range(blocks)),
+        mid_attention=f"{p}middle_block.1.proj_in.weight" in sd,
+    )
+
+
+def _diffusers_unet_layout(sd: Mapping[str, Tensor]) -> _UNetLayout:
+    blocks = len(_indices(sd, "down_blocks."))
+    layers = len(_indices(sd, "down_blocks.0.resnets."))
+    if blocks < 1 or layers < 1:
+        raise CheckpointError("UNet state dict has no down_blocks.*.resnets.*")
+    return _UNetLayout(
+        blocks=blocks,
+        layers=layers,
+        down_attention=tuple(f"down_blocks.{i}.attentions.0.proj_in.weight" in sd for i in range(blocks)),
+        up_attention=tuple(f"up_blocks.{i}.attentions.0.proj_in.weight" in sd for i in range(blocks)),
+        mid_attention="mid_block.attentions.0.proj_in.weight" in sd,
+    )
+
+
+def _unet_modules(layout: _UNetLayout) -> list[_Module]:
+    step = layout.layers + 1
+    mods: list[_Module] = [
+        ("time_embed.0", "time_embedding.linear_1", ()),
+        ("time_embed.2", "time_embedding.linear_2", ()),
+        ("input_blocks.0.0", "conv_in", ()),
+        ("out.0", "conv_norm_out", ()),
+        ("out.2", "conv_out", ()),
+        ("middle_block.0", "mid_block.resnets.0", _UNET_RESNET),
+    ]
+    if layout.mid_attention:
+        mods += [
+            ("middle_block.1", "mid_block.attentions.0", ()),
+            ("middle_block.2", "mid_block.resnets.1", _UNET_RESNET),
+        ]
+    else:
+        mods.append(("middle_block.1", "mid_block.resnets.1", _UNET_RESNET))
+    for i in range(layout.blocks):
+        for j in range(layout.layers):
+            idx = 1 + i * step + j
+            mods.append((f"input_blocks.{idx}.0", f"down_blocks.{i}.resnets.{j}", _UNET_RESNET))
+            if layout.down_attention[i]:
+                mods.append((f"input_blocks.{idx}.1", f"down_blocks.{i}.attentions.{j}", ()))
+        if i < layout.blocks - 1:
+            mods.append((f"input_blocks.{(i + 1) * step}.0.op", f"down_blocks.{i}.downsamplers.0.conv", ()))
+        for j in range(step):
+            idx = i * step + j
+            mods.append((f"output_blocks.{idx}.0", f"up_blocks.{i}.resnets.{j}", _UNET_RESNET))
+            if layout.up_attention[i]:
+                mods.append((f"output_blocks.{idx}.1", f"up_blocks.{i}.attentions.{j}", ()))
+            if j == layout.layers and i < layout.blocks - 1:
+                slot = 2 if layout.up_attention[i] else 1
+                mods.append((f"output_blocks.{idx}.{slot}.conv", f"up_blocks.{i}.upsamplers.0.conv", ()))
+    return mods
+
+
+def _ldm_vae_layout(sd: Mapping[str, Tensor]) -> _VAELayout:
+    blocks = len(_indices(sd, VAE_PREFIX + "encoder.down."))
+    layers = len(_indices(sd, VAE_PREFIX + "encoder.down.0.block."))
+    if blocks < 1 or layers < 1:
+        raise CheckpointError(f"no VAE encoder blocks ({VAE_PREFIX}encoder.down.*.block.*)")
+    return _VAELayout(blocks, layers)
+
+
+def _diffusers_vae_layout(sd: Mapping[str, Tensor]) -> _VAELayout:
+    blocks = len(_indices(sd, "encoder.down_blocks."))
+    layers = len(_indices(sd, "encoder.down_blocks.0.resnets."))
+    if blocks < 1 or layers < 1:
+        raise CheckpointError("VAE state dict has no encoder.down_blocks.*.resnets.*")
+    return _VAELayout(blocks, layers)
+
+
+def _vae_modules(layout: _VAELayout) -> list[_Module]:
+    mods: list[_Module] = [("quant_conv", "quant_conv", ()), ("post_quant_conv", "post_quant_conv", ())]
+    for part in ("encoder", "decoder"):
+        mods += [
+            (f"{part}.conv_in", f"{part}.conv_in", ()),
+            (f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", _VAE_RESNET),
+            (f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", _VAE_ATTENTION),
+            (f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", _VAE_RESNET),
+            (f"{part}.norm_out", f"{part}.conv_norm_out", ()),
+            (f"{part}.conv_out", f"{part}.conv_out", ()),
+        ]
+    last = layout.blocks - 1
+    for i in range(layout.blocks):
+        for j in range(layout.layers):
+            mods.append((f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", _VAE_RESNET))
+        if i < last:
+            mods.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv", ()))
+        # LDM numbers decoder levels from the highest resolution; diffusers numbers up_blocks from the lowest.
+        for j in range(layout.layers + 1):
+            mods.append((f"decoder.up.{last - i}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}", _VAE_RESNET))
+        if i < last:
+            mods.append((f"decoder.up.{last - i}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv", ()))
+    return mods
+
+
+def _rename(
+    sd: Mapping[str, Tensor], prefix: str, modules: list[_Module], *, to_diffusers: bool, what: str
+) -> dict[str, Tensor]:
+    """Rename every key of `sd` under `prefix` by the module table; a key no module claims is an error."""
+    table: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {}
+    for ldm, diff, renames in modules:
+        if to_diffusers:
+            table[ldm] = (diff, renames)
+        else:
+            table[diff] = (ldm, tuple((b, a) for a, b in renames))
+    out: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key, value in sd.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        parts = name.split(".")
+        for n in range(len(parts) - 1, 0, -1):
+            hit = table.get(".".join(parts[:n]))
+            if hit is not None:
+                target, renames = hit
+                rest = ".".join(parts[n:])
+                for src, dst in renames:
+                    if rest == src or rest.startswith(src + "."):
+                        rest = dst + rest[len(src) :]
+                        break
+                out[f"{target}.{rest}"] = value
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise CheckpointError(f"unexpected {what} keys {shown}; only the SD 1.x/2.x layout is supported")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- text encoders
+
+
+def _strip_text_model(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {(k[len(TEXT_MODEL) :] if k.startswith(TEXT_MODEL) else k): v for k, v in sd.items()}
+
+
+def _sd1_text_prefix(sd: Mapping[str, Tensor]) -> str:
+    # Some older SD1 files lack the "text_model." level (A1111 rewrites them the same way on load).
+    with_level = SD1_TEXT_PREFIX + TEXT_MODEL
+    return with_level if any(k.startswith(with_level) for k in sd) else SD1_TEXT_PREFIX
+
+
+_OPENCLIP_LAYER = (
+    ("ln_1", "layer_norm1"),
+    ("ln_2", "layer_norm2"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+    ("attn.out_proj", "self_attn.out_proj"),
+)
+# Keys a SD2 file may hold that no CLIPTextModel has: the pooled-output projection and the contrastive scale.
+_OPENCLIP_UNUSED = frozenset({"text_projection", "logit_scale", "attn_mask"})
+
+
+def _sd1_text_to_hf(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
+    prefix = _sd1_text_prefix(sd)
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    for key, value in sd.items():
+        if key.startswith(prefix) and not key.endswith("embeddings.position_ids"):
+            out[TEXT_MODEL + key[len(prefix) :]] = value
+            used.add(key)
+    return out, used
+
+
+def _sd2_text_to_hf(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
+    p = SD2_TEXT_PREFIX
+    blocks = _indices(sd, p + "transformer.resblocks.")
+    # SD2 conditions on the penultimate layer: diffusers' text encoder stops one resblock short of the file.
+    layers = len(blocks) - 1
+    if layers < 1 or max(blocks) != layers:
+        raise CheckpointError("SD2 text encoder needs at least two consecutive transformer.resblocks.*")
+    tm = TEXT_MODEL
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    singles = {
+        "token_embedding.weight": "embeddings.token_embedding.weight",
+        "positional_embedding": "embeddings.position_embedding.weight",
+        "ln_final.weight": "final_layer_norm.weight",
+        "ln_final.bias": "final_layer_norm.bias",
+    }
+    unknown: list[str] = []
+    for key, value in sd.items():
+        if not key.startswith(p):
+            continue
+        name = key[len(p) :]
+        if name in singles:
+            out[tm + singles[name]] = value
+        elif name.startswith("transformer.resblocks."):
+            idx_str, rest = name[len("transformer.resblocks.") :].split(".", 1)
+            idx = int(idx_str)
+            if idx == layers:
+                continue  # the unused last layer stays in the leftovers
+            layer = f"{tm}encoder.layers.{idx}."
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = "weight" if rest.endswith("weight") else "bias"
+                q, k, v = value.chunk(3, dim=0)
+                for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                    out[f"{layer}self_attn.{proj}.{kind}"] = part
+            else:
+                for src, dst in _OPENCLIP_LAYER:
+                    if rest.startswith(src + "."):
+                        out[layer + dst + rest[len(src) :]] = value
+                        break
+                else:
+                    unknown.append(key)
+                    continue
+        elif name in _OPENCLIP_UNUSED:
+            continue
+        else:
+            unknown.append(key)
+            continue
+        used.add(key)
+    if unknown:
+        raise CheckpointError(f"unexpected SD2 text encoder keys {', '.join(unknown[:3])}")
+    return out, used
+
+
+def _hf_text_to_sd1(te: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {SD1_TEXT_PREFIX + TEXT_MODEL + k: v for k, v in te.items() if not k.endswith("position_ids")}
+
+
+def _hf_text_to_sd2(te: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    p = SD2_TEXT_PREFIX
+    singles = {
+        "embeddings.token_embedding.weight": "token_embedding.weight",
+        "embeddings.position_embedding.weight": "positional_embedding",
+        "final_layer_norm.weight": "ln_final.weight",
+        "final_layer_norm.bias": "ln_final.bias",
+    }
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, value in te.items():
+        if key in singles:
+            out[p + singles[key]] = value
+            continue
+        if key.endswith("position_ids"):
+            continue
+        if not key.startswith("encoder.layers."):
+            raise CheckpointError(f"unexpected text encoder key {key}")
+        idx_str, rest = key[len("encoder.layers.") :].split(".", 1)
+        block = f"{p}transformer.resblocks.{idx_str}."
+        if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            _, proj, kind = rest.split(".")
+            qkv.setdefault((int(idx_str), kind), {})[proj] = value
+            continue
+        for ldm, hf in _OPENCLIP_LAYER:
+            if rest.startswith(hf + "."):
+                out[block + ldm + rest[len(hf) :]] = value
+                break
+        else:
+            raise CheckpointError(f"unexpected text encoder key {key}")
+    for (idx, kind), parts in qkv.items():
+        if set(parts) != {"q_proj", "k_proj", "v_proj"}:
+            raise CheckpointError(f"text encoder layer {idx} lacks one of q/k/v {kind}")
+        fused = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
+        out[f"{p}transformer.resblocks.{idx}.attn.in_proj_{kind}"] = fused
+    return out
+
+
+def _sd2_unused_last_layer(ldm: Mapping[str, Tensor], layers: int) -> dict[str, Tensor]:
+    """The last OpenCLIP resblock, which SD2 never runs (it reads the penultimate layer), as all zeros.
+
+    Real files hold OpenCLIP's trained weights there. Zeros make it an exact identity (both residual branches
+    output 0), so a tool that does run every layer sees the penultimate hidden states, and the file keeps the
+    layer count that SD2 loaders expect.
+    """
+    src = f"{SD2_TEXT_PREFIX}transformer.resblocks.0."
+    dst = f"{SD2_TEXT_PREFIX}transformer.resblocks.{layers}."
+    return {dst + k[len(src) :]: torch.zeros_like(v) for k, v in ldm.items() if k.startswith(src)}
+
+
+def match_text_encoder_keys(sd: Mapping[str, Tensor], model_keys: Iterable[str]) -> dict[str, Tensor]:
+    """Rename CLIP text-encoder keys to the form the installed CLIPTextModel uses.
+
+    transformers 4 keys start with ``text_model.``; transformers >= 5.6 flattened the model and dropped that level.
+    `sd` may use either form. A `position_ids` buffer is dropped when the model does not persist it, and created
+    (0..n-1) when the model does but `sd` lacks it.
+    """
+    keys = list(model_keys)
+    with_level = any(k.startswith(TEXT_MODEL) for k in keys)
+    out = {(TEXT_MODEL + k if with_level else k): v for k, v in _strip_text_model(sd).items()}
+    wanted = set(keys)
+    for k in [k for k in out if k.endswith("position_ids") and k not in wanted]:
+        del out[k]
+    for k in wanted - set(out):
+        if k.endswith("position_ids"):
+            table = out.get(k.replace("position_ids", "position_embedding.weight"))
+            if table is not None:
+                out[k] = torch.arange(table.shape[0], device=table.device).unsqueeze(0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- conversion
+
+
+def split_checkpoint(
+    state_dict: Mapping[str, Tensor], configs: ModelConfigs | None = None
+) -> tuple[dict[str, StateDict], StateDict]:
+    """Return ``(components, leftovers)``: diffusers-layout state dicts for "unet", "vae", "text_encoder", and
+    every tensor no component uses (schedule buffers, EMA copies, SD2's unused last text layer, ...).
+
+    Text-encoder keys come in the transformers-4 form (``text_model.`` prefix); see match_text_encoder_keys.
+    """
+    family = configs.family if configs is not None else detect_family(state_dict)
+    unet_layout = _ldm_unet_layout(state_dict)
+    unet = _rename(state_dict, UNET_PREFIX, _unet_modules(unet_layout), to_diffusers=True, what="UNet")
+    vae_sd = {k: v for k, v in state_dict.items() if not k.startswith(VAE_PREFIX + "loss.")}
+    vae = _rename(vae_sd, VAE_PREFIX, _vae_modules(_ldm_vae_layout(state_dict)), to_diffusers=True, what="VAE")
+    for key in list(vae):
+        if key.endswith(_VAE_ATTENTION_LINEAR) and vae[key].ndim == 4:
+            w = vae[key]
+            vae[key] = w.reshape(w.shape[0], w.shape[1])  # 1x1 convolutions in LDM, Linear layers in diffusers
+    if family == "sd1":
+        text, text_used = _sd1_text_to_hf(state_dict)
+    else:
+        text, text_used = _sd2_text_to_hf(state_dict)
+    leftovers = {
+        k: v
+        for k, v in state_dict.items()
+        if not (k.startswith(UNET_PREFIX) or (k.startswith(VAE_PREFIX) and k in vae_sd) or k in text_used)
+    }
+    return {"unet": unet, "vae": vae, "text_encoder": text}, leftovers
+
+
+def ldm_to_diffusers(state_dict: Mapping[str, Tensor], configs: ModelConfigs | None = None) -> dict[str, StateDict]:
+    """Split an LDM-layout state dict into diffusers-layout "unet", "vae" and "text_encoder" state dicts."""
+    return split_checkpoint(state_dict, configs)[0]
+
+
+def diffusers_to_ldm(
+    unet_sd: Mapping[str, Tensor],
+    vae_sd: Mapping[str, Tensor],
+    text_encoder_sd: Mapping[str, Tensor],
+    family: str,
+    *,
+    extra: Mapping[str, Tensor] | None = None,
+) -> StateDict:
+    """Join diffusers-layout state dicts into one LDM-layout state dict, as A1111 single files hold them.
+
+    `text_encoder_sd` may use either CLIPTextModel key form. `extra` tensors (leftovers of a file this model was
+    read from) are written too; they also supply SD2's unused last text layer, which is otherwise zeros, and the
+    SD1 ``position_ids`` buffer, which is otherwise 0..n-1 as in real files.
+    """
+    if family not in FAMILIES:
+        raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    unet = _rename(unet_sd, "", _unet_modules(_diffusers_unet_layout(unet_sd)), to_diffusers=False, what="UNet")
+    vae = {}
+    for key, value in vae_sd.items():
+        if key.endswith(_VAE_ATTENTION_LINEAR) and value.ndim == 2:
+            value = value.reshape(*value.shape, 1, 1)
+        vae[key] = value
+    vae = _rename(vae, "", _vae_modules(_diffusers_vae_layout(vae_sd)), to_diffusers=False, what="VAE")
+    te = _strip_text_model(text_encoder_sd)
+    if family == "sd1":
+        text = _hf_text_to_sd1(te)
+        placeholders: StateDict = {}
+        table = te.get("embeddings.position_embedding.weight")
+        if table is not None:
+            ids = torch.arange(table.shape[0], dtype=torch.int64, device=table.device).unsqueeze(0)
+            placeholders[SD1_TEXT_PREFIX + TEXT_MODEL + "embeddings.position_ids"] = ids
+    else:
+        text = _hf_text_to_sd2(te)
+        placeholders = _sd2_unused_last_layer(text, len(_indices(te, "encoder.layers.")))
+    # Converted weights win over leftovers; leftovers win only over the placeholders made up here.
+    out: StateDict = {**placeholders, **(extra or {})}
+    out.update({UNET_PREFIX + k: v for k, v in unet.items()})
+    out.update({VAE_PREFIX + k: v for k, v in vae.items()})
+    out.update(text)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ config inference
+
+
+@lru_cache(maxsize=2)
+def _reference_configs(family: str) -> dict[str, dict[str, Any]]:
+    folder = _CONFIG_DIR / family
+    return {
+        name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+        for name in ("unet", "vae", "text_encoder", "scheduler")
+    }
+
+
+def reference_configs(family: str) -> dict[str, dict[str, Any]]:
+    """The released SD 1.5 (``sd1``) or SD 2.1 768-v (``sd2``) configs shipped in the package assets (a copy)."""
+    if family not in FAMILIES:
+        raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return copy.deepcopy(_reference_configs(family))
+
+
+def _need(sd: Mapping[str, Tensor], key: str) -> Tensor:
+    value = sd.get(key)
+    if value is None:
+        raise CheckpointError(f"missing key {key}")
+    return value
+
+
+def _norm_groups(widths: Iterable[int]) -> int:
+    """GroupNorm groups when the file does not say: 32 as in every released SD model, else the most that fit."""
+    ws = list(widths)
+    return next(g for g in (32, 16, 8, 4, 2, 1) if all(w % g == 0 for w in ws))
+
+
+def _unet_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
+    p = UNET_PREFIX
+    layout = _ldm_unet_layout(sd)
+    step = layout.layers + 1
+    widths = [
+        int(_need(sd, f"{p}input_blocks.{1 + i * step}.0.out_layers.3.weight").shape[0]) for i in range(layout.blocks)
+    ]
+    cfg: dict[str, Any] = {
+        "in_channels": int(_need(sd, p + "input_blocks.0.0.weight").shape[1]),
+        "out_channels": int(_need(sd, p + "out.2.weight").shape[0]),
+        "block_out_channels": widths,
+        "layers_per_block": layout.layers,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in layout.down_attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in layout.up_attention],
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if layout.mid_attention else "UNetMidBlock2D",
+    }
+    attention = [f"{p}input_blocks.{1 + i * step}.1." for i in range(layout.blocks) if layout.down_attention[i]]
+    if layout.mid_attention:
+        attention.append(p + "middle_block.1.")
+    if attention:
+        cfg["use_linear_projection"] = _need(sd, attention[0] + "proj_in.weight").ndim == 2
+        cfg["cross_attention_dim"] = int(_need(sd, attention[0] + "transformer_blocks.0.attn2.to_k.weight").shape[1])
+        depths = {len(_indices(sd, a + "transformer_blocks.")) for a in attention}
+        if len(depths) == 1:
+            cfg["transformer_layers_per_block"] = depths.pop()
+    return cfg
+
+
+def _unet_guesses(shapes: Mapping[str, Any], family: str, prediction_type: str) -> dict[str, Any]:
+    widths = shapes["block_out_channels"]
+    guesses: dict[str, Any] = {"norm_num_groups": _norm_groups(widths)}
+    if family == "sd2":
+        # SD2's LDM config fixes the head width (num_head_channels: 64), so the head count follows the width.
+        guesses["attention_head_dim"] = [max(1, w // 64) for w in widths]
+        guesses["sample_size"] = 96 if prediction_type == "v_prediction" else 64
+    return guesses
+
+
+def _vae_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
+    p = VAE_PREFIX
+    layout = _ldm_vae_layout(sd)
+    widths = [int(_need(sd, f"{p}encoder.down.{i}.block.0.conv1.weight").shape[0]) for i in range(layout.blocks)]
+    cfg: dict[str, Any] = {
+        "in_channels": int(_need(sd, p + "encoder.conv_in.weight").shape[1]),
+        "out_channels": int(_need(sd, p + "decoder.conv_out.weight").shape[0]),
+        "latent_channels": int(_need(sd, p + "decoder.conv_in.weight").shape[1]),
+        "block_out_channels": widths,
+        "layers_per_block": layout.layers,
+        "down_block_types": ["DownEncoderBlock2D"] * layout.blocks,
+        "up_block_types": ["UpDecoderBlock2D"] * layout.blocks,
+    }
+    # Only stated when they depart from the SD layout, so configs stay readable by older diffusers.
+    if p + "quant_conv.weight" not in sd:
+        cfg["use_quant_conv"] = False
+    if p + "post_quant_conv.weight" not in sd:
+        cfg["use_post_quant_conv"] = False
+    if p + "encoder.mid.attn_1.q.weight" not in sd:
+        cfg["mid_block_add_attention"] = False
+    return cfg
+
+
+def _text_shapes(sd: Mapping[str, Tensor], family: str) -> dict[str, Any]:
+    if family == "sd1":
+        p = _sd1_text_prefix(sd)
+        tokens = _need(sd, p + "embeddings.token_embedding.weight")
+        positions = _need(sd, p + "embeddings.position_embedding.weight")
+        layers = len(_indices(sd, p + "encoder.layers."))
+        fc1 = _need(sd, p + "encoder.layers.0.mlp.fc1.weight")
+    else:
+        p = SD2_TEXT_PREFIX
+        tokens = _need(sd, p + "token_embedding.weight")
+        positions = _need(sd, p + "positional_embedding")
+        layers = len(_indices(sd, p + "transformer.resblocks.")) - 1
+        fc1 = _need(sd, p + "transformer.resblocks.0.mlp.c_fc.weight")
+    return {
+        "vocab_size": int(tokens.shape[0]),
+        "hidden_size": int(tokens.shape[1]),
+        "max_position_embeddings": int(positions.shape[0]),
+        "num_hidden_layers": layers,
+        "intermediate_size": int(fc1.shape[0]),
+    }
+
+
+def _text_guesses(shapes: Mapping[str, Any], family: str) -> dict[str, Any]:
+    hidden = int(shapes["hidden_size"])
+    # Both CLIP ViT-L (SD1) and OpenCLIP ViT-H (SD2) use 64-wide heads.
+    guesses: dict[str, Any] = {"num_attention_heads": max(1, hidden // 64)}
+    if family == "sd1":
+        guesses["projection_dim"] = hidden
+    return guesses
+
+
+def _metadata_configs(metadata: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
+    raw = (metadata or {}).get(METADATA_CONFIGS)
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(parsed, dict):
+        return {}
+    return {k: v for k, v in parsed.items() if isinstance(k, str) and isinstance(v, dict)}
+
+
+def infer_configs(
+    state_dict: Mapping[str, Tensor],
+    *,
+    prediction_type: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> ModelConfigs:
+    """Infer the component configs of an LDM-layout checkpoint.
+
+    Each value comes from, strongest first: the tensor shapes and key counts (widths, block and layer counts,
+    cross-attention width, projection kind, text-encoder sizes); our own metadata in the file (heads, GroupNorm
+    groups: what shapes cannot tell); family rules (SD2 heads are 64 wide; 32 GroupNorm groups); the reference
+    SD 1.5 / SD 2.1 configs in ``assets/configs``. `prediction_type` defaults to what the state dict and
+    metadata state (see explicit_prediction_type), else epsilon.
+    """
+    family = detect_family(state_dict)
+    if prediction_type is None:
+        prediction_type = explicit_prediction_type(None, state_dict, metadata) or "epsilon"
+    if prediction_type not in PREDICTION_TYPES:
+        raise CheckpointError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    ref = _reference_configs(family)
+    meta = _metadata_configs(metadata)
+
+    unet_shapes = _unet_shapes(state_dict)
+    unet = {**ref["unet"], **_unet_guesses(unet_shapes, family, prediction_type), **meta.get("unet", {}), **unet_shapes}
+
+    vae_shapes = _vae_shapes(state_dict)
+    vae_guesses: dict[str, Any] = {"norm_num_groups": _norm_groups(vae_shapes["block_out_channels"])}
+    if family == "sd2":
+        vae_guesses["sample_size"] = 768 if prediction_type == "v_prediction" else 512
+    vae = {**ref["vae"], **vae_guesses, **meta.get("vae", {}), **vae_shapes}
+
+    text_shapes = _text_shapes(state_dict, family)
+    text = {**ref["text_encoder"], **_text_guesses(text_shapes, family), **meta.get("text_encoder", {}), **text_shapes}
+
+    scheduler = {**ref["scheduler"], **meta.get("scheduler", {}), "prediction_type": prediction_type}
+    return ModelConfigs(
+        unet=copy.deepcopy(unet),
+        vae=copy.deepcopy(vae),
+        text_encoder=copy.deepcopy(text),
+        scheduler=copy.deepcopy(scheduler),
+        family=family,
+        prediction_type=prediction_type,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------- writing
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def make_metadata(configs: Mapping[str, Mapping[str, Any]], *, family: str, prediction_type: str) -> dict[str, str]:
+    """The string metadata written into a checkpoint: component configs (private ``_`` keys dropped) and facts."""
+    cleaned = {
+        name: {k: _jsonable(v) for k, v in cfg.items() if not str(k).startswith("_")} for name, cfg in configs.items()
+    }
+    return {
+        "format": "pt",
+        METADATA_CONFIGS: json.dumps(cleaned, sort_keys=True),
+        METADATA_FAMILY: family,
+        METADATA_PREDICTION: prediction_type,
+    }
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str], state_dict: Mapping[str, Tensor], *, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write `state_dict` to `.safetensors`, or to `.ckpt`/`.pt` as ``{"state_dict": ...}`` (A1111's layout).
+
+    The file is written beside the target and then moved into place, so a reader never sees half a file and a
+    model still backed by the old file is not disturbed.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix != ".safetensors" and suffix not in _TORCH_SUFFIXES:
+        raise CheckpointError(f"{p}: unsupported file type {suffix or '(none)'}; expected .safetensors or .ckpt")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        if suffix == ".safetensors":
+            # safetensors refuses views sharing storage (q/k/v chunks) and non-contiguous tensors.
+            tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+            save_file(tensors, tmp_name, metadata=dict(metadata or {}))
+        else:
+            payload: dict[str, object] = {"state_dict": {k: v.detach().clone() for k, v in state_dict.items()}}
+            if metadata:
+                payload[CKPT_METADATA_KEY] = dict(metadata)
+            torch.save(payload, tmp_name)
+        os.replace(tmp_name, p)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return p
+
+
+def ldm_config_yaml(configs: ModelConfigs) -> str:
+    """The LDM inference config A1111 reads from a sidecar `.yaml` (it replaces A1111's own guess entirely).
+
+    Mirrors the released v1-inference.yaml / v2-inference-v.yaml with this model's sizes. Sizes that LDM's config
+    cannot express (GroupNorm groups other than 32, VAE widths that are not multiples of the first) only matter to
+    A1111 itself; the `parameterization` line is what every reader here uses.
+    """
+    unet, vae, text = configs.unet, configs.vae, configs.text_encoder
+    widths = [int(w) for w in unet["block_out_channels"]]
+    base = widths[0]
+    attn_res = [2**i for i, t in enumerate(unet["down_block_types"]) if str(t).startswith("CrossAttn")]
+    heads = unet.get("num_attention_heads") or unet["attention_head_dim"]
+    if isinstance(heads, (list, tuple)) and len({w // h for w, h in zip(widths, heads, strict=False)}) == 1:
+        head_line = f"num_head_channels: {widths[0] // heads[0]}"
+    else:
+        head_line = f"num_heads: {heads[0] if isinstance(heads, (list, tuple)) else heads}"
+    vae_widths = [int(w) for w in vae["block_out_channels"]]
+    v_base = vae_widths[0]
+    sd2 = configs.family == "sd2"
+    cond = (
+        "target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder\n      params:\n        freeze: True\n"
+        '        layer: "penultimate"'
+        if sd2
+        else "target: ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+    )
+    parameterization = '    parameterization: "v"\n' if configs.prediction_type == "v_prediction" else ""
+    image_size = int(unet.get("sample_size") or 64)
+
+    def ints(values: Iterable[int]) -> str:
+        return "[" + ", ".join(str(v) for v in values) + "]"
+
+    return f"""{SIDECAR_MARKER} ({configs.family}, {configs.prediction_type})
+model:
+  base_learning_rate: 1.0e-4
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+{parameterization}    linear_start: {configs.scheduler.get("beta_start", 0.00085)}
+    linear_end: {configs.scheduler.get("beta_end", 0.012)}
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: {configs.scheduler.get("num_train_timesteps", 1000)}
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: {image_size}
+    channels: {unet["in_channels"]}
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: {vae.get("scaling_factor", 0.18215)}
+    use_ema: False
+
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        use_checkpoint: True
+        image_size: 32
+        in_channels: {unet["in_channels"]}
+        out_channels: {unet["out_channels"]}
+        model_channels: {base}
+        attention_resolutions: {ints(sorted(attn_res, reverse=True))}
+        num_res_blocks: {unet["layers_per_block"]}
+        channel_mult: {ints(w // base for w in widths)}
+        {head_line}
+        use_spatial_transformer: True
+        use_linear_in_transformer: {bool(unet.get("use_linear_projection"))}
+        transformer_depth: {unet.get("transformer_layers_per_block", 1)}
+        context_dim: {unet.get("cross_attention_dim", text["hidden_size"])}
+        legacy: False
+
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: {vae["latent_channels"]}
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: {vae["latent_channels"]}
+          resolution: 256
+          in_channels: {vae["in_channels"]}
+          out_ch: {vae["out_channels"]}
+          ch: {v_base}
+          ch_mult: {ints(w // v_base for w in vae_widths)}
+          num_res_blocks: {vae["layers_per_block"]}
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+
+    cond_stage_config:
+      {cond}
+"""
+
+
+def is_our_sidecar(path: str | os.PathLike[str]) -> bool:
+    """Whether the sidecar YAML of `path` exists and was written by this module (safe to replace or remove)."""
+    yaml = sidecar_yaml_path(path)
+    if not yaml.is_file():
+        return False
+    with yaml.open("r", encoding="utf-8", errors="replace") as f:
+        return f.readline().startswith(SIDECAR_MARKER)
