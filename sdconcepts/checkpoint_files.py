@@ -13,7 +13,6 @@ import json
 import os
 import re
 import tempfile
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from sdconcepts.safe_load import UnsafeFileError, load_torch_file
 
 __all__ = [
     "CheckpointError",
@@ -74,20 +75,6 @@ _V_PARAMETERIZATION = re.compile(r"""^\s*parameterization\s*:\s*["']?v["']?\s*(?
 # Non-tensor globals that Lightning-era .ckpt files pickle beside their weights (training-callback state keyed by
 # the callback class, numpy scalars of logged metrics). The same set A1111's restricted unpickler accepts. They are
 # replaced by an inert stand-in: their values are never used, and nothing from those libraries is imported or run.
-_HARMLESS_GLOBALS = frozenset(
-    {
-        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
-        "pytorch_lightning.callbacks.model_checkpoint",
-        "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
-        "numpy.core.multiarray.scalar",
-        "numpy._core.multiarray.scalar",
-        "numpy.core.multiarray._reconstruct",
-        "numpy._core.multiarray._reconstruct",
-        "numpy.dtype",
-        "numpy.ndarray",
-    }
-)
-_HARMLESS_GLOBAL_PATTERN = re.compile(r"numpy\.dtypes\.\w+DType")
 
 
 class CheckpointError(ValueError):
@@ -104,19 +91,6 @@ class ModelConfigs:
     scheduler: dict[str, Any]
     family: str
     prediction_type: str
-
-
-class _Inert:
-    """Stand-in for an allow-listed harmless global: accepts any construction and state, keeps nothing."""
-
-    def __new__(cls, *args: object, **kwargs: object) -> _Inert:
-        return object.__new__(cls)
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __setstate__(self, state: object) -> None:
-        pass
 
 
 # --------------------------------------------------------------------------------------------------------- reading
@@ -163,28 +137,11 @@ def _read_safetensors(p: Path) -> tuple[StateDict, dict[str, str]]:
 
 
 def _torch_load(p: Path) -> object:
+    # Never full unpickling: the shared restricted loader refuses anything but tensors and known-harmless objects.
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = exc
-    # A failure may come from non-tensor globals that real Lightning .ckpt files carry; retry with an allow-list
-    # of harmless ones, but only when the pickle asks for nothing else. Never full unpickling.
-    if not zipfile.is_zipfile(p):
-        raise CheckpointError(f"{p}: not a loadable checkpoint ({_first_line(first)})") from None
-    try:
-        needed = list(torch.serialization.get_unsafe_globals_in_checkpoint(p))
-    except Exception as exc:
-        raise CheckpointError(f"{p}: not a loadable checkpoint ({_first_line(exc)})") from None
-    refused = [g for g in needed if g not in _HARMLESS_GLOBALS and not _HARMLESS_GLOBAL_PATTERN.fullmatch(g)]
-    if refused:
-        raise CheckpointError(f"{p}: refused to unpickle {', '.join(sorted(refused))} (only weights are loaded)")
-    if not needed:
-        raise CheckpointError(f"{p}: not a loadable checkpoint ({_first_line(first)})") from None
-    try:
-        with torch.serialization.safe_globals([(_Inert, name) for name in needed]):
-            return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{p}: not a loadable checkpoint ({_first_line(exc)})") from None
+        return load_torch_file(p)
+    except UnsafeFileError as exc:
+        raise CheckpointError(str(exc).replace("torch file", "checkpoint")) from None
 
 
 def _unwrap(p: Path, obj: object) -> tuple[StateDict, dict[str, str]]:

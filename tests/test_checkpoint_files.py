@@ -362,7 +362,7 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path: Path) -> None:
         "garbage.safetensors": "safetensors",
         "garbage.ckpt": "not a loadable checkpoint",
         "empty.safetensors": "safetensors",
-        "empty.ckpt": "not a loadable checkpoint",
+        "empty.ckpt": "empty file",
         "hostile.ckpt": "refused to unpickle",
         "hostile-raw.ckpt": "not a loadable checkpoint",
         "no-unet.safetensors": "no UNet weights",
