@@ -50,7 +50,9 @@ def parse_expect(text: str) -> dict[str, str]:
         if name not in world.ATTRIBUTES:
             raise UsageError(f"unknown attribute {name!r} in --expect; expected one of {', '.join(world.ATTRIBUTES)}")
         if value not in world.ATTRIBUTES[name]:
-            raise UsageError(f"unknown {name} {value!r} in --expect; expected one of {', '.join(world.ATTRIBUTES[name])}")
+            raise UsageError(
+                f"unknown {name} {value!r} in --expect; expected one of {', '.join(world.ATTRIBUTES[name])}"
+            )
         expect[name] = value
     if not expect:
         raise UsageError("--expect names no attribute; e.g. --expect shape=triangle,colour=yellow")

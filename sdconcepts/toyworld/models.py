@@ -7,6 +7,7 @@ entry point for sampling; the project engine can replace its body later.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from collections.abc import Sequence
 from functools import lru_cache
@@ -128,7 +129,22 @@ def save_model(out: Path, unet, vae, text_encoder, *, fp16: bool = True) -> Path
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(TOKENIZER_DIR / name, Path(out) / "tokenizer" / name)
     (Path(out) / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    declare_float32(Path(out))
     return out
+
+
+def declare_float32(model_dir: Path) -> None:
+    """Mark the text encoder's config as float32 although its weights are stored in fp16.
+
+    transformers 5 loads a model in its config's dtype by default, diffusers loads in float32: without this, a
+    plain ``StableDiffusionPipeline.from_pretrained(dir)`` mixes fp16 and fp32 and fails on the CPU.
+    """
+    path = model_dir / "text_encoder" / "config.json"
+    config = json.loads(path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_pipeline(model_dir: str | Path | None = None) -> StableDiffusionPipeline:
@@ -138,7 +154,9 @@ def load_pipeline(model_dir: str | Path | None = None) -> StableDiffusionPipelin
 
 @lru_cache(maxsize=2)
 def _load_pipeline(path: str) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True).to(torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    if any(getattr(m, "dtype", torch.float32) != torch.float32 for m in pipe.components.values()):
+        pipe = pipe.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

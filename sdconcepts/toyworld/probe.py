@@ -82,8 +82,12 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     flat = x.reshape(1, n * c, h, w)
     k = kernel.repeat_interleave(c, dim=0)
-    flat = nn.functional.conv2d(nn.functional.pad(flat, (2, 2, 0, 0), mode="replicate"), k[:, None, None, :], groups=n * c)
-    flat = nn.functional.conv2d(nn.functional.pad(flat, (0, 0, 2, 2), mode="replicate"), k[:, None, :, None], groups=n * c)
+    flat = nn.functional.conv2d(
+        nn.functional.pad(flat, (2, 2, 0, 0), mode="replicate"), k[:, None, None, :], groups=n * c
+    )
+    flat = nn.functional.conv2d(
+        nn.functional.pad(flat, (0, 0, 2, 2), mode="replicate"), k[:, None, :, None], groups=n * c
+    )
     return flat.reshape(n, c, h, w)
 
 
@@ -99,7 +103,8 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _batch(rng: random.Random, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    images, targets = [], {name: [] for name in HEADS}  # type: dict[str, list[int]]
+    images: list[Image.Image] = []
+    targets: dict[str, list[int]] = {name: [] for name in HEADS}
     for _ in range(n):
         attrs = world.random_attributes(rng)
         images.append(world.draw(attrs.shape, attrs.colour, attrs.background, rng))
@@ -129,7 +134,7 @@ def train_probe(
         loss = sum(nn.functional.cross_entropy(logits[name], y[name]) for name in HEADS)
         assert isinstance(loss, torch.Tensor)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         schedule.step()
         if progress is not None:

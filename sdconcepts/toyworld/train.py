@@ -50,7 +50,7 @@ def _images(rng: random.Random, n: int, with_captions: bool) -> tuple[torch.Tens
     return to_tensor(images) * 2 - 1, captions
 
 
-def train_vae(config: TrainConfig, bar: tqdm) -> nn.Module:
+def train_vae(config: TrainConfig, bar: tqdm):
     """Train the factor-4 VAE (MSE + 0.5 L1 + 1e-4 KL per latent dim) and set its scaling factor to 1/std."""
     torch.manual_seed(config.seed)
     vae = models.build_vae()
@@ -76,7 +76,9 @@ def train_vae(config: TrainConfig, bar: tqdm) -> nn.Module:
         z = vae.encode(x).latent_dist.sample(generator=generator)
         mse = float(nn.functional.mse_loss(vae.decode(z).sample, x))
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-    log.info("vae: scaling_factor %.4f, PSNR %.2f dB", vae.config.scaling_factor, 10 * torch.log10(torch.tensor(4 / mse)))
+    log.info(
+        "vae: scaling_factor %.4f, PSNR %.2f dB", vae.config.scaling_factor, 10 * torch.log10(torch.tensor(4 / mse))
+    )
     return vae
 
 
@@ -119,7 +121,15 @@ class SparseRows:
 
 def train(config: TrainConfig, out: Path) -> dict[str, object]:
     """Run the whole recipe and write the diffusers folder to ``out``; returns a summary (also in ``out``)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
+    try:
+        return _train(config, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: TrainConfig, out: Path) -> dict[str, object]:
     start = time.perf_counter()
     total = config.vae_steps + config.steps
     bar = tqdm(total=total, desc="toyworld train", unit="step", dynamic_ncols=True)
