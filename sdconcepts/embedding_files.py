@@ -1,0 +1,484 @@
+"""Embedding files in every layout A1111 reads, and the formats we write: ``.pt``, ``.bin``, ``.safetensors``, PNG/WEBP.
+
+Layouts are read in A1111's order (a1111-compat §1.2): ``string_to_param``, SDXL ``clip_l`` + ``clip_g``, then any
+dict with exactly one tensor. Images carry an embedding in a ``sd-ti-embedding`` text chunk or in pixel strips
+beside the picture (§1.5). Pickles are only ever read through the restricted loader in ``safe_load``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, PngImagePlugin
+from torch import Tensor
+
+from sdconcepts.embedding import SDXL_ENCODERS, Embedding, EmbeddingError
+from sdconcepts.safe_load import UnsafeFileError, atomic_path, load_torch_file, save_torch_file
+
+__all__ = [
+    "EMBEDDING_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "EmbeddingFileError",
+    "NoEmbeddedData",
+    "a1111_data",
+    "describe_embedding",
+    "embed_in_pixels",
+    "embedding_from_data",
+    "extract_from_pixels",
+    "file_sha256",
+    "load_embedding",
+    "save_embedding",
+]
+
+PICKLE_SUFFIXES = (".pt", ".bin")
+IMAGE_SUFFIXES = (".png", ".webp")
+EMBEDDING_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors", *IMAGE_SUFFIXES)
+
+TEXT_CHUNK_KEY = "sd-ti-embedding"
+TENSOR_KEY = "TORCHTENSOR"
+# A1111 writes CLIP's id for "*" as the (unused) token of its one term.
+_STAR_TOKEN_ID = 265
+# An embedding's JSON is at most a few MB (75 vectors of 1280 floats); refuse a zlib stream that inflates past this.
+_MAX_JSON_BYTES = 64 << 20
+_DEFAULT_PICTURE_SIZE = 256
+
+
+class EmbeddingFileError(ValueError):
+    """A file that is not a readable embedding; the message names the file and the reason, in one line."""
+
+
+class NoEmbeddedData(EmbeddingFileError):
+    """An image without an embedding in it: A1111 treats it as a preview picture and ignores it silently."""
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    embedding: Embedding
+    layout: str
+    carrier: str | None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_embedding(path: str | os.PathLike[str]) -> Embedding:
+    """Read any embedding file A1111 reads; raise EmbeddingFileError naming the file and the reason otherwise.
+
+    The prompt word is the file stem for ``.pt``/``.bin``/``.safetensors`` (a ``name`` inside is ignored, as in
+    A1111) and the stored name first for images. ``hash`` is the SHA-256 of the whole file.
+    """
+    return _read(Path(path)).embedding
+
+
+def describe_embedding(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``inspect`` shows: name, layout, carrier, vector count, width, training facts and hashes."""
+    parsed = _read(Path(path))
+    emb = parsed.embedding
+    info: dict[str, Any] = {
+        "kind": "embedding",
+        "path": str(path),
+        "name": emb.name,
+        "layout": parsed.layout,
+        "vectors": emb.vector_count,
+        "width": emb.width,
+        "step": emb.step,
+        "sd_checkpoint": emb.sd_checkpoint,
+        "sd_checkpoint_name": emb.sd_checkpoint_name,
+        "sha256": emb.hash,
+        "short_hash": emb.short_hash,
+    }
+    if parsed.carrier is not None:
+        info["carrier"] = parsed.carrier
+    if emb.is_sdxl:
+        assert not isinstance(emb.vectors, Tensor)
+        info["encoders"] = {key: int(emb.vectors[key].shape[-1]) for key in SDXL_ENCODERS}
+    else:
+        info["checksum"] = emb.checksum()
+        info["norms"] = [round(float(v), 4) for v in emb.tensor().norm(dim=1)]
+    return info
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of the whole file in 1 MiB blocks (A1111's ``hashes.sha256``)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read(path: Path) -> _Parsed:
+    suffix = path.suffix.lower()
+    if suffix not in EMBEDDING_SUFFIXES:
+        raise EmbeddingFileError(f"{path}: not an embedding file (expected {', '.join(EMBEDDING_SUFFIXES)})")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise EmbeddingFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if size == 0:
+        raise EmbeddingFileError(f"{path}: empty file (0 bytes)")
+    carrier = None
+    name = path.stem
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            data: object = load_torch_file(path)
+        except UnsafeFileError as exc:
+            raise EmbeddingFileError(str(exc)) from None
+    elif suffix == ".safetensors":
+        data = _read_safetensors(path)
+    else:
+        data, carrier = _read_image(path)
+        stored = data.get("name") if isinstance(data, Mapping) else None
+        if isinstance(stored, str) and stored:
+            name = stored
+    try:
+        embedding, layout = _from_data(data, name)
+    except EmbeddingError as exc:
+        raise EmbeddingFileError(f"{path}: {exc}") from None
+    return _Parsed(replace(embedding, hash=file_sha256(path)), layout, carrier)
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:  # type: ignore[no-untyped-call]
+            data: dict[str, Any] = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            metadata = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise EmbeddingFileError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+    # A1111 reads no safetensors metadata; we keep our own training facts there and read them back.
+    return {"__metadata__": metadata, **data} if metadata else data
+
+
+def embedding_from_data(data: object, name: str) -> Embedding:
+    """Interpret a loaded object in A1111's layout order; raise EmbeddingError when it fits none."""
+    return _from_data(data, name)[0]
+
+
+def _from_data(data: object, name: str) -> tuple[Embedding, str]:
+    metadata: Mapping[str, str] = {}
+    if isinstance(data, Mapping) and "__metadata__" in data:
+        metadata = data["__metadata__"]
+        data = {k: v for k, v in data.items() if k != "__metadata__"}
+    if not isinstance(data, Mapping):
+        raise EmbeddingError(f"expected a dict of tensors, got {type(data).__name__}")
+    vectors: Tensor | dict[str, Tensor]
+    if "string_to_param" in data:
+        params: Any = data["string_to_param"]
+        # Files saved by torch 1.11 hold an nn.ParameterDict; its tensors live in ``_parameters``.
+        params = getattr(params, "_parameters", params)
+        if not isinstance(params, Mapping) or len(params) != 1:
+            count = len(params) if isinstance(params, Mapping) else 0
+            raise EmbeddingError(f"string_to_param must hold exactly one term, found {count}")
+        vectors = _tensor(next(iter(params.values())), "string_to_param")
+        layout = "string_to_param"
+    elif "clip_l" in data and "clip_g" in data:
+        not_tensors = [str(k) for k, v in data.items() if not isinstance(v, Tensor)]
+        if not_tensors:
+            raise EmbeddingError(f"SDXL embedding values must all be tensors (not: {', '.join(not_tensors)})")
+        vectors = {key: data[key] for key in SDXL_ENCODERS}
+        layout = "sdxl clip_l+clip_g"
+    elif data and isinstance(next(iter(data.values())), Tensor):
+        if len(data) != 1:
+            raise EmbeddingError(f"embedding file has multiple terms in it ({len(data)} keys)")
+        key = next(iter(data))
+        vectors = data[key]
+        layout = f"single tensor {str(key)!r}"
+    else:
+        raise EmbeddingError(
+            "neither a textual inversion embedding (string_to_param), an SDXL pair (clip_l, clip_g) nor a dict "
+            "with one tensor"
+        )
+    step = _as_int(data.get("step", metadata.get("step")))
+    checkpoint = data.get("sd_checkpoint", metadata.get("sd_checkpoint"))
+    checkpoint_name = data.get("sd_checkpoint_name", metadata.get("sd_checkpoint_name"))
+    embedding = Embedding(
+        name=name,
+        vectors=vectors,
+        step=step,
+        sd_checkpoint=checkpoint if isinstance(checkpoint, str) else None,
+        sd_checkpoint_name=checkpoint_name if isinstance(checkpoint_name, str) else None,
+    )
+    return embedding, layout
+
+
+def _tensor(value: object, where: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise EmbeddingError(f"{where} holds {type(value).__name__}, not a tensor")
+    return value
+
+
+def _as_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+        return int(value.item())
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images: the sd-ti-embedding text chunk and the pixel strips (a1111-compat §1.5)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _read_image(path: Path) -> tuple[dict[str, Any], str]:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = getattr(image, "text", None)
+            # A1111 tries the text chunk first, and only on images that have text chunks (PNG).
+            if isinstance(text, Mapping) and TEXT_CHUNK_KEY in text:
+                try:
+                    return _decode_json(base64.b64decode(text[TEXT_CHUNK_KEY])), "text chunk"
+                except (ValueError, TypeError) as exc:
+                    raise EmbeddingFileError(f"{path}: bad {TEXT_CHUNK_KEY} text chunk ({_first_line(exc)})") from None
+            data = extract_from_pixels(image)
+    except EmbeddingFileError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise EmbeddingFileError(f"{path}: not a readable image ({_first_line(exc)})") from None
+    if data is None:
+        raise NoEmbeddedData(f"{path}: the image carries no embedding (a preview picture)")
+    return data, "pixels"
+
+
+def _encode_json(data: Mapping[str, Any]) -> bytes:
+    def default(obj: object) -> object:
+        if isinstance(obj, Tensor):
+            return {TENSOR_KEY: obj.detach().cpu().numpy().tolist()}
+        raise TypeError(f"cannot store {type(obj).__name__} in an embedding image")
+
+    return json.dumps(data, default=default).encode()
+
+
+def _decode_json(raw: bytes) -> dict[str, Any]:
+    def hook(obj: dict[str, Any]) -> object:
+        if TENSOR_KEY in obj:
+            array = np.asarray(obj[TENSOR_KEY], dtype=np.float64)
+            return torch.from_numpy(array)
+        return obj
+
+    data = json.loads(raw, object_hook=hook)
+    if not isinstance(data, dict):
+        raise ValueError("the embedded JSON is not an object")
+    return data
+
+
+def _keystream(count: int) -> np.ndarray:
+    """A1111's xor_block key: LCG (a=1664525, c=1013904223, m=2^32, seed 0), each state ``% 255``, masked to 4 bits."""
+    a, c, mask = 1664525, 1013904223, 0xFFFFFFFF
+    block = 4096
+    states = np.empty(block, dtype=np.uint64)
+    state = 0
+    for i in range(block):
+        state = (a * state + c) & mask
+        states[i] = state
+    # Jump a whole block at once: s[k + block] = A * s[k] + C (mod 2^32), with A, C the block-fold of (a, c).
+    jump_a, jump_c = 1, 0
+    for _ in range(block):
+        jump_a, jump_c = (a * jump_a) & mask, (a * jump_c + c) & mask
+    blocks = [states]
+    total = block
+    while total < count:
+        states = (np.uint64(jump_a) * states + np.uint64(jump_c)) & np.uint64(mask)
+        blocks.append(states)
+        total += block
+    stream = np.concatenate(blocks)[:count]
+    return np.asarray((stream % np.uint64(255)).astype(np.uint8) & np.uint8(0x0F), dtype=np.uint8)
+
+
+def _xor(block: np.ndarray) -> np.ndarray:
+    key = _keystream(int(block.size)).reshape(block.shape)
+    return np.asarray(np.bitwise_xor(block.astype(np.uint8), key), dtype=np.uint8)
+
+
+def _dot_pattern(block: np.ndarray, shades: np.ndarray) -> np.ndarray:
+    """Grey 6-px dots on an 8-px grid (alternate rows shifted 4 px), XOR-ed into the high nibble only (A1111's style_block)."""
+    height, width = block.shape[:2]
+    canvas = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(canvas)
+    index = 0
+    for x in range(-6, width, 8):
+        for row, y in enumerate(range(-6, height, 8)):
+            shift = 4 if row % 2 == 0 else 0
+            shade = int(shades[index % len(shades)])
+            index += 1
+            draw.ellipse((x + shift, y, x + 6 + shift, y + 6), fill=(shade, shade, shade))
+    return np.asarray(block ^ (np.asarray(canvas, dtype=np.uint8) & 0xF0), dtype=np.uint8)
+
+
+def embed_in_pixels(picture: Image.Image, data: Mapping[str, Any]) -> Image.Image:
+    """Return ``picture`` with the data's two nibble strips beside it, as A1111's ``insert_image_data_embed`` lays out."""
+    params = data.get("string_to_param")
+    if not isinstance(params, Mapping) or not params:
+        raise EmbeddingError("only string_to_param embeddings can be stored in images (as in A1111)")
+    payload = np.frombuffer(zlib.compress(_encode_json(data), level=9), dtype=np.uint8)
+    height, depth = picture.size[1], 3
+    # A1111 rounds up to a multiple of h, then of h*3, adding a whole h (h*3) when already exact.
+    size = len(payload) + (height - len(payload) % height)
+    size += height * depth - size % (height * depth)
+    # np.resize repeats the bytes cyclically; zlib stops at its end marker and ignores the rest.
+    low = np.resize(payload & 0x0F, size).reshape(height, -1, depth)
+    high = np.resize(payload >> 4, size).reshape(height, -1, depth)
+
+    first = next(iter(params.values()))
+    sample = np.abs(np.asarray(first.detach().cpu().reshape(first.shape[0], -1)[0].tolist()[:1024], dtype=np.float64))
+    peak = float(sample.max()) if sample.size else 0.0
+    shades = (sample / peak * 255).astype(np.uint8) if peak > 0 else np.zeros(max(sample.size, 1), dtype=np.uint8)
+
+    low_strip = Image.fromarray(_xor(_dot_pattern(low, shades)), mode="RGB")
+    high_strip = Image.fromarray(_xor(_dot_pattern(high, shades[::-1])), mode="RGB")
+    canvas = Image.new("RGB", (low_strip.size[0] + 1 + picture.size[0] + 1 + high_strip.size[0], height), (0, 0, 0))
+    canvas.paste(low_strip, (0, 0))
+    canvas.paste(picture.convert("RGB"), (low_strip.size[0] + 1, 0))
+    canvas.paste(high_strip, (low_strip.size[0] + 1 + picture.size[0] + 1, 0))
+    return canvas
+
+
+def extract_from_pixels(image: Image.Image) -> dict[str, Any] | None:
+    """Decode the pixel strips (A1111's ``extract_image_data_embed``); ``None`` when the image carries none."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    lit = np.all(pixels > 0, axis=2)
+    if not bool(np.any(lit)):
+        return None
+    cols, rows = np.flatnonzero(np.any(lit, axis=0)), np.flatnonzero(np.any(lit, axis=1))
+    nibbles = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] & 0x0F
+    dark = np.flatnonzero(nibbles.sum(axis=(0, 2)) == 0)
+    if len(dark) < 2:
+        return None
+    lower = _xor(nibbles[:, : dark[0]])
+    upper = _xor(nibbles[:, dark[-1] + 1 :])
+    if lower.shape != upper.shape or lower.size == 0:
+        return None
+    stream = ((upper << 4) | lower).astype(np.uint8).tobytes()
+    inflate = zlib.decompressobj()
+    try:
+        raw = inflate.decompress(stream, _MAX_JSON_BYTES)
+        if inflate.unconsumed_tail or not inflate.eof:
+            return None
+        return _decode_json(raw)
+    except (zlib.error, ValueError):
+        return None
+
+
+def _default_picture(embedding: Embedding) -> Image.Image:
+    """A plain picture for an image carrier when none is given: a soft gradient tinted by the vectors."""
+    vec = embedding.tensor()[0]
+    tint = (vec[:3].abs() / (vec.abs().max() + 1e-12) * 127).tolist() + [0.0] * 3
+    size = _DEFAULT_PICTURE_SIZE
+    ramp = np.linspace(64, 192, size, dtype=np.float64)
+    pixels = np.empty((size, size, 3), dtype=np.uint8)
+    for channel in range(3):
+        pixels[:, :, channel] = np.clip(ramp[:, None] * 0.5 + ramp[None, :] * 0.5 + tint[channel] - 32, 1, 255)
+    return Image.fromarray(pixels, mode="RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def a1111_data(embedding: Embedding) -> dict[str, Any]:
+    """The dict A1111's ``Embedding.save`` writes (§1.8), or ``{clip_l, clip_g}`` for SDXL embeddings."""
+    if not isinstance(embedding.vectors, Tensor):
+        return {key: embedding.vectors[key].clone() for key in SDXL_ENCODERS}
+    return {
+        "string_to_token": {"*": _STAR_TOKEN_ID},
+        "string_to_param": {"*": embedding.vectors.clone()},
+        "name": embedding.name,
+        "step": embedding.step,
+        "sd_checkpoint": embedding.sd_checkpoint,
+        "sd_checkpoint_name": embedding.sd_checkpoint_name,
+    }
+
+
+def save_embedding(
+    embedding: Embedding, path: str | os.PathLike[str], *, picture: Image.Image | None = None
+) -> Path:
+    """Write ``embedding`` atomically in the format the extension names; return the path.
+
+    ``.safetensors`` (default choice): ``{name: [n, width]}`` (or ``clip_l``/``clip_g``) with the training facts in
+    metadata; diffusers' ``load_textual_inversion`` takes the key as its token. ``.pt``: A1111's exact dict, in a
+    pickle A1111's safe unpickler accepts. ``.bin``: diffusers' ``{name: tensor}``. ``.png``: ``picture`` (a plain
+    one by default) with both A1111 carriers, the text chunk and the pixel strips; ``.webp``: the pixel strips,
+    lossless.
+    """
+    target = Path(path)
+    suffix = target.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            _save_safetensors(embedding, target)
+        elif suffix == ".pt":
+            save_torch_file(a1111_data(embedding), target)
+        elif suffix == ".bin":
+            save_torch_file(_single_key_data(embedding), target)
+        elif suffix in IMAGE_SUFFIXES:
+            _save_image(embedding, target, picture)
+        else:
+            raise EmbeddingFileError(
+                f"{target}: cannot choose a format for {suffix or 'no extension'} "
+                f"(use {', '.join(EMBEDDING_SUFFIXES)})"
+            )
+    except EmbeddingError as exc:
+        raise EmbeddingFileError(f"{target}: {exc}") from None
+    return target
+
+
+def _single_key_data(embedding: Embedding) -> dict[str, Tensor]:
+    if not isinstance(embedding.vectors, Tensor):
+        return {key: embedding.vectors[key].clone() for key in SDXL_ENCODERS}
+    return {embedding.name: embedding.vectors.clone()}
+
+
+def _save_safetensors(embedding: Embedding, target: Path) -> None:
+    from safetensors.torch import save
+
+    metadata = {"format": "pt"}
+    for key in ("step", "sd_checkpoint", "sd_checkpoint_name"):
+        value = getattr(embedding, key)
+        if value is not None:
+            metadata[key] = str(value)
+    blob = save(_single_key_data(embedding), metadata=metadata)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(blob)
+
+
+def _save_image(embedding: Embedding, target: Path, picture: Image.Image | None) -> None:
+    if embedding.is_sdxl:
+        raise EmbeddingError("SDXL embeddings (clip_l + clip_g) cannot be stored in images; A1111's carriers hold one tensor")
+    if target.name.lower().endswith(tuple(f".preview{s}" for s in IMAGE_SUFFIXES)):
+        raise EmbeddingError("A1111 treats *.preview images as preview pictures and never reads an embedding from them")
+    data = a1111_data(embedding)
+    canvas = embed_in_pixels(picture if picture is not None else _default_picture(embedding), data)
+    buffer = io.BytesIO()
+    if target.suffix.lower() == ".png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text(TEXT_CHUNK_KEY, base64.b64encode(_encode_json(data)).decode("ascii"))
+        canvas.save(buffer, format="PNG", pnginfo=info)
+    else:
+        canvas.save(buffer, format="WEBP", lossless=True, quality=100, method=1, exact=True)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(buffer.getvalue())
