@@ -1,0 +1,332 @@
+"""Folders of embedding (or hypernetwork) files scanned into records, reloaded when anything under them changes.
+
+``Library`` is generic over a loader function: it walks its folders recursively, loads each file once, keeps a
+record per file (loaded, or skipped with a reason) and, on ``refresh()``, reloads only what was added, changed or
+removed. A refresh that finds nothing changed costs one ``stat`` per file. ``EmbeddingLibrary`` adds A1111's width
+check and name rules for textual inversion embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from sdconcepts.embedding import Embedding
+from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, NoEmbeddedData, file_sha256, load_embedding
+
+__all__ = [
+    "PREVIEW_SUFFIXES",
+    "EmbeddingLibrary",
+    "EmbeddingRecord",
+    "FileRecord",
+    "Library",
+    "LibraryChanges",
+    "is_preview_image",
+]
+
+T = TypeVar("T")
+
+# Pictures shown on a file's card: ``name.png`` or ``name.preview.png`` (and these other extensions) beside it.
+PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+
+_Stamp = tuple[int, int, int]  # (mtime_ns, size, inode): any in-place edit, replace or rename changes one of them
+
+
+@dataclass(frozen=True)
+class FileRecord(Generic[T]):
+    """One scanned file: ``item`` is what the loader returned, or ``None`` with ``error`` saying why it was skipped."""
+
+    name: str
+    path: Path
+    preview: Path | None
+    hash: str | None
+    mtime: float
+    size: int
+    item: T | None
+    error: str | None = None
+
+    @property
+    def short_hash(self) -> str | None:
+        return self.hash[:12] if self.hash else None
+
+
+@dataclass(frozen=True)
+class LibraryChanges:
+    """What a refresh found: files added, changed (content or stamp) and removed; falsy when nothing changed."""
+
+    added: tuple[Path, ...] = ()
+    changed: tuple[Path, ...] = ()
+    removed: tuple[Path, ...] = ()
+    previews: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.changed or self.removed or self.previews)
+
+
+def is_preview_image(path: Path) -> bool:
+    """A1111 never reads an embedding from ``*.preview.<image>``: it is a card picture."""
+    return path.suffix.lower() in PREVIEW_SUFFIXES and path.stem.lower().endswith(".preview")
+
+
+@dataclass
+class Library(Generic[T]):
+    """Files with ``suffixes`` under ``folders`` (recursively, symlinks followed), loaded with ``load``.
+
+    ``name_of(path, item)`` gives a record's name (default: the file stem). A loader exception of a type in
+    ``quiet`` drops the file without a record (an image that carries nothing); any other exception makes a skipped
+    record holding the one-line message. ``hash_of(item)`` may supply the file hash the loader already computed.
+    """
+
+    folders: list[Path]
+    load: Callable[[Path], T]
+    suffixes: Collection[str]
+    name_of: Callable[[Path, T], str] | None = None
+    hash_of: Callable[[T], str | None] | None = None
+    quiet: tuple[type[BaseException], ...] = ()
+    ignore: Callable[[Path], bool] = is_preview_image
+    _stamps: dict[str, _Stamp] = field(default_factory=dict, repr=False)
+    _records: dict[str, FileRecord[T]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.folders = [Path(f) for f in self.folders]
+        self.suffixes = tuple(s.lower() for s in self.suffixes)
+        self._watched = tuple(dict.fromkeys((*self.suffixes, *PREVIEW_SUFFIXES)))
+
+    def add_folder(self, folder: str | os.PathLike[str]) -> None:
+        """Watch another folder too (A1111's ``add_embedding_dir``); its files load on the next refresh."""
+        path = Path(folder)
+        if path not in self.folders:
+            self.folders.append(path)
+
+    def refresh(self, *, force: bool = False) -> LibraryChanges:
+        """Bring the records up to date with the disk; reload only files whose stamp changed (all with ``force``)."""
+        with self._lock:
+            stamps = self._walk()
+            if stamps == self._stamps and not force:
+                return LibraryChanges()
+            old = self._stamps
+            wanted = {p for p in stamps if self._loadable(p)}
+            before = {p for p in old if self._loadable(p)}
+            added = sorted(wanted - before)
+            removed = sorted(before - wanted)
+            changed = sorted(p for p in wanted & before if force or stamps[p] != old[p])
+            previews = {p for p in stamps if not self._loadable(p)} != {p for p in old if not self._loadable(p)}
+            self._stamps = stamps
+            for path in removed:
+                self._records.pop(path, None)
+            for path in (*added, *changed):
+                record = self._load_one(Path(path), stamps[path])
+                if record is None:
+                    self._records.pop(path, None)
+                else:
+                    self._records[path] = record
+            # Keep walk order (later files win name collisions, as in A1111) and refresh every card picture.
+            self._records = {
+                p: self._with_preview(self._records[p], stamps) for p in stamps if p in self._records
+            }
+            return LibraryChanges(
+                added=tuple(Path(p) for p in added),
+                changed=tuple(Path(p) for p in changed),
+                removed=tuple(Path(p) for p in removed),
+                previews=previews,
+            )
+
+    def records(self) -> list[FileRecord[T]]:
+        """Every file found, loaded or skipped, in walk order (as of the last refresh)."""
+        with self._lock:
+            return list(self._records.values())
+
+    def _loadable(self, path: str) -> bool:
+        lower = path.lower()
+        return lower.endswith(self.suffixes) and not self.ignore(Path(path))  # type: ignore[arg-type]
+
+    def _walk(self) -> dict[str, _Stamp]:
+        stamps: dict[str, _Stamp] = {}
+        seen: set[tuple[int, int]] = set()
+        for folder in self.folders:
+            self._walk_folder(str(folder), stamps, seen)
+        return stamps
+
+    def _walk_folder(self, folder: str, stamps: dict[str, _Stamp], seen: set[tuple[int, int]]) -> None:
+        try:
+            info = os.stat(folder)
+            key = (info.st_dev, info.st_ino)
+            if key in seen:  # a symlink loop, or the same folder listed twice
+                return
+            seen.add(key)
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError:
+            return
+        subfolders = []
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    subfolders.append(entry.path)
+                elif entry.name.lower().endswith(self._watched):
+                    st = entry.stat()
+                    stamps[entry.path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:  # vanished while listing, or a dangling symlink
+                continue
+        for sub in subfolders:
+            self._walk_folder(sub, stamps, seen)
+
+    def _load_one(self, path: Path, stamp: _Stamp) -> FileRecord[T] | None:
+        mtime, size = stamp[0] / 1e9, stamp[1]
+        try:
+            item = self.load(path)
+        except self.quiet:
+            return None
+        except Exception as exc:  # one bad file is reported and skipped; the rest load
+            return FileRecord(
+                name=path.stem, path=path, preview=None, hash=_hash_or_none(path), mtime=mtime, size=size,
+                item=None, error=_one_line(exc, path),
+            )
+        name = self.name_of(path, item) if self.name_of is not None else path.stem
+        digest = self.hash_of(item) if self.hash_of is not None else None
+        return FileRecord(
+            name=name, path=path, preview=None, hash=digest or _hash_or_none(path), mtime=mtime, size=size, item=item
+        )
+
+    def _with_preview(self, record: FileRecord[T], stamps: dict[str, _Stamp]) -> FileRecord[T]:
+        preview = _find_preview(record.path, stamps)
+        if preview == record.preview:
+            return record
+        return FileRecord(
+            name=record.name, path=record.path, preview=preview, hash=record.hash, mtime=record.mtime,
+            size=record.size, item=record.item, error=record.error,
+        )
+
+
+def _find_preview(path: Path, stamps: dict[str, _Stamp]) -> Path | None:
+    base = path.with_suffix("")
+    for stem in (str(base), f"{base}.preview"):
+        for suffix in PREVIEW_SUFFIXES:
+            for candidate in (stem + suffix, stem + suffix.upper()):
+                if candidate in stamps:
+                    return Path(candidate)
+    return None
+
+
+def _hash_or_none(path: Path) -> str | None:
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def _one_line(exc: BaseException, path: Path) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    prefix = f"{path}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Textual inversion embeddings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbeddingRecord:
+    """An embedding file as the UI and CLI list it; ``skipped`` says why it cannot be used with the current model."""
+
+    name: str
+    path: Path
+    preview: Path | None
+    hash: str | None
+    mtime: float
+    vectors: int | None
+    width: int | None
+    skipped: str | None
+    embedding: Embedding | None
+
+    @property
+    def short_hash(self) -> str | None:
+        return self.hash[:12] if self.hash else None
+
+
+def _describe_width(width: int) -> str:
+    return {768: "768 (SD 1.x)", 1024: "1024 (SD 2.x)", 2048: "2048 (SDXL clip_l + clip_g)"}.get(width, str(width))
+
+
+class EmbeddingLibrary:
+    """Embedding folders with A1111's rules: names from file stems (images: the stored name), case-insensitive
+    matching, later files winning a name, and files whose width does not fit the model listed as skipped."""
+
+    def __init__(self, folders: Iterable[str | os.PathLike[str]]) -> None:
+        self.files: Library[Embedding] = Library(
+            folders=[Path(f) for f in folders],
+            load=load_embedding,
+            suffixes=EMBEDDING_SUFFIXES,
+            name_of=lambda _path, embedding: embedding.name,
+            hash_of=lambda embedding: embedding.hash,
+            quiet=(NoEmbeddedData,),
+        )
+
+    @property
+    def folders(self) -> Sequence[Path]:
+        return tuple(self.files.folders)
+
+    def add_folder(self, folder: str | os.PathLike[str]) -> None:
+        self.files.add_folder(folder)
+
+    def refresh(self, *, force: bool = False) -> LibraryChanges:
+        return self.files.refresh(force=force)
+
+    def records(self, width: int | None = None) -> list[EmbeddingRecord]:
+        """Every embedding file; with the model's ``width`` (768, 1024, 2048 for SDXL) misfits are skipped."""
+        result: list[EmbeddingRecord] = []
+        winner: dict[str, int] = {}
+        for record in self.files.records():
+            emb = record.item
+            skipped = record.error
+            if emb is not None and width is not None and emb.width != width:
+                skipped = f"width {_describe_width(emb.width)} does not fit the model's {_describe_width(width)}"
+            if skipped is None:
+                key = record.name.lower()
+                if key in winner:
+                    loser = result[winner[key]]
+                    result[winner[key]] = _replace_skip(loser, f"name also used by {record.path}, which wins")
+                winner[key] = len(result)
+            result.append(
+                EmbeddingRecord(
+                    name=record.name,
+                    path=record.path,
+                    preview=record.preview,
+                    hash=record.hash,
+                    mtime=record.mtime,
+                    vectors=emb.vector_count if emb is not None else None,
+                    width=emb.width if emb is not None else None,
+                    skipped=skipped,
+                    embedding=emb if skipped is None else None,
+                )
+            )
+        return result
+
+    def usable(self, width: int | None = None) -> dict[str, Embedding]:
+        """Name -> embedding for every file that loads (and fits ``width``)."""
+        return {r.name: r.embedding for r in self.records(width) if r.embedding is not None}
+
+    def skipped(self, width: int | None = None) -> dict[str, str]:
+        """Name -> reason for every file that cannot be used (the prompt word it would have had)."""
+        return {r.name: r.skipped for r in self.records(width) if r.skipped is not None}
+
+    def get(self, name: str, width: int | None = None) -> Embedding | None:
+        """The usable embedding registered under ``name``, matched case-insensitively as A1111 does."""
+        key = name.lower()
+        for record in reversed(self.records(width)):
+            if record.embedding is not None and record.name.lower() == key:
+                return record.embedding
+        return None
+
+
+def _replace_skip(record: EmbeddingRecord, reason: str) -> EmbeddingRecord:
+    return EmbeddingRecord(
+        name=record.name, path=record.path, preview=record.preview, hash=record.hash, mtime=record.mtime,
+        vectors=record.vectors, width=record.width, skipped=reason, embedding=None,
+    )
