@@ -1,0 +1,171 @@
+"""Folder scanning: records, previews, A1111's name and width rules, bad files skipped, hot reload anywhere."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from test_embedding_files import write_bad_files, write_hostile_files
+
+from sdconcepts import Embedding, save_embedding
+from sdconcepts.library import EmbeddingLibrary, Library
+
+WIDTH = 48
+
+
+def _emb(name: str, n: int = 1, width: int = WIDTH, seed: int = 0) -> Embedding:
+    return Embedding(name, torch.randn(n, width, generator=torch.Generator().manual_seed(seed)))
+
+
+def _photo(path: Path) -> None:
+    Image.fromarray(np.full((8, 8, 3), 120, dtype=np.uint8)).save(path)
+
+
+def test_scans_subfolders_with_names_previews_and_hashes(tmp_path: Path) -> None:
+    save_embedding(_emb("style", 2), tmp_path / "style.pt")
+    _photo(tmp_path / "style.png")  # a picture without data is the card picture, not an embedding
+    save_embedding(_emb("deep", 3), tmp_path / "a" / "b" / "deep.safetensors")
+    _photo(tmp_path / "a" / "b" / "deep.preview.png")
+    save_embedding(_emb("stored-name"), tmp_path / "a" / "carrier.webp")
+    library = EmbeddingLibrary([tmp_path])
+    assert library.refresh()
+    records = {r.name: r for r in library.records(WIDTH)}
+    assert set(records) == {"style", "deep", "stored-name"}
+    assert records["style"].preview == tmp_path / "style.png"
+    assert records["deep"].preview == tmp_path / "a" / "b" / "deep.preview.png"
+    assert records["stored-name"].preview == tmp_path / "a" / "carrier.webp"  # an image is its own card picture
+    assert (records["deep"].vectors, records["deep"].width) == (3, WIDTH)
+    assert all(r.skipped is None and r.hash and len(r.short_hash or "") == 12 for r in records.values())
+    # Matching is case-insensitive, as A1111's lower-casing tokenizer makes it.
+    found = library.get("DEEP", WIDTH)
+    assert found is not None and found.vector_count == 3
+
+
+def test_width_mismatch_is_listed_as_skipped_with_a_reason(tmp_path: Path) -> None:
+    save_embedding(_emb("fits"), tmp_path / "fits.pt")
+    save_embedding(_emb("sd2", width=1024), tmp_path / "sd2.safetensors")
+    pair = {"clip_l": torch.zeros(1, 768) + 0.1, "clip_g": torch.zeros(1, 1280) + 0.1}
+    save_embedding(Embedding("xl", pair), tmp_path / "xl.safetensors")
+    library = EmbeddingLibrary([tmp_path])
+    library.refresh()
+    assert set(library.usable(WIDTH)) == {"fits"}
+    skipped = library.skipped(WIDTH)
+    assert "1024 (SD 2.x)" in skipped["sd2"] and "2048 (SDXL" in skipped["xl"] and str(WIDTH) in skipped["xl"]
+    assert set(library.usable(2048)) == {"xl"}  # the same files judged against an SDXL model
+
+
+def test_hostile_and_broken_files_are_skipped_and_the_rest_load(tmp_path: Path) -> None:
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    hostile = write_hostile_files(folder, marker)
+    bad = write_bad_files(folder)
+    save_embedding(_emb("good", 2), folder / "good.pt")
+    library = EmbeddingLibrary([folder])
+    library.refresh()
+    assert not marker.exists()
+    assert set(library.usable(WIDTH)) == {"good"}
+    skipped = library.skipped(WIDTH)
+    assert {p.stem for p in hostile} <= set(skipped)
+    assert all("refused" in skipped[p.stem] and "io.open" in skipped[p.stem] for p in hostile)
+    for name, reason in bad.items():
+        assert reason in skipped[Path(name).stem], skipped[Path(name).stem]
+
+
+def test_name_collision_later_file_wins_case_insensitively(tmp_path: Path) -> None:
+    save_embedding(_emb("Face", seed=1), tmp_path / "a" / "Face.pt")
+    save_embedding(_emb("face", seed=2), tmp_path / "b" / "face.safetensors")
+    library = EmbeddingLibrary([tmp_path])
+    library.refresh()
+    usable = library.usable(WIDTH)
+    assert list(usable) == ["face"] and torch.equal(usable["face"].tensor(), _emb("x", seed=2).tensor())
+    assert "which wins" in library.skipped(WIDTH)["Face"]
+
+
+def test_hot_reload_sees_add_change_and_remove_anywhere(tmp_path: Path) -> None:
+    deep = tmp_path / "x" / "y"
+    save_embedding(_emb("one"), deep / "one.pt")
+    library = EmbeddingLibrary([tmp_path])
+    library.refresh()
+    top_mtime = os.stat(tmp_path).st_mtime_ns
+
+    assert not library.refresh()  # nothing changed
+
+    save_embedding(_emb("two", 2), deep / "two.pt")
+    changes = library.refresh()
+    assert changes.added == (deep / "two.pt",) and set(library.usable(WIDTH)) == {"one", "two"}
+
+    time.sleep(0.02)  # filesystem timestamps can be coarser than the time a save takes
+    save_embedding(_emb("one", 4), deep / "one.pt")  # replaced in place, same name
+    changes = library.refresh()
+    assert changes.changed == (deep / "one.pt",) and library.usable(WIDTH)["one"].vector_count == 4
+
+    (deep / "two.pt").unlink()
+    changes = library.refresh()
+    assert changes.removed == (deep / "two.pt",) and set(library.usable(WIDTH)) == {"one"}
+    # A1111 would have missed all of this: only the top folder's mtime is watched there, and it never moved.
+    assert os.stat(tmp_path).st_mtime_ns == top_mtime
+
+
+def test_in_place_rewrite_is_seen(tmp_path: Path) -> None:
+    path = save_embedding(_emb("e", 1, seed=1), tmp_path / "e.pt")
+    library = EmbeddingLibrary([tmp_path])
+    library.refresh()
+    before = library.usable(WIDTH)["e"].hash
+    time.sleep(0.02)
+    replacement = tmp_path / "other.pt"
+    save_embedding(_emb("e", 1, seed=2), replacement)
+    path.write_bytes(replacement.read_bytes())  # same inode, same size, new content
+    replacement.unlink()
+    assert library.refresh().changed == (path,)
+    assert library.usable(WIDTH)["e"].hash != before
+
+
+def test_added_preview_updates_the_record(tmp_path: Path) -> None:
+    save_embedding(_emb("card"), tmp_path / "card.safetensors")
+    library = EmbeddingLibrary([tmp_path])
+    library.refresh()
+    assert library.records()[0].preview is None
+    _photo(tmp_path / "card.preview.png")
+    assert library.refresh().previews
+    assert library.records()[0].preview == tmp_path / "card.preview.png"
+
+
+def test_generic_library_reloads_only_changed_files(tmp_path: Path) -> None:
+    loads: list[str] = []
+
+    def load_text(path: Path) -> str:
+        loads.append(path.name)
+        text = path.read_text()
+        if not text:
+            raise ValueError(f"{path}: empty")
+        return text
+
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.note").write_text(name * 3)
+    (tmp_path / "empty.note").write_text("")
+    library: Library[str] = Library(folders=[tmp_path], load=load_text, suffixes=[".note"])
+    library.refresh()
+    assert sorted(loads) == ["a.note", "b.note", "c.note", "empty.note"]
+    records = {r.name: r for r in library.records()}
+    assert records["a"].item == "aaa" and records["empty"].error == "empty" and records["empty"].item is None
+    loads.clear()
+    time.sleep(0.02)
+    (tmp_path / "b.note").write_text("changed")
+    library.refresh()
+    assert loads == ["b.note"]
+    loads.clear()
+    library.refresh(force=True)
+    assert len(loads) == 4
+
+
+def test_missing_folder_and_symlink_loop_do_not_break_the_scan(tmp_path: Path) -> None:
+    save_embedding(_emb("ok"), tmp_path / "ok.pt")
+    (tmp_path / "loop").symlink_to(tmp_path, target_is_directory=True)
+    library = EmbeddingLibrary([tmp_path / "absent", tmp_path])
+    library.refresh()
+    assert [r.name for r in library.records(WIDTH)] == ["ok"]
