@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
+from sdconcepts.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
 from sdconcepts.prompts import (
     EmbeddingEntry,
@@ -145,7 +146,8 @@ def model_from_components(components: Mapping[str, Any], *, name: str = "in-memo
 
 def _finish(model: LoadedModel, device: torch.device) -> LoadedModel:
     for module in (model.unet, model.vae, model.text_encoder):
-        module.to(device=device, dtype=model.dtype)
+        if module.device != device or module.dtype != model.dtype:
+            module.to(device=device, dtype=model.dtype)
         module.eval()
         module.requires_grad_(False)
     model.device = device
@@ -313,6 +315,16 @@ class PromptEncoder:
     def encode_many(self, texts: Iterable[str]) -> dict[str, torch.Tensor]:
         return {text: self.encode(text) for text in dict.fromkeys(texts)}
 
+    def embeddings_in(self, texts: Iterable[str]) -> list[str]:
+        """Names of the embeddings that ``texts`` place, in A1111's order: chunk by chunk across the texts."""
+        per_text = [self.chunks(text)[0] for text in dict.fromkeys(texts)]
+        names: dict[str, None] = {}
+        for i in range(max((len(chunks) for chunks in per_text), default=0)):
+            for chunks in per_text:
+                for fix in chunks[i].fixes if i < len(chunks) else ():
+                    names[fix.name] = None
+        return list(names)
+
     @torch.no_grad()
     def _encode(self, text: str) -> torch.Tensor:
         chunks, _ = self.chunks(text)
@@ -426,11 +438,15 @@ def txt2img(
     progress: ProgressCallback | None = None,
     emphasis: str = "Original",
     known_networks: Mapping[str, Iterable[str]] | None = None,
+    embedding_hashes: Mapping[str, str] | None = None,
+    skipped_embeddings: Mapping[str, str] | None = None,
 ) -> GenerationResult:
     """Generate ``batch_count`` batches of ``batch_size`` images with A1111's prompt semantics and seeds.
 
     Extra-network tags (``<hypernet:name:1>``) are removed from the positive prompt before encoding and kept in the
     infotext; a tag naming a network that ``known_networks`` does not list comes back as a warning.
+    ``embedding_hashes`` (name -> SHA-256) gives the infotext's ``TI hashes`` for the embeddings the prompts use;
+    a prompt word naming one of ``skipped_embeddings`` (name -> reason) comes back as a warning.
     """
     params = params.validated()
     width = params.width or model.default_size
@@ -453,6 +469,9 @@ def txt2img(
     uncond_schedule = get_prompt_schedule(params.negative_prompt, steps)
     conds = encoder.encode_many([t for _, t in cond_schedule] + [t for _, t in uncond_schedule] + [""])
     empty = conds[""]
+    extra = _ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {})
+    for name in names_in_prompt(f"{prompt_text}\n{params.negative_prompt}", list(skipped_embeddings or {})):
+        warnings.append(f"embedding {name!r} was skipped ({(skipped_embeddings or {})[name]}); the prompt reads it as words")
 
     images: list[Image.Image] = []
     infotexts: list[str] = []
@@ -494,9 +513,29 @@ def txt2img(
                     height=height,
                     model_name=model.name,
                     model_hash=model.short_hash,
+                    extra=extra,
                 )
             )
     return GenerationResult(images=images, infotexts=infotexts, seeds=all_seeds, params=params, warnings=warnings)
+
+
+def _ti_hashes_field(
+    encoder: PromptEncoder,
+    cond_schedule: Sequence[tuple[int, str]],
+    uncond_schedule: Sequence[tuple[int, str]],
+    hashes: Mapping[str, str],
+) -> dict[str, str]:
+    """A1111's ``TI hashes: "name: <12 hex>, ..."`` for the embeddings used; names lose ``:`` and ``,``.
+
+    A1111 encodes the negative prompt first and each later encoding puts its hashes in front, so the positive
+    prompt's embeddings come first; one used in both prompts is listed twice, as A1111 does.
+    """
+    entries = []
+    for schedule in (cond_schedule, uncond_schedule):
+        for name in encoder.embeddings_in(text for _, text in schedule):
+            if hashes.get(name):
+                entries.append(f"{name.replace(':', '').replace(',', '')}: {hashes[name][:12]}")
+    return {"TI hashes": ", ".join(entries)} if entries else {}
 
 
 def initial_noise(
@@ -571,6 +610,9 @@ def _step_parameters(scheduler: Any) -> frozenset[str]:
 
 @torch.no_grad()
 def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+    if not bool(torch.isfinite(latents).all()):
+        # A1111 raises NansException here too: an all-black image would hide the failure.
+        raise GenerationError("the model produced NaN or infinite values; try another sampler, or float32 weights")
     scaling = float(getattr(model.vae.config, "scaling_factor", 0.18215))
     pixels = model.vae.decode(latents / scaling).sample
     pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
