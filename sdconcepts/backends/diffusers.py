@@ -37,15 +37,18 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "toyworld" / "model"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
-# A1111 sampler name -> (diffusers scheduler class name, extra config). Karras variants use Karras sigmas.
+# A1111 sampler name -> (diffusers scheduler class name, extra config). A1111 runs these through k-diffusion, whose
+# sigmas come from timesteps spaced evenly from the last training step down to 0: diffusers' "linspace" spacing.
+# Karras variants use Karras sigmas. DDIM and PLMS keep the model's own ("leading", offset 1) spacing, as A1111 does.
+_KDIFFUSION = {"timestep_spacing": "linspace"}
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Heun": ("HeunDiscreteScheduler", {}),
-    "DPM2": ("KDPM2DiscreteScheduler", {}),
-    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", _KDIFFUSION),
+    "Euler": ("EulerDiscreteScheduler", _KDIFFUSION),
+    "Heun": ("HeunDiscreteScheduler", _KDIFFUSION),
+    "DPM2": ("KDPM2DiscreteScheduler", _KDIFFUSION),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", _KDIFFUSION),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", _KDIFFUSION),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {**_KDIFFUSION, "use_karras_sigmas": True}),
     "DDIM": ("DDIMScheduler", {}),
     "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
     "UniPC": ("UniPCMultistepScheduler", {}),
@@ -470,8 +473,9 @@ def txt2img(
     conds = encoder.encode_many([t for _, t in cond_schedule] + [t for _, t in uncond_schedule] + [""])
     empty = conds[""]
     extra = _ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {})
-    for name in names_in_prompt(f"{prompt_text}\n{params.negative_prompt}", list(skipped_embeddings or {})):
-        warnings.append(f"embedding {name!r} was skipped ({(skipped_embeddings or {})[name]}); the prompt reads it as words")
+    skipped = skipped_embeddings or {}
+    for name in names_in_prompt(f"{prompt_text}\n{params.negative_prompt}", list(skipped)):
+        warnings.append(f"embedding {name!r} was skipped ({skipped[name]}); the prompt reads its name as words")
 
     images: list[Image.Image] = []
     infotexts: list[str] = []
