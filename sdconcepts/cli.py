@@ -64,6 +64,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--ckpt", type=_existing_path, default=None,
                    help="model: a diffusers folder or an A1111 .safetensors/.ckpt file (default: the embedded toy-world model)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--embeddings-dir", type=_existing_dir, action="append", default=None, metavar="D",
+                   help="textual inversion embeddings folder, scanned recursively; repeatable "
+                   "(default: ./embeddings when it exists)")
     p.add_argument("--output", required=True, type=Path,
                    help="a folder (files named like A1111's NNNNN-SEED.png) or a .png path")
     p.set_defaults(func=run_generate)
@@ -73,6 +76,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdconcepts.backends.diffusers import ModelLoadError, load_model, txt2img
+    from sdconcepts.cli_files import embedding_arguments
     from sdconcepts.images import next_image_path, save_png
 
     params = GenerationParams(
@@ -91,8 +95,9 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         params = params.validated()
         model = load_model(args.ckpt, device=args.device)
+        embeddings = embedding_arguments(args.embeddings_dir, model.context_width)
         with tqdm(total=params.steps * params.batch_count, unit="step", desc="generate", file=sys.stderr) as bar:
-            result = txt2img(model, params, progress=lambda done, _total: bar.update(done - bar.n))
+            result = txt2img(model, params, progress=lambda done, _total: bar.update(done - bar.n), **embeddings)
     except (GenerationError, ModelLoadError) as exc:
         raise CommandError(str(exc)) from exc
     for warning in result.warnings:
@@ -117,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_generate_parser(subparsers)
+    from sdconcepts.cli_files import add_file_parsers
+
+    add_file_parsers(subparsers)
     from sdconcepts.toyworld.cli import add_toyworld_parser
 
     add_toyworld_parser(subparsers)
