@@ -411,3 +411,60 @@ def test_bad_files_raise_one_line_errors_naming_file_and_reason(tmp_path: Path) 
             load_embedding(tmp_path / name)
         message = str(info.value)
         assert name in message and reason in message and "\n" not in message, message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI: inspect and convert
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_convert_chain_and_inspect_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdconcepts.cli import main
+
+    torch.save(a1111_pt_dict(_vectors(2), "trained"), tmp_path / "trained.pt")
+    chain = ["trained.pt", "a.safetensors", "b.png", "c.webp", "d.bin", "e.pt"]
+    for src, dst in zip(chain[:-1], chain[1:], strict=True):
+        assert main(["convert", str(tmp_path / src), str(tmp_path / dst)]) == 0
+    final = load_embedding(tmp_path / "e.pt")
+    assert final.name == "e" and torch.equal(final.tensor(), _vectors(2))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "b.png"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["name"] == "b" and info["vectors"] == 2 and info["width"] == WIDTH and info["step"] == 1200
+    assert info["carrier"] == "text chunk" and info["sha256"] == file_sha256(tmp_path / "b.png")
+
+
+def test_cli_inspect_folder_lists_skipped_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdconcepts.cli import main
+
+    save_embedding(Embedding("fits", _vectors()), tmp_path / "fits.pt")
+    save_embedding(Embedding("wide", _vectors(1, 768)), tmp_path / "sub" / "wide.safetensors")
+    (tmp_path / "zero.pt").write_bytes(b"")
+    assert main(["inspect", str(tmp_path), "--width", str(WIDTH), "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["fits"]["skipped"] is None and rows["fits"]["vectors"] == 3
+    assert "768" in rows["wide"]["skipped"] and "empty" in rows["zero"]["skipped"]
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdconcepts.cli import main
+
+    (tmp_path / "notes.txt").write_text("hello")
+    torch.save({"a": 1, "b": [2]}, tmp_path / "other.pt")
+    assert main(["inspect", str(tmp_path / "notes.txt")]) == 2
+    assert main(["inspect", str(tmp_path / "other.pt")]) == 2
+    assert main(["convert", str(tmp_path / "other.pt"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all("error:" in line for line in err)
+    assert "not an embedding" in err[0] and "other.pt" in err[1] and not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_inspect_describes_a_hypernetwork(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hypernetwork = pytest.importorskip("sdconcepts.hypernetwork")
+    files = pytest.importorskip("sdconcepts.hypernetwork_files")
+    from sdconcepts.cli import main
+
+    files.save_hypernetwork(hypernetwork.create_hypernetwork("hn", [WIDTH], generator_seed=0), tmp_path / "hn.pt")
+    assert main(["inspect", str(tmp_path / "hn.pt"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "hypernetwork" and info["name"] == "hn" and info["widths"] == [WIDTH]

@@ -116,3 +116,20 @@ def test_prompt_naming_a_skipped_embedding_warns(tiny_model, tmp_path: Path) -> 
     assert any("'bigone' was skipped" in w and "1024 (SD 2.x)" in w for w in result.warnings), result.warnings
     quiet = txt2img(tiny_model, GenerationParams(prompt="a bigones circle", steps=1, seed=1), skipped_embeddings=skipped)
     assert not quiet.warnings
+
+
+def test_cli_generate_with_embeddings_dir(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdconcepts.cli import main
+    from sdconcepts.images import read_infotext
+
+    folder = tmp_path / "embs"
+    save_embedding(Embedding("glow", _vectors(2, seed=5)), folder / "nested" / "glow.pt")
+    save_embedding(Embedding("wide", torch.randn(1, 768)), folder / "wide.safetensors")
+    out = tmp_path / "out.png"
+    code = main(["generate", "--ckpt", str(tiny_model_dir), "--prompt", "a glow, Wide", "--steps", "1", "--seed", "2",
+                 "--cfg-scale", "1", "--embeddings-dir", str(folder), "--output", str(out)])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "1 embedding file(s) skipped" in err and "'wide' was skipped" in err
+    fields = parse_infotext(read_infotext(out) or "")[2]
+    assert fields["TI hashes"] == f"glow: {load_embedding(folder / 'nested' / 'glow.pt').short_hash}"
