@@ -13,7 +13,7 @@ _LAZY = {
     "save_embedding": "sdconcepts.embedding_files",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["Embedding", "__version__", "load_embedding", "save_embedding"]
 
 if TYPE_CHECKING:
     from sdconcepts.embedding import Embedding
