@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -113,7 +113,7 @@ def _checked(vectors: Tensor, label: str) -> Tensor:
     return out
 
 
-def names_in_prompt(prompt: str, names: Mapping[str, object] | list[str] | tuple[str, ...]) -> list[str]:
+def names_in_prompt(prompt: str, names: Iterable[str]) -> list[str]:
     """The names that occur in ``prompt`` as whole words, case-insensitively (as A1111's token matching sees them)."""
     found = []
     for name in names:
