@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "HypernetworkFileError",
     "OptimizerState",
     "describe_hypernetwork",
+    "find_hypernetworks",
     "hypernetwork_from_dict",
     "hypernetwork_to_dict",
     "load_hypernetwork",
@@ -76,6 +77,24 @@ def optimizer_path(path: str | os.PathLike[str]) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def find_hypernetworks(folders: Iterable[str | os.PathLike[str]]) -> dict[str, Path]:
+    """Name -> path of every ``.pt`` under ``folders``, recursively, with A1111's listing rules.
+
+    The name is the file stem (no folder); paths are visited sorted by their lower-cased text and a later duplicate
+    wins; ``None.pt`` is ignored. Nothing is loaded: A1111 loads a hypernetwork only when a prompt names it.
+    """
+    found: list[Path] = []
+    for folder in folders:
+        root = Path(folder)
+        if root.is_dir():
+            found.extend(p for p in root.glob("**/*.pt") if p.is_file())
+    names: dict[str, Path] = {}
+    for path in sorted(found, key=lambda p: str(p).lower()):
+        if path.stem != "None":
+            names[path.stem] = path
+    return names
 
 
 def load_hypernetwork(path: str | os.PathLike[str]) -> Hypernetwork:
