@@ -18,15 +18,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdconcepts.attach import attach_hypernetworks
 from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
 from sdconcepts.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
+from sdconcepts.hypernetwork import Hypernetwork
 from sdconcepts.prompts import (
     EmbeddingEntry,
     PromptChunk,
     build_chunks,
     build_embedding_index,
     get_prompt_schedule,
+    hypernetwork_tags,
     parse_extra_network_tags,
     text_at_step,
 )
@@ -443,6 +446,7 @@ def txt2img(
     known_networks: Mapping[str, Iterable[str]] | None = None,
     embedding_hashes: Mapping[str, str] | None = None,
     skipped_embeddings: Mapping[str, str] | None = None,
+    hypernetworks: Mapping[str, Hypernetwork] | None = None,
 ) -> GenerationResult:
     """Generate ``batch_count`` batches of ``batch_size`` images with A1111's prompt semantics and seeds.
 
@@ -450,6 +454,8 @@ def txt2img(
     infotext; a tag naming a network that ``known_networks`` does not list comes back as a warning.
     ``embedding_hashes`` (name -> SHA-256) gives the infotext's ``TI hashes`` for the embeddings the prompts use;
     a prompt word naming one of ``skipped_embeddings`` (name -> reason) comes back as a warning.
+    ``hypernetworks`` (name -> loaded) are known hypernet names; the prompt's ``<hypernet:name:strength>`` tags are
+    applied in prompt order to the UNet's attention key/value inputs during sampling, and detached afterwards.
     """
     params = params.validated()
     width = params.width or model.default_size
@@ -460,11 +466,19 @@ def txt2img(
 
     prompt_text, tags = parse_extra_network_tags(params.prompt)
     warnings = []
-    networks = known_networks or {}
+    networks = {kind: set(names) for kind, names in (known_networks or {}).items()}
+    available = dict(hypernetworks or {})
+    networks.setdefault("hypernet", set()).update(available)
     for tag in tags:
         name = tag.args[0] if tag.args else ""
-        if name not in set(networks.get(tag.name, ())):
+        if name not in networks.get(tag.name, ()):
             warnings.append(f"unknown {tag.name} {name!r}: the tag was removed from the prompt and has no effect")
+        elif tag.name == "hypernet" and name not in available:
+            warnings.append(f"hypernet {name!r} could not be loaded: the tag was removed from the prompt and has no effect")
+    try:
+        chain = [(available[t.name], t.strength) for t in hypernetwork_tags(tags) if t.name in available]
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from None
 
     encoder = PromptEncoder(model, embeddings or {}, clip_skip=params.clip_skip, emphasis=emphasis)
     steps = params.steps
@@ -490,20 +504,22 @@ def txt2img(
             if progress is not None:
                 progress(done, total)
 
-        latents = sample_latents(
-            model,
-            sampler=params.sampler,
-            steps=steps,
-            cfg_scale=params.cfg_scale,
-            seeds=batch_seeds,
-            width=width,
-            height=height,
-            cond_at=lambda i: text_at_step(cond_schedule, i),
-            uncond_at=lambda i: text_at_step(uncond_schedule, i),
-            conds=conds,
-            empty=empty,
-            on_step=step_progress,
-        )
+        # Hooks live only while sampling: the handle detaches them even when sampling raises.
+        with attach_hypernetworks(model.unet, chain):
+            latents = sample_latents(
+                model,
+                sampler=params.sampler,
+                steps=steps,
+                cfg_scale=params.cfg_scale,
+                seeds=batch_seeds,
+                width=width,
+                height=height,
+                cond_at=lambda i: text_at_step(cond_schedule, i),
+                uncond_at=lambda i: text_at_step(uncond_schedule, i),
+                conds=conds,
+                empty=empty,
+                on_step=step_progress,
+            )
         for image, seed in zip(decode_latents(model, latents), batch_seeds, strict=True):
             images.append(image)
             all_seeds.append(seed)
