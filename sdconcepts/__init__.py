@@ -11,13 +11,33 @@ _LAZY = {
     "Embedding": "sdconcepts.embedding",
     "load_embedding": "sdconcepts.embedding_files",
     "save_embedding": "sdconcepts.embedding_files",
+    "Hypernetwork": "sdconcepts.hypernetwork",
+    "create_hypernetwork": "sdconcepts.hypernetwork",
+    "apply_hypernetworks": "sdconcepts.hypernetwork",
+    "load_hypernetwork": "sdconcepts.hypernetwork_files",
+    "save_hypernetwork": "sdconcepts.hypernetwork_files",
+    "attach_hypernetworks": "sdconcepts.attach",
 }
 
-__all__ = ["Embedding", "__version__", "load_embedding", "save_embedding"]
+__all__ = [
+    "Embedding",
+    "Hypernetwork",
+    "__version__",
+    "apply_hypernetworks",
+    "attach_hypernetworks",
+    "create_hypernetwork",
+    "load_embedding",
+    "load_hypernetwork",
+    "save_embedding",
+    "save_hypernetwork",
+]
 
 if TYPE_CHECKING:
+    from sdconcepts.attach import attach_hypernetworks
     from sdconcepts.embedding import Embedding
     from sdconcepts.embedding_files import load_embedding, save_embedding
+    from sdconcepts.hypernetwork import Hypernetwork, apply_hypernetworks, create_hypernetwork
+    from sdconcepts.hypernetwork_files import load_hypernetwork, save_hypernetwork
 
 
 def __getattr__(name: str) -> Any:
