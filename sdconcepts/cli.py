@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams
 
@@ -67,6 +68,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--embeddings-dir", type=_existing_dir, action="append", default=None, metavar="D",
                    help="textual inversion embeddings folder, scanned recursively; repeatable "
                    "(default: ./embeddings when it exists)")
+    p.add_argument("--hypernetworks-dir", type=_existing_dir, action="append", default=None, metavar="D",
+                   help="hypernetworks folder for <hypernet:name:strength> tags, scanned recursively; repeatable "
+                   "(default: ./models/hypernetworks when it exists)")
     p.add_argument("--output", required=True, type=Path,
                    help="a folder (files named like A1111's NNNNN-SEED.png) or a .png path")
     p.set_defaults(func=run_generate)
@@ -96,8 +100,11 @@ def run_generate(args: argparse.Namespace) -> int:
         params = params.validated()
         model = load_model(args.ckpt, device=args.device)
         embeddings = embedding_arguments(args.embeddings_dir, model.context_width)
+        hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt)
         with tqdm(total=params.steps * params.batch_count, unit="step", desc="generate", file=sys.stderr) as bar:
-            result = txt2img(model, params, progress=lambda done, _total: bar.update(done - bar.n), **embeddings)
+            result = txt2img(
+                model, params, progress=lambda done, _total: bar.update(done - bar.n), **embeddings, **hypernetworks
+            )
     except (GenerationError, ModelLoadError) as exc:
         raise CommandError(str(exc)) from exc
     for warning in result.warnings:
@@ -112,6 +119,32 @@ def run_generate(args: argparse.Namespace) -> int:
         save_png(image, path, infotext)
         print(path)
     return 0
+
+
+def hypernetwork_arguments(folders: list[Path] | None, prompt: str) -> dict[str, Any]:
+    """``txt2img`` keyword arguments for the hypernetworks the prompt's tags name (A1111 loads only those).
+
+    Every ``.pt`` under ``folders`` (default ``./models/hypernetworks`` if present) is a known name; a named file
+    that fails to load is reported on stderr and the generation warns that its tag had no effect.
+    """
+    from sdconcepts.hypernetwork_files import HypernetworkFileError, find_hypernetworks, load_hypernetwork
+    from sdconcepts.prompts import parse_extra_network_tags
+
+    if folders is None:
+        default = Path("models") / "hypernetworks"
+        folders = [default] if default.is_dir() else []
+    paths = find_hypernetworks(folders)
+    loaded = {}
+    _, tags = parse_extra_network_tags(prompt)
+    for tag in tags:
+        name = tag.args[0] if tag.args else ""
+        if tag.name != "hypernet" or name not in paths or name in loaded:
+            continue
+        try:
+            loaded[name] = load_hypernetwork(paths[name])
+        except HypernetworkFileError as exc:
+            print(f"warning: skipped hypernetwork {name}: {exc}", file=sys.stderr)
+    return {"hypernetworks": loaded, "known_networks": {"hypernet": list(paths)}}
 
 
 def build_parser() -> argparse.ArgumentParser:
