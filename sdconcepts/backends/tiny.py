@@ -145,3 +145,28 @@ def build_tiny_sd2(seed: int = 0, prediction_type: str = "epsilon") -> dict[str,
         "tokenizer": load_clip_tokenizer("sd2"),
         "scheduler": DDIMScheduler(**{**SD1_SCHEDULER, "prediction_type": prediction_type}),
     }
+
+
+def build_reference_random(family: str = "sd1", seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, object]:
+    """Full-size SD 1.5 (``sd1``) or SD 2.1 (``sd2``) shaped components with random weights, for benchmarks.
+
+    Built from the reference configs shipped in the package; about 1 B parameters, so only for benchmarks.
+    """
+    from sdconcepts.checkpoint_files import reference_configs
+
+    configs = reference_configs(family)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**configs["unet"]).eval()
+    vae = AutoencoderKL(**configs["vae"]).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval()
+    if dtype != torch.float32:
+        for module in (unet, vae, text_encoder):
+            module.to(dtype)
+    scheduler_config = {k: v for k, v in configs["scheduler"].items() if not k.startswith("_")}
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": load_clip_tokenizer(family),
+        "scheduler": DDIMScheduler.from_config(scheduler_config),
+    }
