@@ -372,7 +372,7 @@ def write_hostile_files(folder: Path, marker: Path) -> list[Path]:
     paths = [folder / "evil.pt", folder / "evil_legacy.pt", folder / "evil_plain.bin"]
     torch.save({"string_to_param": {"*": _Hostile(marker)}}, paths[0])
     torch.save({"string_to_param": {"*": _Hostile(marker)}}, paths[1], _use_new_zipfile_serialization=False)
-    paths[2].write_bytes(pickle.dumps({"x": _Hostile(marker)}))
+    paths[2].write_bytes(pickle.dumps({"x": _Hostile(marker)}, protocol=2))
     return paths
 
 
