@@ -156,7 +156,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:  # type: ignore[no-untyped-call]
-            data: dict[str, Any] = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            data: dict[str, Any] = {key: handle.get_tensor(key) for key in handle.keys()}
             metadata = handle.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
         raise EmbeddingFileError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
