@@ -169,3 +169,15 @@ def test_missing_folder_and_symlink_loop_do_not_break_the_scan(tmp_path: Path) -
     library = EmbeddingLibrary([tmp_path / "absent", tmp_path])
     library.refresh()
     assert [r.name for r in library.records(WIDTH)] == ["ok"]
+
+
+def test_preview_images_are_never_read_and_added_folders_join(tmp_path: Path) -> None:
+    carrier = save_embedding(_emb("inside"), tmp_path / "main" / "inside.png")
+    (tmp_path / "main" / "other.preview.png").write_bytes(carrier.read_bytes())  # carries data, but is a preview
+    library = EmbeddingLibrary([tmp_path / "main"])
+    library.refresh()
+    assert [r.path.name for r in library.records()] == ["inside.png"]
+    save_embedding(_emb("extra"), tmp_path / "extension" / "extra.safetensors")
+    library.add_folder(tmp_path / "extension")
+    assert library.refresh().added == (tmp_path / "extension" / "extra.safetensors",)
+    assert set(library.usable(WIDTH)) == {"inside", "extra"}
