@@ -66,12 +66,11 @@ class _Chain:
         self.modules: list[HypernetworkModule] = [m for e in entries for m in (e.key, e.value)]
         self.parameters = [p for m in self.modules for p in m.parameters()]
         self.affine = all(m.is_affine() for e in self.active for m in (e.key, e.value))
-        self._cross: OrderedDict[int, tuple[torch.Tensor, int, tuple[int, ...], torch.Tensor, torch.Tensor]] = (
-            OrderedDict()
-        )
-        self._folded: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        self._fused: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, nn.Module, nn.Module, int]] | None = None
+        self._cross: OrderedDict[int, tuple[torch.Tensor, int, list[int], torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._folded: tuple[list[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._fused: tuple[list[int], tuple[torch.Tensor, torch.Tensor, nn.Module, nn.Module, int]] | None = None
         self._pending: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._last_cross: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
     # -- A1111's computation: every module, every call ------------------------------------------------------------
     def plain_key(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,13 +84,34 @@ class _Chain:
         return x
 
     def fast_allowed(self) -> bool:
-        return not torch.is_grad_enabled() and not any(m.training for m in self.modules)
+        if torch.is_grad_enabled():
+            return False
+        for module in self.modules:
+            if module.training:
+                return False
+        return True
 
-    def version(self) -> tuple[int, ...]:
+    def version(self) -> list[int]:
         """Changes whenever a parameter is modified in place (an optimizer step, load_state_dict) or moved."""
-        return tuple(p._version for p in self.parameters) + tuple(p.data_ptr() for p in self.parameters[:1])
+        parameters = self.parameters
+        versions = [p._version for p in parameters]
+        if parameters:
+            versions.append(parameters[0].data_ptr())
+        return versions
 
     # -- cross-attention: once per distinct context ------------------------------------------------------------
+    def cross_key(self, context: torch.Tensor) -> torch.Tensor:
+        key, value = self.cross(context)
+        # to_v of the same attention call reads the same context next: hand it the value without re-validating.
+        self._last_cross = (context, context._version, value)
+        return key
+
+    def cross_value(self, context: torch.Tensor) -> torch.Tensor:
+        last = self._last_cross
+        if last is not None and last[0] is context and last[1] == context._version:
+            return last[2]
+        return self.cross(context)[1]
+
     def cross(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         version = self.version()
         # The cache holds the context itself, so its id cannot be reused by another tensor while cached.
@@ -158,7 +178,7 @@ class _Chain:
 
     def clear(self) -> None:
         self._cross.clear()
-        self._folded = self._fused = self._pending = None
+        self._folded = self._fused = self._pending = self._last_cross = None
 
 
 def _fold(modules: Sequence[tuple[HypernetworkModule, float]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,11 +325,11 @@ def _hooks_for(chain: _Chain, cross: bool, fast: bool) -> tuple[Any, Any]:
 
         def cross_key(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = args[0]
-            return (chain.cross(x)[0] if chain.fast_allowed() else chain.plain_key(x), *args[1:])
+            return (chain.cross_key(x) if chain.fast_allowed() else chain.plain_key(x), *args[1:])
 
         def cross_value(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = args[0]
-            return (chain.cross(x)[1] if chain.fast_allowed() else chain.plain_value(x), *args[1:])
+            return (chain.cross_value(x) if chain.fast_allowed() else chain.plain_value(x), *args[1:])
 
         return cross_key, cross_value
 
