@@ -1,0 +1,116 @@
+"""Benchmark: what hypernetworks add to txt2img time, ours against A1111's way, measured interleaved in one run.
+
+Modes (same model, prompt, seed, sampler, steps):
+
+- ``base``: no hypernetwork;
+- ``text``: a hypernetwork with only the text-width module (768 on SD 1.5), through the prompt tag (ours);
+- ``all``: modules for the text width and every self-attention width (768+320+640+1280 on SD 1.5: A1111's
+  create-form default, ``[1, 2, 1]``, linear), through the prompt tag (ours);
+- ``*-a1111``: the same hypernetwork computed A1111's way (every module, every layer, every call);
+- ``relu-*``: the default widths with ``relu`` (not foldable: only the shared first layer and the text cache help).
+
+Goals (issue 5): ``text`` adds ≤ 2 % to generation time; ``all``'s overhead ≤ 0.85× ``all-a1111``'s.
+Usage: ``python bench/bench_hypernetwork.py [--model tiny|sd15] [--steps N] [--repeats N] [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    from sdconcepts.attach import attach_hypernetworks, attention_layers
+    from sdconcepts.backends.diffusers import model_from_components, txt2img
+    from sdconcepts.backends.tiny import build_reference_random, build_tiny_sd1
+    from sdconcepts.generation import GenerationParams
+    from sdconcepts.hypernetwork import create_hypernetwork
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=None, help="image size (default: the model's, 512 for sd15)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default="base,text,text-a1111,all,all-a1111,relu-all,relu-all-a1111")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+
+    components: dict[str, Any] = build_tiny_sd1() if args.model == "tiny" else build_reference_random("sd1", dtype=dtype)
+    for name in ("unet", "vae", "text_encoder"):
+        components[name].to(device=device, dtype=dtype).requires_grad_(False)
+    model = model_from_components(components, name=args.model)
+    widths = sorted({layer.width for layer in attention_layers(model.unet)})
+    text_width = model.context_width
+    self_widths = [w for w in widths if w != text_width]
+    hypernetworks = {
+        "text": create_hypernetwork("text", (text_width,), generator_seed=1),
+        "all": create_hypernetwork("all", (text_width, *self_widths), generator_seed=2),
+        "relu-all": create_hypernetwork("relu-all", (text_width, *self_widths), activation="relu", generator_seed=3),
+    }
+    for hypernetwork in hypernetworks.values():
+        hypernetwork.to(device)
+    modes = args.modes.split(",")
+    params = GenerationParams(
+        prompt="a photo of a cat", steps=args.steps, sampler="DDIM", cfg_scale=7.0, seed=1, batch_size=args.batch_size,
+        width=args.size or (512 if args.model == "sd15" else None), height=args.size or (512 if args.model == "sd15" else None),
+    )
+
+    def run(mode: str) -> float:
+        name = mode.removesuffix("-a1111")
+        prompt = params.prompt if mode == "base" or mode.endswith("-a1111") else f"{params.prompt} <hypernet:{name}:1>"
+        context = (
+            attach_hypernetworks(model.unet, [(hypernetworks[name], 1.0)], fast=False)
+            if mode.endswith("-a1111")
+            else nullcontext()
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with context:
+            txt2img(model, params.__class__(**{**params.__dict__, "prompt": prompt}), hypernetworks=hypernetworks)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run("base")  # warm-up (allocator, first-call costs)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for repeat in range(args.repeats):
+        order = modes if repeat % 2 == 0 else modes[::-1]
+        for mode in order:
+            times[mode].append(run(mode))
+    median = {mode: statistics.median(values) for mode, values in times.items()}
+    base = median["base"]
+    print(
+        f"model={args.model} device={device} dtype={dtype} threads={torch.get_num_threads()} size={params.width or model.default_size} "
+        f"steps={args.steps} batch={args.batch_size} repeats={args.repeats} widths={widths} (text {text_width})"
+    )
+    for mode in modes:
+        spread = (max(times[mode]) - min(times[mode])) / median[mode]
+        print(f"  {mode:15s} median {median[mode] * 1000:9.1f} ms   x base {median[mode] / base:6.3f}   spread {spread:5.1%}")
+
+    def overhead(mode: str) -> float:
+        return median[mode] - base
+
+    if "text" in median:
+        print(f"text-only hypernetwork adds {overhead('text') / base:+.2%} to generation time (goal <= 2 %)")
+    for name in ("text", "all", "relu-all"):
+        if name in median and f"{name}-a1111" in median and overhead(f"{name}-a1111") > 0:
+            ratio = overhead(name) / overhead(f"{name}-a1111")
+            print(f"{name}: our overhead / A1111-way overhead = {ratio:.3f}" + ("  (goal <= 0.85)" if name == "all" else ""))
+
+
+if __name__ == "__main__":
+    main()
