@@ -334,9 +334,14 @@ class PromptEncoder:
     @torch.no_grad()
     def _encode(self, text: str) -> torch.Tensor:
         chunks, _ = self.chunks(text)
-        return self._encode_chunks(chunks)
+        z = self._run(chunks)
+        multipliers = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)
+        if self.emphasis in ("Original", "No norm"):
+            z = _apply_emphasis(z, multipliers, normalize=self.emphasis == "Original")
+        return z.reshape(-1, z.shape[-1])
 
-    def _encode_chunks(self, chunks: Sequence[PromptChunk]) -> torch.Tensor:
+    def _run(self, chunks: Sequence[PromptChunk]) -> torch.Tensor:
+        """The text encoder's output ``[chunks, 77, width]`` with each chunk's embedding vectors placed."""
         model = self.model
         tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long)
         if model.family == "sd2":
@@ -347,44 +352,25 @@ class PromptEncoder:
                     row[int(eos_at[0]) + 1 :] = model.tokenizer.pad_token_id
         fixes = [[(f.offset, self._vectors[f.name]) for f in c.fixes] for c in chunks]
         with _embedding_fixes(model.text_encoder, fixes):
-            z = _run_text_encoder(model.text_encoder, tokens.to(model.device), self.clip_skip)
-        multipliers = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)
-        if self.emphasis in ("Original", "No norm"):
-            z = _apply_emphasis(z, multipliers, normalize=self.emphasis == "Original")
-        return z.reshape(-1, z.shape[-1])
+            return _run_text_encoder(model.text_encoder, tokens.to(model.device), self.clip_skip)
 
     def encode_batch(self, texts: Sequence[str]) -> torch.Tensor:
         """Encode ``texts`` as one batch ``[len(texts), 77 * chunks, width]`` under the caller's autograd mode.
 
         For training: nothing is cached but the token chunks, so gradients reach the embedding vectors this encoder
-        was given (the same row placement as ``encode``). Texts with fewer chunks get empty chunks appended, as
-        A1111's text encoder does for a batch.
+        was given, placed as ``encode`` places them, in one text-encoder call. Texts with fewer chunks get empty
+        chunks appended, as A1111's text encoder does for a batch; emphasis is applied per text as in ``encode``.
         """
         per_text = [self._training_chunks(text) for text in texts]
         longest = max(len(chunks) for chunks in per_text)
         empty = self._training_chunks("")[0]
         flat = [c for chunks in per_text for c in (*chunks, *[empty] * (longest - len(chunks)))]
-        # One text-encoder call for the whole batch; emphasis is applied per text as in ``encode``.
-        model = self.model
-        tokens = torch.tensor([c.tokens for c in flat], dtype=torch.long)
-        if model.family == "sd2":
-            for row in tokens:
-                eos_at = (row == EOS_ID).nonzero()
-                if len(eos_at):
-                    row[int(eos_at[0]) + 1 :] = model.tokenizer.pad_token_id
-        fixes = [[(f.offset, self._vectors[f.name]) for f in c.fixes] for c in flat]
-        with _embedding_fixes(model.text_encoder, fixes):
-            z = _run_text_encoder(model.text_encoder, tokens.to(model.device), self.clip_skip)
-        z = z.reshape(len(texts), longest, *z.shape[1:])
-        if self.emphasis in ("Original", "No norm"):
-            multipliers = torch.tensor(
-                [[c.multipliers for c in flat[i * longest : (i + 1) * longest]] for i in range(len(texts))],
-                dtype=z.dtype,
-                device=z.device,
-            )
-            z = torch.stack(
-                [_apply_emphasis(row, m, normalize=self.emphasis == "Original") for row, m in zip(z, multipliers, strict=True)]
-            )
+        z = self._run(flat).reshape(len(texts), longest, 77, -1)
+        if self.emphasis in ("Original", "No norm") and any(m != 1 for c in flat for m in c.multipliers):
+            multipliers = torch.tensor([c.multipliers for c in flat], dtype=z.dtype, device=z.device)
+            multipliers = multipliers.reshape(len(texts), longest, -1)
+            normalize = self.emphasis == "Original"
+            z = torch.stack([_apply_emphasis(row, m, normalize=normalize) for row, m in zip(z, multipliers, strict=True)])
         return z.reshape(len(texts), -1, z.shape[-1])
 
     def _training_chunks(self, text: str) -> list[PromptChunk]:
