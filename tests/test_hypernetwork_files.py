@@ -243,3 +243,25 @@ def test_describe_reports_metadata(tmp_path: Path) -> None:
     import json
 
     json.dumps(info)
+
+
+def test_find_hypernetworks_follows_a1111_listing(tmp_path: Path) -> None:
+    from sdconcepts.hypernetwork_files import find_hypernetworks
+
+    for relative in ("b/Style.pt", "a/Style.pt", "A/deep/other.pt", "None.pt", "notes.txt", "x.safetensors"):
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    found = find_hypernetworks([tmp_path, tmp_path / "missing"])
+    # keyed by stem; sorted by lower-cased path, so b/Style.pt (later) wins over a/Style.pt; None.pt never listed
+    assert found == {"other": tmp_path / "A/deep/other.pt", "Style": tmp_path / "b/Style.pt"}
+
+
+def test_context_dtype_is_kept() -> None:
+    from sdconcepts.hypernetwork import apply_hypernetworks
+
+    made = create_hypernetwork("half", (8,), weight_init="XavierNormal", generator_seed=0)
+    context = torch.randn(1, 3, 8).half()
+    key, value = apply_hypernetworks(context, [(made, 1.0)])
+    assert key.dtype == value.dtype == torch.float16
+    assert torch.equal(key, made.layers[8][0](context.float()).half())
