@@ -41,21 +41,6 @@ class _Entry:
     strength: float
 
 
-def _first_linear(module: HypernetworkModule) -> nn.Linear:
-    layer = module.linear[0]
-    assert isinstance(layer, nn.Linear)
-    return layer
-
-
-def _run(module: HypernetworkModule, x: torch.Tensor, strength: float) -> torch.Tensor:
-    weight = _first_linear(module).weight
-    if weight.dtype == x.dtype:
-        result: torch.Tensor = module(x, strength)
-        return result
-    result = module(x.to(weight.dtype), strength)
-    return result.to(x.dtype)
-
-
 class _Chain:
     """The (key, value) modules of one width across the attached hypernetworks, in prompt order."""
 
@@ -75,12 +60,12 @@ class _Chain:
     # -- A1111's computation: every module, every call ------------------------------------------------------------
     def plain_key(self, x: torch.Tensor) -> torch.Tensor:
         for entry in self.entries:
-            x = _run(entry.key, x, entry.strength)
+            x = entry.key.run(x, entry.strength)
         return x
 
     def plain_value(self, x: torch.Tensor) -> torch.Tensor:
         for entry in self.entries:
-            x = _run(entry.value, x, entry.strength)
+            x = entry.value.run(x, entry.strength)
         return x
 
     def fast_allowed(self) -> bool:
@@ -120,8 +105,8 @@ class _Chain:
             return hit[3], hit[4]
         key = value = context
         for entry in self.active:
-            key = _run(entry.key, key, entry.strength)
-            value = _run(entry.value, value, entry.strength)
+            key = entry.key.run(key, entry.strength)
+            value = entry.value.run(value, entry.strength)
         self._cross[id(context)] = (context, context._version, version, key, value)
         self._cross.move_to_end(id(context))
         while len(self._cross) > _CROSS_CACHE_SIZE:
@@ -162,7 +147,7 @@ class _Chain:
         version = self.version()
         first = self.active[0]
         if self._fused is None or self._fused[0] != version:
-            key_linear, value_linear = _first_linear(first.key), _first_linear(first.value)
+            key_linear, value_linear = first.key.first_linear(), first.value.first_linear()
             weight = torch.cat([key_linear.weight, value_linear.weight]).detach()
             bias = torch.cat([key_linear.bias, value_linear.bias]).detach()
             self._fused = (version, (weight, bias, first.key.linear[1:], first.value.linear[1:], key_linear.out_features))
@@ -183,7 +168,7 @@ class _Chain:
 
 def _fold(modules: Sequence[tuple[HypernetworkModule, float]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The chain of affine residual modules as one Linear's (weight, bias), composed in float64."""
-    first = _first_linear(modules[0][0]).weight
+    first = modules[0][0].first_linear().weight
     matrix = torch.eye(width, dtype=torch.float64, device=first.device)
     offset = torch.zeros(width, dtype=torch.float64, device=first.device)
     for module, strength in modules:

@@ -117,6 +117,20 @@ class HypernetworkModule(nn.Module):
         out: torch.Tensor = x + self.linear(x) * (strength if not self.training else 1)
         return out
 
+    def run(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        """``forward`` in the module's own dtype, the result in ``x``'s (A1111's cond_cast_float/cond_cast_unet)."""
+        dtype = self.first_linear().weight.dtype
+        if x.dtype == dtype:
+            out: torch.Tensor = self(x, strength)
+            return out
+        out = self(x.to(dtype), strength)
+        return out.to(x.dtype)
+
+    def first_linear(self) -> nn.Linear:
+        layer = self.linear[0]
+        assert isinstance(layer, nn.Linear)
+        return layer
+
     def is_affine(self) -> bool:
         """True when, in eval mode, the MLP is a plain affine map (only Linear and Dropout modules)."""
         return all(isinstance(layer, (nn.Linear, nn.Dropout)) for layer in self.linear)
@@ -233,17 +247,6 @@ class Hypernetwork(nn.Module):
     def pair(self, width: int) -> tuple[HypernetworkModule, HypernetworkModule] | None:
         return self._layers.get(width)
 
-    def build_module(self, width: int) -> HypernetworkModule:
-        """A new, uninitialised module of this hypernetwork's structure for ``width``."""
-        return HypernetworkModule(
-            width,
-            self.layer_structure,
-            activation=self.activation,
-            layer_norm=self.layer_norm,
-            activate_output=self.activate_output,
-            dropout_structure=self.dropout_structure,
-        )
-
     def extra_repr(self) -> str:
         return f"name={self.name!r}, widths={list(self.widths)}, layer_structure={self.layer_structure}, activation={self.activation!r}"
 
@@ -321,22 +324,7 @@ def apply_hypernetworks(
         pair = hypernetwork.pair(width)
         if pair is None:
             continue
-        key = _run(pair[0], key, strength)
-        value = _run(pair[1], value, strength)
+        key = pair[0].run(key, strength)
+        value = pair[1].run(value, strength)
     return key, value
-
-
-def _run(module: HypernetworkModule, x: torch.Tensor, strength: float) -> torch.Tensor:
-    dtype = _module_dtype(module)
-    if dtype is None or dtype == x.dtype:
-        result: torch.Tensor = module(x, strength)
-        return result
-    result = module(x.to(dtype), strength)
-    return result.to(x.dtype)
-
-
-def _module_dtype(module: nn.Module) -> torch.dtype | None:
-    for parameter in module.parameters():
-        return parameter.dtype
-    return None
 
