@@ -30,6 +30,7 @@ __all__ = [
     "OptimizerState",
     "describe_hypernetwork",
     "find_hypernetworks",
+    "load_hypernetwork_folders",
     "hypernetwork_from_dict",
     "hypernetwork_to_dict",
     "load_hypernetwork",
@@ -95,6 +96,24 @@ def find_hypernetworks(folders: Iterable[str | os.PathLike[str]]) -> dict[str, P
         if path.stem != "None":
             names[path.stem] = path
     return names
+
+
+def load_hypernetwork_folders(
+    folders: Iterable[str | os.PathLike[str]],
+) -> tuple[dict[str, Hypernetwork], dict[str, str]]:
+    """Load every hypernetwork ``find_hypernetworks`` lists: (name -> hypernetwork, name -> why it was skipped).
+
+    One bad file (hostile, corrupt, unknown activation, wrong shapes) is skipped with its one-line reason, which
+    names the file; the others load.
+    """
+    loaded: dict[str, Hypernetwork] = {}
+    skipped: dict[str, str] = {}
+    for name, path in find_hypernetworks(folders).items():
+        try:
+            loaded[name] = load_hypernetwork(path)
+        except HypernetworkFileError as exc:
+            skipped[name] = str(exc)
+    return loaded, skipped
 
 
 def load_hypernetwork(path: str | os.PathLike[str]) -> Hypernetwork:

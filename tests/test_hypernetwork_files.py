@@ -265,3 +265,21 @@ def test_context_dtype_is_kept() -> None:
     key, value = apply_hypernetworks(context, [(made, 1.0)])
     assert key.dtype == value.dtype == torch.float16
     assert torch.equal(key, made.layers[8][0](context.float()).half())
+
+
+def test_folder_load_skips_bad_files_and_loads_the_rest(tmp_path: Path) -> None:
+    from sdconcepts.hypernetwork_files import hypernetwork_to_dict, load_hypernetwork_folders
+
+    save_hypernetwork(create_hypernetwork("inner", (8,), generator_seed=0), tmp_path / "deep" / "good.pt")
+    data = hypernetwork_to_dict(create_hypernetwork("x", (8,), generator_seed=0))
+    data["activation_func"] = "sparkle"
+    torch.save(data, tmp_path / "unknown.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02garbage")
+    marker = tmp_path / "pwned"
+    torch.save({8: _Hostile(marker)}, tmp_path / "hostile.pt")
+    loaded, skipped = load_hypernetwork_folders([tmp_path])
+    assert list(loaded) == ["good"] and loaded["good"].name == "inner"
+    assert set(skipped) == {"unknown", "corrupt", "hostile"}
+    for name, reason in skipped.items():
+        assert f"{name}.pt" in reason and "\n" not in reason
+    assert "sparkle" in skipped["unknown"] and not marker.exists()
