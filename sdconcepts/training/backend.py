@@ -1,0 +1,157 @@
+"""The training port over the diffusers backend: conditioning with gradients, the UNet, VAE latents, previews.
+
+The only training module that touches a loaded model's components; it drives them through
+``sdconcepts.backends.diffusers`` (prompt encoding with A1111's embedding placement, txt2img for previews) and never
+imports diffusers or transformers itself. Which tensors train is decided by the caller (ARCHITECTURE principle 7):
+``trainable_embeddings`` are placed with gradients, everything in the model stays frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["TrainingModel", "alphas_cumprod_from_config"]
+
+
+def alphas_cumprod_from_config(config: Mapping[str, Any]) -> Tensor:
+    """The cumulative alpha products of a diffusers scheduler config (scaled_linear, linear, squaredcos_cap_v2)."""
+    steps = int(config.get("num_train_timesteps", 1000))
+    start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
+    schedule = str(config.get("beta_schedule", "scaled_linear"))
+    if schedule == "scaled_linear":
+        betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+    elif schedule == "linear":
+        betas = torch.linspace(start, end, steps, dtype=torch.float64)
+    elif schedule == "squaredcos_cap_v2":
+
+        def bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = torch.tensor([min(1 - bar((i + 1) / steps) / bar(i / steps), 0.999) for i in range(steps)])
+    else:
+        raise ValueError(f"unsupported beta schedule {schedule!r}")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class TrainingModel:
+    """A LoadedModel seen by the objective (``DiffusionModel``) and by the training session."""
+
+    def __init__(self, model: Any, trainable_embeddings: Mapping[str, Tensor] | None = None) -> None:
+        from sdconcepts.backends.diffusers import PromptEncoder
+
+        self.model = model
+        self.trainable = dict(trainable_embeddings or {})
+        self._encoder = PromptEncoder(model, self.trainable)
+        self._alphas = alphas_cumprod_from_config(model.scheduler_config)
+
+    # -- DiffusionModel -------------------------------------------------------------------------------------------
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        return self._alphas
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.model.prediction_type)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.model.device)
+
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        if self.trainable:
+            return self._encoder.encode_batch(texts)
+        # Nothing in the text path trains: each distinct prompt is encoded once, as A1111 pre-computes them.
+        from sdconcepts.backends.diffusers import stack_conds
+
+        conds = [self._encoder.encode(text) for text in texts]
+        return stack_conds(conds, self._encoder.encode(""))
+
+    def predict(self, noisy: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        dtype = self.model.dtype
+        out: Tensor = self.model.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype)).sample
+        return out
+
+    # -- dataset, creation, previews ------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.model.vae_scale_factor)
+
+    @property
+    def size_multiple(self) -> int:
+        return int(self.model.size_multiple)
+
+    @property
+    def context_width(self) -> int:
+        return int(self.model.context_width)
+
+    def encode_images(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, std) of the VAE's latent distribution for pixels in [-1, 1], times the VAE's scaling factor."""
+        vae = self.model.vae
+        scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+        with torch.no_grad():
+            dist = vae.encode(pixels.to(self.model.device, vae.dtype)).latent_dist
+        return dist.mean.float() * scale, dist.std.float() * scale
+
+    def token_rows(self, text: str, limit: int) -> Tensor:
+        """Raw token-embedding rows of ``text`` (no special tokens); SD1 keeps at most ``limit`` tokens as A1111."""
+        tokenizer = self.model.tokenizer
+        if self.model.family == "sd1":
+            ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+        table = self.model.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            rows: Tensor = table[torch.tensor(ids, dtype=torch.long, device=table.device)].float().cpu()
+        return rows
+
+    def preview(
+        self,
+        *,
+        prompt: str,
+        negative_prompt: str,
+        steps: int,
+        sampler: str,
+        cfg_scale: float,
+        seed: int,
+        width: int,
+        height: int,
+        embeddings: Mapping[str, Tensor] | None = None,
+        hypernetworks: Mapping[str, Any] | None = None,
+    ) -> tuple[Image.Image, str]:
+        """One image from the live weights through txt2img, the same sampling code as generation."""
+        from sdconcepts.backends.diffusers import txt2img
+        from sdconcepts.generation import GenerationParams
+
+        params = GenerationParams(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            sampler=sampler,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            width=width,
+            height=height,
+        )
+        frozen = {name: vectors.detach().clone() for name, vectors in (embeddings or {}).items()}
+        result = txt2img(self.model, params, embeddings=frozen, hypernetworks=dict(hypernetworks or {}))
+        return result.images[0], result.infotexts[0]
+
+    @property
+    def short_hash(self) -> str | None:
+        value = self.model.short_hash
+        return str(value) if value is not None else None
+
+    @property
+    def name(self) -> str:
+        return str(self.model.name)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        unet: torch.nn.Module = self.model.unet
+        return unet

@@ -1,0 +1,272 @@
+"""Training datasets as A1111 builds them (a1111-compat §4.6): images, file words, prompt text, cached latents.
+
+Images are every readable image directly in the folder, converted to RGB and stretched to W x H with bicubic
+resampling unless sizes are kept (then batches are grouped by size). File words come from a same-name ``.txt`` or
+from the file name. Latents are encoded once: ``once`` caches one sample, ``deterministic`` the mean, ``random``
+the distribution (re-sampled at every use). The PNG alpha channel can weight the loss (normalised to mean 1).
+
+Randomness is a function of (seed, step): the batch order of an epoch, a re-sampled latent or a shuffled caption
+never depends on how many steps ran before in this process, so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from sdconcepts.training.templates import fill_template
+
+__all__ = [
+    "DatasetError",
+    "ImageRecord",
+    "LatentSampling",
+    "TrainingBatch",
+    "TrainingDataset",
+    "filewords_for",
+    "read_images",
+]
+
+LatentSampling = str  # "once" | "deterministic" | "random"
+LATENT_SAMPLING = ("once", "deterministic", "random")
+# (pixels [B, 3, H, W] in [-1, 1]) -> (mean, std) of the latent distribution, both already times the VAE's scale.
+EncodeImages = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be trained on (missing, no images)."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One training image: RGB pixels ``[3, H, W]`` in [-1, 1], its alpha ``[H0, W0]`` in [0, 1] or None, file words."""
+
+    path: Path
+    pixels: Tensor
+    alpha: Tensor | None
+    filewords: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.pixels.shape[2]), int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    """What one micro-step trains on: latents ``[B, C, h, w]``, prompt texts, optional loss weights like latents."""
+
+    latents: Tensor
+    texts: tuple[str, ...]
+    weights: Tensor | None = None
+
+
+def filewords_for(path: Path, *, filename_regex: str = "", join_string: str = " ") -> str:
+    """A1111's file words: the same-name ``.txt`` if present, else the stem without leading numbering, optionally
+    reduced to the regex's ``findall`` matches joined with ``join_string``."""
+    caption = path.with_suffix(".txt")
+    if caption.is_file():
+        return caption.read_text(encoding="utf-8")
+    text = re.sub(r"^[-\d]+\s*", "", path.stem)
+    if filename_regex:
+        text = join_string.join(re.findall(filename_regex, text))
+    return text
+
+
+def read_images(
+    folder: str | Path,
+    *,
+    width: int,
+    height: int,
+    keep_size: bool = False,
+    use_alpha: bool = False,
+    filename_regex: str = "",
+    join_string: str = " ",
+) -> list[ImageRecord]:
+    """Every image directly in ``folder`` (name order; other files are skipped as A1111 skips them)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: the dataset folder does not exist")
+    if filename_regex:
+        try:
+            re.compile(filename_regex)
+        except re.error as exc:
+            raise DatasetError(f"filename regex {filename_regex!r} is invalid: {exc}") from None
+    records = []
+    for path in sorted(root.iterdir()):
+        if not path.is_file() or path.suffix.lower() == ".txt":
+            continue
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError):
+            continue
+        alpha = None
+        if use_alpha and "A" in image.getbands():
+            alpha = torch.from_numpy(np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0)
+        rgb = image.convert("RGB")
+        if not keep_size and rgb.size != (width, height):
+            rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+        records.append(
+            ImageRecord(path, pixels, alpha, filewords_for(path, filename_regex=filename_regex, join_string=join_string))
+        )
+    if not records:
+        raise DatasetError(f"{root}: no images in the dataset folder")
+    return records
+
+
+def _alpha_weight(alpha: Tensor | None, latent_shape: torch.Size) -> Tensor:
+    channels, h, w = latent_shape
+    if alpha is None:
+        return torch.ones(channels, h, w)
+    picture = Image.fromarray((alpha.numpy() * 255).round().astype(np.uint8), mode="L")
+    small = torch.from_numpy(np.asarray(picture.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32))
+    weight = small.unsqueeze(0).repeat(channels, 1, 1)
+    weight = weight - weight.min()
+    mean = weight.mean()
+    return weight / mean if float(mean) > 0 else torch.ones_like(weight)
+
+
+def _seeded(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` (stable across processes, unlike ``hash``)."""
+    return random.Random(repr(parts)).getrandbits(63)
+
+
+class TrainingDataset:
+    """Images with cached latents and prompt texts, and the stateless batch order A1111's grouped sampler gives."""
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        encode: EncodeImages,
+        *,
+        name: str,
+        template_lines: Sequence[str],
+        batch_size: int = 1,
+        gradient_accumulation: int = 1,
+        latent_sampling: LatentSampling = "once",
+        shuffle_tags: bool = False,
+        tag_dropout: float = 0.0,
+        use_alpha: bool = False,
+        seed: int = 0,
+        encode_batch_size: int = 8,
+    ) -> None:
+        if latent_sampling not in LATENT_SAMPLING:
+            raise DatasetError(f"latent sampling must be one of {', '.join(LATENT_SAMPLING)}, got {latent_sampling!r}")
+        if not records:
+            raise DatasetError("the dataset has no images")
+        self.records = list(records)
+        self.name = name
+        self.lines = list(template_lines)
+        self.latent_sampling = latent_sampling
+        self.shuffle_tags = shuffle_tags
+        self.tag_dropout = tag_dropout
+        self.seed = seed
+        n = len(self.records)
+        # A1111: batch = min(batch, N); accumulation = min(accumulation, N // batch).
+        self.batch_size = min(batch_size, n)
+        self.gradient_accumulation = min(gradient_accumulation, n // self.batch_size)
+        self.batches_per_epoch = n // self.batch_size
+        self.usable_batches = self.batches_per_epoch - self.batches_per_epoch % self.gradient_accumulation
+        self.steps_per_epoch = self.usable_batches // self.gradient_accumulation
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, record in enumerate(self.records):
+            groups.setdefault(record.size, []).append(index)
+        self.groups = list(groups.values())
+        self._means: list[Tensor] = []
+        self._stds: list[Tensor] = []
+        self._encode_all(encode, encode_batch_size)
+        self.weights = (
+            [_alpha_weight(r.alpha, m.shape) for r, m in zip(self.records, self._means, strict=True)] if use_alpha else None
+        )
+        # Without shuffling or dropout A1111 fixes each image's text when the dataset is built.
+        rng = random.Random(_seeded(seed, "texts"))
+        self.fixed_texts = (
+            None
+            if shuffle_tags or tag_dropout
+            else [fill_template(rng.choice(self.lines), name=name, filewords=r.filewords) for r in self.records]
+        )
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    def _encode_all(self, encode: EncodeImages, chunk: int) -> None:
+        means: dict[int, Tensor] = {}
+        stds: dict[int, Tensor] = {}
+        for group in self.groups:
+            for start in range(0, len(group), chunk):
+                part = group[start : start + chunk]
+                with torch.no_grad():
+                    mean, std = encode(torch.stack([self.records[i].pixels for i in part]))
+                for i, m, s in zip(part, mean, std, strict=True):
+                    means[i], stds[i] = m.detach().float().cpu(), s.detach().float().cpu()
+        generator = torch.Generator().manual_seed(_seeded(self.seed, "latents"))
+        for i in range(len(self.records)):
+            mean, std = means[i], stds[i]
+            if self.latent_sampling == "once":
+                mean = mean + std * torch.randn(mean.shape, generator=generator)
+            self._means.append(mean)
+            self._stds.append(std)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def text_for(self, index: int, step: int) -> str:
+        if self.fixed_texts is not None:
+            return self.fixed_texts[index]
+        rng = random.Random(_seeded(self.seed, "text", step, index))
+        return fill_template(
+            rng.choice(self.lines),
+            name=self.name,
+            filewords=self.records[index].filewords,
+            rng=rng,
+            shuffle_tags=self.shuffle_tags,
+            tag_dropout=self.tag_dropout,
+        )
+
+    def latent_for(self, index: int, step: int) -> Tensor:
+        if self.latent_sampling != "random":
+            return self._means[index]
+        generator = torch.Generator().manual_seed(_seeded(self.seed, "sample", step, index))
+        return self._means[index] + self._stds[index] * torch.randn(self._means[index].shape, generator=generator)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """A1111's GroupedBatchSampler for one epoch: shuffled full batches per size group, then batches drawn with
+        replacement from groups weighted by their leftovers, in shuffled order."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        rng = random.Random(_seeded(self.seed, "epoch", epoch))
+        b, n = self.batch_size, len(self.records)
+        groups = [list(g) for g in self.groups]
+        expected = [len(g) / n * self.batches_per_epoch * b for g in groups]
+        random_batches = self.batches_per_epoch - sum(int(e) // b for e in expected)
+        probs = [e % b / random_batches / b if random_batches > 0 else 0 for e in expected]
+        for g in groups:
+            rng.shuffle(g)
+        batches = [g[i * b : (i + 1) * b] for g in groups for i in range(len(g) // b)]
+        for _ in range(max(0, self.batches_per_epoch - len(batches))):
+            group = rng.choices(groups, probs)[0] if any(probs) else rng.choice(groups)
+            batches.append(rng.choices(group, k=b))
+        rng.shuffle(batches)
+        batches = batches[: self.usable_batches]
+        self._epoch_cache = (epoch, batches)
+        return batches
+
+    def batch(self, step: int, micro: int, per_step: int | None = None) -> TrainingBatch:
+        """Micro-batch ``micro`` of optimizer step ``step`` (the step count before the update); ``per_step`` is the
+        number of micro-batches per step over all processes (default: the gradient accumulation)."""
+        k = step * (per_step or self.gradient_accumulation) + micro
+        indices = self.epoch_batches(k // self.usable_batches)[k % self.usable_batches]
+        latents = torch.stack([self.latent_for(i, step) for i in indices])
+        weights = torch.stack([self.weights[i] for i in indices]) if self.weights is not None else None
+        return TrainingBatch(latents, tuple(self.text_for(i, step) for i in indices), weights)
+
+    def epoch_of(self, step: int) -> tuple[int, int]:
+        """A1111's (epoch, step within epoch) for a completed step count."""
+        return step // self.steps_per_epoch, step % self.steps_per_epoch

@@ -1,0 +1,437 @@
+"""A training run from files to files: load the embedding or hypernetwork, build the dataset, run the loop, and
+consume its events with the side effects (saves, previews, loss log and plot, ETA).
+
+``train_embedding`` and ``train_hypernetwork`` are generators of ``TrainingEvent``: the CLI prints them with a
+progress bar, a UI streams them, tests collect them. Setting ``stop`` ends the run with a final save.
+
+Files: the trained file itself is rewritten (atomically, with its optimizer state) at every save and at the end, so a
+killed run loses at most ``save_every`` steps and rerunning with a larger ``max_steps`` resumes from the step stored
+in the file. A1111 writes the main file only at the end; its intermediate copies in the log folder are kept as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sdconcepts.embedding import Embedding
+from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding, save_embedding
+from sdconcepts.hypernetwork import Hypernetwork
+from sdconcepts.hypernetwork_files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
+from sdconcepts.images import save_png
+from sdconcepts.safe_load import UnsafeFileError, load_torch_file, save_torch_file
+from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig, TrainingConfig
+from sdconcepts.training.dataset import TrainingDataset, read_images
+from sdconcepts.training.distributed import Distributed
+from sdconcepts.training.loop import GradientClip, TrainingEvent, training_loop
+from sdconcepts.training.objective import diffusion_loss
+from sdconcepts.training.outputs import CSV_NAMES, EtaClock, LossLog, run_folder, write_settings
+from sdconcepts.training.schedule import LearnRateSchedule
+from sdconcepts.training.templates import read_template
+
+__all__ = ["TrainingError", "find_embedding_file", "train_embedding", "train_hypernetwork"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(ValueError):
+    """A run that cannot start (missing file, width mismatch, ...); one sentence naming the cause."""
+
+
+def _seeded(*parts: object) -> int:
+    return random.Random(repr(parts)).getrandbits(63)
+
+
+def _optim_path(path: Path) -> Path:
+    return Path(os.fspath(path) + ".optim")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is trained: an embedding's vectors or a hypernetwork's modules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Job:
+    kind: str
+    name: str
+    path: Path
+    step: int
+    parameters: list[Tensor]
+    optimizer: torch.optim.Optimizer
+    prompt_word: str
+
+    def save(self, path: Path, *, file_name: str | None = None, optimizer: bool = True) -> Path:
+        raise NotImplementedError
+
+    def preview(self, model: Any, prompt: str, config: TrainingConfig) -> tuple[Image.Image, str]:
+        raise NotImplementedError
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.parameters)
+
+    def close(self) -> None:
+        """Undo what the job did to the model (detach hooks)."""
+
+
+class _EmbeddingJob(_Job):
+    kind = "embedding"
+
+    def __init__(self, path: Path, embedding: Embedding, device: torch.device, restore_optimizer: bool) -> None:
+        self.path = path
+        self.name = embedding.name
+        self.prompt_word = embedding.name
+        self.step = int(embedding.step or 0)
+        self.base = embedding
+        self.vectors = embedding.tensor().clone().to(device).requires_grad_(True)
+        self.parameters = [self.vectors]
+        # A1111: AdamW over the vector only, weight decay 0, torch's other defaults.
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=0.0, weight_decay=0.0)
+        self.model: Any = None  # the TrainingModel, set once it holds these vectors
+        self.restored = restore_optimizer and self._restore(embedding)
+
+    def _restore(self, embedding: Embedding) -> bool:
+        sidecar = _optim_path(self.path)
+        if not sidecar.is_file():
+            return False
+        try:
+            data = load_torch_file(sidecar)
+        except UnsafeFileError as exc:
+            log.warning("ignored optimizer state: %s", exc)
+            return False
+        if not isinstance(data, dict) or data.get("hash") != embedding.checksum():
+            log.warning("%s does not belong to this embedding's vectors; starting a fresh optimizer", sidecar)
+            return False
+        try:
+            self.optimizer.load_state_dict(data["optimizer_state_dict"])
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("ignored optimizer state in %s: %s", sidecar, exc)
+            return False
+        return True
+
+    def embedding(self, name: str | None = None) -> Embedding:
+        return Embedding(
+            name=name or self.name,
+            vectors=self.vectors.detach(),
+            step=self.step,
+            sd_checkpoint=self.model.short_hash,
+            sd_checkpoint_name=self.model.name,
+        )
+
+    def save(self, path: Path, *, file_name: str | None = None, optimizer: bool = True) -> Path:
+        embedding = self.embedding(file_name)
+        save_embedding(embedding, path)
+        if optimizer:
+            # A1111's sidecar: the legacy 4-hex checksum of the vectors links it to the file.
+            save_torch_file(
+                {"hash": embedding.checksum(), "optimizer_state_dict": self.optimizer.state_dict()}, _optim_path(path)
+            )
+        return path
+
+    def preview(self, model: Any, prompt: str, config: TrainingConfig) -> tuple[Image.Image, str]:
+        return model.preview(  # type: ignore[no-any-return]
+            prompt=prompt,
+            negative_prompt=config.preview_negative_prompt,
+            steps=config.preview_steps,
+            sampler=config.preview_sampler,
+            cfg_scale=config.preview_cfg_scale,
+            seed=config.preview_seed,
+            width=config.width,
+            height=config.height,
+            embeddings={self.name: self.vectors},
+        )
+
+
+class _HypernetworkJob(_Job):
+    kind = "hypernetwork"
+
+    def __init__(self, path: Path, hypernetwork: Hypernetwork, model: Any, restore_optimizer: bool) -> None:
+        from sdconcepts.attach import attach_hypernetworks, attention_layers
+
+        self.path = path
+        self.hypernetwork = hypernetwork
+        self.name = hypernetwork.name
+        self.prompt_word = hypernetwork.name
+        self.step = int(hypernetwork.step or 0)
+        self.model = model
+        widths = {layer.width for layer in attention_layers(model.unet)}
+        if not widths & set(hypernetwork.widths):
+            raise TrainingError(
+                f"{path}: the hypernetwork has modules for widths {list(hypernetwork.widths)} but this model's "
+                f"attention layers read widths {sorted(widths)}"
+            )
+        hypernetwork.to(model.device)
+        hypernetwork.train()  # dropout on, strength forced to 1 (A1111)
+        self.parameters = [p for p in hypernetwork.parameters()]
+        for parameter in self.parameters:
+            parameter.requires_grad_(True)
+        state = load_optimizer_state(path) if restore_optimizer else None
+        optimizer_class: Any = getattr(torch.optim, state.optimizer_name, None) if state else None
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+            optimizer_class = torch.optim.AdamW
+        # A1111 builds it from params and lr alone, so AdamW keeps torch's weight decay 0.01.
+        self.optimizer = optimizer_class(self.parameters, lr=0.0)
+        self.restored = False
+        if state is not None:
+            try:
+                self.optimizer.load_state_dict(dict(state.state_dict))
+                self.restored = True
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("ignored optimizer state of %s: %s", path, exc)
+        self._attach = attach_hypernetworks
+        self.handle = attach_hypernetworks(model.unet, [(hypernetwork, 1.0)])
+
+    def save(self, path: Path, *, file_name: str | None = None, optimizer: bool = True) -> Path:
+        hypernetwork = self.hypernetwork
+        hypernetwork.step = self.step
+        hypernetwork.sd_checkpoint = self.model.short_hash
+        hypernetwork.sd_checkpoint_name = self.model.name
+        state = OptimizerState(type(self.optimizer).__name__, self.optimizer.state_dict()) if optimizer else None
+        return save_hypernetwork(hypernetwork, path, optimizer=state)
+
+    def preview(self, model: Any, prompt: str, config: TrainingConfig) -> tuple[Image.Image, str]:
+        # Generate as a user would: the live modules in eval mode, attached by the prompt's tag at strength 1.
+        self.handle.remove()
+        self.hypernetwork.eval()
+        alias = self.name if all(c not in self.name for c in ":<>|") else "training"
+        try:
+            return model.preview(  # type: ignore[no-any-return]
+                prompt=f"{prompt} <hypernet:{alias}:1>",
+                negative_prompt=config.preview_negative_prompt,
+                steps=config.preview_steps,
+                sampler=config.preview_sampler,
+                cfg_scale=config.preview_cfg_scale,
+                seed=config.preview_seed,
+                width=config.width,
+                height=config.height,
+                hypernetworks={alias: self.hypernetwork},
+            )
+        finally:
+            self.hypernetwork.train()
+            self.handle = self._attach(model.unet, [(self.hypernetwork, 1.0)])
+
+    def close(self) -> None:
+        self.handle.remove()
+        self.hypernetwork.eval()
+        for parameter in self.parameters:
+            parameter.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def find_embedding_file(name_or_path: str | Path, folder: str | Path | None) -> Path:
+    """A path as given, or ``folder/<name>`` with any embedding extension (``.pt`` first)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if folder is not None:
+        for suffix in EMBEDDING_SUFFIXES:
+            candidate = Path(folder) / f"{name_or_path}{suffix}"
+            if candidate.is_file():
+                return candidate
+    raise TrainingError(f"no embedding {str(name_or_path)!r} in {folder} (create it first: create-embedding)")
+
+
+def _find_hypernetwork_file(name_or_path: str | Path, folder: str | Path | None) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if folder is not None and (Path(folder) / f"{name_or_path}.pt").is_file():
+        return Path(folder) / f"{name_or_path}.pt"
+    raise TrainingError(f"no hypernetwork {str(name_or_path)!r} in {folder} (create it first: create-hypernetwork)")
+
+
+def train_embedding(
+    model: Any,
+    embedding: str | Path,
+    config: EmbeddingTrainingConfig,
+    *,
+    embeddings_dir: str | Path | None = "embeddings",
+    stop: threading.Event | None = None,
+    distributed: Distributed | None = None,
+) -> Iterator[TrainingEvent]:
+    """Train a textual inversion embedding (a name in ``embeddings_dir`` or a path) on a LoadedModel."""
+    from sdconcepts.training.backend import TrainingModel
+
+    config.validated(int(model.size_multiple))
+    path = find_embedding_file(embedding, embeddings_dir)
+    try:
+        loaded = load_embedding(path)
+    except EmbeddingFileError as exc:
+        raise TrainingError(str(exc)) from None
+    if loaded.is_sdxl or loaded.width != int(model.context_width):
+        raise TrainingError(
+            f"{path}: the embedding's width {loaded.width} does not fit this model's text width {model.context_width}"
+        )
+    job = _EmbeddingJob(path, loaded, torch.device(model.device), config.save_optimizer_state)
+    training_model = TrainingModel(model, {job.name: job.vectors})
+    job.model = training_model
+    yield from _run(job, training_model, config, stop or threading.Event(), distributed or Distributed())
+
+
+def train_hypernetwork(
+    model: Any,
+    hypernetwork: str | Path,
+    config: HypernetworkTrainingConfig,
+    *,
+    hypernetworks_dir: str | Path | None = "models/hypernetworks",
+    stop: threading.Event | None = None,
+    distributed: Distributed | None = None,
+) -> Iterator[TrainingEvent]:
+    """Train an A1111 hypernetwork (a name in ``hypernetworks_dir`` or a path) on a LoadedModel."""
+    from sdconcepts.training.backend import TrainingModel
+
+    config.validated(int(model.size_multiple))
+    path = _find_hypernetwork_file(hypernetwork, hypernetworks_dir)
+    training_model = TrainingModel(model)
+    job = _HypernetworkJob(path, load_hypernetwork(path), training_model, config.save_optimizer_state)
+    try:
+        yield from _run(job, training_model, config, stop or threading.Event(), distributed or Distributed())
+    finally:
+        job.close()
+
+
+def _run(
+    job: _Job, model: Any, config: TrainingConfig, stop: threading.Event, distributed: Distributed
+) -> Iterator[TrainingEvent]:
+    lines = read_template(config.template, require_name=job.kind == "embedding")
+    records = read_images(
+        config.dataset,
+        width=config.width,
+        height=config.height,
+        keep_size=config.keep_size,
+        use_alpha=config.use_alpha_weight,
+        filename_regex=config.filename_regex,
+        join_string=config.filename_join,
+    )
+    dataset = TrainingDataset(
+        records,
+        model.encode_images,
+        name=job.prompt_word,
+        template_lines=lines,
+        batch_size=config.batch_size,
+        gradient_accumulation=config.gradient_accumulation,
+        latent_sampling=config.latent_sampling,
+        shuffle_tags=config.shuffle_tags,
+        tag_dropout=config.tag_dropout,
+        use_alpha=config.use_alpha_weight,
+        seed=config.seed,
+    )
+    main = distributed.is_main
+    folder = run_folder(config.log_directory, job.name)
+    copies = folder / ("embeddings" if job.kind == "embedding" else "hypernetworks")
+    if main and config.save_settings:
+        write_settings(
+            folder,
+            {
+                **config.as_dict(),
+                "name": job.name,
+                "initial_step": job.step,
+                "num_of_dataset_images": len(dataset),
+                "model_name": model.name,
+                "model_hash": model.short_hash,
+                "optimizer_restored": getattr(job, "restored", False),
+            },
+        )
+    start_step = job.step
+    schedule = LearnRateSchedule(config.learn_rate, config.max_steps, start_step)
+    clip = None
+    if config.clip_grad_mode != "disabled":
+        clip = GradientClip(config.clip_grad_mode, LearnRateSchedule(config.clip_grad_value, config.max_steps, start_step))
+    loss_log = LossLog(folder / CSV_NAMES[job.kind], config.write_csv_every if main else 0)
+    eta = EtaClock(start_step, config.max_steps)
+    per_step = dataset.gradient_accumulation * distributed.world_size
+    last_texts: list[str] = []
+    last_good = (job.path, start_step)
+
+    def loss_of(step: int, micro: int) -> Tensor:
+        index = micro * distributed.world_size + distributed.rank
+        batch = dataset.batch(step, index, per_step)
+        if micro == 0:
+            last_texts[:] = batch.texts
+        generator = torch.Generator().manual_seed(_seeded(config.seed, "noise", step, index))
+        return diffusion_loss(model, batch, generator)
+
+    sync: Callable[[Sequence[Tensor]], None] | None = (
+        distributed.average_gradients if distributed.world_size > 1 else None
+    )
+    events = training_loop(
+        job.parameters,
+        job.optimizer,
+        loss_of,
+        start_step=start_step,
+        accumulation=dataset.gradient_accumulation,
+        learn_rate=schedule,
+        stop=stop,
+        clip=clip,
+        sync_gradients=sync,
+    )
+    for event in events:
+        if event.kind == "step":
+            job.step = event.step
+            epoch, epoch_step = (event.step - 1) // dataset.steps_per_epoch, (event.step - 1) % dataset.steps_per_epoch
+            loss_log.add(event.step, epoch, epoch_step, event.loss, event.lr)
+            saved = preview = None
+            if main and config.save_every and event.step % config.save_every == 0 and job.finite():
+                job.save(copies / f"{job.name}-{event.step}{_suffix(job)}", file_name=f"{job.name}-{event.step}")
+                saved = str(job.save(job.path, optimizer=config.save_optimizer_state))
+                last_good = (job.path, event.step)
+                loss_log.plot(folder / "loss.png", title=f"{job.name} loss")
+            if main and config.preview_every and event.step % config.preview_every == 0:
+                preview = str(_preview(job, model, config, folder, last_texts))
+            yield dataclasses.replace(
+                event,
+                epoch=epoch,
+                epoch_step=epoch_step,
+                texts=tuple(last_texts),
+                saved=saved,
+                preview=preview,
+                eta_s=eta.eta(event.step),
+            )
+            continue
+        if event.kind == "nan":
+            message = (
+                f"{event.message}; training stopped and {last_good[0]} keeps the weights of step {last_good[1]}"
+            )
+            yield dataclasses.replace(event, message=message)
+            return
+        saved = None
+        if main and job.step != start_step and job.finite():
+            saved = str(job.save(job.path, optimizer=config.save_optimizer_state))
+            loss_log.plot(folder / "loss.png", title=f"{job.name} loss")
+        if event.kind == "finished" and job.step == start_step:
+            message = f"{job.path} is already trained to step {job.step}; raise max steps above it to train more"
+        else:
+            what = "finished" if event.kind == "finished" else "interrupted"
+            message = f"Training {what} at {job.step} steps. {job.kind.capitalize()} saved to {saved or job.path}"
+        yield dataclasses.replace(event, saved=saved, message=message)
+        return
+
+
+def _suffix(job: _Job) -> str:
+    return job.path.suffix if job.kind == "embedding" and job.path.suffix.lower() != ".png" else ".pt"
+
+
+def _preview(job: _Job, model: Any, config: TrainingConfig, folder: Path, texts: Sequence[str]) -> Path:
+    prompt = config.preview_prompt or (texts[0] if texts else job.prompt_word)
+    image, infotext = job.preview(model, prompt, config)
+    path = save_png(image, folder / "images" / f"{job.name}-{job.step}.png", infotext)
+    if isinstance(job, _EmbeddingJob) and isinstance(config, EmbeddingTrainingConfig) and config.save_image_with_embedding:
+        save_embedding(
+            job.embedding(f"{job.name}-{job.step}"),
+            folder / "image_embeddings" / f"{job.name}-{job.step}.png",
+            picture=image,
+        )
+    return path
