@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdconcepts.toyworld.cli import add_toyworld_parser
 
     add_toyworld_parser(subparsers)
+    from sdconcepts.cli_training import add_training_parsers
+
+    add_training_parsers(subparsers)
     return parser
 
 
