@@ -71,6 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch=args.batch,
         save_every=args.save_every,
+        device=args.device,
+        init=args.init or "",
     )
     summary = train(config, Path(args.out))
     print(json.dumps(summary, indent=2))
@@ -155,6 +157,8 @@ def add_toyworld_parser(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads; results are deterministic per count")
     p.add_argument("--save-every", type=int, default=0, help="also save EMA snapshots every N steps (OUT-stepN)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; the shipped weights are CPU-trained)")
+    p.add_argument("--init", default=None, help="continue training from this diffusers folder (keeps its VAE)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-probe", help="train the probe classifier into the package assets")

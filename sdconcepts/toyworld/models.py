@@ -105,6 +105,12 @@ def build_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
 
 
+def load_component(model_dir: str | Path, name: str):
+    """Load one trainable component (``unet``, ``vae`` or ``text_encoder``) of a diffusers folder in float32."""
+    kind = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[name]
+    return kind.from_pretrained(str(Path(model_dir) / name), local_files_only=True).to(torch.float32)
+
+
 def training_scheduler() -> DDPMScheduler:
     # DDPMScheduler rejects the DDIM-only set_alpha_to_one.
     return DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
@@ -114,9 +120,9 @@ def save_model(out: Path, unet, vae, text_encoder, *, fp16: bool = True) -> Path
     """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
     dtype = torch.float16 if fp16 else torch.float32
     pipe = StableDiffusionPipeline(
-        unet=copy.deepcopy(unet).to(dtype),
-        vae=copy.deepcopy(vae).to(dtype),
-        text_encoder=copy.deepcopy(text_encoder).to(dtype),
+        unet=copy.deepcopy(unet).to("cpu", dtype),
+        vae=copy.deepcopy(vae).to("cpu", dtype),
+        text_encoder=copy.deepcopy(text_encoder).to("cpu", dtype),
         tokenizer=load_clip_tokenizer("sd1"),
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
         safety_checker=None,

@@ -38,6 +38,8 @@ class TrainConfig:
     ema: float = 0.995
     grad_clip: float = 1.0
     save_every: int = 0
+    device: str = "cpu"
+    init: str = ""  # continue from this diffusers folder (its VAE is kept, the VAE stage is skipped)
 
 
 def _images(rng: random.Random, n: int, with_captions: bool) -> tuple[torch.Tensor, list[str]]:
@@ -53,13 +55,14 @@ def _images(rng: random.Random, n: int, with_captions: bool) -> tuple[torch.Tens
 def train_vae(config: TrainConfig, bar: tqdm):
     """Train the factor-4 VAE (MSE + 0.5 L1 + 1e-4 KL per latent dim) and set its scaling factor to 1/std."""
     torch.manual_seed(config.seed)
-    vae = models.build_vae()
+    device = torch.device(config.device)
+    vae = models.build_vae().to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     rng = random.Random(f"vae-{config.seed}")
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     vae.train()
     for _ in range(config.vae_steps):
-        x, _ = _images(rng, config.vae_batch, with_captions=False)
+        x = _images(rng, config.vae_batch, with_captions=False)[0].to(device)
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
         recon = vae.decode(z).sample
@@ -72,7 +75,7 @@ def train_vae(config: TrainConfig, bar: tqdm):
         bar.set_postfix(stage="vae", loss=f"{float(loss.detach()):.4f}", refresh=False)
     vae.eval()
     with torch.no_grad():
-        x, _ = _images(rng, 1024, with_captions=False)
+        x = _images(rng, 1024, with_captions=False)[0].to(device)
         z = vae.encode(x).latent_dist.sample(generator=generator)
         mse = float(nn.functional.mse_loss(vae.decode(z).sample, x))
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
@@ -131,40 +134,47 @@ def train(config: TrainConfig, out: Path) -> dict[str, object]:
 
 def _train(config: TrainConfig, out: Path) -> dict[str, object]:
     start = time.perf_counter()
-    total = config.vae_steps + config.steps
+    total = (0 if config.init else config.vae_steps) + config.steps
     bar = tqdm(total=total, desc="toyworld train", unit="step", dynamic_ncols=True)
-    vae = train_vae(config, bar)
+    vae = models.load_component(config.init, "vae") if config.init else train_vae(config, bar)
     vae.requires_grad_(False)
     vae_seconds = time.perf_counter() - start
 
     torch.manual_seed(config.seed + 1)
-    unet = models.build_unet()
-    text_encoder = models.build_text_encoder()
+    device = torch.device(config.device)
+    if config.init:
+        unet = models.load_component(config.init, "unet").to(device)
+        text_encoder = models.load_component(config.init, "text_encoder").to(device)
+        vae = vae.to(device)
+    else:
+        unet = models.build_unet().to(device)
+        text_encoder = models.build_text_encoder().to(device)
     tokenizer = load_clip_tokenizer("sd1")
     scheduler = models.training_scheduler()
-    sparse = SparseRows(text_encoder.get_input_embeddings(), _used_token_ids(tokenizer))
+    sparse = SparseRows(text_encoder.get_input_embeddings(), _used_token_ids(tokenizer).to(device))
     params = [p for p in (*unet.parameters(), *text_encoder.parameters()) if p.requires_grad] + [sparse.rows]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup))
     ema = [p.detach().clone() for p in params]
     rng = random.Random(f"diffusion-{config.seed}")
-    generator = torch.Generator().manual_seed(config.seed + 2)
+    generator = torch.Generator(device=device).manual_seed(config.seed + 2)
     scaling = float(vae.config.scaling_factor)
     alphas = scheduler.alphas_cumprod
+    scheduler.alphas_cumprod = alphas.to(device)
     unet.train()
     text_encoder.train()
     losses: list[float] = []
     for step in range(config.steps):
         x, captions = _images(rng, config.batch, with_captions=True)
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample(generator=generator) * scaling
-        noise = torch.randn(z.shape, generator=generator)
-        t = torch.randint(0, len(alphas), (config.batch,), generator=generator)
+            z = vae.encode(x.to(device)).latent_dist.sample(generator=generator) * scaling
+        noise = torch.randn(z.shape, generator=generator, device=device)
+        t = torch.randint(0, len(alphas), (config.batch,), generator=generator, device=device)
         noisy = scheduler.add_noise(z, noise, t)
         # Encode each distinct caption once, then gather per sample.
         unique = sorted(set(captions))
         ids = tokenizer(unique, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        context = text_encoder(ids)[0][torch.tensor([unique.index(c) for c in captions])]
+        context = text_encoder(ids.to(device))[0][torch.tensor([unique.index(c) for c in captions], device=device)]
         loss = nn.functional.mse_loss(unet(noisy, t, context).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
