@@ -248,3 +248,25 @@ def test_cli_generate_uses_the_hypernetworks_folder(tiny_model_dir: Path, tmp_pa
 
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in outputs)
     assert np.abs(a - b).max() > 0
+
+
+def test_half_precision_unet_with_float32_hypernetworks() -> None:
+    """As A1111 on fp16 models: the modules stay float32, inputs are cast to them and results cast back."""
+    from sdconcepts.backends.tiny import build_tiny_sd1
+
+    unet = build_tiny_sd1()["unet"].to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    inputs = (
+        torch.randn(2, 4, 8, 8, generator=g).to(torch.bfloat16),
+        torch.tensor([500]),
+        torch.randn(2, 77, 48, generator=g).to(torch.bfloat16),
+    )
+    base = _unet_out(unet, inputs)
+    for hypernetwork in (_visible("lin16"), _visible("relu16", activation="relu")):
+        with attach_hypernetworks(unet, [(hypernetwork, 1.0)], fast=False):
+            plain = _unet_out(unet, inputs)
+        with attach_hypernetworks(unet, [(hypernetwork, 1.0)]):
+            fast = _unet_out(unet, inputs)
+        assert fast.dtype == torch.bfloat16 and not torch.equal(plain, base)
+        torch.testing.assert_close(fast.float(), plain.float(), rtol=0.05, atol=0.05)
+    assert torch.equal(_unet_out(unet, inputs), base)
