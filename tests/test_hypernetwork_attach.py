@@ -226,7 +226,9 @@ def test_txt2img_applies_tags_and_detaches(tiny_model: Any) -> None:
     assert np.array_equal(_pixels(run("a cat")), _pixels(plain))
 
 
-def test_cli_generate_uses_the_hypernetworks_folder(tiny_model_dir: Path, tmp_path: Path, capsys: Any) -> None:
+def test_cli_generate_uses_the_hypernetworks_folder(
+    tiny_model_dir: Path, tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
     from sdconcepts.cli import main
     from sdconcepts.hypernetwork_files import save_hypernetwork
     from sdconcepts.images import read_infotext
@@ -235,10 +237,12 @@ def test_cli_generate_uses_the_hypernetworks_folder(tiny_model_dir: Path, tmp_pa
     save_hypernetwork(_visible("inner-name", activation="relu"), folder / "sub" / "mine.pt")
     (folder / "broken.pt").write_bytes(b"not a pickle")
     outputs = []
-    for prompt in ("a dog", "a dog <hypernet:mine:0.8> <hypernet:broken>"):
+    monkeypatch.chdir(tmp_path)  # the second run finds ./models/hypernetworks by default
+    for prompt, folder_args in (("a dog", ["--hypernetworks-dir", str(folder)]),
+                                ("a dog <hypernet:mine:0.8> <hypernet:broken>", [])):
         out = tmp_path / f"{len(outputs)}.png"
         code = main(["generate", "--ckpt", str(tiny_model_dir), "--prompt", prompt, "--steps", "2", "--seed", "3",
-                     "--hypernetworks-dir", str(folder), "--output", str(out), "--device", "cpu"])
+                     *folder_args, "--output", str(out), "--device", "cpu"])
         assert code == 0
         outputs.append(out)
     err = capsys.readouterr().err
