@@ -225,9 +225,6 @@ def run_train(args: argparse.Namespace) -> int:
     from sdconcepts.training.session import TrainingError, train_embedding, train_hypernetwork
     from sdconcepts.training.templates import TemplateError
 
-    distributed = Distributed.from_environment()
-    device = distributed.device() if distributed.world_size > 1 else None
-    model = _load_model(args, device)
     fields: dict[str, Any] = {
         "dataset": str(args.dataset),
         "learn_rate": args.learn_rate,
@@ -235,8 +232,8 @@ def run_train(args: argparse.Namespace) -> int:
         "gradient_accumulation": args.gradient_accumulation,
         "log_directory": args.log_dir,
         "template": args.template,
-        "width": args.width or model.default_size,
-        "height": args.height or model.default_size,
+        "width": args.width or 512,
+        "height": args.height or 512,
         "keep_size": args.keep_size,
         "max_steps": args.max_steps,
         "preview_every": args.preview_every,
@@ -261,6 +258,16 @@ def run_train(args: argparse.Namespace) -> int:
     stop = threading.Event()
     errors = (ConfigError, TrainingError, TemplateError, DatasetError, ScheduleError, EmbeddingFileError,
               HypernetworkError, GenerationError)
+    try:
+        # Refuse bad settings (a TI template without [name], a bad schedule, ...) before loading anything.
+        config_class = EmbeddingTrainingConfig if args.kind == "embedding" else HypernetworkTrainingConfig
+        config_class(**fields).validated(size_multiple=8)
+    except errors as exc:
+        raise CommandError(str(exc)) from exc
+    distributed = Distributed.from_environment()
+    model = _load_model(args, distributed.device() if distributed.world_size > 1 else None)
+    fields["width"] = args.width or model.default_size
+    fields["height"] = args.height or model.default_size
     try:
         if args.kind == "embedding":
             config = EmbeddingTrainingConfig(**fields, save_image_with_embedding=args.save_image_with_embedding)
