@@ -1,0 +1,159 @@
+/*
+ * sdconcepts: what Gradio cannot do server-side. Clicking a card (.sdconcepts-card, rendered by sdconcepts/ui/cards.py)
+ * inserts its text (an embedding name, or <hypernet:name:M>) into our prompt at the cursor; clicking it again removes
+ * it (A1111's toggle). Embedding cards write to the negative prompt when that had focus last, as A1111's
+ * Textual Inversion cards do; hypernetwork tags always go to the prompt.
+ *
+ * Loaded globally by A1111/Forge (javascript/*.js) and by the standalone app on page load; it installs itself once.
+ * It touches only elements under #sdconcepts_root and only defines window.sdconcepts. Works with the Gradio 3 DOM
+ * (A1111), Gradio 4 (Forge) and Gradio 6 (standalone): all it needs is a textarea inside #sdconcepts_prompt.
+ */
+(function () {
+    "use strict";
+    if (window.sdconcepts && window.sdconcepts.installed) {
+        return;
+    }
+
+    var PROMPT_ID = "sdconcepts_prompt";
+    var NEGATIVE_ID = "sdconcepts_neg_prompt";
+    var SEPARATOR = " "; // A1111's extra_networks_add_text_separator default
+
+    var state = {negativeLast: false, caret: {}};
+
+    function appRoot() {
+        var app = document.querySelector("gradio-app");
+        return app && app.shadowRoot ? app.shadowRoot : document;
+    }
+
+    function promptArea(id) {
+        return appRoot().querySelector("#" + id + " textarea");
+    }
+
+    function escapeRegExp(text) {
+        return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+    }
+
+    // A1111 matches <type:name:number> regardless of the number (clicking a card whose multiplier changed still
+    // removes the tag); tags with other arguments are left alone. Plain text (an embedding name) matches as a whole
+    // word, so removing "cat" never eats the start of "catgirl" (A1111 matched any substring there).
+    function tagPattern(text) {
+        var tag = /^<([^:^>]+:[^:]+):[\d.]+>$/.exec(text);
+        if (tag) {
+            return new RegExp("<" + escapeRegExp(tag[1]) + ":[\\d.]+>", "g");
+        }
+        return new RegExp("(^|[^\\w])(" + escapeRegExp(text) + ")(?![\\w])", "g");
+    }
+
+    // Pure: toggle `text` in `value` with the caret at `caret`. Returns {value, caret, removed}.
+    function toggleText(value, text, caret) {
+        var pattern = tagPattern(text);
+        var isTag = text.charAt(0) === "<";
+        var removedAt = -1;
+        var result = value.replace(pattern, function () {
+            var offset = arguments[arguments.length - 2];
+            var lead = isTag ? "" : arguments[1];
+            if (removedAt < 0) {
+                removedAt = offset + lead.length;
+            }
+            return lead;
+        });
+        if (removedAt >= 0) {
+            // Drop the separator that was written before the text, as A1111 does, and tidy a doubled space.
+            var start = removedAt;
+            if (start >= SEPARATOR.length && result.substr(start - SEPARATOR.length, SEPARATOR.length) === SEPARATOR) {
+                result = result.slice(0, start - SEPARATOR.length) + result.slice(start);
+                start -= SEPARATOR.length;
+            } else if (start === 0 && result.substr(0, SEPARATOR.length) === SEPARATOR) {
+                result = result.slice(SEPARATOR.length);
+            }
+            return {value: result, caret: start, removed: true};
+        }
+        var at = Math.max(0, Math.min(caret === undefined || caret === null ? value.length : caret, value.length));
+        var before = value.slice(0, at);
+        var after = value.slice(at);
+        var insert = text;
+        if (before.length && !/\s$/.test(before)) {
+            insert = SEPARATOR + insert;
+        }
+        var end = before.length + insert.length;
+        if (after.length && !/^[\s,]/.test(after)) {
+            insert = insert + SEPARATOR;
+        }
+        return {value: before + insert + after, caret: end, removed: false};
+    }
+
+    // Gradio keeps its own copy of a textbox's value; an input event makes it read ours (A1111's updateInput).
+    function notifyGradio(area) {
+        area.dispatchEvent(new Event("input", {bubbles: true}));
+    }
+
+    function toggleInPrompt(text, allowNegative) {
+        var id = allowNegative && state.negativeLast ? NEGATIVE_ID : PROMPT_ID;
+        var area = promptArea(id);
+        if (!area) {
+            return null;
+        }
+        var caret = Object.prototype.hasOwnProperty.call(state.caret, id) ? state.caret[id] : area.value.length;
+        var outcome = toggleText(area.value, text, caret);
+        area.value = outcome.value;
+        state.caret[id] = outcome.caret;
+        notifyGradio(area);
+        return outcome;
+    }
+
+    function findIn(event, test) {
+        var path = event.composedPath ? event.composedPath() : [];
+        for (var i = 0; i < path.length; i++) {
+            var el = path[i];
+            if (el && el.nodeType === 1 && test(el)) {
+                return el;
+            }
+        }
+        return null;
+    }
+
+    function isCard(el) {
+        return el.classList.contains("sdconcepts-card");
+    }
+
+    function promptOf(el) {
+        return el.id === PROMPT_ID || el.id === NEGATIVE_ID ? el : null;
+    }
+
+    function activate(card) {
+        return toggleInPrompt(card.getAttribute("data-prompt") || "", card.getAttribute("data-allow-negative") === "1");
+    }
+
+    document.addEventListener("click", function (event) {
+        var card = findIn(event, isCard);
+        if (card) {
+            activate(card);
+        }
+    });
+    document.addEventListener("keydown", function (event) {
+        if (event.key !== "Enter" && event.key !== " ") {
+            return;
+        }
+        var card = findIn(event, isCard);
+        if (card) {
+            event.preventDefault();
+            activate(card);
+        }
+    });
+    // Remember which prompt had focus last, and where its caret was when it lost focus.
+    document.addEventListener("focusin", function (event) {
+        var box = findIn(event, promptOf);
+        if (box) {
+            state.negativeLast = box.id === NEGATIVE_ID;
+        }
+    }, true);
+    document.addEventListener("focusout", function (event) {
+        var box = findIn(event, promptOf);
+        var area = event.target;
+        if (box && area && area.tagName === "TEXTAREA") {
+            state.caret[box.id] = area.selectionEnd;
+        }
+    }, true);
+
+    window.sdconcepts = {installed: true, state: state, toggleText: toggleText, toggleInPrompt: toggleInPrompt};
+})();

@@ -1,0 +1,223 @@
+"""Lays out the web UI and wires components to ``ui.handlers``; nothing here decides anything.
+
+``build_ui(session)`` returns a ``gr.Blocks`` usable on its own (``launch_app``) or rendered inside a host's tab
+(``host.a1111``). Every element id starts with ``sdconcepts_`` and everything sits under ``#sdconcepts_root``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from sdconcepts.generation import SAMPLERS
+from sdconcepts.ui import handlers
+from sdconcepts.ui.cards import SORT_KEYS
+from sdconcepts.ui.compat import blocks_kwargs, js_kwargs, launch_kwargs, make, update
+from sdconcepts.ui.session import UiError, UiSession
+
+__all__ = ["ROOT_ID", "build_ui", "launch_app", "read_css", "read_js"]
+
+log = logging.getLogger(__name__)
+
+ROOT_ID = "sdconcepts_root"
+EXTENSION_ROOT = Path(__file__).resolve().parent.parent.parent
+CSS_PATH = EXTENSION_ROOT / "style.css"
+JS_PATH = EXTENSION_ROOT / "javascript" / "sdconcepts.js"
+TITLE = "sdconcepts"
+
+
+def read_css() -> str:
+    try:
+        return CSS_PATH.read_text(encoding="utf-8")
+    except OSError:
+        log.warning("%s is missing; the UI runs unstyled", CSS_PATH)
+        return ""
+
+
+def read_js() -> str:
+    try:
+        return JS_PATH.read_text(encoding="utf-8")
+    except OSError:
+        log.warning("%s is missing; clicking a card will not insert its tag", JS_PATH)
+        return ""
+
+
+def _guard(function: Any) -> Any:
+    """Show a handler's ``UiError`` as gradio's error message instead of a traceback."""
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except UiError as exc:
+            raise gr.Error(str(exc)) from None
+
+    wrapped.__name__ = function.__name__
+    wrapped.__doc__ = function.__doc__
+    return wrapped
+
+
+def _card_tab(kind: str, label: str, view: handlers.CardsView) -> dict[str, Any]:
+    with gr.Row(elem_classes=["sdconcepts-controls"]):
+        search = gr.Textbox(
+            label="Search", placeholder="Filter by name, folder or hash", elem_id=f"sdconcepts_{kind}_search",
+            scale=3, max_lines=1,
+        )
+        sort = gr.Radio(list(SORT_KEYS), value="Name", label="Sort by", elem_id=f"sdconcepts_{kind}_sort", scale=2)
+        descending = gr.Checkbox(value=False, label="Descending", elem_id=f"sdconcepts_{kind}_descending", scale=1)
+        refresh = gr.Button("Refresh", elem_id=f"sdconcepts_{kind}_refresh", scale=1)
+    summary = gr.HTML(f'<div class="sdconcepts-summary">{view.summary}</div>', elem_id=f"sdconcepts_{kind}_summary")
+    cards = gr.HTML(view.cards_html, elem_id=f"sdconcepts_{kind}_cards", label=label)
+    skipped = gr.HTML(view.skipped_html, elem_id=f"sdconcepts_{kind}_skipped")
+    return {"search": search, "sort": sort, "descending": descending, "refresh": refresh,
+            "summary": summary, "cards": cards, "skipped": skipped}
+
+
+def _card_outputs(view: handlers.CardsView) -> tuple[str, str, str]:
+    return view.cards_html, view.skipped_html, f'<div class="sdconcepts-summary">{view.summary}</div>'
+
+
+def build_ui(session: UiSession, *, css: str | None = None) -> gr.Blocks:
+    """The whole UI: model picker, prompts, and the txt2img / Textual Inversion / Hypernetworks tabs."""
+    choices = list(session.model_choices())
+    initial_model = session.default_choice()
+    ti_view = handlers.embedding_cards_view(session, model_label=initial_model)
+    hn_view = handlers.hypernetwork_cards_view(session)
+
+    with gr.Blocks(analytics_enabled=False, title=TITLE, **blocks_kwargs(css)) as blocks:
+        with gr.Column(elem_id=ROOT_ID, elem_classes=["sdconcepts"]):
+            with gr.Row(elem_classes=["sdconcepts-model-row"]):
+                model = gr.Dropdown(choices, value=initial_model, label="Model", elem_id="sdconcepts_model", scale=4)
+                model_refresh = gr.Button("Refresh models", elem_id="sdconcepts_model_refresh", scale=1)
+            with gr.Row():
+                with gr.Column(scale=5):
+                    prompt = gr.Textbox(label="Prompt", lines=3, elem_id="sdconcepts_prompt",
+                                        placeholder="Prompt (click a card below to insert it)")
+                    negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="sdconcepts_neg_prompt",
+                                          placeholder="Negative prompt")
+                with gr.Column(scale=1, min_width=160):
+                    generate = gr.Button("Generate", variant="primary", elem_id="sdconcepts_generate")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    with gr.Tabs(elem_id="sdconcepts_tabs"):
+                        with gr.Tab("txt2img", id="sdconcepts_txt2img", elem_id="sdconcepts_tab_txt2img"):
+                            sampler = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampling method",
+                                                  elem_id="sdconcepts_sampler")
+                            steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps",
+                                              elem_id="sdconcepts_steps")
+                            cfg_scale = gr.Slider(1.0, 30.0, value=7.0, step=0.5, label="CFG scale",
+                                                  elem_id="sdconcepts_cfg_scale")
+                            with gr.Row():
+                                seed = gr.Number(value=-1, label="Seed (-1: random)", precision=0,
+                                                 elem_id="sdconcepts_seed", scale=4)
+                                random_seed = gr.Button("Random", elem_id="sdconcepts_random_seed", scale=1,
+                                                        min_width=80)
+                                reuse_seed = gr.Button("Reuse", elem_id="sdconcepts_reuse_seed", scale=1,
+                                                       min_width=80)
+                            with gr.Row():
+                                width = gr.Slider(0, 2048, value=0, step=8, label="Width (0: the model's size)",
+                                                  elem_id="sdconcepts_width")
+                                height = gr.Slider(0, 2048, value=0, step=8, label="Height (0: the model's size)",
+                                                   elem_id="sdconcepts_height")
+                            with gr.Row():
+                                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count",
+                                                        elem_id="sdconcepts_batch_count")
+                                batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size",
+                                                       elem_id="sdconcepts_batch_size")
+                        with gr.Tab("Textual Inversion", id="sdconcepts_ti", elem_id="sdconcepts_tab_ti"):
+                            ti = _card_tab("ti", "Textual Inversion", ti_view)
+                        with gr.Tab("Hypernetworks", id="sdconcepts_hn", elem_id="sdconcepts_tab_hn"):
+                            hn = _card_tab("hn", "Hypernetworks", hn_view)
+                with gr.Column(scale=1):
+                    gallery = make(
+                        gr.Gallery, label="Images", elem_id="sdconcepts_gallery", columns=4, height="auto",
+                        optional={"format": "png", "object_fit": "contain", "preview": True},
+                    )
+                    warnings = gr.HTML("", elem_id="sdconcepts_warnings")
+                    infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                                          elem_id="sdconcepts_infotext")
+        infotexts = gr.State([])
+        seeds = gr.State([])
+        selected = gr.State(None)
+
+        # -- txt2img --
+        # gradio finds the progress tracker through this default value (its documented idiom).
+        def on_generate(model_label, prompt_text, negative_text, sampler_name, steps_value, cfg_value, seed_value,
+                        width_value, height_value, batch_size_value, batch_count_value,
+                        progress=gr.Progress()):  # noqa: B008
+            params = handlers.generation_params(
+                prompt_text, negative_text, sampler_name, steps_value, cfg_value, seed_value, width_value,
+                height_value, batch_size_value, batch_count_value,
+            )
+            progress(0, desc="Loading model")
+
+            def report(done: int, total: int) -> None:
+                progress((done, total), desc="Sampling", unit="steps")
+
+            out = handlers.generate(session, model_label, params, progress=report)
+            return out.gallery, out.first_infotext, out.warnings_html, out.infotexts, out.seeds, 0
+
+        generate.click(
+            _guard(on_generate),
+            inputs=[model, prompt, negative, sampler, steps, cfg_scale, seed, width, height, batch_size, batch_count],
+            outputs=[gallery, infotext, warnings, infotexts, seeds, selected],
+            api_name="generate",
+        )
+
+        def on_select(texts: list[str], evt: gr.SelectData):
+            index = evt.index if isinstance(evt.index, int) else None
+            return handlers.selected_infotext(texts, index), index
+
+        gallery.select(on_select, inputs=[infotexts], outputs=[infotext, selected])
+        random_seed.click(handlers.random_seed, inputs=None, outputs=[seed])
+        reuse_seed.click(handlers.reuse_seed, inputs=[seeds, selected, seed], outputs=[seed])
+
+        # -- models --
+        def on_model_refresh(current: str):
+            labels = list(session.model_choices())
+            return update(choices=labels, value=current if current in labels else session.default_choice())
+
+        model_refresh.click(on_model_refresh, inputs=[model], outputs=[model])
+
+        # -- cards --
+        def ti_render(query: str, sort: str, descending: bool, model_label: str):
+            view = handlers.embedding_cards_view(session, query or "", sort or "Name", bool(descending),
+                                                 model_label=model_label)
+            return _card_outputs(view)
+
+        def hn_render(query: str, sort: str, descending: bool):
+            view = handlers.hypernetwork_cards_view(session, query or "", sort or "Name", bool(descending))
+            return _card_outputs(view)
+
+        ti_inputs = [ti["search"], ti["sort"], ti["descending"], model]
+        ti_outputs = [ti["cards"], ti["skipped"], ti["summary"]]
+        hn_inputs = [hn["search"], hn["sort"], hn["descending"]]
+        hn_outputs = [hn["cards"], hn["skipped"], hn["summary"]]
+        for trigger in (ti["search"].change, ti["sort"].change, ti["descending"].change, ti["refresh"].click,
+                        model.change):
+            trigger(_guard(ti_render), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
+        for trigger in (hn["search"].change, hn["sort"].change, hn["descending"].change, hn["refresh"].click):
+            trigger(_guard(hn_render), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
+    return blocks
+
+
+def install_js(blocks: gr.Blocks) -> None:
+    """Run ``javascript/sdconcepts.js`` when the page loads (a host injects the file itself instead)."""
+    code = read_js()
+    if code:
+        with blocks:
+            blocks.load(None, inputs=None, outputs=None, **js_kwargs("() => {\n" + code + "\n}"))
+
+
+def launch_app(session: UiSession, *, host: str = "127.0.0.1", port: int | None = None,
+               block: bool = True) -> gr.Blocks:
+    """Serve the UI standalone: our JavaScript runs on page load and ``style.css`` styles it."""
+    css = read_css()
+    blocks = build_ui(session, css=css)
+    install_js(blocks)
+    blocks.queue()
+    blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
+                  **launch_kwargs(css))
+    return blocks

@@ -1,0 +1,247 @@
+"""Extra-network cards as the UI shows them: built from library records, filtered, sorted and rendered to HTML.
+
+Pure functions (no gradio): the Textual Inversion and Hypernetworks tabs call these from their handlers. A card's
+``prompt`` is the text a click toggles in the prompt (``javascript/sdconcepts.js`` does the toggling in the browser).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+__all__ = [
+    "Card",
+    "SORT_KEYS",
+    "Skipped",
+    "embedding_cards",
+    "filter_cards",
+    "format_multiplier",
+    "hypernetwork_cards",
+    "hypernetwork_tag",
+    "render_cards",
+    "render_skipped",
+    "sort_cards",
+]
+
+Kind = Literal["embedding", "hypernetwork"]
+SORT_KEYS: tuple[str, ...] = ("Name", "Date")
+THUMBNAIL_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Card:
+    """One usable file shown as a card: what it is called, what a click inserts and what the card says."""
+
+    kind: Kind
+    name: str
+    prompt: str
+    path: Path
+    preview: Path | None
+    details: tuple[str, ...]
+    mtime: float
+    search_text: str
+
+    @property
+    def allow_negative(self) -> bool:
+        """A1111 lets textual inversion cards target the negative prompt; hypernetwork tags go to the prompt."""
+        return self.kind == "embedding"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that did not load (or cannot be used with the model), and why."""
+
+    path: Path
+    reason: str
+
+
+def format_multiplier(value: float) -> str:
+    """The multiplier as A1111's card JavaScript writes it: 1.0 -> ``1``, 0.75 -> ``0.75``."""
+    number = float(value)
+    if number.is_integer():
+        return str(int(number))
+    return repr(number)
+
+
+def hypernetwork_tag(name: str, multiplier: float) -> str:
+    return f"<hypernet:{name}:{format_multiplier(multiplier)}>"
+
+
+def _search_text(name: str, path: Path, roots: Sequence[Path], extra: Iterable[str] = ()) -> str:
+    """A1111 searches a card by its path relative to the folder and its hash; we add the name."""
+    relative = str(path)
+    for root in roots:
+        try:
+            relative = str(path.relative_to(root))
+            break
+        except ValueError:
+            continue
+    return " ".join([name, relative, *extra]).lower()
+
+
+def embedding_cards(records: Iterable[Any], roots: Sequence[Path] = ()) -> tuple[list[Card], list[Skipped]]:
+    """Cards for ``library.EmbeddingRecord`` values; records with a ``skipped`` reason go to the skipped list."""
+    cards: list[Card] = []
+    skipped: list[Skipped] = []
+    for record in records:
+        if record.skipped is not None:
+            skipped.append(Skipped(record.path, record.skipped))
+            continue
+        vectors = record.vectors or 0
+        details: tuple[str, ...] = (f"{vectors} vector{'s' if vectors != 1 else ''}, width {record.width}",)
+        if record.short_hash:
+            details += (f"hash {record.short_hash}",)
+        cards.append(
+            Card(
+                kind="embedding",
+                name=record.name,
+                prompt=record.name,
+                path=record.path,
+                preview=record.preview,
+                details=details,
+                mtime=record.mtime,
+                search_text=_search_text(record.name, record.path, roots, [record.hash or ""]),
+            )
+        )
+    return cards, skipped
+
+
+def hypernetwork_cards(
+    records: Iterable[Any], multiplier: float = 1.0, roots: Sequence[Path] = ()
+) -> tuple[list[Card], list[Skipped]]:
+    """Cards for ``library.FileRecord`` values holding a ``Hypernetwork``; failed loads go to the skipped list."""
+    cards: list[Card] = []
+    skipped: list[Skipped] = []
+    for record in records:
+        if record.item is None:
+            skipped.append(Skipped(record.path, record.error or "did not load"))
+            continue
+        hypernetwork = record.item
+        structure = ", ".join(format_multiplier(x) for x in hypernetwork.layer_structure)
+        activation = hypernetwork.activation or "linear"
+        details: tuple[str, ...] = (
+            f"widths {', '.join(str(w) for w in hypernetwork.widths)}",
+            f"structure [{structure}], {activation}"
+            + (", layer norm" if hypernetwork.layer_norm else "")
+            + (", dropout" if hypernetwork.use_dropout else ""),
+        )
+        if record.short_hash:
+            details += (f"hash {record.hash[:10]}",)
+        cards.append(
+            Card(
+                kind="hypernetwork",
+                name=record.name,
+                prompt=hypernetwork_tag(record.name, multiplier),
+                path=record.path,
+                preview=record.preview,
+                details=details,
+                mtime=record.mtime,
+                search_text=_search_text(record.name, record.path, roots, [record.hash or ""]),
+            )
+        )
+    return cards, skipped
+
+
+def filter_cards(cards: Iterable[Card], query: str) -> list[Card]:
+    """Cards whose name, relative path or hash contains every word of ``query`` (case-insensitive)."""
+    words = query.lower().split()
+    return [card for card in cards if all(word in card.search_text for word in words)]
+
+
+def sort_cards(cards: Iterable[Card], key: str = "Name", descending: bool = False) -> list[Card]:
+    """Sort by ``Name`` (case-insensitive, then path) or ``Date`` (modification time, oldest first)."""
+    if key == "Name":
+        return sorted(cards, key=lambda c: (c.name.lower(), str(c.path)), reverse=descending)
+    if key == "Date":
+        return sorted(cards, key=lambda c: (c.mtime, c.name.lower()), reverse=descending)
+    raise ValueError(f"unknown sort key {key!r}; choose one of: {', '.join(SORT_KEYS)}")
+
+
+class _Thumbnails:
+    """Small JPEG data URIs of card pictures, cached by path and modification time (pictures change rarely)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, float], str | None] = {}
+        self._lock = threading.Lock()
+
+    def uri(self, path: Path) -> str | None:
+        try:
+            key = (str(path), path.stat().st_mtime)
+        except OSError:
+            return None
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        uri = _thumbnail_uri(path)
+        with self._lock:
+            self._cache[key] = uri
+        return uri
+
+
+def _thumbnail_uri(path: Path) -> str | None:
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+            rgba = image.convert("RGBA")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None  # an unreadable picture shows the placeholder, as a missing one does
+    flat = Image.new("RGB", rgba.size, (255, 255, 255))
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    buffer = io.BytesIO()
+    flat.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+THUMBNAILS = _Thumbnails()
+
+
+def render_cards(cards: Sequence[Card], *, total: int | None = None, empty: str = "Nothing here.") -> str:
+    """The cards as HTML. Pictures are inlined as data URIs, so nothing depends on how a gradio version serves files.
+
+    Every class is prefixed ``sdconcepts-``; the click is handled by ``javascript/sdconcepts.js`` through the
+    ``data-prompt`` attribute (no inline script, so the HTML survives gradio's sanitiser).
+    """
+    parts = ['<div class="sdconcepts-cards">']
+    if not cards:
+        message = empty if not total else f"No card matches the search ({total} hidden)."
+        parts.append(f'<div class="sdconcepts-empty">{html.escape(message)}</div>')
+    for card in cards:
+        uri = THUMBNAILS.uri(card.preview) if card.preview is not None else None
+        if uri:
+            picture = f'<img class="sdconcepts-card-preview" src="{uri}" alt="" loading="lazy">'
+        else:
+            picture = f'<div class="sdconcepts-card-placeholder">{html.escape(card.name[:1].upper() or "?")}</div>'
+        details = "".join(f'<span class="sdconcepts-card-detail">{html.escape(d)}</span>' for d in card.details)
+        title = f"{card.path}\nclick: toggle {card.prompt}"
+        parts.append(
+            f'<div class="sdconcepts-card sdconcepts-card-{card.kind}" role="button" tabindex="0"'
+            f' data-name="{html.escape(card.name)}" data-prompt="{html.escape(card.prompt)}"'
+            f' data-allow-negative="{1 if card.allow_negative else 0}" title="{html.escape(title)}">'
+            f"{picture}"
+            f'<div class="sdconcepts-card-text"><span class="sdconcepts-card-name">{html.escape(card.name)}</span>'
+            f"{details}</div></div>"
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def render_skipped(skipped: Sequence[Skipped]) -> str:
+    """The skipped files and their reasons as an HTML list (empty string when none)."""
+    if not skipped:
+        return ""
+    items = "".join(
+        f'<li><code>{html.escape(str(s.path))}</code>: {html.escape(s.reason)}</li>' for s in skipped
+    )
+    count = len(skipped)
+    return (
+        f'<details class="sdconcepts-skipped" open><summary>{count} file{"s" if count != 1 else ""} skipped'
+        f"</summary><ul>{items}</ul></details>"
+    )

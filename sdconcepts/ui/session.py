@@ -1,0 +1,141 @@
+"""What one running web UI holds: its folders, the embedding and hypernetwork libraries, and the loaded model.
+
+No gradio here: the standalone app and the host adapter both build a ``UiSession`` and hand it to ``ui.app``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdconcepts.library import EmbeddingLibrary, Library, is_preview_image
+
+__all__ = ["DEFAULT_MODEL_LABEL", "UiConfig", "UiError", "UiSession", "scan_models"]
+
+DEFAULT_MODEL_LABEL = "toyworld (embedded)"
+MODEL_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class UiError(ValueError):
+    """A request the UI cannot carry out; the message is shown to the user as it is."""
+
+
+@dataclass
+class UiConfig:
+    """Where the UI finds things. ``multiplier`` is read on every card render (a host setting may change it)."""
+
+    ckpt: Path | None = None
+    models_dir: Path | None = None
+    embeddings_dirs: Sequence[Path] = ()
+    hypernetworks_dirs: Sequence[Path] = ()
+    outputs_dir: Path | None = None
+    device: str | None = None
+    multiplier: Callable[[], float] = field(default=lambda: 1.0)
+
+
+def scan_models(folder: Path | None) -> list[Path]:
+    """Checkpoints under ``folder``: single files (``.safetensors``, ``.ckpt``) and diffusers folders, recursively."""
+    if folder is None or not folder.is_dir():
+        return []
+    found: list[Path] = []
+    for path in sorted(folder.rglob("*")):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if path.is_file() and path.suffix.lower() in MODEL_SUFFIXES:
+            if not any(parent in found for parent in path.parents):
+                found.append(path)
+        elif path.is_dir() and (path / "model_index.json").is_file() and (path / "unet").is_dir():
+            found.append(path)
+    return found
+
+
+def _hypernetwork_ignored(path: Path) -> bool:
+    # A1111 never lists ``None.pt`` (its "no hypernetwork" choice); pictures are card previews.
+    return is_preview_image(path) or path.stem == "None"
+
+
+def _load_hypernetwork(path: Path) -> Any:
+    from sdconcepts.hypernetwork_files import load_hypernetwork
+
+    return load_hypernetwork(path)
+
+
+class UiSession:
+    """Libraries are scanned again (cheaply) whenever the UI asks; one model is kept loaded at a time."""
+
+    def __init__(self, config: UiConfig) -> None:
+        self.config = config
+        self.embeddings = EmbeddingLibrary(config.embeddings_dirs)
+        self.hypernetworks: Library[Any] = Library(
+            folders=list(config.hypernetworks_dirs), load=_load_hypernetwork, suffixes=(".pt",),
+            ignore=_hypernetwork_ignored,
+        )
+        self._model: Any = None
+        self._model_label: str | None = None
+        self._model_lock = threading.Lock()
+        self.generate_lock = threading.Lock()
+
+    # -- models -----------------------------------------------------------------------------------------------
+
+    def model_choices(self) -> dict[str, Path | None]:
+        """Dropdown label -> model path (None: the embedded default model), default first."""
+        choices: dict[str, Path | None] = {DEFAULT_MODEL_LABEL: None}
+        if self.config.ckpt is not None:
+            choices[str(self.config.ckpt)] = self.config.ckpt
+        root = self.config.models_dir
+        for path in scan_models(root):
+            label = str(path.relative_to(root)) if root is not None else str(path)
+            choices.setdefault(label, path)
+        return choices
+
+    def default_choice(self) -> str:
+        """The ``--ckpt`` model when one was given, else the embedded model."""
+        return str(self.config.ckpt) if self.config.ckpt is not None else DEFAULT_MODEL_LABEL
+
+    def model(self, label: str) -> Any:
+        """The model behind a dropdown label, loading it (and dropping the previous one) when it changed."""
+        choices = self.model_choices()
+        if label not in choices:
+            raise UiError(f"model {label!r} is no longer available; refresh the model list")
+        with self._model_lock:
+            if self._model is not None and self._model_label == label:
+                return self._model
+            from sdconcepts.backends.diffusers import ModelLoadError, load_model
+
+            self._model = None
+            try:
+                model = load_model(choices[label], device=self.config.device)
+            except ModelLoadError as exc:
+                raise UiError(str(exc)) from exc
+            self._model, self._model_label = model, label
+            return model
+
+    def loaded_model_label(self) -> str | None:
+        return self._model_label
+
+    def unload(self) -> None:
+        with self._model_lock:
+            self._model = None
+            self._model_label = None
+
+    def context_width(self, label: str | None = None) -> int | None:
+        """The text width embeddings must have for a model, without loading it when its config says."""
+        label = label or self._model_label or self.default_choice()
+        if self._model is not None and self._model_label == label:
+            return int(self._model.context_width)
+        path = self.model_choices().get(label)
+        if path is None and label == DEFAULT_MODEL_LABEL:
+            from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR
+
+            path = DEFAULT_MODEL_DIR
+        if path is not None and path.is_dir():
+            try:
+                config = json.loads((path / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+                return int(config["hidden_size"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        return None
