@@ -1,7 +1,8 @@
 """Host wiring (A1111/Forge execute every file in scripts/): make the sdconcepts package importable for good.
 
 The host puts the extension folder on sys.path only while this file is imported; our modules import lazily later
-(UI handlers, training), so the folder is added permanently. The tabs register here once the web UI lands.
+(UI handlers, training), so the folder is added permanently. Then our tab registers through
+``script_callbacks.on_ui_tabs`` (``sdconcepts.host.a1111``; a no-op outside a host).
 """
 
 from __future__ import annotations
@@ -12,3 +13,7 @@ from pathlib import Path
 EXTENSION_ROOT = str(Path(__file__).resolve().parent.parent)
 if EXTENSION_ROOT not in sys.path:
     sys.path.append(EXTENSION_ROOT)
+
+from sdconcepts.host.a1111 import register  # noqa: E402  (needs the path above)
+
+register()

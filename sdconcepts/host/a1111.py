@@ -1,0 +1,109 @@
+"""The A1111/Forge adapter: registers our tab through ``script_callbacks.on_ui_tabs`` and reads the host's folders.
+
+The only module that imports ``modules.*``, and only inside functions, so the rest of the package (and this file's
+``build_tabs``) imports without a host. Our tab runs on our own engine; the host's own txt2img is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sdconcepts.ui.session import UiConfig, UiSession
+
+__all__ = ["TAB_ID", "TAB_TITLE", "build_tabs", "host_config", "register", "unregister"]
+
+log = logging.getLogger(__name__)
+
+TAB_TITLE = "sdconcepts"
+TAB_ID = "sdconcepts"
+
+
+class _Registration:
+    """The one session a host process serves; dropped (with its model) when the host unloads scripts."""
+
+    session: UiSession | None = None
+
+
+def host_config() -> UiConfig:
+    """Our folders from the host's settings: ``--embeddings-dir``, ``--hypernetwork-dir`` (Forge-Classic lacks it:
+    fall back to ``models/hypernetworks``), ``--ckpt-dir``, and the default-multiplier setting for hypernet tags."""
+    from modules import paths, shared
+
+    cmd_opts = getattr(shared, "cmd_opts", None)
+    data_path = Path(getattr(paths, "data_path", "."))
+    models_path = Path(getattr(paths, "models_path", data_path / "models"))
+
+    def option(name: str) -> Any:
+        return getattr(cmd_opts, name, None) if cmd_opts is not None else None
+
+    def multiplier() -> float:
+        try:
+            return float(getattr(shared.opts, "extra_networks_default_multiplier", 1.0))
+        except (TypeError, ValueError):
+            return 1.0
+
+    embeddings = option("embeddings_dir") or data_path / "embeddings"
+    hypernetworks = option("hypernetwork_dir") or models_path / "hypernetworks"
+    checkpoints = option("ckpt_dir") or models_path / "Stable-diffusion"
+    device = None
+    try:
+        from modules import devices
+
+        device = str(devices.device) if getattr(devices, "device", None) is not None else None
+    except ImportError:
+        pass
+    return UiConfig(
+        models_dir=Path(checkpoints),
+        embeddings_dirs=[Path(embeddings)],
+        hypernetworks_dirs=[Path(hypernetworks)],
+        outputs_dir=data_path / "outputs" / "sdconcepts",
+        device=device,
+        multiplier=multiplier,
+    )
+
+
+def build_tabs(session: UiSession) -> list[tuple[Any, str, str]]:
+    """What ``on_ui_tabs`` returns: ``[(blocks, title, elem_id)]``. The host loads our JS and CSS files itself."""
+    from sdconcepts.ui.app import build_ui
+
+    return [(build_ui(session), TAB_TITLE, TAB_ID)]
+
+
+def on_ui_tabs() -> list[tuple[Any, str, str]]:
+    if _Registration.session is None:
+        _Registration.session = UiSession(host_config())
+    return build_tabs(_Registration.session)
+
+
+def unregister() -> None:
+    """Forget our callbacks and the loaded model; the host calls this before it reloads scripts."""
+    from modules import script_callbacks
+
+    remove = getattr(script_callbacks, "remove_callbacks_for_function", None)
+    if remove is not None:
+        remove(on_ui_tabs)
+        remove(unregister)
+    if _Registration.session is not None:
+        _Registration.session.unload()
+    _Registration.session = None
+
+
+def register() -> bool:
+    """Register our tab with the host; False (and nothing done) when not running inside A1111/Forge.
+
+    Safe to call again: an earlier registration of the same functions is removed first, so a reload never
+    duplicates the tab even on hosts that do not clear callbacks.
+    """
+    try:
+        from modules import script_callbacks
+    except ImportError:
+        return False
+    remove = getattr(script_callbacks, "remove_callbacks_for_function", None)
+    if remove is not None:
+        remove(on_ui_tabs)
+        remove(unregister)
+    script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_script_unloaded(unregister)
+    return True
