@@ -147,12 +147,64 @@ def hypernetwork_arguments(folders: list[Path] | None, prompt: str) -> dict[str,
     return {"hypernetworks": loaded, "known_networks": {"hypernet": list(paths)}}
 
 
+def add_web_ui_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m sdconcepts`` without a command, which serves the web UI."""
+    ui = parser.add_argument_group("web UI (no COMMAND)")
+    ui.add_argument("--port", dest="ui_port", type=_positive_int, default=7860, metavar="P",
+                    help="port to serve on (default: 7860)")
+    ui.add_argument("--listen", dest="ui_listen", action="store_true",
+                    help="serve on 0.0.0.0 (every network interface) instead of 127.0.0.1")
+    ui.add_argument("--ckpt", dest="ui_ckpt", type=_existing_path, default=None, metavar="PATH",
+                    help="start on this model: a diffusers folder or an A1111 .safetensors/.ckpt file "
+                    "(default: the embedded toy-world model)")
+    ui.add_argument("--models-dir", dest="ui_models_dir", type=_existing_dir, default=None, metavar="D",
+                    help="checkpoints offered in the model dropdown (default: ./models/Stable-diffusion when it exists)")
+    ui.add_argument("--embeddings-dir", dest="ui_embeddings_dir", type=_existing_dir, action="append", default=None,
+                    metavar="D", help="textual inversion embeddings folder; repeatable (default: ./embeddings)")
+    ui.add_argument("--hypernetworks-dir", dest="ui_hypernetworks_dir", type=_existing_dir, action="append",
+                    default=None, metavar="D",
+                    help="hypernetworks folder; repeatable (default: ./models/hypernetworks)")
+    ui.add_argument("--outputs-dir", dest="ui_outputs_dir", type=Path, default=Path("outputs") / "txt2img-images",
+                    metavar="D", help="where generated PNGs are saved (default: ./outputs/txt2img-images)")
+    ui.add_argument("--device", dest="ui_device", default=None, help="torch device (default: cuda when available)")
+
+
+def _default_dirs(given: list[Path] | None, default: Path) -> list[Path]:
+    if given is not None:
+        return given
+    return [default] if default.is_dir() else []
+
+
+def run_web_ui(args: argparse.Namespace) -> int:
+    try:
+        from sdconcepts.ui.app import launch_app
+        from sdconcepts.ui.session import UiConfig, UiSession
+    except ImportError as exc:
+        raise CommandError(f"the web UI needs gradio ({exc}); install it with: pip install gradio") from exc
+    models = args.ui_models_dir
+    if models is None and (Path("models") / "Stable-diffusion").is_dir():
+        models = Path("models") / "Stable-diffusion"
+    config = UiConfig(
+        ckpt=args.ui_ckpt,
+        models_dir=models,
+        embeddings_dirs=_default_dirs(args.ui_embeddings_dir, Path("embeddings")),
+        hypernetworks_dirs=_default_dirs(args.ui_hypernetworks_dir, Path("models") / "hypernetworks"),
+        outputs_dir=args.ui_outputs_dir,
+        device=args.ui_device,
+    )
+    host = "0.0.0.0" if args.ui_listen else "127.0.0.1"
+    launch_app(UiSession(config), host=host, port=args.ui_port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sdconcepts",
-        description="sdconcepts: textual inversion embeddings and hypernetworks for Stable Diffusion.",
+        description="sdconcepts: textual inversion embeddings and hypernetworks for Stable Diffusion. "
+        "Without a COMMAND it serves the web UI on http://127.0.0.1:7860/.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    add_web_ui_arguments(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_generate_parser(subparsers)
     from sdconcepts.cli_files import add_file_parsers
@@ -174,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not hasattr(args, "func"):
-        parser.print_help()
-        return 2
+        args.func = run_web_ui  # no command: serve the web UI
     try:
         return int(args.func(args))
     except CommandError as exc:
