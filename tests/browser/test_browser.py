@@ -1,0 +1,223 @@
+"""The web UI in a real browser (Playwright driving Debian's chromium) against an app the test starts.
+
+Two ways of serving the same UI: ``standalone`` (``python -m sdconcepts``) and ``hosted`` (our tab inside a page
+built the way A1111/Forge build theirs, tests/browser/hosted_app.py). The app runs under ``SDCONCEPTS_APP_PYTHON``
+(default: this interpreter), so ``tools/host_stacks.sh`` runs this same test against the A1111 and Forge stacks.
+Screenshots of each tab go to ``SDCONCEPTS_BROWSER_OUTPUT`` (default tests/browser/output/, git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from library_files import write_library
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+    "--no-first-run", "--disable-component-update", "--disable-sync",
+]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+OUTPUT = Path(os.environ.get("SDCONCEPTS_BROWSER_OUTPUT", HERE / "output"))
+APP_PYTHON = os.environ.get("SDCONCEPTS_APP_PYTHON", sys.executable)
+TIMEOUT_MS = 60_000
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser test driver)")
+if not CHROMIUM.exists():
+    pytest.skip("Debian chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _model_for_test(tmp: Path) -> tuple[str, int]:
+    """The embedded default model when it is installed; otherwise the tiny test model (and say so)."""
+    from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR
+
+    if (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+        import json
+
+        width = json.loads((DEFAULT_MODEL_DIR / "text_encoder" / "config.json").read_text())["hidden_size"]
+        return "-", int(width)
+    from sdconcepts.backends.tiny import save_tiny_sd1
+
+    print("note: the embedded default model is not installed; the browser test uses the tiny test model")
+    return str(save_tiny_sd1(tmp / "tiny-sd1")), 48
+
+
+def _wait_for_server(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the app exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"the app did not answer within 180 s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module", params=["standalone", "hosted"])
+def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"browser-{mode}")
+    model, width = _model_for_test(tmp)
+    embeddings, hypernetworks = write_library(tmp, width)
+    outputs = tmp / "outputs"
+    port = _free_port()
+    if mode == "standalone":
+        command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--embeddings-dir", str(embeddings),
+                   "--hypernetworks-dir", str(hypernetworks), "--outputs-dir", str(outputs)]
+        if model != "-":
+            command += ["--ckpt", model]
+    else:
+        command = [APP_PYTHON, str(HERE / "hosted_app.py"), str(port), model, str(embeddings), str(hypernetworks),
+                   str(outputs)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    log = OUTPUT / f"{mode}-server.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_for_server(url, process, log)
+        yield mode, url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _open_tab(page, label: str) -> None:  # type: ignore[no-untyped-def]
+    # Gradio 3 renders tab buttons in .tab-nav; Gradio 4+ gives them role="tab" (6 adds hidden overflow copies).
+    buttons = page.locator('#sdconcepts_tabs button[role="tab"], #sdconcepts_tabs .tab-nav button')
+    buttons.filter(has_text=label).filter(visible=True).first.click()
+
+
+def _value(page, selector: str) -> str:  # type: ignore[no-untyped-def]
+    return str(page.locator(selector).first.input_value())
+
+
+def _wait_for_images(page, timeout: float = 180) -> None:  # type: ignore[no-untyped-def]
+    """Until the gallery shows an image; fail at once with the message when gradio shows an error instead."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if page.locator("#sdconcepts_gallery img").count():
+            return
+        toast = page.locator(".toast-body")
+        if toast.count():
+            raise AssertionError(f"generation failed: {toast.first.inner_text()}")
+        page.wait_for_timeout(250)
+    raise AssertionError(f"no image in the gallery after {timeout} s")
+
+
+def _text(page, selector: str) -> str:  # type: ignore[no-untyped-def]
+    # Gradio 3 repeats an HTML component's elem_id on an inner element, so select our own markup inside it.
+    return str(page.locator(selector).first.inner_text())
+
+
+def _set_caret(page, selector: str, position: int) -> None:  # type: ignore[no-untyped-def]
+    page.locator(selector).first.evaluate(
+        "(el, pos) => { el.focus(); el.setSelectionRange(pos, pos); el.blur(); }", position
+    )
+
+
+def test_cards_insert_tags_and_generate(app: tuple[str, str]) -> None:
+    mode, url = app
+    prompt = "#sdconcepts_prompt textarea"
+    negative = "#sdconcepts_neg_prompt textarea"
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            if mode == "hosted":
+                host_tab = page.locator('#tabs button[role="tab"], #tabs .tab-nav button')
+                host_tab.filter(has_text="sdconcepts").filter(visible=True).first.click()
+            page.wait_for_selector(prompt, state="visible")
+            page.wait_for_function("() => window.sdconcepts && window.sdconcepts.installed")
+
+            # Hypernetworks: cards with details and previews, the skipped file, search as you type.
+            _open_tab(page, "Hypernetworks")
+            cards = page.locator("#sdconcepts_hn_cards .sdconcepts-card")
+            cards.first.wait_for(state="visible")
+            assert cards.count() == 2
+            assert "broken-hypernet.pt" in _text(page, "#sdconcepts_hn_skipped .sdconcepts-skipped")
+            assert page.locator("#sdconcepts_hn_cards img.sdconcepts-card-preview").count() == 1
+            page.locator("#sdconcepts_hn_search input, #sdconcepts_hn_search textarea").first.fill("anime")
+            page.wait_for_function(
+                "() => document.querySelectorAll('#sdconcepts_hn_cards .sdconcepts-card').length === 1"
+            )
+            card = page.locator('#sdconcepts_hn_cards .sdconcepts-card[data-name="anime-hypernet"]')
+            assert "widths 48, 32" in card.inner_text() or "widths" in card.inner_text()
+            page.screenshot(path=str(OUTPUT / f"{mode}-hypernetworks.png"), full_page=True)
+
+            # Click inserts <hypernet:name:1> at the caret; a second click removes it.
+            page.locator(prompt).fill("a red circle on teal")
+            _set_caret(page, prompt, len("a red circle"))
+            card.click()
+            assert _value(page, prompt) == "a red circle <hypernet:anime-hypernet:1> on teal"
+            card.click()
+            assert _value(page, prompt) == "a red circle on teal"
+            card.click()  # keep it for the generation below: the infotext must show it
+            assert _value(page, prompt) == "a red circle <hypernet:anime-hypernet:1> on teal"
+
+            # Textual Inversion: goes to the negative prompt when that had focus last, else to the prompt.
+            _open_tab(page, "Textual Inversion")
+            ti_cards = page.locator("#sdconcepts_ti_cards .sdconcepts-card")
+            ti_cards.first.wait_for(state="visible")
+            assert ti_cards.count() == 2
+            skipped = _text(page, "#sdconcepts_ti_skipped .sdconcepts-skipped")
+            assert "broken.pt" in skipped and "other-width.safetensors" in skipped and "does not fit" in skipped
+            page.locator(negative).click()
+            page.locator('#sdconcepts_ti_cards .sdconcepts-card[data-name="lineart"]').click()
+            assert _value(page, negative) == "lineart"
+            page.locator(prompt).click()
+            page.locator(prompt).press("End")
+            page.locator('#sdconcepts_ti_cards .sdconcepts-card[data-name="toy-style"]').click()
+            assert _value(page, prompt) == "a red circle <hypernet:anime-hypernet:1> on teal toy-style"
+            assert _value(page, negative) == "lineart"
+            page.screenshot(path=str(OUTPUT / f"{mode}-textual-inversion.png"), full_page=True)
+            if mode == "hosted":
+                assert _value(page, "#txt2img_prompt textarea") == "the host's own prompt"
+
+            # Generate one image: gallery and infotext show what the server received from the prompt boxes.
+            _open_tab(page, "txt2img")
+            page.locator("#sdconcepts_seed input").fill("42")
+            page.locator("#sdconcepts_seed input").press("Tab")
+            page.locator("#sdconcepts_generate").click()
+            _wait_for_images(page)
+            page.wait_for_function(
+                "() => { const t = document.querySelector('#sdconcepts_infotext textarea');"
+                " return t && t.value.includes('Seed: 42'); }",
+                timeout=180_000,
+            )
+            info = _value(page, "#sdconcepts_infotext textarea")
+            assert info.startswith("a red circle <hypernet:anime-hypernet:1> on teal toy-style\n")
+            assert "Negative prompt: lineart" in info and "TI hashes" in info
+            assert page.locator("#sdconcepts_warnings .sdconcepts-warnings").count() == 0
+            page.locator("#sdconcepts_random_seed").click()
+            page.wait_for_function("() => document.querySelector('#sdconcepts_seed input').value === '-1'")
+            page.locator("#sdconcepts_reuse_seed").click()
+            page.wait_for_function("() => document.querySelector('#sdconcepts_seed input').value === '42'")
+            page.screenshot(path=str(OUTPUT / f"{mode}-txt2img.png"), full_page=True)
+        finally:
+            browser.close()

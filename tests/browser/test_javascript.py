@@ -1,0 +1,89 @@
+"""javascript/sdconcepts.js in chromium without a server: the toggle rules, and the click/focus wiring on a bare page."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+        "--no-first-run", "--disable-component-update", "--disable-sync"]
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser test driver)")
+if not CHROMIUM.exists():
+    pytest.skip("Debian chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+
+PAGE = """
+<div id="sdconcepts_root">
+  <div id="sdconcepts_prompt"><label><textarea></textarea></label></div>
+  <div id="sdconcepts_neg_prompt"><label><textarea></textarea></label></div>
+  <div class="sdconcepts-card" tabindex="0" role="button" data-prompt="&lt;hypernet:style:1&gt;" data-allow-negative="0"><span>style</span></div>
+  <div class="sdconcepts-card" tabindex="0" role="button" data-prompt="toy" data-allow-negative="1"><span>toy</span></div>
+  <div id="txt2img_prompt"><textarea>host prompt</textarea></div>
+</div>
+"""
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page()
+            page.set_content(PAGE)
+            page.add_script_tag(path=str(ROOT / "javascript" / "sdconcepts.js"))
+            page.add_script_tag(path=str(ROOT / "javascript" / "sdconcepts.js"))  # a second copy installs nothing
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "text", "caret", "expected", "removed"),
+    [
+        ("", "toy", None, "toy", False),
+        ("a photo", "toy", None, "a photo toy", False),  # never focused: appended, as A1111 does
+        ("a red circle on teal", "<hypernet:s:1>", 12, "a red circle <hypernet:s:1> on teal", False),
+        ("a, b", "<hypernet:s:1>", 1, "a <hypernet:s:1>, b", False),
+        ("a red circle <hypernet:s:0.5> on teal", "<hypernet:s:1>", 0, "a red circle on teal", True),  # any number
+        ("a <hypernet:s:-1>", "<hypernet:s:1>", None, "a <hypernet:s:-1> <hypernet:s:1>", False),  # A1111 quirk
+        ("<hypernet:other:1>", "<hypernet:s:1>", None, "<hypernet:other:1> <hypernet:s:1>", False),
+        ("a toy, b", "toy", None, "a, b", True),
+        ("toy b", "toy", None, "b", True),
+        ("toygirl", "toy", None, "toygirl toy", False),  # whole words only
+        ("x (y) z", "(y)", None, "x z", True),  # regex characters in a name are literal
+    ],
+)
+def test_toggle_rules(page: Any, value: str, text: str, caret: int | None, expected: str, removed: bool) -> None:
+    result = page.evaluate("([v, t, c]) => window.sdconcepts.toggleText(v, t, c)", [value, text, caret])
+    assert (result["value"], result["removed"]) == (expected, removed)
+
+
+def test_clicks_follow_the_last_focused_prompt_and_notify_gradio(page: Any) -> None:
+    page.evaluate("""() => {
+        window.inputs = [];
+        for (const id of ['sdconcepts_prompt', 'sdconcepts_neg_prompt'])
+            document.querySelector('#' + id + ' textarea').addEventListener('input', () => window.inputs.push(id));
+    }""")
+    prompt = page.locator("#sdconcepts_prompt textarea")
+    negative = page.locator("#sdconcepts_neg_prompt textarea")
+    negative.click()
+    page.locator(".sdconcepts-card[data-prompt='toy']").click()
+    page.locator(".sdconcepts-card[data-prompt='<hypernet:style:1>']").click()  # hypernetworks: always the prompt
+    assert negative.input_value() == "toy" and prompt.input_value() == "<hypernet:style:1>"
+    prompt.fill("abc def")
+    prompt.evaluate("el => { el.setSelectionRange(3, 3); window.inputs.push('typed'); }")
+    page.locator(".sdconcepts-card[data-prompt='toy']").click()  # the prompt had focus last, caret after "abc"
+    assert prompt.input_value() == "abc toy def"
+    page.locator(".sdconcepts-card[data-prompt='toy']").focus()
+    page.keyboard.press("Enter")  # cards work from the keyboard too
+    assert prompt.input_value() == "abc def"
+    inputs = page.evaluate("window.inputs")
+    typed = inputs.index("typed")  # fill() itself sends input events before this marker
+    assert inputs[:2] == ["sdconcepts_neg_prompt", "sdconcepts_prompt"]
+    assert inputs[typed + 1:] == ["sdconcepts_prompt", "sdconcepts_prompt"]
+    assert page.locator("#txt2img_prompt textarea").input_value() == "host prompt"

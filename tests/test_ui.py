@@ -1,0 +1,255 @@
+"""Web UI handlers, cards and session on real files and a tiny real model; the layout's scoping rules."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdconcepts import Embedding, save_embedding
+from sdconcepts.generation import MAX_SEED
+from sdconcepts.images import read_infotext
+from sdconcepts.ui import handlers
+from sdconcepts.ui.cards import format_multiplier, hypernetwork_tag
+from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, UiConfig, UiError, UiSession, scan_models
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "browser"))
+from library_files import write_library  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WIDTH = 48  # the tiny test model's text width
+
+
+@pytest.fixture()
+def library(tmp_path: Path) -> tuple[Path, Path]:
+    return write_library(tmp_path, WIDTH)
+
+
+@pytest.fixture()
+def session(library: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path) -> UiSession:
+    embeddings, hypernetworks = library
+    return UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[embeddings], hypernetworks_dirs=[hypernetworks],
+                              outputs_dir=tmp_path / "outputs", device="cpu"))
+
+
+def _card_names(html: str) -> list[str]:
+    return re.findall(r'data-name="([^"]*)"', html)
+
+
+# -- cards ----------------------------------------------------------------------------------------------------
+
+
+def test_multiplier_is_written_as_a1111s_javascript_writes_it() -> None:
+    assert format_multiplier(1.0) == "1"
+    assert format_multiplier(0.75) == "0.75"
+    assert format_multiplier(2) == "2"
+    assert hypernetwork_tag("style", 1.0) == "<hypernet:style:1>"
+
+
+def test_embedding_cards_show_details_previews_and_skipped_reasons(session: UiSession, tiny_model_dir: Path) -> None:
+    view = handlers.embedding_cards_view(session, model_label=str(tiny_model_dir))
+    assert _card_names(view.cards_html) == ["lineart", "toy-style"]
+    assert view.summary == "2 of 2 embeddings, 2 skipped"
+    toy = view.cards_html[view.cards_html.index('data-name="toy-style"'):]
+    assert 'data-prompt="toy-style"' in toy and 'data-allow-negative="1"' in toy
+    assert "2 vectors, width 48" in toy
+    assert toy.index("data:image/jpeg;base64,") < toy.index("</div></div>")  # the name.png preview, inlined
+    lineart = view.cards_html[view.cards_html.index('data-name="lineart"'):view.cards_html.index('data-name="toy-style"')]
+    assert "sdconcepts-card-placeholder" in lineart and "<img" not in lineart
+    assert "broken.pt" in view.skipped_html
+    assert "other-width.safetensors</code>: width 56 does not fit the model&#x27;s 48" in view.skipped_html
+
+
+def test_hypernetwork_cards_insert_tags_with_the_default_multiplier(library: tuple[Path, Path]) -> None:
+    embeddings, hypernetworks = library
+    session = UiSession(UiConfig(hypernetworks_dirs=[hypernetworks], multiplier=lambda: 0.5))
+    view = handlers.hypernetwork_cards_view(session)
+    assert _card_names(view.cards_html) == ["anime-hypernet", "toy-hypernet"]
+    assert 'data-prompt="&lt;hypernet:anime-hypernet:0.5&gt;"' in view.cards_html
+    assert 'data-allow-negative="0"' in view.cards_html
+    assert "widths 48, 32" in view.cards_html and "structure [1, 1.5, 1], relu, layer norm" in view.cards_html
+    assert "widths 48</span>" in view.cards_html and "structure [1, 2, 1], linear" in view.cards_html
+    assert view.cards_html.count("data:image/jpeg;base64,") == 1  # anime-hypernet.preview.png
+    assert "broken-hypernet.pt" in view.skipped_html and view.summary == "2 of 2 hypernetworks, 1 skipped"
+
+
+def test_search_filters_by_name_folder_and_hash_and_sort_orders(session: UiSession) -> None:
+    assert _card_names(handlers.embedding_cards_view(session, "LINE").cards_html) == ["lineart"]
+    assert _card_names(handlers.embedding_cards_view(session, "styles").cards_html) == ["lineart"]  # its subfolder
+    toy_hash = next(r.hash for r in session.embeddings.records() if r.name == "toy-style")
+    assert toy_hash
+    assert _card_names(handlers.embedding_cards_view(session, toy_hash[:8]).cards_html) == ["toy-style"]
+    nothing = handlers.embedding_cards_view(session, "no such thing")
+    assert _card_names(nothing.cards_html) == [] and "No card matches the search (2 hidden)" in nothing.cards_html
+    assert nothing.summary.startswith("0 of 2")
+
+    folder = session.config.hypernetworks_dirs[0]
+    os.utime(folder / "toy-hypernet.pt", (1_000_000, 1_000_000))
+    os.utime(folder / "anime-hypernet.pt", (2_000_000, 2_000_000))
+    assert _card_names(handlers.hypernetwork_cards_view(session, sort="Date").cards_html) == [
+        "toy-hypernet", "anime-hypernet"]
+    assert _card_names(handlers.hypernetwork_cards_view(session, sort="Date", descending=True).cards_html) == [
+        "anime-hypernet", "toy-hypernet"]
+    assert _card_names(handlers.hypernetwork_cards_view(session, sort="Name", descending=True).cards_html) == [
+        "toy-hypernet", "anime-hypernet"]
+
+
+def test_new_removed_and_fixed_files_show_up_on_the_next_render(session: UiSession) -> None:
+    folder = session.config.embeddings_dirs[0]
+    assert "broken.pt" in handlers.embedding_cards_view(session).skipped_html
+    save_embedding(Embedding("a&b", torch.ones(1, WIDTH)), folder / "a&b.pt")
+    (folder / "styles" / "lineart.safetensors").unlink()
+    save_embedding(Embedding("broken", torch.ones(3, WIDTH)), folder / "broken.pt")  # fixed in place
+    view = handlers.embedding_cards_view(session)
+    assert _card_names(view.cards_html) == ["a&amp;b", "broken", "toy-style"]  # names are escaped
+    assert "broken.pt" not in view.skipped_html and "other-width" in view.skipped_html
+
+
+def test_an_empty_folder_says_what_to_do(tmp_path: Path) -> None:
+    view = handlers.hypernetwork_cards_view(UiSession(UiConfig(hypernetworks_dirs=[tmp_path])))
+    assert "No hypernetwork files found" in view.cards_html and view.skipped_html == ""
+
+
+# -- seeds, gallery selection, form values --------------------------------------------------------------------
+
+
+def test_seed_buttons_and_selected_infotext() -> None:
+    assert handlers.random_seed() == -1
+    assert handlers.reuse_seed([11, 12], 1) == 12
+    assert handlers.reuse_seed([11, 12], None) == 11  # nothing selected: the first image's seed
+    assert handlers.reuse_seed([], None, current=5) == 5  # nothing generated yet: keep the field
+    assert handlers.selected_infotext(["a", "b"], 1) == "b"
+    assert handlers.selected_infotext(["a"], 3) == "" and handlers.selected_infotext([], 0) == ""
+
+
+def test_form_values_become_generation_params_or_a_clear_error() -> None:
+    params = handlers.generation_params("p", "n", "DDIM", 4.0, 6.5, 7.0, 0, 64, 2.0, 3)
+    assert (params.steps, params.cfg_scale, params.seed, params.width, params.height) == (4, 6.5, 7, None, 64)
+    assert (params.batch_size, params.batch_count, params.sampler) == (2, 3, "DDIM")
+    with pytest.raises(UiError, match="unknown sampler 'Nope'"):
+        handlers.generation_params("p", "", "Nope", 4, 7, -1, 0, 0, 1, 1)
+    with pytest.raises(UiError, match="Steps must be a whole number"):
+        handlers.generation_params("p", "", "Euler", 4.5, 7, -1, 0, 0, 1, 1)
+    with pytest.raises(UiError, match="Width must be a number"):
+        handlers.generation_params("p", "", "Euler", 4, 7, -1, "wide", 0, 1, 1)
+    with pytest.raises(UiError, match=f"at most {MAX_SEED}"):
+        handlers.generation_params("p", "", "Euler", 4, 7, MAX_SEED + 1, 0, 0, 1, 1)
+
+
+# -- models and generation ------------------------------------------------------------------------------------
+
+
+def test_model_choices_scan_checkpoints_and_diffusers_folders(tmp_path: Path, tiny_model_dir: Path) -> None:
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    (models / "a.safetensors").write_bytes(b"x")
+    (models / "sub" / "b.ckpt").write_bytes(b"x")
+    (models / "notes.txt").write_text("not a model")
+    (models / ".hidden").mkdir()
+    (models / ".hidden" / "c.safetensors").write_bytes(b"x")
+    folder = models / "diffusers-model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")  # inside a folder model: not listed
+    assert scan_models(models) == [models / "a.safetensors", folder, models / "sub" / "b.ckpt"]
+    session = UiSession(UiConfig(ckpt=tiny_model_dir, models_dir=models))
+    assert list(session.model_choices()) == [
+        DEFAULT_MODEL_LABEL, str(tiny_model_dir), "a.safetensors", "diffusers-model", str(Path("sub") / "b.ckpt")]
+    assert session.default_choice() == str(tiny_model_dir)
+    assert session.context_width() == WIDTH  # read from the folder's config, nothing loaded
+    with pytest.raises(UiError, match="a.safetensors"):
+        session.model("a.safetensors")  # a broken checkpoint: one clear line naming the file
+    with pytest.raises(UiError, match="no longer available"):
+        session.model("gone.safetensors")
+
+
+def test_generate_applies_embeddings_and_hypernetworks_and_saves_pngs(session: UiSession, tiny_model_dir: Path) -> None:
+    label = str(tiny_model_dir)
+    calls: list[tuple[int, int]] = []
+
+    def run(prompt: str, negative: str = "") -> handlers.GenerateOutput:
+        params = handlers.generation_params(prompt, negative, "Euler", 2, 7, 3, 0, 0, 2, 1)
+        return handlers.generate(session, label, params, progress=lambda done, total: calls.append((done, total)))
+
+    plain = run("a red circle")
+    assert calls == [(1, 2), (2, 2)]  # per-step progress
+    assert plain.seeds == [3, 4] and plain.captions == ["seed 3", "seed 4"] and plain.warnings == []
+    assert session.model(label) is session.model(label)  # loaded once
+    tagged = run("a red circle <hypernet:toy-hypernet:1>", "toy-style")
+    assert not torch.equal(torch.tensor(list(plain.images[0].getdata())), torch.tensor(list(tagged.images[0].getdata())))
+    info = tagged.first_infotext
+    assert info.startswith("a red circle <hypernet:toy-hypernet:1>\nNegative prompt: toy-style\n")
+    assert "TI hashes" in info and tagged.warnings == []
+    assert len(tagged.saved) == 2 and read_infotext(tagged.saved[1]) == tagged.infotexts[1]
+    problems = run("<hypernet:broken-hypernet:1> <hypernet:missing:1> other-width")
+    text = " | ".join(problems.warnings)
+    assert "broken-hypernet.pt was skipped" in text and "unknown hypernet 'missing'" in text
+    assert "embedding 'other-width' was skipped" in text
+    assert "<li>" in problems.warnings_html and handlers.render_warnings([]) == ""
+
+
+def test_generate_reports_bad_sizes_without_generating(session: UiSession, tiny_model_dir: Path) -> None:
+    params = handlers.generation_params("p", "", "Euler", 2, 7, 1, 40, 0, 1, 1)
+    with pytest.raises(UiError, match="multiples of"):
+        handlers.generate(session, str(tiny_model_dir), params)
+
+
+# -- layout, scoping, standalone launch ------------------------------------------------------------------------
+
+
+def test_every_element_id_is_ours(session: UiSession) -> None:
+    from sdconcepts.ui.app import ROOT_ID, build_ui
+
+    blocks = build_ui(session)
+    ids = [c.get("props", {}).get("elem_id") for c in blocks.config["components"]]
+    ids = [i for i in ids if i]
+    assert ROOT_ID in ids and "sdconcepts_prompt" in ids and "sdconcepts_neg_prompt" in ids
+    assert len(ids) >= 30 and all(i.startswith("sdconcepts_") for i in ids), ids
+    assert len(ids) == len(set(ids))
+
+
+def test_stylesheet_only_styles_our_root() -> None:
+    css = re.sub(r"/\*.*?\*/", "", (ROOT / "style.css").read_text(), flags=re.S)
+    selectors = [s.strip() for block in re.findall(r"([^{}]+)\{", css) for s in block.split(",")]
+    assert selectors and all(s.startswith("#sdconcepts_root ") for s in selectors), selectors
+
+
+def test_javascript_defines_one_global_and_targets_our_ids() -> None:
+    js = (ROOT / "javascript" / "sdconcepts.js").read_text()
+    assert set(re.findall(r"window\.(\w+)", js)) == {"sdconcepts"}
+    ids = set(re.findall(r'"(sdconcepts_\w+)"', js))
+    assert ids == {"sdconcepts_prompt", "sdconcepts_neg_prompt"}
+    assert js.lstrip().startswith("/*") and "(function () {" in js  # one IIFE: nothing leaks into the host's scope
+
+
+def test_standalone_app_serves_on_localhost(session: UiSession) -> None:
+    from sdconcepts.ui.app import launch_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    blocks = launch_app(session, port=port, block=False)
+    try:
+        assert blocks.server_name == "127.0.0.1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            assert response.status == 200
+    finally:
+        blocks.close()
+
+
+def test_command_line_without_a_command_configures_the_web_ui(tmp_path: Path) -> None:
+    from sdconcepts.cli import build_parser, main
+
+    args = build_parser().parse_args(["--port", "7999", "--listen", "--embeddings-dir", str(tmp_path)])
+    assert (args.ui_port, args.ui_listen, args.ui_embeddings_dir) == (7999, True, [tmp_path])
+    assert not hasattr(args, "func")  # no command: main() serves the web UI
+    assert build_parser().parse_args([]).ui_listen is False
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--hypernetworks-dir", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
