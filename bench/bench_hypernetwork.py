@@ -11,6 +11,10 @@ Modes (same model, prompt, seed, sampler, steps):
 
 Goals (issue 5): ``text`` adds ≤ 2 % to generation time; ``all``'s overhead ≤ 0.85× ``all-a1111``'s.
 Usage: ``python bench/bench_hypernetwork.py [--model tiny|sd15] [--steps N] [--repeats N] [--device cuda]``.
+
+``--work`` measures the hypernetwork work alone, which whole generations on a shared CPU cannot resolve: the key and
+value inputs of every attention layer are captured from one UNet call, then the layers' ``to_k``/``to_v`` are timed
+on them without hooks, with ours and with A1111's way (minimum of the repeats, this process's CPU time).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared CPU; use with --threads 1)")
+    parser.add_argument("--work", action="store_true", help="time the hypernetwork work per UNet call (see above)")
     parser.add_argument("--modes", default="base,text,text-a1111,all,all-a1111,relu-all,relu-all-a1111")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,6 +69,9 @@ def main() -> None:
     }
     for hypernetwork in hypernetworks.values():
         hypernetwork.to(device)
+    if args.work:
+        _work(model, hypernetworks, args, text_width)
+        return
     modes = args.modes.split(",")
     params = GenerationParams(
         prompt="a photo of a cat", steps=args.steps, sampler="DDIM", cfg_scale=7.0, seed=1, batch_size=args.batch_size,
@@ -119,6 +127,62 @@ def main() -> None:
                 ratio = (stat[name] - base) / reference
                 goal = "  (goal <= 0.85)" if name == "all" else ""
                 print(f"[{label}] {name}: our overhead / A1111-way overhead = {ratio:.3f}{goal}")
+
+
+def _work(model: Any, hypernetworks: dict[str, Any], args: argparse.Namespace, text_width: int) -> None:
+    from sdconcepts.attach import attach_hypernetworks, attention_layers
+
+    size = args.size or (512 if args.model == "sd15" else model.default_size)
+    latent = size // model.vae_scale_factor
+    unet = model.unet
+    param = next(unet.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, latent, latent, generator=g).to(param)
+    context = torch.randn(2, 77, text_width, generator=g).to(param)
+    layers = attention_layers(unet)
+    captured: list[tuple[Any, torch.Tensor]] = []
+    hooks = [
+        layer.to_k.register_forward_pre_hook(lambda _m, a, layer=layer: captured.append((layer, a[0])))
+        for layer in layers
+    ]
+    with torch.no_grad():
+        unet(x, torch.tensor([500]), encoder_hidden_states=context)
+    for hook in hooks:
+        hook.remove()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    def projections() -> float:
+        start = clock()
+        with torch.no_grad():
+            for layer, inputs in captured:
+                layer.to_k(inputs)
+                layer.to_v(inputs)
+        return clock() - start
+
+    def best(repeats: int) -> float:
+        projections()  # warm-up; in the fast mode this also fills the text cache, as the first step does
+        return min(projections() for _ in range(repeats))
+
+    tokens = sorted({(layer.width, inputs.shape[1]) for layer, inputs in captured})
+    print(f"model={args.model} size={size} batch=2 (CFG) layers={len(captured)} (width, tokens)={tokens} clock={args.clock}")
+    base = best(args.repeats)
+    print(f"  to_k+to_v of every layer, no hypernetwork: {base * 1000:9.1f} ms per UNet call")
+    for name in ("text", "all", "relu-all"):
+        results = {}
+        for fast in (True, False):
+            with attach_hypernetworks(unet, [(hypernetworks[name], 1.0)], fast=fast):
+                start = clock()
+                projections()
+                first = clock() - start
+                results[fast] = (best(args.repeats) - base, first - base)
+        ours, a1111 = results[True][0], results[False][0]
+        once = max(results[True][1] - ours, 0.0)  # the text chain, computed on the first call only
+        steps = args.steps
+        ratio = (steps * ours + once) / (steps * a1111) if a1111 > 0 else float("nan")
+        print(
+            f"  {name:9s} added per UNet call: ours {ours * 1000:8.2f} ms (+{once * 1000:.1f} ms once per generation), "
+            f"A1111's way {a1111 * 1000:8.2f} ms; over {steps} steps ours/A1111 = {ratio:.3f}"
+        )
 
 
 if __name__ == "__main__":
