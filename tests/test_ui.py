@@ -173,20 +173,20 @@ def test_generate_applies_embeddings_and_hypernetworks_and_saves_pngs(session: U
     label = str(tiny_model_dir)
     calls: list[tuple[int, int]] = []
 
-    def run(prompt: str, negative: str = "") -> handlers.GenerateOutput:
-        params = handlers.generation_params(prompt, negative, "Euler", 2, 7, 3, 0, 0, 2, 1)
+    def run(prompt: str, negative: str = "", batch: int = 1) -> handlers.GenerateOutput:
+        params = handlers.generation_params(prompt, negative, "Euler", 2, 7, 3, 0, 0, batch, 1)
         return handlers.generate(session, label, params, progress=lambda done, total: calls.append((done, total)))
 
-    plain = run("a red circle")
+    plain = run("a red circle", batch=2)
     assert calls == [(1, 2), (2, 2)]  # per-step progress
     assert plain.seeds == [3, 4] and plain.captions == ["seed 3", "seed 4"] and plain.warnings == []
+    assert len(plain.saved) == 2 and read_infotext(plain.saved[1]) == plain.infotexts[1]
     assert session.model(label) is session.model(label)  # loaded once
     tagged = run("a red circle <hypernet:toy-hypernet:1>", "toy-style")
     assert not torch.equal(torch.tensor(list(plain.images[0].getdata())), torch.tensor(list(tagged.images[0].getdata())))
     info = tagged.first_infotext
     assert info.startswith("a red circle <hypernet:toy-hypernet:1>\nNegative prompt: toy-style\n")
     assert "TI hashes" in info and tagged.warnings == []
-    assert len(tagged.saved) == 2 and read_infotext(tagged.saved[1]) == tagged.infotexts[1]
     problems = run("<hypernet:broken-hypernet:1> <hypernet:missing:1> other-width")
     text = " | ".join(problems.warnings)
     assert "broken-hypernet.pt was skipped" in text and "unknown hypernet 'missing'" in text

@@ -55,6 +55,7 @@ print("python", sys.version.split()[0], "gradio", gradio.__version__, "fastapi",
       "transformers", transformers.__version__, "diffusers", diffusers.__version__, "numpy", numpy.__version__,
       "Pillow", PIL.__version__)')"
     SDCONCEPTS_APP_PYTHON=$venv/bin/python SDCONCEPTS_BROWSER_OUTPUT=$ROOT/tests/browser/output/$name \
+        SDCONCEPTS_BROWSER_MODES=standalone,hosted \
         "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider tests/browser
 }
 

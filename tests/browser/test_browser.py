@@ -1,7 +1,8 @@
 """The web UI in a real browser (Playwright driving Debian's chromium) against an app the test starts.
 
 Two ways of serving the same UI: ``standalone`` (``python -m sdconcepts``) and ``hosted`` (our tab inside a page
-built the way A1111/Forge build theirs, tests/browser/hosted_app.py). The app runs under ``SDCONCEPTS_APP_PYTHON``
+built the way A1111/Forge build theirs, tests/browser/hosted_app.py); ``SDCONCEPTS_BROWSER_MODES=standalone,hosted``
+runs both (the default is standalone only). The app runs under ``SDCONCEPTS_APP_PYTHON``
 (default: this interpreter), so ``tools/host_stacks.sh`` runs this same test against the A1111 and Forge stacks.
 Screenshots of each tab go to ``SDCONCEPTS_BROWSER_OUTPUT`` (default tests/browser/output/, git-ignored).
 """
@@ -71,7 +72,11 @@ def _wait_for_server(url: str, process: subprocess.Popen[bytes], log: Path) -> N
     raise AssertionError(f"the app did not answer within 180 s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module", params=["standalone", "hosted"])
+# The default run serves the app standalone; CI and tools/host_stacks.sh also run the hosted page.
+MODES = [m.strip() for m in os.environ.get("SDCONCEPTS_BROWSER_MODES", "standalone").split(",") if m.strip()]
+
+
+@pytest.fixture(scope="module", params=MODES)
 def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     mode = request.param
     tmp = tmp_path_factory.mktemp(f"browser-{mode}")
@@ -201,6 +206,8 @@ def test_cards_insert_tags_and_generate(app: tuple[str, str]) -> None:
 
             # Generate one image: gallery and infotext show what the server received from the prompt boxes.
             _open_tab(page, "txt2img")
+            page.locator("#sdconcepts_steps input[type=number]").fill("6")
+            page.locator("#sdconcepts_steps input[type=number]").press("Tab")
             page.locator("#sdconcepts_seed input").fill("42")
             page.locator("#sdconcepts_seed input").press("Tab")
             page.locator("#sdconcepts_generate").click()
@@ -212,7 +219,7 @@ def test_cards_insert_tags_and_generate(app: tuple[str, str]) -> None:
             )
             info = _value(page, "#sdconcepts_infotext textarea")
             assert info.startswith("a red circle <hypernet:anime-hypernet:1> on teal toy-style\n")
-            assert "Negative prompt: lineart" in info and "TI hashes" in info
+            assert "Negative prompt: lineart" in info and "TI hashes" in info and "Steps: 6," in info
             assert page.locator("#sdconcepts_warnings .sdconcepts-warnings").count() == 0
             page.locator("#sdconcepts_random_seed").click()
             page.wait_for_function("() => document.querySelector('#sdconcepts_seed input').value === '-1'")
