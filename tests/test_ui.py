@@ -253,3 +253,16 @@ def test_command_line_without_a_command_configures_the_web_ui(tmp_path: Path) ->
     with pytest.raises(SystemExit) as exit_info:
         main(["--hypernetworks-dir", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
+
+
+def test_handler_errors_reach_the_page_as_gradio_errors() -> None:
+    import gradio as gr
+
+    from sdconcepts.ui.app import _guard
+
+    def bad() -> None:
+        raise UiError("steps must be between 1 and 150, got 0")
+
+    with pytest.raises(gr.Error, match="steps must be between 1 and 150"):
+        _guard(bad)()
+    assert _guard(lambda: 3)() == 3

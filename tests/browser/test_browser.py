@@ -120,15 +120,20 @@ def _value(page, selector: str) -> str:  # type: ignore[no-untyped-def]
     return str(page.locator(selector).first.input_value())
 
 
-def _wait_for_images(page, timeout: float = 180) -> None:  # type: ignore[no-untyped-def]
+def _errors(page) -> list[str]:  # type: ignore[no-untyped-def]
+    """The error messages gradio shows as toasts (same class in gradio 3, 4 and 6)."""
+    return [str(t) for t in page.locator(".toast-body").all_inner_texts()]
+
+
+def _wait_for_images(page, timeout: float = 180, expected_error: str = "") -> None:  # type: ignore[no-untyped-def]
     """Until the gallery shows an image; fail at once with the message when gradio shows an error instead."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if page.locator("#sdconcepts_gallery img").count():
             return
-        toast = page.locator(".toast-body")
-        if toast.count():
-            raise AssertionError(f"generation failed: {toast.first.inner_text()}")
+        errors = [e for e in _errors(page) if not (expected_error and expected_error in e)]
+        if errors:
+            raise AssertionError(f"generation failed: {errors[0]}")
         page.wait_for_timeout(250)
     raise AssertionError(f"no image in the gallery after {timeout} s")
 
@@ -210,8 +215,21 @@ def test_cards_insert_tags_and_generate(app: tuple[str, str]) -> None:
             page.locator("#sdconcepts_steps input[type=number]").press("Tab")
             page.locator("#sdconcepts_seed input").fill("42")
             page.locator("#sdconcepts_seed input").press("Tab")
+            # A size the model cannot make: a clear error, and nothing in the form is lost.
+            width = page.locator("#sdconcepts_width input[type=number]")
+            width.fill("40")
+            width.press("Tab")
             page.locator("#sdconcepts_generate").click()
-            _wait_for_images(page)
+            deadline = time.monotonic() + 120
+            while not any("multiples of" in e for e in _errors(page)) and time.monotonic() < deadline:
+                page.wait_for_timeout(250)
+            assert any("multiples of" in e for e in _errors(page)), _errors(page)
+            assert page.locator("#sdconcepts_gallery img").count() == 0
+            assert _value(page, prompt) == "a red circle <hypernet:anime-hypernet:1> on teal toy-style"
+            width.fill("0")
+            width.press("Tab")
+            page.locator("#sdconcepts_generate").click()
+            _wait_for_images(page, expected_error="multiples of")
             page.wait_for_function(
                 "() => { const t = document.querySelector('#sdconcepts_infotext textarea');"
                 " return t && t.value.includes('Seed: 42'); }",
