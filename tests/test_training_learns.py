@@ -1,0 +1,151 @@
+"""It learns: textual inversion and hypernetwork training on the embedded toy-world model, scored by the probe.
+
+- Textual inversion: 5 images of a yellow triangle on a fixed background whose captions name nothing ("a shape");
+  an embedding trained with the shipped ``subject`` template must hit shape, colour and background together in
+  >= 80 % of generations from "a photo of a <word>", where the plain words hit all three far less often.
+- Hypernetwork: images of every shape and colour on one background, captioned without the background ("a red
+  circle", shipped ``filewords`` template); at strengths 0, 0.5 and 1 the background rate must rise monotonically to
+  >= 3x its rate at 0 while shape and colour stay >= 95 %.
+
+Slow (a few minutes each on 2 CPU cores); CI runs them. ``python tests/test_training_learns.py`` prints the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "model_index.json").is_file(), reason="the embedded model is missing"),
+]
+
+TI = {"shape": "triangle", "colour": "yellow", "background": "brown", "vectors": 4, "steps": 500, "batch": 5,
+      "learn_rate": "0.01:200, 0.005", "init": "triangle"}
+HN = {"background": "teal", "images": 40, "batch": 20, "steps": 400, "learn_rate": "0.002"}
+SAMPLES = 60
+
+
+def generate(model: Any, prompt: str, count: int, *, embeddings: Mapping[str, torch.Tensor] | None = None,
+             hypernetworks: Mapping[str, Any] | None = None, seed: int = 1000) -> list[Any]:
+    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.generation import GenerationParams
+
+    batch = min(20, count)
+    params = GenerationParams(prompt=prompt, steps=20, sampler="DDIM", cfg_scale=5.0, seed=seed, batch_size=batch,
+                              batch_count=count // batch)
+    return txt2img(model, params, embeddings=embeddings, hypernetworks=hypernetworks).images
+
+
+def rates(images: Sequence[Any], expect: Mapping[str, str]) -> dict[str, float]:
+    from sdconcepts.toyworld.probe import classify
+
+    found = classify(images)
+    out = {name: sum(f[name] == value for f in found) / len(found) for name, value in expect.items()}
+    out["all"] = sum(all(f[n] == v for n, v in expect.items()) for f in found) / len(found)
+    return out
+
+
+def train_ti(work: Path) -> dict[str, Any]:
+    from sdconcepts.backends.diffusers import load_model
+    from sdconcepts.embedding_files import load_embedding
+    from sdconcepts.toyworld.concept import write_concept
+    from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
+    from sdconcepts.training.backend import TrainingModel
+
+    model = load_model(None, device="cpu")
+    write_concept(work / "concept", count=5, seed=4242, shape=TI["shape"], colour=TI["colour"],
+                  background=TI["background"])
+    create_embedding_file(work / "embeddings", "toytri", TrainingModel(model).token_rows(TI["init"], TI["vectors"]),
+                          vectors=TI["vectors"])
+    config = EmbeddingTrainingConfig(dataset=str(work / "concept"), template="subject", width=32, height=32,
+                                     batch_size=TI["batch"], max_steps=TI["steps"], learn_rate=TI["learn_rate"],
+                                     save_every=0, preview_every=0, log_directory=str(work / "log"))
+    start = time.perf_counter()
+    events = list(train_embedding(model, "toytri", config, embeddings_dir=work / "embeddings"))
+    seconds = time.perf_counter() - start
+    vectors = load_embedding(work / "embeddings" / "toytri.pt").tensor()
+    expect = {k: TI[k] for k in ("shape", "colour", "background")}
+    plain = f"a photo of a {TI['colour']} {TI['shape']}"
+    return {
+        "train_seconds": round(seconds, 1),
+        "final_loss": round(sum(e.loss for e in events[-51:-1]) / 50, 4),
+        "with_word": rates(generate(model, "a photo of a toytri", SAMPLES, embeddings={"toytri": vectors}), expect),
+        "with_word_short": rates(generate(model, "a toytri", SAMPLES, embeddings={"toytri": vectors}), expect),
+        "plain_words": rates(generate(model, plain, SAMPLES), expect),
+        "plain_words_prompt": plain,
+        "settings": TI,
+    }
+
+
+def train_hn(work: Path) -> dict[str, Any]:
+    from sdconcepts.backends.diffusers import load_model
+    from sdconcepts.hypernetwork_files import load_hypernetwork
+    from sdconcepts.toyworld import world
+    from sdconcepts.toyworld.concept import write_concept
+    from sdconcepts.training import HypernetworkTrainingConfig, create_hypernetwork_file, train_hypernetwork
+
+    model = load_model(None, device="cpu")
+    write_concept(work / "style", count=HN["images"], seed=77, background=HN["background"])
+    create_hypernetwork_file(work / "hypernetworks", "bgstyle", widths=(48, 32, 64), seed=0)
+    config = HypernetworkTrainingConfig(dataset=str(work / "style"), template="filewords", width=32, height=32,
+                                        batch_size=HN["batch"], max_steps=HN["steps"], learn_rate=HN["learn_rate"],
+                                        save_every=0, preview_every=0, log_directory=str(work / "log"))
+    start = time.perf_counter()
+    list(train_hypernetwork(model, "bgstyle", config, hypernetworks_dir=work / "hypernetworks"))
+    seconds = time.perf_counter() - start
+    hypernetwork = load_hypernetwork(work / "hypernetworks" / "bgstyle.pt")
+    results: dict[str, Any] = {"train_seconds": round(seconds, 1), "settings": HN}
+    shapes, colours = world.SHAPES, tuple(world.COLOURS)
+    from sdconcepts.toyworld.probe import classify
+
+    pairs = [(s, c) for s in shapes for c in colours]  # 30 shape x colour prompts, 2 seeds each
+    for strength in (0.0, 0.5, 1.0):
+        found_bg, found_shape, found_colour = 0, 0, 0
+        images, prompts = [], []
+        for i, (shape, colour) in enumerate(pairs):
+            images += generate(model, f"a {colour} {shape} <hypernet:bgstyle:{strength}>", 2,
+                               hypernetworks={"bgstyle": hypernetwork}, seed=5000 + 2 * i)
+            prompts += [(shape, colour)] * 2
+        for found, (shape, colour) in zip(classify(images), prompts, strict=True):
+            found_bg += found["background"] == HN["background"]
+            found_shape += found["shape"] == shape
+            found_colour += found["colour"] == colour
+        n = len(prompts)
+        results[str(strength)] = {"background": found_bg / n, "shape": found_shape / n, "colour": found_colour / n}
+    return results
+
+
+def test_embedding_learns_the_concept(tmp_path: Path) -> None:
+    report = train_ti(tmp_path)
+    print(json.dumps(report, indent=1))
+    assert report["with_word"]["all"] >= 0.8, report
+    assert report["plain_words"]["all"] <= report["with_word"]["all"] - 0.3, report
+
+
+def test_hypernetwork_shifts_the_style_with_strength(tmp_path: Path) -> None:
+    report = train_hn(tmp_path)
+    print(json.dumps(report, indent=1))
+    bg = [report[s]["background"] for s in ("0.0", "0.5", "1.0")]
+    assert bg[0] < bg[1] < bg[2] and bg[2] >= 3 * max(bg[0], 1 / SAMPLES), report
+    for s in ("0.0", "0.5", "1.0"):
+        assert report[s]["shape"] >= 0.95 and report[s]["colour"] >= 0.95, report
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    which = sys.argv[1:] or ["ti", "hn"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in which:
+            result = (train_ti if name == "ti" else train_hn)(Path(tmp) / name)
+            print(name, json.dumps(result, indent=1), flush=True)
