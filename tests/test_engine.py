@@ -239,3 +239,22 @@ def test_nan_output_is_an_error_not_a_black_image() -> None:
         components["unet"].conv_out.bias.fill_(float("nan"))  # type: ignore[attr-defined]
     with pytest.raises(GenerationError, match="NaN"):
         txt2img(model_from_components(components), GenerationParams(prompt="x", steps=2, seed=1))
+
+
+def test_text_encoder_weights_load_in_either_transformers_key_form(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """transformers 5 writes flattened keys, transformers 4 ``text_model.*``; both must load (never left random)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    weights = copy / "text_encoder" / "model.safetensors"
+    state = load_file(str(weights))
+    flat = {k.removeprefix("text_model."): v for k, v in state.items()}
+    prefixed = {f"text_model.{k}": v for k, v in flat.items()}
+    reference = PromptEncoder(load_model(tiny_model_dir, device="cpu")).encode("a red circle")
+    for form in (flat, prefixed):
+        save_file(form, str(weights))
+        encoded = PromptEncoder(load_model(copy, device="cpu")).encode("a red circle")
+        torch.testing.assert_close(encoded, reference, rtol=0, atol=0)

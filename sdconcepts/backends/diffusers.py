@@ -162,7 +162,7 @@ def _finish(model: LoadedModel, device: torch.device) -> LoadedModel:
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     missing = [sub for sub in ("unet", "vae", "text_encoder", "scheduler") if not (path / sub).is_dir()]
     if missing:
@@ -170,9 +170,7 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(
-            path, subfolder="text_encoder", torch_dtype=dtype, local_files_only=True
-        )
+        text_encoder = _load_text_encoder(path / "text_encoder", dtype)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: cannot load the diffusers folder: {_first_line(exc)}") from exc
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
@@ -194,6 +192,38 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
         device=torch.device("cpu"),
         dtype=dtype,
     )
+
+
+def _load_text_encoder(folder: Path, dtype: torch.dtype) -> Any:
+    """Load a CLIP text encoder whatever transformers version wrote it.
+
+    transformers 5 saves the weights without the ``text_model.`` level that transformers 4 expects, and
+    ``from_pretrained`` in 4.x would silently leave such weights random; so the keys are matched here.
+    """
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdconcepts.checkpoint_files import match_text_encoder_keys
+    from sdconcepts.safe_load import load_torch_file
+
+    config = CLIPTextConfig.from_pretrained(folder, local_files_only=True)
+    model = CLIPTextModel(config)
+    weights = sorted(folder.glob("*.safetensors"))
+    if weights:
+        state: dict[str, torch.Tensor] = {}
+        for file in weights:
+            state.update(load_file(str(file)))
+    else:
+        bins = sorted(folder.glob("*.bin"))
+        if not bins:
+            raise OSError(f"no weights in {folder}")
+        loaded = load_torch_file(bins[0])
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{bins[0]}: not a state dict")
+        state = loaded
+    state = match_text_encoder_keys(state, model.state_dict().keys())
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype)
 
 
 def _load_single_file(path: Path, dtype: torch.dtype) -> LoadedModel:
