@@ -124,6 +124,10 @@ def _reason(exc: BaseException) -> str:
     match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if match:
         return f"refused to unpickle {match.group(1)}"
+    # torch wraps the real cause in a paragraph about weights_only; keep just the cause.
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail:
+        return detail.group(1).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 

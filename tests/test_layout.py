@@ -50,3 +50,15 @@ def test_core_modules_do_not_import_edge_libraries() -> None:
     assert {"diffusers", "transformers", "gradio", "torchvision"} <= set(banned)
     allowed = {path for path, codes in config["per-file-ignores"].items() if "TID251" in codes}
     assert not any(p.startswith("sdconcepts/") and p.endswith(("prompts.py", "generation.py")) for p in allowed)
+
+
+def test_install_py_pins_diffusers_for_the_hosts_older_transformers() -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        import install
+    finally:
+        sys.path.remove(str(ROOT))
+    only_diffusers = lambda name: name != "diffusers"  # noqa: E731
+    assert install.missing_requirements(only_diffusers, "4.30.2") == ["diffusers==0.31.0"]  # A1111 1.10
+    assert install.missing_requirements(only_diffusers, "4.46.1") == ["diffusers==0.31.0"]  # Forge
+    assert install.missing_requirements(only_diffusers, "5.24.0")[0].startswith("diffusers>=")

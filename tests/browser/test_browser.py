@@ -1,8 +1,8 @@
 """The web UI in a real browser (Playwright driving Debian's chromium) against an app the test starts.
 
 Two ways of serving the same UI: ``standalone`` (``python -m sdconcepts``) and ``hosted`` (our tab inside a page
-built the way A1111/Forge build theirs, tests/browser/hosted_app.py); ``SDCONCEPTS_BROWSER_MODES=standalone,hosted``
-runs both (the default is standalone only). The app runs under ``SDCONCEPTS_APP_PYTHON``
+built the way A1111/Forge build theirs, tests/browser/hosted_app.py); both run by default, and
+``SDCONCEPTS_BROWSER_MODES=standalone`` picks one. The app runs under ``SDCONCEPTS_APP_PYTHON``
 (default: this interpreter), so ``tools/host_stacks.sh`` runs this same test against the A1111 and Forge stacks.
 Screenshots of each tab go to ``SDCONCEPTS_BROWSER_OUTPUT`` (default tests/browser/output/, git-ignored).
 """
@@ -73,7 +73,7 @@ def _wait_for_server(url: str, process: subprocess.Popen[bytes], log: Path) -> N
 
 
 # The default run serves the app standalone; CI and tools/host_stacks.sh also run the hosted page.
-MODES = [m.strip() for m in os.environ.get("SDCONCEPTS_BROWSER_MODES", "standalone").split(",") if m.strip()]
+MODES = [m.strip() for m in os.environ.get("SDCONCEPTS_BROWSER_MODES", "standalone,hosted").split(",") if m.strip()]
 
 
 @pytest.fixture(scope="module", params=MODES)
