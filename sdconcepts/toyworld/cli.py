@@ -152,7 +152,7 @@ def add_toyworld_parser(subparsers: Any) -> None:
     p = sub.add_parser("train", help="train the toy-world model from scratch on the CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="toyworld-model", help="output diffusers folder (default: ./toyworld-model)")
-    p.add_argument("--steps", type=int, default=3800, help="UNet + text encoder steps (default 3800)")
+    p.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps (default 3000)")
     p.add_argument("--vae-steps", type=int, default=1200, help="VAE steps (default 1200)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads; results are deterministic per count")

@@ -31,7 +31,7 @@ class TrainConfig:
     vae_steps: int = 1200
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    steps: int = 3800
+    steps: int = 3000
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 100
