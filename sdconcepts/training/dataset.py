@@ -157,7 +157,7 @@ class TrainingDataset:
         tag_dropout: float = 0.0,
         use_alpha: bool = False,
         seed: int = 0,
-        encode_batch_size: int = 8,
+        encode_batch_size: int = 1,
     ) -> None:
         if latent_sampling not in LATENT_SAMPLING:
             raise DatasetError(f"latent sampling must be one of {', '.join(LATENT_SAMPLING)}, got {latent_sampling!r}")
@@ -197,6 +197,7 @@ class TrainingDataset:
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
 
     def _encode_all(self, encode: EncodeImages, chunk: int) -> None:
+        # One image at a time by default: the VAE encoder's activations at full resolution are the peak of a run.
         means: dict[int, Tensor] = {}
         stds: dict[int, Tensor] = {}
         for group in self.groups:
