@@ -247,3 +247,28 @@ def test_killed_run_leaves_no_torn_file(tiny_model_dir: Path, dataset: Path, tmp
         data = load_torch_file(path)  # every file under its final name is whole
         assert isinstance(data, dict)
     assert (load_embedding(target).step or 0) >= 3
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run_on_cpu(tiny_model_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2`` (what ``accelerate launch`` does too): gloo on the CPU, rank 0 writes."""
+    import socket
+
+    made = run_cli("create-embedding", "ddp", "--vectors", "2", "--ckpt", str(tiny_model_dir), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), "-m", "sdconcepts", "train-embedding", "ddp", "--dataset", str(dataset),
+         "--template", "subject", "--max-steps", "3", "--save-every", "0", "--preview-every", "0",
+         "--ckpt", str(tiny_model_dir)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("Training finished at 3 steps") == 1  # only rank 0 reports
+    assert load_embedding(tmp_path / "embeddings" / "ddp.pt").step == 3
+    csv = next((tmp_path / "textual_inversion").rglob("textual_inversion_loss.csv")).read_text().splitlines()
+    assert len(csv) == 4  # header and 3 steps, written once
