@@ -1,0 +1,211 @@
+"""Train tab handlers and the training job manager, on real files and the tiny real model (a few steps each)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sdconcepts.embedding_files import load_embedding
+from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.toyworld.concept import write_concept
+from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig
+from sdconcepts.ui import handlers, train
+from sdconcepts.ui.session import UiConfig, UiError, UiSession
+
+SIZE = 32  # a size the tiny model trains at quickly
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("concept")
+    write_concept(folder, count=3, seed=3, shape="triangle", colour="yellow")
+    return folder
+
+
+@pytest.fixture()
+def session(tiny_model_dir: Path, tmp_path: Path) -> UiSession:
+    return UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[tmp_path / "embeddings"],
+                              hypernetworks_dirs=[tmp_path / "hypernetworks"], outputs_dir=tmp_path / "outputs",
+                              device="cpu"))
+
+
+def _fields(data: Path, tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "dataset": str(data), "learn_rate": "0.01", "batch_size": 1, "gradient_accumulation": 1,
+        "log_directory": str(tmp_path / "log"), "template": "subject", "width": SIZE, "height": SIZE,
+        "keep_size": False, "max_steps": 4, "preview_every": 2, "save_every": 2, "use_alpha_weight": False,
+        "shuffle_tags": False, "tag_dropout": 0.0, "latent_sampling": "once", "clip_grad_mode": "disabled",
+        "clip_grad_value": "0.1", "save_image_with_embedding": True, "preview_steps": 2, "preview_seed": 1,
+    }
+    values.update(changes)
+    return values
+
+
+# -- settings -----------------------------------------------------------------------------------------------------
+
+
+def test_bad_settings_name_their_field_and_start_nothing(dataset: Path, tmp_path: Path) -> None:
+    config, errors = train.training_config("embedding", "toy", _fields(dataset, tmp_path))
+    assert isinstance(config, EmbeddingTrainingConfig) and errors == {}
+    assert config.max_steps == 4 and config.preview_every == 2
+
+    cases = {
+        "learn_rate": {"learn_rate": ""},
+        "dataset": {"dataset": str(tmp_path / "missing")},
+        "size": {"width": 36},
+        "batch_size": {"batch_size": 0},
+        "max_steps": {"max_steps": 0},
+        "log_directory": {"log_directory": ""},
+        "intervals": {"save_every": -1},
+        "template": {"template": "no-such-template"},
+        "clip_grad_value": {"clip_grad_mode": "value", "clip_grad_value": "abc"},
+    }
+    for key, change in cases.items():
+        config, errors = train.training_config("embedding", "toy", _fields(dataset, tmp_path, **change))
+        assert config is None and list(errors) == [key], (key, errors)
+        assert key in train.ERROR_FIELDS
+
+    config, errors = train.training_config("hypernetwork", "", _fields(dataset, tmp_path))
+    assert config is None and "name" in errors
+    # A hypernetwork has no "save images with embedding" field; the rest is the same form.
+    config, errors = train.training_config("hypernetwork", "h", _fields(dataset, tmp_path, template="hypernetwork"))
+    assert isinstance(config, HypernetworkTrainingConfig) and errors == {}
+
+
+# -- create -------------------------------------------------------------------------------------------------------
+
+
+def test_create_embedding_and_hypernetwork_with_a1111_semantics(session: UiSession, tiny_model_dir: Path) -> None:
+    label = str(tiny_model_dir)
+    path = train.create_embedding(session, label, "toy thing", "triangle", 3, False)
+    embedding = load_embedding(path)
+    assert path.parent == session.config.embeddings_dirs[0] and embedding.step == 0
+    assert tuple(embedding.vectors.shape) == (3, 48)
+    assert train.embedding_names(session) == ["toy thing"]
+    with pytest.raises(UiError, match="^name: .*already exists"):
+        train.create_embedding(session, label, "toy thing", "triangle", 1, False)
+    assert load_embedding(train.create_embedding(session, label, "toy thing", "", 1, True)).vectors.abs().sum() == 0
+    with pytest.raises(UiError, match="^name"):
+        train.create_embedding(session, label, "  ", "*", 1, False)
+
+    path = train.create_hypernetwork(session, "toy-hn", ["48", "32", "64"], "1, 2, 1", "relu", "Normal", True, False,
+                                     "", False)
+    hypernetwork = load_hypernetwork(path)
+    assert sorted(hypernetwork.widths) == [32, 48, 64] and train.hypernetwork_names(session) == ["toy-hn"]
+    with pytest.raises(UiError, match="^layer structure"):
+        train.create_hypernetwork(session, "bad", ["48"], "2, 2, 1", "relu", "Normal", False, False, "", False)
+    with pytest.raises(UiError, match="^modules"):
+        train.create_hypernetwork(session, "none", [], "1, 2, 1", "relu", "Normal", False, False, "", False)
+
+
+# -- the job ------------------------------------------------------------------------------------------------------
+
+
+def test_training_streams_steps_plot_previews_and_saves(session: UiSession, tiny_model_dir: Path, dataset: Path,
+                                                       tmp_path: Path) -> None:
+    label = str(tiny_model_dir)
+    train.create_embedding(session, label, "toytri", "triangle", 2, False)
+    config, _ = train.training_config("embedding", "toytri", _fields(dataset, tmp_path))
+    assert config is not None
+    jobs = train.TrainingJobs(session.generate_lock)
+    assert "No training" in train.train_view(jobs.current).status_html
+    job = train.start_training(session, jobs, "embedding", label, "toytri", config)
+    views = list(train.follow(jobs, poll=0.05, job=job))
+    last = views[-1]
+    assert not last.running and job.error is None, job.error
+    assert "step 4/4" in last.status_html and "loss:" in last.status_html and "it/s" in last.status_html
+    assert "ETA" in last.status_html and "Training finished at 4 steps" in last.status_html
+    assert last.plot is not None and Path(last.plot).is_file()
+    assert [Path(p).name for p in last.previews] == ["toytri-2.png", "toytri-4.png"]
+    assert all(Path(p).is_file() for p in last.previews)
+    assert str(session.config.embeddings_dirs[0] / "toytri.pt") in last.saves.splitlines()
+    assert load_embedding(session.config.embeddings_dirs[0] / "toytri.pt").step == 4
+    # A page loaded afterwards (a reload) shows the same job.
+    assert train.train_view(jobs.current).status_html == last.status_html
+    assert [v.status_html for v in train.follow(jobs)][-1] == last.status_html
+
+
+def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
+    session: UiSession, tiny_model_dir: Path, dataset: Path, tmp_path: Path
+) -> None:
+    label = str(tiny_model_dir)
+    train.create_embedding(session, label, "toytri", "triangle", 1, False)
+    config, _ = train.training_config("embedding", "toytri",
+                                      _fields(dataset, tmp_path, max_steps=100000, preview_every=0, save_every=0))
+    assert config is not None
+    jobs = train.TrainingJobs(session.generate_lock)
+    assert jobs.interrupt() == "Nothing is training."
+    job = train.start_training(session, jobs, "embedding", label, "toytri", config)
+    deadline = time.monotonic() + 60
+    while not job.steps() and time.monotonic() < deadline and job.running:
+        time.sleep(0.02)
+    assert job.steps(), job.error
+    with pytest.raises(UiError, match="is training already"):
+        train.start_training(session, jobs, "embedding", label, "toytri", config)
+    # Generation takes turns with the training steps on the shared model.
+    params = handlers.generation_params("a toytri", "", "Euler a", 2, 7.0, 1, SIZE, SIZE, 1, 1)
+    out = handlers.generate(session, label, params)
+    assert len(out.gallery) == 1 and job.running
+    steps_at_interrupt = job.steps()[-1].step
+    assert "Interrupting toytri" in jobs.interrupt()
+    assert job.wait(60)
+    end = job.end()
+    assert end is not None and end.kind == "interrupted" and job.error is None
+    # Within one step of the interrupt (the step running when it came finishes), and that step is saved.
+    assert job.steps()[-1].step <= steps_at_interrupt + 2
+    assert load_embedding(session.config.embeddings_dirs[0] / "toytri.pt").step == job.steps()[-1].step
+    assert "Training interrupted" in train.train_view(job).status_html
+    # Once it ended, a new job may start.
+    config2, _ = train.training_config("embedding", "toytri", _fields(dataset, tmp_path, max_steps=job.steps()[-1].step + 1,
+                                                                      preview_every=0, save_every=0))
+    assert config2 is not None
+    again = train.start_training(session, jobs, "embedding", label, "toytri", config2)
+    assert again.wait(60) and again.error is None and again is jobs.current
+
+
+def test_a_failing_run_reports_its_error(session: UiSession, tiny_model_dir: Path, dataset: Path,
+                                         tmp_path: Path) -> None:
+    config, _ = train.training_config("embedding", "missing", _fields(dataset, tmp_path))
+    assert config is not None
+    jobs = train.TrainingJobs(threading.Lock())
+    job = train.start_training(session, jobs, "embedding", str(tiny_model_dir), "missing", config)
+    assert job.wait(60) and not job.running
+    view = train.train_view(job)
+    assert "no embedding &#x27;missing&#x27;" in view.status_html and "sdconcepts-train-error" in view.status_html
+
+
+def test_hypernetwork_training_holds_the_model_for_the_whole_run(session: UiSession, tiny_model_dir: Path,
+                                                                 dataset: Path, tmp_path: Path) -> None:
+    train.create_hypernetwork(session, "toy-hn", ["48", "32", "64"], "1, 2, 1", "linear", "Normal", False, False,
+                              "", False)
+    config, _ = train.training_config("hypernetwork", "toy-hn",
+                                      _fields(dataset, tmp_path, template="hypernetwork", learn_rate="0.001",
+                                              max_steps=2, preview_every=0, save_every=0))
+    assert config is not None
+    jobs = train.TrainingJobs(session.generate_lock)
+    job = train.start_training(session, jobs, "hypernetwork", str(tiny_model_dir), "toy-hn", config)
+    deadline = time.monotonic() + 30
+    while job.running and not session.generate_lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert job.wait(60) and job.error is None, job.error
+    assert not session.generate_lock.locked()
+    assert load_hypernetwork(session.config.hypernetworks_dirs[0] / "toy-hn.pt").step == 2
+
+
+def test_the_ui_has_the_train_tab_with_our_ids(session: UiSession) -> None:
+    from sdconcepts.ui.app import build_ui
+
+    blocks = build_ui(session)
+    ids = {c.get("props", {}).get("elem_id") for c in blocks.config["components"]}
+    for wanted in ("sdconcepts_train_ti_button", "sdconcepts_train_interrupt", "sdconcepts_train_plot",
+                   "sdconcepts_create_ti_name", "sdconcepts_create_hn_sizes", "sdconcepts_train_err_dataset"):
+        assert wanted in ids
+    defaults = {c["props"].get("elem_id"): c["props"].get("value") for c in blocks.config["components"]}
+    assert defaults["sdconcepts_train_ti_lr"] == "0.005" and defaults["sdconcepts_train_hn_lr"] == "0.00001"
+    assert defaults["sdconcepts_train_max_steps"] == 100000 and defaults["sdconcepts_train_width"] == 512
+    assert defaults["sdconcepts_train_template"] == "style_filewords"
+    assert defaults["sdconcepts_create_hn_sizes"] == ["768", "320", "640", "1280"]
