@@ -13,10 +13,11 @@ from typing import Any
 import gradio as gr
 
 from sdconcepts.generation import SAMPLERS
-from sdconcepts.ui import handlers
+from sdconcepts.ui import handlers, train
 from sdconcepts.ui.cards import SORT_KEYS
 from sdconcepts.ui.compat import blocks_kwargs, js_kwargs, launch_kwargs, make, update
 from sdconcepts.ui.session import UiError, UiSession
+from sdconcepts.ui.train_tab import build_train_tab
 
 __all__ = ["ROOT_ID", "build_ui", "launch_app", "read_css", "read_js"]
 
@@ -79,8 +80,12 @@ def _card_outputs(view: handlers.CardsView) -> tuple[str, str, str]:
     return view.cards_html, view.skipped_html, f'<div class="sdconcepts-summary">{view.summary}</div>'
 
 
-def build_ui(session: UiSession, *, css: str | None = None) -> gr.Blocks:
-    """The whole UI: model picker, prompts, and the txt2img / Textual Inversion / Hypernetworks tabs."""
+def build_ui(session: UiSession, *, css: str | None = None, jobs: train.TrainingJobs | None = None) -> gr.Blocks:
+    """The whole UI: model picker, prompts, and the txt2img / Textual Inversion / Hypernetworks / Train tabs.
+
+    ``jobs`` holds the training job; pages loaded later (reloads) show the one that runs.
+    """
+    jobs = jobs or train.TrainingJobs(session.generate_lock)
     choices = list(session.model_choices())
     initial_model = session.default_choice()
     ti_view = handlers.embedding_cards_view(session, model_label=initial_model)
@@ -130,6 +135,8 @@ def build_ui(session: UiSession, *, css: str | None = None) -> gr.Blocks:
                             ti = _card_tab("ti", "Textual Inversion", ti_view)
                         with gr.Tab("Hypernetworks", id="sdconcepts_hn", elem_id="sdconcepts_tab_hn"):
                             hn = _card_tab("hn", "Hypernetworks", hn_view)
+                        with gr.Tab("Train", id="sdconcepts_train_tab", elem_id="sdconcepts_tab_train_root"):
+                            train_tab = gr.Column(elem_id="sdconcepts_train_root")
                 with gr.Column(scale=1):
                     gallery = make(
                         gr.Gallery, label="Images", elem_id="sdconcepts_gallery", columns=4, height="auto",
@@ -200,6 +207,15 @@ def build_ui(session: UiSession, *, css: str | None = None) -> gr.Blocks:
             trigger(_guard(ti_render), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
         for trigger in (hn["search"].change, hn["sort"].change, hn["descending"].change, hn["refresh"].click):
             trigger(_guard(hn_render), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
+
+        # -- train --
+        with train_tab:
+            build_train_tab(
+                blocks, session, jobs, model,
+                {"prompt": prompt, "negative": negative, "steps": steps, "sampler": sampler, "cfg_scale": cfg_scale,
+                 "seed": seed},
+                [(_guard(ti_render), ti_inputs, ti_outputs), (_guard(hn_render), hn_inputs, hn_outputs)],
+            )
     return blocks
 
 
