@@ -259,6 +259,8 @@ def child(args: argparse.Namespace) -> None:
         data = make_images(Path(tmp) / "data", args.size)
         model = build_model(args.device)
         loaded = memory_mb("VmRSS")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # building fp16 weights passes through float32
         if args.child == "example":
             step = example_stepper(model, data, args.size, args.batch)
         elif args.child == "ours":
