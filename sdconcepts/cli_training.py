@@ -14,20 +14,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.cli import CommandError, _existing_path, _positive_int
+from sdconcepts.cli import CommandError, _existing_path, _positive_int, int_at_least
 
 DEFAULT_EMBEDDINGS_DIR = Path("embeddings")
 DEFAULT_HYPERNETWORKS_DIR = Path("models") / "hypernetworks"
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return number
+_non_negative_int = int_at_least(0)
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
