@@ -293,6 +293,9 @@ class TrainView:
     version: tuple[int, bool]
 
 
+SHOWN = 12  # the newest previews and saves the tab lists (all of them stay in the log folder)
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "-"
@@ -301,13 +304,13 @@ def _duration(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
-def _rate(job: TrainingJob) -> float | None:
-    times = [t for t, e in zip(job.times, job.events, strict=True) if e.kind == "step"]
+def _rate(started: float, arrivals: list[float], events: list[TrainingEvent]) -> float | None:
+    times = [t for t, e in zip(arrivals, events, strict=False) if e.kind == "step"]
     recent = times[-11:]
     if len(recent) >= 2 and recent[-1] > recent[0]:
         return (len(recent) - 1) / (recent[-1] - recent[0])
-    if times and times[0] > job.started:
-        return 1.0 / (times[0] - job.started)
+    if times and times[0] > started:
+        return 1.0 / (times[0] - started)
     return None
 
 
@@ -331,23 +334,27 @@ def train_view(job: TrainingJob | None) -> TrainView:
     if job is None:
         return TrainView('<div class="sdconcepts-train-status">No training has run yet.</div>', None, [], "", False,
                          (0, False))
-    steps = job.steps()
-    end = job.end()
+    # One consistent snapshot: the thread appends events and then flips ``done`` while we read.
+    running = job.running
+    events = list(job.events)
+    times = list(job.times)[: len(events)]
+    steps = [e for e in events if e.kind == "step"]
+    end = next((e for e in reversed(events) if e.kind != "step"), None)
     parts: list[str] = []
-    state = "Training" if job.running else ("Stopped" if job.error or (end and end.kind == "nan") else "Done")
+    state = "Training" if running else ("Stopped" if job.error or (end and end.kind == "nan") else "Done")
     parts.append(f"<b>{state}</b> {html.escape(job.kind)} <b>{html.escape(job.name)}</b>")
     if steps:
         last = steps[-1]
-        rate = _rate(job)
+        rate = _rate(job.started, times, events)
         parts.append(f"step {last.step}/{job.max_steps}")
         parts.append(f"[Epoch {last.epoch}: {last.epoch_step + 1}]")
         parts.append(f"loss: {last.loss:.7f}")
         parts.append(f"lr: {last.lr:g}")
         parts.append(f"{rate:.2f} it/s" if rate else "- it/s")
         parts.append(f"ETA {_duration(last.eta_s)}")
-    elif job.running:
+    elif running:
         parts.append("loading the model and the dataset…")
-    if job.stop.is_set() and job.running:
+    if job.stop.is_set() and running:
         parts.append("interrupting…")
     status = '<div class="sdconcepts-train-status">' + " · ".join(parts)
     message = job.error or (end.message if end else "")
@@ -355,10 +362,9 @@ def train_view(job: TrainingJob | None) -> TrainView:
         css = "sdconcepts-train-error" if job.error or (end and end.kind == "nan") else "sdconcepts-train-end"
         status += f'<div class="{css}">{html.escape(message)}</div>'
     status += "</div>"
-    previews = [e.preview for e in steps if e.preview]
-    saves = [e.saved for e in job.events if e.saved]
-    return TrainView(status, _plot(job, steps), previews, "\n".join(saves), job.running,
-                     (len(job.events), job.running))
+    previews = [e.preview for e in steps if e.preview][-SHOWN:]
+    saves = [f"step {e.step}: {e.saved}" for e in events if e.saved][-SHOWN:]
+    return TrainView(status, _plot(job, steps), previews, "\n".join(saves), running, (len(events), running))
 
 
 def start_training(session: UiSession, jobs: TrainingJobs, kind: str, model_label: str, name: str,

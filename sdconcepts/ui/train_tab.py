@@ -15,13 +15,20 @@ import gradio as gr
 from sdconcepts.hypernetwork import ACTIVATIONS, WEIGHT_INITS
 from sdconcepts.training.templates import available_templates
 from sdconcepts.ui import train
-from sdconcepts.ui.compat import make, update
+from sdconcepts.ui.compat import GRADIO_MAJOR, make, update
 from sdconcepts.ui.session import UiError, UiSession
 
 __all__ = ["TxtToImg", "build_train_tab", "chain_after"]
 
 # Components of the txt2img tab read when "Read parameters from txt2img tab" is ticked.
 TxtToImg = dict[str, Any]
+
+
+# Following a job lasts as long as the job: from gradio 4 each event runs one at a time unless told otherwise, and a
+# second Train click (refused at once) or a second page's reattach must not wait behind the first.
+UNLIMITED: dict[str, Any] = {"concurrency_limit": None} if GRADIO_MAJOR >= 4 else {}
+# From gradio 4 a click is ignored while the button's previous click runs; a Train click must reach the server.
+EVERY_CLICK: dict[str, Any] = {"concurrency_limit": None, "trigger_mode": "multiple"} if GRADIO_MAJOR >= 4 else {}
 
 
 def _message(text: str, css: str = "sdconcepts-field-error") -> str:
@@ -141,10 +148,11 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                 train_ti = gr.Button("Train Embedding", variant="primary", elem_id="sdconcepts_train_ti_button")
             message = gr.HTML("", elem_id="sdconcepts_train_message")
             status = gr.HTML(train.train_view(jobs.current).status_html, elem_id="sdconcepts_train_status")
-            with gr.Row():
-                plot = gr.Image(label="Loss", type="filepath", interactive=False, elem_id="sdconcepts_train_plot")
-                previews = make(gr.Gallery, label="Previews", elem_id="sdconcepts_train_previews", columns=4,
-                                height="auto", optional={"object_fit": "contain"})
+            # A fixed height: gradio 6 lays an image out at zero height when its first value arrives in a hidden tab.
+            plot = make(gr.Image, label="Loss", type="filepath", interactive=False, elem_id="sdconcepts_train_plot",
+                        optional={"height": 380, "show_download_button": True})
+            previews = make(gr.Gallery, label="Previews", elem_id="sdconcepts_train_previews", columns=4,
+                            height="auto", optional={"object_fit": "contain"})
             saves = gr.Textbox(label="Saved files", lines=3, interactive=False, elem_id="sdconcepts_train_saves")
 
     errors = {"name": err_name, "learn_rate": err_lr, "clip_grad_value": err_clip, "batch_size": err_batch,
@@ -186,6 +194,8 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                 update(choices=hn_names, value=current_hn if current_hn in hn_names else None))
 
     names_refresh.click(on_names_refresh, inputs=[embedding, hypernetwork], outputs=[embedding, hypernetwork])
+    # A page loaded later lists the files created since the UI was built.
+    blocks.load(on_names_refresh, inputs=[embedding, hypernetwork], outputs=[embedding, hypernetwork])
 
     # -- train --
     settings = [ti_lr, hn_lr, clip_mode, clip_value, batch_size, accumulation, dataset, log_directory, template,
@@ -224,8 +234,10 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
         except UiError as exc:
             yield [_message(str(exc)), *error_values, *view_values(train.train_view(jobs.current))]
             return
-        for view in train.follow(jobs, job=job):
-            yield ["", *error_values, *view_values(view)]
+        keep = [update() for _ in error_values]
+        for index, view in enumerate(train.follow(jobs, job=job)):
+            # Only the first update clears the messages: a refusal shown meanwhile must stay.
+            yield ["", *error_values, *view_values(view)] if index == 0 else [update(), *keep, *view_values(view)]
 
     def on_train_ti(model_label: str, name: str, *values: Any):
         yield from start("embedding", model_label, name, *values)
@@ -234,14 +246,15 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
         yield from start("hypernetwork", model_label, name, *values)
 
     outputs = [message, *error_outputs, *view_outputs]
-    trained_ti = train_ti.click(on_train_ti, inputs=[model, embedding, *settings, *preview_inputs], outputs=outputs)
+    trained_ti = train_ti.click(on_train_ti, inputs=[model, embedding, *settings, *preview_inputs], outputs=outputs,
+                               **EVERY_CLICK)
     trained_hn = train_hn.click(on_train_hn, inputs=[model, hypernetwork, *settings, *preview_inputs],
-                                outputs=outputs)
+                                outputs=outputs, **EVERY_CLICK)
 
     def on_interrupt() -> str:
         return _message(jobs.interrupt(), "sdconcepts-field-ok")
 
-    interrupt.click(on_interrupt, inputs=None, outputs=[message])
+    interrupt.click(on_interrupt, inputs=None, outputs=[message], **UNLIMITED)
 
     chain_after([created_ti, created_hn, trained_ti, trained_hn], after_change)
 
@@ -250,7 +263,7 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
             yield view_values(view)
 
     # A page that loads (or reloads) while a job runs follows it again, then shows the new files among the cards.
-    chain_after([blocks.load(on_load, inputs=None, outputs=view_outputs)], after_change)
+    chain_after([blocks.load(on_load, inputs=None, outputs=view_outputs, **UNLIMITED)], after_change)
     return {"status": status, "plot": plot, "previews": previews, "saves": saves, "message": message}
 
 

@@ -1,0 +1,154 @@
+"""The Train tab in a real browser (Playwright driving Debian's chromium) on the default model.
+
+Create an embedding, train it with a preview every 2 steps, watch the status, loss plot and a preview arrive, reload
+the page and find the running job again, have a second Train click refused, interrupt, and find the embedding among
+the Textual Inversion cards. Saves ``train-tab.png`` to the browser output folder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import test_browser as tb
+
+from sdconcepts.toyworld.concept import write_concept
+
+playwright_api = tb.playwright_api
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    tmp = tmp_path_factory.mktemp("browser-train")
+    model, _width = tb._model_for_test(tmp)
+    dataset = tmp / "dataset"
+    write_concept(dataset, count=3, seed=3, shape="triangle", colour="yellow")
+    for folder in ("embeddings", "hypernetworks"):
+        (tmp / folder).mkdir()
+    port = tb._free_port()
+    command = [tb.APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--embeddings-dir", str(tmp / "embeddings"),
+               "--hypernetworks-dir", str(tmp / "hypernetworks"), "--outputs-dir", str(tmp / "outputs")]
+    if model != "-":
+        command += ["--ckpt", model]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    tb.OUTPUT.mkdir(parents=True, exist_ok=True)
+    log = tb.OUTPUT / "train-server.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(command, cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        tb._wait_for_server(url, process, log)
+        yield url, dataset
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _open_sub_tab(page, label: str) -> None:  # type: ignore[no-untyped-def]
+    buttons = page.locator('#sdconcepts_train_tabs button[role="tab"], #sdconcepts_train_tabs .tab-nav button')
+    buttons.filter(has_text=label).filter(visible=True).first.click()
+
+
+def _fill(page, selector: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    field = page.locator(selector).first
+    field.fill(value)
+    field.press("Tab")
+
+
+def _wait_text(page, selector: str, text: str, timeout: float = 120) -> str:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        locator = page.locator(selector)
+        seen = locator.first.inner_text() if locator.count() else ""
+        if text in seen:
+            return str(seen)
+        errors = tb._errors(page)
+        if errors:
+            raise AssertionError(f"gradio error: {errors[0]}")
+        page.wait_for_timeout(200)
+    raise AssertionError(f"{text!r} not in {selector} after {timeout} s; it shows {seen!r}")
+
+
+def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, Path]) -> None:
+    url, dataset = app
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(tb.TIMEOUT_MS)
+            page.goto(url)
+            page.wait_for_selector("#sdconcepts_prompt textarea", state="visible")
+            # Previews use the txt2img settings: few sampling steps keep them quick.
+            _fill(page, "#sdconcepts_steps input[type=number]", "3")
+            tb._open_tab(page, "Train")
+
+            # Create embedding: the new name is chosen in the Train sub-tab's dropdown.
+            _open_sub_tab(page, "Create embedding")
+            _fill(page, "#sdconcepts_create_ti_name input", "uitoy")
+            _fill(page, "#sdconcepts_create_ti_init input", "triangle")
+            page.locator("#sdconcepts_create_ti_button").click()
+            _wait_text(page, "#sdconcepts_create_ti_result", "Created")
+
+            _open_sub_tab(page, "Train")
+            # A missing dataset is refused next to its field and nothing starts.
+            _fill(page, "#sdconcepts_train_dataset input", str(dataset / "missing"))
+            page.locator("#sdconcepts_train_ti_button").click()
+            _wait_text(page, "#sdconcepts_train_err_dataset", "does not exist")
+            assert "No training" in page.locator("#sdconcepts_train_status").first.inner_text()
+
+            _fill(page, "#sdconcepts_train_dataset input", str(dataset))
+            for selector, value in (("#sdconcepts_train_width input[type=number]", "64"),
+                                    ("#sdconcepts_train_height input[type=number]", "64"),
+                                    ("#sdconcepts_train_max_steps input", "2000"),
+                                    ("#sdconcepts_train_preview_every input", "2"),
+                                    ("#sdconcepts_train_save_every input", "2")):
+                _fill(page, selector, value)
+            page.locator("#sdconcepts_train_read_txt2img input").check()
+            page.locator("#sdconcepts_train_ti_button").click()
+            status = _wait_text(page, "#sdconcepts_train_status", "loss:")
+            assert "it/s" in status and "ETA" in status and "lr: 0.005" in status
+            page.locator("#sdconcepts_train_plot img").first.wait_for(state="visible", timeout=120_000)
+            page.locator("#sdconcepts_train_previews img").first.wait_for(state="visible", timeout=120_000)
+            page.wait_for_function(
+                "() => { const t = document.querySelector('#sdconcepts_train_saves textarea');"
+                " return t && t.value.includes('uitoy'); }"
+            )
+
+            # A second Train click while one runs is refused with a message.
+            page.locator("#sdconcepts_train_ti_button").click()
+            _wait_text(page, "#sdconcepts_train_message", "is training already")
+
+            # Reload: the page shows the running job again, still stepping.
+            page.reload()
+            page.wait_for_selector("#sdconcepts_prompt textarea", state="visible")
+            tb._open_tab(page, "Train")
+            _open_sub_tab(page, "Train")
+            first = _wait_text(page, "#sdconcepts_train_status", "loss:")
+            assert "Training" in first and "uitoy" in first
+            # Gradio's images load lazily: an image below the fold has no size until it is scrolled to.
+            page.locator("#sdconcepts_train_plot").first.scroll_into_view_if_needed()
+            page.locator("#sdconcepts_train_plot img").first.wait_for(state="visible", timeout=60_000)
+
+            page.locator("#sdconcepts_train_interrupt").click()
+            end = _wait_text(page, "#sdconcepts_train_status", "Training interrupted", timeout=120)
+            assert "saved to" in end and "uitoy.pt" in end
+            page.locator("#sdconcepts_train_previews img").first.wait_for(state="visible")
+            page.screenshot(path=str(tb.OUTPUT / "train-tab.png"), full_page=True)
+
+            # The trained file is among the Textual Inversion cards without a restart.
+            tb._open_tab(page, "Textual Inversion")
+            page.locator('#sdconcepts_ti_cards .sdconcepts-card[data-name="uitoy"]').wait_for(state="visible")
+        except Exception:
+            page.screenshot(path=str(tb.OUTPUT / "train-tab-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
