@@ -210,3 +210,48 @@ def test_the_ui_has_the_train_tab_with_our_ids(session: UiSession) -> None:
     assert defaults["sdconcepts_train_max_steps"] == 100000 and defaults["sdconcepts_train_width"] == 512
     assert defaults["sdconcepts_train_template"] == "style_filewords"
     assert defaults["sdconcepts_create_hn_sizes"] == ["768", "320", "640", "1280"]
+
+
+# -- preprocess ---------------------------------------------------------------------------------------------------
+
+
+def test_preprocess_resizes_flips_splits_and_captions(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from sdconcepts.ui.train_preprocess import PreprocessSettings, caption_from_name, preprocess_images
+
+    source = tmp_path / "in"
+    source.mkdir()
+    square = Image.new("RGB", (40, 40), "white")
+    square.paste((255, 0, 0), (0, 0, 10, 40))  # a red band on the left
+    square.save(source / "red_band.png")
+    Image.new("RGB", (128, 32), (0, 0, 255)).save(source / "12-wide_blue.png")  # ratio 0.25: split
+    (source / "12-wide_blue.txt").write_text("a banner\n")
+    (source / "notes.txt").write_text("not an image")
+    assert caption_from_name(source / "12-wide_blue.png") == "wide blue"
+
+    out = tmp_path / "out"
+    settings = PreprocessSettings(width=32, height=32, flip=True, split=True, caption_from_name=True,
+                                  caption_action="append")
+    written = preprocess_images(source, out, settings)
+    names = [p.name for p in written]
+    # The wide image: 32 px high, 128 wide -> ceil((128 - 6.4) / 25.6) = 5 crops, each with a flipped copy.
+    assert names[:10] == [f"00000-{i}-12-wide_blue.png" for i in range(10)]
+    assert names[10:] == ["00001-0-red_band.png", "00001-1-red_band.png"]
+    assert all(Image.open(p).size == (32, 32) for p in written)
+    band, flipped = Image.open(out / "00001-0-red_band.png"), Image.open(out / "00001-1-red_band.png")
+    assert band.getpixel((1, 16))[0] > 200 and band.getpixel((30, 16))[1] > 200
+    assert flipped.getpixel((30, 16))[0] > 200 and flipped.getpixel((1, 16))[1] > 200
+    assert (out / "00000-0-12-wide_blue.txt").read_text() == "wide blue a banner\n"
+    assert (out / "00001-0-red_band.txt").read_text() == "red band\n"
+
+    kept = preprocess_images(source, tmp_path / "kept", PreprocessSettings(width=32, height=32, keep_size=True,
+                                                                           caption_action="copy"))
+    assert [Image.open(p).size for p in kept] == [(128, 32), (40, 40)]
+    assert (tmp_path / "kept" / "00000-0-12-wide_blue.txt").read_text() == "a banner\n"
+    assert not (tmp_path / "kept" / "00001-0-red_band.txt").exists()
+
+    with pytest.raises(UiError, match="^source directory"):
+        preprocess_images(tmp_path / "missing", out, settings)
+    with pytest.raises(UiError, match="^destination directory"):
+        preprocess_images(source, source, settings)

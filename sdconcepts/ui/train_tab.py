@@ -1,4 +1,4 @@
-"""Lays out the Train tab (Create embedding, Create hypernetwork, Train) and wires it to ``ui.train``.
+"""Lays out the Train tab (Create embedding, Create hypernetwork, Preprocess images, Train) and wires it to ``ui.train``.
 
 Nothing here decides anything: validation, the job and the views live in ``ui.train``. Messages about a field are
 shown in a small HTML element right under it (``sdconcepts_train_err_<field>``).
@@ -17,6 +17,7 @@ from sdconcepts.training.templates import available_templates
 from sdconcepts.ui import train
 from sdconcepts.ui.compat import GRADIO_MAJOR, make, update
 from sdconcepts.ui.session import UiError, UiSession
+from sdconcepts.ui.train_preprocess import CAPTION_ACTIONS, PreprocessSettings, preprocess_images
 
 __all__ = ["TxtToImg", "build_train_tab", "chain_after"]
 
@@ -77,6 +78,31 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                                        elem_id="sdconcepts_create_hn_overwrite")
             hn_create = gr.Button("Create hypernetwork", variant="primary", elem_id="sdconcepts_create_hn_button")
             hn_result = gr.HTML("", elem_id="sdconcepts_create_hn_result")
+        with gr.Tab("Preprocess images", id="sdconcepts_preprocess", elem_id="sdconcepts_tab_preprocess"):
+            pre_source = gr.Textbox(label="Source directory", elem_id="sdconcepts_preprocess_source", max_lines=1)
+            pre_destination = gr.Textbox(label="Destination directory", elem_id="sdconcepts_preprocess_destination",
+                                         max_lines=1)
+            with gr.Row():
+                pre_width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="sdconcepts_preprocess_width")
+                pre_height = gr.Slider(64, 2048, value=512, step=8, label="Height",
+                                       elem_id="sdconcepts_preprocess_height")
+            pre_caption_action = gr.Dropdown(list(CAPTION_ACTIONS), value="ignore",
+                                             label="Existing Caption txt Action",
+                                             elem_id="sdconcepts_preprocess_caption_action")
+            with gr.Row():
+                pre_keep = gr.Checkbox(value=False, label="Keep original size", elem_id="sdconcepts_preprocess_keep")
+                pre_flip = gr.Checkbox(value=False, label="Create flipped copies", elem_id="sdconcepts_preprocess_flip")
+                pre_split = gr.Checkbox(value=False, label="Split oversized images",
+                                        elem_id="sdconcepts_preprocess_split")
+                pre_name_caption = gr.Checkbox(value=False, label="Caption from file name",
+                                               elem_id="sdconcepts_preprocess_name_caption")
+            with gr.Row():
+                pre_threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Split image threshold",
+                                          elem_id="sdconcepts_preprocess_threshold")
+                pre_overlap = gr.Slider(0.0, 0.9, value=0.2, step=0.05, label="Split image overlap ratio",
+                                        elem_id="sdconcepts_preprocess_overlap")
+            pre_run = gr.Button("Preprocess", variant="primary", elem_id="sdconcepts_preprocess_button")
+            pre_result = gr.HTML("", elem_id="sdconcepts_preprocess_result")
         with gr.Tab("Train", id="sdconcepts_train", elem_id="sdconcepts_tab_train"):
             gr.HTML('<div class="sdconcepts-train-help">Train an embedding or hypernetwork; you must specify a '
                     "directory with a set of 1:1 ratio images.</div>", elem_id="sdconcepts_train_help")
@@ -187,6 +213,22 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
     created_hn = hn_create.click(on_create_hn, inputs=[hn_name, hn_sizes, hn_extra, hn_layers, hn_activation, hn_init,
                                                        hn_norm, hn_dropout, hn_dropout_structure, hn_overwrite],
                                  outputs=[hn_result, hypernetwork])
+
+    def on_preprocess(source: str, destination: str, width_v: float, height_v: float, action: str, keep: bool,
+                      flip: bool, split: bool, name_caption: bool, threshold: float, overlap: float) -> str:
+        settings = PreprocessSettings(width=int(width_v), height=int(height_v), caption_action=action,
+                                      keep_size=bool(keep), flip=bool(flip), split=bool(split),
+                                      split_threshold=float(threshold), overlap_ratio=float(overlap),
+                                      caption_from_name=bool(name_caption))
+        try:
+            written = preprocess_images(source or "", destination or "", settings)
+        except UiError as exc:
+            return _message(str(exc))
+        return _message(f"Preprocessing finished: {len(written)} images in {destination}", "sdconcepts-field-ok")
+
+    pre_run.click(on_preprocess, inputs=[pre_source, pre_destination, pre_width, pre_height, pre_caption_action,
+                                         pre_keep, pre_flip, pre_split, pre_name_caption, pre_threshold, pre_overlap],
+                  outputs=[pre_result])
 
     def on_names_refresh(current_ti: str, current_hn: str):
         ti_names, hn_names = train.embedding_names(session), train.hypernetwork_names(session)

@@ -1,6 +1,6 @@
 """The Train tab in a real browser (Playwright driving Debian's chromium) on the default model.
 
-Create an embedding, train it with a preview every 2 steps, watch the status, loss plot and a preview arrive, reload
+Preprocess a dataset, create an embedding, train it with a preview every 2 steps, watch the status, loss plot and a preview arrive, reload
 the page and find the running job again, have a second Train click refused, interrupt, and find the embedding among
 the Textual Inversion cards. Saves ``train-tab.png`` to the browser output folder.
 """
@@ -91,6 +91,20 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, P
             _fill(page, "#sdconcepts_steps input[type=number]", "3")
             tb._open_tab(page, "Train")
 
+            # Preprocess the dataset: 3 images at the training size, each with a flipped copy, captions copied.
+            prepared = dataset.parent / "prepared"
+            _open_sub_tab(page, "Preprocess images")
+            _fill(page, "#sdconcepts_preprocess_source input", str(dataset))
+            _fill(page, "#sdconcepts_preprocess_destination input", str(prepared))
+            _fill(page, "#sdconcepts_preprocess_width input[type=number]", "64")
+            _fill(page, "#sdconcepts_preprocess_height input[type=number]", "64")
+            page.locator("#sdconcepts_preprocess_flip input").check()
+            page.locator("#sdconcepts_preprocess_caption_action input").first.click()
+            page.get_by_role("option", name="copy").first.click()
+            page.locator("#sdconcepts_preprocess_button").click()
+            _wait_text(page, "#sdconcepts_preprocess_result", "Preprocessing finished: 6 images")
+            assert len(list(prepared.glob("*.png"))) == 6 and len(list(prepared.glob("*.txt"))) == 6
+
             # Create embedding: the new name is chosen in the Train sub-tab's dropdown.
             _open_sub_tab(page, "Create embedding")
             _fill(page, "#sdconcepts_create_ti_name input", "uitoy")
@@ -105,7 +119,7 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, P
             _wait_text(page, "#sdconcepts_train_err_dataset", "does not exist")
             assert "No training" in page.locator("#sdconcepts_train_status").first.inner_text()
 
-            _fill(page, "#sdconcepts_train_dataset input", str(dataset))
+            _fill(page, "#sdconcepts_train_dataset input", str(prepared))
             for selector, value in (("#sdconcepts_train_width input[type=number]", "64"),
                                     ("#sdconcepts_train_height input[type=number]", "64"),
                                     ("#sdconcepts_train_max_steps input", "2000"),

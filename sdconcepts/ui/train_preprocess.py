@@ -1,0 +1,120 @@
+"""The Preprocess images sub-tab's work, with PIL only: A1111 1.6's resize/crop, flipped copies, split of oversized
+images and captions (a1111-compat §4.8); no captioning models. Outputs are ``NNNNN-S-<original name>.png`` with a
+same-name ``.txt`` caption when there is one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from sdconcepts.ui.session import UiError
+
+__all__ = ["CAPTION_ACTIONS", "PreprocessSettings", "caption_from_name", "preprocess_images", "split_image"]
+
+CAPTION_ACTIONS = ("ignore", "copy", "prepend", "append")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_NUMBERS_AT_START = re.compile(r"^[-\d]+")
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """A1111's fields: size 512, caption action "ignore", split threshold 0.5 and overlap 0.2; plus captions made
+    from file names (A1111 made them with BLIP or deepbooru)."""
+
+    width: int = 512
+    height: int = 512
+    caption_action: str = "ignore"
+    keep_size: bool = False
+    flip: bool = False
+    split: bool = False
+    split_threshold: float = 0.5
+    overlap_ratio: float = 0.2
+    caption_from_name: bool = False
+
+
+def caption_from_name(path: Path) -> str:
+    """The words of a file name as A1111's dataset reads them: leading digits and dashes dropped, ``_`` as spaces."""
+    return " ".join(_NUMBERS_AT_START.sub("", path.stem).replace("_", " ").split())
+
+
+def _cover(image: Image.Image, width: int, height: int) -> Image.Image:
+    """A1111's resize mode 1 ("crop and resize"): scale to cover the size, then crop the centre."""
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.Resampling.LANCZOS)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def split_image(image: Image.Image, inverse_xy: bool, width: int, height: int, overlap: float) -> Iterator[Image.Image]:
+    """A1111's split_pic: scale the short side to the size, then overlapping crops along the long side."""
+    from_w, from_h = (image.height, image.width) if inverse_xy else (image.width, image.height)
+    to_w, to_h = (height, width) if inverse_xy else (width, height)
+    h = from_h * to_w // from_w
+    image = image.resize((h, to_w) if inverse_xy else (to_w, h), Image.Resampling.LANCZOS)
+    count = max(2, math.ceil((h - to_h * overlap) / (to_h * (1.0 - overlap))))
+    step = (h - to_h) / (count - 1)
+    for i in range(count):
+        y = int(step * i)
+        yield image.crop((y, 0, y + to_h, to_w) if inverse_xy else (0, y, to_w, y + to_h))
+
+
+def _validate(source: Path, destination: Path, settings: PreprocessSettings) -> None:
+    if not str(source) or not source.is_dir():
+        raise UiError(f"source directory: {str(source)!r} does not exist")
+    if not str(destination) or str(destination) == ".":
+        raise UiError("destination directory: enter a folder for the processed images")
+    if destination.resolve() == source.resolve():
+        raise UiError("destination directory: must differ from the source directory")
+    for label, value in (("width", settings.width), ("height", settings.height)):
+        if value < 8:
+            raise UiError(f"{label} must be at least 8, got {value}")
+    if settings.caption_action not in CAPTION_ACTIONS:
+        raise UiError(f"existing caption action must be one of {', '.join(CAPTION_ACTIONS)}")
+    if not 0.0 <= settings.overlap_ratio < 1.0:
+        raise UiError(f"split overlap ratio must be in [0, 1), got {settings.overlap_ratio}")
+
+
+def preprocess_images(source: str | Path, destination: str | Path, settings: PreprocessSettings) -> list[Path]:
+    """Process every image in ``source`` into ``destination``; returns the written PNGs. Unreadable files are
+    skipped (as A1111 does)."""
+    source, destination = Path(source), Path(destination)
+    _validate(source, destination, settings)
+    destination.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for index, path in enumerate(files):
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except OSError:
+            continue
+        caption_file = path.with_suffix(".txt")
+        existing = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+        made = caption_from_name(path) if settings.caption_from_name else ""
+        caption = {"ignore": made, "copy": existing or made, "prepend": f"{existing} {made}",
+                   "append": f"{made} {existing}"}[settings.caption_action].strip()
+        # As A1111: a tall image is cut along y, a wide one along x ("inverse_xy").
+        inverse_xy = image.height <= image.width
+        if inverse_xy:
+            ratio = (image.height * settings.width) / (image.width * settings.height)
+        else:
+            ratio = (image.width * settings.height) / (image.height * settings.width)
+        if settings.split and ratio < 1.0 and ratio <= settings.split_threshold:
+            pieces = list(split_image(image, inverse_xy, settings.width, settings.height, settings.overlap_ratio))
+        else:
+            pieces = [image if settings.keep_size else _cover(image, settings.width, settings.height)]
+        pictures = [p for piece in pieces for p in ([piece, ImageOps.mirror(piece)] if settings.flip else [piece])]
+        for subindex, picture in enumerate(pictures):
+            target = destination / f"{index:05}-{subindex}-{path.stem}.png"
+            picture.save(target)
+            if caption:
+                target.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+            written.append(target)
+    return written
