@@ -2,7 +2,8 @@
 
 Preprocess a dataset, create an embedding, train it with a preview every 2 steps, watch the status, loss plot and a preview arrive, reload
 the page and find the running job again, have a second Train click refused, interrupt, and find the embedding among
-the Textual Inversion cards. Saves ``train-tab.png`` to the browser output folder.
+the Textual Inversion cards. Runs standalone and hosted (tests/browser/hosted_app.py) as test_browser.py does
+(``SDCONCEPTS_BROWSER_MODES``); saves ``train-tab-<mode>.png`` to the browser output folder.
 """
 
 from __future__ import annotations
@@ -21,28 +22,34 @@ from sdconcepts.toyworld.concept import write_concept
 playwright_api = tb.playwright_api
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    tmp = tmp_path_factory.mktemp("browser-train")
+@pytest.fixture(scope="module", params=tb.MODES)
+def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"browser-train-{mode}")
     model, _width = tb._model_for_test(tmp)
     dataset = tmp / "dataset"
     write_concept(dataset, count=3, seed=3, shape="triangle", colour="yellow")
     for folder in ("embeddings", "hypernetworks"):
         (tmp / folder).mkdir()
     port = tb._free_port()
-    command = [tb.APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--embeddings-dir", str(tmp / "embeddings"),
-               "--hypernetworks-dir", str(tmp / "hypernetworks"), "--outputs-dir", str(tmp / "outputs")]
-    if model != "-":
-        command += ["--ckpt", model]
+    if mode == "standalone":
+        command = [tb.APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--embeddings-dir",
+                   str(tmp / "embeddings"), "--hypernetworks-dir", str(tmp / "hypernetworks"), "--outputs-dir",
+                   str(tmp / "outputs")]
+        if model != "-":
+            command += ["--ckpt", model]
+    else:
+        command = [tb.APP_PYTHON, str(tb.HERE / "hosted_app.py"), str(port), model, str(tmp / "embeddings"),
+                   str(tmp / "hypernetworks"), str(tmp / "outputs")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     tb.OUTPUT.mkdir(parents=True, exist_ok=True)
-    log = tb.OUTPUT / "train-server.log"
+    log = tb.OUTPUT / f"train-{mode}-server.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         tb._wait_for_server(url, process, log)
-        yield url, dataset
+        yield mode, url, dataset
     finally:
         process.terminate()
         try:
@@ -78,15 +85,22 @@ def _wait_text(page, selector: str, text: str, timeout: float = 120) -> str:  # 
     raise AssertionError(f"{text!r} not in {selector} after {timeout} s; it shows {seen!r}")
 
 
-def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, Path]) -> None:
-    url, dataset = app
+def _open_our_page(page, mode: str) -> None:  # type: ignore[no-untyped-def]
+    if mode == "hosted":
+        host_tab = page.locator('#tabs button[role="tab"], #tabs .tab-nav button')
+        host_tab.filter(has_text="sdconcepts").filter(visible=True).first.click()
+    page.wait_for_selector("#sdconcepts_prompt textarea", state="visible")
+
+
+def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, str, Path]) -> None:
+    mode, url, dataset = app
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.set_default_timeout(tb.TIMEOUT_MS)
             page.goto(url)
-            page.wait_for_selector("#sdconcepts_prompt textarea", state="visible")
+            _open_our_page(page, mode)
             # Previews use the txt2img settings: few sampling steps keep them quick.
             _fill(page, "#sdconcepts_steps input[type=number]", "3")
             tb._open_tab(page, "Train")
@@ -143,7 +157,7 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, P
 
             # Reload: the page shows the running job again, still stepping.
             page.reload()
-            page.wait_for_selector("#sdconcepts_prompt textarea", state="visible")
+            _open_our_page(page, mode)
             tb._open_tab(page, "Train")
             _open_sub_tab(page, "Train")
             first = _wait_text(page, "#sdconcepts_train_status", "loss:")
@@ -156,13 +170,13 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, P
             end = _wait_text(page, "#sdconcepts_train_status", "Training interrupted", timeout=120)
             assert "saved to" in end and "uitoy.pt" in end
             page.locator("#sdconcepts_train_previews img").first.wait_for(state="visible")
-            page.screenshot(path=str(tb.OUTPUT / "train-tab.png"), full_page=True)
+            page.screenshot(path=str(tb.OUTPUT / f"train-tab-{mode}.png"), full_page=True)
 
             # The trained file is among the Textual Inversion cards without a restart.
             tb._open_tab(page, "Textual Inversion")
             page.locator('#sdconcepts_ti_cards .sdconcepts-card[data-name="uitoy"]').wait_for(state="visible")
         except Exception:
-            page.screenshot(path=str(tb.OUTPUT / "train-tab-failure.png"), full_page=True)
+            page.screenshot(path=str(tb.OUTPUT / f"train-tab-{mode}-failure.png"), full_page=True)
             raise
         finally:
             browser.close()
