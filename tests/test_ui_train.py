@@ -119,6 +119,7 @@ def test_training_streams_steps_plot_previews_and_saves(session: UiSession, tiny
     assert not last.running and job.error is None, job.error
     assert "step 4/4" in last.status_html and "loss:" in last.status_html and "it/s" in last.status_html
     assert "ETA" in last.status_html and "Training finished at 4 steps" in last.status_html
+    assert last.status_html.startswith('<div class="sdconcepts-train-status"><b>Done</b>')
     assert last.plot is not None and Path(last.plot).is_file()
     assert [Path(p).name for p in last.previews] == ["toytri-2.png", "toytri-4.png"]
     assert all(Path(p).is_file() for p in last.previews)
@@ -159,6 +160,7 @@ def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
     # Within one step of the interrupt (the step running when it came finishes), and that step is saved.
     assert job.steps()[-1].step <= steps_at_interrupt + 2
     assert load_embedding(session.config.embeddings_dirs[0] / "toytri.pt").step == job.steps()[-1].step
+    assert "<b>Interrupted</b>" in train.train_view(job).status_html
     assert "Training interrupted" in train.train_view(job).status_html
     # Once it ended, a new job may start.
     config2, _ = train.training_config("embedding", "toytri", _fields(dataset, tmp_path, max_steps=job.steps()[-1].step + 1,

@@ -341,7 +341,12 @@ def train_view(job: TrainingJob | None) -> TrainView:
     steps = [e for e in events if e.kind == "step"]
     end = next((e for e in reversed(events) if e.kind != "step"), None)
     parts: list[str] = []
-    state = "Training" if running else ("Stopped" if job.error or (end and end.kind == "nan") else "Done")
+    if running:
+        state = "Training"
+    elif job.error or (end and end.kind == "nan"):
+        state = "Stopped"
+    else:
+        state = "Interrupted" if end and end.kind == "interrupted" else "Done"
     parts.append(f"<b>{state}</b> {html.escape(job.kind)} <b>{html.escape(job.name)}</b>")
     if steps:
         last = steps[-1]
