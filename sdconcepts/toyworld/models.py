@@ -28,21 +28,13 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdconcepts.backends.tiny import SD1_SCHEDULER
 from sdconcepts.backends.tokenizer import TOKENIZER_DIR, load_clip_tokenizer
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld" / "model"
 
 # SD-1.x noise schedule (scaled_linear 0.00085 -> 0.012, 1000 steps, epsilon prediction).
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
+SCHEDULER_CONFIG: dict[str, Any] = dict(SD1_SCHEDULER)
 
 VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
