@@ -15,7 +15,7 @@ import gradio as gr
 from sdconcepts.generation import SAMPLERS
 from sdconcepts.ui import handlers, train
 from sdconcepts.ui.cards import SORT_KEYS
-from sdconcepts.ui.compat import blocks_kwargs, js_kwargs, launch_kwargs, make, update
+from sdconcepts.ui.compat import QUEUE_KWARGS, blocks_kwargs, js_kwargs, launch_kwargs, make, update
 from sdconcepts.ui.session import UiError, UiSession
 from sdconcepts.ui.train_tab import build_train_tab
 
@@ -233,7 +233,7 @@ def launch_app(session: UiSession, *, host: str = "127.0.0.1", port: int | None 
     css = read_css()
     blocks = build_ui(session, css=css)
     install_js(blocks)
-    blocks.queue()
+    blocks.queue(**QUEUE_KWARGS)
     blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
                   **launch_kwargs(css))
     return blocks

@@ -16,6 +16,11 @@ __all__ = ["GRADIO_MAJOR", "blocks_kwargs", "js_kwargs", "launch_kwargs", "make"
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 
+# gradio 3 runs one queued job at a time unless told otherwise, so a streaming Train view would hold back every other
+# click (a second Train, Interrupt, txt2img). A1111 itself queues with concurrency_count=64; gradio 4+ sets limits
+# per event instead.
+QUEUE_KWARGS: dict[str, Any] = {"concurrency_count": 64} if GRADIO_MAJOR < 4 else {}
+
 
 def js_kwargs(code: str) -> dict[str, Any]:
     """The keyword that attaches browser JavaScript to an event."""

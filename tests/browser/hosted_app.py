@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 
 from sdconcepts.host.a1111 import build_tabs  # noqa: E402
 from sdconcepts.ui.app import install_js, read_css  # noqa: E402
-from sdconcepts.ui.compat import blocks_kwargs, launch_kwargs  # noqa: E402
+from sdconcepts.ui.compat import QUEUE_KWARGS, blocks_kwargs, launch_kwargs  # noqa: E402
 from sdconcepts.ui.session import UiConfig, UiSession  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main() -> None:
                 with gr.Tab(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
     install_js(demo)
-    demo.queue()
+    demo.queue(**QUEUE_KWARGS)  # A1111 queues with concurrency_count=64
     demo.launch(server_name="127.0.0.1", server_port=int(port), prevent_thread_lock=False, **launch_kwargs(css))
 
 
