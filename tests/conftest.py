@@ -9,7 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Every test model is tiny: a second intra-op thread gains nothing, and on a shared 2-core machine OpenMP threads
+# wait on each other (5-10x slower). One setting here instead of a fixture per test file.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,6 @@ from sdconcepts import checkpoint_files as cf  # noqa: E402
 from sdconcepts.backends.single_file import load_single_file, probe_v_prediction, save_single_file  # noqa: E402
 from sdconcepts.backends.tiny import build_tiny_sd1, build_tiny_sd2  # noqa: E402
 
-torch.set_num_threads(1)
-
 CASES = {
     "sd1": ("sd1", "epsilon"),
     "sd2-eps": ("sd2", "epsilon"),

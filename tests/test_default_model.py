@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR, load_model, txt2img
 from sdconcepts.generation import GenerationParams
@@ -15,10 +14,7 @@ from sdconcepts.toyworld.probe import classify
 
 @pytest.fixture(scope="module")
 def default_model():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads stall each other on a busy 2-core machine
-    yield load_model(None, device="cpu")
-    torch.set_num_threads(threads)
+    return load_model(None, device="cpu")
 
 
 def _pixels(result) -> np.ndarray:  # type: ignore[no-untyped-def]

@@ -26,15 +26,6 @@ from sdconcepts.hypernetwork import (
 from sdconcepts.hypernetwork_files import HypernetworkFileError, load_hypernetwork
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny tensors: one thread avoids OpenMP spin-waits on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-6, atol=1e-6))
 

@@ -18,14 +18,6 @@ from sdconcepts.attach import attach_hypernetworks, attention_layers
 from sdconcepts.hypernetwork import HypernetworkError, apply_hypernetworks, create_hypernetwork
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)

@@ -25,15 +25,6 @@ from sdconcepts.hypernetwork_files import (
     save_hypernetwork,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- A1111's modules/safe.py check, written out from a1111-compat §1.9 (allowed globals and zip entry names) ----
 _ALLOWED = {
     ("collections", "OrderedDict"),

@@ -17,16 +17,6 @@ from sdconcepts.toyworld import cli, concept, models, probe, world
 ATTRS = ("shape", "colour", "background")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The toy model is too small to gain from a second thread, and on a shared CPU OpenMP threads wait on each
-    # other: one thread keeps this file fast and steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _pixels(pairs):
     return [np.asarray(image).tobytes() for image, _ in pairs]
 

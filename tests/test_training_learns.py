@@ -128,15 +128,6 @@ def train_hn(work: Path) -> dict[str, Any]:
     return results
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    # On a shared 2-core machine two intra-op threads can run 5-10x slower than one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_embedding_learns_the_concept(tmp_path: Path) -> None:
     report = train_ti(tmp_path)
     print(json.dumps(report, indent=1))
