@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from closeness import assert_images_close, assert_owned_weights, pixels
 
 from sdconcepts.backends.diffusers import (
     SCHEDULERS,
@@ -18,10 +19,6 @@ from sdconcepts.backends.diffusers import (
 )
 from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams, parse_infotext
 from sdconcepts.images import read_infotext, save_png
-
-
-def _pixels(result) -> np.ndarray:  # type: ignore[no-untyped-def]
-    return np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
 
 
 def test_every_listed_sampler_has_a_scheduler() -> None:
@@ -77,6 +74,40 @@ def test_emphasis_weights_change_only_the_weighted_tokens(tiny_model) -> None:  
     torch.testing.assert_close(ignored, plain)
 
 
+def test_original_emphasis_restores_the_chunk_mean_as_a1111_does() -> None:
+    from sdconcepts.backends.tiny import build_tiny_sd1
+
+    components = build_tiny_sd1(seed=3)
+    with torch.no_grad():  # a real encoder's final layer norm has a bias, so chunk means are not ~0
+        encoder = components["text_encoder"]
+        bias = getattr(encoder, "text_model", encoder).final_layer_norm.bias  # transformers 4 or 5 layout
+        bias.copy_(0.2 + 0.1 * torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)))
+    model = model_from_components(components)
+    plain = PromptEncoder(model, emphasis="No norm").encode("a red circle")
+    no_norm = PromptEncoder(model, emphasis="No norm").encode("a (red:1.5) circle")
+    original = PromptEncoder(model).encode("a (red:1.5) circle")
+    # A1111: z * multipliers, then times mean(z) / mean(z * multipliers).
+    torch.testing.assert_close(original, no_norm * (plain.mean() / no_norm.mean()), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(original, no_norm)
+
+
+def test_original_emphasis_of_zero_mean_vectors_is_not_nan(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    from sdconcepts.backends.diffusers import _apply_emphasis
+
+    # Token vectors whose mean is exactly 0 (a layer norm without bias), also after weighting by 1.5: A1111's
+    # rescale is 0/0 here.
+    z = torch.tensor([[1.0, -1.0, 2.0, -2.0]] * 5)
+    multipliers = torch.tensor([1.0, 1.5, 1.0, 1.0, 1.0])
+    out = _apply_emphasis(z, multipliers, normalize=True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, z * multipliers.unsqueeze(-1), rtol=0, atol=0)
+    # The tiny model has no layer norm bias either: the rescale is skipped, nothing blows up.
+    original = PromptEncoder(tiny_model).encode("a (red:1.1) circle")
+    no_norm = PromptEncoder(tiny_model, emphasis="No norm").encode("a (red:1.1) circle")
+    assert torch.isfinite(original).all()
+    torch.testing.assert_close(original, no_norm, rtol=0, atol=0)
+
+
 def test_long_prompts_and_break_make_more_chunks(tiny_model) -> None:  # type: ignore[no-untyped-def]
     enc = PromptEncoder(tiny_model)
     long_prompt = ", ".join(["red circle"] * 40)
@@ -116,8 +147,8 @@ def test_same_seed_same_image_and_seeds_differ(tiny_model) -> None:  # type: ign
     a = txt2img(tiny_model, params)
     b = txt2img(tiny_model, params)
     c = txt2img(tiny_model, GenerationParams(prompt="a red circle", steps=4, seed=8, cfg_scale=5))
-    assert (_pixels(a) == _pixels(b)).all()
-    assert (_pixels(a) != _pixels(c)).any()
+    assert (pixels(a) == pixels(b)).all()
+    assert (pixels(a) != pixels(c)).any()
     assert a.images[0].size == (32, 32)
 
 
@@ -126,19 +157,19 @@ def test_batch_image_matches_single_generation_with_its_seed(tiny_model) -> None
                                                   batch_count=2, sampler="Euler a"))
     assert batch.seeds == [10, 11, 12, 13] and len(batch.images) == 4
     single = txt2img(tiny_model, GenerationParams(prompt="a blue cross", steps=3, seed=13, sampler="Euler a"))
-    assert np.abs(_pixels(batch)[3] - _pixels(single)[0]).max() <= 1
+    assert np.abs(pixels(batch)[3] - pixels(single)[0]).max() <= 1
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_every_sampler_generates(tiny_model, sampler: str) -> None:  # type: ignore[no-untyped-def]
     result = txt2img(tiny_model, GenerationParams(prompt="a green ring", steps=3, seed=1, sampler=sampler))
-    pixels = _pixels(result)
-    assert pixels.shape == (1, 32, 32, 3) and pixels.std() > 0
+    image = pixels(result)
+    assert image.shape == (1, 32, 32, 3) and image.std() > 0
 
 
 def test_prompt_editing_switches_conditioning_mid_run(tiny_model) -> None:  # type: ignore[no-untyped-def]
     def run(prompt: str) -> np.ndarray:
-        return _pixels(txt2img(tiny_model, GenerationParams(prompt=prompt, steps=6, seed=3, sampler="DDIM")))
+        return pixels(txt2img(tiny_model, GenerationParams(prompt=prompt, steps=6, seed=3, sampler="DDIM")))
 
     edited = run("a [red:blue:3] circle")
     assert (edited != run("a red circle")).any()
@@ -163,10 +194,10 @@ def test_negative_prompt_and_tags(tiny_model) -> None:  # type: ignore[no-untype
     base = GenerationParams(prompt="a red circle", steps=3, seed=5, sampler="DDIM")
     plain = txt2img(tiny_model, base)
     negative = txt2img(tiny_model, GenerationParams(**{**base.__dict__, "negative_prompt": "blue"}))
-    assert (_pixels(plain) != _pixels(negative)).any()
+    assert (pixels(plain) != pixels(negative)).any()
     tagged = txt2img(tiny_model, GenerationParams(**{**base.__dict__, "prompt": "a red circle <hypernet:nope:0.5>"}))
     # The tag is stripped before encoding (same image), kept in the infotext, and reported as unknown.
-    assert (_pixels(tagged) == _pixels(plain)).all()
+    assert (pixels(tagged) == pixels(plain)).all()
     assert tagged.infotexts[0].startswith("a red circle <hypernet:nope:0.5>\n")
     assert any("nope" in w for w in tagged.warnings)
 
@@ -210,7 +241,7 @@ def test_single_file_checkpoint_generates_identically(tiny_model, tmp_path: Path
     assert (loaded.family, loaded.prediction_type, loaded.name) == ("sd1", "epsilon", "tiny")
     # No emphasis here: A1111's "Original" mean rescale is ill-conditioned on random weights (mean ~0).
     params = GenerationParams(prompt="a red circle, a square", negative_prompt="blue", steps=3, seed=4, sampler="Euler")
-    assert (_pixels(txt2img(loaded, params)) == _pixels(txt2img(tiny_model, params))).all()
+    assert_images_close(pixels(txt2img(loaded, params)), pixels(txt2img(tiny_model, params)))
     assert loaded.short_hash != tiny_model.short_hash
 
 
@@ -225,10 +256,11 @@ def test_sd2_v_prediction_single_file_loads_and_generates(tmp_path: Path) -> Non
     assert (model.family, model.prediction_type) == ("sd2", "v_prediction")
     assert model.tokenizer.pad_token_id == 0
     for name in ("unet", "vae", "text_encoder"):
-        components[name].requires_grad_(False)  # type: ignore[attr-defined]  # grad mode changes CPU kernels
+        components[name].requires_grad_(False)  # type: ignore[attr-defined]
+        assert_owned_weights(getattr(model, name))
     in_memory = model_from_components(components, family="sd2")
     params = GenerationParams(prompt="a red circle", steps=3, seed=4, sampler="DDIM")
-    assert (_pixels(txt2img(model, params)) == _pixels(txt2img(in_memory, params))).all()
+    assert_images_close(pixels(txt2img(model, params)), pixels(txt2img(in_memory, params)))
 
 
 def test_nan_output_is_an_error_not_a_black_image() -> None:

@@ -164,6 +164,8 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
+    from sdconcepts.backends.single_file import own_weights
+
     missing = [sub for sub in ("unet", "vae", "text_encoder", "scheduler") if not (path / sub).is_dir()]
     if missing:
         raise ModelLoadError(f"{path}: not a diffusers model folder (missing {', '.join(missing)})")
@@ -171,6 +173,8 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True)
         text_encoder = _load_text_encoder(path / "text_encoder", dtype)
+        own_weights(unet)
+        own_weights(vae)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: cannot load the diffusers folder: {_first_line(exc)}") from exc
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
@@ -416,8 +420,23 @@ def _apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, *, normalize: bo
     weighted = z * multipliers.unsqueeze(-1)
     if normalize:
         # A1111 "Original": restore the mean of the whole chunk tensor after weighting.
-        weighted = weighted * (z.mean() / weighted.mean())
+        original_mean, new_mean = z.mean(), weighted.mean()
+        if _meaningful_mean(original_mean, z) and _meaningful_mean(new_mean, weighted):
+            weighted = weighted * (original_mean / new_mean)
     return weighted
+
+
+def _meaningful_mean(mean: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether `mean` is more than the rounding noise of averaging `values`.
+
+    A real text encoder's final layer norm has a bias, so a chunk's mean is a sizeable fraction of its magnitude
+    (SD 1.5: about a tenth). With a zero bias (a freshly initialised model) every token vector is zero-mean, the chunk
+    mean is rounding noise of order sqrt(n)·eps·mean|v|, and A1111's ratio of two such means is arbitrary: 0/0 (NaN)
+    on some CPUs, a huge factor on others. Below that noise level the rescale is skipped; above it the arithmetic is
+    A1111's exactly.
+    """
+    noise = values.numel() ** 0.5 * torch.finfo(values.dtype).eps * float(values.abs().mean())
+    return bool(torch.isfinite(mean)) and abs(float(mean)) > noise
 
 
 def _text_model(text_encoder: Any) -> Any:

@@ -108,7 +108,34 @@ def _materialize(make: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dt
                 raise cf.CheckpointError(f"{path}: {what} buffer {name} is not in the checkpoint")
             ids = torch.arange(buffer.shape[-1], dtype=buffer.dtype).expand(buffer.shape)
             setattr(module, name, ids)
+    return own_weights(model)
+
+
+def own_weights(model: Any) -> Any:
+    """Give every parameter and buffer of `model` memory that torch allocated itself (contiguous, 64-byte aligned).
+
+    safetensors (and diffusers' loading on top of it) hands out tensors over the file's mapping at the file's byte
+    offsets, which are not aligned: CPU kernels then take other code paths, so the same weights gave results that
+    differ in the last bits between a `.safetensors` and a `.ckpt` load, and per CPU. A mapping also ties the model to
+    the file: truncating the file while the model is loaded would crash the process (SIGBUS). Such tensors are copied
+    once; tensors torch already owns (a `.ckpt` load, a dtype conversion) are kept, so peak memory does not grow.
+    """
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_meta or _is_owned(tensor):
+                continue
+            copy = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
+            if isinstance(tensor, torch.nn.Parameter):
+                setattr(module, name, torch.nn.Parameter(copy, requires_grad=tensor.requires_grad))
+            else:
+                module.register_buffer(name, copy, persistent=name not in module._non_persistent_buffers_set)
     return model
+
+
+def _is_owned(tensor: torch.Tensor) -> bool:
+    if tensor.device.type != "cpu":
+        return True  # copied to the device by .to(): allocated by torch
+    return bool(tensor.untyped_storage().resizable()) and tensor.data_ptr() % 64 == 0 and tensor.is_contiguous()
 
 
 @torch.no_grad()
