@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams
+from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE
 
 log = logging.getLogger("sdconcepts")
 
@@ -79,6 +80,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--hypernetworks-dir", type=_existing_dir, action="append", default=None, metavar="D",
                    help="hypernetworks folder for <hypernet:name:strength> tags, scanned recursively; repeatable "
                    "(default: ./models/hypernetworks when it exists)")
+    p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
+                   help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_BATCH_SIZE} and batch count "
+                   f"over {MAX_BATCH_COUNT} (the web UI's limits); a request that cannot fit in memory is still refused")
     p.add_argument("--output", required=True, type=Path,
                    help="a folder (files named like A1111's NNNNN-SEED.png) or a .png path")
     p.set_defaults(func=run_generate)
@@ -105,13 +109,14 @@ def run_generate(args: argparse.Namespace) -> int:
         clip_skip=args.clip_skip,
     )
     try:
-        params = params.validated()
+        params = params.validated(size_limits=args.size_limits)
         model = load_model(args.ckpt, device=args.device)
         embeddings = embedding_arguments(args.embeddings_dir, model.context_width)
         hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt)
         with tqdm(total=params.steps * params.batch_count, unit="step", desc="generate", file=sys.stderr) as bar:
             result = txt2img(
-                model, params, progress=lambda done, _total: bar.update(done - bar.n), **embeddings, **hypernetworks
+                model, params, progress=lambda done, _total: bar.update(done - bar.n), size_limits=args.size_limits,
+                **embeddings, **hypernetworks
             )
     except (GenerationError, ModelLoadError) as exc:
         raise CommandError(str(exc)) from exc
