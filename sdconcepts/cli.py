@@ -179,6 +179,9 @@ def add_web_ui_arguments(parser: argparse.ArgumentParser) -> None:
                     help="hypernetworks folder; repeatable (default: ./models/hypernetworks)")
     ui.add_argument("--outputs-dir", dest="ui_outputs_dir", type=Path, default=Path("outputs") / "txt2img-images",
                     metavar="D", help="where generated PNGs are saved (default: ./outputs/txt2img-images)")
+    ui.add_argument("--train-root", dest="ui_train_roots", type=_existing_dir, action="append", default=None,
+                    metavar="D", help="a folder that the Train tab's paths (preprocess source and destination, dataset, "
+                    "log directory) may use; repeatable (default: the working folder and the folders above)")
     ui.add_argument("--device", dest="ui_device", default=None, help="torch device (default: cuda when available)")
 
 
@@ -204,6 +207,7 @@ def run_web_ui(args: argparse.Namespace) -> int:
         hypernetworks_dirs=_default_dirs(args.ui_hypernetworks_dir, Path("models") / "hypernetworks"),
         outputs_dir=args.ui_outputs_dir,
         device=args.ui_device,
+        train_roots=args.ui_train_roots,
     )
     host = "0.0.0.0" if args.ui_listen else "127.0.0.1"
     launch_app(UiSession(config), host=host, port=args.ui_port)

@@ -93,8 +93,11 @@ class PreprocessReport:
     skipped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
-        text = f"wrote {len(self.written)} images from {self.sources} files"
+    def summary(self, destination: str | Path | None = None) -> str:
+        """``6 images from 3 files in D; skipped 1: a.png (reason); warnings: b.txt (reason)``."""
+        text = f"{len(self.written)} images from {self.sources} files"
+        if destination is not None:
+            text += f" in {destination}"
         if self.skipped:
             text += f"; skipped {len(self.skipped)}: {', '.join(self.skipped)}"
         if self.warnings:
