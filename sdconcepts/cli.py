@@ -70,7 +70,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--height", type=_positive_int, default=None, help="height in pixels (default: the model's size)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images per batch (default: 1)")
     p.add_argument("--batch-count", type=_positive_int, default=1, help="number of batches (default: 1)")
-    p.add_argument("--clip-skip", type=_positive_int, default=1, help="stop at the N-th last CLIP layer (default: 1)")
+    p.add_argument("--clip-skip", type=_positive_int, default=1,
+                   help="stop at the N-th last CLIP layer, 1 to the text encoder's layer count (12 for SD 1.x; default: 1)")
     p.add_argument("--ckpt", type=_existing_path, default=None,
                    help="model: a diffusers folder or an A1111 .safetensors/.ckpt file (default: the embedded toy-world model)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
