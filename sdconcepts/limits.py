@@ -89,14 +89,19 @@ def available_memory(device: torch.device | str) -> int | None:
     return None
 
 
-def memory_problem(needed: int, device: torch.device | str, what: str) -> str | None:
-    """A one-line refusal when ``needed`` bytes exceed the memory available on ``device``, else None."""
-    free = available_memory(device)
-    if free is None or needed <= free:
-        return None
-    where = "GPU memory" if torch.device(device).type == "cuda" else "memory"
-    return (f"{what} needs at least {format_bytes(needed)} of {where}, but only {format_bytes(free)} is available; "
-            "use a smaller size or batch")
+def memory_problem(needed: int, device: torch.device | str, what: str, *, host_bytes: int = 0) -> str | None:
+    """A one-line refusal when ``needed`` bytes exceed the memory available on ``device`` (or, for a GPU,
+    ``host_bytes`` exceed the CPU's), else None. On the CPU both counts add up."""
+    dev = torch.device(device)
+    checks = [(dev, needed + host_bytes)] if dev.type == "cpu" else [(dev, needed), (torch.device("cpu"), host_bytes)]
+    for where, count in checks:
+        free = available_memory(where)
+        if free is None or count <= free:
+            continue
+        label = "GPU memory" if where.type == "cuda" else "memory"
+        return (f"{what} needs at least {format_bytes(count)} of {label}, but only {format_bytes(free)} is "
+                "available; use a smaller size or batch")
+    return None
 
 
 def generation_bytes(
@@ -112,11 +117,12 @@ def generation_bytes(
     dtype_bytes: int,
     guided: bool,
     attention_heads: int = 0,
-) -> int:
-    """A lower bound of the memory txt2img holds at its peak for one batch of ``batch`` images.
+) -> tuple[int, int]:
+    """Lower bounds of the memory txt2img holds at its peak, as (on the model's device, on the CPU).
 
-    The initial noise (float32, on the CPU); then the larger of the UNet's activations at the first level (the
-    batch doubled by classifier-free guidance) and the VAE decoder's at full resolution; plus every finished image.
+    On the device: the noise, then the larger of the UNet's activations at the first level (the batch doubled by
+    classifier-free guidance) and the VAE decoder's at full resolution. On the CPU: the noise (drawn there in
+    float32, as A1111 seeds it), a batch's float32 pixels and every finished image.
     ``attention_heads`` > 0 adds the largest self-attention's score map, ``(h/8 * w/8)^2 * heads * batch``, for
     attention code that materialises it (scaled-dot-product kernels work in tiles and need not).
     """
@@ -128,7 +134,7 @@ def generation_bytes(
     unet += unet_batch * attention_heads * latent_pixels * latent_pixels * dtype_bytes
     vae = batch * pixels * vae_channels * dtype_bytes * _VAE_LIVE_TENSORS
     images = images_total * pixels * 3 + batch * pixels * 3 * 4
-    return noise + max(unet, vae) + images
+    return noise + max(unet, vae), noise + images
 
 
 def training_bytes(
@@ -141,14 +147,15 @@ def training_bytes(
     unet_channels: int,
     vae_channels: int,
     dtype_bytes: int,
-) -> int:
-    """A lower bound of a training run's memory: the dataset's pixels (float32, all kept), one image through the VAE
-    encoder, and the UNet activations of one micro-batch kept for the backward pass."""
+) -> tuple[int, int]:
+    """Lower bounds of a training run's memory, as (on the model's device, on the CPU): on the device the larger of
+    one image through the VAE encoder and the UNet activations of one micro-batch kept for the backward pass; on the
+    CPU the dataset's pixels (float32, every image kept)."""
     latent_pixels = (height // latent_scale) * (width // latent_scale)
     dataset = images * 3 * width * height * 4
     vae = width * height * vae_channels * dtype_bytes * _VAE_LIVE_TENSORS
     unet = batch * latent_pixels * unet_channels * dtype_bytes * _UNET_TRAINING_TENSORS
-    return dataset + max(vae, unet)
+    return max(vae, unet), dataset
 
 
 def hypernetwork_parameters(widths: Sequence[int], layer_structure: Sequence[float], *, layer_norm: bool) -> int:

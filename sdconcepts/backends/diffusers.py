@@ -543,8 +543,9 @@ def txt2img(
     if width % multiple or height % multiple or width <= 0 or height <= 0:
         raise GenerationError(f"width and height must be positive multiples of {multiple} for this model")
     check_clip_skip(model, params.clip_skip)
-    problem = memory_problem(generation_memory(model, params, width, height), model.device,
-                             f"generating {params.batch_size} image(s) of {width}x{height} per batch")
+    on_device, on_host = generation_memory(model, params, width, height)
+    problem = memory_problem(on_device, model.device, f"generating {params.batch_size} image(s) of {width}x{height} "
+                             "per batch", host_bytes=on_host)
     if problem:
         raise GenerationError(problem)
 
@@ -625,8 +626,9 @@ def txt2img(
     return GenerationResult(images=images, infotexts=infotexts, seeds=all_seeds, params=params, warnings=warnings)
 
 
-def generation_memory(model: LoadedModel, params: GenerationParams, width: int, height: int) -> int:
-    """A lower bound of the bytes ``txt2img`` needs at its peak (``sdconcepts.limits.generation_bytes``)."""
+def generation_memory(model: LoadedModel, params: GenerationParams, width: int, height: int) -> tuple[int, int]:
+    """Lower bounds of the bytes ``txt2img`` needs at its peak on the model's device and on the CPU
+    (``sdconcepts.limits.generation_bytes``)."""
     return generation_bytes(
         batch=params.batch_size,
         images_total=params.batch_size * params.batch_count,

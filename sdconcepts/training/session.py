@@ -309,7 +309,7 @@ def _check_memory(model: Any, config: TrainingConfig) -> None:
     ``sdconcepts.limits.training_bytes``)."""
     folder = Path(config.dataset)
     images = sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() != ".txt") if folder.is_dir() else 0
-    needed = training_bytes(
+    on_device, on_host = training_bytes(
         batch=min(config.batch_size, max(images, 1)),
         images=images,
         width=config.width,
@@ -320,7 +320,7 @@ def _check_memory(model: Any, config: TrainingConfig) -> None:
         dtype_bytes=torch.finfo(model.dtype).bits // 8,
     )
     what = f"training on {images} images of {config.width}x{config.height} in batches of {config.batch_size}"
-    problem = memory_problem(needed, model.device, what)
+    problem = memory_problem(on_device, model.device, what, host_bytes=on_host)
     if problem:
         raise TrainingError(problem)
 
