@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DatasetError",
+    "ImageProblem",
     "ImageRecord",
     "LatentSampling",
     "TrainingBatch",
     "TrainingDataset",
-    "ImageProblem",
     "filewords_for",
     "open_image",
     "read_caption",

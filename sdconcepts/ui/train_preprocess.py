@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from sdconcepts.limits import MAX_IMAGE_SIDE, MAX_SOURCE_PIXELS
 from sdconcepts.training.dataset import ImageProblem, open_image, read_caption
 from sdconcepts.ui.session import UiError
 
@@ -48,10 +49,19 @@ def caption_from_name(path: Path) -> str:
 def _cover(image: Image.Image, width: int, height: int) -> Image.Image:
     """A1111's resize mode 1 ("crop and resize"): scale to cover the size, then crop the centre."""
     scale = max(width / image.width, height / image.height)
-    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                           Image.Resampling.LANCZOS)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    resized = image.resize(_checked_size(size), Image.Resampling.LANCZOS)
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
     return resized.crop((left, top, left + width, top + height))
+
+
+def _checked_size(size: tuple[int, int]) -> tuple[int, int]:
+    """An intermediate resize stays under the source-image limit: a 1-pixel-wide strip scaled to cover 512x512 would
+    otherwise ask for billions of pixels."""
+    if size[0] * size[1] > MAX_SOURCE_PIXELS:
+        raise ImageProblem(f"aspect ratio too extreme: resizing to {size[0]}×{size[1]} would exceed "
+                           f"{MAX_SOURCE_PIXELS} pixels")
+    return size
 
 
 def split_image(image: Image.Image, inverse_xy: bool, width: int, height: int, overlap: float) -> Iterator[Image.Image]:
@@ -59,7 +69,7 @@ def split_image(image: Image.Image, inverse_xy: bool, width: int, height: int, o
     from_w, from_h = (image.height, image.width) if inverse_xy else (image.width, image.height)
     to_w, to_h = (height, width) if inverse_xy else (width, height)
     h = from_h * to_w // from_w
-    image = image.resize((h, to_w) if inverse_xy else (to_w, h), Image.Resampling.LANCZOS)
+    image = image.resize(_checked_size((h, to_w) if inverse_xy else (to_w, h)), Image.Resampling.LANCZOS)
     count = max(2, math.ceil((h - to_h * overlap) / (to_h * (1.0 - overlap))))
     step = (h - to_h) / (count - 1)
     for i in range(count):
@@ -75,8 +85,8 @@ def _validate(source: Path, destination: Path, settings: PreprocessSettings) -> 
     if destination.resolve() == source.resolve():
         raise UiError("destination directory: must differ from the source directory")
     for label, value in (("width", settings.width), ("height", settings.height)):
-        if value < 8:
-            raise UiError(f"{label} must be at least 8, got {value}")
+        if not 8 <= value <= MAX_IMAGE_SIDE:
+            raise UiError(f"{label} must be between 8 and {MAX_IMAGE_SIDE}, got {value}")
     if settings.caption_action not in CAPTION_ACTIONS:
         raise UiError(f"existing caption action must be one of {', '.join(CAPTION_ACTIONS)}")
     if not 0.0 <= settings.overlap_ratio < 1.0:
@@ -138,12 +148,15 @@ def run_preprocess(source: str | Path, destination: str | Path, settings: Prepro
         except OSError as exc:
             report.skipped.append(f"{path.name} (unreadable: {exc.strerror or exc})")
             continue
-        report.sources += 1
         try:
             report.written.extend(_process(image, index, path, existing, destination, settings))
+        except ImageProblem as exc:
+            report.skipped.append(f"{path.name} ({exc})")
+            continue
         except OSError as exc:
             raise UiError(f"destination directory: cannot write to {destination}: {exc.strerror or exc} "
                           f"({report.summary()})") from None
+        report.sources += 1
     return report
 
 

@@ -297,3 +297,17 @@ def test_non_finite_hypernetwork_strength_is_named(strength: str, tiny_model: An
     with pytest.raises(GenerationError, match="expected a finite number") as caught:
         txt2img(tiny_model, GenerationParams(prompt=f"a {tag}", steps=1), hypernetworks={"toy": hypernetwork})
     assert "sampler" not in str(caught.value)
+
+
+def test_preprocess_sizes_and_extreme_strips_are_bounded(session: UiSession) -> None:
+    root = session.train_roots()[0]
+    source = root / "strips"
+    source.mkdir()
+    Image.new("RGB", (1, 4000)).save(source / "strip.png")  # covering 512x512 would mean 512 x 2048000 pixels
+    Image.new("RGB", (40, 40)).save(source / "square.png")
+    message = train.preprocess(session, str(source), str(root / "strips-out"), PreprocessSettings(width=512, height=512))
+    assert message.startswith("Preprocessing finished: 1 images from 1 files")
+    assert "strip.png (aspect ratio too extreme: resizing to 512×2048000" in message
+    with pytest.raises(UiError, match="width must be between 8 and 2048, got 100000"):
+        train.preprocess(session, str(source), str(root / "strips-big"), PreprocessSettings(width=100000, height=64))
+    assert not (root / "strips-big").exists()
