@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from sdconcepts.limits import MAX_SOURCE_PIXELS
+from sdconcepts.limits import MAX_IMAGE_SIDE, MAX_SOURCE_PIXELS
 from sdconcepts.training.templates import fill_template
 
 log = logging.getLogger(__name__)
@@ -152,11 +152,14 @@ def read_images(
     use_alpha: bool = False,
     filename_regex: str = "",
     join_string: str = " ",
+    max_side: int | None = MAX_IMAGE_SIDE,
 ) -> list[ImageRecord]:
     """Every image directly in ``folder`` (name order).
 
     Files that are not images, or are too large or broken, are skipped with their reason logged (A1111 skips the
-    first kind silently and stops on the others); when nothing is left the error lists the reasons.
+    first kind silently and stops on the others); when nothing is left the error lists the reasons. With
+    ``keep_size`` an image is trained at its own size, so one with a side over ``max_side`` (None: no limit) is
+    skipped too.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -177,6 +180,11 @@ def read_images(
             skipped.append(f"{path.name} ({exc})")
             # Other files beside the images are normal in a dataset folder; a broken or huge image is worth a warning.
             log.log(logging.INFO if "PIL can read" in str(exc) else logging.WARNING, "skipped %s: %s", path, exc)
+            continue
+        if keep_size and max_side is not None and max(image.size) > max_side:
+            reason = f"{image.width}×{image.height} is over {max_side} pixels on a side, and sizes are kept"
+            skipped.append(f"{path.name} ({reason})")
+            log.warning("skipped %s: %s", path, reason)
             continue
         try:
             filewords = filewords_for(path, filename_regex=filename_regex, join_string=join_string)

@@ -29,7 +29,7 @@ from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, EmbeddingFileError, l
 from sdconcepts.hypernetwork import Hypernetwork
 from sdconcepts.hypernetwork_files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
 from sdconcepts.images import save_png
-from sdconcepts.limits import memory_problem, training_bytes
+from sdconcepts.limits import MAX_IMAGE_SIDE, memory_problem, training_bytes
 from sdconcepts.safe_load import UnsafeFileError, load_torch_file, save_torch_file
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig, TrainingConfig
 from sdconcepts.training.dataset import TrainingDataset, read_images
@@ -335,6 +335,7 @@ def _run(
         width=config.width,
         height=config.height,
         keep_size=config.keep_size,
+        max_side=MAX_IMAGE_SIDE if config.size_limits else None,
         use_alpha=config.use_alpha_weight,
         filename_regex=config.filename_regex,
         join_string=config.filename_join,

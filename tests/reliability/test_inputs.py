@@ -311,3 +311,14 @@ def test_preprocess_sizes_and_extreme_strips_are_bounded(session: UiSession) -> 
     with pytest.raises(UiError, match="width must be between 8 and 2048, got 100000"):
         train.preprocess(session, str(source), str(root / "strips-big"), PreprocessSettings(width=100000, height=64))
     assert not (root / "strips-big").exists()
+
+
+def test_kept_sizes_in_a_dataset_have_the_side_limit(tmp_path: Path) -> None:
+    from sdconcepts.training.dataset import read_images
+
+    Image.new("L", (2100, 8)).save(tmp_path / "wide.png")
+    Image.new("RGB", (32, 16)).save(tmp_path / "small.png")
+    records = read_images(tmp_path, width=16, height=16, keep_size=True)
+    assert [(r.path.name, r.size) for r in records] == [("small.png", (32, 16))]
+    assert len(read_images(tmp_path, width=16, height=16, keep_size=True, max_side=None)) == 2
+    assert len(read_images(tmp_path, width=16, height=16)) == 2  # resized images are not limited by their source size
