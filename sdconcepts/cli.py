@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams
+from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE
 
 log = logging.getLogger("sdconcepts")
 
@@ -69,7 +70,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--height", type=_positive_int, default=None, help="height in pixels (default: the model's size)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="images per batch (default: 1)")
     p.add_argument("--batch-count", type=_positive_int, default=1, help="number of batches (default: 1)")
-    p.add_argument("--clip-skip", type=_positive_int, default=1, help="stop at the N-th last CLIP layer (default: 1)")
+    p.add_argument("--clip-skip", type=_positive_int, default=1,
+                   help="stop at the N-th last CLIP layer, 1 to the text encoder's layer count (12 for SD 1.x; default: 1)")
     p.add_argument("--ckpt", type=_existing_path, default=None,
                    help="model: a diffusers folder or an A1111 .safetensors/.ckpt file (default: the embedded toy-world model)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -79,6 +81,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--hypernetworks-dir", type=_existing_dir, action="append", default=None, metavar="D",
                    help="hypernetworks folder for <hypernet:name:strength> tags, scanned recursively; repeatable "
                    "(default: ./models/hypernetworks when it exists)")
+    p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
+                   help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_BATCH_SIZE} and batch count "
+                   f"over {MAX_BATCH_COUNT} (the web UI's limits); a request that cannot fit in memory is still refused")
     p.add_argument("--output", required=True, type=Path,
                    help="a folder (files named like A1111's NNNNN-SEED.png) or a .png path")
     p.set_defaults(func=run_generate)
@@ -105,13 +110,14 @@ def run_generate(args: argparse.Namespace) -> int:
         clip_skip=args.clip_skip,
     )
     try:
-        params = params.validated()
+        params = params.validated(size_limits=args.size_limits)
         model = load_model(args.ckpt, device=args.device)
         embeddings = embedding_arguments(args.embeddings_dir, model.context_width)
         hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt)
         with tqdm(total=params.steps * params.batch_count, unit="step", desc="generate", file=sys.stderr) as bar:
             result = txt2img(
-                model, params, progress=lambda done, _total: bar.update(done - bar.n), **embeddings, **hypernetworks
+                model, params, progress=lambda done, _total: bar.update(done - bar.n), size_limits=args.size_limits,
+                **embeddings, **hypernetworks
             )
     except (GenerationError, ModelLoadError) as exc:
         raise CommandError(str(exc)) from exc
@@ -174,6 +180,9 @@ def add_web_ui_arguments(parser: argparse.ArgumentParser) -> None:
                     help="hypernetworks folder; repeatable (default: ./models/hypernetworks)")
     ui.add_argument("--outputs-dir", dest="ui_outputs_dir", type=Path, default=Path("outputs") / "txt2img-images",
                     metavar="D", help="where generated PNGs are saved (default: ./outputs/txt2img-images)")
+    ui.add_argument("--train-root", dest="ui_train_roots", type=_existing_dir, action="append", default=None,
+                    metavar="D", help="a folder that the Train tab's paths (preprocess source and destination, dataset, "
+                    "log directory) may use; repeatable (default: the working folder and the folders above)")
     ui.add_argument("--device", dest="ui_device", default=None, help="torch device (default: cuda when available)")
 
 
@@ -199,6 +208,7 @@ def run_web_ui(args: argparse.Namespace) -> int:
         hypernetworks_dirs=_default_dirs(args.ui_hypernetworks_dir, Path("models") / "hypernetworks"),
         outputs_dir=args.ui_outputs_dir,
         device=args.ui_device,
+        train_roots=args.ui_train_roots,
     )
     host = "0.0.0.0" if args.ui_listen else "127.0.0.1"
     launch_app(UiSession(config), host=host, port=args.ui_port)

@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.cli import CommandError, _existing_path, _positive_int, int_at_least
+from sdconcepts.limits import (
+    MAX_GRADIENT_ACCUMULATION,
+    MAX_HYPERNETWORK_BYTES,
+    MAX_IMAGE_SIDE,
+    MAX_LAYER_FACTOR,
+    MAX_TRAIN_BATCH_SIZE,
+    format_bytes,
+)
 
 DEFAULT_EMBEDDINGS_DIR = Path("embeddings")
 DEFAULT_HYPERNETWORKS_DIR = Path("models") / "hypernetworks"
@@ -68,6 +76,9 @@ def add_training_parsers(subparsers: argparse._SubParsersAction[argparse.Argumen
     p.add_argument("--hypernetworks-dir", type=Path, default=DEFAULT_HYPERNETWORKS_DIR, metavar="D",
                    help="folder to write to (default: ./models/hypernetworks)")
     p.add_argument("--seed", type=int, default=None, help="seed the initial weights")
+    p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
+                   help=f"allow layer factors over {MAX_LAYER_FACTOR:g} and files over "
+                   f"{format_bytes(MAX_HYPERNETWORK_BYTES)}; one that cannot fit in memory is still refused")
     p.set_defaults(func=run_create_hypernetwork)
 
     for kind in ("embedding", "hypernetwork"):
@@ -122,6 +133,10 @@ def add_training_parsers(subparsers: argparse._SubParsersAction[argparse.Argumen
         p.add_argument("--no-optimizer-state", dest="save_optimizer_state", action="store_false",
                        help="neither save nor restore the optimizer state (.optim)")
         p.add_argument("--seed", type=int, default=0, help="seed for batches, noise and timesteps (default: 0)")
+        p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
+                       help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_TRAIN_BATCH_SIZE} and "
+                       f"gradient accumulation over {MAX_GRADIENT_ACCUMULATION} (the web UI's limits); a run that "
+                       "cannot fit in memory is still refused")
         p.add_argument("--preview-prompt", default="", help="preview prompt (default: the first prompt of the batch)")
         p.add_argument("--preview-negative-prompt", default="", help="preview negative prompt")
         p.add_argument("--preview-steps", type=_positive_int, default=20, help="preview sampling steps (default: 20)")
@@ -198,6 +213,7 @@ def run_create_hypernetwork(args: argparse.Namespace) -> int:
             dropout_structure=_floats(args.dropout_structure, "--dropout-structure"),
             overwrite=args.overwrite,
             seed=args.seed,
+            size_limits=args.size_limits,
         )
     except (CreateError, InvalidNameError, HypernetworkError) as exc:
         raise CommandError(str(exc)) from exc
@@ -247,6 +263,7 @@ def run_train(args: argparse.Namespace) -> int:
         "preview_sampler": args.preview_sampler,
         "preview_cfg_scale": args.preview_cfg_scale,
         "preview_seed": args.preview_seed,
+        "size_limits": args.size_limits,
     }
     stop = threading.Event()
     errors = (ConfigError, TrainingError, TemplateError, DatasetError, ScheduleError, EmbeddingFileError,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
+from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE
+
 # A1111's sampler names, in the order its UI lists them; each maps to a diffusers scheduler in the backend.
 SAMPLERS: tuple[str, ...] = (
     "Euler a",
@@ -42,8 +44,12 @@ class GenerationParams:
     clip_skip: int = 1
     extra: dict[str, str] = field(default_factory=dict)
 
-    def validated(self) -> GenerationParams:
-        """Return a copy with the seed resolved, or raise GenerationError naming the bad field."""
+    def validated(self, *, size_limits: bool = True) -> GenerationParams:
+        """Return a copy with the seed resolved, or raise GenerationError naming the bad field.
+
+        ``size_limits``: refuse sizes and batches over the web UI's maxima (``sdconcepts.limits``); the command
+        line's ``--no-size-limits`` turns this off (the memory check in the backend still applies).
+        """
         if self.sampler not in SAMPLERS:
             raise GenerationError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if not 1 <= self.steps <= 150:
@@ -52,6 +58,18 @@ class GenerationParams:
             raise GenerationError("batch size and batch count must be at least 1")
         if self.clip_skip < 1:
             raise GenerationError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if size_limits:
+            for label, value, limit in (
+                ("width", self.width, MAX_IMAGE_SIDE),
+                ("height", self.height, MAX_IMAGE_SIDE),
+                ("batch size", self.batch_size, MAX_BATCH_SIZE),
+                ("batch count", self.batch_count, MAX_BATCH_COUNT),
+            ):
+                if value is not None and value > limit:
+                    raise GenerationError(
+                        f"{label} must be at most {limit}, got {value} (the web UI's limit; "
+                        "--no-size-limits lifts it on the command line)"
+                    )
         seed = self.seed
         if seed < 0:
             seed = random.randrange(MAX_SEED)

@@ -70,7 +70,8 @@ def hypernetwork_tags(tags: Iterable[ExtraNetworkTag], *, default_strength: floa
 
     A missing strength is ``default_strength``; A1111's handler hard-codes 1.0 there (its "default multiplier" setting
     only feeds the tag it appends for the "Add hypernetwork to prompt" setting), so keep the default for exact behaviour.
-    Strengths are read with Python's ``float`` as A1111 does (negative values allowed; extra arguments ignored).
+    Strengths are read with Python's ``float`` as A1111 does (negative values allowed; extra arguments ignored), but
+    ``inf`` and ``nan`` are refused with a ValueError naming the tag.
     """
     result: list[HypernetworkTag] = []
     for tag in tags:
@@ -84,6 +85,13 @@ def hypernetwork_tags(tags: Iterable[ExtraNetworkTag], *, default_strength: floa
                 raise ValueError(
                     f"hypernetwork tag <hypernet:{':'.join(tag.args)}> has strength {tag.args[1]!r}; expected a number"
                 ) from None
+            # A1111 takes inf and nan too, and sampling then fails with NaN latents ("try another sampler") far from
+            # the cause; name the tag instead.
+            if not math.isfinite(strength):
+                raise ValueError(
+                    f"hypernetwork tag <hypernet:{':'.join(tag.args)}> has strength {tag.args[1]!r}; "
+                    "expected a finite number"
+                )
         result.append(HypernetworkTag(tag.args[0], strength))
     return result
 

@@ -23,6 +23,7 @@ from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
 from sdconcepts.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
 from sdconcepts.hypernetwork import Hypernetwork
+from sdconcepts.limits import generation_bytes, memory_problem
 from sdconcepts.prompts import (
     EmbeddingEntry,
     PromptChunk,
@@ -97,6 +98,11 @@ class LoadedModel:
     @property
     def context_width(self) -> int:
         return int(self.text_encoder.config.hidden_size)
+
+    @property
+    def text_encoder_layers(self) -> int:
+        """The text encoder's layer count: clip skip runs from 1 (the last layer) to this (the first)."""
+        return int(self.text_encoder.config.num_hidden_layers)
 
     @property
     def short_hash(self) -> str | None:
@@ -314,6 +320,7 @@ class PromptEncoder:
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        check_clip_skip(self.model, self.clip_skip)
         tok = self.model.tokenizer
         self._comma = int(tok.convert_tokens_to_ids(",</w>"))
         entries: list[EmbeddingEntry] = []
@@ -444,6 +451,16 @@ def _text_model(text_encoder: Any) -> Any:
     return getattr(text_encoder, "text_model", text_encoder)
 
 
+def check_clip_skip(model: LoadedModel, clip_skip: int) -> None:
+    """Refuse a clip skip the model's text encoder has no layer for (it would index past its hidden states)."""
+    layers = model.text_encoder_layers
+    if not 1 <= clip_skip <= layers:
+        raise GenerationError(
+            f"clip skip must be between 1 and {layers} for this model (its text encoder has {layers} layers), "
+            f"got {clip_skip}"
+        )
+
+
 def _run_text_encoder(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
     if clip_skip <= 1:
         return text_encoder(input_ids=tokens).last_hidden_state
@@ -525,6 +542,7 @@ def txt2img(
     embedding_hashes: Mapping[str, str] | None = None,
     skipped_embeddings: Mapping[str, str] | None = None,
     hypernetworks: Mapping[str, Hypernetwork] | None = None,
+    size_limits: bool = True,
 ) -> GenerationResult:
     """Generate ``batch_count`` batches of ``batch_size`` images with A1111's prompt semantics and seeds.
 
@@ -534,13 +552,21 @@ def txt2img(
     a prompt word naming one of ``skipped_embeddings`` (name -> reason) comes back as a warning.
     ``hypernetworks`` (name -> loaded) are known hypernet names; the prompt's ``<hypernet:name:strength>`` tags are
     applied in prompt order to the UNet's attention key/value inputs during sampling, and detached afterwards.
+    ``size_limits`` False lifts the web UI's size and batch limits; a request that cannot fit in the device's
+    memory is refused either way, before anything is allocated.
     """
-    params = params.validated()
+    params = params.validated(size_limits=size_limits)
     width = params.width or model.default_size
     height = params.height or model.default_size
     multiple = model.size_multiple
     if width % multiple or height % multiple or width <= 0 or height <= 0:
         raise GenerationError(f"width and height must be positive multiples of {multiple} for this model")
+    check_clip_skip(model, params.clip_skip)
+    on_device, on_host = generation_memory(model, params, width, height)
+    problem = memory_problem(on_device, model.device, f"generating {params.batch_size} image(s) of {width}x{height} "
+                             "per batch", host_bytes=on_host)
+    if problem:
+        raise GenerationError(problem)
 
     prompt_text, tags = parse_extra_network_tags(params.prompt)
     warnings = []
@@ -617,6 +643,34 @@ def txt2img(
                 )
             )
     return GenerationResult(images=images, infotexts=infotexts, seeds=all_seeds, params=params, warnings=warnings)
+
+
+def generation_memory(model: LoadedModel, params: GenerationParams, width: int, height: int) -> tuple[int, int]:
+    """Lower bounds of the bytes ``txt2img`` needs at its peak on the model's device and on the CPU
+    (``sdconcepts.limits.generation_bytes``)."""
+    return generation_bytes(
+        batch=params.batch_size,
+        images_total=params.batch_size * params.batch_count,
+        width=width,
+        height=height,
+        latent_scale=model.vae_scale_factor,
+        latent_channels=int(model.unet.config.in_channels),
+        unet_channels=int(model.unet.config.block_out_channels[0]),
+        vae_channels=int(model.vae.config.block_out_channels[0]),
+        dtype_bytes=torch.finfo(model.dtype).bits // 8,
+        guided=params.cfg_scale != 1.0,
+        attention_heads=_materialized_attention_heads(model.unet),
+    )
+
+
+def _materialized_attention_heads(unet: Any) -> int:
+    """The first level's head count when the UNet's attention computes the whole score map (diffusers' classic
+    ``AttnProcessor``), else 0: the scaled-dot-product processors leave that to kernels that may work in tiles."""
+    processors = getattr(unet, "attn_processors", {})
+    if not any(type(p).__name__ == "AttnProcessor" for p in processors.values()):
+        return 0
+    heads = unet.config.attention_head_dim  # diffusers' name for SD's head count
+    return int(heads[0] if isinstance(heads, (list, tuple)) else heads)
 
 
 def _ti_hashes_field(

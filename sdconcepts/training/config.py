@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sdconcepts.limits import MAX_GRADIENT_ACCUMULATION, MAX_IMAGE_SIDE, MAX_TRAIN_BATCH_SIZE
 from sdconcepts.training.dataset import LATENT_SAMPLING
 from sdconcepts.training.schedule import ScheduleError, parse_schedule
 from sdconcepts.training.templates import TemplateError, read_template
@@ -58,6 +59,9 @@ class TrainingConfig:
     preview_sampler: str = "Euler a"
     preview_cfg_scale: float = 7.0
     preview_seed: int = -1
+    # The web UI's limits on width/height, batch size and gradient accumulation (``sdconcepts.limits``); the command
+    # line's --no-size-limits sets this False. The memory check at the start of a run applies either way.
+    size_limits: bool = True
 
     kind = "embedding"
 
@@ -86,6 +90,16 @@ class TrainingConfig:
         for label, value in (("width", self.width), ("height", self.height)):
             if value < 8 or value % size_multiple:
                 raise ConfigError(f"{label} must be a positive multiple of {size_multiple}, got {value}")
+        if self.size_limits:
+            for label, value, limit in (
+                ("batch size", self.batch_size, MAX_TRAIN_BATCH_SIZE),
+                ("gradient accumulation", self.gradient_accumulation, MAX_GRADIENT_ACCUMULATION),
+                ("width", self.width, MAX_IMAGE_SIDE),
+                ("height", self.height, MAX_IMAGE_SIDE),
+            ):
+                if value > limit:
+                    raise ConfigError(f"{label} must be at most {limit}, got {value} (the web UI's limit; "
+                                      "--no-size-limits lifts it on the command line)")
         if not 0.0 <= self.tag_dropout <= 1.0:
             raise ConfigError(f"tag dropout must be between 0 and 1, got {self.tag_dropout}")
         if self.latent_sampling not in LATENT_SAMPLING:

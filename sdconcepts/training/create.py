@@ -10,11 +10,25 @@ from torch import Tensor
 
 from sdconcepts.embedding import Embedding
 from sdconcepts.embedding_files import save_embedding
-from sdconcepts.hypernetwork import DEFAULT_LAYER_STRUCTURE, DEFAULT_WIDTHS, create_hypernetwork
+from sdconcepts.hypernetwork import (
+    DEFAULT_LAYER_STRUCTURE,
+    DEFAULT_WIDTHS,
+    HypernetworkError,
+    check_structure,
+    create_hypernetwork,
+)
 from sdconcepts.hypernetwork_files import save_hypernetwork
+from sdconcepts.limits import (
+    MAX_HYPERNETWORK_BYTES,
+    MAX_LAYER_FACTOR,
+    format_bytes,
+    hypernetwork_parameters,
+    memory_problem,
+)
 from sdconcepts.training.names import sanitize_name, target_path
 
-__all__ = ["MAX_VECTORS", "create_embedding_file", "create_hypernetwork_file", "initial_vectors"]
+__all__ = ["MAX_VECTORS", "check_hypernetwork_size", "create_embedding_file", "create_hypernetwork_file",
+           "initial_vectors"]
 
 MAX_VECTORS = 75
 
@@ -75,11 +89,16 @@ def create_hypernetwork_file(
     dropout_structure: Sequence[float] | None = None,
     overwrite: bool = False,
     seed: int | None = None,
+    size_limits: bool = True,
 ) -> Path:
-    """Write ``folder/<name>.pt`` with a new hypernetwork (A1111's create-form defaults); returns the path."""
+    """Write ``folder/<name>.pt`` with a new hypernetwork (A1111's create-form defaults); returns the path.
+
+    The size is checked before anything is built (``check_hypernetwork_size``).
+    """
     path = target_path(folder, name)
     if path.exists() and not overwrite:
         raise CreateError(f"{path} already exists (use overwrite to replace it)")
+    check_hypernetwork_size(widths, layer_structure, layer_norm=layer_norm, size_limits=size_limits)
     hypernetwork = create_hypernetwork(
         sanitize_name(name),
         widths,
@@ -92,3 +111,32 @@ def create_hypernetwork_file(
         generator_seed=seed,
     )
     return save_hypernetwork(hypernetwork, path)
+
+
+def check_hypernetwork_size(
+    widths: Sequence[int], layer_structure: Sequence[float], *, layer_norm: bool = False, size_limits: bool = True
+) -> int:
+    """The new file's size in bytes (float32 weights), or HypernetworkError when it is over the limits.
+
+    With ``size_limits``: every layer factor at most ``MAX_LAYER_FACTOR`` and the file at most
+    ``MAX_HYPERNETWORK_BYTES``. Always: the weights must fit in the memory available now.
+    """
+    check_structure(layer_structure, None)
+    if any(int(width) <= 0 for width in widths):
+        raise HypernetworkError(f"widths {list(widths)} must be positive whole numbers")
+    structure = [float(value) for value in layer_structure]
+    if size_limits and max(structure) > MAX_LAYER_FACTOR:
+        raise HypernetworkError(
+            f"layer structure {structure} has a factor over {MAX_LAYER_FACTOR:g}; hidden layers are the context width "
+            f"times the factor (--no-size-limits lifts this on the command line)"
+        )
+    size = 4 * hypernetwork_parameters([int(w) for w in widths], structure, layer_norm=layer_norm)
+    if size_limits and size > MAX_HYPERNETWORK_BYTES:
+        raise HypernetworkError(
+            f"layer structure {structure} on widths {list(widths)} makes a {format_bytes(size)} file, over the limit "
+            f"of {format_bytes(MAX_HYPERNETWORK_BYTES)} (--no-size-limits lifts this on the command line)"
+        )
+    problem = memory_problem(size, "cpu", f"a hypernetwork with layer structure {structure} ({format_bytes(size)})")
+    if problem:
+        raise HypernetworkError(problem)
+    return size

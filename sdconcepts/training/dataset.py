@@ -11,8 +11,10 @@ never depends on how many steps ran before in this process, so a resumed run rep
 
 from __future__ import annotations
 
+import logging
 import random
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +24,21 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from sdconcepts.limits import MAX_IMAGE_SIDE, MAX_SOURCE_PIXELS
 from sdconcepts.training.templates import fill_template
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DatasetError",
+    "ImageProblem",
     "ImageRecord",
     "LatentSampling",
     "TrainingBatch",
     "TrainingDataset",
     "filewords_for",
+    "open_image",
+    "read_caption",
     "read_images",
 ]
 
@@ -42,6 +50,59 @@ EncodeImages = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 class DatasetError(ValueError):
     """A dataset folder that cannot be trained on (missing, no images)."""
+
+
+class ImageProblem(ValueError):
+    """One image file that cannot be used; the message is the reason (the caller names the file)."""
+
+
+def read_caption(path: Path) -> tuple[str, str | None]:
+    """A caption file's text, and a warning when it is not UTF-8.
+
+    A1111 reads captions as UTF-8 and stops the whole run on one that is not. A caption that is not UTF-8 is almost
+    always legacy Windows text, so it is read as Windows-1252 (Latin-1 where that leaves a byte undefined): its
+    words reach the prompt intact and the warning says so. A UTF-8 byte-order mark is dropped.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig"), None
+    except UnicodeDecodeError as exc:
+        try:
+            text = data.decode("cp1252")
+        except UnicodeDecodeError:
+            text = data.decode("latin-1")
+        return text, f"{path.name} (caption not UTF-8 at byte {exc.start}; read as Windows-1252/Latin-1)"
+
+
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def open_image(path: Path, *, max_pixels: int = MAX_SOURCE_PIXELS) -> Image.Image:
+    """The fully decoded image at ``path``, or ImageProblem with the reason.
+
+    The size is read from the header first: an image over ``max_pixels`` is refused before its pixels are decoded
+    (PIL itself refuses beyond twice its limit with DecompressionBombError, also reported as too large).
+    """
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below decides, with the image's size in the message.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise ImageProblem(f"image too large: {width}×{height} > {max_pixels} pixels")
+                opened.load()
+                return opened.copy()
+    except Image.DecompressionBombError as exc:
+        found = _BOMB_PIXELS.search(str(exc))
+        size = f"{found.group(1)} pixels" if found else "too many pixels"
+        raise ImageProblem(f"image too large: {size} > {max_pixels} pixels") from None
+    except UnidentifiedImageError:
+        raise ImageProblem("not an image PIL can read") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        if isinstance(exc, ImageProblem):
+            raise
+        raise ImageProblem(f"unreadable image: {str(exc).strip() or type(exc).__name__}") from None
 
 
 @dataclass(frozen=True)
@@ -72,7 +133,10 @@ def filewords_for(path: Path, *, filename_regex: str = "", join_string: str = " 
     reduced to the regex's ``findall`` matches joined with ``join_string``."""
     caption = path.with_suffix(".txt")
     if caption.is_file():
-        return caption.read_text(encoding="utf-8")
+        text, warning = read_caption(caption)
+        if warning:
+            log.warning("%s", warning)
+        return text
     text = re.sub(r"^[-\d]+\s*", "", path.stem)
     if filename_regex:
         text = join_string.join(re.findall(filename_regex, text))
@@ -88,8 +152,15 @@ def read_images(
     use_alpha: bool = False,
     filename_regex: str = "",
     join_string: str = " ",
+    max_side: int | None = MAX_IMAGE_SIDE,
 ) -> list[ImageRecord]:
-    """Every image directly in ``folder`` (name order; other files are skipped as A1111 skips them)."""
+    """Every image directly in ``folder`` (name order).
+
+    Files that are not images, or are too large or broken, are skipped with their reason logged (A1111 skips the
+    first kind silently and stops on the others); when nothing is left the error lists the reasons. With
+    ``keep_size`` an image is trained at its own size, so one with a side over ``max_side`` (None: no limit) is
+    skipped too.
+    """
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"{root}: the dataset folder does not exist")
@@ -99,14 +170,27 @@ def read_images(
         except re.error as exc:
             raise DatasetError(f"filename regex {filename_regex!r} is invalid: {exc}") from None
     records = []
+    skipped: list[str] = []
     for path in sorted(root.iterdir()):
         if not path.is_file() or path.suffix.lower() == ".txt":
             continue
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-        except (UnidentifiedImageError, OSError):
+            image = open_image(path)
+        except ImageProblem as exc:
+            skipped.append(f"{path.name} ({exc})")
+            # Other files beside the images are normal in a dataset folder; a broken or huge image is worth a warning.
+            log.log(logging.INFO if "PIL can read" in str(exc) else logging.WARNING, "skipped %s: %s", path, exc)
+            continue
+        if keep_size and max_side is not None and max(image.size) > max_side:
+            reason = f"{image.width}×{image.height} is over {max_side} pixels on a side, and sizes are kept"
+            skipped.append(f"{path.name} ({reason})")
+            log.warning("skipped %s: %s", path, reason)
+            continue
+        try:
+            filewords = filewords_for(path, filename_regex=filename_regex, join_string=join_string)
+        except OSError as exc:
+            skipped.append(f"{path.name} (caption unreadable: {exc.strerror or exc})")
+            log.warning("skipped %s: caption unreadable: %s", path, exc)
             continue
         alpha = None
         if use_alpha and "A" in image.getbands():
@@ -115,11 +199,10 @@ def read_images(
         if not keep_size and rgb.size != (width, height):
             rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-        records.append(
-            ImageRecord(path, pixels, alpha, filewords_for(path, filename_regex=filename_regex, join_string=join_string))
-        )
+        records.append(ImageRecord(path, pixels, alpha, filewords))
     if not records:
-        raise DatasetError(f"{root}: no images in the dataset folder")
+        reasons = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+        raise DatasetError(f"{root}: no images in the dataset folder{reasons}")
     return records
 
 

@@ -29,6 +29,7 @@ from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, EmbeddingFileError, l
 from sdconcepts.hypernetwork import Hypernetwork
 from sdconcepts.hypernetwork_files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
 from sdconcepts.images import save_png
+from sdconcepts.limits import MAX_IMAGE_SIDE, memory_problem, training_bytes
 from sdconcepts.safe_load import UnsafeFileError, load_torch_file, save_torch_file
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig, TrainingConfig
 from sdconcepts.training.dataset import TrainingDataset, read_images
@@ -303,15 +304,38 @@ def train_hypernetwork(
         job.close()
 
 
+def _check_memory(model: Any, config: TrainingConfig) -> None:
+    """Refuse a run whose dataset and first micro-batch cannot fit, before any image is read (a lower bound: see
+    ``sdconcepts.limits.training_bytes``)."""
+    folder = Path(config.dataset)
+    images = sum(1 for p in folder.iterdir() if p.is_file() and p.suffix.lower() != ".txt") if folder.is_dir() else 0
+    on_device, on_host = training_bytes(
+        batch=min(config.batch_size, max(images, 1)),
+        images=images,
+        width=config.width,
+        height=config.height,
+        latent_scale=int(model.vae_scale_factor),
+        unet_channels=int(model.unet.config.block_out_channels[0]),
+        vae_channels=int(model.vae.config.block_out_channels[0]),
+        dtype_bytes=torch.finfo(model.dtype).bits // 8,
+    )
+    what = f"training on {images} images of {config.width}x{config.height} in batches of {config.batch_size}"
+    problem = memory_problem(on_device, model.device, what, host_bytes=on_host)
+    if problem:
+        raise TrainingError(problem)
+
+
 def _run(
     job: _Job, model: Any, config: TrainingConfig, stop: threading.Event, distributed: Distributed
 ) -> Iterator[TrainingEvent]:
     lines = read_template(config.template, require_name=job.kind == "embedding")
+    _check_memory(model.model, config)
     records = read_images(
         config.dataset,
         width=config.width,
         height=config.height,
         keep_size=config.keep_size,
+        max_side=MAX_IMAGE_SIDE if config.size_limits else None,
         use_alpha=config.use_alpha_weight,
         filename_regex=config.filename_regex,
         join_string=config.filename_join,

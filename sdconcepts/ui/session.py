@@ -14,7 +14,7 @@ from typing import Any
 
 from sdconcepts.library import EmbeddingLibrary, Library, is_preview_image
 
-__all__ = ["DEFAULT_MODEL_LABEL", "UiConfig", "UiError", "UiSession", "scan_models"]
+__all__ = ["DEFAULT_MODEL_LABEL", "UiConfig", "UiError", "UiSession", "contained_path", "scan_models"]
 
 DEFAULT_MODEL_LABEL = "toyworld (embedded)"
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
@@ -35,6 +35,9 @@ class UiConfig:
     outputs_dir: Path | None = None
     device: str | None = None
     multiplier: Callable[[], float] = field(default=lambda: 1.0)
+    # Folders that paths typed into the Train tab (preprocess source/destination, dataset, log directory, template
+    # file) must lie in. None: the working folder when the session starts, plus the folders above.
+    train_roots: Sequence[Path] | None = None
 
 
 def scan_models(folder: Path | None) -> list[Path]:
@@ -51,6 +54,22 @@ def scan_models(folder: Path | None) -> list[Path]:
         elif path.is_dir() and (path / "model_index.json").is_file() and (path / "unet").is_dir():
             found.append(path)
     return found
+
+
+def contained_path(value: str | Path, roots: Sequence[Path], label: str) -> Path:
+    """``value`` resolved (symlinks followed, relative to the working folder), or UiError when it lies outside every
+    folder in ``roots``.
+
+    A server started with ``--listen`` takes these paths from anyone who can reach the page; A1111 reads and writes
+    wherever they point. Here they stay inside the folders the server was started with (``--train-root``).
+    """
+    resolved = Path(value).resolve()
+    allowed = [Path(root).resolve() for root in roots]
+    if any(resolved == root or resolved.is_relative_to(root) for root in allowed):
+        return resolved
+    folders = ", ".join(str(root) for root in allowed) or "none"
+    raise UiError(f"{label}: {str(value)!r} is outside the folders this server may use ({folders}); "
+                  "start it with --train-root DIR to allow another folder")
 
 
 def _hypernetwork_ignored(path: Path) -> bool:
@@ -78,6 +97,15 @@ class UiSession:
         self._model_label: str | None = None
         self._model_lock = threading.Lock()
         self.generate_lock = threading.Lock()
+        if config.train_roots is not None:
+            self._train_roots = [Path(root) for root in config.train_roots]
+        else:
+            data = [*config.embeddings_dirs, *config.hypernetworks_dirs, config.outputs_dir]
+            self._train_roots = [Path.cwd(), *(Path(p) for p in data if p is not None)]
+
+    def train_roots(self) -> list[Path]:
+        """The folders Train-tab paths must lie in (``UiConfig.train_roots``)."""
+        return list(self._train_roots)
 
     # -- models -----------------------------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ from sdconcepts.training.config import (
 )
 from sdconcepts.training.loop import TrainingEvent
 from sdconcepts.training.outputs import draw_loss_plot
-from sdconcepts.ui.session import UiError, UiSession
+from sdconcepts.training.templates import available_templates
+from sdconcepts.ui.session import UiError, UiSession, contained_path
 
 __all__ = [
     "ERROR_FIELDS",
@@ -41,6 +42,7 @@ __all__ = [
     "embedding_names",
     "hypernetwork_names",
     "follow",
+    "preprocess",
     "start_training",
     "training_config",
     "train_view",
@@ -159,14 +161,48 @@ def create_hypernetwork(session: UiSession, name: str, sizes: Sequence[str] | st
         raise UiError(f"layer structure: {exc}") from exc
 
 
+# -- preprocess --------------------------------------------------------------------------------------------------
+
+
+def preprocess(session: UiSession, source: str, destination: str, settings: Any) -> str:
+    """The Preprocess images button: both folders must lie in the server's folders; returns the one-line summary
+    (written, read, skipped with reasons). Raises UiError when nothing can run."""
+    from sdconcepts.ui.train_preprocess import run_preprocess
+
+    roots = session.train_roots()
+    if str(source or "").strip():
+        contained_path(source, roots, "source directory")
+    if str(destination or "").strip():
+        contained_path(destination, roots, "destination directory")
+    report = run_preprocess(source or "", destination or "", settings)
+    return f"Preprocessing finished: {report.summary(destination)}"
+
+
 # -- settings ----------------------------------------------------------------------------------------------------
 
 
-def training_config(kind: str, name: str, values: dict[str, Any]) -> tuple[TrainingConfig | None, dict[str, str]]:
-    """The run's config from the form's values, or the message for the field that cannot work (nothing starts)."""
+def training_config(kind: str, name: str, values: dict[str, Any], *, roots: Sequence[Path] | None = None
+                    ) -> tuple[TrainingConfig | None, dict[str, str]]:
+    """The run's config from the form's values, or the message for the field that cannot work (nothing starts).
+
+    ``roots``: the folders the dataset, log directory and a template file must lie in (``UiSession.train_roots``);
+    None checks nothing (the command line may use any path).
+    """
     errors: dict[str, str] = {}
     if not str(name or "").strip():
         errors["name"] = f"choose the {kind} to train (create one first)"
+    if roots is not None:
+        for key, label in (("dataset", "dataset directory"), ("log_directory", "log directory"),
+                           ("template", "template")):
+            value = str(values.get(key) or "")
+            if not value or (key == "template" and value in available_templates()):
+                continue
+            try:
+                contained_path(value, roots, label)
+            except UiError as exc:
+                errors[key] = str(exc)
+        if errors.keys() - {"name"}:
+            return None, errors
     config_class = EmbeddingTrainingConfig if kind == "embedding" else HypernetworkTrainingConfig
     ints = ("batch_size", "gradient_accumulation", "width", "height", "max_steps", "preview_every", "save_every",
             "preview_steps", "preview_seed")

@@ -17,7 +17,7 @@ from sdconcepts.training.templates import available_templates
 from sdconcepts.ui import train
 from sdconcepts.ui.compat import GRADIO_MAJOR, make, update
 from sdconcepts.ui.session import UiError, UiSession
-from sdconcepts.ui.train_preprocess import CAPTION_ACTIONS, PreprocessSettings, preprocess_images
+from sdconcepts.ui.train_preprocess import CAPTION_ACTIONS, PreprocessSettings
 
 __all__ = ["TxtToImg", "build_train_tab", "chain_after"]
 
@@ -221,10 +221,9 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                                       split_threshold=float(threshold), overlap_ratio=float(overlap),
                                       caption_from_name=bool(name_caption))
         try:
-            written = preprocess_images(source or "", destination or "", settings)
+            return _message(train.preprocess(session, source or "", destination or "", settings), "sdconcepts-field-ok")
         except UiError as exc:
             return _message(str(exc))
-        return _message(f"Preprocessing finished: {len(written)} images in {destination}", "sdconcepts-field-ok")
 
     pre_run.click(on_preprocess, inputs=[pre_source, pre_destination, pre_width, pre_height, pre_caption_action,
                                          pre_keep, pre_flip, pre_split, pre_name_caption, pre_threshold, pre_overlap],
@@ -265,7 +264,7 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
             fields.update(preview_prompt=prompt_v or "", preview_negative_prompt=negative_v or "",
                           preview_steps=p_steps_v, preview_sampler=sampler_v, preview_cfg_scale=float(cfg_v),
                           preview_seed=seed_v)
-        config, problems = train.training_config(kind, name, fields)
+        config, problems = train.training_config(kind, name, fields, roots=session.train_roots())
         error_values = [_message(problems.get(key, "")) for key in train.ERROR_FIELDS]
         if config is None:
             yield [_message("Fix the settings marked below; nothing was started."), *error_values,
