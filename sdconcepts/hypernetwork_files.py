@@ -23,7 +23,7 @@ from sdconcepts.hypernetwork import (
     HypernetworkModule,
     parse_dropout_structure,
 )
-from sdconcepts.safe_load import UnsafeFileError, load_torch_file, save_torch_file
+from sdconcepts.safe_load import UnsafeFileError, load_torch_file, open_regular, save_torch_file
 
 __all__ = [
     "HypernetworkFileError",
@@ -64,7 +64,7 @@ class OptimizerState:
 def shorthash(path: str | os.PathLike[str]) -> str:
     """A1111's 10-hex-digit shorthash: the start of the file's SHA-256."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:10]

@@ -1,0 +1,207 @@
+"""Hostile or odd files in the embedding and hypernetwork folders: a scan finishes, says what each file is, never
+hangs on a FIFO, never reads a huge file to reject it, and never passes on torch's advice to load unsafely."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from sdconcepts.embedding import Embedding
+from sdconcepts.embedding_files import EmbeddingFileError, load_embedding, save_embedding
+from sdconcepts.library import EmbeddingLibrary, Library
+from sdconcepts.safe_load import UnsafeFileError, load_torch_file
+
+T = TypeVar("T")
+WIDTH = 16
+SCAN_TIMEOUT_S = 60
+
+
+def _within(seconds: float, work: Callable[[], T]) -> T:
+    """Run ``work`` in a thread; fail (instead of hanging the suite) if it does not finish in time."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(work())
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"did not finish within {seconds} s (blocked opening a FIFO?)")
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+@contextmanager
+def _special_files(folder: Path) -> Iterator[tuple[Path, Path]]:
+    """``fifo.pt`` (a named pipe) and ``sock.pt`` (a bound unix socket) in ``folder``."""
+    fifo, sock_path = folder / "fifo.pt", folder / "sock.pt"
+    os.mkfifo(fifo)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(sock_path))
+    try:
+        yield fifo, sock_path
+    finally:
+        server.close()
+        # A reader blocked in open() by a regression is released by a writer appearing.
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+
+def _embedding(name: str, vectors: int = 1) -> Embedding:
+    return Embedding(name=name, vectors=torch.randn(vectors, WIDTH))
+
+
+def _run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "sdconcepts", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=SCAN_TIMEOUT_S * 3)
+
+
+# -- 1. FIFOs, sockets and other non-regular files ---------------------------------------------------------------
+
+
+def test_embedding_scan_skips_fifo_and_socket_without_hanging(tmp_path: Path) -> None:
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_embedding(_embedding("good"), folder / "good.pt")
+    with _special_files(folder):
+        library = EmbeddingLibrary([folder])
+        _within(SCAN_TIMEOUT_S, library.refresh)
+        skipped = library.skipped(WIDTH)
+        assert skipped == {"fifo": "not a regular file: FIFO", "sock": "not a regular file: socket"}
+        assert list(library.usable(WIDTH)) == ["good"]
+
+
+def test_hypernetwork_scan_skips_fifo_and_socket_without_hanging(tmp_path: Path) -> None:
+    from sdconcepts.ui.session import UiConfig, UiSession
+
+    folder = tmp_path / "models" / "hypernetworks"
+    folder.mkdir(parents=True)
+    with _special_files(folder):
+        session = UiSession(UiConfig(hypernetworks_dirs=[folder]))
+        _within(SCAN_TIMEOUT_S, session.hypernetworks.refresh)
+        errors = {r.name: r.error for r in session.hypernetworks.records()}
+        assert errors == {"fifo": "not a regular file: FIFO", "sock": "not a regular file: socket"}
+
+
+def test_readers_refuse_a_fifo_even_when_called_directly(tmp_path: Path) -> None:
+    # The library checks before loading; the readers check again on the opened descriptor (a FIFO swapped in
+    # after the library's check must not block them either).
+    with _special_files(tmp_path) as (fifo, _sock):
+        with pytest.raises(UnsafeFileError, match="not a regular file: FIFO"):
+            _within(SCAN_TIMEOUT_S, lambda: load_torch_file(fifo))
+        for suffix in (".safetensors", ".png"):
+            other = tmp_path / f"fifo{suffix}"
+            os.mkfifo(other)
+            with pytest.raises(EmbeddingFileError, match="not a regular file: FIFO"):
+                _within(SCAN_TIMEOUT_S, lambda other=other: load_embedding(other))  # type: ignore[misc]
+
+
+def test_inspect_and_convert_on_a_fifo_are_one_line_errors(tmp_path: Path) -> None:
+    with _special_files(tmp_path) as (fifo, sock):
+        for args in (("inspect", str(fifo)), ("inspect", str(sock)), ("convert", str(fifo), str(tmp_path / "o.pt"))):
+            proc = _run_cli(*args)
+            assert proc.returncode == 2, proc.stderr
+            assert "Traceback" not in proc.stderr
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and "not a regular file" in lines[0], proc.stderr
+        folder = _run_cli("inspect", "--json", str(tmp_path))
+        assert folder.returncode == 0, folder.stderr
+        rows = {row["name"]: row for row in json.loads(folder.stdout)}
+        assert rows["fifo"]["skipped"] == "not a regular file: FIFO"
+
+
+# -- 3. files that are not torch files at all -------------------------------------------------------------------
+
+
+def test_symlink_to_a_text_file_is_described_as_text(tmp_path: Path) -> None:
+    text = tmp_path / "passwd"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    (folder / "x.pt").symlink_to(text)
+    if Path("/etc/passwd").is_file():
+        (folder / "etc.pt").symlink_to("/etc/passwd")
+    library = EmbeddingLibrary([folder])
+    library.refresh()
+    for reason in library.skipped(WIDTH).values():
+        assert reason == "a text file, not a torch file"
+
+
+def test_huge_sparse_file_is_rejected_from_its_first_bytes_without_torch_advice(tmp_path: Path) -> None:
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    sparse = folder / "big.pt"
+    with open(sparse, "wb") as handle:
+        handle.truncate(2 << 30)  # 2 GiB of holes: no disk used, but reading it all would take seconds
+    hyper = tmp_path / "hn"
+    hyper.mkdir()
+    os.link(sparse, hyper / "big.pt")
+    before = _read_bytes()
+    library = EmbeddingLibrary([folder])
+    library.refresh()
+    assert library.skipped(WIDTH) == {"big": "not a torch file: it starts with empty (all-zero) bytes"}
+    hyper_library: Library[Any] = _hypernetwork_library(hyper)
+    hyper_library.refresh()
+    assert [r.error for r in hyper_library.records()] == ["not a torch file: it starts with empty (all-zero) bytes"]
+    if before is not None:
+        after = _read_bytes()
+        assert after is not None and after - before < 64 << 20, "the scan read the sparse file"
+
+
+def test_torch_errors_never_advise_weights_only_false(tmp_path: Path) -> None:
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(1000)}, good, _use_new_zipfile_serialization=False)
+    data = good.read_bytes()
+    # Legacy pickles cut or damaged at several points, a zip cut short, and a pickle with garbage opcodes.
+    (folder / "cut.pt").write_bytes(data[:40])
+    (folder / "bad.pt").write_bytes(data[:30] + b"\xff" * 64)
+    zipped = tmp_path / "zip.pt"
+    torch.save({"w": torch.ones(1000)}, zipped)
+    (folder / "zipcut.pt").write_bytes(zipped.read_bytes()[:300])
+    (folder / "junk.pt").write_bytes(b"\x80\x02" + bytes(range(256)) * 4)
+    library = EmbeddingLibrary([folder])
+    library.refresh()
+    skipped = library.skipped(WIDTH)
+    assert set(skipped) == {"cut", "bad", "zipcut", "junk"}
+    for name, reason in skipped.items():
+        assert "weights_only" not in reason and "\n" not in reason, (name, reason)
+        assert "Error" not in reason and "Traceback" not in reason, (name, reason)
+
+
+def _read_bytes() -> int | None:
+    """Bytes this process has read (rchar counts page-cache reads too), or None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _hypernetwork_library(folder: Path) -> Library[Any]:
+    from sdconcepts.ui.session import UiConfig, UiSession
+
+    return UiSession(UiConfig(hypernetworks_dirs=[folder])).hypernetworks
