@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 
 from sdconcepts.embedding import Embedding
 from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, NoEmbeddedData, file_sha256, load_embedding
+from sdconcepts.prompts import CHUNK_LENGTH
 from sdconcepts.safe_load import file_kind
 
 __all__ = [
@@ -304,7 +305,14 @@ class EmbeddingLibrary:
         for record in self.files.records():
             emb = record.item
             skipped = record.error
-            if emb is not None and width is not None and emb.width != width:
+            if emb is not None and emb.vector_count > CHUNK_LENGTH:
+                # A1111 1.10 lists such a file, then fails inside CLIP when a prompt uses it (its chunk grows past
+                # 77 tokens). It can never work, so it is never offered.
+                skipped = (
+                    f"{emb.vector_count} vectors: more than the {CHUNK_LENGTH} tokens a prompt chunk holds, "
+                    "so no prompt can use it"
+                )
+            elif emb is not None and width is not None and emb.width != width:
                 skipped = f"width {_describe_width(emb.width)} does not fit the model's {_describe_width(width)}"
             if skipped is None:
                 key = record.name.lower()

@@ -205,3 +205,40 @@ def _hypernetwork_library(folder: Path) -> Library[Any]:
     from sdconcepts.ui.session import UiConfig, UiSession
 
     return UiSession(UiConfig(hypernetworks_dirs=[folder])).hypernetworks
+
+
+# -- 2. embeddings longer than a prompt chunk -------------------------------------------------------------------
+
+
+def test_embedding_longer_than_a_chunk_is_skipped_at_scan(tmp_path: Path) -> None:
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_embedding(_embedding("fits", 75), folder / "fits.pt")
+    save_embedding(_embedding("long", 76), folder / "long.safetensors")
+    library = EmbeddingLibrary([folder])
+    library.refresh()
+    assert list(library.usable(WIDTH)) == ["fits"] and list(library.usable()) == ["fits"]
+    reason = library.skipped(WIDTH)["long"]
+    assert reason.startswith("76 vectors: more than the 75 tokens") and library.get("long") is None
+
+
+def test_embedding_longer_than_a_chunk_reaching_the_encoder_is_a_one_line_error(tiny_model: Any) -> None:
+    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.generation import GenerationError, GenerationParams
+
+    long = torch.randn(76, tiny_model.context_width)
+    with pytest.raises(GenerationError, match="'long' has 76 vectors; a prompt chunk holds at most 75"):
+        txt2img(tiny_model, GenerationParams(prompt="a long circle", steps=1, seed=1), embeddings={"long": long})
+
+
+def test_cli_prompt_naming_a_too_long_embedding_warns_instead_of_a_traceback(
+    tiny_model: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_embedding(Embedding(name="long", vectors=torch.randn(80, tiny_model.context_width)), folder / "long.pt")
+    proc = _run_cli("generate", "--prompt", "a long circle", "--steps", "1", "--ckpt", str(tiny_model_dir),
+                    "--embeddings-dir", str(folder), "--output", str(tmp_path / "out.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "embedding 'long' was skipped (80 vectors: more than the 75 tokens" in proc.stderr
