@@ -11,7 +11,10 @@ adds (``.format_version``, ``.storage_alignment``; a1111-compat §1.9), but acce
 
 from __future__ import annotations
 
+import collections
+import io
 import os
+import pickle
 import pickletools
 import re
 import stat
@@ -19,6 +22,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -199,6 +203,122 @@ def _load_open(p: Path, handle: BinaryIO) -> object:
             return torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UnsafeFileError(f"{p}: not a loadable torch file ({_reason(exc)})") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as ``read_metadata`` sees it: its shape and element type, without its data."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def numel(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_METADATA_PICKLE_LIMIT = 64 << 20  # a pickle without tensor data is small; a bigger one is not a model file
+
+
+class _StorageType:
+    def __init__(self, name: str) -> None:
+        self.dtype = name.removesuffix("Storage") or "untyped"
+
+
+def _rebuild_tensor(storage: object, _offset: object, size: object, *_rest: object, **_kw: object) -> TensorInfo:
+    dtype = storage.dtype if isinstance(storage, _StorageType) else "unknown"
+    if not isinstance(size, (tuple, list)) or not all(isinstance(n, int) and n >= 0 for n in size):
+        raise pickle.UnpicklingError(f"bad tensor shape {size!r}")
+    return TensorInfo(tuple(size), dtype)
+
+
+def _rebuild_parameter(data: object, *_rest: object) -> object:
+    return data
+
+
+_METADATA_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch", "Size"): tuple,
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds plain containers and scalars; tensors become TensorInfo and their storages are never read.
+
+    Only the globals above (and torch's ``*Storage`` type names, which become inert markers) are resolved: nothing
+    from the file is ever called or imported.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _METADATA_GLOBALS.get((module, name))
+        if found is not None:
+            return found
+        if module in ("torch", "torch.storage") and name.endswith("Storage") and name.isidentifier():
+            return _StorageType(name)
+        raise pickle.UnpicklingError(f"refused to unpickle {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) >= 2 and pid[0] == "storage":
+            kind = pid[1]
+            return kind if isinstance(kind, _StorageType) else _StorageType("untyped")
+        raise pickle.UnpicklingError("unsupported persistent id")
+
+
+def read_metadata(path: str | os.PathLike[str]) -> object:
+    """The object in a torch file with every tensor replaced by its TensorInfo, reading only the pickle.
+
+    Listing a 4 GB hypernetwork then costs its pickle (a few KiB), not its weights: the zip format's ``data.pkl``
+    member is read alone, and the legacy format's storages, which follow its pickle, are never reached. The same
+    checks as ``load_torch_file`` apply first (regular file, torch magic). Raises UnsafeFileError.
+    """
+    p = Path(path)
+    with open_regular(p) as handle:
+        head = handle.read(_HEAD_BYTES)
+        if not head:
+            raise UnsafeFileError(f"{p}: empty file")
+        foreign = describe_foreign(head)
+        if foreign is not None:
+            raise UnsafeFileError(f"{p}: {foreign}")
+        handle.seek(0)
+        try:
+            if head.startswith(b"PK"):
+                return _zip_metadata(handle)
+            return _legacy_metadata(handle)
+        except UnsafeFileError as exc:
+            raise UnsafeFileError(f"{p}: {exc}") from None
+        except (pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+            text = str(exc)
+            reason = text if text.startswith("refused") else f"corrupt or truncated data: {' '.join(text.split())[:200]}"
+            raise UnsafeFileError(f"{p}: not a loadable torch file ({reason})") from None
+        except Exception as exc:  # truncated pickles raise EOFError, IndexError, ...: Python internals, not reasons
+            raise UnsafeFileError(f"{p}: not a loadable torch file ({_reason(exc)})") from None
+
+
+def _zip_metadata(handle: BinaryIO) -> object:
+    with zipfile.ZipFile(handle) as archive:
+        pickles = [info for info in archive.infolist() if info.filename.endswith("data.pkl")]
+        if len(pickles) != 1:
+            raise UnsafeFileError("not a torch zip file (no single data.pkl)")
+        if pickles[0].file_size > _METADATA_PICKLE_LIMIT:
+            raise UnsafeFileError("not a loadable torch file (its pickle is implausibly large)")
+        data = archive.read(pickles[0])
+    return _MetadataUnpickler(io.BytesIO(data)).load()
+
+
+def _legacy_metadata(handle: BinaryIO) -> object:
+    magic = _MetadataUnpickler(handle).load()
+    if magic != _LEGACY_MAGIC:
+        raise UnsafeFileError("not a torch file (a plain pickle, which torch does not load either)")
+    _MetadataUnpickler(handle).load()  # protocol version
+    _MetadataUnpickler(handle).load()  # system info
+    return _MetadataUnpickler(handle).load()
 
 
 def _pickle_globals(handle: BinaryIO) -> list[str]:

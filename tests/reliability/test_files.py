@@ -242,3 +242,81 @@ def test_cli_prompt_naming_a_too_long_embedding_warns_instead_of_a_traceback(
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "embedding 'long' was skipped (80 vectors: more than the 75 tokens" in proc.stderr
+
+
+# -- 5. hypernetwork cards from metadata, without building modules ----------------------------------------------
+
+
+def _save_big_hypernetwork(path: Path, name: str, hidden: float) -> None:
+    from sdconcepts.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetwork_files import save_hypernetwork
+
+    save_hypernetwork(create_hypernetwork(name, (768,), layer_structure=(1.0, hidden, 1.0), activation="relu",
+                                          generator_seed=0), path)
+
+
+def test_hypernetwork_cards_list_from_metadata_and_load_only_when_a_prompt_uses_it(tmp_path: Path) -> None:
+    from sdconcepts.hypernetwork_files import HypernetworkFileError, load_hypernetwork
+    from sdconcepts.ui import handlers
+    from sdconcepts.ui.session import UiConfig, UiSession
+
+    folder = tmp_path / "hypernetworks"
+    folder.mkdir()
+    whole, cut = folder / "whole.pt", folder / "cut.pt"
+    _save_big_hypernetwork(whole, "whole", 4.0)  # 768 -> 3072 -> 768, key and value: 9.4 M parameters, 38 MB
+    data = whole.read_bytes()
+    # The weights follow the pickle in this (legacy) format: cutting the file's tail leaves the metadata intact and
+    # the weights unreadable. A listing that read or built the weights could not list it.
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HypernetworkFileError, match="cut.pt"):
+        load_hypernetwork(cut)
+
+    session = UiSession(UiConfig(hypernetworks_dirs=[folder]))
+    view = handlers.hypernetwork_cards_view(session)
+    assert view.skipped_html == "" and view.summary == "2 of 2 hypernetworks"
+    for name in ("cut", "whole"):
+        assert f'data-name="{name}"' in view.cards_html
+    assert view.cards_html.count("widths 768") == 2 and view.cards_html.count("structure [1, 4, 1], relu") == 2
+    assert all(not isinstance(r.item, torch.nn.Module) for r in session.hypernetworks.records())
+
+    # The file is read for real only when a prompt uses it: then the damage is reported, and the good one loads.
+    loaded, warnings = session.load_hypernetworks(session.hypernetworks.records(), ["cut", "whole"])
+    assert list(loaded) == ["whole"] and isinstance(loaded["whole"], torch.nn.Module)
+    assert len(warnings) == 1 and warnings[0].startswith(f"hypernetwork file {cut} was skipped: ")
+    assert "weights_only" not in warnings[0]
+
+
+_PEAK_SCRIPT = """
+import sys
+from pathlib import Path
+from sdconcepts.ui import handlers
+from sdconcepts.ui.session import UiConfig, UiSession
+
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+session = UiSession(UiConfig(hypernetworks_dirs=[Path(sys.argv[1])]))
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident size (VmHWM) to the current one
+before = status("VmRSS")
+view = handlers.hypernetwork_cards_view(session)
+peak = status("VmHWM")
+assert view.summary == "1 of 1 hypernetwork", view.summary
+print(peak - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_hypernetwork_card_listing_does_not_hold_the_weights_in_memory(tmp_path: Path) -> None:
+    folder = tmp_path / "hypernetworks"
+    folder.mkdir()
+    _save_big_hypernetwork(folder / "big.pt", "big", 8.0)  # 18.9 M parameters: 75 MB of weights
+    size = (folder / "big.pt").stat().st_size
+    # A fresh process, so that the peak resident size is this listing's own (loading the weights would raise the
+    # peak by the file's size, building the modules by as much again).
+    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(folder)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=SCAN_TIMEOUT_S * 3)
+    assert proc.returncode == 0, proc.stderr
+    growth = int(proc.stdout.split()[-1])
+    assert growth < size // 4, f"listing one {size >> 20} MB hypernetwork raised peak memory by {growth >> 20} MB"
