@@ -320,3 +320,48 @@ def test_hypernetwork_card_listing_does_not_hold_the_weights_in_memory(tmp_path:
     assert proc.returncode == 0, proc.stderr
     growth = int(proc.stdout.split()[-1])
     assert growth < size // 4, f"listing one {size >> 20} MB hypernetwork raised peak memory by {growth >> 20} MB"
+
+
+# -- 4. inspect describes each file by what it is ---------------------------------------------------------------
+
+
+def test_inspect_folder_describes_hypernetworks_as_hypernetworks(tmp_path: Path) -> None:
+    from sdconcepts.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetwork_files import hypernetwork_to_dict, save_hypernetwork
+
+    folder = tmp_path / "models" / "hypernetworks"
+    folder.mkdir(parents=True)
+    save_hypernetwork(create_hypernetwork("legacy", (WIDTH,), generator_seed=0), folder / "legacy.pt")
+    # A1111 itself writes torch's zip format.
+    zipped = create_hypernetwork("zipped", (WIDTH, 32), layer_structure=(1.0, 2.0, 1.0), activation="relu",
+                                 generator_seed=1)
+    torch.save(hypernetwork_to_dict(zipped), folder / "zipped.pt")
+    bad = hypernetwork_to_dict(create_hypernetwork("bad", (WIDTH,), generator_seed=2))
+    bad["activation_func"] = "no-such-activation"
+    torch.save(bad, folder / "bad.pt")
+    save_embedding(_embedding("style", 2), folder / "style.pt")
+    (folder / "notes.pt").write_text("just some notes\n")
+
+    proc = _run_cli("inspect", "--json", str(folder))
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["name"]: row for row in json.loads(proc.stdout)}
+    assert {name: row["kind"] for name, row in rows.items()} == {
+        "bad": "hypernetwork", "legacy": "hypernetwork", "notes": "embedding", "style": "embedding",
+        "zipped": "hypernetwork"}
+    assert rows["legacy"]["skipped"] is None and rows["legacy"]["widths"] == [WIDTH]
+    assert rows["zipped"]["skipped"] is None and rows["zipped"]["widths"] == [WIDTH, 32]
+    assert rows["zipped"]["layer_structure"] == [1.0, 2.0, 1.0] and rows["zipped"]["activation"] == "relu"
+    assert rows["zipped"]["parameters"] == sum(p.numel() for p in zipped.parameters())
+    assert "no-such-activation" in rows["bad"]["skipped"]
+    assert rows["style"]["skipped"] is None and rows["style"]["vectors"] == 2
+    assert rows["notes"]["skipped"] == "a text file, not a torch file"
+
+    text = _run_cli("inspect", str(folder))
+    assert text.returncode == 0, text.stderr
+    lines = {line.split("\t")[0]: line for line in text.stdout.splitlines()}
+    assert lines["zipped"].split("\t")[1] == f"hypernetwork {WIDTH}, 32" and "SKIPPED" not in lines["zipped"]
+    assert lines["style"].split("\t")[1] == f"2v x {WIDTH}"
+    assert text.stderr.strip().splitlines()[-1] == "1 usable embedding, 2 hypernetworks, 2 skipped"
+
+    single = _run_cli("inspect", "--json", str(folder / "zipped.pt"))
+    assert single.returncode == 0 and json.loads(single.stdout)["kind"] == "hypernetwork"
