@@ -20,11 +20,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, ImageDraw, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
 from sdconcepts.embedding import SDXL_ENCODERS, Embedding, EmbeddingError
-from sdconcepts.safe_load import UnsafeFileError, atomic_path, load_torch_file, open_regular, save_torch_file
+from sdconcepts.safe_load import (
+    UnsafeFileError,
+    atomic_path,
+    describe_foreign,
+    load_torch_file,
+    open_regular,
+    save_torch_file,
+)
 
 __all__ = [
     "EMBEDDING_SUFFIXES",
@@ -158,6 +165,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 
     try:
         with open_regular(path) as opened:
+            _check_safetensors_header(opened, path)
             # safetensors opens by name: give it the descriptor already checked to be a regular file (Linux), so a
             # FIFO swapped in after the check is never opened.
             proc = f"/proc/self/fd/{opened.fileno()}"
@@ -165,12 +173,32 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
             with safe_open(name, framework="pt", device="cpu") as handle:  # type: ignore[no-untyped-call]
                 data: dict[str, Any] = {key: handle.get_tensor(key) for key in handle.keys()}
                 metadata = handle.metadata() or {}
+    except EmbeddingFileError:
+        raise
     except UnsafeFileError as exc:
         raise EmbeddingFileError(str(exc)) from None
     except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-        raise EmbeddingFileError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+        reason = _first_line(exc).removeprefix("Error while deserializing header: ")
+        raise EmbeddingFileError(f"{path}: not a readable safetensors file ({reason})") from None
     # A1111 reads no safetensors metadata; we keep our own training facts there and read them back.
     return {"__metadata__": metadata, **data} if metadata else data
+
+
+def _check_safetensors_header(handle: Any, path: Path) -> None:
+    """A safetensors file starts with the length of its JSON header, then ``{``: say what the file is otherwise."""
+    head = handle.read(4096)
+    size = os.fstat(handle.fileno()).st_size
+    length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if len(head) < 10 or not 0 < length <= size - 8 or head[8:9] != b"{":
+        if head[8:10] == b'{"':
+            what = "a truncated safetensors file (shorter than its header says)"
+        else:
+            foreign = describe_foreign(head)
+            what = foreign.replace("not a torch file", "not a safetensors file") if foreign else (
+                "a torch pickle, not a safetensors file (rename it to .pt)"
+            )
+        raise EmbeddingFileError(f"{path}: {what}")
+    handle.seek(0)
 
 
 def embedding_from_data(data: object, name: str) -> Embedding:
@@ -269,11 +297,28 @@ def _read_image(path: Path) -> tuple[dict[str, Any], str]:
         raise
     except UnsafeFileError as exc:
         raise EmbeddingFileError(str(exc)) from None
+    except UnidentifiedImageError:
+        raise EmbeddingFileError(f"{path}: {_not_an_image(path)}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise EmbeddingFileError(f"{path}: not a readable image ({_first_line(exc)})") from None
     if data is None:
         raise NoEmbeddedData(f"{path}: the image carries no embedding (a preview picture)")
     return data, "pixels"
+
+
+def _not_an_image(path: Path) -> str:
+    """What a file PIL cannot identify is, from its first bytes (PIL's own message names only a file object)."""
+    try:
+        with open_regular(path) as handle:
+            head = handle.read(4096)
+    except UnsafeFileError as exc:
+        return str(exc)
+    foreign = describe_foreign(head)
+    if foreign is None:
+        return "a torch file, not an image (rename it to .pt)"
+    if foreign.endswith("image, not a torch file"):
+        return f"a damaged {foreign.removesuffix(', not a torch file').removeprefix('a ')}"
+    return foreign.replace("not a torch file", "not an image")
 
 
 def _encode_json(data: Mapping[str, Any]) -> bytes:

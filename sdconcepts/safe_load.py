@@ -19,6 +19,7 @@ import pickletools
 import re
 import stat
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -177,7 +178,9 @@ def load_torch_file(path: str | os.PathLike[str]) -> object:
 def _load_open(p: Path, handle: BinaryIO) -> object:
     handle.seek(0)
     try:
-        with torch.serialization.safe_globals(_TRUSTED_CLASSES):
+        with torch.serialization.safe_globals(_TRUSTED_CLASSES), warnings.catch_warnings():
+            # torch warns about pickle protocols above 2 on stderr; the load's outcome is what we report.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = exc
@@ -185,8 +188,12 @@ def _load_open(p: Path, handle: BinaryIO) -> object:
     if not zipfile.is_zipfile(handle):
         handle.seek(0)
         foreign = [g for g in _pickle_globals(handle) if not g.startswith(("torch.", "collections.OrderedDict"))]
-        reason = f"refused to unpickle {', '.join(foreign)}" if foreign else _reason(first)
-        raise UnsafeFileError(f"{p}: not a loadable torch file ({reason})") from None
+        if foreign:
+            raise UnsafeFileError(f"{p}: not a loadable torch file (refused to unpickle {', '.join(foreign)})") from None
+        handle.seek(0)
+        if not _starts_with_torch_magic(handle):
+            raise UnsafeFileError(f"{p}: a plain Python pickle, not a torch file (torch.load cannot read it)") from None
+        raise UnsafeFileError(f"{p}: not a loadable torch file ({_reason(first)})") from None
     try:
         handle.seek(0)
         needed = list(torch.serialization.get_unsafe_globals_in_checkpoint(handle))
@@ -301,6 +308,13 @@ def read_metadata(path: str | os.PathLike[str]) -> object:
             raise UnsafeFileError(f"{p}: not a loadable torch file ({_reason(exc)})") from None
 
 
+def _starts_with_torch_magic(handle: BinaryIO) -> bool:
+    try:
+        return bool(_MetadataUnpickler(handle).load() == _LEGACY_MAGIC)
+    except Exception:  # not even a first pickle: some other damage, reported with torch's reason
+        return True
+
+
 def _zip_metadata(handle: BinaryIO) -> object:
     with zipfile.ZipFile(handle) as archive:
         pickles = [info for info in archive.infolist() if info.filename.endswith("data.pkl")]
@@ -353,6 +367,8 @@ def _reason(exc: BaseException) -> str:
     if not line or "weights_only" in line or "weights only" in line.lower() or isinstance(exc, (IndexError, KeyError)):
         return "corrupt or truncated data"
     line = " ".join(line.split())
+    # torch appends paragraphs of guesses ("This is an internal miniz error. If you are seeing..."): keep the cause.
+    line = line.split(". ")[0].rstrip(".")
     if len(line) > 200:
         line = line[:197] + "..."
     return f"corrupt or truncated data: {line}"

@@ -365,3 +365,29 @@ def test_inspect_folder_describes_hypernetworks_as_hypernetworks(tmp_path: Path)
 
     single = _run_cli("inspect", "--json", str(folder / "zipped.pt"))
     assert single.returncode == 0 and json.loads(single.stdout)["kind"] == "hypernetwork"
+
+
+def test_skipped_reasons_say_what_the_file_is_in_one_line(tmp_path: Path) -> None:
+    import pickle
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    (folder / "text.png").write_text("not a picture\n")
+    torch.save({"a": torch.ones(2)}, folder / "pickled.safetensors")
+    (folder / "plain.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    (folder / "zipjunk.bin").write_bytes(b"PK\x03\x04" + b"x" * 100)
+    with open(folder / "sparse.safetensors", "wb") as handle:
+        handle.truncate(1 << 30)
+    library = EmbeddingLibrary([folder])
+    library.refresh()
+    assert library.skipped(WIDTH) == {
+        "text": "a text file, not an image",
+        "pickled": "a torch pickle, not a safetensors file (rename it to .pt)",
+        "plain": "a plain Python pickle, not a torch file (torch.load cannot read it)",
+        "zipjunk": "not a loadable torch file (corrupt or truncated data: PytorchStreamReader failed reading zip "
+        "archive: failed finding central directory)",
+        "sparse": "not a safetensors file: it starts with empty (all-zero) bytes",
+    }
+    # torch's warning about the pickle protocol does not reach the user either.
+    proc = _run_cli("inspect", str(folder / "plain.pt"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
