@@ -21,10 +21,10 @@ log = logging.getLogger("sdconcepts")
 def add_file_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "inspect",
-        help="describe an embedding or hypernetwork file, or every embedding in a folder",
+        help="describe an embedding or hypernetwork file, or every embedding and hypernetwork in a folder",
         description="Describe an embedding (.pt, .bin, .safetensors, .png, .webp) or hypernetwork (.pt) file: name, "
-        "layout, vectors, width, step, hashes. Given a folder, list its embeddings, with the files that are skipped "
-        "and why.",
+        "layout, vectors, width, step, hashes. Given a folder, list its embeddings and hypernetworks (each file by "
+        "what it is), with the files that are skipped and why.",
     )
     p.add_argument("path", type=Path, metavar="PATH", help="a file or a folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -62,17 +62,30 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def describe_file(path: Path) -> dict[str, Any]:
-    """An embedding's description, else a hypernetwork's (when that module is installed), else a CommandError."""
+    """A description of the file by what it is: a hypernetwork ``.pt`` (integer width keys or A1111's hypernetwork
+    metadata) is described as one, anything else as an embedding; a CommandError says why neither works."""
+    from sdconcepts.safe_load import UnsafeFileError, open_regular
+
+    try:
+        open_regular(path).close()  # a FIFO, socket or device is refused here, before any reader opens it
+    except UnsafeFileError as exc:
+        raise CommandError(str(exc)) from None
+    hypernetwork_files = _hypernetwork_module()
+    if path.suffix.lower() == ".pt" and hypernetwork_files is not None and _is_hypernetwork(path):
+        try:
+            info: dict[str, Any] = hypernetwork_files.describe_hypernetwork(path)
+        except (ValueError, OSError) as exc:
+            raise CommandError(f"{path}: a hypernetwork that cannot be loaded ({_reason(str(exc), path)})") from None
+        return {"kind": "hypernetwork", **info} if "kind" not in info else info
     try:
         return describe_embedding(path)
     except EmbeddingFileError as exc:
         embedding_error = _reason(str(exc), path)
     # A1111 reads hypernetworks only from .pt files.
-    if path.suffix.lower() != ".pt" or importlib.util.find_spec("sdconcepts.hypernetwork_files") is None:
+    if path.suffix.lower() != ".pt" or hypernetwork_files is None:
         raise CommandError(f"{path}: not an embedding ({embedding_error})")
-    module = importlib.import_module("sdconcepts.hypernetwork_files")
     try:
-        info: dict[str, Any] = module.describe_hypernetwork(path)
+        info = hypernetwork_files.describe_hypernetwork(path)
     except (ValueError, OSError) as exc:
         raise CommandError(
             f"{path}: neither an embedding ({embedding_error}) nor a hypernetwork ({_reason(str(exc), path)})"
@@ -80,30 +93,88 @@ def describe_file(path: Path) -> dict[str, Any]:
     return {"kind": "hypernetwork", **info} if "kind" not in info else info
 
 
+def _hypernetwork_module() -> Any:
+    if importlib.util.find_spec("sdconcepts.hypernetwork_files") is None:
+        return None
+    return importlib.import_module("sdconcepts.hypernetwork_files")
+
+
+def _is_hypernetwork(path: Path) -> bool:
+    """Whether the file's pickle (read without its tensor data) has a hypernetwork's keys."""
+    module = _hypernetwork_module()
+    if module is None:
+        return False
+    from sdconcepts.safe_load import UnsafeFileError, read_metadata
+
+    try:
+        data = read_metadata(path)
+    except UnsafeFileError:
+        return False
+    return bool(module.looks_like_hypernetwork(data))
+
+
 def _inspect_folder(folder: Path, width: int | None, *, as_json: bool) -> int:
+    """Every file in the folder described by what it is: embeddings (checked against ``width``) and hypernetworks
+    (read from their metadata, not loaded), with the files that are neither and why."""
     from sdconcepts.library import EmbeddingLibrary
 
     library = EmbeddingLibrary([folder])
     library.refresh()
-    records = library.records(width)
+    rows: list[dict[str, Any]] = []
+    for r in library.records(width):
+        row: dict[str, Any] = {
+            "kind": "embedding", "name": r.name, "path": str(r.path), "preview": str(r.preview) if r.preview else None,
+            "vectors": r.vectors, "width": r.width, "sha256": r.hash, "short_hash": r.short_hash, "skipped": r.skipped,
+        }
+        if r.skipped is not None and r.skipped.startswith("not a regular file"):
+            row["kind"] = None  # a FIFO, socket or device: neither kind, never opened
+        elif r.vectors is None and r.path.suffix.lower() == ".pt":
+            row = _hypernetwork_row(r.path, row)
+        rows.append(row)
     if as_json:
-        rows = [
-            {
-                "name": r.name, "path": str(r.path), "preview": str(r.preview) if r.preview else None,
-                "vectors": r.vectors, "width": r.width, "sha256": r.hash, "short_hash": r.short_hash,
-                "skipped": r.skipped,
-            }
-            for r in records
-        ]
         print(json.dumps(rows, indent=2))
         return 0
-    for r in records:
-        shape = f"{r.vectors}v x {r.width}" if r.vectors is not None else "-"
-        line = f"{r.name}\t{shape}\t{r.short_hash or '-'}\t{r.path}"
-        print(f"{line}\tSKIPPED: {r.skipped}" if r.skipped else line)
-    usable = sum(1 for r in records if r.skipped is None)
-    print(f"{usable} usable, {len(records) - usable} skipped", file=sys.stderr)
+    for row in rows:
+        if row["kind"] == "hypernetwork":
+            shape = f"hypernetwork {', '.join(str(w) for w in row['widths'] or ())}".rstrip()
+        else:
+            shape = f"{row['vectors']}v x {row['width']}" if row["vectors"] is not None else "-"
+        line = f"{row['name']}\t{shape}\t{row['short_hash'] or '-'}\t{row['path']}"
+        print(f"{line}\tSKIPPED: {row['skipped']}" if row["skipped"] else line)
+    embeddings = sum(1 for row in rows if row["kind"] == "embedding" and row["skipped"] is None)
+    hypernetworks = sum(1 for row in rows if row["kind"] == "hypernetwork" and row["skipped"] is None)
+    skipped = sum(1 for row in rows if row["skipped"] is not None)
+    counts = [f"{embeddings} usable embedding{'s' if embeddings != 1 else ''}"]
+    if hypernetworks:
+        counts.append(f"{hypernetworks} hypernetwork{'s' if hypernetworks != 1 else ''}")
+    print(f"{', '.join(counts)}, {skipped} skipped", file=sys.stderr)
     return 0
+
+
+def _hypernetwork_row(path: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """The row of a ``.pt`` that did not load as an embedding: a hypernetwork's when it is one, else unchanged
+    (a file whose pickle cannot be read stays an embedding row with the embedding reader's reason)."""
+    module = _hypernetwork_module()
+    if module is None or not _is_hypernetwork(path):
+        return row
+    from sdconcepts.embedding_files import file_sha256
+
+    hyper: dict[str, Any] = {
+        "kind": "hypernetwork", "name": path.stem, "path": row["path"], "preview": row["preview"],
+        "vectors": None, "width": None, "widths": None, "layer_structure": None, "activation": None, "step": None,
+        "parameters": None, "sha256": None, "short_hash": None, "skipped": None,
+    }
+    try:
+        info = module.read_hypernetwork_info(path)
+    except (ValueError, OSError) as exc:
+        hyper["skipped"] = _reason(str(exc), path)
+        return hyper
+    digest = file_sha256(path)
+    hyper.update(
+        widths=list(info.widths), layer_structure=list(info.layer_structure), activation=info.activation,
+        step=info.step, parameters=info.parameters, sha256=digest, short_hash=digest[:10],
+    )
+    return hyper
 
 
 def run_convert(args: argparse.Namespace) -> int:

@@ -20,11 +20,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, ImageDraw, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
 from sdconcepts.embedding import SDXL_ENCODERS, Embedding, EmbeddingError
-from sdconcepts.safe_load import UnsafeFileError, atomic_path, load_torch_file, save_torch_file
+from sdconcepts.safe_load import (
+    UnsafeFileError,
+    atomic_path,
+    describe_foreign,
+    load_torch_file,
+    open_regular,
+    save_torch_file,
+)
 
 __all__ = [
     "EMBEDDING_SUFFIXES",
@@ -112,9 +119,9 @@ def describe_embedding(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of the whole file in 1 MiB blocks (A1111's ``hashes.sha256``)."""
+    """SHA-256 of the whole file in 1 MiB blocks (A1111's ``hashes.sha256``); only regular files are read."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -125,9 +132,11 @@ def _read(path: Path) -> _Parsed:
     if suffix not in EMBEDDING_SUFFIXES:
         raise EmbeddingFileError(f"{path}: not an embedding file (expected {', '.join(EMBEDDING_SUFFIXES)})")
     try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise EmbeddingFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        # Never hand a FIFO, socket or device to a reader: opening a FIFO blocks until a writer comes.
+        with open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+    except UnsafeFileError as exc:
+        raise EmbeddingFileError(str(exc)) from None
     if size == 0:
         raise EmbeddingFileError(f"{path}: empty file (0 bytes)")
     carrier = None
@@ -155,13 +164,41 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:  # type: ignore[no-untyped-call]
-            data: dict[str, Any] = {key: handle.get_tensor(key) for key in handle.keys()}
-            metadata = handle.metadata() or {}
+        with open_regular(path) as opened:
+            _check_safetensors_header(opened, path)
+            # safetensors opens by name: give it the descriptor already checked to be a regular file (Linux), so a
+            # FIFO swapped in after the check is never opened.
+            proc = f"/proc/self/fd/{opened.fileno()}"
+            name = proc if os.path.exists(proc) else str(path)
+            with safe_open(name, framework="pt", device="cpu") as handle:  # type: ignore[no-untyped-call]
+                data: dict[str, Any] = {key: handle.get_tensor(key) for key in handle.keys()}
+                metadata = handle.metadata() or {}
+    except EmbeddingFileError:
+        raise
+    except UnsafeFileError as exc:
+        raise EmbeddingFileError(str(exc)) from None
     except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-        raise EmbeddingFileError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+        reason = _first_line(exc).removeprefix("Error while deserializing header: ")
+        raise EmbeddingFileError(f"{path}: not a readable safetensors file ({reason})") from None
     # A1111 reads no safetensors metadata; we keep our own training facts there and read them back.
     return {"__metadata__": metadata, **data} if metadata else data
+
+
+def _check_safetensors_header(handle: Any, path: Path) -> None:
+    """A safetensors file starts with the length of its JSON header, then ``{``: say what the file is otherwise."""
+    head = handle.read(4096)
+    size = os.fstat(handle.fileno()).st_size
+    length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if len(head) < 10 or not 0 < length <= size - 8 or head[8:9] != b"{":
+        if head[8:10] == b'{"':
+            what = "a truncated safetensors file (shorter than its header says)"
+        else:
+            foreign = describe_foreign(head)
+            what = foreign.replace("not a torch file", "not a safetensors file") if foreign else (
+                "a torch pickle, not a safetensors file (rename it to .pt)"
+            )
+        raise EmbeddingFileError(f"{path}: {what}")
+    handle.seek(0)
 
 
 def embedding_from_data(data: object, name: str) -> Embedding:
@@ -246,7 +283,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _read_image(path: Path) -> tuple[dict[str, Any], str]:
     try:
-        with Image.open(path) as image:
+        with open_regular(path) as opened, Image.open(opened) as image:
             image.load()
             text = getattr(image, "text", None)
             # A1111 tries the text chunk first, and only on images that have text chunks (PNG).
@@ -258,11 +295,30 @@ def _read_image(path: Path) -> tuple[dict[str, Any], str]:
             data = extract_from_pixels(image)
     except EmbeddingFileError:
         raise
+    except UnsafeFileError as exc:
+        raise EmbeddingFileError(str(exc)) from None
+    except UnidentifiedImageError:
+        raise EmbeddingFileError(f"{path}: {_not_an_image(path)}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise EmbeddingFileError(f"{path}: not a readable image ({_first_line(exc)})") from None
     if data is None:
         raise NoEmbeddedData(f"{path}: the image carries no embedding (a preview picture)")
     return data, "pixels"
+
+
+def _not_an_image(path: Path) -> str:
+    """What a file PIL cannot identify is, from its first bytes (PIL's own message names only a file object)."""
+    try:
+        with open_regular(path) as handle:
+            head = handle.read(4096)
+    except UnsafeFileError as exc:
+        return str(exc)
+    foreign = describe_foreign(head)
+    if foreign is None:
+        return "a torch file, not an image (rename it to .pt)"
+    if foreign.endswith("image, not a torch file"):
+        return f"a damaged {foreign.removesuffix(', not a torch file').removeprefix('a ')}"
+    return foreign.replace("not a torch file", "not an image")
 
 
 def _encode_json(data: Mapping[str, Any]) -> bytes:

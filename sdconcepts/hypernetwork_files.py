@@ -21,12 +21,22 @@ from sdconcepts.hypernetwork import (
     Hypernetwork,
     HypernetworkError,
     HypernetworkModule,
+    activation_class_for,
+    check_structure,
     parse_dropout_structure,
 )
-from sdconcepts.safe_load import UnsafeFileError, load_torch_file, save_torch_file
+from sdconcepts.safe_load import (
+    TensorInfo,
+    UnsafeFileError,
+    load_torch_file,
+    open_regular,
+    read_metadata,
+    save_torch_file,
+)
 
 __all__ = [
     "HypernetworkFileError",
+    "HypernetworkInfo",
     "OptimizerState",
     "describe_hypernetwork",
     "find_hypernetworks",
@@ -35,6 +45,8 @@ __all__ = [
     "hypernetwork_to_dict",
     "load_hypernetwork",
     "load_optimizer_state",
+    "looks_like_hypernetwork",
+    "read_hypernetwork_info",
     "optimizer_path",
     "save_hypernetwork",
     "shorthash",
@@ -64,7 +76,7 @@ class OptimizerState:
 def shorthash(path: str | os.PathLike[str]) -> str:
     """A1111's 10-hex-digit shorthash: the start of the file's SHA-256."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:10]
@@ -130,8 +142,25 @@ def load_hypernetwork(path: str | os.PathLike[str]) -> Hypernetwork:
     return hypernetwork_from_dict(data, source=str(p), default_name=p.stem)
 
 
-def hypernetwork_from_dict(data: object, *, source: str, default_name: str) -> Hypernetwork:
-    """Rebuild a hypernetwork from a loaded A1111 dict, applying A1111's defaults for missing keys."""
+@dataclass(frozen=True)
+class _Metadata:
+    """A1111's metadata keys with its defaults for missing ones (a1111-compat §3.2)."""
+
+    name: str
+    layer_structure: list[float]
+    activation: str | None
+    weight_init: str
+    layer_norm: bool
+    use_dropout: bool
+    dropout_structure: list[float]
+    activate_output: bool
+    step: int
+    sd_checkpoint: str | None
+    sd_checkpoint_name: str | None
+    optional_info: str | None
+
+
+def _metadata(data: object, source: str, default_name: str) -> _Metadata:
     if not isinstance(data, Mapping):
         raise HypernetworkFileError(f"{source}: not a hypernetwork (expected a dict, found {type(data).__name__})")
     layer_structure = data.get("layer_structure")
@@ -153,13 +182,29 @@ def hypernetwork_from_dict(data: object, *, source: str, default_name: str) -> H
         use_dropout = True
     else:
         use_dropout = bool(data.get("use_dropout", False))
-    activate_output = bool(data.get("activate_output", True))
     last_layer_dropout = bool(data.get("last_layer_dropout", False))
     if dropout_structure is None:
         dropout_structure = parse_dropout_structure(layer_structure, use_dropout, last_layer_dropout)
-    layer_norm = bool(data.get("is_layer_norm", False))
+    name = data.get("name")
+    step = data.get("step")
+    return _Metadata(
+        name=name if isinstance(name, str) and name else default_name,
+        layer_structure=list(layer_structure),
+        activation=activation,
+        weight_init=str(data.get("weight_initialization") or "Normal"),
+        layer_norm=bool(data.get("is_layer_norm", False)),
+        use_dropout=use_dropout,
+        dropout_structure=list(dropout_structure),
+        activate_output=bool(data.get("activate_output", True)),
+        step=int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0,
+        sd_checkpoint=_optional_str(data.get("sd_checkpoint")),
+        sd_checkpoint_name=_optional_str(data.get("sd_checkpoint_name")),
+        optional_info=_optional_str(data.get("optional_info")),
+    )
 
-    layers: dict[int, tuple[HypernetworkModule, HypernetworkModule]] = {}
+
+def _width_pairs(data: Mapping[Any, Any], source: str) -> list[tuple[int, tuple[Mapping[str, Any], Mapping[str, Any]]]]:
+    pairs = []
     for key, pair in data.items():
         if type(key) is not int:  # A1111: every int key is a width, everything else metadata
             continue
@@ -167,16 +212,28 @@ def hypernetwork_from_dict(data: object, *, source: str, default_name: str) -> H
             raise HypernetworkFileError(f"{source}: width {key} must hold a (key, value) pair of state dicts")
         if key <= 0:
             raise HypernetworkFileError(f"{source}: width {key} is not a positive width")
+        pairs.append((key, (pair[0], pair[1])))
+    if not pairs:
+        raise HypernetworkFileError(f"{source}: not a hypernetwork (no integer width keys with module state dicts)")
+    return pairs
+
+
+def hypernetwork_from_dict(data: object, *, source: str, default_name: str) -> Hypernetwork:
+    """Rebuild a hypernetwork from a loaded A1111 dict, applying A1111's defaults for missing keys."""
+    meta = _metadata(data, source, default_name)
+    assert isinstance(data, Mapping)
+    layers: dict[int, tuple[HypernetworkModule, HypernetworkModule]] = {}
+    for key, pair in _width_pairs(data, source):
         built = []
         for role, state_dict in zip(("key", "value"), pair, strict=True):
             try:
                 module = HypernetworkModule(
                     key,
-                    layer_structure,
-                    activation=activation,
-                    layer_norm=layer_norm,
-                    activate_output=activate_output,
-                    dropout_structure=dropout_structure,
+                    meta.layer_structure,
+                    activation=meta.activation,
+                    layer_norm=meta.layer_norm,
+                    activate_output=meta.activate_output,
+                    dropout_structure=meta.dropout_structure,
                 )
                 module.load_state_dict(_fix_legacy_keys(state_dict))
                 module.eval()
@@ -191,27 +248,101 @@ def hypernetwork_from_dict(data: object, *, source: str, default_name: str) -> H
                 ) from None
             built.append(module)
         layers[key] = (built[0], built[1])
-    if not layers:
-        raise HypernetworkFileError(f"{source}: not a hypernetwork (no integer width keys with module state dicts)")
 
-    name = data.get("name")
-    step = data.get("step")
     hypernetwork = Hypernetwork(
-        name if isinstance(name, str) and name else default_name,
+        meta.name,
         layers,
-        layer_structure=layer_structure,
-        activation=activation,
-        weight_init=str(data.get("weight_initialization") or "Normal"),
-        layer_norm=layer_norm,
-        use_dropout=use_dropout,
-        dropout_structure=dropout_structure,
-        activate_output=activate_output,
-        step=int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0,
-        sd_checkpoint=_optional_str(data.get("sd_checkpoint")),
-        sd_checkpoint_name=_optional_str(data.get("sd_checkpoint_name")),
-        optional_info=_optional_str(data.get("optional_info")),
+        layer_structure=meta.layer_structure,
+        activation=meta.activation,
+        weight_init=meta.weight_init,
+        layer_norm=meta.layer_norm,
+        use_dropout=meta.use_dropout,
+        dropout_structure=meta.dropout_structure,
+        activate_output=meta.activate_output,
+        step=meta.step,
+        sd_checkpoint=meta.sd_checkpoint,
+        sd_checkpoint_name=meta.sd_checkpoint_name,
+        optional_info=meta.optional_info,
     )
     return hypernetwork.eval()
+
+
+@dataclass(frozen=True)
+class HypernetworkInfo:
+    """What a card or a folder listing shows about a hypernetwork file, read without loading its weights.
+
+    The attribute names match ``Hypernetwork``'s, so a card renders either. ``parameters`` counts the elements of
+    the stored tensors from their shapes.
+    """
+
+    name: str
+    widths: tuple[int, ...]
+    layer_structure: tuple[float, ...]
+    activation: str | None
+    weight_init: str
+    layer_norm: bool
+    use_dropout: bool
+    dropout_structure: tuple[float, ...]
+    activate_output: bool
+    step: int
+    sd_checkpoint: str | None
+    sd_checkpoint_name: str | None
+    optional_info: str | None
+    parameters: int
+
+
+def read_hypernetwork_info(path: str | os.PathLike[str]) -> HypernetworkInfo:
+    """A hypernetwork file's metadata, widths and parameter count from its pickle alone: no tensor data is read and
+    no module is built (a file is loaded for real only when a prompt uses it). Raises HypernetworkFileError for
+    files that are not hypernetworks, and for metadata A1111 could not build (unknown activation, bad structure).
+    """
+    p = Path(path)
+    try:
+        data = read_metadata(p)
+    except UnsafeFileError as exc:
+        raise HypernetworkFileError(str(exc)) from None
+    source = str(p)
+    meta = _metadata(data, source, p.stem)
+    assert isinstance(data, Mapping)
+    pairs = _width_pairs(data, source)
+    try:
+        check_structure(meta.layer_structure, meta.dropout_structure)
+        activation_class_for(meta.activation)
+    except HypernetworkError as exc:
+        raise HypernetworkFileError(f"{source}: {exc}") from None
+    parameters = 0
+    for key, pair in pairs:
+        for state_dict in pair:
+            for name, value in state_dict.items():
+                if not isinstance(value, TensorInfo):
+                    raise HypernetworkFileError(f"{source}: width {key} holds {name!r} that is not a tensor")
+                parameters += value.numel()
+    return HypernetworkInfo(
+        name=meta.name,
+        widths=tuple(key for key, _ in pairs),
+        layer_structure=tuple(meta.layer_structure),
+        activation=meta.activation,
+        weight_init=meta.weight_init,
+        layer_norm=meta.layer_norm,
+        use_dropout=meta.use_dropout,
+        dropout_structure=tuple(meta.dropout_structure),
+        activate_output=meta.activate_output,
+        step=meta.step,
+        sd_checkpoint=meta.sd_checkpoint,
+        sd_checkpoint_name=meta.sd_checkpoint_name,
+        optional_info=meta.optional_info,
+        parameters=parameters,
+    )
+
+
+def looks_like_hypernetwork(data: object) -> bool:
+    """A dict with an integer width key, or with A1111's hypernetwork-only metadata keys (``inspect`` tells the
+    two kinds of ``.pt`` apart by this before describing a file)."""
+    if not isinstance(data, Mapping):
+        return False
+    if any(type(key) is int for key in data):
+        return True
+    return any(key in data for key in ("layer_structure", "activation_func", "is_layer_norm", "weight_initialization"))
 
 
 def _fix_legacy_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ check and name rules for textual inversion embeddings.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Generic, TypeVar
 
 from sdconcepts.embedding import Embedding
 from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, NoEmbeddedData, file_sha256, load_embedding
+from sdconcepts.prompts import CHUNK_LENGTH
+from sdconcepts.safe_load import file_kind
 
 __all__ = [
     "PREVIEW_SUFFIXES",
@@ -179,12 +182,27 @@ class Library(Generic[T]):
     def _load_one(self, path: Path, stamp: _Stamp) -> FileRecord[T] | None:
         mtime, size = stamp[0] / 1e9, stamp[1]
         try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:  # vanished since the walk, or a dangling symlink
+            return FileRecord(
+                name=path.stem, path=path, preview=None, hash=None, mtime=mtime, size=size, item=None,
+                error=f"cannot read ({exc.strerror or exc})",
+            )
+        if not stat.S_ISREG(mode):
+            # A FIFO, socket or device is never handed to a loader: opening a FIFO blocks the whole scan.
+            return FileRecord(
+                name=path.stem, path=path, preview=None, hash=None, mtime=mtime, size=size, item=None,
+                error=f"not a regular file: {file_kind(mode)}",
+            )
+        try:
             item = self.load(path)
         except self.quiet:
             return None
         except Exception as exc:  # one bad file is reported and skipped; the rest load
+            # Not hashed: a hash names a usable file, and a rejected file may be huge (a 2 GB sparse file is
+            # refused from its first bytes; hashing it would read all of it).
             return FileRecord(
-                name=path.stem, path=path, preview=None, hash=_hash_or_none(path), mtime=mtime, size=size,
+                name=path.stem, path=path, preview=None, hash=None, mtime=mtime, size=size,
                 item=None, error=_one_line(exc, path),
             )
         name = self.name_of(path, item) if self.name_of is not None else path.stem
@@ -216,12 +234,14 @@ def _find_preview(path: Path, stamps: dict[str, _Stamp]) -> Path | None:
 def _hash_or_none(path: Path) -> str | None:
     try:
         return file_sha256(path)
-    except OSError:
+    except (OSError, ValueError):  # vanished, unreadable, or no longer a regular file
         return None
 
 
 def _one_line(exc: BaseException, path: Path) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).split())
+    if not text or "weights_only" in text:  # never pass on torch's advice to load unsafely, nor a bare class name
+        return "cannot be read (corrupt or unsupported file)"
     prefix = f"{path}: "
     return text[len(prefix) :] if text.startswith(prefix) else text
 
@@ -285,7 +305,14 @@ class EmbeddingLibrary:
         for record in self.files.records():
             emb = record.item
             skipped = record.error
-            if emb is not None and width is not None and emb.width != width:
+            if emb is not None and emb.vector_count > CHUNK_LENGTH:
+                # A1111 1.10 lists such a file, then fails inside CLIP when a prompt uses it (its chunk grows past
+                # 77 tokens). It can never work, so it is never offered.
+                skipped = (
+                    f"{emb.vector_count} vectors: more than the {CHUNK_LENGTH} tokens a prompt chunk holds, "
+                    "so no prompt can use it"
+                )
+            elif emb is not None and width is not None and emb.width != width:
                 skipped = f"width {_describe_width(emb.width)} does not fit the model's {_describe_width(width)}"
             if skipped is None:
                 key = record.name.lower()

@@ -590,7 +590,10 @@ def txt2img(
     steps = params.steps
     cond_schedule = get_prompt_schedule(prompt_text, steps)
     uncond_schedule = get_prompt_schedule(params.negative_prompt, steps)
-    conds = encoder.encode_many([t for _, t in cond_schedule] + [t for _, t in uncond_schedule] + [""])
+    try:
+        conds = encoder.encode_many([t for _, t in cond_schedule] + [t for _, t in uncond_schedule] + [""])
+    except ValueError as exc:  # a prompt the encoder cannot take (an embedding longer than a chunk): one line
+        raise GenerationError(str(exc)) from None
     empty = conds[""]
     extra = _ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {})
     skipped = skipped_embeddings or {}

@@ -117,7 +117,8 @@ def embedding_cards(records: Iterable[Any], roots: Sequence[Path] = ()) -> tuple
 def hypernetwork_cards(
     records: Iterable[Any], multiplier: float = 1.0, roots: Sequence[Path] = ()
 ) -> tuple[list[Card], list[Skipped]]:
-    """Cards for ``library.FileRecord`` values holding a ``Hypernetwork``; failed loads go to the skipped list."""
+    """Cards for ``library.FileRecord`` values holding a ``HypernetworkInfo`` (or a ``Hypernetwork``: same fields);
+    files that could not be read go to the skipped list."""
     cards: list[Card] = []
     skipped: list[Skipped] = []
     for record in records:

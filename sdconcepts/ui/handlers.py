@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
+from sdconcepts.prompts import parse_extra_network_tags
 from sdconcepts.ui.cards import (
     embedding_cards,
     filter_cards,
@@ -218,13 +219,17 @@ def generate(
         }
         session.hypernetworks.refresh()
         records = session.hypernetworks.records()
-        loaded = {r.name: r.item for r in records if r.item is not None}
         # A skipped file's name is known (the backend says it "could not be loaded"); say why, as the tab does.
         warnings = [
             f"hypernetwork file {r.path} was skipped: {r.error}"
             for r in records
             if r.item is None and f"<hypernet:{r.name}:" in params.prompt
         ]
+        # The records hold metadata only; the hypernetworks the prompt names are loaded now (as A1111 does).
+        _, tags = parse_extra_network_tags(params.prompt)
+        named = [t.args[0] for t in tags if t.name == "hypernet" and t.args]
+        loaded, load_warnings = session.load_hypernetworks(records, named)
+        warnings += load_warnings
         try:
             result = txt2img(
                 model,

@@ -77,10 +77,16 @@ def _hypernetwork_ignored(path: Path) -> bool:
     return is_preview_image(path) or path.stem == "None"
 
 
-def _load_hypernetwork(path: Path) -> Any:
-    from sdconcepts.hypernetwork_files import load_hypernetwork
+def _hypernetwork_info(path: Path) -> Any:
+    # Cards need only the metadata and widths: no module is built and no weight is read until a prompt uses it.
+    from sdconcepts.hypernetwork_files import read_hypernetwork_info
 
-    return load_hypernetwork(path)
+    return read_hypernetwork_info(path)
+
+
+def _without_path(message: str, path: Path) -> str:
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 class UiSession:
@@ -90,9 +96,11 @@ class UiSession:
         self.config = config
         self.embeddings = EmbeddingLibrary(config.embeddings_dirs)
         self.hypernetworks: Library[Any] = Library(
-            folders=list(config.hypernetworks_dirs), load=_load_hypernetwork, suffixes=(".pt",),
+            folders=list(config.hypernetworks_dirs), load=_hypernetwork_info, suffixes=(".pt",),
             ignore=_hypernetwork_ignored,
         )
+        # The hypernetworks the last generation used, fully loaded: (path, mtime, size) -> Hypernetwork.
+        self._loaded_hypernetworks: dict[tuple[str, float, int], Any] = {}
         self._model: Any = None
         self._model_label: str | None = None
         self._model_lock = threading.Lock()
@@ -106,6 +114,34 @@ class UiSession:
     def train_roots(self) -> list[Path]:
         """The folders Train-tab paths must lie in (``UiConfig.train_roots``)."""
         return list(self._train_roots)
+
+    def load_hypernetworks(self, records: Sequence[Any], names: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+        """Fully load the hypernetworks a prompt names (A1111 loads only those): (name -> loaded, warnings).
+
+        Those the previous generation used are reused while their file is unchanged; the others are dropped, so
+        only what the current prompt uses stays in memory.
+        """
+        from sdconcepts.hypernetwork_files import HypernetworkFileError, load_hypernetwork
+
+        wanted = set(names)
+        loaded: dict[str, Any] = {}
+        kept: dict[tuple[str, float, int], Any] = {}
+        warnings: list[str] = []
+        for record in records:
+            if record.name not in wanted or record.item is None:
+                continue
+            key = (str(record.path), record.mtime, record.size)
+            hypernetwork = self._loaded_hypernetworks.get(key)
+            if hypernetwork is None:
+                try:
+                    hypernetwork = load_hypernetwork(record.path)
+                except HypernetworkFileError as exc:
+                    warnings.append(f"hypernetwork file {record.path} was skipped: {_without_path(str(exc), record.path)}")
+                    continue
+            kept[key] = hypernetwork
+            loaded[record.name] = hypernetwork
+        self._loaded_hypernetworks = kept
+        return loaded, warnings
 
     # -- models -----------------------------------------------------------------------------------------------
 
