@@ -176,8 +176,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+    if pid <= 0 or pid == os.getpid():
+        return True  # 0 and negatives name process groups to os.kill, not a writer
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -270,17 +270,26 @@ def sidecar_candidates(path: str | os.PathLike[str]) -> list[tuple[Path, dict[st
     """
     found: list[tuple[Path, dict[str, Any]]] = []
     digest: str | None = None
+    error: UnsafeFileError | None = None
     for candidate in (sidecar_path(path), pending_sidecar_path(path)):
         if not candidate.is_file():
             continue
-        data = load_torch_file(candidate)
+        try:
+            data = load_torch_file(candidate)
+        except UnsafeFileError as exc:
+            error = error or exc
+            continue
         if not isinstance(data, dict):
-            raise UnsafeFileError(f"{candidate}: not an optimizer sidecar (expected a dict)")
+            error = error or UnsafeFileError(f"{candidate}: not an optimizer sidecar (expected a dict)")
+            continue
         if SIDECAR_SHA_KEY in data:
             digest = digest or file_sha256(path)
             if data[SIDECAR_SHA_KEY] != digest:
                 continue
         found.append((candidate, data))
+    # A damaged sidecar is reported only when no other one can stand in for it.
+    if not found and error is not None:
+        raise error
     return found
 
 
