@@ -12,7 +12,6 @@ import copy
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdconcepts.safe_load import UnsafeFileError, load_torch_file
+from sdconcepts.safe_load import UnsafeFileError, atomic_path, load_torch_file
 
 __all__ = [
     "CheckpointError",
@@ -875,23 +874,17 @@ def write_checkpoint(
     suffix = p.suffix.lower()
     if suffix != ".safetensors" and suffix not in _TORCH_SUFFIXES:
         raise CheckpointError(f"{p}: unsupported file type {suffix or '(none)'}; expected .safetensors or .ckpt")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
+    # atomic_path: the mode a plain open() would give (the umask's), a short temporary name.
+    with atomic_path(p) as tmp:
         if suffix == ".safetensors":
             # safetensors refuses views sharing storage (q/k/v chunks) and non-contiguous tensors.
             tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
-            save_file(tensors, tmp_name, metadata=dict(metadata or {}))
+            save_file(tensors, str(tmp), metadata=dict(metadata or {}))
         else:
             payload: dict[str, object] = {"state_dict": {k: v.detach().clone() for k, v in state_dict.items()}}
             if metadata:
                 payload[CKPT_METADATA_KEY] = dict(metadata)
-            torch.save(payload, tmp_name)
-        os.replace(tmp_name, p)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+            torch.save(payload, tmp)
     return p
 
 

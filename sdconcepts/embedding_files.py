@@ -472,7 +472,11 @@ def a1111_data(embedding: Embedding) -> dict[str, Any]:
 
 
 def save_embedding(
-    embedding: Embedding, path: str | os.PathLike[str], *, picture: Image.Image | None = None
+    embedding: Embedding,
+    path: str | os.PathLike[str],
+    *,
+    picture: Image.Image | None = None,
+    file_format: str | None = None,
 ) -> Path:
     """Write ``embedding`` atomically in the format the extension names; return the path.
 
@@ -480,10 +484,10 @@ def save_embedding(
     metadata; diffusers' ``load_textual_inversion`` takes the key as its token. ``.pt``: A1111's exact dict, in a
     pickle A1111's safe unpickler accepts. ``.bin``: diffusers' ``{name: tensor}``. ``.png``: ``picture`` (a plain
     one by default) with both A1111 carriers, the text chunk and the pixel strips; ``.webp``: the pixel strips,
-    lossless.
+    lossless. ``file_format`` (an extension) overrides the path's, to write a temporary file in a given format.
     """
     target = Path(path)
-    suffix = target.suffix.lower()
+    suffix = (file_format or target.suffix).lower()
     try:
         if suffix == ".safetensors":
             _save_safetensors(embedding, target)
@@ -492,7 +496,7 @@ def save_embedding(
         elif suffix == ".bin":
             save_torch_file(_single_key_data(embedding), target)
         elif suffix in IMAGE_SUFFIXES:
-            _save_image(embedding, target, picture)
+            _save_image(embedding, target, picture, suffix)
         else:
             raise EmbeddingFileError(
                 f"{target}: cannot choose a format for {suffix or 'no extension'} "
@@ -522,7 +526,7 @@ def _save_safetensors(embedding: Embedding, target: Path) -> None:
         tmp.write_bytes(blob)
 
 
-def _save_image(embedding: Embedding, target: Path, picture: Image.Image | None) -> None:
+def _save_image(embedding: Embedding, target: Path, picture: Image.Image | None, suffix: str) -> None:
     if embedding.is_sdxl:
         raise EmbeddingError("SDXL embeddings (clip_l + clip_g) cannot be stored in images; A1111's carriers hold one tensor")
     if target.name.lower().endswith(tuple(f".preview{s}" for s in IMAGE_SUFFIXES)):
@@ -530,7 +534,7 @@ def _save_image(embedding: Embedding, target: Path, picture: Image.Image | None)
     data = a1111_data(embedding)
     canvas = embed_in_pixels(picture if picture is not None else _default_picture(embedding), data)
     buffer = io.BytesIO()
-    if target.suffix.lower() == ".png":
+    if suffix == ".png":
         info = PngImagePlugin.PngInfo()
         info.add_text(TEXT_CHUNK_KEY, base64.b64encode(_encode_json(data)).decode("ascii"))
         canvas.save(buffer, format="PNG", pnginfo=info)

@@ -28,10 +28,12 @@ from sdconcepts.hypernetwork import (
 from sdconcepts.safe_load import (
     TensorInfo,
     UnsafeFileError,
+    commit_with_sidecar,
     load_torch_file,
     open_regular,
     read_metadata,
-    save_torch_file,
+    sidecar_candidates,
+    write_torch_file,
 )
 
 __all__ = [
@@ -409,34 +411,43 @@ def save_hypernetwork(
     written, which is what A1111 compares on load before reusing the state.
     """
     p = Path(path)
-    save_torch_file(hypernetwork_to_dict(hypernetwork), p)
+    data = hypernetwork_to_dict(hypernetwork)
+
+    def write(tmp: Path) -> None:
+        write_torch_file(data, tmp)
+
+    sidecar = None
     if optimizer is not None and optimizer.state_dict:
-        sidecar = {
-            "optimizer_name": optimizer.optimizer_name,
-            "hash": shorthash(p),
-            "optimizer_state_dict": dict(optimizer.state_dict),
-        }
-        save_torch_file(sidecar, optimizer_path(p))
-    return p
+        state = optimizer
+
+        def sidecar(tmp: Path) -> dict[str, Any]:
+            return {
+                "optimizer_name": state.optimizer_name,
+                "hash": shorthash(tmp),
+                "optimizer_state_dict": dict(state.state_dict),
+            }
+
+    # The .pt and its .optim are committed so that a kill between the two renames loses neither (safe_load).
+    return commit_with_sidecar(p, write, sidecar)
 
 
 def load_optimizer_state(path: str | os.PathLike[str]) -> OptimizerState | None:
-    """The sidecar's optimizer state for ``path`` when its ``hash`` matches the file's shorthash (A1111's rule)."""
-    sidecar = optimizer_path(path)
-    if not sidecar.is_file():
-        return None
+    """The sidecar's optimizer state for ``path`` when its ``hash`` matches the file's shorthash (A1111's rule).
+
+    A sidecar that a kill left under its pending name (see ``safe_load.commit_with_sidecar``) is found too.
+    """
     try:
-        data = load_torch_file(sidecar)
+        candidates = sidecar_candidates(path)
     except UnsafeFileError as exc:
         raise HypernetworkFileError(str(exc)) from None
-    if not isinstance(data, Mapping):
-        raise HypernetworkFileError(f"{sidecar}: not an optimizer sidecar (expected a dict)")
-    state = data.get("optimizer_state_dict")
-    if data.get("hash") != shorthash(path) or not state:
-        return None
-    if not isinstance(state, Mapping):
-        raise HypernetworkFileError(f"{sidecar}: optimizer_state_dict is not a dict")
-    return OptimizerState(str(data.get("optimizer_name") or "AdamW"), dict(state))
+    for sidecar, data in candidates:
+        state = data.get("optimizer_state_dict")
+        if data.get("hash") != shorthash(path) or not state:
+            continue
+        if not isinstance(state, Mapping):
+            raise HypernetworkFileError(f"{sidecar}: optimizer_state_dict is not a dict")
+        return OptimizerState(str(data.get("optimizer_name") or "AdamW"), dict(state))
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

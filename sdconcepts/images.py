@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from sdconcepts.safe_load import atomic_path
 
 _NUMBERED = re.compile(r"^(\d+)-")
 
@@ -17,15 +17,9 @@ def save_png(image: Image.Image, path: Path, infotext: str | None) -> Path:
     info = PngImagePlugin.PngInfo()
     if infotext:
         info.add_text("parameters", infotext)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # atomic_path gives the file the mode open() would (the umask's), not mkstemp's 0600.
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 

@@ -132,7 +132,9 @@ def test_optimizer_sidecar_shape_and_hash_rule(tmp_path: Path) -> None:
     assert sidecar.name == "opt.pt.optim"
     a1111_safe_check(sidecar)
     raw = torch.load(sidecar, weights_only=True)
-    assert set(raw) == {"optimizer_name", "hash", "optimizer_state_dict"}
+    # A1111's three keys, plus the SHA-256 of the .pt it belongs to (A1111 reads keys by name and ignores it).
+    assert set(raw) == {"optimizer_name", "hash", "optimizer_state_dict", "sha256"}
+    assert raw["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert raw["hash"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     state = load_optimizer_state(path)
     assert state is not None and state.optimizer_name == "AdamW"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["InvalidNameError", "sanitize_name", "target_path"]
+__all__ = ["InvalidNameError", "fit_file_name", "name_max", "sanitize_name", "target_path"]
+
+# Training writes ``<file>.optim`` beside the file (A1111's sidecar), so a name must leave room for it too.
+SIDECAR_SUFFIX = ".optim"
+_DEFAULT_NAME_MAX = 255
 
 
 class InvalidNameError(ValueError):
@@ -21,10 +26,41 @@ def sanitize_name(name: str) -> str:
     return cleaned
 
 
+def name_max(folder: str | Path) -> int:
+    """The longest file name, in bytes, that ``folder``'s file system takes (asked of the nearest existing folder)."""
+    place = Path(folder).absolute()
+    while not place.is_dir() and place != place.parent:
+        place = place.parent
+    try:
+        return int(os.pathconf(place, "PC_NAME_MAX"))
+    except (AttributeError, ValueError, OSError):  # Windows has no pathconf; NTFS and FAT32 allow 255
+        return _DEFAULT_NAME_MAX
+
+
+def _encoded(text: str) -> bytes:
+    return os.fsencode(text)
+
+
 def target_path(folder: str | Path, name: str, suffix: str = ".pt") -> Path:
-    """``folder/<sanitised name><suffix>``, checked to be directly inside ``folder``."""
+    """``folder/<sanitised name><suffix>``, checked to be directly inside ``folder`` and short enough for it."""
     root = Path(folder)
-    path = root / f"{sanitize_name(name)}{suffix}"
+    cleaned = sanitize_name(name)
+    limit = name_max(root) - len(_encoded(suffix + SIDECAR_SUFFIX))
+    if len(_encoded(cleaned)) > limit:
+        raise InvalidNameError(
+            f"name too long: {len(_encoded(cleaned))} bytes, at most {limit} bytes in {root} (its file system takes "
+            f"{name_max(root)}-byte file names, less {suffix!r} and the {SIDECAR_SUFFIX!r} that training adds)"
+        )
+    path = root / f"{cleaned}{suffix}"
     if path.resolve().parent != root.resolve():
         raise InvalidNameError(f"name {name!r} would leave the folder {root}")
     return path
+
+
+def fit_file_name(folder: str | Path, stem: str, tail: str, *, reserve: int = 0) -> str:
+    """``stem + tail``, the stem shortened (whole characters) so that the name and ``reserve`` more bytes fit in
+    ``folder``: for files named after a long name plus a step number (the log folder's copies and previews)."""
+    room = name_max(folder) - len(_encoded(tail)) - reserve
+    while stem and len(_encoded(stem)) > room:
+        stem = stem[:-1]
+    return stem + tail

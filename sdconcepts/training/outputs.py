@@ -40,17 +40,30 @@ def write_settings(folder: Path, settings: dict[str, Any], when: dt.datetime | N
 class LossLog:
     """A1111's loss CSV (appended; header only for a new file), plus the points kept in memory for the plot."""
 
-    def __init__(self, path: Path, every: int = 1) -> None:
+    def __init__(self, path: Path, every: int = 1, *, resume_step: int | None = None) -> None:
+        """``resume_step``: the step the run continues from. Rows past it were logged by a run that was killed
+        after its last save; those steps are about to be trained (and logged) again, so they are dropped."""
         self.path = path
         self.every = every
         self.points: list[tuple[int, float]] = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines()[1:]:
-                fields = line.split(",")
-                try:
-                    self.points.append((int(fields[0]), float(fields[3])))
-                except (IndexError, ValueError):
-                    continue
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = lines[:1]
+        for line in lines[1:]:
+            fields = line.split(",")
+            try:
+                step, loss = int(fields[0]), float(fields[3])
+            except (IndexError, ValueError):
+                kept.append(line)
+                continue
+            if resume_step is not None and step > resume_step:
+                continue
+            kept.append(line)
+            self.points.append((step, loss))
+        if every and len(kept) != len(lines):
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
     def add(self, step: int, epoch: int, epoch_step: int, loss: float, learn_rate: float) -> None:
         self.points.append((step, loss))

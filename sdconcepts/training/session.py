@@ -11,9 +11,10 @@ in the file. A1111 writes the main file only at the end; its intermediate copies
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import os
+import math
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -30,11 +31,19 @@ from sdconcepts.hypernetwork import Hypernetwork
 from sdconcepts.hypernetwork_files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
 from sdconcepts.images import save_png
 from sdconcepts.limits import MAX_IMAGE_SIDE, memory_problem, training_bytes
-from sdconcepts.safe_load import UnsafeFileError, load_torch_file, save_torch_file
+from sdconcepts.safe_load import (
+    UnsafeFileError,
+    commit_with_sidecar,
+    remove_stale_temporaries,
+    settle_sidecar,
+    sidecar_candidates,
+)
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig, TrainingConfig
 from sdconcepts.training.dataset import TrainingDataset, read_images
 from sdconcepts.training.distributed import Distributed
+from sdconcepts.training.lock import TrainingBusyError, TrainingLock
 from sdconcepts.training.loop import GradientClip, TrainingEvent, training_loop
+from sdconcepts.training.names import fit_file_name
 from sdconcepts.training.objective import diffusion_loss
 from sdconcepts.training.outputs import CSV_NAMES, EtaClock, LossLog, run_folder, write_settings
 from sdconcepts.training.schedule import LearnRateSchedule
@@ -51,10 +60,6 @@ class TrainingError(ValueError):
 
 def _seeded(*parts: object) -> int:
     return random.Random(repr(parts)).getrandbits(63)
-
-
-def _optim_path(path: Path) -> Path:
-    return Path(os.fspath(path) + ".optim")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,23 +106,23 @@ class _EmbeddingJob(_Job):
         self.restored = restore_optimizer and self._restore(embedding)
 
     def _restore(self, embedding: Embedding) -> bool:
-        sidecar = _optim_path(self.path)
-        if not sidecar.is_file():
-            return False
+        # <file>.optim, or the sidecar a kill left under its pending name (safe_load.commit_with_sidecar).
         try:
-            data = load_torch_file(sidecar)
+            candidates = sidecar_candidates(self.path)
         except UnsafeFileError as exc:
             log.warning("ignored optimizer state: %s", exc)
             return False
-        if not isinstance(data, dict) or data.get("hash") != embedding.checksum():
-            log.warning("%s does not belong to this embedding's vectors; starting a fresh optimizer", sidecar)
-            return False
-        try:
-            self.optimizer.load_state_dict(data["optimizer_state_dict"])
-        except (KeyError, ValueError, TypeError) as exc:
-            log.warning("ignored optimizer state in %s: %s", sidecar, exc)
-            return False
-        return True
+        for sidecar, data in candidates:
+            if data.get("hash") != embedding.checksum():
+                log.warning("%s does not belong to this embedding's vectors; starting a fresh optimizer", sidecar)
+                continue
+            try:
+                self.optimizer.load_state_dict(data["optimizer_state_dict"])
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("ignored optimizer state in %s: %s", sidecar, exc)
+                continue
+            return True
+        return False
 
     def embedding(self, name: str | None = None) -> Embedding:
         return Embedding(
@@ -130,13 +135,16 @@ class _EmbeddingJob(_Job):
 
     def save(self, path: Path, *, file_name: str | None = None, optimizer: bool = True) -> Path:
         embedding = self.embedding(file_name)
-        save_embedding(embedding, path)
-        if optimizer:
+
+        def write(tmp: Path) -> None:
+            save_embedding(embedding, tmp, file_format=path.suffix)
+
+        def sidecar(_tmp: Path) -> dict[str, Any]:
             # A1111's sidecar: the legacy 4-hex checksum of the vectors links it to the file.
-            save_torch_file(
-                {"hash": embedding.checksum(), "optimizer_state_dict": self.optimizer.state_dict()}, _optim_path(path)
-            )
-        return path
+            return {"hash": embedding.checksum(), "optimizer_state_dict": self.optimizer.state_dict()}
+
+        # The file and its .optim are committed so that a kill between the two renames loses neither.
+        return commit_with_sidecar(path, write, sidecar if optimizer else None)
 
     def preview(self, model: Any, prompt: str, config: TrainingConfig) -> tuple[Image.Image, str]:
         return model.preview(  # type: ignore[no-any-return]
@@ -264,10 +272,21 @@ def train_embedding(
     distributed: Distributed | None = None,
 ) -> Iterator[TrainingEvent]:
     """Train a textual inversion embedding (a name in ``embeddings_dir`` or a path) on a LoadedModel."""
-    from sdconcepts.training.backend import TrainingModel
-
     config.validated(int(model.size_multiple))
     path = find_embedding_file(embedding, embeddings_dir)
+    with _locked(path, "embedding", distributed):
+        yield from _train_embedding(model, path, config, stop, distributed)
+
+
+def _train_embedding(
+    model: Any,
+    path: Path,
+    config: EmbeddingTrainingConfig,
+    stop: threading.Event | None,
+    distributed: Distributed | None,
+) -> Iterator[TrainingEvent]:
+    from sdconcepts.training.backend import TrainingModel
+
     try:
         loaded = load_embedding(path)
     except EmbeddingFileError as exc:
@@ -280,6 +299,29 @@ def train_embedding(
     training_model = TrainingModel(model, {job.name: job.vectors})
     job.model = training_model
     yield from _run(job, training_model, config, stop or threading.Event(), distributed or Distributed())
+
+
+@contextlib.contextmanager
+def _locked(path: Path, kind: str, distributed: Distributed | None) -> Iterator[None]:
+    """Hold the file's training lock (one run per file, across processes), taken before the file is read.
+
+    The ranks of one distributed run share the file, and only the main rank writes it, so only that one locks.
+    """
+    if distributed is not None and not distributed.is_main:
+        yield
+        return
+    lock = TrainingLock(path, f"{kind} {path.name}")
+    try:
+        lock.acquire()
+    except TrainingBusyError as exc:
+        raise TrainingError(str(exc)) from None
+    try:
+        # Finish what a killed run left: a pending .optim to move into place, temporaries to delete.
+        settle_sidecar(path)
+        remove_stale_temporaries(path.parent)
+        yield
+    finally:
+        lock.release()
 
 
 def train_hypernetwork(
@@ -296,12 +338,13 @@ def train_hypernetwork(
 
     config.validated(int(model.size_multiple))
     path = _find_hypernetwork_file(hypernetwork, hypernetworks_dir)
-    training_model = TrainingModel(model)
-    job = _HypernetworkJob(path, load_hypernetwork(path), training_model, config.save_optimizer_state)
-    try:
-        yield from _run(job, training_model, config, stop or threading.Event(), distributed or Distributed())
-    finally:
-        job.close()
+    with _locked(path, "hypernetwork", distributed):
+        training_model = TrainingModel(model)
+        job = _HypernetworkJob(path, load_hypernetwork(path), training_model, config.save_optimizer_state)
+        try:
+            yield from _run(job, training_model, config, stop or threading.Event(), distributed or Distributed())
+        finally:
+            job.close()
 
 
 def _check_memory(model: Any, config: TrainingConfig) -> None:
@@ -356,6 +399,9 @@ def _run(
     main = distributed.is_main
     folder = run_folder(config.log_directory, job.name)
     copies = folder / ("embeddings" if job.kind == "embedding" else "hypernetworks")
+    if main:
+        for place in (folder, copies, folder / "images", folder / "image_embeddings"):
+            remove_stale_temporaries(place)
     if main and config.save_settings:
         write_settings(
             folder,
@@ -374,19 +420,38 @@ def _run(
     clip = None
     if config.clip_grad_mode != "disabled":
         clip = GradientClip(config.clip_grad_mode, LearnRateSchedule(config.clip_grad_value, config.max_steps, start_step))
-    loss_log = LossLog(folder / CSV_NAMES[job.kind], config.write_csv_every if main else 0)
+    loss_log = LossLog(folder / CSV_NAMES[job.kind], config.write_csv_every if main else 0, resume_step=start_step)
     eta = EtaClock(start_step, config.max_steps)
     per_step = dataset.gradient_accumulation * distributed.world_size
     last_texts: list[str] = []
     last_good = (job.path, start_step)
 
-    def loss_of(step: int, micro: int) -> Tensor:
+    def loss_of(step: int, micro: int, texts: list[str] | None = last_texts) -> Tensor:
         index = micro * distributed.world_size + distributed.rank
         batch = dataset.batch(step, index, per_step)
-        if micro == 0:
-            last_texts[:] = batch.texts
+        if micro == 0 and texts is not None:
+            texts[:] = batch.texts
         generator = torch.Generator().manual_seed(_seeded(config.seed, "noise", step, index))
         return diffusion_loss(model, batch, generator)
+
+    def gives_finite_loss() -> bool:
+        """Whether the current weights are worth keeping: finite, and their own forward pass is finite.
+
+        Finite but absurd weights (|v| = 1e30 after a huge rate) pass the first test and break everything that uses
+        them, so a save needs evidence from a forward pass with exactly these weights. The loss of step N + 1 is the
+        first that uses step N's weights, and it is computed after step N's save would happen; so the save computes
+        that loss itself (the next step's first micro-batch, same batch and noise, no gradients: one forward pass
+        per save), with the random state untouched so that saving does not change the run.
+        """
+        if not job.finite():
+            return False
+        cuda = torch.device(model.device).type == "cuda"
+        with torch.no_grad(), torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            value = float(loss_of(job.step, 0, None).detach())
+        if not math.isfinite(value):
+            log.warning("not saving step %d: its weights give a loss of %s", job.step, value)
+            return False
+        return True
 
     sync: Callable[[Sequence[Tensor]], None] | None = (
         distributed.average_gradients if distributed.world_size > 1 else None
@@ -408,8 +473,9 @@ def _run(
             epoch, epoch_step = (event.step - 1) // dataset.steps_per_epoch, (event.step - 1) % dataset.steps_per_epoch
             loss_log.add(event.step, epoch, epoch_step, event.loss, event.lr)
             saved = preview = None
-            if main and config.save_every and event.step % config.save_every == 0 and job.finite():
-                job.save(copies / f"{job.name}-{event.step}{_suffix(job)}", file_name=f"{job.name}-{event.step}")
+            if main and config.save_every and event.step % config.save_every == 0 and gives_finite_loss():
+                copy = fit_file_name(copies, job.name, f"-{event.step}{_suffix(job)}", reserve=len(".optim"))
+                job.save(copies / copy, file_name=f"{job.name}-{event.step}")
                 saved = str(job.save(job.path, optimizer=config.save_optimizer_state))
                 last_good = (job.path, event.step)
                 loss_log.plot(folder / "loss.png", title=f"{job.name} loss")
@@ -432,11 +498,20 @@ def _run(
             yield dataclasses.replace(event, message=message)
             return
         saved = None
-        if main and job.step != start_step and job.finite():
-            saved = str(job.save(job.path, optimizer=config.save_optimizer_state))
-            loss_log.plot(folder / "loss.png", title=f"{job.name} loss")
+        kept = True
+        if main and job.step != start_step:
+            kept = last_good[1] == job.step or gives_finite_loss()
+            if kept:
+                saved = str(job.save(job.path, optimizer=config.save_optimizer_state))
+                loss_log.plot(folder / "loss.png", title=f"{job.name} loss")
         if event.kind == "finished" and job.step == start_step:
             message = f"{job.path} is already trained to step {job.step}; raise max steps above it to train more"
+        elif not kept:
+            what = "finished" if event.kind == "finished" else "interrupted"
+            message = (
+                f"Training {what} at {job.step} steps, but those weights give a non-finite loss; not saved, "
+                f"{last_good[0]} keeps the weights of step {last_good[1]}"
+            )
         else:
             what = "finished" if event.kind == "finished" else "interrupted"
             message = f"Training {what} at {job.step} steps. {job.kind.capitalize()} saved to {saved or job.path}"
@@ -451,11 +526,13 @@ def _suffix(job: _Job) -> str:
 def _preview(job: _Job, model: Any, config: TrainingConfig, folder: Path, texts: Sequence[str]) -> Path:
     prompt = config.preview_prompt or (texts[0] if texts else job.prompt_word)
     image, infotext = job.preview(model, prompt, config)
-    path = save_png(image, folder / "images" / f"{job.name}-{job.step}.png", infotext)
+    images = folder / "images"
+    path = save_png(image, images / fit_file_name(images, job.name, f"-{job.step}.png"), infotext)
     if isinstance(job, _EmbeddingJob) and isinstance(config, EmbeddingTrainingConfig) and config.save_image_with_embedding:
+        pictures = folder / "image_embeddings"
         save_embedding(
             job.embedding(f"{job.name}-{job.step}"),
-            folder / "image_embeddings" / f"{job.name}-{job.step}.png",
+            pictures / fit_file_name(pictures, job.name, f"-{job.step}.png"),
             picture=image,
         )
     return path
