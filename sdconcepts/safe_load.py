@@ -166,6 +166,13 @@ def load_torch_file(path: str | os.PathLike[str]) -> object:
     Only regular files are read (see ``open_regular``), and only when their first bytes can start a torch file.
     """
     p = Path(path)
+    with _open_torch_file(p) as (handle, _head):
+        return _load_open(p, handle)
+
+
+@contextmanager
+def _open_torch_file(p: Path) -> Iterator[tuple[BinaryIO, bytes]]:
+    """Open a regular file whose first bytes can start a torch file; yield it and those bytes."""
     with open_regular(p) as handle:
         head = handle.read(_HEAD_BYTES)
         if not head:
@@ -173,7 +180,7 @@ def load_torch_file(path: str | os.PathLike[str]) -> object:
         foreign = describe_foreign(head)
         if foreign is not None:
             raise UnsafeFileError(f"{p}: {foreign}")
-        return _load_open(p, handle)
+        yield handle, head
 
 
 def _load_open(p: Path, handle: BinaryIO) -> object:
@@ -287,13 +294,7 @@ def read_metadata(path: str | os.PathLike[str]) -> object:
     checks as ``load_torch_file`` apply first (regular file, torch magic). Raises UnsafeFileError.
     """
     p = Path(path)
-    with open_regular(p) as handle:
-        head = handle.read(_HEAD_BYTES)
-        if not head:
-            raise UnsafeFileError(f"{p}: empty file")
-        foreign = describe_foreign(head)
-        if foreign is not None:
-            raise UnsafeFileError(f"{p}: {foreign}")
+    with _open_torch_file(p) as (handle, head):
         handle.seek(0)
         try:
             if head.startswith(b"PK"):
