@@ -175,10 +175,19 @@ def txt2img(host: Host, **params: Any) -> tuple[np.ndarray, str]:
     return decode_image(images[0]), str(infotexts[0])
 
 
-def config_labels(host: Host) -> list[str]:
-    """The labels of the Gradio page's tab items (GET /config)."""
+def tab_items(host: Host) -> list[tuple[str, str]]:
+    """(label, elem_id) of every tab item of the host's Gradio page (GET /config), in page order."""
     config = host.request("/config")
-    return [str(c.get("props", {}).get("label")) for c in config.get("components", []) if c.get("type") == "tabitem"]
+    return [
+        (str(c.get("props", {}).get("label")), str(c.get("props", {}).get("elem_id")))
+        for c in config.get("components", [])
+        if c.get("type") == "tabitem"
+    ]
+
+
+def config_labels(host: Host) -> list[str]:
+    """The labels of the Gradio page's tab items (GET /config); "sdconcepts" is our tab."""
+    return [label for label, _ in tab_items(host)]
 
 
 class HostManager:
@@ -221,7 +230,11 @@ class HostManager:
         hn_dir = dest / "models" / "hypernetworks"
         hn_dir.mkdir(parents=True, exist_ok=True)
         for source in sorted(self._stage_hypernetworks().glob("*.pt")):
-            shutil.copyfile(source, hn_dir / source.name)
+            target = hn_dir / source.name
+            # An identical file is left alone: the hosts' cards carry (and sort by) its ctime/mtime, so relaunches of
+            # a tree within a session must see the very same files.
+            if not (target.is_file() and target.read_bytes() == source.read_bytes()):
+                shutil.copy2(source, target)
 
     def get(self, kind: str, *, extension: bool = True, extra_flags: Iterable[str] = ()) -> Host:
         """The running host of ``kind`` (with or without our extension active), launched first when needed."""

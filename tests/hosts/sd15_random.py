@@ -60,6 +60,7 @@ def ensure_checkpoint(cache_dir: str | os.PathLike[str]) -> Path:
     target = checkpoint_path(cache_dir)
     if not target.is_file():
         build_checkpoint(target)
+        target.chmod(0o644)  # the writer's temporary file was private; hosts may run as another user
     return target
 
 

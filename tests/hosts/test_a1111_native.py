@@ -30,10 +30,11 @@ def _run_all(host: hh.Host) -> dict[str, tuple[np.ndarray, str]]:
 def _hypernetwork_page_state(host: hh.Host) -> dict[str, Any]:
     """What A1111's hypernetworks page and API serve: the API list and one card's HTML (served by the page object
     registered as "hypernetworks" in the host's extra-networks registry)."""
+    tabs = [tab for tab in hh.tab_items(host) if tab[1].endswith("_hypernetworks")]
     listed = sorted(item["name"] for item in host.request("/sdapi/v1/hypernetworks"))
     query = urllib.parse.urlencode({"page": "hypernetworks", "tabname": "txt2img", "name": "hn_a"})
     card = host.request(f"/sd_extra_networks/get-single-card?{query}")
-    return {"listed": listed, "card": card.get("html") if isinstance(card, dict) else card}
+    return {"tabs": tabs, "listed": listed, "card": card.get("html") if isinstance(card, dict) else card}
 
 
 def test_a1111_hypernetworks_unchanged_by_our_extension(host_manager: hh.HostManager) -> None:
@@ -51,6 +52,8 @@ def test_a1111_hypernetworks_unchanged_by_our_extension(host_manager: hh.HostMan
     # ...and A1111 parsed the tags (its infotext drops nothing and records the stripped prompt).
     assert "<hypernet:hn_a:1>" in with_ext["hn_a:1"][1]
     assert page_with_ext["listed"] == ["hn_768", "hn_a", "hn_b"]
+    # one Hypernetworks card page per generation tab, A1111's own ids
+    assert page_with_ext["tabs"] == [("Hypernetworks", "txt2img_hypernetworks"), ("Hypernetworks", "img2img_hypernetworks")]
     assert "hn_a" in page_with_ext["card"]
 
     host = host_manager.get("a1111", extension=False)
