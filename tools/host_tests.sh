@@ -99,9 +99,13 @@ clean_host() {
     say "$host: stopping a host left running by an earlier run"
     "$KIT/stop.sh" "$dest" || true
   fi
-  (cd "$dest" && find . -path ./venv -prune -o -name __pycache__ -prune -o -print | LC_ALL=C sort |
-    LC_ALL=C comm -13 .sdconcepts-pristine - | grep -v -x -F -e ./.sdconcepts-pristine -e ./.sdconcepts-prepared |
-    { grep -v '/__pycache__/' || true; } | tr '\n' '\0' | xargs -0 -r rm -rf --)
+  local leftovers
+  leftovers=$(cd "$dest" && find . -path ./venv -prune -o -name __pycache__ -prune -o -print | LC_ALL=C sort |
+    LC_ALL=C comm -13 .sdconcepts-pristine - | { grep -v -x -F -e ./.sdconcepts-pristine -e ./.sdconcepts-prepared || true; })
+  if [[ -n $leftovers ]]; then
+    say "$host: removing $(wc -l <<<"$leftovers") paths left by earlier runs"
+    (cd "$dest" && tr '\n' '\0' <<<"$leftovers" | xargs -0 -r rm -rf --)
+  fi
   local target=$dest/extensions/sdconcepts
   rm -rf "$target"
   mkdir -p "$target"

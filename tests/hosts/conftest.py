@@ -78,12 +78,21 @@ def host_manager(host_checkpoint: Path) -> Iterator[hh.HostManager]:
     if not (kit / "launch.sh").is_file():
         pytest.skip(f"host kit not found at {kit} (set {hh.ENV_KIT})")
     manager = hh.HostManager(dirs, kit, host_checkpoint)
+    _MANAGERS.append(manager)
     try:
         yield manager
     finally:
         manager.stop_all()
+
+
+_MANAGERS: list[hh.HostManager] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How long each host launch took (launch.sh until ready), next to pytest's --durations."""
+    for manager in _MANAGERS:
         for what, seconds in manager.timings:
-            sys.stderr.write(f"\n[hosts] {what}: {seconds:.0f}s")
+            terminalreporter.write_line(f"[hosts] {what}: {seconds:.0f}s until ready")
 
 
 def _host(manager: hh.HostManager, kind: str, *, extension: bool = True) -> hh.Host:
