@@ -18,6 +18,9 @@
 #   SDCONCEPTS_PYTHON        the project's interpreter that runs pytest (default ./.venv/bin/python)
 #
 # Exits non-zero when a host cannot be prepared, when a test fails or is skipped, or when no test ran.
+# The whole script is one { ...; exit; } block: bash parses it completely before running it, so editing this file
+# while a run is going (a developer's checkout) cannot change what that run executes.
+{
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -158,7 +161,8 @@ REPORT=$(mktemp "${TMPDIR:-/tmp}/host_tests.XXXXXX.xml")
 trap 'rm -f "$REPORT"' EXIT
 say "pytest tests/hosts"
 set +e
-"$PROJECT_PY" -m pytest -p no:cacheprovider -rs --durations=0 --junitxml="$REPORT" tests/hosts "$@"
+# 9>&-: the hosts pytest starts must not inherit (and keep holding) the cache lock
+"$PROJECT_PY" -m pytest -p no:cacheprovider -rs --durations=0 --junitxml="$REPORT" tests/hosts "$@" 9>&-
 rc=$?
 set -e
 # pytest's 5 (nothing collected) is a failure too; so is any skip (the conftest turns skips into failures; this
@@ -178,3 +182,5 @@ if ((rc != 0)); then exit "$rc"; fi
 ((n_tests > 0)) || die "no host test ran"
 ((n_skipped == 0)) || die "$n_skipped host tests were skipped"
 say "host tests passed"
+exit 0
+}

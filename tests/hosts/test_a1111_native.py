@@ -37,6 +37,23 @@ def _hypernetwork_page_state(host: hh.Host) -> dict[str, Any]:
     return {"tabs": tabs, "listed": listed, "card": card.get("html") if isinstance(card, dict) else card}
 
 
+def test_a1111_hypernetworks_page_with_our_extension(a1111: hh.Host, page: Any) -> None:
+    """A1111's own Hypernetworks card page under txt2img lists the files, and a click inserts A1111's tag."""
+    page.goto(a1111.url, wait_until="domcontentloaded")
+    page.locator("#tab_txt2img button", has_text="Hypernetworks").first.click()
+    cards = page.locator("#txt2img_hypernetworks_cards_html .card")
+    cards.locator("text=hn_a").first.wait_for(state="visible")
+    names = sorted(cards.evaluate_all("els => els.map(e => e.dataset.name)"))
+    assert names == ["hn_768", "hn_a", "hn_b"]
+    prompt = page.locator("#txt2img_prompt textarea")
+    prompt.fill("a cat")
+    cards.filter(has=page.locator("text=hn_a")).first.click()
+    page.wait_for_function("() => document.querySelector('#txt2img_prompt textarea').value.includes('<hypernet:')")
+    assert prompt.input_value() == "a cat <hypernet:hn_a:1>"
+    # our own tab is there too, with its own ids only
+    assert page.locator("#sdconcepts_root").count() == 1
+
+
 def test_a1111_hypernetworks_unchanged_by_our_extension(host_manager: hh.HostManager) -> None:
     host = host_manager.get("a1111", extension=True)
     assert "sdconcepts" in hh.config_labels(host), "our tab is missing: the extension did not load"
