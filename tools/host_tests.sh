@@ -11,7 +11,8 @@
 #
 # Environment:
 #   SDCONCEPTS_HOST_KIT      the kit folder (default: ../shared/hosts from the repository root, then /work/shared/hosts)
-#   SDCONCEPTS_HOSTS_CACHE   where prepared hosts and the checkpoint are kept (default ~/.cache/sdconcepts/hosts);
+#   SDCONCEPTS_HOSTS_CACHE   where prepared hosts and the checkpoint are kept (default /var/cache/sdconcepts/hosts
+#                            if writable, else ~/sdconcepts-cache/hosts; no dot-folder in the path: see below);
 #                            a host is keyed by the hash of the kit (tarballs, prepare.sh, torchvision stub) and the
 #                            Python used, so a new kit prepares a new tree; older trees are removed
 #   PYTHON                   interpreter for the hosts' venvs (default python3.11, as prepare.sh)
@@ -39,11 +40,21 @@ if [[ -z $KIT ]]; then
 fi
 [[ -n $KIT && -f $KIT/prepare.sh ]] || die "host kit not found (set SDCONCEPTS_HOST_KIT to the folder with prepare.sh)"
 KIT=$(cd "$KIT" && pwd)
-CACHE=${SDCONCEPTS_HOSTS_CACHE:-$HOME/.cache/sdconcepts/hosts}
+# The cache path must have no component starting with "." (so not ~/.cache): A1111's gradio 3.41 answers 403 to
+# every /file= request under such a path, i.e. the page loads none of the host's or extensions' JavaScript.
+if [[ -n ${SDCONCEPTS_HOSTS_CACHE:-} ]]; then
+  CACHE=$SDCONCEPTS_HOSTS_CACHE
+elif mkdir -p /var/cache/sdconcepts/hosts 2>/dev/null && [[ -w /var/cache/sdconcepts/hosts ]]; then
+  CACHE=/var/cache/sdconcepts/hosts
+else
+  CACHE=$HOME/sdconcepts-cache/hosts
+fi
 PYTHON=${PYTHON:-python3.11}
 export PYTHON
-mkdir -p "$CACHE"
-CACHE=$(cd "$CACHE" && pwd)
+mkdir -p "$CACHE" || die "cannot create the cache folder $CACHE"
+CACHE=$(cd "$CACHE" && pwd -P)
+[[ $CACHE != */.* ]] ||
+  die "the cache folder $CACHE has a hidden (dot) component; the hosts' web servers refuse files under it (set SDCONCEPTS_HOSTS_CACHE)"
 # The project's interpreter (pytest, playwright, diffusers): SDCONCEPTS_PYTHON, else ./.venv (what .ci/run makes).
 PROJECT_PY=${SDCONCEPTS_PYTHON:-$ROOT/.venv/bin/python}
 [[ -x $PROJECT_PY ]] || die "no project interpreter at $PROJECT_PY (set SDCONCEPTS_PYTHON)"

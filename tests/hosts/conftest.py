@@ -64,7 +64,7 @@ def host_checkpoint() -> Path:
         return Path(given)
     import sd15_random
 
-    cache = os.environ.get("SDCONCEPTS_HOSTS_CACHE") or str(Path.home() / ".cache" / "sdconcepts" / "hosts")
+    cache = os.environ.get("SDCONCEPTS_HOSTS_CACHE") or "/var/cache/sdconcepts/hosts"
     return sd15_random.ensure_checkpoint(Path(cache) / "checkpoints")
 
 

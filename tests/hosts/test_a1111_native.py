@@ -40,16 +40,22 @@ def _hypernetwork_page_state(host: hh.Host) -> dict[str, Any]:
 def test_a1111_hypernetworks_page_with_our_extension(a1111: hh.Host, page: Any) -> None:
     """A1111's own Hypernetworks card page under txt2img lists the files, and a click inserts A1111's tag."""
     page.goto(a1111.url, wait_until="domcontentloaded")
-    page.locator("#tab_txt2img button", has_text="Hypernetworks").first.click()
+    page.locator("#txt2img_extra_tabs > div.tab-nav > button", has_text="Hypernetworks").first.click()
     cards = page.locator("#txt2img_hypernetworks_cards_html .card")
-    cards.locator("text=hn_a").first.wait_for(state="visible")
+    card = cards.and_(page.locator('[data-name="hn_a"]'))
+    card.wait_for(state="visible")
     names = sorted(cards.evaluate_all("els => els.map(e => e.dataset.name)"))
     assert names == ["hn_768", "hn_a", "hn_b"]
     prompt = page.locator("#txt2img_prompt textarea")
     prompt.fill("a cat")
-    cards.filter(has=page.locator("text=hn_a")).first.click()
+    card.click()
     page.wait_for_function("() => document.querySelector('#txt2img_prompt textarea').value.includes('<hypernet:')")
     assert prompt.input_value() == "a cat <hypernet:hn_a:1>"
+    card.click()  # a second click removes it again, as A1111 does
+    page.wait_for_function("() => !document.querySelector('#txt2img_prompt textarea').value.includes('<hypernet:')")
+    assert prompt.input_value().strip() == "a cat"
+    # No page resource may be refused (a 403 on /file= means the host's JavaScript did not load).
+    assert not [m for m in page.console_messages if "403" in m], page.console_messages
     # our own tab is there too, with its own ids only
     assert page.locator("#sdconcepts_root").count() == 1
 
