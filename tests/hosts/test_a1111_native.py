@@ -46,6 +46,9 @@ def test_a1111_hypernetworks_page_with_our_extension(a1111: hh.Host, page: Any) 
     card.wait_for(state="visible")
     names = sorted(cards.evaluate_all("els => els.map(e => e.dataset.name)"))
     assert names == ["hn_768", "hn_a", "hn_b"]
+    # A1111 reads its settings (default multiplier, tag separator) into the page's `opts` after the first UI update;
+    # a click before that inserts "undefined" (a user cannot click that early).
+    page.wait_for_function("() => window.opts && opts.extra_networks_default_multiplier !== undefined")
     prompt = page.locator("#txt2img_prompt textarea")
     prompt.fill("a cat")
     card.click()
