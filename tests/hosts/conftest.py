@@ -1,0 +1,148 @@
+"""Fixtures for the real-host tests: launched A1111 1.10.1 / Forge trees, and a Playwright page on Debian's chromium.
+
+The hosts are prepared by ``tools/host_tests.sh`` (which then runs this package with the environment below). In the
+plain ``python -m pytest -q`` run these variables are absent and every test here is skipped; with
+``SDCONCEPTS_HOSTS_REQUIRED=1`` (set by tools/host_tests.sh) a skip is reported as a failure instead.
+
+    SDCONCEPTS_A1111_DIR / SDCONCEPTS_FORGE_DIR   prepared trees (prepare.sh DEST; extensions/sdconcepts installed)
+    SDCONCEPTS_HOST_KIT                           the kit folder (launch.sh, stop.sh)
+    SDCONCEPTS_HOST_CHECKPOINT                    the random SD 1.5 file (default: built into the hosts cache)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import host_harness as hh  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+    "--no-first-run", "--disable-component-update", "--disable-sync",
+]
+HERE = Path(__file__).resolve().parent
+_REQUIRED = os.environ.get(hh.ENV_REQUIRED) == "1"
+
+
+def _host_dirs() -> dict[str, Path]:
+    return {kind: Path(os.environ[var]) for kind, var in hh.ENV_DIRS.items() if os.environ.get(var)}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _host_dirs():
+        return
+    skip = pytest.mark.skip(reason="real hosts not prepared: run tools/host_tests.sh")
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if _REQUIRED and report.skipped and HERE in Path(str(item.fspath)).resolve().parents:
+        # tools/host_tests.sh must run every host test: a skip there means something is missing.
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped while {hh.ENV_REQUIRED}=1: {reason}"
+
+
+@pytest.fixture(scope="session")
+def host_checkpoint() -> Path:
+    """The random-weight SD 1.5 single file the hosts load (built into the cache when not given)."""
+    given = os.environ.get(hh.ENV_CHECKPOINT)
+    if given:
+        return Path(given)
+    import sd15_random
+
+    cache = os.environ.get("SDCONCEPTS_HOSTS_CACHE") or "/var/cache/sdconcepts/hosts"
+    return sd15_random.ensure_checkpoint(Path(cache) / "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def host_manager(host_checkpoint: Path) -> Iterator[hh.HostManager]:
+    """Launches hosts on demand (one at a time) and stops them at the end of the session; prints launch times."""
+    dirs = _host_dirs()
+    if not dirs:
+        pytest.skip("real hosts not prepared: run tools/host_tests.sh")
+    kit = Path(os.environ.get(hh.ENV_KIT, "/work/shared/hosts"))
+    if not (kit / "launch.sh").is_file():
+        pytest.skip(f"host kit not found at {kit} (set {hh.ENV_KIT})")
+    manager = hh.HostManager(dirs, kit, host_checkpoint)
+    _MANAGERS.append(manager)
+    try:
+        yield manager
+    finally:
+        manager.stop_all()
+
+
+_MANAGERS: list[hh.HostManager] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How long each host launch took (launch.sh until ready), next to pytest's --durations."""
+    for manager in _MANAGERS:
+        for what, seconds in manager.timings:
+            terminalreporter.write_line(f"[hosts] {what}: {seconds:.0f}s until ready")
+
+
+def _host(manager: hh.HostManager, kind: str, *, extension: bool = True) -> hh.Host:
+    if kind not in manager.dirs:
+        pytest.skip(f"{kind} not prepared (set {hh.ENV_DIRS[kind]})")
+    return manager.get(kind, extension=extension)
+
+
+@pytest.fixture
+def a1111(host_manager: hh.HostManager) -> hh.Host:
+    """A1111 1.10.1 running with our extension (launched on first use; other hosts are stopped first)."""
+    return _host(host_manager, "a1111")
+
+
+@pytest.fixture
+def a1111_without_extension(host_manager: hh.HostManager) -> hh.Host:
+    """The same A1111 tree launched with ``--disable-extra-extensions``: only its built-in extensions run."""
+    return _host(host_manager, "a1111", extension=False)
+
+
+@pytest.fixture
+def forge(host_manager: hh.HostManager) -> hh.Host:
+    """Forge (dfdcbab6) running with our extension (launched on first use; other hosts are stopped first)."""
+    return _host(host_manager, "forge")
+
+
+@pytest.fixture(scope="session")
+def chromium_browser() -> Iterator[Any]:
+    """Playwright's chromium driver on Debian's /usr/bin/chromium (never a downloaded browser)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser test driver)")
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(chromium_browser: Any) -> Iterator[Any]:
+    """A fresh page (own context, 1400x1000); browser console messages are kept in ``page.console_messages``."""
+    context = chromium_browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(120_000)
+    pg = context.new_page()
+    messages: list[str] = []
+    pg.on("console", lambda msg: messages.append(f"{msg.type}: {msg.text}"))
+    pg.console_messages = messages
+    try:
+        yield pg
+    finally:
+        context.close()

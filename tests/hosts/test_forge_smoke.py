@@ -1,0 +1,18 @@
+"""Forge starts with our extension and makes a real picture through its own API (proves the harness on Forge).
+
+No ``override_settings``: the test checkpoint's text encoder has a non-zero final LayerNorm bias, so Forge's default
+"Original" emphasis does not divide 0 by 0 (an all-black image otherwise).
+"""
+
+from __future__ import annotations
+
+import host_harness as hh
+
+
+def test_forge_txt2img_with_our_extension(forge: hh.Host) -> None:
+    assert "sdconcepts" in hh.config_labels(forge), "our tab is missing: the extension did not load in Forge"
+    image, info = hh.txt2img(forge)
+    assert image.shape == (64, 64, 3)
+    hh.assert_finite_picture(image)
+    assert "Seed: 42" in info and f"Model: {hh.CHECKPOINT_NAME}" in info, info
+    assert "Traceback" not in forge.log_text().split("Startup time:", 1)[-1], forge.log_tail()
