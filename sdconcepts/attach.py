@@ -79,7 +79,7 @@ class _Chain:
     def version(self) -> list[int]:
         """Changes whenever a parameter is modified in place (an optimizer step, load_state_dict) or moved."""
         parameters = self.parameters
-        versions = [p._version for p in parameters]
+        versions = [_version_of(p) for p in parameters]
         if parameters:
             versions.append(parameters[0].data_ptr())
         return versions
@@ -232,8 +232,17 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
 
 
 def attention_widths(model: nn.Module) -> set[int]:
-    """The key input widths of every attention layer: the widths a hypernetwork needs modules for to act."""
-    return {layer.width for layer in attention_layers(model)}
+    """The key input widths of every attention layer: the widths a hypernetwork needs modules for to act.
+
+    Only ``in_features`` is read, so projections that are not ``nn.Linear`` subclasses (Forge's own Linear) count.
+    """
+    widths = set()
+    for module in model.modules():
+        to_k, to_v = getattr(module, "to_k", None), getattr(module, "to_v", None)
+        width = getattr(to_k, "in_features", None)
+        if isinstance(to_k, nn.Module) and isinstance(to_v, nn.Module) and isinstance(width, int):
+            widths.add(width)
+    return widths
 
 
 class AttentionPatch:

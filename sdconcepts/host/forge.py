@@ -107,7 +107,9 @@ class ForgeHypernetworks:
             if cached is not None and (cached.mtime_ns, cached.size) == (stat.st_mtime_ns, stat.st_size):
                 return cached.hypernetwork
             # As A1111, the modules run on the model's device and stay float32 (inputs are cast for them).
-            hypernetwork = load_hypernetwork(path).to(device).eval()
+            # Forge activates extra networks under torch.inference_mode; cached modules must stay ordinary tensors.
+            with torch.inference_mode(False):
+                hypernetwork = load_hypernetwork(path).to(device).eval()
             self._loaded[key] = _Cached(stat.st_mtime_ns, stat.st_size, hypernetwork)
             return hypernetwork
 
