@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from sdconcepts.attach import AttentionPatch
+from sdconcepts.host import forge
 from sdconcepts.hypernetwork import apply_hypernetworks, create_hypernetwork, width_mismatch
 from sdconcepts.hypernetwork_files import save_hypernetwork
-from sdconcepts.host import forge
 
 
 def _chain() -> list[tuple[Any, float]]:

@@ -118,6 +118,8 @@ def register() -> bool:
         remove(on_app_started)
         remove(unregister)
     script_callbacks.on_ui_tabs(on_ui_tabs)
-    script_callbacks.on_app_started(on_app_started)
+    on_app_started_hook = getattr(script_callbacks, "on_app_started", None)
+    if on_app_started_hook is not None:  # every A1111 1.x / Forge has it; older forks may not
+        on_app_started_hook(on_app_started)
     script_callbacks.on_script_unloaded(unregister)
     return True
