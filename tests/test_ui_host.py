@@ -137,11 +137,14 @@ def test_host_folders_fall_back_when_the_host_has_no_hypernetwork_option(host: d
     from modules import shared
 
     from sdconcepts.host.a1111 import host_config
+    from sdconcepts.host.forge import hypernetwork_folder
 
+    assert hypernetwork_folder() == Path(host["hypernetworks"])
     del shared.cmd_opts.hypernetwork_dir  # Forge-Classic removed --hypernetwork-dir
     config = host_config()
     webui = host["webui"]
     assert list(config.hypernetworks_dirs) == [webui / "models" / "hypernetworks"]
+    assert hypernetwork_folder() == webui / "models" / "hypernetworks"  # Forge's tag and page read the same folder
     assert list(config.embeddings_dirs) == [host["embeddings"]]
     assert config.models_dir == webui / "models" / "Stable-diffusion"
     assert config.outputs_dir == webui / "outputs" / "sdconcepts"
