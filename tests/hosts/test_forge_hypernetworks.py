@@ -58,7 +58,8 @@ def test_forge_applies_hypernet_tags_with_a1111s_meaning(forge: hh.Host) -> None
 
 
 def test_forge_hires_pass_and_img2img_apply_the_tag(forge: hh.Host) -> None:
-    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 1, "denoising_strength": 0.6}
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 1,
+             "denoising_strength": 0.6, "hr_additional_modules": ["Use same choices"]}  # Forge API: None fails
     plain, _ = _answer(forge, "/sdapi/v1/txt2img", **hires)
     # The tag only in the hires prompt: only the second pass has it.
     second_only, info = _answer(forge, "/sdapi/v1/txt2img", **hires, hr_prompt=_prompt("<hypernet:hn_a:1>"))
