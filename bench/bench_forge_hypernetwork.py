@@ -10,6 +10,11 @@ its ``models/hypernetworks``) through ``POST /sdapi/v1/txt2img``. Two figures pe
 
 Usage: ``python bench/bench_forge_hypernetwork.py --url http://127.0.0.1:7873 --dest FORGE_TREE --name hn_768
 [--size 512] [--steps 2] [--repeats 3]``. A warm-up pair runs first (model load, file load, caches).
+
+``--work FILE.pt`` needs no Forge: it times (this process's CPU time, best of the repeats) exactly the calls
+Forge makes to our patches in one SD 1.5 sampling step at ``--size`` with CFG (batch 2): 16 transformer blocks, each
+an attn1 call on its hidden states (4096/1024/256/64 tokens at 320/640/1280 channels) and an attn2 call on a new
+[2, 77, 768] text context, under ``torch.inference_mode``. Divide by a step's time from the run above for the share.
 """
 
 from __future__ import annotations
@@ -47,8 +52,35 @@ def generate(url: str, prompt: str, size: int, steps: int, pid: int | None) -> t
     return wall, cpu
 
 
+def patch_work(path: Path, size: int, repeats: int) -> float:
+    """CPU seconds our patches take in one SD 1.5 step (see the module docstring)."""
+    import torch
+
+    from sdconcepts.attach import AttentionPatch
+    from sdconcepts.hypernetwork_files import load_hypernetwork
+
+    hypernetwork = load_hypernetwork(path).eval()
+    side = size // 8
+    # SD 1.5's 16 transformer blocks: (tokens, channels) per block, input -> middle -> output.
+    blocks = [(side**2, 320)] * 2 + [(side**2 // 4, 640)] * 2 + [(side**2 // 16, 1280)] * 2 + [(side**2 // 64, 1280)]
+    blocks += [(side**2 // 16, 1280)] * 3 + [(side**2 // 4, 640)] * 3 + [(side**2, 320)] * 3
+    hidden = [torch.randn(2, tokens, channels) for tokens, channels in blocks]
+    best = float("inf")
+    with torch.inference_mode():
+        patch = AttentionPatch([(hypernetwork, 1.0)])
+        for _ in range(repeats):
+            text = torch.randn(2, 77, 768)  # Forge builds a new context tensor every step
+            start = time.process_time()
+            for h in hidden:
+                patch.key_value(h, h, cross=False)
+                patch.key_value(text, text, cross=True)
+            best = min(best, time.process_time() - start)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, help="time only our patch calls for one step with this .pt file")
     parser.add_argument("--url", default="http://127.0.0.1:7860")
     parser.add_argument("--dest", type=Path, help="the Forge tree (its host.pid gives the process)")
     parser.add_argument("--pid", type=int)
@@ -57,6 +89,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.work:
+        seconds = patch_work(args.work, args.size, max(args.repeats, 5))
+        print(f"our patches in one SD 1.5 step at {args.size} px (CFG batch 2), {args.work.name}: {seconds * 1000:.3f} ms CPU")
+        return
     pid = args.pid or (int((args.dest / "host.pid").read_text()) if args.dest else None)
     prompts = {"base": "a red circle on a teal background", "tag": f"a red circle on a teal background<hypernet:{args.name}:1>"}
     for prompt in prompts.values():  # warm-up
