@@ -251,18 +251,19 @@ def test_forge_console_gets_no_argument_warnings_from_our_events(forge: hh.Host,
     def count() -> int:
         return sum(_TOO_MANY in message for message in page.console_messages)
 
-    def our(action: Any, wait_for: str | None = None) -> None:
+    def our(action: Any, wait_for: str | None = None, *, submits_ours: bool = True) -> None:
         before, sent = count(), len(submitted)
         action()
         if wait_for:
             page.wait_for_function(wait_for)
         page.wait_for_timeout(4000)
         window = submitted[sent:]
-        assert any(fn in ours for fn, _ in window), f"none of our events was submitted: {window}"
+        assert not submits_ours or any(fn in ours for fn, _ in window), f"none of our events was submitted: {window}"
         others = sum(1 for fn, n in window if fn not in ours and n)
         assert count() - before <= others, (window, [m for m in page.console_messages if _TOO_MANY in m])
 
-    our(lambda: page.get_by_role("tab", name="sdconcepts").first.click())
+    # Opening the tab may or may not catch our page-load chain (cards, train names) still in flight.
+    our(lambda: page.get_by_role("tab", name="sdconcepts").first.click(), submits_ours=False)
     our(lambda: page.click("#sdconcepts_model_refresh"))
     page.click("#sdconcepts_tab_hn-button")
     our(lambda: page.click("#sdconcepts_hn_refresh"))
