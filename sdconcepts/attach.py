@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sdconcepts.hypernetwork import Hypernetwork, HypernetworkError, HypernetworkModule
 
-__all__ = ["HypernetworkHandle", "attach_hypernetworks", "attention_layers"]
+__all__ = ["AttentionPatch", "HypernetworkHandle", "attach_hypernetworks", "attention_layers", "attention_widths"]
 
 _CROSS_CACHE_SIZE = 8
 
@@ -79,7 +79,7 @@ class _Chain:
     def version(self) -> list[int]:
         """Changes whenever a parameter is modified in place (an optimizer step, load_state_dict) or moved."""
         parameters = self.parameters
-        versions = [p._version for p in parameters]
+        versions = [_version_of(p) for p in parameters]
         if parameters:
             versions.append(parameters[0].data_ptr())
         return versions
@@ -88,12 +88,12 @@ class _Chain:
     def cross_key(self, context: torch.Tensor) -> torch.Tensor:
         key, value = self.cross(context)
         # to_v of the same attention call reads the same context next: hand it the value without re-validating.
-        self._last_cross = (context, context._version, value)
+        self._last_cross = (context, _version_of(context), value)
         return key
 
     def cross_value(self, context: torch.Tensor) -> torch.Tensor:
         last = self._last_cross
-        if last is not None and last[0] is context and last[1] == context._version:
+        if last is not None and last[0] is context and last[1] == _version_of(context):
             return last[2]
         return self.cross(context)[1]
 
@@ -101,13 +101,13 @@ class _Chain:
         version = self.version()
         # The cache holds the context itself, so its id cannot be reused by another tensor while cached.
         hit = self._cross.get(id(context))
-        if hit is not None and hit[0] is context and hit[1] == context._version and hit[2] == version:
+        if hit is not None and hit[0] is context and hit[1] == _version_of(context) and hit[2] == version:
             return hit[3], hit[4]
         key = value = context
         for entry in self.active:
             key = entry.key.run(key, entry.strength)
             value = entry.value.run(value, entry.strength)
-        self._cross[id(context)] = (context, context._version, version, key, value)
+        self._cross[id(context)] = (context, _version_of(context), version, key, value)
         self._cross.move_to_end(id(context))
         while len(self._cross) > _CROSS_CACHE_SIZE:
             self._cross.popitem(last=False)
@@ -121,7 +121,7 @@ class _Chain:
             weight_k, bias_k, _, _ = self._folded_maps()
             return _affine(x, weight_k, bias_k)
         key, value = self._fused_pair(x)
-        self._pending = (x, x._version, value)
+        self._pending = (x, _version_of(x), value)
         return key
 
     def self_value(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,7 @@ class _Chain:
             _, _, weight_v, bias_v = self._folded_maps()
             return _affine(x, weight_v, bias_v)
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is x and pending[1] == x._version:
+        if pending is not None and pending[0] is x and pending[1] == _version_of(x):
             return pending[2]
         return self._fused_pair(x)[1]
 
@@ -164,6 +164,12 @@ class _Chain:
     def clear(self) -> None:
         self._cross.clear()
         self._folded = self._fused = self._pending = self._last_cross = None
+
+
+def _version_of(tensor: torch.Tensor) -> int:
+    """A tensor's in-place version; inference tensors (Forge samples under ``torch.inference_mode``) track none and
+    cannot be modified outside inference mode, so identity alone keys them."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 def _fold(modules: Sequence[tuple[HypernetworkModule, float]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +229,63 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
         )
         found.append(AttentionLayer(name, module, to_k, to_v, cross, int(to_k.in_features)))
     return found
+
+
+def attention_widths(model: nn.Module) -> set[int]:
+    """The key input widths of every attention layer: the widths a hypernetwork needs modules for to act.
+
+    Only ``in_features`` is read, so projections that are not ``nn.Linear`` subclasses (Forge's own Linear) count.
+    """
+    widths = set()
+    for module in model.modules():
+        to_k, to_v = getattr(module, "to_k", None), getattr(module, "to_v", None)
+        width = getattr(to_k, "in_features", None)
+        if isinstance(to_k, nn.Module) and isinstance(to_v, nn.Module) and isinstance(width, int):
+            widths.add(width)
+    return widths
+
+
+class AttentionPatch:
+    """The same chains for hosts that hand a patch the attention's key and value inputs before ``to_k``/``to_v``.
+
+    Forge's UNet patcher calls its ``attn1``/``attn2`` patches with the context (the hidden states for self-attention,
+    the text for cross-attention) and the value input separately; ``key_value`` returns what ``to_k`` and ``to_v``
+    should read: A1111's chain of each hypernetwork in order. The reuse rules are the hooks' (module docstring):
+    cross-attention runs once per distinct context, self-attention shares or folds the matrix work.
+    """
+
+    def __init__(self, hypernetworks: Sequence[tuple[Hypernetwork, float]], *, fast: bool = True) -> None:
+        self._pairs = [(hypernetwork, float(strength)) for hypernetwork, strength in hypernetworks]
+        self._fast = fast
+        self._chains: dict[int, _Chain | None] = {}
+
+    def chain(self, width: int) -> _Chain | None:
+        if width not in self._chains:
+            entries = []
+            for hypernetwork, strength in self._pairs:
+                pair = hypernetwork.pair(width)
+                if pair is not None:
+                    entries.append(_Entry(pair[0], pair[1], strength))
+            self._chains[width] = _Chain(width, entries) if entries else None
+        return self._chains[width]
+
+    def key_value(
+        self, context: torch.Tensor, value: torch.Tensor, *, cross: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        chain = self.chain(int(context.shape[-1]))
+        if chain is None:
+            return context, value
+        if not self._fast or not chain.fast_allowed():
+            return chain.plain_key(context), chain.plain_value(value)
+        if cross:
+            return chain.cross_key(context), chain.cross_value(value)
+        return chain.self_key(context), chain.self_value(value)
+
+    def clear(self) -> None:
+        """Drop the cached contexts and folded maps (the next call recomputes them)."""
+        for chain in self._chains.values():
+            if chain is not None:
+                chain.clear()
 
 
 class HypernetworkHandle:

@@ -25,6 +25,7 @@ __all__ = [
     "apply_hypernetworks",
     "create_hypernetwork",
     "parse_dropout_structure",
+    "width_mismatch",
 ]
 
 # A1111's create form: modules for 768 (SD1 text), 320/640/1280 (self-attention channel widths); 1024 is offered too.
@@ -328,3 +329,15 @@ def apply_hypernetworks(
         value = pair[1].run(value, strength)
     return key, value
 
+
+
+def width_mismatch(name: str, hypernetwork: Hypernetwork, widths: Iterable[int]) -> str | None:
+    """The warning for a hypernetwork none of whose module widths is a key input width of the model's attention
+    layers (it would have no effect), else None. ``name`` is what the prompt called it."""
+    model_widths = sorted(set(widths))
+    if any(width in model_widths for width in hypernetwork.widths):
+        return None
+    return (
+        f"hypernet {name!r} has modules for widths {list(hypernetwork.widths)}, none of which fits the loaded "
+        f"model's attention layers ({', '.join(map(str, model_widths))}): it has no effect"
+    )

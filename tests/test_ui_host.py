@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT_CALLBACKS = '''
 callbacks_ui_tabs = []
 callbacks_script_unloaded = []
+callbacks_app_started = []
+
+
+def on_app_started(callback, *, name=None):
+    callbacks_app_started.append(callback)
 
 
 def on_ui_tabs(callback, *, name=None):
@@ -34,7 +39,7 @@ def on_script_unloaded(callback, *, name=None):
 
 
 def remove_callbacks_for_function(callback):
-    for callbacks in (callbacks_ui_tabs, callbacks_script_unloaded):
+    for callbacks in (callbacks_ui_tabs, callbacks_script_unloaded, callbacks_app_started):
         while callback in callbacks:
             callbacks.remove(callback)
 
@@ -51,9 +56,15 @@ def script_unloaded_callback():
         callback()
 
 
+def app_started_callback(demo, app):
+    for callback in list(callbacks_app_started):
+        callback(demo, app)
+
+
 def clear_callbacks():
     callbacks_ui_tabs.clear()
     callbacks_script_unloaded.clear()
+    callbacks_app_started.clear()
 '''
 
 
@@ -101,7 +112,10 @@ def test_extension_registers_one_tab_and_unregisters_before_a_reload(host: dict[
     from modules import script_callbacks
 
     _run_extension_script()
-    _run_extension_script()  # executed twice (a host that does not clear callbacks): still one tab
+    module = _run_extension_script()  # executed twice (a host that does not clear callbacks): still one tab
+    # An A1111-like host (no modules_forge): no Forge script, no hypernet network or page of ours.
+    assert not hasattr(module, "SdconceptsHypernetworks")
+    assert len(script_callbacks.callbacks_app_started) == 1
     tabs = script_callbacks.ui_tabs_callback()
     assert [(title, elem_id) for _, title, elem_id in tabs] == [("sdconcepts", "sdconcepts")]
     blocks = tabs[0][0]
@@ -110,8 +124,10 @@ def test_extension_registers_one_tab_and_unregisters_before_a_reload(host: dict[
     # Our cards read the host's folders and its default-multiplier setting.
     assert 'data-prompt="&lt;hypernet:anime-hypernet:0.8&gt;"' in html and 'data-name="toy-style"' in html
 
+    script_callbacks.app_started_callback(None, None)  # gradio 3 or no demo: nothing to describe, no error
     script_callbacks.script_unloaded_callback()  # "Reload UI": the host unloads scripts first
     assert script_callbacks.ui_tabs_callback() == []
+    assert script_callbacks.callbacks_app_started == []
     script_callbacks.clear_callbacks()
     _run_extension_script()
     assert len(script_callbacks.ui_tabs_callback()) == 1
@@ -121,11 +137,14 @@ def test_host_folders_fall_back_when_the_host_has_no_hypernetwork_option(host: d
     from modules import shared
 
     from sdconcepts.host.a1111 import host_config
+    from sdconcepts.host.forge import hypernetwork_folder
 
+    assert hypernetwork_folder() == Path(host["hypernetworks"])
     del shared.cmd_opts.hypernetwork_dir  # Forge-Classic removed --hypernetwork-dir
     config = host_config()
     webui = host["webui"]
     assert list(config.hypernetworks_dirs) == [webui / "models" / "hypernetworks"]
+    assert hypernetwork_folder() == webui / "models" / "hypernetworks"  # Forge's tag and page read the same folder
     assert list(config.embeddings_dirs) == [host["embeddings"]]
     assert config.models_dir == webui / "models" / "Stable-diffusion"
     assert config.outputs_dir == webui / "outputs" / "sdconcepts"

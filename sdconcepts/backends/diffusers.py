@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdconcepts.attach import attach_hypernetworks
+from sdconcepts.attach import attach_hypernetworks, attention_widths
 from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
 from sdconcepts.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
-from sdconcepts.hypernetwork import Hypernetwork
+from sdconcepts.hypernetwork import Hypernetwork, width_mismatch
 from sdconcepts.limits import generation_bytes, memory_problem
 from sdconcepts.prompts import (
     EmbeddingEntry,
@@ -583,6 +583,12 @@ def txt2img(
         chain = [(available[t.name], t.strength) for t in hypernetwork_tags(tags) if t.name in available]
     except ValueError as exc:
         raise GenerationError(str(exc)) from None
+    if chain:
+        widths = attention_widths(model.unet)
+        for used in hypernetwork_tags(tags):
+            mismatch = width_mismatch(used.name, available[used.name], widths) if used.name in available else None
+            if mismatch is not None and mismatch not in warnings:
+                warnings.append(mismatch)
     for hypernetwork, _strength in chain:
         hypernetwork.to(model.device)  # as A1111, the modules run on the model's device and stay float32
 

@@ -24,6 +24,7 @@ class _Registration:
     """The one session a host process serves; dropped (with its model) when the host unloads scripts."""
 
     session: UiSession | None = None
+    blocks: Any = None
 
 
 def host_config() -> UiConfig:
@@ -74,7 +75,16 @@ def build_tabs(session: UiSession) -> list[tuple[Any, str, str]]:
 def on_ui_tabs() -> list[tuple[Any, str, str]]:
     if _Registration.session is None:
         _Registration.session = UiSession(host_config())
-    return build_tabs(_Registration.session)
+    tabs = build_tabs(_Registration.session)
+    _Registration.blocks = tabs[0][0]
+    return tabs
+
+
+def on_app_started(demo: Any, app: Any) -> None:
+    """Forge's gradio 4 page: describe our events so its client does not warn about their arguments."""
+    from sdconcepts.ui.compat import describe_events_for_the_page
+
+    describe_events_for_the_page(demo, app, _Registration.blocks)
 
 
 def unregister() -> None:
@@ -84,10 +94,12 @@ def unregister() -> None:
     remove = getattr(script_callbacks, "remove_callbacks_for_function", None)
     if remove is not None:
         remove(on_ui_tabs)
+        remove(on_app_started)
         remove(unregister)
     if _Registration.session is not None:
         _Registration.session.unload()
     _Registration.session = None
+    _Registration.blocks = None
 
 
 def register() -> bool:
@@ -103,7 +115,11 @@ def register() -> bool:
     remove = getattr(script_callbacks, "remove_callbacks_for_function", None)
     if remove is not None:
         remove(on_ui_tabs)
+        remove(on_app_started)
         remove(unregister)
     script_callbacks.on_ui_tabs(on_ui_tabs)
+    on_app_started_hook = getattr(script_callbacks, "on_app_started", None)
+    if on_app_started_hook is not None:  # every A1111 1.x / Forge has it; older forks may not
+        on_app_started_hook(on_app_started)
     script_callbacks.on_script_unloaded(unregister)
     return True

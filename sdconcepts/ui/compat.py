@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-__all__ = ["GRADIO_MAJOR", "blocks_kwargs", "js_kwargs", "launch_kwargs", "make", "update"]
+__all__ = ["GRADIO_MAJOR", "blocks_kwargs", "describe_events_for_the_page", "js_kwargs", "launch_kwargs", "make", "update"]
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 
@@ -53,3 +53,56 @@ def launch_kwargs(css: str | None) -> dict[str, Any]:
 
 def update(**kwargs: Any) -> Any:
     return gr.update(**kwargs)
+
+
+def describe_events_for_the_page(demo: Any, app: Any, ours: Any) -> int:
+    """Gradio 4.x: stop the page's client from warning "Too many arguments provided for the endpoint" for our events.
+
+    The 4.x page submits every event by its numeric id and looks its parameters up in ``/info``'s
+    ``unnamed_endpoints``, which the server leaves empty, so each event that sends data logs that warning in the
+    browser console (the host's own events too). For the events of ``ours`` (our Blocks, rendered into the host's
+    ``demo``), ``/info`` now also lists them by id, with the parameters the server already describes under their API
+    name and a placeholder where an input is a State or Button (which the server leaves out). Nothing else changes;
+    returns how many events were described (0 outside gradio 4).
+    """
+    if GRADIO_MAJOR != 4 or demo is None or ours is None:
+        return 0
+    our_ids = set(getattr(ours, "blocks", {}))
+    fns = getattr(demo, "fns", None)
+    if not our_ids or not isinstance(fns, dict):
+        return 0
+    ours_fns = [
+        fn for fn in fns.values()
+        if any(target[0] in our_ids for target in getattr(fn, "targets", []) if target)
+        or any(getattr(block, "_id", None) in our_ids for block in getattr(fn, "inputs", []))
+    ]
+    original = demo.get_api_info
+
+    def get_api_info(all_endpoints: bool = False) -> Any:
+        info = original(all_endpoints=all_endpoints)
+        if not isinstance(info, dict):
+            return info
+        named = info.get("named_endpoints", {})
+        unnamed = info.setdefault("unnamed_endpoints", {})
+        for fn in ours_fns:
+            described = named.get(f"/{fn.api_name}") if isinstance(fn.api_name, str) else None
+            if described is None or not fn.inputs:
+                continue
+            given = iter(described.get("parameters", []))
+            parameters = []
+            for block in fn.inputs:
+                if getattr(block, "skip_api", False):
+                    parameters.append({"label": "state", "component": "state", "parameter_name": None,
+                                       "parameter_has_default": True, "parameter_default": None, "type": {},
+                                       "python_type": {"type": "Any", "description": ""}, "hidden": True})
+                else:
+                    parameters.append(next(given, {"label": "", "component": "", "type": {}}))
+            unnamed[str(fn._id)] = {**described, "parameters": parameters}
+        return info
+
+    demo.get_api_info = get_api_info
+    # /info caches its first answer on the app; make the next request compute it with our entries.
+    for attribute in ("api_info", "all_app_info"):
+        if hasattr(app, attribute):
+            setattr(app, attribute, None)
+    return len(ours_fns)

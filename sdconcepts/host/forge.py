@@ -1,0 +1,348 @@
+"""Forge adapter: ``<hypernet:name:M>`` in Forge's own txt2img/img2img/hires pass, and its Hypernetworks card page.
+
+Forge parses the tag but its UNet never reads loaded hypernetworks. Here the ``hypernet`` extra network (same
+registry name, replacing Forge's no-op) resolves the tags of each pass and keeps them on the processing object; an
+always-visible script then, before every sampling, puts a clone of Forge's UNet patcher carrying our ``attn1``/``attn2``
+patches into ``p.sd_model.forge_objects`` (Forge rebuilds that from its LoRA-applied copy before each sampling, so
+nothing leaks into the next one). The math is ``sdconcepts.attach.AttentionPatch`` (the engine's chains).
+
+A1111 has hypernetworks natively: nothing here registers unless the host is Forge (``is_forge``). Host ``modules.*``
+are imported inside functions only, so this file imports without a host.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdconcepts.attach import AttentionPatch
+from sdconcepts.hypernetwork import Hypernetwork, width_mismatch
+from sdconcepts.hypernetwork_files import HypernetworkFileError, find_hypernetworks, load_hypernetwork, shorthash
+from sdconcepts.prompts import ExtraNetworkTag, hypernetwork_tags
+
+__all__ = [
+    "ForgeHypernetworks",
+    "PAGE_TITLE",
+    "STATE_ATTRIBUTE",
+    "hypernetwork_folder",
+    "infotext_hashes",
+    "is_forge",
+    "register",
+    "script_class",
+]
+
+log = logging.getLogger(__name__)
+
+PAGE_TITLE = "Hypernetworks"
+# The hypernetworks of the pass being sampled, on Forge's processing object (set by activate, read by the script).
+STATE_ATTRIBUTE = "sdconcepts_hypernetworks"
+INFOTEXT_FIELD = "Hypernet hashes"
+# SD 1.x/2.x/XL attention widths: self-attention on the UNet channels, cross-attention on the text context.
+_FALLBACK_WIDTHS = (320, 640, 1280, 768, 1024, 2048)
+
+
+def is_forge() -> bool:
+    """True inside Forge (and its forks Forge-Classic/reForge): they ship ``modules_forge``; A1111 does not."""
+    try:
+        return importlib.util.find_spec("modules_forge") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def hypernetwork_folder() -> Path:
+    """``--hypernetwork-dir``; Forge-Classic and reForge lack the option: ``models/hypernetworks`` there."""
+    from modules import paths, shared
+
+    folder = getattr(getattr(shared, "cmd_opts", None), "hypernetwork_dir", None)
+    if folder:
+        return Path(folder)
+    models = getattr(paths, "models_path", None) or os.path.join(getattr(paths, "data_path", "."), "models")
+    return Path(models) / "hypernetworks"
+
+
+def infotext_hashes(used: list[tuple[str, str]]) -> str:
+    """``name: hash, ...`` as A1111's ``Lora hashes``/``TI hashes``; names lose ``:`` and ``,``."""
+    return ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in used)
+
+
+@dataclass(frozen=True)
+class _Cached:
+    mtime_ns: int
+    size: int
+    hypernetwork: Hypernetwork
+
+
+class ForgeHypernetworks:
+    """The files of the hypernetwork folder and the loaded ones, cached by path and modification time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded: dict[tuple[str, str], _Cached] = {}
+        self._names: dict[str, Path] = {}
+
+    def refresh(self) -> dict[str, Path]:
+        self._names = find_hypernetworks([hypernetwork_folder()])
+        return dict(self._names)
+
+    def names(self) -> dict[str, Path]:
+        return dict(self._names)
+
+    def path(self, name: str) -> Path | None:
+        if name not in self._names:
+            self.refresh()  # a file added since the last scan is found without pressing Refresh
+        return self._names.get(name)
+
+    def load(self, path: Path, device: torch.device) -> Hypernetwork:
+        stat = path.stat()
+        key = (str(path), str(device))
+        with self._lock:
+            cached = self._loaded.get(key)
+            if cached is not None and (cached.mtime_ns, cached.size) == (stat.st_mtime_ns, stat.st_size):
+                return cached.hypernetwork
+            # As A1111, the modules run on the model's device and stay float32 (inputs are cast for them).
+            # Forge activates extra networks under torch.inference_mode; cached modules must stay ordinary tensors.
+            with torch.inference_mode(False):
+                hypernetwork = load_hypernetwork(path).to(device).eval()
+            self._loaded[key] = _Cached(stat.st_mtime_ns, stat.st_size, hypernetwork)
+            return hypernetwork
+
+
+_FILES = ForgeHypernetworks()
+
+
+def _file_hash(path: Path, name: str) -> str:
+    """A1111's 10-digit shorthash through the host's hash cache (shared with its pages), else computed here."""
+    try:
+        from modules import hashes
+
+        digest = hashes.sha256(str(path), f"hypernet/{name}")
+        if digest:
+            return str(digest)[:10]
+    except Exception:  # the host cache is an optimisation; hashing the file ourselves gives the same digest
+        log.debug("host hash cache unavailable for %s", path, exc_info=True)
+    return shorthash(path)
+
+
+def _unet_of(p: Any) -> Any:
+    forge_objects = getattr(getattr(p, "sd_model", None), "forge_objects", None)
+    return getattr(forge_objects, "unet", None)
+
+
+def _model_widths(unet: Any) -> set[int]:
+    from sdconcepts.attach import attention_widths
+
+    model = getattr(getattr(unet, "model", None), "diffusion_model", None)
+    if isinstance(model, torch.nn.Module):
+        return attention_widths(model)
+    return set(_FALLBACK_WIDTHS)
+
+
+def _warn(p: Any, message: str) -> None:
+    """A warning in the host's UI (the comments under the image) and in the console."""
+    log.warning(message)
+    comment = getattr(p, "comment", None)
+    if callable(comment):
+        comment(message)
+
+
+class ExtraNetworkHypernet:
+    """Forge's ``hypernet`` extra network, replaced: resolves a pass's tags into loaded hypernetworks on ``p``.
+
+    Duck-typed to the host's ``ExtraNetwork`` (the registry only calls ``activate``/``deactivate`` and reads
+    ``name``).
+    """
+
+    def __init__(self, files: ForgeHypernetworks = _FILES) -> None:
+        self.name = "hypernet"
+        self.files = files
+
+    def activate(self, p: Any, params_list: list[Any]) -> None:
+        from modules import shared
+
+        items = [list(getattr(params, "items", []) or []) for params in params_list]
+        # A1111's "Add hypernetwork to prompt" setting, when Forge still has it.
+        additional = getattr(shared.opts, "sd_hypernetwork", "None")
+        if additional and additional != "None" and self.files.path(additional) is not None:
+            if not any(entry and entry[0] == additional for entry in items):
+                multiplier = getattr(shared.opts, "extra_networks_default_multiplier", 1.0)
+                p.all_prompts = [f"{prompt}<hypernet:{additional}:{multiplier}>" for prompt in p.all_prompts]
+                items.append([additional, str(multiplier)])
+
+        chain: list[tuple[Hypernetwork, float]] = []
+        used: list[tuple[str, str]] = []
+        unet = _unet_of(p)
+        device = getattr(unet, "load_device", None) or torch.device("cpu")
+        widths = _model_widths(unet) if items else set()
+        for entry in items:
+            if not entry:
+                continue
+            try:
+                (tag,) = hypernetwork_tags([ExtraNetworkTag("hypernet", tuple(str(item) for item in entry))])
+            except ValueError as exc:
+                _warn(p, f"{exc}; the tag has no effect")
+                continue
+            path = self.files.path(tag.name)
+            if path is None:
+                _warn(p, f"unknown hypernet {tag.name!r}: no such file in {hypernetwork_folder()}; the tag has no effect")
+                continue
+            try:
+                hypernetwork = self.files.load(path, device)
+            except (HypernetworkFileError, OSError) as exc:
+                _warn(p, f"hypernet {tag.name!r} could not be loaded ({exc}); the tag has no effect")
+                continue
+            mismatch = width_mismatch(tag.name, hypernetwork, widths)
+            if mismatch is not None:
+                _warn(p, mismatch)
+                continue
+            chain.append((hypernetwork, tag.strength))
+            if tag.name not in [n for n, _ in used]:
+                used.append((tag.name, _file_hash(path, tag.name)))
+        setattr(p, STATE_ATTRIBUTE, chain)
+        if used:
+            p.extra_generation_params[INFOTEXT_FIELD] = infotext_hashes(used)
+
+    def deactivate(self, p: Any) -> None:
+        if hasattr(p, STATE_ATTRIBUTE):
+            delattr(p, STATE_ATTRIBUTE)
+
+
+class _ForgePatch:
+    """The attn1/attn2 patches for one sampling: Forge calls ``patch(n, context, value, extra_options)``."""
+
+    def __init__(self, chain: list[tuple[Hypernetwork, float]]) -> None:
+        self.patch = AttentionPatch(chain)
+
+    def self_attention(self, n: Any, context: Any, value: Any, extra_options: Any) -> tuple[Any, Any, Any]:
+        key, value = self.patch.key_value(context, value, cross=False)
+        return n, key, value
+
+    def cross_attention(self, n: Any, context: Any, value: Any, extra_options: Any) -> tuple[Any, Any, Any]:
+        key, value = self.patch.key_value(context, value, cross=True)
+        return n, key, value
+
+
+def patch_unet(p: Any) -> bool:
+    """Swap ``p``'s UNet patcher for a clone carrying the pass's hypernetworks; False when there are none."""
+    chain = getattr(p, STATE_ATTRIBUTE, None)
+    unet = _unet_of(p)
+    if not chain or unet is None:
+        return False
+    patched = unet.clone()
+    patch = _ForgePatch(chain)
+    patched.set_model_attn1_patch(patch.self_attention)
+    patched.set_model_attn2_patch(patch.cross_attention)
+    p.sd_model.forge_objects.unet = patched
+    return True
+
+
+def script_class() -> type | None:
+    """The always-visible script (a subclass of the host's ``Script``) that patches before every sampling; None
+    outside Forge. ``scripts/`` exposes it at module level, where the host looks for Script classes."""
+    if not is_forge():
+        return None
+    from modules import scripts
+
+    class SdconceptsHypernetworks(scripts.Script):  # type: ignore[misc,name-defined]
+        sorting_priority = 0
+
+        def title(self) -> str:
+            return "sdconcepts hypernetworks"
+
+        def show(self, is_img2img: bool) -> Any:
+            return scripts.AlwaysVisible
+
+        def ui(self, is_img2img: bool) -> list[Any]:
+            return []
+
+        def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
+            patch_unet(p)
+
+    return SdconceptsHypernetworks
+
+
+def _page() -> Any:
+    from modules import shared, ui_extra_networks
+
+    files = _FILES
+
+    class HypernetworksPage(ui_extra_networks.ExtraNetworksPage):  # type: ignore[misc,name-defined]
+        """Forge's Hypernetworks cards: our folder listing, the host's card page machinery."""
+
+        def __init__(self) -> None:
+            super().__init__(PAGE_TITLE)
+            files.refresh()
+
+        def refresh(self) -> None:
+            files.refresh()
+
+        def create_item(self, name: str, index: int | None = None, enable_filter: bool = True) -> dict[str, Any] | None:
+            full_path = files.names().get(name)
+            if full_path is None:
+                return None
+            stem, ext = os.path.splitext(str(full_path))
+            digest = None
+            try:
+                from modules.hashes import sha256_from_cache
+
+                digest = sha256_from_cache(str(full_path), f"hypernet/{name}")
+            except Exception:
+                digest = None
+            search_terms = [self.search_terms_from_path(stem)]
+            if digest:
+                search_terms.append(digest)
+            quote = ui_extra_networks.quote_js
+            return {
+                "name": name,
+                "filename": str(full_path),
+                "shorthash": digest[:10] if digest else None,
+                "preview": self.find_preview(stem),
+                "description": self.find_description(stem),
+                "search_terms": search_terms,
+                # A JS expression: the host's default-multiplier setting is read in the page at click time.
+                "prompt": quote(f"<hypernet:{name}:") + " + opts.extra_networks_default_multiplier + " + quote(">"),
+                "local_preview": f"{stem}.preview.{shared.opts.samples_format}",
+                "sort_keys": {"default": index, **self.get_sort_keys(str(full_path))},
+            }
+
+        def list_items(self) -> Any:
+            for index, name in enumerate(list(files.names())):
+                item = self.create_item(name, index)
+                if item is not None:
+                    yield item
+
+        def allowed_directories_for_previews(self) -> list[str]:
+            return [str(hypernetwork_folder())]
+
+    return HypernetworksPage()
+
+
+def _before_ui() -> None:
+    from modules import extra_networks, ui_extra_networks
+
+    extra_networks.register_extra_network(ExtraNetworkHypernet())
+    pages = getattr(ui_extra_networks, "extra_pages", [])
+    if not any(getattr(page, "title", None) == PAGE_TITLE for page in pages):
+        ui_extra_networks.register_page(_page())
+
+
+def register() -> bool:
+    """Inside Forge: replace the ``hypernet`` extra network and add the Hypernetworks page before the UI is built.
+
+    False, and nothing registered, on A1111 (native hypernetworks) or outside a host.
+    """
+    if not is_forge():
+        return False
+    from modules import script_callbacks
+
+    remove = getattr(script_callbacks, "remove_callbacks_for_function", None)
+    if remove is not None:
+        remove(_before_ui)
+    script_callbacks.on_before_ui(_before_ui)
+    return True
