@@ -200,8 +200,11 @@ def test_forge_hypernetworks_page_lists_files_and_click_toggles_the_tag(forge: h
     page.wait_for_selector(f'{cards}[data-name="hn_a"]')
     names = page.eval_on_selector_all(cards, "els => els.map(e => e.dataset.name)")
     assert {spec.name for spec in hh.HYPERNETWORKS} <= set(names), names
+    page.wait_for_timeout(2000)  # the host binds the cards' clicks after rendering them
     page.click(f'{cards}[data-name="hn_a"]')
-    page.wait_for_function("el => el.value.includes('<hypernet:hn_a:1>')", arg=prompt)
+    page.wait_for_function("el => el.value.includes('<hypernet:hn_a:')", arg=prompt)
+    multiplier = page.evaluate("() => String(opts.extra_networks_default_multiplier)")  # the host's setting
+    assert f"<hypernet:hn_a:{multiplier}>" in prompt.input_value(), (multiplier, prompt.input_value())
     page.click(f'{cards}[data-name="hn_a"]')
     page.wait_for_function("el => !el.value.includes('<hypernet:hn_a')", arg=prompt)
     # Search narrows the cards like the host's other pages.
