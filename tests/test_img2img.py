@@ -315,3 +315,58 @@ def test_inpainting_checkpoint_is_detected_and_conditioned(inpainting_dir: Path,
     # A single-file inpainting checkpoint is detected from its weights too.
     path = save_single_file(build_tiny_sd1(in_channels=9), tmp_path / "inpaint.safetensors")
     assert is_inpainting_model(load_model(path, device="cpu"))
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+
+
+def test_cli_img2img_inpaints_and_writes_infotext(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from test_cli import run_cli
+
+    from sdconcepts.images import read_infotext
+
+    image = _noise_image(48, seed=4)
+    image.save(tmp_path / "init.png")
+    _box_mask(96, (24, 24, 60, 60)).save(tmp_path / "mask.png")  # another size: resized as the image
+    out = tmp_path / "out"
+    proc = run_cli("img2img", "--prompt", "a red circle", "--init-image", str(tmp_path / "init.png"), "--mask",
+                   str(tmp_path / "mask.png"), "--mask-blur", "0", "--inpaint-full-res", "--inpaint-padding", "2",
+                   "--inpainting-fill", "latent-nothing", "--denoising-strength", "0.5", "--steps", "4",
+                   "--sampler", "DDIM", "--seed", "7", "--batch-size", "2", "--ckpt", str(tiny_model_dir),
+                   "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["00000-7.png", "00001-8.png"]
+    prompt, _, fields = parse_infotext(read_infotext(files[1]) or "")
+    assert prompt == "a red circle" and fields["Seed"] == "8" and fields["Size"] == "32x32"
+    assert fields["Denoising strength"] == "0.5" and fields["Inpaint area"] == "Only masked"
+    assert fields["Masked area padding"] == "2" and fields["Masked content"] == "latent nothing"
+    assert "Mask blur" not in fields
+    with Image.open(files[0]) as result:
+        got = np.asarray(result.convert("RGB"))
+    assert got.shape == (48, 48, 3)  # "only masked" pastes back into the init image's size
+    assert np.array_equal(got[:8], np.asarray(image)[:8])
+
+
+def test_cli_img2img_help_and_one_line_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from test_cli import run_cli
+
+    proc = run_cli("img2img", "--help")
+    for option in ("--prompt", "--steps", "--sampler", "--clip-skip", "--hypernetworks-dir", "--init-image", "--mask",
+                   "--denoising-strength", "--resize-mode", "--mask-blur", "--inpainting-fill", "--inpaint-full-res",
+                   "--inpaint-padding", "--invert-mask"):
+        assert option in proc.stdout, option
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    _noise_image().save(tmp_path / "init.png")
+    common = ["--prompt", "x", "--ckpt", str(tiny_model_dir), "--output", str(tmp_path / "out")]
+    for extra, expected in (
+        (["--init-image", str(tmp_path / "bad.png")], "bad.png: not a readable image"),
+        (["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "bad.png")], "bad.png"),
+        (["--init-image", str(tmp_path / "missing.png")], "missing.png: no such file"),
+        (["--init-image", str(tmp_path / "init.png"), "--denoising-strength", "1.5"], "between 0 and 1"),
+        (["--init-image", str(tmp_path / "init.png"), "--resize-mode", "stretch"], "just-resize"),
+    ):
+        proc = run_cli("img2img", *common, *extra)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert expected in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
