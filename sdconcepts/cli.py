@@ -114,10 +114,11 @@ def run_generate(args: argparse.Namespace) -> int:
         model = load_model(args.ckpt, device=args.device)
         embeddings = embedding_arguments(args.embeddings_dir, model.context_width)
         hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt)
-        with tqdm(total=params.steps * params.batch_count, unit="step", desc="generate", file=sys.stderr) as bar:
+        source = getattr(args, "source", None)  # img2img's init image (sdconcepts.cli_img2img)
+        with tqdm(total=params.steps * params.batch_count, unit="step", desc=args.command, file=sys.stderr) as bar:
             result = txt2img(
-                model, params, progress=lambda done, _total: bar.update(done - bar.n), size_limits=args.size_limits,
-                **embeddings, **hypernetworks
+                model, params, progress=lambda done, total: _advance(bar, done, total), size_limits=args.size_limits,
+                source=source, **embeddings, **hypernetworks
             )
     except (GenerationError, ModelLoadError) as exc:
         raise CommandError(str(exc)) from exc
@@ -133,6 +134,11 @@ def run_generate(args: argparse.Namespace) -> int:
         save_png(image, path, infotext)
         print(path)
     return 0
+
+
+def _advance(bar: Any, done: int, total: int) -> None:
+    bar.total = total  # img2img runs fewer steps than it was asked for (its denoising strength)
+    bar.update(done - bar.n)
 
 
 def hypernetwork_arguments(folders: list[Path] | None, prompt: str) -> dict[str, Any]:
@@ -225,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_web_ui_arguments(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_generate_parser(subparsers)
+    from sdconcepts.cli_img2img import add_img2img_parser
+
+    add_img2img_parser(subparsers)
     from sdconcepts.cli_files import add_file_parsers
 
     add_file_parsers(subparsers)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from sdconcepts.prompts import (
     parse_extra_network_tags,
     text_at_step,
 )
+
+if TYPE_CHECKING:
+    from sdconcepts.backends.img2img import ImageSource, InitLatents
 
 log = logging.getLogger(__name__)
 
@@ -543,6 +546,7 @@ def txt2img(
     skipped_embeddings: Mapping[str, str] | None = None,
     hypernetworks: Mapping[str, Hypernetwork] | None = None,
     size_limits: bool = True,
+    source: ImageSource | None = None,
 ) -> GenerationResult:
     """Generate ``batch_count`` batches of ``batch_size`` images with A1111's prompt semantics and seeds.
 
@@ -554,6 +558,7 @@ def txt2img(
     applied in prompt order to the UNet's attention key/value inputs during sampling, and detached afterwards.
     ``size_limits`` False lifts the web UI's size and batch limits; a request that cannot fit in the device's
     memory is refused either way, before anything is allocated.
+    With ``source`` (`sdconcepts.backends.img2img.img2img`), sampling starts from an init image instead of noise.
     """
     params = params.validated(size_limits=size_limits)
     width = params.width or model.default_size
@@ -568,8 +573,12 @@ def txt2img(
     if problem:
         raise GenerationError(problem)
 
+    # img2img prepares its image before anything costly, so that a bad image or mask fails fast.
+    start = source.prepare(model, width=width, height=height, steps=params.steps, seeds=params.image_seeds()) \
+        if source is not None else None
+
     prompt_text, tags = parse_extra_network_tags(params.prompt)
-    warnings = []
+    warnings = list(start.warnings) if start is not None else []
     networks = {kind: set(names) for kind, names in (known_networks or {}).items()}
     available = dict(hypernetworks or {})
     networks.setdefault("hypernet", set()).update(available)
@@ -602,6 +611,8 @@ def txt2img(
         raise GenerationError(str(exc)) from None
     empty = conds[""]
     extra = _ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {})
+    if start is not None:
+        extra = {**start.infotext, **extra}
     skipped = skipped_embeddings or {}
     for name in names_in_prompt(f"{prompt_text}\n{params.negative_prompt}", list(skipped)):
         warnings.append(f"embedding {name!r} was skipped ({skipped[name]}); the prompt reads its name as words")
@@ -609,7 +620,7 @@ def txt2img(
     images: list[Image.Image] = []
     infotexts: list[str] = []
     all_seeds: list[int] = []
-    total = steps * params.batch_count
+    total = (start.sampled_steps if start is not None else steps) * params.batch_count
     done = 0
     for batch_seeds in params.image_seeds():
 
@@ -634,9 +645,10 @@ def txt2img(
                 conds=conds,
                 empty=empty,
                 on_step=step_progress,
+                init=start.init_latents(batch_seeds) if start is not None else None,
             )
         for image, seed in zip(decode_latents(model, latents), batch_seeds, strict=True):
-            images.append(image)
+            images.append(start.finish(image) if start is not None else image)
             all_seeds.append(seed)
             infotexts.append(
                 format_infotext(
@@ -705,7 +717,8 @@ def initial_noise(
     model: LoadedModel, generators: Sequence[torch.Generator], width: int, height: int
 ) -> torch.Tensor:
     """A1111's seeding: each image's noise comes from a CPU generator seeded with its own seed."""
-    channels = int(model.unet.config.in_channels)
+    # The latent's channels: an inpainting UNet takes 5 more (mask and masked image) than it denoises.
+    channels = int(model.unet.config.out_channels)
     shape = (channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
     noise = [torch.randn(shape, generator=g) for g in generators]
     return torch.stack(noise).to(device=model.device, dtype=model.dtype)
@@ -726,13 +739,26 @@ def sample_latents(
     conds: Mapping[str, torch.Tensor],
     empty: torch.Tensor,
     on_step: Callable[[int], None] | None = None,
+    init: InitLatents | None = None,
 ) -> torch.Tensor:
-    """Run the sampler loop; the conditioning may change per step (prompt editing and alternation)."""
+    """Run the sampler loop; the conditioning may change per step (prompt editing and alternation).
+
+    With ``init`` (img2img), the last steps of the ``steps`` schedule run from the init latents noised to the first
+    one's level; for inpainting, the kept region of each step's denoised estimate is the init latents' (A1111).
+    """
+    from sdconcepts.backends import img2img
+
     scheduler = make_scheduler(model, sampler)
     scheduler.set_timesteps(steps, device=model.device)
     # Each image's generator goes on to give the sampler's own noise (ancestral samplers), as A1111's ImageRNG does.
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    latents = initial_noise(model, generators, width, height) * scheduler.init_noise_sigma
+    noise = initial_noise(model, generators, width, height)
+    timesteps = scheduler.timesteps
+    if init is None:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents, timesteps = img2img.noised_init(scheduler, init, noise)
+    image_conditioning = img2img.unet_extra_input(model, init, len(seeds), width, height)
     batch = len(seeds)
     guided = cfg_scale != 1.0
     context_cache: dict[tuple[str, str], torch.Tensor] = {}
@@ -745,17 +771,25 @@ def sample_latents(
         return context_cache[key]
 
     accepts_generator = "generator" in _step_parameters(scheduler)
-    for i, t in enumerate(scheduler.timesteps):
+    if image_conditioning is not None and guided:
+        image_conditioning = torch.cat([image_conditioning, image_conditioning])
+    for i, t in enumerate(timesteps):
         model_input = torch.cat([latents, latents]) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
+        if image_conditioning is not None:
+            model_input = torch.cat([model_input, image_conditioning], dim=1)
         noise_pred = model.unet(model_input, t, encoder_hidden_states=context(i)).sample
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + cfg_scale * (cond - uncond)
+        if init is not None and init.keep is not None:
+            noise_pred = img2img.keep_denoised(scheduler, t, latents, noise_pred, init, model.prediction_type)
         kwargs = {"generator": generators} if accepts_generator else {}
         latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
         if on_step is not None:
             on_step(i)
+    if init is not None and init.keep is not None:
+        latents = init.latents * init.keep + latents * (1 - init.keep)
     return latents
 
 

@@ -27,12 +27,15 @@ SD1_SCHEDULER = {
 }
 
 
-def build_tiny_sd1(seed: int = 0) -> dict[str, object]:
-    """Return the components of a tiny SD-1.x-layout model with random weights (deterministic for a seed)."""
+def build_tiny_sd1(seed: int = 0, *, in_channels: int = 4) -> dict[str, object]:
+    """Return the components of a tiny SD-1.x-layout model with random weights (deterministic for a seed).
+
+    ``in_channels=9`` gives an inpainting model's UNet (latents, mask and masked-image latents).
+    """
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -77,12 +80,12 @@ def build_tiny_sd1(seed: int = 0) -> dict[str, object]:
     }
 
 
-def save_tiny_sd1(path: Path, seed: int = 0) -> Path:
+def save_tiny_sd1(path: Path, seed: int = 0, *, in_channels: int = 4) -> Path:
     """Write a tiny SD-1.x model as a diffusers folder (model_index.json and one folder per component)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        **build_tiny_sd1(seed),  # type: ignore[arg-type]
+        **build_tiny_sd1(seed, in_channels=in_channels),  # type: ignore[arg-type]
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
