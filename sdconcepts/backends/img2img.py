@@ -8,7 +8,7 @@ A1111's image conditioning, and each step's denoised estimate keeps the unmasked
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +20,7 @@ from sdconcepts.generation import GenerationError, GenerationParams
 from sdconcepts.img2img import Img2ImgOptions, PreparedInit, img2img_steps, latent_mask, prepare_init
 
 if TYPE_CHECKING:
-    from sdconcepts.backends.diffusers import GenerationResult, LoadedModel, ProgressCallback
-    from sdconcepts.hypernetwork import Hypernetwork
+    from sdconcepts.backends.diffusers import GenerationResult, LoadedModel
 
 
 @dataclass
@@ -122,15 +121,11 @@ def img2img(
     *,
     mask: Image.Image | None = None,
     options: Img2ImgOptions | None = None,
-    embeddings: Mapping[str, torch.Tensor] | None = None,
-    progress: ProgressCallback | None = None,
-    emphasis: str = "Original",
-    known_networks: Mapping[str, Iterable[str]] | None = None,
-    embedding_hashes: Mapping[str, str] | None = None,
-    skipped_embeddings: Mapping[str, str] | None = None,
-    hypernetworks: Mapping[str, Hypernetwork] | None = None,
+    **txt2img_options: Any,
 ) -> GenerationResult:
     """img2img from ``image`` (inpainting where ``mask`` is white), with txt2img's prompts, seeds and samplers.
+
+    ``txt2img_options`` are txt2img's keyword arguments (embeddings, hypernetworks, progress, size_limits, ...).
 
     ``params.width``/``height`` are the processing size (default: the model's); the result has that size, except
     "Only masked" inpainting, which pastes its result back into an image of the init image's size.
@@ -139,18 +134,8 @@ def img2img(
 
     if not isinstance(image, Image.Image):
         raise GenerationError("img2img needs an init image")
-    return txt2img(
-        model,
-        params,
-        embeddings=embeddings,
-        progress=progress,
-        emphasis=emphasis,
-        known_networks=known_networks,
-        embedding_hashes=embedding_hashes,
-        skipped_embeddings=skipped_embeddings,
-        hypernetworks=hypernetworks,
-        source=ImageSource(image, mask, options or Img2ImgOptions()),
-    )
+    source = ImageSource(image, mask, options or Img2ImgOptions())
+    return txt2img(model, params, source=source, **txt2img_options)
 
 
 # ---------------------------------------------------------------------------------------------------------------
