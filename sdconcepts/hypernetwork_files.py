@@ -98,13 +98,16 @@ def find_hypernetworks(folders: Iterable[str | os.PathLike[str]]) -> dict[str, P
     """Name -> path of every ``.pt`` under ``folders``, recursively, with A1111's listing rules.
 
     The name is the file stem (no folder); paths are visited sorted by their lower-cased text and a later duplicate
-    wins; ``None.pt`` is ignored. Nothing is loaded: A1111 loads a hypernetwork only when a prompt names it.
+    wins; ``None.pt`` is ignored; a folder named ``x.pt`` is searched, not listed. Nothing is opened: A1111 loads a
+    hypernetwork only when a prompt names it.
     """
     found: list[Path] = []
     for folder in folders:
         root = Path(folder)
         if root.is_dir():
-            found.extend(p for p in root.glob("**/*.pt") if p.is_file())
+            # Every non-folder entry, FIFOs and sockets too: loading one gives its reason ("not a regular file")
+            # instead of an "unknown hypernet" that hides the file. Nothing here opens it.
+            found.extend(p for p in root.glob("**/*.pt") if not p.is_dir())
     names: dict[str, Path] = {}
     for path in sorted(found, key=lambda p: str(p).lower()):
         if path.stem != "None":

@@ -103,6 +103,19 @@ def test_hypernetwork_scan_skips_fifo_and_socket_without_hanging(tmp_path: Path)
         assert errors == {"fifo": "not a regular file: FIFO", "sock": "not a regular file: socket"}
 
 
+def test_cli_names_a_fifo_hypernetwork_with_its_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sdconcepts.cli import hypernetwork_arguments
+
+    folder = tmp_path / "models" / "hypernetworks"
+    folder.mkdir(parents=True)
+    with _special_files(folder):
+        found = _within(SCAN_TIMEOUT_S, lambda: hypernetwork_arguments([folder], "a cat <hypernet:fifo:1>"))
+    # Listed (not an "unknown hypernet"), not loaded, and the reason is said.
+    assert "fifo" in found["known_networks"]["hypernet"] and found["hypernetworks"] == {}
+    err = capsys.readouterr().err
+    assert "skipped hypernetwork fifo: " in err and "not a regular file: FIFO" in err, err
+
+
 def test_readers_refuse_a_fifo_even_when_called_directly(tmp_path: Path) -> None:
     # The library checks before loading; the readers check again on the opened descriptor (a FIFO swapped in
     # after the library's check must not block them either).
