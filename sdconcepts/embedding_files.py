@@ -8,7 +8,6 @@ beside the picture (§1.5). Pickles are only ever read through the restricted lo
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from sdconcepts.safe_load import (
     UnsafeFileError,
     atomic_path,
     describe_foreign,
+    file_sha256,
     load_torch_file,
     open_regular,
     save_torch_file,
@@ -116,15 +116,6 @@ def describe_embedding(path: str | os.PathLike[str]) -> dict[str, Any]:
         info["checksum"] = emb.checksum()
         info["norms"] = [round(float(v), 4) for v in emb.tensor().norm(dim=1)]
     return info
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of the whole file in 1 MiB blocks (A1111's ``hashes.sha256``); only regular files are read."""
-    digest = hashlib.sha256()
-    with open_regular(path) as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read(path: Path) -> _Parsed:

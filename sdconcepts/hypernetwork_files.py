@@ -7,7 +7,6 @@ shared restricted loader, so no code from a file ever runs, and written in a for
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -29,8 +28,8 @@ from sdconcepts.safe_load import (
     TensorInfo,
     UnsafeFileError,
     commit_with_sidecar,
+    file_sha256,
     load_torch_file,
-    open_regular,
     read_metadata,
     sidecar_candidates,
     write_torch_file,
@@ -77,11 +76,7 @@ class OptimizerState:
 
 def shorthash(path: str | os.PathLike[str]) -> str:
     """A1111's 10-hex-digit shorthash: the start of the file's SHA-256."""
-    digest = hashlib.sha256()
-    with open_regular(path) as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]
+    return file_sha256(path)[:10]
 
 
 def optimizer_path(path: str | os.PathLike[str]) -> Path:

@@ -458,8 +458,9 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of the whole file in 1 MiB blocks (A1111's ``hashes.sha256``); only regular files are read."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -6,7 +6,6 @@ infotext are pure functions in the core; here they meet the UNet, the VAE and th
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -294,11 +293,9 @@ def weights_hash(path: Path) -> str:
     stat = target.stat()
     key = (str(target.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _HASH_CACHE:
-        digest = hashlib.sha256()
-        with open(target, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _HASH_CACHE[key] = digest.hexdigest()
+        from sdconcepts.safe_load import file_sha256
+
+        _HASH_CACHE[key] = file_sha256(target)
     return _HASH_CACHE[key]
 
 
