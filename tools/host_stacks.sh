@@ -35,7 +35,10 @@ stacks=("$@")
 setup() {
     local name=$1; shift
     local venv=$STACKS/$name
-    if [ -x "$venv/bin/python" ] && [ -f "$venv/.complete" ]; then
+    # The stamp names the pins and our dependencies: an environment made for other ones is made again.
+    local stamp
+    stamp=$(printf '%s\n' "$@" | cat - "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
+    if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.complete" 2>/dev/null)" = "$stamp" ]; then
         echo "== $name: $venv exists"
         return
     fi
@@ -44,12 +47,21 @@ setup() {
     "$PYTHON" -m venv "$venv"
     # One resolver run over the host's pins and our package, so pip picks versions of the rest that fit the pins.
     "$venv/bin/pip" install -q "$@" -e "$ROOT"
-    touch "$venv/.complete"
+    echo "$stamp" > "$venv/.complete"
 }
 
 run_test() {
     local name=$1
     local venv=$STACKS/$name
+    # The environment is cached between runs, and its editable install names the checkout that made it (a CI clone
+    # elsewhere, since removed): the app under test imports this checkout, first on its path.
+    export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+    local found
+    found=$("$venv/bin/python" -c 'import sdconcepts, os; print(os.path.dirname(os.path.dirname(sdconcepts.__file__)))')
+    if [ "$(realpath "$found")" != "$(realpath "$ROOT")" ]; then
+        echo "== $name: imports sdconcepts from $found, not $ROOT" >&2
+        return 1
+    fi
     echo "== $name: $("$venv/bin/python" -c 'import gradio, fastapi, transformers, diffusers, numpy, PIL, sys;
 print("python", sys.version.split()[0], "gradio", gradio.__version__, "fastapi", fastapi.__version__,
       "transformers", transformers.__version__, "diffusers", diffusers.__version__, "numpy", numpy.__version__,
