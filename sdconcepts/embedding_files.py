@@ -29,7 +29,9 @@ from sdconcepts.safe_load import (
     describe_foreign,
     file_sha256,
     load_torch_file,
+    TensorInfo,
     open_regular,
+    read_metadata,
     save_torch_file,
 )
 
@@ -37,6 +39,7 @@ __all__ = [
     "EMBEDDING_SUFFIXES",
     "IMAGE_SUFFIXES",
     "EmbeddingFileError",
+    "EmbeddingInfo",
     "NoEmbeddedData",
     "a1111_data",
     "describe_embedding",
@@ -45,6 +48,7 @@ __all__ = [
     "extract_from_pixels",
     "file_sha256",
     "load_embedding",
+    "read_embedding_info",
     "save_embedding",
 ]
 
@@ -88,6 +92,122 @@ def load_embedding(path: str | os.PathLike[str]) -> Embedding:
     A1111) and the stored name first for images. ``hash`` is the SHA-256 of the whole file.
     """
     return _read(Path(path)).embedding
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo:
+    """What a card shows about an embedding file, read without its vectors: the prompt word, the vector count and
+    A1111's width (clip_l + clip_g for SDXL); ``hash`` is the file's SHA-256 when it was cheap to compute."""
+
+    name: str
+    vectors: int
+    width: int
+    sdxl: bool
+    hash: str | None
+
+
+# Embeddings are a few KiB (75 vectors of 2048 floats is 600 KiB): hashing one at listing costs about what opening
+# it does. A bigger file is hashed when a prompt first uses it, so a huge misnamed file never stalls a listing.
+HASH_AT_LISTING_BYTES = 4 << 20
+_MAX_SAFETENSORS_HEADER = 16 << 20
+
+
+def read_embedding_info(path: str | os.PathLike[str]) -> EmbeddingInfo:
+    """An embedding file's name, vector count and width from its header alone (the pickle of a ``.pt``/``.bin``,
+    the JSON header of a ``.safetensors``); images are read whole (their data is in the picture).
+
+    Whatever the header alone cannot settle (an unusual pickle, a damaged header, a layout that fits nothing) is
+    read the way ``load_embedding`` reads it, so a file is refused with the same one-line reason either way.
+    Values (NaN, integer vectors) are checked only when the file is loaded for a prompt.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in IMAGE_SUFFIXES or suffix not in EMBEDDING_SUFFIXES:
+        return _info_of(_read(p).embedding)
+    try:
+        with open_regular(p) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header = _safetensors_header(handle, size) if suffix == ".safetensors" else None
+    except UnsafeFileError as exc:
+        raise EmbeddingFileError(str(exc)) from None
+    if size == 0:
+        raise EmbeddingFileError(f"{p}: empty file (0 bytes)")
+    if header is None and suffix in PICKLE_SUFFIXES:
+        try:
+            header = read_metadata(p)
+        except UnsafeFileError:
+            header = None
+    shape = _shape_of(header) if header is not None else None
+    if shape is None:
+        return _info_of(_read(p).embedding)
+    vectors, width, sdxl = shape
+    digest = file_sha256(p) if size <= HASH_AT_LISTING_BYTES else None
+    return EmbeddingInfo(name=p.stem, vectors=vectors, width=width, sdxl=sdxl, hash=digest)
+
+
+def _info_of(embedding: Embedding) -> EmbeddingInfo:
+    return EmbeddingInfo(
+        name=embedding.name, vectors=embedding.vector_count, width=embedding.width, sdxl=embedding.is_sdxl,
+        hash=embedding.hash,
+    )
+
+
+def _safetensors_header(handle: Any, size: int) -> dict[str, Any] | None:
+    """The tensors a safetensors header declares, as TensorInfo; None when the header is not plainly valid."""
+    head = handle.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if not 0 < length <= min(size - 8, _MAX_SAFETENSORS_HEADER):
+        return None
+    try:
+        header = json.loads(handle.read(length))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    tensors: dict[str, Any] = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(n, int) for n in offsets)
+            or offsets[1] > size - 8 - length
+        ):
+            return None
+        tensors[key] = TensorInfo(tuple(shape), str(entry.get("dtype", "")))
+    return tensors
+
+
+def _shape_of(data: object) -> tuple[int, int, bool] | None:
+    """(vectors, width, sdxl) in ``_from_data``'s layout order, from tensor shapes; None when unsure."""
+    if not isinstance(data, Mapping):
+        return None
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        if not isinstance(params, Mapping) or len(params) != 1:
+            return None
+        return _vectors_shape(next(iter(params.values())))
+    if "clip_l" in data and "clip_g" in data:
+        if not all(isinstance(v, TensorInfo) for v in data.values()):
+            return None
+        pair = [_vectors_shape(data[key]) for key in SDXL_ENCODERS]
+        if pair[0] is None or pair[1] is None or pair[0][0] != pair[1][0]:
+            return None
+        return pair[1][0], pair[0][1] + pair[1][1], True
+    if len(data) == 1:
+        return _vectors_shape(next(iter(data.values())))
+    return None
+
+
+def _vectors_shape(value: object) -> tuple[int, int, bool] | None:
+    if not isinstance(value, TensorInfo):
+        return None
+    shape = value.shape if len(value.shape) != 1 else (1, *value.shape)
+    if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+        return None
+    return shape[0], shape[1], False
 
 
 def describe_embedding(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -8,18 +8,30 @@ check and name rules for textual inversion embeddings.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
 from sdconcepts.embedding import Embedding
-from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, NoEmbeddedData, file_sha256, load_embedding
+from sdconcepts.embedding_files import (
+    EMBEDDING_SUFFIXES,
+    EmbeddingFileError,
+    EmbeddingInfo,
+    NoEmbeddedData,
+    file_sha256,
+    load_embedding,
+    read_embedding_info,
+)
 from sdconcepts.prompts import CHUNK_LENGTH
 from sdconcepts.safe_load import file_kind
+from sdconcepts.user_metadata import UserMetadata, UserMetadataError, metadata_path, read_user_metadata
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PREVIEW_SUFFIXES",
@@ -32,6 +44,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+METADATA_SUFFIX = ".json"  # A1111's user metadata beside each file (sdconcepts.user_metadata)
 
 # Pictures shown on a file's card: ``name.png`` or ``name.preview.png`` (and these other extensions) beside it.
 PREVIEW_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
@@ -51,6 +65,9 @@ class FileRecord(Generic[T]):
     size: int
     item: T | None
     error: str | None = None
+    # A1111's user metadata (``name.json``): its fields, or why that file could not be used.
+    user_metadata: UserMetadata | None = None
+    metadata_error: str | None = None
 
     @property
     def short_hash(self) -> str | None:
@@ -59,7 +76,8 @@ class FileRecord(Generic[T]):
 
 @dataclass(frozen=True)
 class LibraryChanges:
-    """What a refresh found: files added, changed (content or stamp) and removed; falsy when nothing changed."""
+    """What a refresh found: files added, changed (content or stamp) and removed, and whether a card picture or a
+    user-metadata ``.json`` came, went or changed; falsy when nothing changed."""
 
     added: tuple[Path, ...] = ()
     changed: tuple[Path, ...] = ()
@@ -93,12 +111,15 @@ class Library(Generic[T]):
     ignore: Callable[[Path], bool] = is_preview_image
     _stamps: dict[str, _Stamp] = field(default_factory=dict, repr=False)
     _records: dict[str, FileRecord[T]] = field(default_factory=dict, repr=False)
+    _sidecars: dict[str, tuple[_Stamp, UserMetadata | None, str | None]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Counts the refreshes that changed anything: a view built from the records stays valid while it is the same.
+    version: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         self.folders = [Path(f) for f in self.folders]
         self.suffixes = tuple(s.lower() for s in self.suffixes)
-        self._watched = tuple(dict.fromkeys((*self.suffixes, *PREVIEW_SUFFIXES)))
+        self._watched = tuple(dict.fromkeys((*self.suffixes, *PREVIEW_SUFFIXES, METADATA_SUFFIX)))
 
     def add_folder(self, folder: str | os.PathLike[str]) -> None:
         """Watch another folder too (A1111's ``add_embedding_dir``); its files load on the next refresh."""
@@ -118,8 +139,11 @@ class Library(Generic[T]):
             added = sorted(wanted - before)
             removed = sorted(before - wanted)
             changed = sorted(p for p in wanted & before if force or stamps[p] != old[p])
-            previews = {p for p in stamps if not self._loadable(p)} != {p for p in old if not self._loadable(p)}
+            previews = {p: s for p, s in stamps.items() if not self._loadable(p)} != {
+                p: s for p, s in old.items() if not self._loadable(p)
+            }
             self._stamps = stamps
+            self.version += 1
             for path in removed:
                 self._records.pop(path, None)
             for path in (*added, *changed):
@@ -128,10 +152,12 @@ class Library(Generic[T]):
                     self._records.pop(path, None)
                 else:
                     self._records[path] = record
-            # Keep walk order (later files win name collisions, as in A1111) and refresh every card picture.
+            # Keep walk order (later files win name collisions, as in A1111); refresh card pictures and metadata.
+            sidecars: dict[str, tuple[_Stamp, UserMetadata | None, str | None]] = {}
             self._records = {
-                p: self._with_preview(self._records[p], stamps) for p in stamps if p in self._records
+                p: self._with_sidecars(self._records[p], stamps, sidecars) for p in stamps if p in self._records
             }
+            self._sidecars = sidecars
             return LibraryChanges(
                 added=tuple(Path(p) for p in added),
                 changed=tuple(Path(p) for p in changed),
@@ -211,14 +237,30 @@ class Library(Generic[T]):
             name=name, path=path, preview=None, hash=digest or _hash_or_none(path), mtime=mtime, size=size, item=item
         )
 
-    def _with_preview(self, record: FileRecord[T], stamps: dict[str, _Stamp]) -> FileRecord[T]:
+    def _with_sidecars(
+        self,
+        record: FileRecord[T],
+        stamps: dict[str, _Stamp],
+        sidecars: dict[str, tuple[_Stamp, UserMetadata | None, str | None]],
+    ) -> FileRecord[T]:
         preview = _find_preview(record.path, stamps)
-        if preview == record.preview:
+        json_path = str(metadata_path(record.path))
+        metadata: UserMetadata | None = None
+        error: str | None = None
+        if json_path in stamps:
+            known = self._sidecars.get(json_path)
+            if known is not None and known[0] == stamps[json_path]:
+                metadata, error = known[1], known[2]
+            else:
+                try:
+                    metadata = read_user_metadata(record.path)
+                except UserMetadataError as exc:  # reported on the card; the file itself stays usable
+                    error = str(exc)
+                    log.warning("%s", error)
+            sidecars[json_path] = (stamps[json_path], metadata, error)
+        if (preview, metadata, error) == (record.preview, record.user_metadata, record.metadata_error):
             return record
-        return FileRecord(
-            name=record.name, path=record.path, preview=preview, hash=record.hash, mtime=record.mtime,
-            size=record.size, item=record.item, error=record.error,
-        )
+        return replace(record, preview=preview, user_metadata=metadata, metadata_error=error)
 
 
 def _find_preview(path: Path, stamps: dict[str, _Stamp]) -> Path | None:
@@ -253,7 +295,10 @@ def _one_line(exc: BaseException, path: Path) -> str:
 
 @dataclass(frozen=True)
 class EmbeddingRecord:
-    """An embedding file as the UI and CLI list it; ``skipped`` says why it cannot be used with the current model."""
+    """An embedding file as the UI and CLI list it; ``skipped`` says why it cannot be used with the current model.
+
+    The listing reads headers only (``read_embedding_info``); ``EmbeddingLibrary.load`` reads the vectors.
+    """
 
     name: str
     path: Path
@@ -263,7 +308,9 @@ class EmbeddingRecord:
     vectors: int | None
     width: int | None
     skipped: str | None
-    embedding: Embedding | None
+    size: int = 0
+    user_metadata: UserMetadata | None = None
+    metadata_error: str | None = None
 
     @property
     def short_hash(self) -> str | None:
@@ -274,46 +321,71 @@ def _describe_width(width: int) -> str:
     return {768: "768 (SD 1.x)", 1024: "1024 (SD 2.x)", 2048: "2048 (SDXL clip_l + clip_g)"}.get(width, str(width))
 
 
+_LoadKey = tuple[str, float, int]  # (path, mtime, size) of the file an embedding was loaded from
+
+
 class EmbeddingLibrary:
     """Embedding folders with A1111's rules: names from file stems (images: the stored name), case-insensitive
-    matching, later files winning a name, and files whose width does not fit the model listed as skipped."""
+    matching, later files winning a name, and files whose width does not fit the model listed as skipped.
+
+    A scan reads each file's header (vector count, width) and hash; the vectors of a file are read only when a
+    prompt uses it (``usable(width, used_in=prompt)``), and kept while the file is unchanged.
+    """
 
     def __init__(self, folders: Iterable[str | os.PathLike[str]]) -> None:
-        self.files: Library[Embedding] = Library(
+        self.files: Library[EmbeddingInfo] = Library(
             folders=[Path(f) for f in folders],
-            load=load_embedding,
+            load=read_embedding_info,
             suffixes=EMBEDDING_SUFFIXES,
-            name_of=lambda _path, embedding: embedding.name,
-            hash_of=lambda embedding: embedding.hash,
+            name_of=lambda _path, info: info.name,
+            hash_of=lambda info: info.hash,
             quiet=(NoEmbeddedData,),
         )
+        self._loaded: dict[_LoadKey, Embedding] = {}
+        self._failed: dict[_LoadKey, str] = {}
+        self._load_lock = threading.Lock()
 
     @property
     def folders(self) -> Sequence[Path]:
         return tuple(self.files.folders)
 
+    @property
+    def version(self) -> tuple[int, int]:
+        """Changes when the records may have: a refresh found something, or a file failed its full read."""
+        return self.files.version, len(self._failed)
+
     def add_folder(self, folder: str | os.PathLike[str]) -> None:
         self.files.add_folder(folder)
 
     def refresh(self, *, force: bool = False) -> LibraryChanges:
-        return self.files.refresh(force=force)
+        changes = self.files.refresh(force=force)
+        if changes:
+            # Forget vectors and load failures of files that changed or went away.
+            live = {(str(r.path), r.mtime, r.size) for r in self.files.records()}
+            with self._load_lock:
+                self._loaded = {k: v for k, v in self._loaded.items() if k in live}
+                self._failed = {k: v for k, v in self._failed.items() if k in live}
+        return changes
 
     def records(self, width: int | None = None) -> list[EmbeddingRecord]:
         """Every embedding file; with the model's ``width`` (768, 1024, 2048 for SDXL) misfits are skipped."""
         result: list[EmbeddingRecord] = []
         winner: dict[str, int] = {}
+        failed = self._failed
         for record in self.files.records():
-            emb = record.item
+            info = record.item
             skipped = record.error
-            if emb is not None and emb.vector_count > CHUNK_LENGTH:
+            if info is not None and (str(record.path), record.mtime, record.size) in failed:
+                skipped = failed[(str(record.path), record.mtime, record.size)]
+            elif info is not None and info.vectors > CHUNK_LENGTH:
                 # A1111 1.10 lists such a file, then fails inside CLIP when a prompt uses it (its chunk grows past
                 # 77 tokens). It can never work, so it is never offered.
                 skipped = (
-                    f"{emb.vector_count} vectors: more than the {CHUNK_LENGTH} tokens a prompt chunk holds, "
+                    f"{info.vectors} vectors: more than the {CHUNK_LENGTH} tokens a prompt chunk holds, "
                     "so no prompt can use it"
                 )
-            elif emb is not None and width is not None and emb.width != width:
-                skipped = f"width {_describe_width(emb.width)} does not fit the model's {_describe_width(width)}"
+            elif info is not None and width is not None and info.width != width:
+                skipped = f"width {_describe_width(info.width)} does not fit the model's {_describe_width(width)}"
             if skipped is None:
                 key = record.name.lower()
                 if key in winner:
@@ -327,17 +399,53 @@ class EmbeddingLibrary:
                     preview=record.preview,
                     hash=record.hash,
                     mtime=record.mtime,
-                    vectors=emb.vector_count if emb is not None else None,
-                    width=emb.width if emb is not None else None,
+                    vectors=info.vectors if info is not None else None,
+                    width=info.width if info is not None else None,
                     skipped=skipped,
-                    embedding=emb if skipped is None else None,
+                    size=record.size,
+                    user_metadata=record.user_metadata,
+                    metadata_error=record.metadata_error,
                 )
             )
         return result
 
-    def usable(self, width: int | None = None) -> dict[str, Embedding]:
-        """Name -> embedding for every file that loads (and fits ``width``)."""
-        return {r.name: r.embedding for r in self.records(width) if r.embedding is not None}
+    def load(self, record: EmbeddingRecord) -> Embedding | None:
+        """The vectors of a listed file (read once while the file is unchanged); None, with the reason remembered
+        for ``records``, when the file fails the full read that its header passed."""
+        key = (str(record.path), record.mtime, record.size)
+        with self._load_lock:
+            if key in self._loaded:
+                return self._loaded[key]
+            if key in self._failed:
+                return None
+        try:
+            embedding = load_embedding(record.path)
+        except EmbeddingFileError as exc:
+            with self._load_lock:
+                self._failed[key] = _one_line(exc, record.path)
+            return None
+        if embedding.name != record.name:  # an image whose stored name changed since the scan
+            embedding = replace(embedding, name=record.name)
+        with self._load_lock:
+            self._loaded[key] = embedding
+        return embedding
+
+    def usable(self, width: int | None = None, *, used_in: str | None = None) -> dict[str, Embedding]:
+        """Name -> embedding for every file that loads (and fits ``width``).
+
+        With ``used_in`` (the prompt and negative prompt), only embeddings whose name occurs in that text are
+        read: a prompt word is at least its name's characters, so nothing a prompt can use is left out.
+        """
+        # A name typed with escaped brackets (``a\(b\)``) is still the name ``a(b)``.
+        text = used_in.lower().replace("\\", "") if used_in is not None else None
+        result: dict[str, Embedding] = {}
+        for record in self.records(width):
+            if record.skipped is not None or (text is not None and record.name.lower() not in text):
+                continue
+            embedding = self.load(record)
+            if embedding is not None:
+                result[record.name] = embedding
+        return result
 
     def skipped(self, width: int | None = None) -> dict[str, str]:
         """Name -> reason for every file that cannot be used (the prompt word it would have had)."""
@@ -347,13 +455,10 @@ class EmbeddingLibrary:
         """The usable embedding registered under ``name``, matched case-insensitively as A1111 does."""
         key = name.lower()
         for record in reversed(self.records(width)):
-            if record.embedding is not None and record.name.lower() == key:
-                return record.embedding
+            if record.skipped is None and record.name.lower() == key:
+                return self.load(record)
         return None
 
 
 def _replace_skip(record: EmbeddingRecord, reason: str) -> EmbeddingRecord:
-    return EmbeddingRecord(
-        name=record.name, path=record.path, preview=record.preview, hash=record.hash, mtime=record.mtime,
-        vectors=record.vectors, width=record.width, skipped=reason, embedding=None,
-    )
+    return replace(record, skipped=reason)

@@ -212,8 +212,10 @@ def generate(
         model = session.model(model_label)
         width = int(model.context_width)
         session.embeddings.refresh()
-        usable = {n: e for n, e in session.embeddings.usable(width).items() if not e.is_sdxl}
-        taken = {n.lower() for n in usable}
+        # Only the embeddings the prompts name are read (a scan reads headers only); the rest stay on disk.
+        used_in = f"{params.prompt}\n{params.negative_prompt}"
+        usable = {n: e for n, e in session.embeddings.usable(width, used_in=used_in).items() if not e.is_sdxl}
+        taken = {r.name.lower() for r in session.embeddings.records(width) if r.skipped is None}
         skipped_embeddings = {
             n: reason for n, reason in session.embeddings.skipped(width).items() if n.lower() not in taken
         }
