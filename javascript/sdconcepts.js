@@ -36,8 +36,11 @@
     // A1111 matches <type:name:number> regardless of the number (clicking a card whose multiplier changed still
     // removes the tag); tags with other arguments are left alone. Plain text (an embedding name) matches as a whole
     // word, so removing "cat" never eats the start of "catgirl" (A1111 matched any substring there).
+    // A tag may be followed by the card's activation text (A1111's re_extranet: `<...>(.*)`); it goes with the tag.
+    var TAG = /^<([^:^>]+:[^:]+):[\d.]+>([\s\S]*)$/;
+
     function tagPattern(text) {
-        var tag = /^<([^:^>]+:[^:]+):[\d.]+>$/.exec(text);
+        var tag = TAG.exec(text);
         if (tag) {
             return new RegExp("<" + escapeRegExp(tag[1]) + ":[\\d.]+>", "g");
         }
@@ -47,7 +50,8 @@
     // Pure: toggle `text` in `value` with the caret at `caret`. Returns {value, caret, removed}.
     function toggleText(value, text, caret) {
         var pattern = tagPattern(text);
-        var isTag = text.charAt(0) === "<";
+        var tag = TAG.exec(text);
+        var isTag = tag !== null;
         var removedAt = -1;
         var result = value.replace(pattern, function () {
             var offset = arguments[arguments.length - 2];
@@ -57,6 +61,10 @@
             }
             return lead;
         });
+        if (removedAt >= 0 && isTag && tag[2] && result.substr(removedAt, tag[2].length) === tag[2]) {
+            // The activation text written after the tag leaves with it, as in A1111.
+            result = result.slice(0, removedAt) + result.slice(removedAt + tag[2].length);
+        }
         if (removedAt >= 0) {
             // Drop the separator that was written before the text, as A1111 does, and tidy a doubled space.
             var start = removedAt;
@@ -88,17 +96,7 @@
     }
 
     function toggleInPrompt(text, allowNegative) {
-        var id = allowNegative && state.negativeLast ? NEGATIVE_ID : PROMPT_ID;
-        var area = promptArea(id);
-        if (!area) {
-            return null;
-        }
-        var caret = Object.prototype.hasOwnProperty.call(state.caret, id) ? state.caret[id] : area.value.length;
-        var outcome = toggleText(area.value, text, caret);
-        area.value = outcome.value;
-        state.caret[id] = outcome.caret;
-        notifyGradio(area);
-        return outcome;
+        return toggleIn(allowNegative && state.negativeLast ? NEGATIVE_ID : PROMPT_ID, text);
     }
 
     function findIn(event, test) {
@@ -120,15 +118,68 @@
         return el.id === PROMPT_ID || el.id === NEGATIVE_ID ? el : null;
     }
 
+    function toggleIn(id, text) {
+        var area = promptArea(id);
+        if (!area) {
+            return null;
+        }
+        var caret = Object.prototype.hasOwnProperty.call(state.caret, id) ? state.caret[id] : area.value.length;
+        var outcome = toggleText(area.value, text, caret);
+        area.value = outcome.value;
+        state.caret[id] = outcome.caret;
+        notifyGradio(area);
+        return outcome;
+    }
+
+    // A card with negative text (A1111's user metadata) writes its text to the prompt and the negative text to the
+    // negative prompt, as A1111's cardClicked does; otherwise the prompt that had focus last gets it.
     function activate(card) {
-        return toggleInPrompt(card.getAttribute("data-prompt") || "", card.getAttribute("data-allow-negative") === "1");
+        var text = card.getAttribute("data-prompt") || "";
+        var negative = card.getAttribute("data-negative") || "";
+        if (negative) {
+            var outcome = toggleIn(PROMPT_ID, text);
+            toggleIn(NEGATIVE_ID, negative);
+            return outcome;
+        }
+        return toggleInPrompt(text, card.getAttribute("data-allow-negative") === "1");
+    }
+
+    function isEditButton(el) {
+        return el.classList.contains("sdconcepts-card-edit");
+    }
+
+    // The edit button opens the metadata editor of the card's tab: the card's file goes into the hidden path box,
+    // then the hidden open button asks the server for the fields (A1111's editor opens the same way).
+    function openEditor(card) {
+        var kind = card.classList.contains("sdconcepts-card-embedding") ? "ti" : "hn";
+        var root = appRoot();
+        var box = root.querySelector("#sdconcepts_" + kind + "_meta_path");
+        var input = box && box.querySelector("textarea, input");
+        var button = root.querySelector("#sdconcepts_" + kind + "_meta_open");
+        if (button && button.tagName !== "BUTTON") {
+            button = button.querySelector("button");
+        }
+        if (!input || !button) {
+            return false;
+        }
+        input.value = card.getAttribute("data-path") || "";
+        notifyGradio(input);
+        button.click();
+        return true;
     }
 
     document.addEventListener("click", function (event) {
         var card = findIn(event, isCard);
-        if (card) {
-            activate(card);
+        if (!card) {
+            return;
         }
+        if (findIn(event, isEditButton)) {
+            event.preventDefault();
+            event.stopPropagation();
+            openEditor(card);
+            return;
+        }
+        activate(card);
     });
     document.addEventListener("keydown", function (event) {
         if (event.key !== "Enter" && event.key !== " ") {
@@ -137,7 +188,11 @@
         var card = findIn(event, isCard);
         if (card) {
             event.preventDefault();
-            activate(card);
+            if (findIn(event, isEditButton)) {
+                openEditor(card);
+            } else {
+                activate(card);
+            }
         }
     });
     // Remember which prompt had focus last, and where its caret was when it lost focus.
@@ -155,5 +210,6 @@
         }
     }, true);
 
-    window.sdconcepts = {installed: true, state: state, toggleText: toggleText, toggleInPrompt: toggleInPrompt};
+    window.sdconcepts = {installed: true, state: state, toggleText: toggleText, toggleInPrompt: toggleInPrompt,
+                         openEditor: openEditor};
 })();

@@ -24,12 +24,12 @@ from torch import Tensor
 
 from sdconcepts.embedding import SDXL_ENCODERS, Embedding, EmbeddingError
 from sdconcepts.safe_load import (
+    TensorInfo,
     UnsafeFileError,
     atomic_path,
     describe_foreign,
     file_sha256,
     load_torch_file,
-    TensorInfo,
     open_regular,
     read_metadata,
     save_torch_file,
@@ -127,7 +127,7 @@ def read_embedding_info(path: str | os.PathLike[str]) -> EmbeddingInfo:
     try:
         with open_regular(p) as handle:
             size = os.fstat(handle.fileno()).st_size
-            header = _safetensors_header(handle, size) if suffix == ".safetensors" else None
+            header: object = _safetensors_header(handle, size) if suffix == ".safetensors" else None
     except UnsafeFileError as exc:
         raise EmbeddingFileError(str(exc)) from None
     if size == 0:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import html
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from sdconcepts.ui.cards import SORT_KEYS
 from sdconcepts.ui.compat import QUEUE_KWARGS, blocks_kwargs, js_kwargs, launch_kwargs, make, update
 from sdconcepts.ui.session import UiError, UiSession
 from sdconcepts.ui.train_tab import build_train_tab
+from sdconcepts.user_metadata import SD_VERSIONS
 
 __all__ = ["ROOT_ID", "build_ui", "launch_app", "read_css", "read_js"]
 
@@ -68,12 +70,64 @@ def _card_tab(kind: str, label: str, view: handlers.CardsView) -> dict[str, Any]
         )
         sort = gr.Radio(list(SORT_KEYS), value="Name", label="Sort by", elem_id=f"sdconcepts_{kind}_sort", scale=2)
         descending = gr.Checkbox(value=False, label="Descending", elem_id=f"sdconcepts_{kind}_descending", scale=1)
+        page = gr.Number(value=1, label="Page", precision=0, elem_id=f"sdconcepts_{kind}_page", scale=1,
+                         min_width=80)
         refresh = gr.Button("Refresh", elem_id=f"sdconcepts_{kind}_refresh", scale=1)
     summary = gr.HTML(f'<div class="sdconcepts-summary">{view.summary}</div>', elem_id=f"sdconcepts_{kind}_summary")
     cards = gr.HTML(view.cards_html, elem_id=f"sdconcepts_{kind}_cards", label=label)
     skipped = gr.HTML(view.skipped_html, elem_id=f"sdconcepts_{kind}_skipped")
-    return {"search": search, "sort": sort, "descending": descending, "refresh": refresh,
-            "summary": summary, "cards": cards, "skipped": skipped}
+    editor = _metadata_editor(kind)
+    return {"search": search, "sort": sort, "descending": descending, "refresh": refresh, "page": page,
+            "summary": summary, "cards": cards, "skipped": skipped, "editor": editor}
+
+
+def _metadata_editor(kind: str) -> dict[str, Any]:
+    """A1111's user-metadata editor: opened by a card's edit button (javascript/sdconcepts.js writes the card's
+    path into the hidden ``edit_path`` box and clicks the hidden ``edit_open`` button)."""
+    prefix = f"sdconcepts_{kind}_meta"
+    with gr.Row(elem_classes=["sdconcepts-hidden"]):
+        path = gr.Textbox(value="", label="File", elem_id=f"{prefix}_path", max_lines=1)
+        open_button = gr.Button("Edit", elem_id=f"{prefix}_open")
+    with gr.Group(visible=False, elem_id=f"{prefix}_editor") as box:
+        title = gr.HTML("", elem_id=f"{prefix}_title")
+        description = gr.Textbox(label="Description", lines=3, elem_id=f"{prefix}_description")
+        sd_version = gr.Dropdown(list(SD_VERSIONS), value="Unknown", label="Stable Diffusion version",
+                                 elem_id=f"{prefix}_sd_version")
+        activation = gr.Textbox(label="Activation text (added to the prompt with the card)", max_lines=1,
+                                elem_id=f"{prefix}_activation")
+        weight = gr.Slider(0.0, 2.0, value=0.0, step=0.01, label="Preferred weight (0: the default multiplier)",
+                           elem_id=f"{prefix}_weight")
+        negative = gr.Textbox(label="Negative prompt (added to the negative prompt with the card)", max_lines=1,
+                              elem_id=f"{prefix}_negative")
+        notes = gr.Textbox(label="Notes", lines=4, elem_id=f"{prefix}_notes")
+        with gr.Row():
+            cancel = gr.Button("Cancel", elem_id=f"{prefix}_cancel")
+            save = gr.Button("Save", variant="primary", elem_id=f"{prefix}_save")
+        status = gr.HTML("", elem_id=f"{prefix}_status")
+    return {"path": path, "open": open_button, "box": box, "title": title, "description": description,
+            "sd_version": sd_version, "activation": activation, "weight": weight, "negative": negative,
+            "notes": notes, "cancel": cancel, "save": save, "status": status}
+
+
+def _wire_metadata_editor(session: UiSession, editor: dict[str, Any], after_save: tuple[Any, list[Any], list[Any]]
+                          ) -> None:
+    fields = [editor[k] for k in ("description", "sd_version", "activation", "weight", "negative", "notes")]
+
+    def on_open(path: str):
+        form = handlers.metadata_form(session, path)
+        status = f'<div class="sdconcepts-warnings">{html.escape(form.status)}</div>' if form.status else ""
+        return (update(visible=True), f"<h4>{html.escape(form.title)}</h4>", form.description, form.sd_version,
+                form.activation_text, form.preferred_weight, form.negative_text, form.notes, status)
+
+    def on_save(path: str, *values: Any):
+        return handlers.save_metadata(session, path, *values), update(visible=False)
+
+    editor["open"].click(_guard(on_open), inputs=[editor["path"]],
+                         outputs=[editor["box"], editor["title"], *fields, editor["status"]], show_progress="hidden")
+    function, inputs, outputs = after_save
+    editor["save"].click(_guard(on_save), inputs=[editor["path"], *fields], outputs=[editor["status"], editor["box"]],
+                         show_progress="hidden").then(function, inputs=inputs, outputs=outputs, show_progress="hidden")
+    editor["cancel"].click(lambda: update(visible=False), inputs=None, outputs=[editor["box"]])
 
 
 def _card_outputs(view: handlers.CardsView) -> tuple[str, str, str]:
@@ -189,24 +243,37 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train.Training
         model_refresh.click(on_model_refresh, inputs=[model], outputs=[model])
 
         # -- cards --
-        def ti_render(query: str, sort: str, descending: bool, model_label: str):
+        # Refresh, a model change and the train tab's events rescan the folders; typing in the search box, sorting
+        # and paging only filter the cards already listed (a rescan of 10,000 files costs more than a keystroke may).
+        def ti_render(query: str, sort: str, descending: bool, page: Any, model_label: str, rescan: bool = True):
             view = handlers.embedding_cards_view(session, query or "", sort or "Name", bool(descending),
-                                                 model_label=model_label)
+                                                 model_label=model_label, refresh=rescan, page=page)
             return _card_outputs(view)
 
-        def hn_render(query: str, sort: str, descending: bool):
-            view = handlers.hypernetwork_cards_view(session, query or "", sort or "Name", bool(descending))
+        def hn_render(query: str, sort: str, descending: bool, page: Any, rescan: bool = True):
+            view = handlers.hypernetwork_cards_view(session, query or "", sort or "Name", bool(descending),
+                                                    refresh=rescan, page=page)
             return _card_outputs(view)
 
-        ti_inputs = [ti["search"], ti["sort"], ti["descending"], model]
+        def ti_filter(query: str, sort: str, descending: bool, page: Any, model_label: str):
+            return ti_render(query, sort, descending, page, model_label, rescan=False)
+
+        def hn_filter(query: str, sort: str, descending: bool, page: Any):
+            return hn_render(query, sort, descending, page, rescan=False)
+
+        ti_inputs = [ti["search"], ti["sort"], ti["descending"], ti["page"], model]
         ti_outputs = [ti["cards"], ti["skipped"], ti["summary"]]
-        hn_inputs = [hn["search"], hn["sort"], hn["descending"]]
+        hn_inputs = [hn["search"], hn["sort"], hn["descending"], hn["page"]]
         hn_outputs = [hn["cards"], hn["skipped"], hn["summary"]]
-        for trigger in (ti["search"].change, ti["sort"].change, ti["descending"].change, ti["refresh"].click,
-                        model.change):
+        for trigger in (ti["refresh"].click, model.change):
             trigger(_guard(ti_render), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
-        for trigger in (hn["search"].change, hn["sort"].change, hn["descending"].change, hn["refresh"].click):
-            trigger(_guard(hn_render), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
+        for trigger in (ti["search"].change, ti["sort"].change, ti["descending"].change, ti["page"].change):
+            trigger(_guard(ti_filter), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
+        hn["refresh"].click(_guard(hn_render), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
+        for trigger in (hn["search"].change, hn["sort"].change, hn["descending"].change, hn["page"].change):
+            trigger(_guard(hn_filter), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
+        _wire_metadata_editor(session, ti["editor"], (_guard(ti_render), ti_inputs, ti_outputs))
+        _wire_metadata_editor(session, hn["editor"], (_guard(hn_render), hn_inputs, hn_outputs))
 
         # -- train --
         with train_tab:

@@ -19,6 +19,7 @@ from PIL import Image
 
 __all__ = [
     "Card",
+    "PAGE_SIZE",
     "SORT_KEYS",
     "Skipped",
     "embedding_cards",
@@ -26,6 +27,7 @@ __all__ = [
     "format_multiplier",
     "hypernetwork_cards",
     "hypernetwork_tag",
+    "page_count",
     "render_cards",
     "render_skipped",
     "sort_cards",
@@ -34,6 +36,9 @@ __all__ = [
 Kind = Literal["embedding", "hypernetwork"]
 SORT_KEYS: tuple[str, ...] = ("Name", "Date")
 THUMBNAIL_SIZE = 256
+# Cards per page: a page of 10,000 cards is megabytes of HTML the browser lays out at once; this many render at once
+# with their pictures (each picture is made once and cached).
+PAGE_SIZE = 120
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ class Card:
     details: tuple[str, ...]
     mtime: float
     search_text: str
+    # From A1111's user metadata (``name.json``): shown on the card; ``negative`` goes to the negative prompt.
+    description: str = ""
+    negative: str = ""
+    metadata_error: str | None = None
 
     @property
     def allow_negative(self) -> bool:
@@ -75,6 +84,22 @@ def hypernetwork_tag(name: str, multiplier: float) -> str:
     return f"<hypernet:{name}:{format_multiplier(multiplier)}>"
 
 
+def _with_activation(text: str, metadata: Any) -> str:
+    """A1111 (Lora's card) appends the activation text after the tag, separated by a space."""
+    activation = metadata.activation_text.strip() if metadata is not None else ""
+    return f"{text} {activation}" if activation else text
+
+
+def _negative(metadata: Any) -> str:
+    """A1111 (Lora's card) adds the negative text to the negative prompt as ``(text:1)``."""
+    negative = metadata.negative_text.strip() if metadata is not None else ""
+    return f"({negative}:1)" if negative else ""
+
+
+def _description(metadata: Any) -> str:
+    return metadata.description.strip() if metadata is not None else ""
+
+
 def _search_text(name: str, path: Path, roots: Sequence[Path], extra: Iterable[str] = ()) -> str:
     """A1111 searches a card by its path relative to the folder and its hash; we add the name."""
     relative = str(path)
@@ -99,16 +124,21 @@ def embedding_cards(records: Iterable[Any], roots: Sequence[Path] = ()) -> tuple
         details: tuple[str, ...] = (f"{vectors} vector{'s' if vectors != 1 else ''}, width {record.width}",)
         if record.short_hash:
             details += (f"hash {record.short_hash}",)
+        metadata = getattr(record, "user_metadata", None)
+        description = _description(metadata)
         cards.append(
             Card(
                 kind="embedding",
                 name=record.name,
-                prompt=record.name,
+                prompt=_with_activation(record.name, metadata),
                 path=record.path,
                 preview=record.preview,
                 details=details,
                 mtime=record.mtime,
-                search_text=_search_text(record.name, record.path, roots, [record.hash or ""]),
+                search_text=_search_text(record.name, record.path, roots, [record.hash or "", description]),
+                description=description,
+                negative=_negative(metadata),
+                metadata_error=getattr(record, "metadata_error", None),
             )
         )
     return cards, skipped
@@ -136,16 +166,23 @@ def hypernetwork_cards(
         )
         if record.short_hash:
             details += (f"hash {record.hash[:10]}",)
+        metadata = record.user_metadata
+        # A1111 (Lora's card): a preferred weight other than 0 replaces the default multiplier.
+        weight = metadata.preferred_weight if metadata is not None and metadata.preferred_weight else multiplier
+        description = _description(metadata)
         cards.append(
             Card(
                 kind="hypernetwork",
                 name=record.name,
-                prompt=hypernetwork_tag(record.name, multiplier),
+                prompt=_with_activation(hypernetwork_tag(record.name, weight), metadata),
                 path=record.path,
                 preview=record.preview,
                 details=details,
                 mtime=record.mtime,
-                search_text=_search_text(record.name, record.path, roots, [record.hash or ""]),
+                search_text=_search_text(record.name, record.path, roots, [record.hash or "", description]),
+                description=description,
+                negative=_negative(metadata),
+                metadata_error=record.metadata_error,
             )
         )
     return cards, skipped
@@ -204,8 +241,20 @@ def _thumbnail_uri(path: Path) -> str | None:
 THUMBNAILS = _Thumbnails()
 
 
-def render_cards(cards: Sequence[Card], *, total: int | None = None, empty: str = "Nothing here.") -> str:
-    """The cards as HTML. Pictures are inlined as data URIs, so nothing depends on how a gradio version serves files.
+def page_count(count: int, page_size: int = PAGE_SIZE) -> int:
+    return max(1, -(-count // page_size))
+
+
+def render_cards(
+    cards: Sequence[Card],
+    *,
+    total: int | None = None,
+    empty: str = "Nothing here.",
+    page: int = 1,
+    page_size: int = PAGE_SIZE,
+) -> str:
+    """One page of the cards as HTML (``page`` counts from 1 and is clamped to the pages there are). Pictures are
+    inlined as data URIs, so nothing depends on how a gradio version serves files; only the page's are made.
 
     Every class is prefixed ``sdconcepts-``; the click is handled by ``javascript/sdconcepts.js`` through the
     ``data-prompt`` attribute (no inline script, so the HTML survives gradio's sanitiser).
@@ -214,19 +263,26 @@ def render_cards(cards: Sequence[Card], *, total: int | None = None, empty: str 
     if not cards:
         message = empty if not total else f"No card matches the search ({total} hidden)."
         parts.append(f'<div class="sdconcepts-empty">{html.escape(message)}</div>')
-    for card in cards:
+    page = min(max(1, page), page_count(len(cards), page_size))
+    for card in cards[(page - 1) * page_size : page * page_size]:
         uri = THUMBNAILS.uri(card.preview) if card.preview is not None else None
         if uri:
             picture = f'<img class="sdconcepts-card-preview" src="{uri}" alt="" loading="lazy">'
         else:
             picture = f'<div class="sdconcepts-card-placeholder">{html.escape(card.name[:1].upper() or "?")}</div>'
         details = "".join(f'<span class="sdconcepts-card-detail">{html.escape(d)}</span>' for d in card.details)
+        if card.description:
+            details += f'<span class="sdconcepts-card-description">{html.escape(card.description)}</span>'
+        if card.metadata_error:
+            details += f'<span class="sdconcepts-card-warning">{html.escape(card.metadata_error)}</span>'
         title = f"{card.path}\nclick: toggle {card.prompt}"
         parts.append(
             f'<div class="sdconcepts-card sdconcepts-card-{card.kind}" role="button" tabindex="0"'
             f' data-name="{html.escape(card.name)}" data-prompt="{html.escape(card.prompt)}"'
+            f' data-negative="{html.escape(card.negative)}" data-path="{html.escape(str(card.path))}"'
             f' data-allow-negative="{1 if card.allow_negative else 0}" title="{html.escape(title)}">'
             f"{picture}"
+            f'<span class="sdconcepts-card-edit" role="button" tabindex="0" title="Edit metadata">&#9998;</span>'
             f'<div class="sdconcepts-card-text"><span class="sdconcepts-card-name">{html.escape(card.name)}</span>'
             f"{details}</div></div>"
         )

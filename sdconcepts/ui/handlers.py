@@ -16,24 +16,39 @@ from PIL import Image
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.prompts import parse_extra_network_tags
 from sdconcepts.ui.cards import (
+    PAGE_SIZE,
+    Card,
+    Skipped,
     embedding_cards,
     filter_cards,
     hypernetwork_cards,
+    page_count,
     render_cards,
     render_skipped,
     sort_cards,
 )
 from sdconcepts.ui.session import UiError, UiSession
+from sdconcepts.user_metadata import (
+    SD_VERSIONS,
+    UserMetadata,
+    UserMetadataError,
+    metadata_path,
+    read_user_metadata,
+    write_user_metadata,
+)
 
 __all__ = [
     "CardsView",
     "GenerateOutput",
+    "MetadataForm",
     "embedding_cards_view",
     "generate",
     "generation_params",
     "hypernetwork_cards_view",
+    "metadata_form",
     "random_seed",
     "reuse_seed",
+    "save_metadata",
     "selected_infotext",
 ]
 
@@ -45,20 +60,62 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class CardsView:
-    """What a card tab shows: the cards' HTML, the skipped list's HTML and a one-line summary."""
+    """What a card tab shows: one page of the cards' HTML, the skipped list's HTML and a one-line summary."""
 
     cards_html: str
     skipped_html: str
     summary: str
+    page: int = 1
+    pages: int = 1
 
 
-def _view(cards: list[Any], skipped: list[Any], query: str, sort: str, descending: bool, noun: str) -> CardsView:
-    shown = sort_cards(filter_cards(cards, query), sort, descending)
+@dataclass
+class _CardList:
+    """The cards of one library state, and their sorted orders (made once per state, sort and direction)."""
+
+    key: tuple[Any, ...]
+    cards: list[Card]
+    skipped: list[Skipped]
+    sorted: dict[tuple[str, bool], list[Card]]
+
+
+def _card_list(session: UiSession, kind: str, key: tuple[Any, ...], build: Callable[[], tuple[Any, Any]]) -> _CardList:
+    # Building 10,000 cards costs more than a keystroke may: keep them while the library and its settings are the same.
+    cached = session.card_lists.get(kind)
+    if cached is None or cached.key != key:
+        cards, skipped = build()
+        cached = _CardList(key, cards, skipped, {})
+        session.card_lists[kind] = cached
+    return cached
+
+
+def _view(
+    listing: _CardList, query: str, sort: str, descending: bool, noun: str, page: int
+) -> CardsView:
+    order = listing.sorted.get((sort, descending))
+    if order is None:
+        order = listing.sorted[(sort, descending)] = sort_cards(listing.cards, sort, descending)
+    cards, skipped = listing.cards, listing.skipped
+    shown = filter_cards(order, query) if query.strip() else order
     empty = f"No {noun} files found. Put some in the {noun} folder and press Refresh."
+    pages = page_count(len(shown))
+    page = min(max(1, _page_number(page)), pages)
     summary = f"{len(shown)} of {len(cards)} {noun}{'s' if len(cards) != 1 else ''}"
     if skipped:
         summary += f", {len(skipped)} skipped"
-    return CardsView(render_cards(shown, total=len(cards), empty=empty), render_skipped(skipped), summary)
+    if pages > 1:
+        first = (page - 1) * PAGE_SIZE + 1
+        summary += f"; cards {first}\u2013{min(len(shown), page * PAGE_SIZE)}, page {page} of {pages}"
+    return CardsView(
+        render_cards(shown, total=len(cards), empty=empty, page=page), render_skipped(skipped), summary, page, pages
+    )
+
+
+def _page_number(value: Any) -> int:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return 1
 
 
 def embedding_cards_view(
@@ -69,28 +126,113 @@ def embedding_cards_view(
     *,
     model_label: str | None = None,
     refresh: bool = True,
+    page: int = 1,
 ) -> CardsView:
-    """Textual Inversion tab: rescan (only changed files load again), then filter and sort.
+    """Textual Inversion tab: rescan (only changed files are read again), then filter, sort and show one page.
 
     Files whose width does not fit the chosen model are listed as skipped, as A1111 does.
     """
     if refresh:
         session.embeddings.refresh()
-    records = session.embeddings.records(session.context_width(model_label))
-    cards, skipped = embedding_cards(records, session.embeddings.folders)
-    return _view(cards, skipped, query, sort, descending, "embedding")
+    width = session.context_width(model_label)
+    listing = _card_list(
+        session, "embedding", (session.embeddings.version, width),
+        lambda: embedding_cards(session.embeddings.records(width), session.embeddings.folders),
+    )
+    return _view(listing, query, sort, descending, "embedding", page)
 
 
 def hypernetwork_cards_view(
-    session: UiSession, query: str = "", sort: str = "Name", descending: bool = False, *, refresh: bool = True
+    session: UiSession,
+    query: str = "",
+    sort: str = "Name",
+    descending: bool = False,
+    *,
+    refresh: bool = True,
+    page: int = 1,
 ) -> CardsView:
-    """Hypernetworks tab: rescan, then filter and sort; a click inserts ``<hypernet:name:M>``."""
+    """Hypernetworks tab: rescan, then filter, sort and show one page; a click inserts ``<hypernet:name:M>``."""
     if refresh:
         session.hypernetworks.refresh()
-    cards, skipped = hypernetwork_cards(
-        session.hypernetworks.records(), session.config.multiplier(), session.hypernetworks.folders
+    multiplier = session.config.multiplier()
+    listing = _card_list(
+        session, "hypernetwork", (session.hypernetworks.version, multiplier),
+        lambda: hypernetwork_cards(session.hypernetworks.records(), multiplier, session.hypernetworks.folders),
     )
-    return _view(cards, skipped, query, sort, descending, "hypernetwork")
+    return _view(listing, query, sort, descending, "hypernetwork", page)
+
+
+# -- user metadata (A1111's name.json) ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetadataForm:
+    """The metadata editor's fields for one listed file (A1111's editor fields)."""
+
+    path: str
+    title: str
+    description: str
+    sd_version: str
+    activation_text: str
+    preferred_weight: float
+    negative_text: str
+    notes: str
+    status: str
+
+
+def _listed_path(session: UiSession, value: str) -> Path:
+    """``value`` when it names a file the card tabs list (the editor writes only beside those), else UiError."""
+    for folder_records in (session.embeddings.files.records(), session.hypernetworks.records()):
+        for record in folder_records:
+            if str(record.path) == value:
+                return Path(record.path)
+    raise UiError(f"{value!r} is not a listed embedding or hypernetwork file; press Refresh")
+
+
+def metadata_form(session: UiSession, path: str) -> MetadataForm:
+    """Open the editor on a card's file: its ``.json`` fields (empty when it has none, or when it is broken: the
+    status says why, and saving is refused until the file is fixed or removed)."""
+    target = _listed_path(session, path or "")
+    status = ""
+    try:
+        metadata = read_user_metadata(target) or UserMetadata()
+    except UserMetadataError as exc:
+        metadata, status = UserMetadata(), str(exc)
+    return MetadataForm(
+        path=str(target), title=f"{target.stem} \u2014 {metadata_path(target).name}",
+        description=metadata.description, sd_version=metadata.sd_version or "Unknown",
+        activation_text=metadata.activation_text, preferred_weight=metadata.preferred_weight,
+        negative_text=metadata.negative_text, notes=metadata.notes, status=status,
+    )
+
+
+def save_metadata(
+    session: UiSession,
+    path: str,
+    description: str,
+    sd_version: str,
+    activation_text: str,
+    preferred_weight: Any,
+    negative_text: str,
+    notes: str,
+) -> str:
+    """Write the editor's fields to the file's ``.json`` (A1111's format); returns a one-line status."""
+    target = _listed_path(session, path or "")
+    try:
+        weight = float(preferred_weight or 0)
+    except (TypeError, ValueError):
+        raise UiError(f"Preferred weight must be a number, got {preferred_weight!r}") from None
+    if sd_version not in SD_VERSIONS:
+        raise UiError(f"unknown Stable Diffusion version {sd_version!r}; choose one of: {', '.join(SD_VERSIONS)}")
+    metadata = UserMetadata(
+        description=description or "", activation_text=activation_text or "", preferred_weight=weight,
+        negative_text=negative_text or "", notes=notes or "", sd_version=sd_version,
+    )
+    try:
+        written = write_user_metadata(target, metadata)
+    except UserMetadataError as exc:
+        raise UiError(str(exc)) from None
+    return f"Saved {written.name}"
 
 
 # -- seeds and gallery selection ------------------------------------------------------------------------------

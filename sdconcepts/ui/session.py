@@ -99,6 +99,8 @@ class UiSession:
             folders=list(config.hypernetworks_dirs), load=_hypernetwork_info, suffixes=(".pt",),
             ignore=_hypernetwork_ignored,
         )
+        # The card tabs' cards per kind, rebuilt when the library or a setting they depend on changes.
+        self.card_lists: dict[str, Any] = {}
         # The hypernetworks the last generation used, fully loaded: (path, mtime, size) -> Hypernetwork.
         self._loaded_hypernetworks: dict[tuple[str, float, int], Any] = {}
         self._model: Any = None

@@ -56,6 +56,11 @@ def page() -> Iterator[Any]:
         ("toy b", "toy", None, "b", True),
         ("toygirl", "toy", None, "toygirl toy", False),  # whole words only
         ("x (y) z", "(y)", None, "x z", True),  # regex characters in a name are literal
+        # A card with activation text (A1111 user metadata) inserts it after the tag and removes it with the tag.
+        ("a cat", "<hypernet:s:0.7> red shape", None, "a cat <hypernet:s:0.7> red shape", False),
+        ("a cat <hypernet:s:0.7> red shape, b", "<hypernet:s:0.7> red shape", None, "a cat, b", True),
+        ("a <hypernet:s:1> blue", "<hypernet:s:0.7> red shape", None, "a blue", True),  # edited text stays
+        ("a toy red shape", "toy red shape", None, "a", True),
     ],
 )
 def test_toggle_rules(page: Any, value: str, text: str, caret: int | None, expected: str, removed: bool) -> None:
