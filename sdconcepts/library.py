@@ -20,7 +20,9 @@ from typing import Generic, TypeVar
 from sdconcepts.embedding import Embedding
 from sdconcepts.embedding_files import (
     EMBEDDING_SUFFIXES,
+    HASH_AT_LISTING_BYTES,
     EmbeddingFileError,
+    IMAGE_SUFFIXES,
     EmbeddingInfo,
     NoEmbeddedData,
     file_sha256,
@@ -68,6 +70,8 @@ class FileRecord(Generic[T]):
     # A1111's user metadata (``name.json``): its fields, or why that file could not be used.
     user_metadata: UserMetadata | None = None
     metadata_error: str | None = None
+    # Found by a lazy refresh and not read yet (``Library.read``): ``item`` and ``error`` are both None.
+    pending: bool = False
 
     @property
     def short_hash(self) -> str | None:
@@ -127,8 +131,12 @@ class Library(Generic[T]):
         if path not in self.folders:
             self.folders.append(path)
 
-    def refresh(self, *, force: bool = False) -> LibraryChanges:
-        """Bring the records up to date with the disk; reload only files whose stamp changed (all with ``force``)."""
+    def refresh(self, *, force: bool = False, lazy: bool = False) -> LibraryChanges:
+        """Bring the records up to date with the disk; reload only files whose stamp changed (all with ``force``).
+
+        With ``lazy``, new and changed files are only listed (``pending`` records named after the file) and read
+        later by ``read``/``read_pending``: a scan of 10,000 files then costs their ``stat`` calls.
+        """
         with self._lock:
             stamps = self._walk()
             if stamps == self._stamps and not force:
@@ -147,7 +155,9 @@ class Library(Generic[T]):
             for path in removed:
                 self._records.pop(path, None)
             for path in (*added, *changed):
-                record = self._load_one(Path(path), stamps[path])
+                record = self._pending_record(Path(path), stamps[path]) if lazy else self._load_one(
+                    Path(path), stamps[path]
+                )
                 if record is None:
                     self._records.pop(path, None)
                 else:
@@ -169,6 +179,42 @@ class Library(Generic[T]):
         """Every file found, loaded or skipped, in walk order (as of the last refresh)."""
         with self._lock:
             return list(self._records.values())
+
+    def pending(self) -> list[Path]:
+        """Files a lazy refresh listed and nothing has read yet, in walk order."""
+        with self._lock:
+            return [r.path for r in self._records.values() if r.pending]
+
+    def read(self, paths: Iterable[str | os.PathLike[str]]) -> int:
+        """Read the pending files among ``paths`` now; returns how many were read.
+
+        The reading happens outside the lock (a view may list meanwhile); a file that changed since the scan keeps
+        its pending record for the next refresh.
+        """
+        with self._lock:
+            todo = [
+                (key, self._stamps[key]) for key in (os.fspath(p) for p in paths)
+                if key in self._records and self._records[key].pending and key in self._stamps
+            ]
+        if not todo:
+            return 0
+        loaded = [(key, stamp, self._load_one(Path(key), stamp)) for key, stamp in todo]
+        with self._lock:
+            for key, stamp, record in loaded:
+                current = self._records.get(key)
+                if current is None or not current.pending or self._stamps.get(key) != stamp:
+                    continue
+                if record is None:
+                    del self._records[key]
+                else:
+                    self._records[key] = self._with_sidecars(record, self._stamps, {})
+            self.version += 1
+        return len(loaded)
+
+    def read_pending(self, limit: int | None = None) -> int:
+        """Read up to ``limit`` pending files (all with None), in walk order; returns how many were read."""
+        pending = self.pending()
+        return self.read(pending if limit is None else pending[:limit])
 
     def _loadable(self, path: str) -> bool:
         lower = path.lower()
@@ -204,6 +250,12 @@ class Library(Generic[T]):
                 continue
         for sub in subfolders:
             self._walk_folder(sub, stamps, seen)
+
+    def _pending_record(self, path: Path, stamp: _Stamp) -> FileRecord[T]:
+        return FileRecord(
+            name=path.stem, path=path, preview=None, hash=None, mtime=stamp[0] / 1e9, size=stamp[1], item=None,
+            pending=True,
+        )
 
     def _load_one(self, path: Path, stamp: _Stamp) -> FileRecord[T] | None:
         mtime, size = stamp[0] / 1e9, stamp[1]
@@ -274,7 +326,11 @@ def _find_preview(path: Path, stamps: dict[str, _Stamp]) -> Path | None:
 
 
 def _hash_or_none(path: Path) -> str | None:
+    # A listing reads headers: a file bigger than an embedding ever is (a hypernetwork of 80 MB) is hashed when it
+    # is loaded for a prompt, not here (hashing 2,000 of them would read 160 GB).
     try:
+        if path.stat().st_size > HASH_AT_LISTING_BYTES:
+            return None
         return file_sha256(path)
     except (OSError, ValueError):  # vanished, unreadable, or no longer a regular file
         return None
@@ -309,6 +365,7 @@ class EmbeddingRecord:
     width: int | None
     skipped: str | None
     size: int = 0
+    pending: bool = False
     user_metadata: UserMetadata | None = None
     metadata_error: str | None = None
 
@@ -357,8 +414,9 @@ class EmbeddingLibrary:
     def add_folder(self, folder: str | os.PathLike[str]) -> None:
         self.files.add_folder(folder)
 
-    def refresh(self, *, force: bool = False) -> LibraryChanges:
-        changes = self.files.refresh(force=force)
+    def refresh(self, *, force: bool = False, lazy: bool = False) -> LibraryChanges:
+        """Rescan (see ``Library.refresh``; with ``lazy`` headers are read later, by ``read_pending`` or on use)."""
+        changes = self.files.refresh(force=force, lazy=lazy)
         if changes:
             # Forget vectors and load failures of files that changed or went away.
             live = {(str(r.path), r.mtime, r.size) for r in self.files.records()}
@@ -375,6 +433,9 @@ class EmbeddingLibrary:
         for record in self.files.records():
             info = record.item
             skipped = record.error
+            if record.pending and record.path.suffix.lower() in IMAGE_SUFFIXES:
+                # Most pictures are card pictures, not embeddings: an unread one is not listed as a word.
+                continue
             if info is not None and (str(record.path), record.mtime, record.size) in failed:
                 skipped = failed[(str(record.path), record.mtime, record.size)]
             elif info is not None and info.vectors > CHUNK_LENGTH:
@@ -403,6 +464,7 @@ class EmbeddingLibrary:
                     width=info.width if info is not None else None,
                     skipped=skipped,
                     size=record.size,
+                    pending=record.pending,
                     user_metadata=record.user_metadata,
                     metadata_error=record.metadata_error,
                 )
@@ -438,6 +500,7 @@ class EmbeddingLibrary:
         """
         # A name typed with escaped brackets (``a\(b\)``) is still the name ``a(b)``.
         text = used_in.lower().replace("\\", "") if used_in is not None else None
+        self._read_pending(lambda name: text is None or name.lower() in text)
         result: dict[str, Embedding] = {}
         for record in self.records(width):
             if record.skipped is not None or (text is not None and record.name.lower() not in text):
@@ -454,10 +517,22 @@ class EmbeddingLibrary:
     def get(self, name: str, width: int | None = None) -> Embedding | None:
         """The usable embedding registered under ``name``, matched case-insensitively as A1111 does."""
         key = name.lower()
+        self._read_pending(lambda found: found.lower() == key)
         for record in reversed(self.records(width)):
             if record.skipped is None and record.name.lower() == key:
                 return self.load(record)
         return None
+
+    def read_pending(self, limit: int | None = None) -> int:
+        """Read the headers of up to ``limit`` files a lazy refresh listed; returns how many were read."""
+        return self.files.read_pending(limit)
+
+    def _read_pending(self, wanted: Callable[[str], bool]) -> None:
+        # An unread file may be a word the prompt uses: its stem (images: any name, stored inside) decides.
+        self.files.read(
+            r.path for r in self.files.records()
+            if r.pending and (r.path.suffix.lower() in IMAGE_SUFFIXES or wanted(r.name))
+        )
 
 
 def _replace_skip(record: EmbeddingRecord, reason: str) -> EmbeddingRecord:

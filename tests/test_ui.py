@@ -82,6 +82,7 @@ def test_hypernetwork_cards_insert_tags_with_the_default_multiplier(library: tup
 def test_search_filters_by_name_folder_and_hash_and_sort_orders(session: UiSession) -> None:
     assert _card_names(handlers.embedding_cards_view(session, "LINE").cards_html) == ["lineart"]
     assert _card_names(handlers.embedding_cards_view(session, "styles").cards_html) == ["lineart"]  # its subfolder
+    handlers.embedding_cards_view(session)  # a page shown reads its files: their hashes are known from then on
     toy_hash = next(r.hash for r in session.embeddings.records() if r.name == "toy-style")
     assert toy_hash
     assert _card_names(handlers.embedding_cards_view(session, toy_hash[:8]).cards_html) == ["toy-style"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ class Card:
     description: str = ""
     negative: str = ""
     metadata_error: str | None = None
+    # Listed by a lazy scan, header not read yet: the view reads it before showing the card.
+    pending: bool = False
 
     @property
     def allow_negative(self) -> bool:
@@ -102,13 +105,13 @@ def _description(metadata: Any) -> str:
 
 def _search_text(name: str, path: Path, roots: Sequence[Path], extra: Iterable[str] = ()) -> str:
     """A1111 searches a card by its path relative to the folder and its hash; we add the name."""
-    relative = str(path)
+    relative = full = str(path)
     for root in roots:
-        try:
-            relative = str(path.relative_to(root))
+        # String prefixes, not Path.relative_to: this runs for every card of a 10,000-file library.
+        prefix = os.path.join(str(root), "")
+        if full.startswith(prefix):
+            relative = full[len(prefix) :]
             break
-        except ValueError:
-            continue
     return " ".join([name, relative, *extra]).lower()
 
 
@@ -121,7 +124,10 @@ def embedding_cards(records: Iterable[Any], roots: Sequence[Path] = ()) -> tuple
             skipped.append(Skipped(record.path, record.skipped))
             continue
         vectors = record.vectors or 0
-        details: tuple[str, ...] = (f"{vectors} vector{'s' if vectors != 1 else ''}, width {record.width}",)
+        pending = bool(getattr(record, "pending", False))
+        details: tuple[str, ...] = (
+            ("not read yet",) if pending else (f"{vectors} vector{'s' if vectors != 1 else ''}, width {record.width}",)
+        )
         if record.short_hash:
             details += (f"hash {record.short_hash}",)
         metadata = getattr(record, "user_metadata", None)
@@ -139,6 +145,7 @@ def embedding_cards(records: Iterable[Any], roots: Sequence[Path] = ()) -> tuple
                 description=description,
                 negative=_negative(metadata),
                 metadata_error=getattr(record, "metadata_error", None),
+                pending=pending,
             )
         )
     return cards, skipped
@@ -152,18 +159,21 @@ def hypernetwork_cards(
     cards: list[Card] = []
     skipped: list[Skipped] = []
     for record in records:
-        if record.item is None:
+        pending = bool(getattr(record, "pending", False))
+        if record.item is None and not pending:
             skipped.append(Skipped(record.path, record.error or "did not load"))
             continue
         hypernetwork = record.item
-        structure = ", ".join(format_multiplier(x) for x in hypernetwork.layer_structure)
-        activation = hypernetwork.activation or "linear"
-        details: tuple[str, ...] = (
-            f"widths {', '.join(str(w) for w in hypernetwork.widths)}",
-            f"structure [{structure}], {activation}"
-            + (", layer norm" if hypernetwork.layer_norm else "")
-            + (", dropout" if hypernetwork.use_dropout else ""),
-        )
+        details: tuple[str, ...] = ("not read yet",)
+        if hypernetwork is not None:
+            structure = ", ".join(format_multiplier(x) for x in hypernetwork.layer_structure)
+            activation = hypernetwork.activation or "linear"
+            details = (
+                f"widths {', '.join(str(w) for w in hypernetwork.widths)}",
+                f"structure [{structure}], {activation}"
+                + (", layer norm" if hypernetwork.layer_norm else "")
+                + (", dropout" if hypernetwork.use_dropout else ""),
+            )
         if record.short_hash:
             details += (f"hash {record.hash[:10]}",)
         metadata = record.user_metadata
@@ -183,6 +193,7 @@ def hypernetwork_cards(
                 description=description,
                 negative=_negative(metadata),
                 metadata_error=record.metadata_error,
+                pending=pending,
             )
         )
     return cards, skipped

@@ -89,17 +89,37 @@ def _card_list(session: UiSession, kind: str, key: tuple[Any, ...], build: Calla
     return cached
 
 
-def _view(
-    listing: _CardList, query: str, sort: str, descending: bool, noun: str, page: int
-) -> CardsView:
+def _shown(listing: _CardList, query: str, sort: str, descending: bool, page: Any) -> tuple[list[Card], int, int]:
     order = listing.sorted.get((sort, descending))
     if order is None:
         order = listing.sorted[(sort, descending)] = sort_cards(listing.cards, sort, descending)
-    cards, skipped = listing.cards, listing.skipped
     shown = filter_cards(order, query) if query.strip() else order
-    empty = f"No {noun} files found. Put some in the {noun} folder and press Refresh."
     pages = page_count(len(shown))
-    page = min(max(1, _page_number(page)), pages)
+    return shown, min(max(1, _page_number(page)), pages), pages
+
+
+def _view(
+    library: Any,
+    list_cards: Callable[[], _CardList],
+    query: str,
+    sort: str,
+    descending: bool,
+    noun: str,
+    page: Any,
+) -> CardsView:
+    listing = list_cards()
+    shown, page, pages = _shown(listing, query, sort, descending, page)
+    # A lazy scan lists files without reading them: read the page's (a page costs its own files, not the
+    # library's), then list again, since a file may turn out to be skipped and another take its place.
+    for _ in range(3):
+        unread = [c.path for c in shown[(page - 1) * PAGE_SIZE : page * PAGE_SIZE] if c.pending]
+        if not unread:
+            break
+        library.read(unread)
+        listing = list_cards()
+        shown, page, pages = _shown(listing, query, sort, descending, page)
+    cards, skipped = listing.cards, listing.skipped
+    empty = f"No {noun} files found. Put some in the {noun} folder and press Refresh."
     summary = f"{len(shown)} of {len(cards)} {noun}{'s' if len(cards) != 1 else ''}"
     if skipped:
         summary += f", {len(skipped)} skipped"
@@ -133,13 +153,17 @@ def embedding_cards_view(
     Files whose width does not fit the chosen model are listed as skipped, as A1111 does.
     """
     if refresh:
-        session.embeddings.refresh()
+        session.embeddings.refresh(lazy=True)
+        session.read_in_background()
     width = session.context_width(model_label)
-    listing = _card_list(
-        session, "embedding", (session.embeddings.version, width),
-        lambda: embedding_cards(session.embeddings.records(width), session.embeddings.folders),
-    )
-    return _view(listing, query, sort, descending, "embedding", page)
+
+    def list_cards() -> _CardList:
+        return _card_list(
+            session, "embedding", (session.embeddings.version, width),
+            lambda: embedding_cards(session.embeddings.records(width), session.embeddings.folders),
+        )
+
+    return _view(session.embeddings.files, list_cards, query, sort, descending, "embedding", page)
 
 
 def hypernetwork_cards_view(
@@ -153,13 +177,17 @@ def hypernetwork_cards_view(
 ) -> CardsView:
     """Hypernetworks tab: rescan, then filter, sort and show one page; a click inserts ``<hypernet:name:M>``."""
     if refresh:
-        session.hypernetworks.refresh()
+        session.hypernetworks.refresh(lazy=True)
+        session.read_in_background()
     multiplier = session.config.multiplier()
-    listing = _card_list(
-        session, "hypernetwork", (session.hypernetworks.version, multiplier),
-        lambda: hypernetwork_cards(session.hypernetworks.records(), multiplier, session.hypernetworks.folders),
-    )
-    return _view(listing, query, sort, descending, "hypernetwork", page)
+
+    def list_cards() -> _CardList:
+        return _card_list(
+            session, "hypernetwork", (session.hypernetworks.version, multiplier),
+            lambda: hypernetwork_cards(session.hypernetworks.records(), multiplier, session.hypernetworks.folders),
+        )
+
+    return _view(session.hypernetworks, list_cards, query, sort, descending, "hypernetwork", page)
 
 
 # -- user metadata (A1111's name.json) ----------------------------------------------------------------------------
@@ -353,7 +381,7 @@ def generate(
     with session.generate_lock:
         model = session.model(model_label)
         width = int(model.context_width)
-        session.embeddings.refresh()
+        session.embeddings.refresh(lazy=True)
         # Only the embeddings the prompts name are read (a scan reads headers only); the rest stay on disk.
         used_in = f"{params.prompt}\n{params.negative_prompt}"
         usable = {n: e for n, e in session.embeddings.usable(width, used_in=used_in).items() if not e.is_sdxl}
@@ -361,7 +389,10 @@ def generate(
         skipped_embeddings = {
             n: reason for n, reason in session.embeddings.skipped(width).items() if n.lower() not in taken
         }
-        session.hypernetworks.refresh()
+        session.hypernetworks.refresh(lazy=True)
+        _, tags = parse_extra_network_tags(params.prompt)
+        named = [t.args[0] for t in tags if t.name == "hypernet" and t.args]
+        session.hypernetworks.read(r.path for r in session.hypernetworks.records() if r.pending and r.name in named)
         records = session.hypernetworks.records()
         # A skipped file's name is known (the backend says it "could not be loaded"); say why, as the tab does.
         warnings = [
@@ -370,8 +401,6 @@ def generate(
             if r.item is None and f"<hypernet:{r.name}:" in params.prompt
         ]
         # The records hold metadata only; the hypernetworks the prompt names are loaded now (as A1111 does).
-        _, tags = parse_extra_network_tags(params.prompt)
-        named = [t.args[0] for t in tags if t.name == "hypernet" and t.args]
         loaded, load_warnings = session.load_hypernetworks(records, named)
         warnings += load_warnings
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ __all__ = ["DEFAULT_MODEL_LABEL", "UiConfig", "UiError", "UiSession", "contained
 
 DEFAULT_MODEL_LABEL = "toyworld (embedded)"
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
+READ_BATCH = 200  # files a background read takes between pauses
 
 
 class UiError(ValueError):
@@ -103,6 +105,8 @@ class UiSession:
         self.card_lists: dict[str, Any] = {}
         # The hypernetworks the last generation used, fully loaded: (path, mtime, size) -> Hypernetwork.
         self._loaded_hypernetworks: dict[tuple[str, float, int], Any] = {}
+        self._reader: threading.Thread | None = None
+        self._reader_lock = threading.Lock()
         self._model: Any = None
         self._model_label: str | None = None
         self._model_lock = threading.Lock()
@@ -112,6 +116,28 @@ class UiSession:
         else:
             data = [*config.embeddings_dirs, *config.hypernetworks_dirs, config.outputs_dir]
             self._train_roots = [Path.cwd(), *(Path(p) for p in data if p is not None)]
+
+    def read_in_background(self) -> None:
+        """Read the files lazy scans listed, a batch at a time, in a daemon thread (one at a time per session).
+
+        The card tabs read the files of the page they show at once; this completes the rest (details, hashes for
+        search, the skipped list) without holding a request. Nothing runs when nothing is pending.
+        """
+        with self._reader_lock:
+            if self._reader is not None and self._reader.is_alive():
+                return
+            if not (self.embeddings.files.pending() or self.hypernetworks.pending()):
+                return
+            self._reader = threading.Thread(target=self._read_pending, name="sdconcepts-library-reader", daemon=True)
+            self._reader.start()
+
+    def _read_pending(self) -> None:
+        while True:
+            read = self.embeddings.read_pending(READ_BATCH) + self.hypernetworks.read_pending(READ_BATCH // 4)
+            if read == 0:
+                return
+            # Let request threads in between batches (the GIL is shared with the handlers).
+            time.sleep(0.02)
 
     def train_roots(self) -> list[Path]:
         """The folders Train-tab paths must lie in (``UiConfig.train_roots``)."""
