@@ -181,3 +181,89 @@ def test_preview_images_are_never_read_and_added_folders_join(tmp_path: Path) ->
     library.add_folder(tmp_path / "extension")
     assert library.refresh().added == (tmp_path / "extension" / "extra.safetensors",)
     assert set(library.usable(WIDTH)) == {"inside", "extra"}
+
+
+# -- header-only listing, lazy reads ---------------------------------------------------------------------------
+
+
+def test_header_info_matches_the_full_read_for_every_layout(tmp_path: Path) -> None:
+    from sdconcepts.embedding_files import load_embedding, read_embedding_info
+    from sdconcepts.safe_load import write_torch_file
+
+    save_embedding(_emb("a1111", 3), tmp_path / "a1111.pt")
+    save_embedding(_emb("st", 2), tmp_path / "st.safetensors")
+    write_torch_file({"<learned>": torch.randn(WIDTH)}, tmp_path / "diffusers.bin")  # one vector, [width]
+    pair = {"clip_l": torch.zeros(2, 768) + 0.1, "clip_g": torch.zeros(2, 1280) + 0.1}
+    save_embedding(Embedding("xl", pair), tmp_path / "xl.safetensors")
+    save_embedding(_emb("carried", 4), tmp_path / "carrier.png")
+    for path in sorted(tmp_path.iterdir()):
+        info, full = read_embedding_info(path), load_embedding(path)
+        assert (info.name, info.vectors, info.width, info.sdxl, info.hash) == (
+            full.name, full.vector_count, full.width, full.is_sdxl, full.hash
+        ), path.name
+
+
+def test_vectors_are_read_only_for_the_words_a_prompt_uses(tmp_path: Path) -> None:
+    # nan.pt has a sound header and NaN vectors: only reading its vectors finds that out.
+    torch.save({"emb_params": torch.full((2, WIDTH), float("nan"))}, tmp_path / "nan.pt")
+    save_embedding(_emb("good", 2), tmp_path / "good.safetensors")
+    library = EmbeddingLibrary([tmp_path])
+    library.refresh()
+    assert [r.name for r in library.records(WIDTH) if r.skipped is None] == ["good", "nan"]
+    assert set(library.usable(WIDTH, used_in="a GOOD photo")) == {"good"}
+    assert library.skipped(WIDTH) == {}  # nan.pt was never read
+    assert set(library.usable(WIDTH, used_in="nan, good")) == {"good"}
+    assert "NaN" in library.skipped(WIDTH)["nan"]  # read now, and remembered until the file changes
+
+
+def test_lazy_refresh_lists_by_name_and_reads_on_demand(tmp_path: Path) -> None:
+    save_embedding(_emb("one"), tmp_path / "one.pt")
+    save_embedding(_emb("stored"), tmp_path / "deep" / "carrier.png")
+    _photo(tmp_path / "one.png")  # a card picture
+    library = EmbeddingLibrary([tmp_path])
+    assert library.refresh(lazy=True)
+    records = library.records(WIDTH)
+    # Unread pictures are not words (most are card pictures); unread files have no width yet.
+    assert [(r.name, r.pending, r.width) for r in records] == [("one", True, None)]
+    version = library.version
+    assert library.files.read([tmp_path / "one.pt"]) == 1 and library.version != version
+    assert [(r.name, r.pending, r.width, r.preview) for r in library.records(WIDTH)] == [
+        ("one", False, WIDTH, tmp_path / "one.png")
+    ]
+    # A prompt may use a name stored inside an image: unread images are read before matching.
+    assert set(library.usable(WIDTH, used_in="stored")) == {"stored"}
+    assert library.files.pending() == [] and not library.refresh(lazy=True)
+
+
+# -- A1111 user metadata ------------------------------------------------------------------------------------------
+
+
+def test_user_metadata_is_read_from_the_json_beside_each_file(tmp_path: Path) -> None:
+    import json
+
+    save_embedding(_emb("style"), tmp_path / "style.pt")
+    save_embedding(_emb("plain"), tmp_path / "plain.safetensors")
+    save_embedding(_emb("broken"), tmp_path / "broken.pt")
+    (tmp_path / "style.json").write_text(json.dumps(
+        {"description": "A style", "activation text": "red shape", "preferred weight": 0.6,
+         "negative text": "blurry", "notes": "n", "sd version": "SD1", "other": [1]}), encoding="utf-8")
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
+    library = EmbeddingLibrary([tmp_path])
+    library.refresh()
+    records = {r.name: r for r in library.records(WIDTH)}
+    style = records["style"].user_metadata
+    assert style is not None and (style.description, style.activation_text, style.preferred_weight) == (
+        "A style", "red shape", 0.6)
+    assert (style.negative_text, style.notes, style.sd_version, dict(style.other)) == ("blurry", "n", "SD1",
+                                                                                       {"other": [1]})
+    assert records["plain"].user_metadata is None and records["plain"].metadata_error is None
+    # A broken .json is reported on its record; the embedding itself stays usable.
+    broken = records["broken"]
+    assert broken.skipped is None and broken.user_metadata is None
+    assert "broken.json: not valid JSON" in (broken.metadata_error or "")
+    # An edit is seen by the next refresh (its stamp changed), like any file.
+    (tmp_path / "broken.json").write_text('{"description": "fixed"}', encoding="utf-8")
+    assert library.refresh()
+    fixed = {r.name: r for r in library.records(WIDTH)}["broken"]
+    assert fixed.metadata_error is None and fixed.user_metadata is not None
+    assert fixed.user_metadata.description == "fixed"

@@ -267,3 +267,98 @@ def test_handler_errors_reach_the_page_as_gradio_errors() -> None:
     with pytest.raises(gr.Error, match="steps must be between 1 and 150"):
         _guard(bad)()
     assert _guard(lambda: 3)() == 3
+
+
+# -- big libraries: pages, lazy reads; A1111 user metadata on cards ----------------------------------------------
+
+
+def test_cards_come_in_pages_and_only_the_shown_page_is_read(tmp_path: Path) -> None:
+    from sdconcepts.ui.cards import PAGE_SIZE
+
+    for i in range(PAGE_SIZE + 5):
+        save_embedding(Embedding(f"e{i:04d}", torch.zeros(1, WIDTH) + 0.1), tmp_path / f"g{i % 3}" / f"e{i:04d}.pt")
+    session = UiSession(UiConfig(embeddings_dirs=[tmp_path]))
+    session.read_in_background = lambda: None  # type: ignore[method-assign]  # keep the unread files unread
+    first = handlers.embedding_cards_view(session)
+    assert len(_card_names(first.cards_html)) == PAGE_SIZE and first.pages == 2
+    assert "page 1 of 2" in first.summary and "not read yet" not in first.cards_html
+    assert len(session.embeddings.files.pending()) == 5  # the second page's files
+    second = handlers.embedding_cards_view(session, page=2, refresh=False)
+    assert _card_names(second.cards_html) == [f"e{i:04d}" for i in range(PAGE_SIZE, PAGE_SIZE + 5)]
+    assert session.embeddings.files.pending() == [] and "1 vector, width" in second.cards_html
+    assert handlers.embedding_cards_view(session, page=99, refresh=False).page == 2  # clamped
+    assert _card_names(handlers.embedding_cards_view(session, "e0007", refresh=False).cards_html) == ["e0007"]
+
+
+def test_background_reader_reads_every_listed_file(tmp_path: Path) -> None:
+    for i in range(30):
+        save_embedding(Embedding(f"e{i}", torch.zeros(1, WIDTH) + 0.1), tmp_path / f"e{i}.safetensors")
+    session = UiSession(UiConfig(embeddings_dirs=[tmp_path]))
+    session.embeddings.refresh(lazy=True)
+    assert len(session.embeddings.files.pending()) == 30
+    session.read_in_background()
+    assert session._reader is not None
+    session._reader.join(timeout=60)
+    assert session.embeddings.files.pending() == []
+    assert all(r.hash for r in session.embeddings.records())
+
+
+def test_cards_use_a1111_user_metadata(library: tuple[Path, Path]) -> None:
+    import json
+
+    embeddings, hypernetworks = library
+    (hypernetworks / "anime-hypernet.json").write_text(json.dumps(
+        {"description": "Anime <b>look</b>", "activation text": "cel shading", "preferred weight": 0.6,
+         "negative text": "photo"}), encoding="utf-8")
+    (hypernetworks / "toy-hypernet.json").write_text(json.dumps({"preferred weight": 0}), encoding="utf-8")
+    (embeddings / "toy-style.json").write_text(json.dumps({"activation text": "toy world"}), encoding="utf-8")
+    (embeddings / "styles" / "lineart.json").write_text("[oops", encoding="utf-8")
+    session = UiSession(UiConfig(embeddings_dirs=[embeddings], hypernetworks_dirs=[hypernetworks],
+                                 multiplier=lambda: 0.8))
+    hn = handlers.hypernetwork_cards_view(session).cards_html
+    anime = hn[hn.index('data-name="anime-hypernet"'):hn.index('data-name="toy-hypernet"')]
+    # As A1111's Lora card: the preferred weight replaces the default multiplier and the activation text follows
+    # the tag; the negative text goes to the negative prompt as (text:1). A weight of 0 keeps the default.
+    assert 'data-prompt="&lt;hypernet:anime-hypernet:0.6&gt; cel shading"' in anime
+    assert 'data-negative="(photo:1)"' in anime and "Anime &lt;b&gt;look&lt;/b&gt;" in anime
+    assert 'data-prompt="&lt;hypernet:toy-hypernet:0.8&gt;"' in hn
+    assert _card_names(handlers.hypernetwork_cards_view(session, "anime look", refresh=False).cards_html) == [
+        "anime-hypernet"]  # the description is searched too
+    ti = handlers.embedding_cards_view(session).cards_html
+    assert 'data-prompt="toy-style toy world"' in ti
+    assert "lineart.json: not valid JSON" in ti and 'data-name="lineart"' in ti  # reported, card still usable
+
+
+def test_metadata_editor_round_trip_writes_only_beside_listed_files(library: tuple[Path, Path]) -> None:
+    import json
+
+    embeddings, hypernetworks = library
+    session = UiSession(UiConfig(embeddings_dirs=[embeddings], hypernetworks_dirs=[hypernetworks]))
+    handlers.hypernetwork_cards_view(session)
+    target = str(hypernetworks / "toy-hypernet.pt")
+    form = handlers.metadata_form(session, target)
+    assert (form.description, form.preferred_weight, form.sd_version, form.status) == ("", 0.0, "Unknown", "")
+    status = handlers.save_metadata(session, target, "Toys", "SD1", "toy", 0.7, "ugly", "my notes")
+    assert status == "Saved toy-hypernet.json"
+    assert json.loads((hypernetworks / "toy-hypernet.json").read_text(encoding="utf-8")) == {
+        "description": "Toys", "sd version": "SD1", "activation text": "toy", "preferred weight": 0.7,
+        "negative text": "ugly", "notes": "my notes"}
+    again = handlers.metadata_form(session, target)
+    assert (again.description, again.activation_text, again.preferred_weight, again.notes) == (
+        "Toys", "toy", 0.7, "my notes")
+    view = handlers.hypernetwork_cards_view(session)
+    assert 'data-prompt="&lt;hypernet:toy-hypernet:0.7&gt; toy"' in view.cards_html
+    with pytest.raises(UiError, match="not a listed"):
+        handlers.save_metadata(session, str(hypernetworks / ".." / "elsewhere.pt"), "x", "SD1", "", 0, "", "")
+    with pytest.raises(UiError, match="not a listed"):
+        handlers.metadata_form(session, "/etc/passwd")
+    with pytest.raises(UiError, match="Preferred weight"):
+        handlers.save_metadata(session, target, "x", "SD1", "", "heavy", "", "")
+    # A broken .json opens with the reason and is never overwritten.
+    (embeddings / "toy-style.json").write_text("{broken", encoding="utf-8")
+    handlers.embedding_cards_view(session)
+    broken = handlers.metadata_form(session, str(embeddings / "toy-style.pt"))
+    assert "not valid JSON" in broken.status
+    with pytest.raises(UiError, match="not valid JSON"):
+        handlers.save_metadata(session, str(embeddings / "toy-style.pt"), "x", "SD1", "", 0, "", "")
+    assert (embeddings / "toy-style.json").read_text(encoding="utf-8") == "{broken"
