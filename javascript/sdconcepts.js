@@ -210,6 +210,44 @@
         }
     }, true);
 
+    // Search as you type: the cards of the shown page are filtered here at once (the words of the query, as the
+    // server filters: name, path relative to the folder, hash, description); the server's answer over the whole
+    // library replaces them when it arrives, and is filtered again if the query changed meanwhile.
+    var SEARCH = /^sdconcepts_(ti|hn)_search$/;
+
+    function filterShown(kind) {
+        var root = appRoot();
+        var box = root.querySelector("#sdconcepts_" + kind + "_search");
+        var input = box && box.querySelector("textarea, input");
+        var words = input ? input.value.toLowerCase().split(/\s+/).filter(Boolean) : [];
+        var cards = root.querySelectorAll("#sdconcepts_" + kind + "_cards .sdconcepts-card");
+        for (var i = 0; i < cards.length; i++) {
+            var text = cards[i].getAttribute("data-search") || "";
+            var match = words.every(function (word) { return text.indexOf(word) >= 0; });
+            cards[i].style.display = match ? "" : "none";
+        }
+    }
+
+    var watched = {};
+
+    function watchCards(kind) {
+        var container = appRoot().querySelector("#sdconcepts_" + kind + "_cards");
+        if (!container || watched[kind] === container || typeof MutationObserver === "undefined") {
+            return;
+        }
+        watched[kind] = container;
+        new MutationObserver(function () { filterShown(kind); }).observe(container, {childList: true, subtree: true});
+    }
+
+    document.addEventListener("input", function (event) {
+        var box = findIn(event, function (el) { return SEARCH.test(el.id || ""); });
+        if (box) {
+            var kind = SEARCH.exec(box.id)[1];
+            watchCards(kind);
+            filterShown(kind);
+        }
+    }, true);
+
     window.sdconcepts = {installed: true, state: state, toggleText: toggleText, toggleInPrompt: toggleInPrompt,
                          openEditor: openEditor};
 })();

@@ -21,8 +21,8 @@ from sdconcepts.embedding import Embedding
 from sdconcepts.embedding_files import (
     EMBEDDING_SUFFIXES,
     HASH_AT_LISTING_BYTES,
-    EmbeddingFileError,
     IMAGE_SUFFIXES,
+    EmbeddingFileError,
     EmbeddingInfo,
     NoEmbeddedData,
     file_sha256,
@@ -185,11 +185,12 @@ class Library(Generic[T]):
         with self._lock:
             return [r.path for r in self._records.values() if r.pending]
 
-    def read(self, paths: Iterable[str | os.PathLike[str]]) -> int:
+    def read(self, paths: Iterable[str | os.PathLike[str]], *, quiet: bool = False) -> int:
         """Read the pending files among ``paths`` now; returns how many were read.
 
         The reading happens outside the lock (a view may list meanwhile); a file that changed since the scan keeps
-        its pending record for the next refresh.
+        its pending record for the next refresh. ``quiet`` leaves ``version`` alone (a background reader bumps it
+        once at the end with ``touch``, so views do not rebuild their cards after every batch).
         """
         with self._lock:
             todo = [
@@ -208,13 +209,20 @@ class Library(Generic[T]):
                     del self._records[key]
                 else:
                     self._records[key] = self._with_sidecars(record, self._stamps, {})
-            self.version += 1
+            if not quiet:
+                self.version += 1
         return len(loaded)
 
-    def read_pending(self, limit: int | None = None) -> int:
+    def read_pending(self, limit: int | None = None, *, quiet: bool = False) -> int:
         """Read up to ``limit`` pending files (all with None), in walk order; returns how many were read."""
-        pending = self.pending()
-        return self.read(pending if limit is None else pending[:limit])
+        with self._lock:
+            pending = [r.path for r in self._records.values() if r.pending][:limit]
+        return self.read(pending, quiet=quiet)
+
+    def touch(self) -> None:
+        """Mark the records as changed (after quiet reads)."""
+        with self._lock:
+            self.version += 1
 
     def _loadable(self, path: str) -> bool:
         lower = path.lower()
@@ -523,9 +531,9 @@ class EmbeddingLibrary:
                 return self.load(record)
         return None
 
-    def read_pending(self, limit: int | None = None) -> int:
+    def read_pending(self, limit: int | None = None, *, quiet: bool = False) -> int:
         """Read the headers of up to ``limit`` files a lazy refresh listed; returns how many were read."""
-        return self.files.read_pending(limit)
+        return self.files.read_pending(limit, quiet=quiet)
 
     def _read_pending(self, wanted: Callable[[str], bool]) -> None:
         # An unread file may be a word the prompt uses: its stem (images: any name, stored inside) decides.

@@ -291,6 +291,7 @@ def render_cards(
             f'<div class="sdconcepts-card sdconcepts-card-{card.kind}" role="button" tabindex="0"'
             f' data-name="{html.escape(card.name)}" data-prompt="{html.escape(card.prompt)}"'
             f' data-negative="{html.escape(card.negative)}" data-path="{html.escape(str(card.path))}"'
+            f' data-search="{html.escape(card.search_text)}"'
             f' data-allow-negative="{1 if card.allow_negative else 0}" title="{html.escape(title)}">'
             f"{picture}"
             f'<span class="sdconcepts-card-edit" role="button" tabindex="0" title="Edit metadata">&#9998;</span>'

@@ -19,7 +19,8 @@ __all__ = ["DEFAULT_MODEL_LABEL", "UiConfig", "UiError", "UiSession", "contained
 
 DEFAULT_MODEL_LABEL = "toyworld (embedded)"
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
-READ_BATCH = 200  # files a background read takes between pauses
+READ_BATCH = 100  # files a background read takes between pauses
+READ_PAUSE_S = 0.05
 
 
 class UiError(ValueError):
@@ -132,12 +133,19 @@ class UiSession:
             self._reader.start()
 
     def _read_pending(self) -> None:
-        while True:
-            read = self.embeddings.read_pending(READ_BATCH) + self.hypernetworks.read_pending(READ_BATCH // 4)
-            if read == 0:
-                return
-            # Let request threads in between batches (the GIL is shared with the handlers).
-            time.sleep(0.02)
+        # Quiet reads: the card tabs rebuild their cards once at the end, not after every batch; files the tabs
+        # show meanwhile are read by the views themselves.
+        try:
+            while True:
+                read = self.embeddings.read_pending(READ_BATCH, quiet=True)
+                read += self.hypernetworks.read_pending(READ_BATCH // 4, quiet=True)
+                if read == 0:
+                    return
+                # Let request threads in between batches (the GIL is shared with the handlers).
+                time.sleep(READ_PAUSE_S)
+        finally:
+            self.embeddings.files.touch()
+            self.hypernetworks.touch()
 
     def train_roots(self) -> list[Path]:
         """The folders Train-tab paths must lie in (``UiConfig.train_roots``)."""
