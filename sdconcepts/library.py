@@ -31,7 +31,7 @@ from sdconcepts.embedding_files import (
 )
 from sdconcepts.prompts import CHUNK_LENGTH
 from sdconcepts.safe_load import file_kind
-from sdconcepts.user_metadata import UserMetadata, UserMetadataError, metadata_path, read_user_metadata
+from sdconcepts.user_metadata import UserMetadata, UserMetadataError, read_user_metadata
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,9 @@ class Library(Generic[T]):
     _records: dict[str, FileRecord[T]] = field(default_factory=dict, repr=False)
     _sidecars: dict[str, tuple[_Stamp, UserMetadata | None, str | None]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _loadable_cache: dict[str, bool] = field(default_factory=dict, repr=False)
+    _paths: dict[str, Path] = field(default_factory=dict, repr=False)
+    _pictures: dict[str, Path] = field(default_factory=dict, repr=False)
     # Counts the refreshes that changed anything: a view built from the records stays valid while it is the same.
     version: int = field(default=0, repr=False)
 
@@ -155,8 +158,8 @@ class Library(Generic[T]):
             for path in removed:
                 self._records.pop(path, None)
             for path in (*added, *changed):
-                record = self._pending_record(Path(path), stamps[path]) if lazy else self._load_one(
-                    Path(path), stamps[path]
+                record = self._pending_record(self._path_of(path), stamps[path]) if lazy else self._load_one(
+                    self._path_of(path), stamps[path]
                 )
                 if record is None:
                     self._records.pop(path, None)
@@ -164,16 +167,26 @@ class Library(Generic[T]):
                     self._records[path] = record
             # Keep walk order (later files win name collisions, as in A1111); refresh card pictures and metadata.
             sidecars: dict[str, tuple[_Stamp, UserMetadata | None, str | None]] = {}
+            self._pictures = _preview_index(stamps)
             self._records = {
                 p: self._with_sidecars(self._records[p], stamps, sidecars) for p in stamps if p in self._records
             }
             self._sidecars = sidecars
+            for path in removed:
+                self._paths.pop(path, None)
             return LibraryChanges(
-                added=tuple(Path(p) for p in added),
-                changed=tuple(Path(p) for p in changed),
+                added=tuple(self._path_of(p) for p in added),
+                changed=tuple(self._path_of(p) for p in changed),
                 removed=tuple(Path(p) for p in removed),
                 previews=previews,
             )
+
+    def _path_of(self, key: str) -> Path:
+        # One Path per file for the library's life: building 10,000 of them on every scan costs a second.
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = Path(key)
+        return path
 
     def records(self) -> list[FileRecord[T]]:
         """Every file found, loaded or skipped, in walk order (as of the last refresh)."""
@@ -225,8 +238,13 @@ class Library(Generic[T]):
             self.version += 1
 
     def _loadable(self, path: str) -> bool:
-        lower = path.lower()
-        return lower.endswith(self.suffixes) and not self.ignore(Path(path))  # type: ignore[arg-type]
+        # Asked for every file on every changed refresh: remembered per path (a name's answer never changes).
+        known = self._loadable_cache.get(path)
+        if known is None:
+            lower = path.lower()
+            known = lower.endswith(self.suffixes) and not self.ignore(self._path_of(path))  # type: ignore[arg-type]
+            self._loadable_cache[path] = known
+        return known
 
     def _walk(self) -> dict[str, _Stamp]:
         stamps: dict[str, _Stamp] = {}
@@ -261,7 +279,7 @@ class Library(Generic[T]):
 
     def _pending_record(self, path: Path, stamp: _Stamp) -> FileRecord[T]:
         return FileRecord(
-            name=path.stem, path=path, preview=None, hash=None, mtime=stamp[0] / 1e9, size=stamp[1], item=None,
+            name=os.path.splitext(os.path.basename(str(path)))[0], path=path, preview=None, hash=None, mtime=stamp[0] / 1e9, size=stamp[1], item=None,
             pending=True,
         )
 
@@ -303,8 +321,9 @@ class Library(Generic[T]):
         stamps: dict[str, _Stamp],
         sidecars: dict[str, tuple[_Stamp, UserMetadata | None, str | None]],
     ) -> FileRecord[T]:
-        preview = _find_preview(record.path, stamps)
-        json_path = str(metadata_path(record.path))
+        base = os.path.splitext(str(record.path))[0]
+        preview = self._pictures.get(base)
+        json_path = base + METADATA_SUFFIX  # user_metadata.metadata_path
         metadata: UserMetadata | None = None
         error: str | None = None
         if json_path in stamps:
@@ -323,14 +342,24 @@ class Library(Generic[T]):
         return replace(record, preview=preview, user_metadata=metadata, metadata_error=error)
 
 
-def _find_preview(path: Path, stamps: dict[str, _Stamp]) -> Path | None:
-    base = path.with_suffix("")
-    for stem in (str(base), f"{base}.preview"):
-        for suffix in PREVIEW_SUFFIXES:
-            for candidate in (stem + suffix, stem + suffix.upper()):
-                if candidate in stamps:
-                    return Path(candidate)
-    return None
+def _preview_index(stamps: dict[str, _Stamp]) -> dict[str, Path]:
+    """File stem (path without extension) -> its card picture: ``stem.png`` before ``stem.preview.png``, then in
+    PREVIEW_SUFFIXES order, lower-case extension before upper-case. Built once per scan from the pictures alone."""
+    best: dict[str, tuple[tuple[int, int, int], str]] = {}
+    for key in stamps:
+        base, extension = os.path.splitext(key)
+        lower = extension.lower()
+        if lower not in PREVIEW_SUFFIXES or extension not in (lower, lower.upper()):
+            continue
+        rank = (PREVIEW_SUFFIXES.index(lower), 0 if extension == lower else 1)
+        stems = [(0, base)]
+        if base.endswith(".preview"):
+            stems.append((1, base[: -len(".preview")]))
+        for stem_rank, stem in stems:
+            candidate = ((stem_rank, *rank), key)
+            if stem not in best or candidate[0] < best[stem][0]:
+                best[stem] = candidate
+    return {stem: Path(key) for stem, (_rank, key) in best.items()}
 
 
 def _hash_or_none(path: Path) -> str | None:
@@ -441,7 +470,7 @@ class EmbeddingLibrary:
         for record in self.files.records():
             info = record.item
             skipped = record.error
-            if record.pending and record.path.suffix.lower() in IMAGE_SUFFIXES:
+            if record.pending and str(record.path).lower().endswith(IMAGE_SUFFIXES):
                 # Most pictures are card pictures, not embeddings: an unread one is not listed as a word.
                 continue
             if info is not None and (str(record.path), record.mtime, record.size) in failed:
@@ -539,7 +568,7 @@ class EmbeddingLibrary:
         # An unread file may be a word the prompt uses: its stem (images: any name, stored inside) decides.
         self.files.read(
             r.path for r in self.files.records()
-            if r.pending and (r.path.suffix.lower() in IMAGE_SUFFIXES or wanted(r.name))
+            if r.pending and (str(r.path).lower().endswith(IMAGE_SUFFIXES) or wanted(r.name))
         )
 
 

@@ -115,13 +115,32 @@ def _search_text(name: str, path: Path, roots: Sequence[Path], extra: Iterable[s
     return " ".join([name, relative, *extra]).lower()
 
 
-def embedding_cards(records: Iterable[Any], roots: Sequence[Path] = ()) -> tuple[list[Card], list[Skipped]]:
-    """Cards for ``library.EmbeddingRecord`` values; records with a ``skipped`` reason go to the skipped list."""
+CardCache = dict[str, tuple[tuple[Any, ...], Card]]
+
+
+def embedding_cards(
+    records: Iterable[Any], roots: Sequence[Path] = (), cache: CardCache | None = None
+) -> tuple[list[Card], list[Skipped]]:
+    """Cards for ``library.EmbeddingRecord`` values; records with a ``skipped`` reason go to the skipped list.
+
+    ``cache`` (path -> (what the card was made from, card)) lets a caller rebuild 10,000 cards after a few files
+    changed without making the other cards again.
+    """
     cards: list[Card] = []
     skipped: list[Skipped] = []
+    fresh: CardCache = {}
     for record in records:
         if record.skipped is not None:
             skipped.append(Skipped(record.path, record.skipped))
+            continue
+        metadata = getattr(record, "user_metadata", None)
+        key = (record.name, record.mtime, getattr(record, "size", 0), getattr(record, "pending", False), record.hash,
+               record.vectors, record.width, record.preview, id(metadata), getattr(record, "metadata_error", None))
+        path_key = str(record.path)
+        known = cache.get(path_key) if cache is not None else None
+        if known is not None and known[0] == key:
+            cards.append(known[1])
+            fresh[path_key] = known
             continue
         vectors = record.vectors or 0
         pending = bool(getattr(record, "pending", False))
@@ -130,7 +149,6 @@ def embedding_cards(records: Iterable[Any], roots: Sequence[Path] = ()) -> tuple
         )
         if record.short_hash:
             details += (f"hash {record.short_hash}",)
-        metadata = getattr(record, "user_metadata", None)
         description = _description(metadata)
         cards.append(
             Card(
@@ -148,20 +166,33 @@ def embedding_cards(records: Iterable[Any], roots: Sequence[Path] = ()) -> tuple
                 pending=pending,
             )
         )
+        fresh[path_key] = (key, cards[-1])
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return cards, skipped
 
 
 def hypernetwork_cards(
-    records: Iterable[Any], multiplier: float = 1.0, roots: Sequence[Path] = ()
+    records: Iterable[Any], multiplier: float = 1.0, roots: Sequence[Path] = (), cache: CardCache | None = None
 ) -> tuple[list[Card], list[Skipped]]:
     """Cards for ``library.FileRecord`` values holding a ``HypernetworkInfo`` (or a ``Hypernetwork``: same fields);
-    files that could not be read go to the skipped list."""
+    files that could not be read go to the skipped list. ``cache`` as for ``embedding_cards``."""
     cards: list[Card] = []
     skipped: list[Skipped] = []
+    fresh: CardCache = {}
     for record in records:
         pending = bool(getattr(record, "pending", False))
         if record.item is None and not pending:
             skipped.append(Skipped(record.path, record.error or "did not load"))
+            continue
+        # A library keeps an unchanged file's record object: the same object (and multiplier) makes the same card.
+        key = (id(record), multiplier, record)
+        path_key = str(record.path)
+        known = cache.get(path_key) if cache is not None else None
+        if known is not None and known[0] == key:
+            cards.append(known[1])
+            fresh[path_key] = known
             continue
         hypernetwork = record.item
         details: tuple[str, ...] = ("not read yet",)
@@ -196,6 +227,10 @@ def hypernetwork_cards(
                 pending=pending,
             )
         )
+        fresh[path_key] = (key, cards[-1])
+    if cache is not None:
+        cache.clear()
+        cache.update(fresh)
     return cards, skipped
 
 

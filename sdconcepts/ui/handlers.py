@@ -160,7 +160,8 @@ def embedding_cards_view(
     def list_cards() -> _CardList:
         return _card_list(
             session, "embedding", (session.embeddings.version, width),
-            lambda: embedding_cards(session.embeddings.records(width), session.embeddings.folders),
+            lambda: embedding_cards(session.embeddings.records(width), session.embeddings.folders,
+                                    session.card_cache.setdefault(("embedding", width), {})),
         )
 
     return _view(session.embeddings.files, list_cards, query, sort, descending, "embedding", page)
@@ -184,7 +185,8 @@ def hypernetwork_cards_view(
     def list_cards() -> _CardList:
         return _card_list(
             session, "hypernetwork", (session.hypernetworks.version, multiplier),
-            lambda: hypernetwork_cards(session.hypernetworks.records(), multiplier, session.hypernetworks.folders),
+            lambda: hypernetwork_cards(session.hypernetworks.records(), multiplier, session.hypernetworks.folders,
+                                       session.card_cache.setdefault("hypernetwork", {})),
         )
 
     return _view(session.hypernetworks, list_cards, query, sort, descending, "hypernetwork", page)

@@ -104,6 +104,7 @@ class UiSession:
         )
         # The card tabs' cards per kind, rebuilt when the library or a setting they depend on changes.
         self.card_lists: dict[str, Any] = {}
+        self.card_cache: dict[Any, Any] = {}  # per kind: the cards of unchanged files, reused by the next rebuild
         # The hypernetworks the last generation used, fully loaded: (path, mtime, size) -> Hypernetwork.
         self._loaded_hypernetworks: dict[tuple[str, float, int], Any] = {}
         self._reader: threading.Thread | None = None
