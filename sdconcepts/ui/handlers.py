@@ -152,6 +152,7 @@ def embedding_cards_view(
 
     Files whose width does not fit the chosen model are listed as skipped, as A1111 does.
     """
+    session.note_view()
     if refresh:
         session.embeddings.refresh(lazy=True)
         session.read_in_background()
@@ -177,6 +178,7 @@ def hypernetwork_cards_view(
     page: int = 1,
 ) -> CardsView:
     """Hypernetworks tab: rescan, then filter, sort and show one page; a click inserts ``<hypernet:name:M>``."""
+    session.note_view()
     if refresh:
         session.hypernetworks.refresh(lazy=True)
         session.read_in_background()

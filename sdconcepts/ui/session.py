@@ -6,6 +6,7 @@ No gradio here: the standalone app and the host adapter both build a ``UiSession
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,16 @@ DEFAULT_MODEL_LABEL = "toyworld (embedded)"
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 READ_BATCH = 100  # files a background read takes between pauses
 READ_PAUSE_S = 0.05
+READ_YIELD_S = 0.5  # the background reader waits this long after a card tab's last request
+
+
+def _lower_thread_priority() -> None:
+    # On Linux a thread has its own nice value: the reader then gets the CPU (and with it the GIL) after requests do.
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except OSError:
+            pass
 
 
 class UiError(ValueError):
@@ -108,6 +119,7 @@ class UiSession:
         # The hypernetworks the last generation used, fully loaded: (path, mtime, size) -> Hypernetwork.
         self._loaded_hypernetworks: dict[tuple[str, float, int], Any] = {}
         self._reader: threading.Thread | None = None
+        self._last_view = 0.0
         self._reader_lock = threading.Lock()
         self._model: Any = None
         self._model_label: str | None = None
@@ -133,11 +145,19 @@ class UiSession:
             self._reader = threading.Thread(target=self._read_pending, name="sdconcepts-library-reader", daemon=True)
             self._reader.start()
 
+    def note_view(self) -> None:
+        """A card tab is being used (typing, paging): the background reader steps aside for a moment."""
+        self._last_view = time.monotonic()
+
     def _read_pending(self) -> None:
         # Quiet reads: the card tabs rebuild their cards once at the end, not after every batch; files the tabs
         # show meanwhile are read by the views themselves.
+        _lower_thread_priority()
         try:
             while True:
+                # Someone is typing in a search box or paging: their requests share this process's GIL.
+                while time.monotonic() - self._last_view < READ_YIELD_S:
+                    time.sleep(READ_YIELD_S / 4)
                 read = self.embeddings.read_pending(READ_BATCH, quiet=True)
                 read += self.hypernetworks.read_pending(READ_BATCH // 4, quiet=True)
                 if read == 0:
