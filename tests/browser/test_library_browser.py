@@ -171,6 +171,22 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
             print("search, key to the server's answer: "
                   + ", ".join(f"{q!r} ({n}) {t * 1000:.0f} ms" for q, n, t in server))
             assert _card_count(page) == 1 and server[-1][1] == 1
+            # The filter itself, timed inside the page (the keys above also wait for the browser's other work).
+            box.fill("")
+            page.wait_for_function(f"() => document.querySelectorAll('{CARDS}').length === {PAGE_SIZE}")
+            cost = page.evaluate(
+                """() => { const input = document.querySelector('#sdconcepts_ti_search input, #sdconcepts_ti_search textarea');
+                    const times = [];
+                    for (const q of ['g', 'gr', 'group3', 'group3/s', 'e0', '']) {
+                        const t0 = performance.now();
+                        input.value = q; input.dispatchEvent(new Event('input', {bubbles: true}));
+                        document.body.offsetHeight;  // include the layout the change causes
+                        times.push(performance.now() - t0);
+                    }
+                    return times; }"""
+            )
+            print("in-page filter of the shown page, per keystroke incl. layout: "
+                  + ", ".join(f"{t:.1f} ms" for t in cost))
 
             # The metadata editor: open from the card's edit button, save, and the card and the json follow.
             box.fill("toy-style")
