@@ -2,8 +2,11 @@
 
 ``Library`` is generic over a loader function: it walks its folders recursively, loads each file once, keeps a
 record per file (loaded, or skipped with a reason) and, on ``refresh()``, reloads only what was added, changed or
-removed. A refresh that finds nothing changed costs one ``stat`` per file. ``EmbeddingLibrary`` adds A1111's width
-check and name rules for textual inversion embeddings.
+removed. A refresh that finds nothing changed costs one ``stat`` per file. ``refresh(lazy=True)`` only lists new
+files (pending records) and ``read()`` loads the ones a caller needs (a card tab reads the page it shows), so a
+library of 10,000 files lists in the time of its ``stat`` calls. Records carry the card picture beside each file
+and A1111's user metadata (``name.json``). ``EmbeddingLibrary`` adds A1111's width check and name rules for textual
+inversion embeddings; its loader reads headers only, and an embedding's vectors are read when a prompt uses it.
 """
 
 from __future__ import annotations
