@@ -2,7 +2,7 @@
 user-metadata editor, and clicks that insert the activation text and use the preferred weight.
 
 Times (to the first usable card, per search) are printed, not asserted beyond a loose bound: speed goals are
-measured by bench/bench_library.py. Runs the standalone app only (the hosted page is covered by test_browser.py).
+measured by bench/bench_library.py. Served standalone and hosted, as in test_browser.py (SDCONCEPTS_BROWSER_MODES).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from test_browser import (
     APP_PYTHON,
     CHROMIUM,
     CHROMIUM_ARGS,
+    HERE,
+    MODES,
     OUTPUT,
     ROOT,
     TIMEOUT_MS,
@@ -59,25 +61,32 @@ def _write_big_library(root: Path, width: int) -> tuple[Path, Path]:
     return embeddings, hypernetworks
 
 
-@pytest.fixture(scope="module")
-def big_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
-    tmp = tmp_path_factory.mktemp("browser-library")
+@pytest.fixture(scope="module", params=MODES)
+def big_app(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str, Path, Path]]:
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"browser-library-{mode}")
     model, width = _model_for_test(tmp)
     start = time.monotonic()
     embeddings, hypernetworks = _write_big_library(tmp, width)
     print(f"\nwrote {EMBEDDINGS + 1} embeddings in {time.monotonic() - start:.0f} s")
     port = _free_port()
-    command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port),
-               "--embeddings-dir", str(embeddings), "--hypernetworks-dir", str(hypernetworks),
-               "--outputs-dir", str(tmp / "outputs")]
-    if model != "-":
-        command += ["--ckpt", model]
+    if mode == "standalone":
+        command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port),
+                   "--embeddings-dir", str(embeddings), "--hypernetworks-dir", str(hypernetworks),
+                   "--outputs-dir", str(tmp / "outputs")]
+        if model != "-":
+            command += ["--ckpt", model]
+    else:  # our tab inside a page built the way A1111/Forge build theirs
+        command = [APP_PYTHON, str(HERE / "hosted_app.py"), str(port), model, str(embeddings), str(hypernetworks),
+                   str(tmp / "outputs")]
     # The app runs this checkout's code (the interpreter's installed sdconcepts may be another checkout).
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
                PYTHONPATH=pythonpath)
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    log = OUTPUT / "library-server.log"
+    log = OUTPUT / f"library-{mode}-server.log"
     started = time.monotonic()
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -85,7 +94,7 @@ def big_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     try:
         _wait_for_server(url, process, log)
         print(f"server answered {time.monotonic() - started:.1f} s after start")
-        yield url, embeddings, hypernetworks
+        yield mode, url, embeddings, hypernetworks
     finally:
         process.terminate()
         try:
@@ -102,8 +111,8 @@ def _card_count(page) -> int:  # type: ignore[no-untyped-def]
     return int(page.evaluate(f"() => document.querySelectorAll('{CARDS}').length"))
 
 
-def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str, Path, Path]) -> None:
-    url, embeddings, hypernetworks = big_app
+def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str, str, Path, Path]) -> None:
+    mode, url, embeddings, hypernetworks = big_app
     prompt = "#sdconcepts_prompt textarea"
     negative = "#sdconcepts_neg_prompt textarea"
     search = "#sdconcepts_ti_search input, #sdconcepts_ti_search textarea"
@@ -114,6 +123,9 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
             page.set_default_timeout(TIMEOUT_MS)
             start = time.monotonic()
             page.goto(url)
+            if mode == "hosted":
+                host_tab = page.locator('#tabs button[role="tab"], #tabs .tab-nav button')
+                host_tab.filter(has_text="sdconcepts").filter(visible=True).first.click()
             page.wait_for_selector(prompt, state="visible")
             page.wait_for_function("() => window.sdconcepts && window.sdconcepts.installed")
             _open_tab(page, "Textual Inversion")
@@ -239,6 +251,6 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
             assert _value(page, negative) == "(photo:1)"
             hn_card.locator(".sdconcepts-card-name").click()
             assert _value(page, prompt) == "a red circle" and _value(page, negative) == ""
-            page.screenshot(path=str(OUTPUT / "library-hypernetworks.png"), full_page=True)
+            page.screenshot(path=str(OUTPUT / f"library-{mode}-hypernetworks.png"), full_page=True)
         finally:
             browser.close()
