@@ -1,4 +1,5 @@
-"""A1111-style single-file Stable Diffusion checkpoints (the original LDM/CompVis key layout), SD 1.x and SD 2.x.
+"""A1111-style single-file Stable Diffusion checkpoints (the original LDM/CompVis key layout), SD 1.x and SD 2.x;
+SDXL's SGM layout is `sdconcepts.checkpoints.sdxl`, reached through the same functions.
 
 This module owns the file format: reading `.safetensors`/`.ckpt` without unrestricted unpickling, telling the model
 family and prediction type apart, inferring model configs from tensor shapes, and renaming keys between the LDM
@@ -53,7 +54,8 @@ VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 TEXT_MODEL = "text_model."
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
+SDXL_PREFIX = "conditioner.embedders."
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # Our own record of the configs, so that hyperparameters no tensor shape reveals (attention heads, GroupNorm
@@ -90,6 +92,8 @@ class ModelConfigs:
     scheduler: dict[str, Any]
     family: str
     prediction_type: str
+    # SDXL's second text encoder (OpenCLIP ViT-bigG with its projection); None for SD 1.x/2.x.
+    text_encoder_2: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------------------- reading
@@ -165,11 +169,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def detect_family(state_dict: Mapping[str, Tensor]) -> str:
-    """Return ``"sd1"`` (CLIP ViT-L, HF key names) or ``"sd2"`` (OpenCLIP ViT-H) from the text-encoder keys."""
+    """Return ``"sd1"`` (CLIP ViT-L, HF key names), ``"sd2"`` (OpenCLIP ViT-H) or ``"sdxl"`` (CLIP ViT-L and
+    OpenCLIP ViT-bigG under ``conditioner.embedders.*``) from the text-encoder keys."""
     sd1 = sd2 = False
     for k in state_dict:
-        if k.startswith("conditioner.embedders."):
-            raise CheckpointError("SDXL checkpoint (conditioner.embedders.*); only SD 1.x and SD 2.x are supported")
+        if k.startswith(SDXL_PREFIX):
+            from sdconcepts.checkpoints import sdxl
+
+            sdxl.check_layout(state_dict)
+            return "sdxl"
         if k.startswith(SD2_TEXT_PREFIX + "transformer.resblocks."):
             sd2 = True
         elif k.startswith(SD1_TEXT_PREFIX):
@@ -408,7 +416,7 @@ def _rename(
             unknown.append(key)
     if unknown:
         shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-        raise CheckpointError(f"unexpected {what} keys {shown}; only the SD 1.x/2.x layout is supported")
+        raise CheckpointError(f"unexpected {what} keys {shown}; only the SD 1.x, 2.x and XL layouts are supported")
     return out
 
 
@@ -448,12 +456,22 @@ def _sd1_text_to_hf(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[st
 
 
 def _sd2_text_to_hf(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
-    p = SD2_TEXT_PREFIX
-    blocks = _indices(sd, p + "transformer.resblocks.")
+    blocks = _indices(sd, SD2_TEXT_PREFIX + "transformer.resblocks.")
     # SD2 conditions on the penultimate layer: diffusers' text encoder stops one resblock short of the file.
     layers = len(blocks) - 1
     if layers < 1 or max(blocks) != layers:
         raise CheckpointError("SD2 text encoder needs at least two consecutive transformer.resblocks.*")
+    return openclip_to_hf(sd, SD2_TEXT_PREFIX, layers, what="SD2")
+
+
+def openclip_to_hf(
+    sd: Mapping[str, Tensor], p: str, layers: int, *, what: str
+) -> tuple[dict[str, Tensor], set[str]]:
+    """Rename an OpenCLIP text tower under prefix `p` (fused ``in_proj`` q/k/v split) to CLIPTextModel keys.
+
+    Resblocks from `layers` on are left out (SD2 never runs its last one); ``text_projection``, ``logit_scale`` and
+    ``attn_mask`` are not converted (they are not CLIPTextModel weights) and stay out of the returned used keys.
+    """
     tm = TEXT_MODEL
     out: dict[str, Tensor] = {}
     used: set[str] = set()
@@ -496,7 +514,7 @@ def _sd2_text_to_hf(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[st
             continue
         used.add(key)
     if unknown:
-        raise CheckpointError(f"unexpected SD2 text encoder keys {', '.join(unknown[:3])}")
+        raise CheckpointError(f"unexpected {what} text encoder keys {', '.join(unknown[:3])}")
     return out, used
 
 
@@ -505,7 +523,11 @@ def _hf_text_to_sd1(te: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _hf_text_to_sd2(te: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    p = SD2_TEXT_PREFIX
+    return hf_to_openclip(te, SD2_TEXT_PREFIX)
+
+
+def hf_to_openclip(te: Mapping[str, Tensor], p: str) -> dict[str, Tensor]:
+    """CLIPTextModel keys (without ``text_model.``) to an OpenCLIP text tower under prefix `p`, q/k/v fused."""
     singles = {
         "embeddings.token_embedding.weight": "token_embedding.weight",
         "embeddings.position_embedding.weight": "positional_embedding",
@@ -563,8 +585,11 @@ def match_text_encoder_keys(sd: Mapping[str, Tensor], model_keys: Iterable[str])
     """
     keys = list(model_keys)
     with_level = any(k.startswith(TEXT_MODEL) for k in keys)
-    out = {(TEXT_MODEL + k if with_level else k): v for k, v in _strip_text_model(sd).items()}
     wanted = set(keys)
+    # Keys outside the text tower (CLIPTextModelWithProjection's text_projection) never take the level.
+    out = {
+        (k if k in wanted or not with_level else TEXT_MODEL + k): v for k, v in _strip_text_model(sd).items()
+    }
     for k in [k for k in out if k.endswith("position_ids") and k not in wanted]:
         del out[k]
     for k in wanted - set(out):
@@ -587,14 +612,13 @@ def split_checkpoint(
     Text-encoder keys come in the transformers-4 form (``text_model.`` prefix); see match_text_encoder_keys.
     """
     family = configs.family if configs is not None else detect_family(state_dict)
+    if family == "sdxl":
+        from sdconcepts.checkpoints import sdxl
+
+        return sdxl.split_checkpoint(state_dict)
     unet_layout = _ldm_unet_layout(state_dict)
     unet = _rename(state_dict, UNET_PREFIX, _unet_modules(unet_layout), to_diffusers=True, what="UNet")
-    vae_sd = {k: v for k, v in state_dict.items() if not k.startswith(VAE_PREFIX + "loss.")}
-    vae = _rename(vae_sd, VAE_PREFIX, _vae_modules(_ldm_vae_layout(state_dict)), to_diffusers=True, what="VAE")
-    for key in list(vae):
-        if key.endswith(_VAE_ATTENTION_LINEAR) and vae[key].ndim == 4:
-            w = vae[key]
-            vae[key] = w.reshape(w.shape[0], w.shape[1])  # 1x1 convolutions in LDM, Linear layers in diffusers
+    vae, vae_sd = split_vae(state_dict)
     if family == "sd1":
         text, text_used = _sd1_text_to_hf(state_dict)
     else:
@@ -605,6 +629,27 @@ def split_checkpoint(
         if not (k.startswith(UNET_PREFIX) or (k.startswith(VAE_PREFIX) and k in vae_sd) or k in text_used)
     }
     return {"unet": unet, "vae": vae, "text_encoder": text}, leftovers
+
+
+def split_vae(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, StateDict]:
+    """The diffusers-layout VAE state dict of an LDM/SGM file, and the file's VAE tensors it came from."""
+    vae_sd = {k: v for k, v in state_dict.items() if not k.startswith(VAE_PREFIX + "loss.")}
+    vae = _rename(vae_sd, VAE_PREFIX, _vae_modules(_ldm_vae_layout(state_dict)), to_diffusers=True, what="VAE")
+    for key in list(vae):
+        if key.endswith(_VAE_ATTENTION_LINEAR) and vae[key].ndim == 4:
+            w = vae[key]
+            vae[key] = w.reshape(w.shape[0], w.shape[1])  # 1x1 convolutions in LDM, Linear layers in diffusers
+    return vae, {k: v for k, v in vae_sd.items() if k.startswith(VAE_PREFIX)}
+
+
+def join_vae(vae_sd: Mapping[str, Tensor]) -> StateDict:
+    """A diffusers-layout VAE state dict in the LDM layout, without the ``first_stage_model.`` prefix."""
+    vae = {}
+    for key, value in vae_sd.items():
+        if key.endswith(_VAE_ATTENTION_LINEAR) and value.ndim == 2:
+            value = value.reshape(*value.shape, 1, 1)
+        vae[key] = value
+    return _rename(vae, "", _vae_modules(_diffusers_vae_layout(vae_sd)), to_diffusers=False, what="VAE")
 
 
 def ldm_to_diffusers(state_dict: Mapping[str, Tensor], configs: ModelConfigs | None = None) -> dict[str, StateDict]:
@@ -619,22 +664,24 @@ def diffusers_to_ldm(
     family: str,
     *,
     extra: Mapping[str, Tensor] | None = None,
+    text_encoder_2_sd: Mapping[str, Tensor] | None = None,
 ) -> StateDict:
     """Join diffusers-layout state dicts into one LDM-layout state dict, as A1111 single files hold them.
 
     `text_encoder_sd` may use either CLIPTextModel key form. `extra` tensors (leftovers of a file this model was
     read from) are written too; they also supply SD2's unused last text layer, which is otherwise zeros, and the
-    SD1 ``position_ids`` buffer, which is otherwise 0..n-1 as in real files.
+    SD1 ``position_ids`` buffer, which is otherwise 0..n-1 as in real files. SDXL needs `text_encoder_2_sd` too.
     """
     if family not in FAMILIES:
         raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if family == "sdxl":
+        from sdconcepts.checkpoints import sdxl
+
+        if text_encoder_2_sd is None:
+            raise CheckpointError("an SDXL checkpoint needs both text encoders")
+        return sdxl.join_checkpoint(unet_sd, vae_sd, text_encoder_sd, text_encoder_2_sd, extra=extra)
     unet = _rename(unet_sd, "", _unet_modules(_diffusers_unet_layout(unet_sd)), to_diffusers=False, what="UNet")
-    vae = {}
-    for key, value in vae_sd.items():
-        if key.endswith(_VAE_ATTENTION_LINEAR) and value.ndim == 2:
-            value = value.reshape(*value.shape, 1, 1)
-        vae[key] = value
-    vae = _rename(vae, "", _vae_modules(_diffusers_vae_layout(vae_sd)), to_diffusers=False, what="VAE")
+    vae = join_vae(vae_sd)
     te = _strip_text_model(text_encoder_sd)
     if family == "sd1":
         text = _hf_text_to_sd1(te)
@@ -657,17 +704,19 @@ def diffusers_to_ldm(
 # ------------------------------------------------------------------------------------------------ config inference
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=3)
 def _reference_configs(family: str) -> dict[str, dict[str, Any]]:
     folder = _CONFIG_DIR / family
     return {
         name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-        for name in ("unet", "vae", "text_encoder", "scheduler")
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+        if name != "text_encoder_2" or family == "sdxl"
     }
 
 
 def reference_configs(family: str) -> dict[str, dict[str, Any]]:
-    """The released SD 1.5 (``sd1``) or SD 2.1 768-v (``sd2``) configs shipped in the package assets (a copy)."""
+    """The released SD 1.5 (``sd1``), SD 2.1 768-v (``sd2``) or SDXL base 1.0 (``sdxl``) configs shipped in the
+    package assets (a copy)."""
     if family not in FAMILIES:
         raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     return copy.deepcopy(_reference_configs(family))
@@ -810,6 +859,10 @@ def infer_configs(
         prediction_type = explicit_prediction_type(None, state_dict, metadata) or "epsilon"
     if prediction_type not in PREDICTION_TYPES:
         raise CheckpointError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    if family == "sdxl":
+        from sdconcepts.checkpoints import sdxl
+
+        return sdxl.infer_configs(state_dict, prediction_type=prediction_type, metadata=metadata)
     ref = _reference_configs(family)
     meta = _metadata_configs(metadata)
 

@@ -83,6 +83,17 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     _hash: str | None = field(default=None, repr=False)
+    # SDXL: OpenCLIP ViT-bigG with its projection (CLIPTextModelWithProjection) and its tokenizer (pads with 0).
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [self.text_encoder] if self.text_encoder_2 is None else [self.text_encoder, self.text_encoder_2]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -99,7 +110,8 @@ class LoadedModel:
 
     @property
     def context_width(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
+        """The cross-attention input's width; SDXL concatenates its encoders' hidden states (768 + 1280)."""
+        return sum(int(te.config.hidden_size) for te in self.text_encoders)
 
     @property
     def text_encoder_layers(self) -> int:
@@ -142,6 +154,8 @@ def model_from_components(components: Mapping[str, Any], *, name: str = "in-memo
     """Wrap already-built components (tests, training previews) as a LoadedModel without touching disk."""
     scheduler = components["scheduler"]
     unet = components["unet"]
+    if components.get("text_encoder_2") is not None:
+        family = "sdxl"
     model = LoadedModel(
         unet=unet,
         vae=components["vae"],
@@ -154,12 +168,14 @@ def model_from_components(components: Mapping[str, Any], *, name: str = "in-memo
         path=None,
         device=unet.device,
         dtype=unet.dtype,
+        text_encoder_2=components.get("text_encoder_2"),
+        tokenizer_2=components.get("tokenizer_2") or (load_clip_tokenizer("sd2") if family == "sdxl" else None),
     )
     return model
 
 
 def _finish(model: LoadedModel, device: torch.device) -> LoadedModel:
-    for module in (model.unet, model.vae, model.text_encoder):
+    for module in (model.unet, model.vae, *model.text_encoders):
         if module.device != device or module.dtype != model.dtype:
             module.to(device=device, dtype=model.dtype)
         module.eval()
@@ -181,16 +197,23 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True)
         text_encoder = _load_text_encoder(path / "text_encoder", dtype)
+        sdxl = (path / "text_encoder_2").is_dir()
+        text_encoder_2 = _load_text_encoder(path / "text_encoder_2", dtype, projection=True) if sdxl else None
         own_weights(unet)
         own_weights(vae)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: cannot load the diffusers folder: {_first_line(exc)}") from exc
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
-    family = "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
+    family = "sdxl" if sdxl else "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
     if (path / "tokenizer" / "vocab.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
     else:
-        tokenizer = load_clip_tokenizer(family)
+        tokenizer = load_clip_tokenizer("sd1" if sdxl else family)
+    tokenizer_2 = None
+    if sdxl and (path / "tokenizer_2" / "vocab.json").is_file():
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
+    elif sdxl:
+        tokenizer_2 = load_clip_tokenizer("sd2")
     return LoadedModel(
         unet=unet,
         vae=vae,
@@ -203,23 +226,25 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
         path=path,
         device=torch.device("cpu"),
         dtype=dtype,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
 
 
-def _load_text_encoder(folder: Path, dtype: torch.dtype) -> Any:
+def _load_text_encoder(folder: Path, dtype: torch.dtype, *, projection: bool = False) -> Any:
     """Load a CLIP text encoder whatever transformers version wrote it.
 
     transformers 5 saves the weights without the ``text_model.`` level that transformers 4 expects, and
     ``from_pretrained`` in 4.x would silently leave such weights random; so the keys are matched here.
     """
     from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdconcepts.checkpoint_files import match_text_encoder_keys
     from sdconcepts.safe_load import load_torch_file
 
     config = CLIPTextConfig.from_pretrained(folder, local_files_only=True)
-    model = CLIPTextModel(config)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
     weights = sorted(folder.glob("*.safetensors"))
     if weights:
         state: dict[str, torch.Tensor] = {}
@@ -259,6 +284,8 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> LoadedModel:
         path=path,
         device=torch.device("cpu"),
         dtype=dtype,
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"),
     )
 
 
