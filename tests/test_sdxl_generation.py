@@ -1,0 +1,97 @@
+"""SDXL conditioning and txt2img against diffusers' StableDiffusionXLPipeline on the same tiny model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from closeness import assert_outputs_close  # noqa: E402
+
+from sdconcepts.backends.diffusers import PromptEncoder, make_scheduler, txt2img  # noqa: E402
+from sdconcepts.generation import GenerationParams  # noqa: E402
+
+PROMPT = "a red cube on green grass, studio light"
+NEGATIVE = "blurry, dark"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sdxl):  # type: ignore[no-untyped-def]
+    from diffusers import StableDiffusionXLPipeline
+
+    m = tiny_sdxl
+    return StableDiffusionXLPipeline(
+        vae=m.vae,
+        text_encoder=m.text_encoder,
+        text_encoder_2=m.text_encoder_2,
+        tokenizer=m.tokenizer,
+        tokenizer_2=m.tokenizer_2,
+        unet=m.unet,
+        scheduler=make_scheduler(m, "DDIM"),
+    )
+
+
+def test_sdxl_conditioning_equals_diffusers_encode_prompt(tiny_sdxl, pipe) -> None:
+    encoder = PromptEncoder(tiny_sdxl)
+    with torch.no_grad():
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+            PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=NEGATIVE
+        )
+    ours = encoder.encode(PROMPT)
+    assert ours.shape == (77, 32 + 48)
+    assert_outputs_close(ours, cond[0])
+    assert_outputs_close(encoder.encode(NEGATIVE), uncond[0])
+    assert_outputs_close(encoder.pooled(PROMPT), pooled[0])
+    assert_outputs_close(encoder.pooled(NEGATIVE), pooled_uncond[0])
+    # Each encoder's half is its own penultimate layer: CLIP-L's 32 columns change when only CLIP-L's weights do.
+    assert not torch.equal(ours[:, :32], ours[:, 32:64])
+
+
+def test_sdxl_emphasis_is_applied_per_encoder(tiny_sdxl) -> None:
+    """A1111 runs emphasis (weights, then mean restore) inside each encoder's own wrapper before concatenating."""
+    encoder = PromptEncoder(tiny_sdxl)
+    plain = encoder.encode("a red cube")
+    weighted = encoder.encode("a (red:1.5) cube")
+    for lo, hi in ((0, 32), (32, 80)):
+        part = plain[:, lo:hi]
+        expected = part.clone()
+        expected[2] *= 1.5  # bos, "a", "red": the weight lands on the token "red"
+        expected *= part.mean() / expected.mean()
+        assert_outputs_close(weighted[:, lo:hi], expected)
+
+
+def _ours(model, negative: str, seed: int = 11) -> np.ndarray:  # type: ignore[no-untyped-def]
+    params = GenerationParams(
+        prompt=PROMPT, negative_prompt=negative, steps=4, cfg_scale=6.0, seed=seed, width=64, height=64,
+        sampler="DDIM",
+    )
+    result = txt2img(model, params)
+    return np.asarray(result.images[0], dtype=np.float64) / 255
+
+
+def _theirs(pipe, negative: str | None, seed: int = 11) -> np.ndarray:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        out = pipe(
+            PROMPT, negative_prompt=negative, num_inference_steps=4, guidance_scale=6.0, width=64, height=64,
+            generator=torch.Generator().manual_seed(seed), output_type="np",
+        )
+    return np.asarray(out.images[0], dtype=np.float64)
+
+
+def test_sdxl_txt2img_equals_the_pipeline(tiny_sdxl, pipe) -> None:
+    ours, theirs = _ours(tiny_sdxl, NEGATIVE), _theirs(pipe, NEGATIVE)
+    assert ours.shape == (64, 64, 3)
+    assert np.abs(ours - theirs).max() <= 2 / 255
+
+
+def test_sdxl_empty_negative_prompt_is_zeroed(tiny_sdxl, pipe) -> None:
+    """A1111 zeroes an empty negative prompt's conditioning on SDXL (diffusers does the same for no negative
+    prompt, force_zeros_for_empty_prompt); encoding "" instead gives another image."""
+    ours = _ours(tiny_sdxl, "")
+    assert np.abs(ours - _theirs(pipe, None)).max() <= 2 / 255
+    assert np.abs(ours - _theirs(pipe, "")).max() > 4 / 255
