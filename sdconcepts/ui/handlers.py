@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdconcepts.embedding import usable_embeddings
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.prompts import parse_extra_network_tags
 from sdconcepts.ui.cards import (
@@ -212,11 +213,7 @@ def generate(
         model = session.model(model_label)
         width = int(model.context_width)
         session.embeddings.refresh()
-        usable = {n: e for n, e in session.embeddings.usable(width).items() if not e.is_sdxl}
-        taken = {n.lower() for n in usable}
-        skipped_embeddings = {
-            n: reason for n, reason in session.embeddings.skipped(width).items() if n.lower() not in taken
-        }
+        usable, skipped_embeddings = usable_embeddings(session.embeddings, width, sdxl=model.is_sdxl)
         session.hypernetworks.refresh()
         records = session.hypernetworks.records()
         # A skipped file's name is known (the backend says it "could not be loaded"); say why, as the tab does.
@@ -234,7 +231,7 @@ def generate(
             result = txt2img(
                 model,
                 params,
-                embeddings={n: e.tensor() for n, e in usable.items()},
+                embeddings={n: e.joined() for n, e in usable.items()},
                 embedding_hashes={n: e.hash for n, e in usable.items() if e.hash},
                 skipped_embeddings=skipped_embeddings,
                 known_networks={"hypernet": [r.name for r in records]},
