@@ -100,6 +100,11 @@ class TrainingModel:
 
     def token_rows(self, text: str, limit: int) -> Tensor:
         """Raw token-embedding rows of ``text`` (no special tokens); SD1 keeps at most ``limit`` tokens as A1111."""
+        if getattr(self.model, "is_sdxl", False):
+            from sdconcepts.training.create import CreateError
+
+            # Both halves (clip_l, clip_g) need their own tables; creating them is not done yet.
+            raise CreateError("creating embeddings for SDXL models is not supported yet")
         tokenizer = self.model.tokenizer
         if self.model.family == "sd1":
             ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"]

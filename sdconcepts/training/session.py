@@ -272,6 +272,7 @@ def train_embedding(
     distributed: Distributed | None = None,
 ) -> Iterator[TrainingEvent]:
     """Train a textual inversion embedding (a name in ``embeddings_dir`` or a path) on a LoadedModel."""
+    _refuse_sdxl(model, "embedding")
     config.validated(int(model.size_multiple))
     path = find_embedding_file(embedding, embeddings_dir)
     with _locked(path, "embedding", distributed):
@@ -336,6 +337,7 @@ def train_hypernetwork(
     """Train an A1111 hypernetwork (a name in ``hypernetworks_dir`` or a path) on a LoadedModel."""
     from sdconcepts.training.backend import TrainingModel
 
+    _refuse_sdxl(model, "hypernetwork")
     config.validated(int(model.size_multiple))
     path = _find_hypernetwork_file(hypernetwork, hypernetworks_dir)
     with _locked(path, "hypernetwork", distributed):
@@ -345,6 +347,12 @@ def train_hypernetwork(
             yield from _run(job, training_model, config, stop or threading.Event(), distributed or Distributed())
         finally:
             job.close()
+
+
+def _refuse_sdxl(model: Any, kind: str) -> None:
+    # The training objective feeds the UNet one context and no pooled/size conditioning: SDXL needs both.
+    if getattr(model, "is_sdxl", False):
+        raise TrainingError(f"{kind} training on SDXL models is not supported yet; generate with SDXL, train on SD 1/2")
 
 
 def _check_memory(model: Any, config: TrainingConfig) -> None:
