@@ -95,3 +95,41 @@ def test_sdxl_empty_negative_prompt_is_zeroed(tiny_sdxl, pipe) -> None:
     ours = _ours(tiny_sdxl, "")
     assert np.abs(ours - _theirs(pipe, None)).max() <= 2 / 255
     assert np.abs(ours - _theirs(pipe, "")).max() > 4 / 255
+
+
+def test_sdxl_img2img_and_inpainting_run(tiny_sdxl) -> None:
+    from PIL import Image
+
+    from sdconcepts.backends.img2img import img2img
+
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, steps=4, cfg_scale=5.0, seed=2, width=64,
+                              height=64, sampler="Euler")
+    for m in (None, mask):
+        result = img2img(tiny_sdxl, params, init, mask=m)
+        assert result.images[0].size == (64, 64) and not result.warnings
+
+
+def test_cli_generate_on_an_sdxl_single_file_with_an_sdxl_embedding(tiny_sdxl, tmp_path: Path) -> None:
+    from sdconcepts import Embedding, save_embedding
+    from sdconcepts.backends.single_file import save_single_file
+    from sdconcepts.cli import main
+    from sdconcepts.images import read_infotext
+
+    m = tiny_sdxl
+    ckpt = save_single_file(
+        {"unet": m.unet, "vae": m.vae, "text_encoder": m.text_encoder, "text_encoder_2": m.text_encoder_2},
+        tmp_path / "xl.safetensors",
+    )
+    embeddings = tmp_path / "embeddings"
+    save_embedding(Embedding("xlemb", {"clip_l": torch.full((1, 32), 0.01), "clip_g": torch.full((1, 48), -0.01)}),
+                   embeddings / "xlemb.safetensors")
+    out = tmp_path / "out.png"
+    code = main(["generate", "--ckpt", str(ckpt), "--prompt", "a xlemb cube", "--steps", "2", "--seed", "3",
+                 "--width", "64", "--height", "64", "--embeddings-dir", str(embeddings), "--output", str(out),
+                 "--device", "cpu"])
+    assert code == 0
+    info = read_infotext(out) or ""
+    assert "TI hashes" in info and "xlemb" in info and "Model: xl" in info
