@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from sdconcepts import checkpoint_files as cf
+from sdconcepts.checkpoints import layout as lk
 
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
@@ -23,7 +24,7 @@ StateDict = dict[str, Tensor]
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 CLIP_G_PREFIX = "conditioner.embedders.1.model."
 # The added-conditioning MLP: LDM's label_emb.0.{0,2} is diffusers' add_embedding.linear_{1,2}.
-_LABEL_EMB: list[cf._Module] = [
+_LABEL_EMB: list[lk._Module] = [
     ("label_emb.0.0", "add_embedding.linear_1", ()),
     ("label_emb.0.2", "add_embedding.linear_2", ()),
 ]
@@ -38,14 +39,14 @@ def check_layout(state_dict: Mapping[str, Tensor]) -> None:
     has_l = any(k.startswith(CLIP_L_PREFIX) for k in state_dict)
     has_g = any(k.startswith(CLIP_G_PREFIX + "transformer.resblocks.") for k in state_dict)
     if not has_l and any(k.startswith("conditioner.embedders.0.model.") for k in state_dict):
-        raise cf.CheckpointError("SDXL refiner checkpoint (OpenCLIP only); only SDXL base models are supported")
+        raise lk.CheckpointError("SDXL refiner checkpoint (OpenCLIP only); only SDXL base models are supported")
     if not (has_l and has_g):
         missing = CLIP_L_PREFIX if not has_l else CLIP_G_PREFIX + "transformer.resblocks."
-        raise cf.CheckpointError(f"SDXL checkpoint without its text encoder keys {missing}*")
+        raise lk.CheckpointError(f"SDXL checkpoint without its text encoder keys {missing}*")
 
 
-def _unet_modules(layout: cf._UNetLayout, label_emb: bool) -> list[cf._Module]:
-    return cf._unet_modules(layout) + (_LABEL_EMB if label_emb else [])
+def _unet_modules(layout: lk._UNetLayout, label_emb: bool) -> list[lk._Module]:
+    return lk._unet_modules(layout) + (_LABEL_EMB if label_emb else [])
 
 
 def _clip_l_to_hf(sd: Mapping[str, Tensor]) -> tuple[StateDict, set[str]]:
@@ -56,14 +57,14 @@ def _clip_l_to_hf(sd: Mapping[str, Tensor]) -> tuple[StateDict, set[str]]:
             used.add(key)
             if not key.endswith("position_ids"):
                 name = key[len(CLIP_L_PREFIX) :]
-                out[name if name.startswith(cf.TEXT_MODEL) else cf.TEXT_MODEL + name] = value
+                out[name if name.startswith(lk.TEXT_MODEL) else lk.TEXT_MODEL + name] = value
     return out, used
 
 
 def _clip_g_layers(sd: Mapping[str, Tensor]) -> int:
-    blocks = cf._indices(sd, CLIP_G_PREFIX + "transformer.resblocks.")
+    blocks = lk._indices(sd, CLIP_G_PREFIX + "transformer.resblocks.")
     if not blocks or max(blocks) != len(blocks) - 1:
-        raise cf.CheckpointError("SDXL OpenCLIP text encoder resblocks are not numbered 0..n-1")
+        raise lk.CheckpointError("SDXL OpenCLIP text encoder resblocks are not numbered 0..n-1")
     return len(blocks)
 
 
@@ -71,22 +72,22 @@ def split_checkpoint(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, StateD
     """Diffusers-layout "unet", "vae", "text_encoder" (CLIPTextModel) and "text_encoder_2"
     (CLIPTextModelWithProjection) state dicts of an SGM-layout file, and the tensors no component uses."""
     check_layout(state_dict)
-    layout = cf._ldm_unet_layout(state_dict)
-    label_emb = cf.UNET_PREFIX + "label_emb.0.0.weight" in state_dict
-    unet = cf._rename(state_dict, cf.UNET_PREFIX, _unet_modules(layout, label_emb), to_diffusers=True, what="UNet")
-    vae, vae_used = cf.split_vae(state_dict)
+    layout = lk._ldm_unet_layout(state_dict)
+    label_emb = lk.UNET_PREFIX + "label_emb.0.0.weight" in state_dict
+    unet = lk._rename(state_dict, lk.UNET_PREFIX, _unet_modules(layout, label_emb), to_diffusers=True, what="UNet")
+    vae, vae_used = lk.split_vae(state_dict)
     text_l, used_l = _clip_l_to_hf(state_dict)
     # SDXL runs every OpenCLIP layer: the pooled output comes from the last one (the context from the penultimate).
-    text_g, used_g = cf.openclip_to_hf(state_dict, CLIP_G_PREFIX, _clip_g_layers(state_dict), what="SDXL OpenCLIP")
+    text_g, used_g = lk.openclip_to_hf(state_dict, CLIP_G_PREFIX, _clip_g_layers(state_dict), what="SDXL OpenCLIP")
     projection = state_dict.get(CLIP_G_PREFIX + _PROJECTION)
     if projection is None:
-        raise cf.CheckpointError(f"missing key {CLIP_G_PREFIX}{_PROJECTION} (the pooled-output projection)")
+        raise lk.CheckpointError(f"missing key {CLIP_G_PREFIX}{_PROJECTION} (the pooled-output projection)")
     text_g["text_projection.weight"] = projection.t()
     used = used_l | used_g | {CLIP_G_PREFIX + _PROJECTION}
     leftovers = {
         k: v
         for k, v in state_dict.items()
-        if not (k.startswith(cf.UNET_PREFIX) or k in vae_used or k in used)
+        if not (k.startswith(lk.UNET_PREFIX) or k in vae_used or k in used)
     }
     return {"unet": unet, "vae": vae, "text_encoder": text_l, "text_encoder_2": text_g}, leftovers
 
@@ -104,43 +105,43 @@ def join_checkpoint(
     `extra` (leftovers of the file the model came from) is written too and wins over the placeholders made here:
     CLIP-L's ``position_ids`` (0..n-1) and OpenCLIP's ``logit_scale``, which A1111's model holds but never uses.
     """
-    layout = cf._diffusers_unet_layout(unet_sd)
+    layout = lk._diffusers_unet_layout(unet_sd)
     label_emb = "add_embedding.linear_1.weight" in unet_sd
-    unet = cf._rename(unet_sd, "", _unet_modules(layout, label_emb), to_diffusers=False, what="UNet")
-    vae = cf.join_vae(vae_sd)
+    unet = lk._rename(unet_sd, "", _unet_modules(layout, label_emb), to_diffusers=False, what="UNet")
+    vae = lk.join_vae(vae_sd)
     text_l = {
-        CLIP_L_PREFIX + cf.TEXT_MODEL + k: v
-        for k, v in cf._strip_text_model(text_encoder_sd).items()
+        CLIP_L_PREFIX + lk.TEXT_MODEL + k: v
+        for k, v in lk._strip_text_model(text_encoder_sd).items()
         if not k.endswith("position_ids")
     }
-    te_g = cf._strip_text_model(text_encoder_2_sd)
+    te_g = lk._strip_text_model(text_encoder_2_sd)
     projection = te_g.pop("text_projection.weight", None)
     if projection is None:
-        raise cf.CheckpointError("the SDXL second text encoder has no text_projection (CLIPTextModelWithProjection)")
+        raise lk.CheckpointError("the SDXL second text encoder has no text_projection (CLIPTextModelWithProjection)")
     te_g = {k: v for k, v in te_g.items() if not k.endswith("position_ids")}
-    text_g = cf.hf_to_openclip(te_g, CLIP_G_PREFIX)
+    text_g = lk.hf_to_openclip(te_g, CLIP_G_PREFIX)
     text_g[CLIP_G_PREFIX + _PROJECTION] = projection.t()
     placeholders: StateDict = {CLIP_G_PREFIX + "logit_scale": torch.tensor(_LOGIT_SCALE)}
-    table = text_l.get(CLIP_L_PREFIX + cf.TEXT_MODEL + "embeddings.position_embedding.weight")
+    table = text_l.get(CLIP_L_PREFIX + lk.TEXT_MODEL + "embeddings.position_embedding.weight")
     if table is not None:
         ids = torch.arange(table.shape[0], dtype=torch.int64, device=table.device).unsqueeze(0)
-        placeholders[CLIP_L_PREFIX + cf.TEXT_MODEL + "embeddings.position_ids"] = ids
+        placeholders[CLIP_L_PREFIX + lk.TEXT_MODEL + "embeddings.position_ids"] = ids
     out: StateDict = {**placeholders, **(extra or {})}
-    out.update({cf.UNET_PREFIX + k: v for k, v in unet.items()})
-    out.update({cf.VAE_PREFIX + k: v for k, v in vae.items()})
+    out.update({lk.UNET_PREFIX + k: v for k, v in unet.items()})
+    out.update({lk.VAE_PREFIX + k: v for k, v in vae.items()})
     out.update(text_l)
     out.update(text_g)
     return out
 
 
 def _unet_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
-    p = cf.UNET_PREFIX
+    p = lk.UNET_PREFIX
     shapes = cf._unet_shapes(sd)
-    layout = cf._ldm_unet_layout(sd)
+    layout = lk._ldm_unet_layout(sd)
     step = layout.layers + 1
     # Depths differ per level in SDXL (1/2/10 there; a level without attention counts 1, as diffusers' config does).
     shapes["transformer_layers_per_block"] = [
-        len(cf._indices(sd, f"{p}input_blocks.{1 + i * step}.1.transformer_blocks.")) or 1
+        len(lk._indices(sd, f"{p}input_blocks.{1 + i * step}.1.transformer_blocks.")) or 1
         for i in range(layout.blocks)
     ]
     label = sd.get(p + "label_emb.0.0.weight")
@@ -151,13 +152,13 @@ def _unet_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def _text_l_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
-    p = CLIP_L_PREFIX + (cf.TEXT_MODEL if any(k.startswith(CLIP_L_PREFIX + cf.TEXT_MODEL) for k in sd) else "")
+    p = CLIP_L_PREFIX + (lk.TEXT_MODEL if any(k.startswith(CLIP_L_PREFIX + lk.TEXT_MODEL) for k in sd) else "")
     tokens = cf._need(sd, p + "embeddings.token_embedding.weight")
     return {
         "vocab_size": int(tokens.shape[0]),
         "hidden_size": int(tokens.shape[1]),
         "max_position_embeddings": int(cf._need(sd, p + "embeddings.position_embedding.weight").shape[0]),
-        "num_hidden_layers": len(cf._indices(sd, p + "encoder.layers.")),
+        "num_hidden_layers": len(lk._indices(sd, p + "encoder.layers.")),
         "intermediate_size": int(cf._need(sd, p + "encoder.layers.0.mlp.fc1.weight").shape[0]),
     }
 
