@@ -46,7 +46,8 @@ def add_training_parsers(subparsers: argparse._SubParsersAction[argparse.Argumen
     p = subparsers.add_parser(
         "create-embedding",
         help="create a textual inversion embedding file (A1111's Create embedding)",
-        description="Write <embeddings-dir>/NAME.pt in A1111's layout with step 0. The vectors start from the "
+        description="Write <embeddings-dir>/NAME.pt in A1111's layout with step 0 (SDXL models: NAME.safetensors "
+        "with clip_l and clip_g, each half from its own encoder's table). The vectors start from the "
         "initialization text's token embeddings, picked evenly and repeated when the text is short; an empty text "
         "gives zeros.",
     )

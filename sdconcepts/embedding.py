@@ -108,8 +108,9 @@ class Embedding:
         return torch.cat([self.vectors[key] for key in SDXL_ENCODERS], dim=-1)
 
     def checksum(self) -> str:
-        """A1111's legacy 4-hex checksum (links ``.optim`` files): fold ``int(v * 100)`` over the flat vectors."""
-        flat = self.tensor().reshape(-1) * 100
+        """A1111's legacy 4-hex checksum (links ``.optim`` files): fold ``int(v * 100)`` over the flat vectors
+        (SDXL: over clip_l and clip_g side by side; A1111 never trains SDXL embeddings, so this is ours)."""
+        flat = self.joined().reshape(-1) * 100
         result = 0
         for value in flat.tolist():
             result = ((result * 281) ^ (math.trunc(value) * 997)) & 0xFFFFFFFF

@@ -44,16 +44,3 @@ def test_ui_lists_and_generates_with_sdxl_models(tiny_sdxl, tiny_sdxl_dir: Path,
     skipped = run("a red circle flatemb")
     assert any("flatemb" in w and "SDXL" in w for w in skipped.warnings)
 
-
-def test_sdxl_training_and_creation_are_refused_in_one_line(tiny_sdxl, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    import pytest
-
-    from sdconcepts.training.backend import TrainingModel
-    from sdconcepts.training.config import EmbeddingTrainingConfig
-    from sdconcepts.training.create import CreateError
-    from sdconcepts.training.session import TrainingError, train_embedding
-
-    with pytest.raises(CreateError, match="SDXL"):
-        TrainingModel(tiny_sdxl).token_rows("a cat", 1)
-    with pytest.raises(TrainingError, match="SDXL"):
-        next(iter(train_embedding(tiny_sdxl, "x", EmbeddingTrainingConfig(), embeddings_dir=tmp_path)))

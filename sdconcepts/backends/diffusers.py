@@ -465,11 +465,19 @@ class PromptEncoder:
         was given, placed as ``encode`` places them, in one text-encoder call. Texts with fewer chunks get empty
         chunks appended, as A1111's text encoder does for a batch; emphasis is applied per text as in ``encode``.
         """
+        return self.encode_batch_with_pooled(texts)[0]
+
+    def encode_batch_with_pooled(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`encode_batch`, and SDXL's pooled output ``[len(texts), projection]`` of each text's first chunk (None for
+        SD 1/2), both under the caller's autograd mode."""
         per_text = [self._training_chunks(text) for text in texts]
         longest = max(len(chunks) for chunks in per_text)
         empty = self._training_chunks("")[0]
         flat = [c for chunks in per_text for c in (*chunks, *[empty] * (longest - len(chunks)))]
-        parts = [z.reshape(len(texts), longest, 77, -1) for z in self._run_encoders(flat)[0]]
+        outputs, pooled = self._run_encoders(flat)
+        if pooled is not None:
+            pooled = pooled[::longest]
+        parts = [z.reshape(len(texts), longest, 77, -1) for z in outputs]
         if self.emphasis in ("Original", "No norm") and any(m != 1 for c in flat for m in c.multipliers):
             multipliers = torch.tensor([c.multipliers for c in flat], dtype=parts[0].dtype, device=parts[0].device)
             multipliers = multipliers.reshape(len(texts), longest, -1)
@@ -479,7 +487,7 @@ class PromptEncoder:
                 for z in parts
             ]
         z = torch.cat(parts, dim=-1)
-        return z.reshape(len(texts), -1, z.shape[-1])
+        return z.reshape(len(texts), -1, z.shape[-1]), pooled
 
     def _training_chunks(self, text: str) -> list[PromptChunk]:
         cache: dict[str, list[PromptChunk]] = self.__dict__.setdefault("_chunk_cache", {})
