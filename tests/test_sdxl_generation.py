@@ -133,3 +133,18 @@ def test_cli_generate_on_an_sdxl_single_file_with_an_sdxl_embedding(tiny_sdxl, t
     assert code == 0
     info = read_infotext(out) or ""
     assert "TI hashes" in info and "xlemb" in info and "Model: xl" in info
+
+
+def test_sdxl_half_precision_keeps_the_vae_in_float32(tiny_sdxl_dir: Path) -> None:
+    from PIL import Image
+
+    from sdconcepts.backends.diffusers import load_model
+    from sdconcepts.backends.img2img import img2img
+
+    model = load_model(tiny_sdxl_dir, device="cpu", dtype=torch.float16)
+    assert model.unet.dtype == torch.float16 and model.text_encoder_2.dtype == torch.float16
+    assert model.vae.dtype == torch.float32  # SDXL's VAE overflows in float16
+    params = GenerationParams(prompt=PROMPT, negative_prompt=NEGATIVE, steps=2, cfg_scale=5.0, seed=2, width=64,
+                              height=64, sampler="Euler")
+    assert txt2img(model, params).images[0].size == (64, 64)
+    assert img2img(model, params, Image.new("RGB", (64, 64), (10, 200, 30))).images[0].size == (64, 64)

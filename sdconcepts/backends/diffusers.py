@@ -176,12 +176,21 @@ def model_from_components(components: Mapping[str, Any], *, name: str = "in-memo
 
 def _finish(model: LoadedModel, device: torch.device) -> LoadedModel:
     for module in (model.unet, model.vae, *model.text_encoders):
-        if module.device != device or module.dtype != model.dtype:
-            module.to(device=device, dtype=model.dtype)
+        dtype = model.dtype
+        if module is model.vae and _upcast_vae(model):
+            dtype = torch.float32
+        if module.device != device or module.dtype != dtype:
+            module.to(device=device, dtype=dtype)
         module.eval()
         module.requires_grad_(False)
     model.device = device
     return model
+
+
+def _upcast_vae(model: LoadedModel) -> bool:
+    """SDXL's VAE overflows in float16 (NaN images): it runs in float32, as diffusers does for a VAE whose config says
+    ``force_upcast`` and as A1111 ends up doing (it reverts the VAE to 32-bit floats at the first NaN)."""
+    return model.is_sdxl and model.dtype == torch.float16 and bool(getattr(model.vae.config, "force_upcast", False))
 
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
@@ -915,6 +924,6 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Imag
         # A1111 raises NansException here too: an all-black image would hide the failure.
         raise GenerationError("the model produced NaN or infinite values; try another sampler, or float32 weights")
     scaling = float(getattr(model.vae.config, "scaling_factor", 0.18215))
-    pixels = model.vae.decode(latents / scaling).sample
+    pixels = model.vae.decode((latents / scaling).to(model.vae.dtype)).sample
     pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
