@@ -44,3 +44,14 @@ def test_ui_lists_and_generates_with_sdxl_models(tiny_sdxl, tiny_sdxl_dir: Path,
     skipped = run("a red circle flatemb")
     assert any("flatemb" in w and "SDXL" in w for w in skipped.warnings)
 
+
+
+def test_ui_create_embedding_on_an_sdxl_model_writes_the_pair(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    from sdconcepts.embedding_files import load_embedding
+    from sdconcepts.ui import train
+
+    session = UiSession(UiConfig(ckpt=tiny_sdxl_dir, embeddings_dirs=[tmp_path / "emb"], device="cpu"))
+    path = train.create_embedding(session, str(tiny_sdxl_dir), "xlnew", "yellow triangle", 2, False)
+    emb = load_embedding(path)
+    assert path.suffix == ".safetensors" and emb.is_sdxl and emb.width == 80 and emb.vector_count == 2
+    assert "xlnew" in train.embedding_names(session)
