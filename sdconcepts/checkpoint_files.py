@@ -1,8 +1,10 @@
-"""A1111-style single-file Stable Diffusion checkpoints (the original LDM/CompVis key layout), SD 1.x and SD 2.x.
+"""A1111-style single-file Stable Diffusion checkpoints (the original LDM/CompVis key layout), SD 1.x, SD 2.x and
+SDXL (SGM layout).
 
 This module owns the file format: reading `.safetensors`/`.ckpt` without unrestricted unpickling, telling the model
-family and prediction type apart, inferring model configs from tensor shapes, and renaming keys between the LDM
-layout and diffusers' layout in both directions, generically over widths and block counts. Pure core: torch,
+family and prediction type apart, inferring model configs from tensor shapes, and converting whole files between the
+LDM layout and diffusers' layout in both directions. The key maps live by family in `sdconcepts.checkpoints`:
+`layout` (UNet, VAE, OpenCLIP tower: shared), `sd` (SD 1.x/2.x text encoders), `sdxl`. Pure core: torch,
 safetensors and the standard library only; building models from the result is `sdconcepts.backends.single_file`.
 """
 
@@ -22,6 +24,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sdconcepts.checkpoints import sd
+from sdconcepts.checkpoints.layout import (
+    UNET_PREFIX,
+    VAE_PREFIX,
+    CheckpointError,
+    StateDict,
+    Tensor,
+    _indices,
+    _ldm_unet_layout,
+    _ldm_vae_layout,
+    match_text_encoder_keys,
+)
+from sdconcepts.checkpoints.sd import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, _sd1_text_prefix
 from sdconcepts.safe_load import UnsafeFileError, atomic_path, load_torch_file
 
 __all__ = [
@@ -45,15 +60,8 @@ __all__ = [
     "write_checkpoint",
 ]
 
-Tensor = torch.Tensor
-StateDict = dict[str, Tensor]
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-SD1_TEXT_PREFIX = "cond_stage_model.transformer."
-SD2_TEXT_PREFIX = "cond_stage_model.model."
-TEXT_MODEL = "text_model."
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
+SDXL_PREFIX = "conditioner.embedders."
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # Our own record of the configs, so that hyperparameters no tensor shape reveals (attention heads, GroupNorm
@@ -76,10 +84,6 @@ _V_PARAMETERIZATION = re.compile(r"""^\s*parameterization\s*:\s*["']?v["']?\s*(?
 # replaced by an inert stand-in: their values are never used, and nothing from those libraries is imported or run.
 
 
-class CheckpointError(ValueError):
-    """A file that is not a usable SD 1.x/2.x single-file checkpoint; the message is one line."""
-
-
 @dataclass(frozen=True)
 class ModelConfigs:
     """Constructor kwargs for UNet2DConditionModel, AutoencoderKL, CLIPTextConfig and a diffusers scheduler."""
@@ -90,6 +94,8 @@ class ModelConfigs:
     scheduler: dict[str, Any]
     family: str
     prediction_type: str
+    # SDXL's second text encoder (OpenCLIP ViT-bigG with its projection); None for SD 1.x/2.x.
+    text_encoder_2: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------------------- reading
@@ -165,11 +171,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def detect_family(state_dict: Mapping[str, Tensor]) -> str:
-    """Return ``"sd1"`` (CLIP ViT-L, HF key names) or ``"sd2"`` (OpenCLIP ViT-H) from the text-encoder keys."""
+    """Return ``"sd1"`` (CLIP ViT-L, HF key names), ``"sd2"`` (OpenCLIP ViT-H) or ``"sdxl"`` (CLIP ViT-L and
+    OpenCLIP ViT-bigG under ``conditioner.embedders.*``) from the text-encoder keys."""
     sd1 = sd2 = False
     for k in state_dict:
-        if k.startswith("conditioner.embedders."):
-            raise CheckpointError("SDXL checkpoint (conditioner.embedders.*); only SD 1.x and SD 2.x are supported")
+        if k.startswith(SDXL_PREFIX):
+            from sdconcepts.checkpoints import sdxl
+
+            sdxl.check_layout(state_dict)
+            return "sdxl"
         if k.startswith(SD2_TEXT_PREFIX + "transformer.resblocks."):
             sd2 = True
         elif k.startswith(SD1_TEXT_PREFIX):
@@ -220,361 +230,6 @@ def detect_prediction_type(
     return explicit_prediction_type(path, state_dict, metadata) or "epsilon"
 
 
-# ---------------------------------------------------------------------------------------------------- key layouts
-
-
-@dataclass(frozen=True)
-class _UNetLayout:
-    blocks: int
-    layers: int  # resnets per down block; up blocks have one more
-    down_attention: tuple[bool, ...]
-    up_attention: tuple[bool, ...]
-    mid_attention: bool
-
-
-@dataclass(frozen=True)
-class _VAELayout:
-    blocks: int
-    layers: int
-
-
-# (ldm module, diffusers module, renames of the leading part of what follows the module, ldm name first)
-_Module = tuple[str, str, tuple[tuple[str, str], ...]]
-
-_UNET_RESNET = (
-    ("in_layers.0", "norm1"),
-    ("in_layers.2", "conv1"),
-    ("emb_layers.1", "time_emb_proj"),
-    ("out_layers.0", "norm2"),
-    ("out_layers.3", "conv2"),
-    ("skip_connection", "conv_shortcut"),
-)
-_VAE_RESNET = (("nin_shortcut", "conv_shortcut"),)
-_VAE_ATTENTION = (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))
-_VAE_ATTENTION_LINEAR = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
-
-
-def _indices(keys: Iterable[str], prefix: str) -> set[int]:
-    found = set()
-    for k in keys:
-        if k.startswith(prefix):
-            head = k[len(prefix) :].split(".", 1)[0]
-            if head.isdigit():
-                found.add(int(head))
-    return found
-
-
-def _ldm_unet_layout(sd: Mapping[str, Tensor]) -> _UNetLayout:
-    p = UNET_PREFIX
-    inputs = _indices(sd, p + "input_blocks.")
-    if not inputs:
-        raise CheckpointError(f"no UNet input blocks ({p}input_blocks.*)")
-    downs = sorted(i for i in inputs if f"{p}input_blocks.{i}.0.op.weight" in sd)
-    layers = downs[0] - 1 if downs else max(inputs)
-    blocks = len(downs) + 1
-    expected_downs = [(i + 1) * (layers + 1) for i in range(blocks - 1)]
-    if layers < 1 or downs != expected_downs or max(inputs) != blocks * (layers + 1) - 1:
-        raise CheckpointError("UNet input blocks are not in the SD layout (resnets, then one downsampler per block)")
-    step = layers + 1
-    return _UNetLayout(
-        blocks=blocks,
-        layers=layers,
-        down_attention=tuple(f"{p}input_blocks.{1 + i * step}.1.proj_in.weight" in sd for i in range(blocks)),
-        up_attention=tuple(f"{p}output_blocks.{i * step}.1.proj_in.weight" in sd for i in range(blocks)),
-        mid_attention=f"{p}middle_block.1.proj_in.weight" in sd,
-    )
-
-
-def _diffusers_unet_layout(sd: Mapping[str, Tensor]) -> _UNetLayout:
-    blocks = len(_indices(sd, "down_blocks."))
-    layers = len(_indices(sd, "down_blocks.0.resnets."))
-    if blocks < 1 or layers < 1:
-        raise CheckpointError("UNet state dict has no down_blocks.*.resnets.*")
-    return _UNetLayout(
-        blocks=blocks,
-        layers=layers,
-        down_attention=tuple(f"down_blocks.{i}.attentions.0.proj_in.weight" in sd for i in range(blocks)),
-        up_attention=tuple(f"up_blocks.{i}.attentions.0.proj_in.weight" in sd for i in range(blocks)),
-        mid_attention="mid_block.attentions.0.proj_in.weight" in sd,
-    )
-
-
-def _unet_modules(layout: _UNetLayout) -> list[_Module]:
-    step = layout.layers + 1
-    mods: list[_Module] = [
-        ("time_embed.0", "time_embedding.linear_1", ()),
-        ("time_embed.2", "time_embedding.linear_2", ()),
-        ("input_blocks.0.0", "conv_in", ()),
-        ("out.0", "conv_norm_out", ()),
-        ("out.2", "conv_out", ()),
-        ("middle_block.0", "mid_block.resnets.0", _UNET_RESNET),
-    ]
-    if layout.mid_attention:
-        mods += [
-            ("middle_block.1", "mid_block.attentions.0", ()),
-            ("middle_block.2", "mid_block.resnets.1", _UNET_RESNET),
-        ]
-    else:
-        mods.append(("middle_block.1", "mid_block.resnets.1", _UNET_RESNET))
-    for i in range(layout.blocks):
-        for j in range(layout.layers):
-            idx = 1 + i * step + j
-            mods.append((f"input_blocks.{idx}.0", f"down_blocks.{i}.resnets.{j}", _UNET_RESNET))
-            if layout.down_attention[i]:
-                mods.append((f"input_blocks.{idx}.1", f"down_blocks.{i}.attentions.{j}", ()))
-        if i < layout.blocks - 1:
-            mods.append((f"input_blocks.{(i + 1) * step}.0.op", f"down_blocks.{i}.downsamplers.0.conv", ()))
-        for j in range(step):
-            idx = i * step + j
-            mods.append((f"output_blocks.{idx}.0", f"up_blocks.{i}.resnets.{j}", _UNET_RESNET))
-            if layout.up_attention[i]:
-                mods.append((f"output_blocks.{idx}.1", f"up_blocks.{i}.attentions.{j}", ()))
-            if j == layout.layers and i < layout.blocks - 1:
-                slot = 2 if layout.up_attention[i] else 1
-                mods.append((f"output_blocks.{idx}.{slot}.conv", f"up_blocks.{i}.upsamplers.0.conv", ()))
-    return mods
-
-
-def _ldm_vae_layout(sd: Mapping[str, Tensor]) -> _VAELayout:
-    blocks = len(_indices(sd, VAE_PREFIX + "encoder.down."))
-    layers = len(_indices(sd, VAE_PREFIX + "encoder.down.0.block."))
-    if blocks < 1 or layers < 1:
-        raise CheckpointError(f"no VAE encoder blocks ({VAE_PREFIX}encoder.down.*.block.*)")
-    return _VAELayout(blocks, layers)
-
-
-def _diffusers_vae_layout(sd: Mapping[str, Tensor]) -> _VAELayout:
-    blocks = len(_indices(sd, "encoder.down_blocks."))
-    layers = len(_indices(sd, "encoder.down_blocks.0.resnets."))
-    if blocks < 1 or layers < 1:
-        raise CheckpointError("VAE state dict has no encoder.down_blocks.*.resnets.*")
-    return _VAELayout(blocks, layers)
-
-
-def _vae_modules(layout: _VAELayout) -> list[_Module]:
-    mods: list[_Module] = [("quant_conv", "quant_conv", ()), ("post_quant_conv", "post_quant_conv", ())]
-    for part in ("encoder", "decoder"):
-        mods += [
-            (f"{part}.conv_in", f"{part}.conv_in", ()),
-            (f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", _VAE_RESNET),
-            (f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", _VAE_ATTENTION),
-            (f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", _VAE_RESNET),
-            (f"{part}.norm_out", f"{part}.conv_norm_out", ()),
-            (f"{part}.conv_out", f"{part}.conv_out", ()),
-        ]
-    last = layout.blocks - 1
-    for i in range(layout.blocks):
-        for j in range(layout.layers):
-            mods.append((f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", _VAE_RESNET))
-        if i < last:
-            mods.append((f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv", ()))
-        # LDM numbers decoder levels from the highest resolution; diffusers numbers up_blocks from the lowest.
-        for j in range(layout.layers + 1):
-            mods.append((f"decoder.up.{last - i}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}", _VAE_RESNET))
-        if i < last:
-            mods.append((f"decoder.up.{last - i}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv", ()))
-    return mods
-
-
-def _rename(
-    sd: Mapping[str, Tensor], prefix: str, modules: list[_Module], *, to_diffusers: bool, what: str
-) -> dict[str, Tensor]:
-    """Rename every key of `sd` under `prefix` by the module table; a key no module claims is an error."""
-    table: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {}
-    for ldm, diff, renames in modules:
-        if to_diffusers:
-            table[ldm] = (diff, renames)
-        else:
-            table[diff] = (ldm, tuple((b, a) for a, b in renames))
-    out: dict[str, Tensor] = {}
-    unknown: list[str] = []
-    for key, value in sd.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix) :]
-        parts = name.split(".")
-        for n in range(len(parts) - 1, 0, -1):
-            hit = table.get(".".join(parts[:n]))
-            if hit is not None:
-                target, renames = hit
-                rest = ".".join(parts[n:])
-                for src, dst in renames:
-                    if rest == src or rest.startswith(src + "."):
-                        rest = dst + rest[len(src) :]
-                        break
-                out[f"{target}.{rest}"] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-        raise CheckpointError(f"unexpected {what} keys {shown}; only the SD 1.x/2.x layout is supported")
-    return out
-
-
-# ------------------------------------------------------------------------------------------------- text encoders
-
-
-def _strip_text_model(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {(k[len(TEXT_MODEL) :] if k.startswith(TEXT_MODEL) else k): v for k, v in sd.items()}
-
-
-def _sd1_text_prefix(sd: Mapping[str, Tensor]) -> str:
-    # Some older SD1 files lack the "text_model." level (A1111 rewrites them the same way on load).
-    with_level = SD1_TEXT_PREFIX + TEXT_MODEL
-    return with_level if any(k.startswith(with_level) for k in sd) else SD1_TEXT_PREFIX
-
-
-_OPENCLIP_LAYER = (
-    ("ln_1", "layer_norm1"),
-    ("ln_2", "layer_norm2"),
-    ("mlp.c_fc", "mlp.fc1"),
-    ("mlp.c_proj", "mlp.fc2"),
-    ("attn.out_proj", "self_attn.out_proj"),
-)
-# Keys a SD2 file may hold that no CLIPTextModel has: the pooled-output projection and the contrastive scale.
-_OPENCLIP_UNUSED = frozenset({"text_projection", "logit_scale", "attn_mask"})
-
-
-def _sd1_text_to_hf(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
-    prefix = _sd1_text_prefix(sd)
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    for key, value in sd.items():
-        if key.startswith(prefix) and not key.endswith("embeddings.position_ids"):
-            out[TEXT_MODEL + key[len(prefix) :]] = value
-            used.add(key)
-    return out, used
-
-
-def _sd2_text_to_hf(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
-    p = SD2_TEXT_PREFIX
-    blocks = _indices(sd, p + "transformer.resblocks.")
-    # SD2 conditions on the penultimate layer: diffusers' text encoder stops one resblock short of the file.
-    layers = len(blocks) - 1
-    if layers < 1 or max(blocks) != layers:
-        raise CheckpointError("SD2 text encoder needs at least two consecutive transformer.resblocks.*")
-    tm = TEXT_MODEL
-    out: dict[str, Tensor] = {}
-    used: set[str] = set()
-    singles = {
-        "token_embedding.weight": "embeddings.token_embedding.weight",
-        "positional_embedding": "embeddings.position_embedding.weight",
-        "ln_final.weight": "final_layer_norm.weight",
-        "ln_final.bias": "final_layer_norm.bias",
-    }
-    unknown: list[str] = []
-    for key, value in sd.items():
-        if not key.startswith(p):
-            continue
-        name = key[len(p) :]
-        if name in singles:
-            out[tm + singles[name]] = value
-        elif name.startswith("transformer.resblocks."):
-            idx_str, rest = name[len("transformer.resblocks.") :].split(".", 1)
-            idx = int(idx_str)
-            if idx == layers:
-                continue  # the unused last layer stays in the leftovers
-            layer = f"{tm}encoder.layers.{idx}."
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = "weight" if rest.endswith("weight") else "bias"
-                q, k, v = value.chunk(3, dim=0)
-                for proj, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                    out[f"{layer}self_attn.{proj}.{kind}"] = part
-            else:
-                for src, dst in _OPENCLIP_LAYER:
-                    if rest.startswith(src + "."):
-                        out[layer + dst + rest[len(src) :]] = value
-                        break
-                else:
-                    unknown.append(key)
-                    continue
-        elif name in _OPENCLIP_UNUSED:
-            continue
-        else:
-            unknown.append(key)
-            continue
-        used.add(key)
-    if unknown:
-        raise CheckpointError(f"unexpected SD2 text encoder keys {', '.join(unknown[:3])}")
-    return out, used
-
-
-def _hf_text_to_sd1(te: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {SD1_TEXT_PREFIX + TEXT_MODEL + k: v for k, v in te.items() if not k.endswith("position_ids")}
-
-
-def _hf_text_to_sd2(te: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    p = SD2_TEXT_PREFIX
-    singles = {
-        "embeddings.token_embedding.weight": "token_embedding.weight",
-        "embeddings.position_embedding.weight": "positional_embedding",
-        "final_layer_norm.weight": "ln_final.weight",
-        "final_layer_norm.bias": "ln_final.bias",
-    }
-    out: dict[str, Tensor] = {}
-    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for key, value in te.items():
-        if key in singles:
-            out[p + singles[key]] = value
-            continue
-        if key.endswith("position_ids"):
-            continue
-        if not key.startswith("encoder.layers."):
-            raise CheckpointError(f"unexpected text encoder key {key}")
-        idx_str, rest = key[len("encoder.layers.") :].split(".", 1)
-        block = f"{p}transformer.resblocks.{idx_str}."
-        if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
-            _, proj, kind = rest.split(".")
-            qkv.setdefault((int(idx_str), kind), {})[proj] = value
-            continue
-        for ldm, hf in _OPENCLIP_LAYER:
-            if rest.startswith(hf + "."):
-                out[block + ldm + rest[len(hf) :]] = value
-                break
-        else:
-            raise CheckpointError(f"unexpected text encoder key {key}")
-    for (idx, kind), parts in qkv.items():
-        if set(parts) != {"q_proj", "k_proj", "v_proj"}:
-            raise CheckpointError(f"text encoder layer {idx} lacks one of q/k/v {kind}")
-        fused = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]], dim=0)
-        out[f"{p}transformer.resblocks.{idx}.attn.in_proj_{kind}"] = fused
-    return out
-
-
-def _sd2_unused_last_layer(ldm: Mapping[str, Tensor], layers: int) -> dict[str, Tensor]:
-    """The last OpenCLIP resblock, which SD2 never runs (it reads the penultimate layer), as all zeros.
-
-    Real files hold OpenCLIP's trained weights there. Zeros make it an exact identity (both residual branches
-    output 0), so a tool that does run every layer sees the penultimate hidden states, and the file keeps the
-    layer count that SD2 loaders expect.
-    """
-    src = f"{SD2_TEXT_PREFIX}transformer.resblocks.0."
-    dst = f"{SD2_TEXT_PREFIX}transformer.resblocks.{layers}."
-    return {dst + k[len(src) :]: torch.zeros_like(v) for k, v in ldm.items() if k.startswith(src)}
-
-
-def match_text_encoder_keys(sd: Mapping[str, Tensor], model_keys: Iterable[str]) -> dict[str, Tensor]:
-    """Rename CLIP text-encoder keys to the form the installed CLIPTextModel uses.
-
-    transformers 4 keys start with ``text_model.``; transformers >= 5.6 flattened the model and dropped that level.
-    `sd` may use either form. A `position_ids` buffer is dropped when the model does not persist it, and created
-    (0..n-1) when the model does but `sd` lacks it.
-    """
-    keys = list(model_keys)
-    with_level = any(k.startswith(TEXT_MODEL) for k in keys)
-    out = {(TEXT_MODEL + k if with_level else k): v for k, v in _strip_text_model(sd).items()}
-    wanted = set(keys)
-    for k in [k for k in out if k.endswith("position_ids") and k not in wanted]:
-        del out[k]
-    for k in wanted - set(out):
-        if k.endswith("position_ids"):
-            table = out.get(k.replace("position_ids", "position_embedding.weight"))
-            if table is not None:
-                out[k] = torch.arange(table.shape[0], device=table.device).unsqueeze(0)
-    return out
-
-
 # --------------------------------------------------------------------------------------------------- conversion
 
 
@@ -582,29 +237,17 @@ def split_checkpoint(
     state_dict: Mapping[str, Tensor], configs: ModelConfigs | None = None
 ) -> tuple[dict[str, StateDict], StateDict]:
     """Return ``(components, leftovers)``: diffusers-layout state dicts for "unet", "vae", "text_encoder", and
-    every tensor no component uses (schedule buffers, EMA copies, SD2's unused last text layer, ...).
+    every tensor no component uses (schedule buffers, EMA copies, SD2's unused last text layer, ...); SDXL adds
+    "text_encoder_2" (CLIPTextModelWithProjection keys).
 
     Text-encoder keys come in the transformers-4 form (``text_model.`` prefix); see match_text_encoder_keys.
     """
     family = configs.family if configs is not None else detect_family(state_dict)
-    unet_layout = _ldm_unet_layout(state_dict)
-    unet = _rename(state_dict, UNET_PREFIX, _unet_modules(unet_layout), to_diffusers=True, what="UNet")
-    vae_sd = {k: v for k, v in state_dict.items() if not k.startswith(VAE_PREFIX + "loss.")}
-    vae = _rename(vae_sd, VAE_PREFIX, _vae_modules(_ldm_vae_layout(state_dict)), to_diffusers=True, what="VAE")
-    for key in list(vae):
-        if key.endswith(_VAE_ATTENTION_LINEAR) and vae[key].ndim == 4:
-            w = vae[key]
-            vae[key] = w.reshape(w.shape[0], w.shape[1])  # 1x1 convolutions in LDM, Linear layers in diffusers
-    if family == "sd1":
-        text, text_used = _sd1_text_to_hf(state_dict)
-    else:
-        text, text_used = _sd2_text_to_hf(state_dict)
-    leftovers = {
-        k: v
-        for k, v in state_dict.items()
-        if not (k.startswith(UNET_PREFIX) or (k.startswith(VAE_PREFIX) and k in vae_sd) or k in text_used)
-    }
-    return {"unet": unet, "vae": vae, "text_encoder": text}, leftovers
+    if family == "sdxl":
+        from sdconcepts.checkpoints import sdxl
+
+        return sdxl.split_checkpoint(state_dict)
+    return sd.split_checkpoint(state_dict, family)
 
 
 def ldm_to_diffusers(state_dict: Mapping[str, Tensor], configs: ModelConfigs | None = None) -> dict[str, StateDict]:
@@ -619,55 +262,41 @@ def diffusers_to_ldm(
     family: str,
     *,
     extra: Mapping[str, Tensor] | None = None,
+    text_encoder_2_sd: Mapping[str, Tensor] | None = None,
 ) -> StateDict:
     """Join diffusers-layout state dicts into one LDM-layout state dict, as A1111 single files hold them.
 
     `text_encoder_sd` may use either CLIPTextModel key form. `extra` tensors (leftovers of a file this model was
     read from) are written too; they also supply SD2's unused last text layer, which is otherwise zeros, and the
-    SD1 ``position_ids`` buffer, which is otherwise 0..n-1 as in real files.
+    SD1 ``position_ids`` buffer, which is otherwise 0..n-1 as in real files. SDXL needs `text_encoder_2_sd` too.
     """
     if family not in FAMILIES:
         raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
-    unet = _rename(unet_sd, "", _unet_modules(_diffusers_unet_layout(unet_sd)), to_diffusers=False, what="UNet")
-    vae = {}
-    for key, value in vae_sd.items():
-        if key.endswith(_VAE_ATTENTION_LINEAR) and value.ndim == 2:
-            value = value.reshape(*value.shape, 1, 1)
-        vae[key] = value
-    vae = _rename(vae, "", _vae_modules(_diffusers_vae_layout(vae_sd)), to_diffusers=False, what="VAE")
-    te = _strip_text_model(text_encoder_sd)
-    if family == "sd1":
-        text = _hf_text_to_sd1(te)
-        placeholders: StateDict = {}
-        table = te.get("embeddings.position_embedding.weight")
-        if table is not None:
-            ids = torch.arange(table.shape[0], dtype=torch.int64, device=table.device).unsqueeze(0)
-            placeholders[SD1_TEXT_PREFIX + TEXT_MODEL + "embeddings.position_ids"] = ids
-    else:
-        text = _hf_text_to_sd2(te)
-        placeholders = _sd2_unused_last_layer(text, len(_indices(te, "encoder.layers.")))
-    # Converted weights win over leftovers; leftovers win only over the placeholders made up here.
-    out: StateDict = {**placeholders, **(extra or {})}
-    out.update({UNET_PREFIX + k: v for k, v in unet.items()})
-    out.update({VAE_PREFIX + k: v for k, v in vae.items()})
-    out.update(text)
-    return out
+    if family == "sdxl":
+        from sdconcepts.checkpoints import sdxl
+
+        if text_encoder_2_sd is None:
+            raise CheckpointError("an SDXL checkpoint needs both text encoders")
+        return sdxl.join_checkpoint(unet_sd, vae_sd, text_encoder_sd, text_encoder_2_sd, extra=extra)
+    return sd.join_checkpoint(unet_sd, vae_sd, text_encoder_sd, family, extra=extra)
 
 
 # ------------------------------------------------------------------------------------------------ config inference
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=3)
 def _reference_configs(family: str) -> dict[str, dict[str, Any]]:
     folder = _CONFIG_DIR / family
     return {
         name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-        for name in ("unet", "vae", "text_encoder", "scheduler")
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+        if name != "text_encoder_2" or family == "sdxl"
     }
 
 
 def reference_configs(family: str) -> dict[str, dict[str, Any]]:
-    """The released SD 1.5 (``sd1``) or SD 2.1 768-v (``sd2``) configs shipped in the package assets (a copy)."""
+    """The released SD 1.5 (``sd1``), SD 2.1 768-v (``sd2``) or SDXL base 1.0 (``sdxl``) configs shipped in the
+    package assets (a copy)."""
     if family not in FAMILIES:
         raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     return copy.deepcopy(_reference_configs(family))
@@ -810,6 +439,10 @@ def infer_configs(
         prediction_type = explicit_prediction_type(None, state_dict, metadata) or "epsilon"
     if prediction_type not in PREDICTION_TYPES:
         raise CheckpointError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+    if family == "sdxl":
+        from sdconcepts.checkpoints import sdxl
+
+        return sdxl.infer_configs(state_dict, prediction_type=prediction_type, metadata=metadata)
     ref = _reference_configs(family)
     meta = _metadata_configs(metadata)
 

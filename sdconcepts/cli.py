@@ -112,7 +112,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         params = params.validated(size_limits=args.size_limits)
         model = load_model(args.ckpt, device=args.device)
-        embeddings = embedding_arguments(args.embeddings_dir, model.context_width)
+        embeddings = embedding_arguments(args.embeddings_dir, model.context_width, sdxl=model.is_sdxl)
         hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt)
         source = getattr(args, "source", None)  # img2img's init image (sdconcepts.cli_img2img)
         with tqdm(total=params.steps * params.batch_count, unit="step", desc=args.command, file=sys.stderr) as bar:

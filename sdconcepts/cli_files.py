@@ -191,12 +191,13 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def embedding_arguments(folders: list[Path] | None, width: int) -> dict[str, Any]:
+def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False) -> dict[str, Any]:
     """``txt2img`` keyword arguments for the embeddings under ``folders`` (default ``./embeddings`` if present).
 
     Embeddings that fit the model's ``width`` are passed with their hashes (for the infotext); the others are
     passed as skipped, so that a prompt naming one gets a warning, and are counted on stderr (listed with -v).
     """
+    from sdconcepts.embedding import usable_embeddings
     from sdconcepts.library import EmbeddingLibrary
 
     if folders is None:
@@ -206,16 +207,13 @@ def embedding_arguments(folders: list[Path] | None, width: int) -> dict[str, Any
         return {}
     library = EmbeddingLibrary(folders)
     library.refresh()
-    usable = {name: emb for name, emb in library.usable(width).items() if not emb.is_sdxl}
-    # A name that some file provides is not reported as skipped because another file lost it.
-    taken = {name.lower() for name in usable}
-    skipped = {name: reason for name, reason in library.skipped(width).items() if name.lower() not in taken}
+    usable, skipped = usable_embeddings(library, width, sdxl=sdxl)
     if skipped:
         print(f"note: {len(skipped)} embedding file(s) skipped (-v lists them)", file=sys.stderr)
         for name, reason in skipped.items():
             log.info("skipped embedding %s: %s", name, reason)
     return {
-        "embeddings": {name: emb.tensor() for name, emb in usable.items()},
+        "embeddings": {name: emb.joined() for name, emb in usable.items()},
         "embedding_hashes": {name: emb.hash for name, emb in usable.items() if emb.hash},
         "skipped_embeddings": skipped,
     }

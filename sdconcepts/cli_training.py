@@ -31,6 +31,11 @@ DEFAULT_HYPERNETWORKS_DIR = Path("models") / "hypernetworks"
 _non_negative_int = int_at_least(0)
 
 
+# The attention widths of the released models: the context width, then the UNet's self-attention widths (SDXL has
+# no attention at 320).
+FAMILY_SIZES = {"sd1": (768, 320, 640, 1280), "sd2": (1024, 320, 640, 1280), "sdxl": (2048, 640, 1280)}
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", type=_existing_path, default=None,
                    help="model: a diffusers folder or an A1111 .safetensors/.ckpt file (default: the embedded toy-world model)")
@@ -41,7 +46,8 @@ def add_training_parsers(subparsers: argparse._SubParsersAction[argparse.Argumen
     p = subparsers.add_parser(
         "create-embedding",
         help="create a textual inversion embedding file (A1111's Create embedding)",
-        description="Write <embeddings-dir>/NAME.pt in A1111's layout with step 0. The vectors start from the "
+        description="Write <embeddings-dir>/NAME.pt in A1111's layout with step 0 (SDXL models: NAME.safetensors "
+        "with clip_l and clip_g, each half from its own encoder's table). The vectors start from the "
         "initialization text's token embeddings, picked evenly and repeated when the text is short; an empty text "
         "gives zeros.",
     )
@@ -62,7 +68,8 @@ def add_training_parsers(subparsers: argparse._SubParsersAction[argparse.Argumen
     p.add_argument("name", metavar="NAME", help="the hypernetwork's name")
     p.add_argument("--sizes", default="768,320,640,1280",
                    help="context widths to make modules for, comma-separated (default: 768,320,640,1280; the toy "
-                   "model's are 48,32,64)")
+                   "model's are 48,32,64), or a family: sd1, sd2, sdxl (2048,640,1280), or 'model': the attention "
+                   "widths of the --ckpt model")
     p.add_argument("--layer-structure", default="1, 2, 1", help='layer structure, first and last 1 (default: "1, 2, 1")')
     p.add_argument("--activation", default="linear", help="activation function (default: linear)")
     p.add_argument("--weight-init", default="Normal",
@@ -79,6 +86,7 @@ def add_training_parsers(subparsers: argparse._SubParsersAction[argparse.Argumen
     p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
                    help=f"allow layer factors over {MAX_LAYER_FACTOR:g} and files over "
                    f"{format_bytes(MAX_HYPERNETWORK_BYTES)}; one that cannot fit in memory is still refused")
+    _model_arguments(p)
     p.set_defaults(func=run_create_hypernetwork)
 
     for kind in ("embedding", "hypernetwork"):
@@ -194,10 +202,23 @@ def run_create_hypernetwork(args: argparse.Namespace) -> int:
     from sdconcepts.training.create import CreateError, create_hypernetwork_file
     from sdconcepts.training.names import InvalidNameError
 
-    try:
-        sizes = [int(part) for part in args.sizes.split(",") if part.strip()]
-    except ValueError:
-        raise CommandError(f"--sizes must be comma-separated whole numbers, got {args.sizes!r}") from None
+    preset = args.sizes.strip().lower()
+    if preset == "model":
+        from sdconcepts.attach import attention_widths
+
+        model = _load_model(args, "cpu")
+        # The context width first, then the self-attention widths (A1111's order of the create form's sizes).
+        sizes = [model.context_width, *sorted(attention_widths(model.unet) - {model.context_width})]
+    elif preset in FAMILY_SIZES:
+        sizes = list(FAMILY_SIZES[preset])
+    else:
+        try:
+            sizes = [int(part) for part in args.sizes.split(",") if part.strip()]
+        except ValueError:
+            raise CommandError(
+                f"--sizes must be comma-separated whole numbers, a family ({', '.join(FAMILY_SIZES)}) or 'model', "
+                f"got {args.sizes!r}"
+            ) from None
     if not sizes:
         raise CommandError("--sizes names no width")
     try:

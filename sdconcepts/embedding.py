@@ -10,11 +10,23 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["SDXL_ENCODERS", "Embedding", "EmbeddingError", "names_in_prompt", "sdxl_width"]
+if TYPE_CHECKING:
+    from sdconcepts.library import EmbeddingLibrary
+
+__all__ = [
+    "SDXL_ENCODERS",
+    "Embedding",
+    "EmbeddingError",
+    "kind_mismatch",
+    "names_in_prompt",
+    "sdxl_width",
+    "usable_embeddings",
+]
 
 # SDXL files carry one tensor per text encoder; A1111's width for them is the sum (768 + 1280 = 2048).
 SDXL_ENCODERS = ("clip_l", "clip_g")
@@ -88,9 +100,17 @@ class Embedding:
             raise EmbeddingError(f"embedding {self.name!r} holds SDXL per-encoder vectors, not one tensor")
         return self.vectors
 
+    def joined(self) -> Tensor:
+        """The vectors as the model's text conditioning lays its width out: the one tensor, or for SDXL
+        ``clip_l`` then ``clip_g`` side by side ``[n, 768 + 1280]`` (the order sgm's conditioner concatenates)."""
+        if isinstance(self.vectors, Tensor):
+            return self.vectors
+        return torch.cat([self.vectors[key] for key in SDXL_ENCODERS], dim=-1)
+
     def checksum(self) -> str:
-        """A1111's legacy 4-hex checksum (links ``.optim`` files): fold ``int(v * 100)`` over the flat vectors."""
-        flat = self.tensor().reshape(-1) * 100
+        """A1111's legacy 4-hex checksum (links ``.optim`` files): fold ``int(v * 100)`` over the flat vectors
+        (SDXL: over clip_l and clip_g side by side; A1111 never trains SDXL embeddings, so this is ours)."""
+        flat = self.joined().reshape(-1) * 100
         result = 0
         for value in flat.tolist():
             result = ((result * 281) ^ (math.trunc(value) * 997)) & 0xFFFFFFFF
@@ -111,6 +131,36 @@ def _checked(vectors: Tensor, label: str) -> Tensor:
     if not bool(torch.isfinite(out).all()):
         raise EmbeddingError(f"embedding {label!r}: the vectors contain NaN or infinite values")
     return out
+
+
+def kind_mismatch(embedding: Embedding, *, sdxl: bool) -> str | None:
+    """Why an embedding cannot apply to an SDXL (``sdxl``) or SD 1/2 model whatever its width, or None."""
+    if embedding.is_sdxl and not sdxl:
+        return "an SDXL embedding (clip_l + clip_g) needs an SDXL model"
+    if sdxl and not embedding.is_sdxl:
+        return f"a single-encoder embedding (width {embedding.width}, SD 1.x/2.x) does not fit an SDXL model"
+    return None
+
+
+def usable_embeddings(
+    library: EmbeddingLibrary, width: int, *, sdxl: bool, used_in: str | None = None
+) -> tuple[dict[str, Embedding], dict[str, str]]:
+    """``(usable, skipped)`` of a library for a model of context ``width`` (SDXL: ``sdxl``): name -> embedding,
+    and name -> reason for files that cannot apply (wrong width, wrong kind, unreadable). A name that some file
+    provides is not reported as skipped because another file lost it. With ``used_in`` (prompt and negative
+    prompt), only the embeddings named there are read (``EmbeddingLibrary.usable``)."""
+    usable: dict[str, Embedding] = {}
+    # ``usable`` reads the files still pending (a lazy listing) first, so that their skip reasons are known.
+    found = library.usable(width, used_in=used_in)
+    skipped = dict(library.skipped(width))
+    for name, emb in found.items():
+        reason = kind_mismatch(emb, sdxl=sdxl)
+        if reason is None:
+            usable[name] = emb
+        else:
+            skipped[name] = reason
+    taken = {name.lower() for name in usable}
+    return usable, {name: reason for name, reason in skipped.items() if name.lower() not in taken}
 
 
 def names_in_prompt(prompt: str, names: Iterable[str]) -> list[str]:

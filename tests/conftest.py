@@ -27,3 +27,19 @@ def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     from sdconcepts.backends.diffusers import load_model
 
     return load_model(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SDXL model saved as a diffusers folder (StableDiffusionXLPipeline layout)."""
+    from sdconcepts.backends.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_dir: Path):  # type: ignore[no-untyped-def]
+    """The tiny SDXL model loaded by the engine (both text encoders, float32, CPU)."""
+    from sdconcepts.backends.diffusers import load_model
+
+    return load_model(tiny_sdxl_dir, device="cpu")

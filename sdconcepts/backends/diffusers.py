@@ -83,6 +83,17 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     _hash: str | None = field(default=None, repr=False)
+    # SDXL: OpenCLIP ViT-bigG with its projection (CLIPTextModelWithProjection) and its tokenizer (pads with 0).
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [self.text_encoder] if self.text_encoder_2 is None else [self.text_encoder, self.text_encoder_2]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -99,7 +110,8 @@ class LoadedModel:
 
     @property
     def context_width(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
+        """The cross-attention input's width; SDXL concatenates its encoders' hidden states (768 + 1280)."""
+        return sum(int(te.config.hidden_size) for te in self.text_encoders)
 
     @property
     def text_encoder_layers(self) -> int:
@@ -142,6 +154,8 @@ def model_from_components(components: Mapping[str, Any], *, name: str = "in-memo
     """Wrap already-built components (tests, training previews) as a LoadedModel without touching disk."""
     scheduler = components["scheduler"]
     unet = components["unet"]
+    if components.get("text_encoder_2") is not None:
+        family = "sdxl"
     model = LoadedModel(
         unet=unet,
         vae=components["vae"],
@@ -154,18 +168,29 @@ def model_from_components(components: Mapping[str, Any], *, name: str = "in-memo
         path=None,
         device=unet.device,
         dtype=unet.dtype,
+        text_encoder_2=components.get("text_encoder_2"),
+        tokenizer_2=components.get("tokenizer_2") or (load_clip_tokenizer("sd2") if family == "sdxl" else None),
     )
     return model
 
 
 def _finish(model: LoadedModel, device: torch.device) -> LoadedModel:
-    for module in (model.unet, model.vae, model.text_encoder):
-        if module.device != device or module.dtype != model.dtype:
-            module.to(device=device, dtype=model.dtype)
+    for module in (model.unet, model.vae, *model.text_encoders):
+        dtype = model.dtype
+        if module is model.vae and _upcast_vae(model):
+            dtype = torch.float32
+        if module.device != device or module.dtype != dtype:
+            module.to(device=device, dtype=dtype)
         module.eval()
         module.requires_grad_(False)
     model.device = device
     return model
+
+
+def _upcast_vae(model: LoadedModel) -> bool:
+    """SDXL's VAE overflows in float16 (NaN images): it runs in float32, as diffusers does for a VAE whose config says
+    ``force_upcast`` and as A1111 ends up doing (it reverts the VAE to 32-bit floats at the first NaN)."""
+    return model.is_sdxl and model.dtype == torch.float16 and bool(getattr(model.vae.config, "force_upcast", False))
 
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
@@ -181,16 +206,23 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, local_files_only=True)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True)
         text_encoder = _load_text_encoder(path / "text_encoder", dtype)
+        sdxl = (path / "text_encoder_2").is_dir()
+        text_encoder_2 = _load_text_encoder(path / "text_encoder_2", dtype, projection=True) if sdxl else None
         own_weights(unet)
         own_weights(vae)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"{path}: cannot load the diffusers folder: {_first_line(exc)}") from exc
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
-    family = "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
+    family = "sdxl" if sdxl else "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
     if (path / "tokenizer" / "vocab.json").is_file():
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
     else:
-        tokenizer = load_clip_tokenizer(family)
+        tokenizer = load_clip_tokenizer("sd1" if sdxl else family)
+    tokenizer_2 = None
+    if sdxl and (path / "tokenizer_2" / "vocab.json").is_file():
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
+    elif sdxl:
+        tokenizer_2 = load_clip_tokenizer("sd2")
     return LoadedModel(
         unet=unet,
         vae=vae,
@@ -203,23 +235,25 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
         path=path,
         device=torch.device("cpu"),
         dtype=dtype,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
 
 
-def _load_text_encoder(folder: Path, dtype: torch.dtype) -> Any:
+def _load_text_encoder(folder: Path, dtype: torch.dtype, *, projection: bool = False) -> Any:
     """Load a CLIP text encoder whatever transformers version wrote it.
 
     transformers 5 saves the weights without the ``text_model.`` level that transformers 4 expects, and
     ``from_pretrained`` in 4.x would silently leave such weights random; so the keys are matched here.
     """
     from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdconcepts.checkpoint_files import match_text_encoder_keys
     from sdconcepts.safe_load import load_torch_file
 
     config = CLIPTextConfig.from_pretrained(folder, local_files_only=True)
-    model = CLIPTextModel(config)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
     weights = sorted(folder.glob("*.safetensors"))
     if weights:
         state: dict[str, torch.Tensor] = {}
@@ -259,6 +293,8 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> LoadedModel:
         path=path,
         device=torch.device("cpu"),
         dtype=dtype,
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"),
     )
 
 
@@ -310,6 +346,12 @@ class PromptEncoder:
 
     ``embeddings`` maps an embedding's prompt word to its vectors ``[n, width]``; matching is case-insensitive as in
     A1111 (names are looked up through their token ids, and the CLIP tokenizer lower-cases).
+
+    SDXL (A1111's sd_hijack_clip/sd_hijack_open_clip on sgm's conditioner): both encoders read the same chunks;
+    each gives its penultimate hidden states (no final layer norm; clip skip does not apply, as A1111's default),
+    emphasis is applied to each encoder's output on its own, and the two are concatenated (CLIP-L first). An SDXL
+    embedding's vectors are ``clip_l`` and ``clip_g`` concatenated the same way, so each encoder places its own
+    half. `pooled` gives OpenCLIP-G's projected end-token output of the first chunk, before emphasis.
     """
 
     model: LoadedModel
@@ -321,6 +363,7 @@ class PromptEncoder:
 
     def __post_init__(self) -> None:
         check_clip_skip(self.model, self.clip_skip)
+        self._pooled: dict[str, torch.Tensor] = {}
         tok = self.model.tokenizer
         self._comma = int(tok.convert_tokens_to_ids(",</w>"))
         entries: list[EmbeddingEntry] = []
@@ -372,28 +415,57 @@ class PromptEncoder:
                     names[fix.name] = None
         return list(names)
 
+    def pooled(self, text: str) -> torch.Tensor:
+        """SDXL's pooled text output ``[projection]`` for ``text`` (OpenCLIP-G, first chunk)."""
+        if not self.model.is_sdxl:
+            raise ValueError("only SDXL models have a pooled text output")
+        self.encode(text)
+        return self._pooled[text]
+
     @torch.no_grad()
     def _encode(self, text: str) -> torch.Tensor:
         chunks, _ = self.chunks(text)
-        z = self._run(chunks)
-        multipliers = torch.tensor([c.multipliers for c in chunks], dtype=z.dtype, device=z.device)
+        parts, pooled = self._run_encoders(chunks)
+        if pooled is not None:
+            self._pooled[text] = pooled[0]
+        multipliers = torch.tensor([c.multipliers for c in chunks], dtype=parts[0].dtype, device=parts[0].device)
         if self.emphasis in ("Original", "No norm"):
-            z = _apply_emphasis(z, multipliers, normalize=self.emphasis == "Original")
+            normalize = self.emphasis == "Original"
+            parts = [_apply_emphasis(z, multipliers, normalize=normalize) for z in parts]
+        z = torch.cat(parts, dim=-1)
         return z.reshape(-1, z.shape[-1])
 
     def _run(self, chunks: Sequence[PromptChunk]) -> torch.Tensor:
-        """The text encoder's output ``[chunks, 77, width]`` with each chunk's embedding vectors placed."""
+        """The text encoders' output ``[chunks, 77, width]`` with each chunk's embedding vectors placed."""
+        return torch.cat(self._run_encoders(chunks)[0], dim=-1)
+
+    def _run_encoders(self, chunks: Sequence[PromptChunk]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Each text encoder's output ``[chunks, 77, width_i]`` with the embedding vectors placed, and SDXL's
+        pooled output ``[chunks, projection]`` (None for SD 1/2)."""
         model = self.model
         tokens = torch.tensor([c.tokens for c in chunks], dtype=torch.long)
-        if model.family == "sd2":
-            # OpenCLIP pads with id 0 after the first end-of-text token (A1111 does the same).
-            for row in tokens:
-                eos_at = (row == EOS_ID).nonzero()
-                if len(eos_at):
-                    row[int(eos_at[0]) + 1 :] = model.tokenizer.pad_token_id
-        fixes = [[(f.offset, self._vectors[f.name]) for f in c.fixes] for c in chunks]
-        with _embedding_fixes(model.text_encoder, fixes):
-            return _run_text_encoder(model.text_encoder, tokens.to(model.device), self.clip_skip)
+        if not model.is_sdxl:
+            if model.family == "sd2":
+                _pad_after_end(tokens, model.tokenizer.pad_token_id)
+            fixes = [[(f.offset, self._vectors[f.name]) for f in c.fixes] for c in chunks]
+            with _embedding_fixes(model.text_encoder, fixes):
+                return [_run_text_encoder(model.text_encoder, tokens.to(model.device), self.clip_skip)], None
+        parts: list[torch.Tensor] = []
+        pooled = None
+        start = 0
+        for encoder, tokenizer in ((model.text_encoder, model.tokenizer), (model.text_encoder_2, model.tokenizer_2)):
+            width = int(encoder.config.hidden_size)
+            ids = tokens.clone()
+            if tokenizer.pad_token_id != EOS_ID:
+                _pad_after_end(ids, tokenizer.pad_token_id)
+            fixes = [[(f.offset, self._vectors[f.name][:, start : start + width]) for f in c.fixes] for c in chunks]
+            with _embedding_fixes(encoder, fixes):
+                out = encoder(input_ids=ids.to(model.device), output_hidden_states=True)
+            parts.append(out.hidden_states[-2])
+            if encoder is model.text_encoder_2:
+                pooled = out.text_embeds
+            start += width
+        return parts, pooled
 
     def encode_batch(self, texts: Sequence[str]) -> torch.Tensor:
         """Encode ``texts`` as one batch ``[len(texts), 77 * chunks, width]`` under the caller's autograd mode.
@@ -402,23 +474,43 @@ class PromptEncoder:
         was given, placed as ``encode`` places them, in one text-encoder call. Texts with fewer chunks get empty
         chunks appended, as A1111's text encoder does for a batch; emphasis is applied per text as in ``encode``.
         """
+        return self.encode_batch_with_pooled(texts)[0]
+
+    def encode_batch_with_pooled(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`encode_batch`, and SDXL's pooled output ``[len(texts), projection]`` of each text's first chunk (None for
+        SD 1/2), both under the caller's autograd mode."""
         per_text = [self._training_chunks(text) for text in texts]
         longest = max(len(chunks) for chunks in per_text)
         empty = self._training_chunks("")[0]
         flat = [c for chunks in per_text for c in (*chunks, *[empty] * (longest - len(chunks)))]
-        z = self._run(flat).reshape(len(texts), longest, 77, -1)
+        outputs, pooled = self._run_encoders(flat)
+        if pooled is not None:
+            pooled = pooled[::longest]
+        parts = [z.reshape(len(texts), longest, 77, -1) for z in outputs]
         if self.emphasis in ("Original", "No norm") and any(m != 1 for c in flat for m in c.multipliers):
-            multipliers = torch.tensor([c.multipliers for c in flat], dtype=z.dtype, device=z.device)
+            multipliers = torch.tensor([c.multipliers for c in flat], dtype=parts[0].dtype, device=parts[0].device)
             multipliers = multipliers.reshape(len(texts), longest, -1)
             normalize = self.emphasis == "Original"
-            z = torch.stack([_apply_emphasis(row, m, normalize=normalize) for row, m in zip(z, multipliers, strict=True)])
-        return z.reshape(len(texts), -1, z.shape[-1])
+            parts = [
+                torch.stack([_apply_emphasis(row, m, normalize=normalize) for row, m in zip(z, multipliers, strict=True)])
+                for z in parts
+            ]
+        z = torch.cat(parts, dim=-1)
+        return z.reshape(len(texts), -1, z.shape[-1]), pooled
 
     def _training_chunks(self, text: str) -> list[PromptChunk]:
         cache: dict[str, list[PromptChunk]] = self.__dict__.setdefault("_chunk_cache", {})
         if text not in cache:
             cache[text] = self.chunks(text)[0]
         return cache[text]
+
+
+def _pad_after_end(tokens: torch.Tensor, pad_id: int) -> None:
+    """OpenCLIP pads with its own id (0) after the first end-of-text token (A1111 does the same), in place."""
+    for row in tokens:
+        eos_at = (row == EOS_ID).nonzero()
+        if len(eos_at):
+            row[int(eos_at[0]) + 1 :] = pad_id
 
 
 def _apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, *, normalize: bool) -> torch.Tensor:
@@ -607,6 +699,7 @@ def txt2img(
     except ValueError as exc:  # a prompt the encoder cannot take (an embedding longer than a chunk): one line
         raise GenerationError(str(exc)) from None
     empty = conds[""]
+    pooled = {text: encoder.pooled(text) for text in conds} if model.is_sdxl else None
     extra = _ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {})
     if start is not None:
         extra = {**start.infotext, **extra}
@@ -643,6 +736,8 @@ def txt2img(
                 empty=empty,
                 on_step=step_progress,
                 init=start.init_latents(batch_seeds) if start is not None else None,
+                pooled=pooled,
+                zero_uncond=model.is_sdxl and all(text == "" for _, text in uncond_schedule),
             )
         for image, seed in zip(decode_latents(model, latents), batch_seeds, strict=True):
             images.append(start.finish(image) if start is not None else image)
@@ -737,8 +832,15 @@ def sample_latents(
     empty: torch.Tensor,
     on_step: Callable[[int], None] | None = None,
     init: InitLatents | None = None,
+    pooled: Mapping[str, torch.Tensor] | None = None,
+    zero_uncond: bool = False,
 ) -> torch.Tensor:
     """Run the sampler loop; the conditioning may change per step (prompt editing and alternation).
+
+    SDXL takes ``pooled`` (text -> pooled output) and A1111's size conditioning: original and target size the
+    image's, crop (0, 0) (A1111's defaults). ``zero_uncond``: A1111 on SDXL zeroes the whole text conditioning of
+    a negative prompt that is empty at every step (sd_models_xl.get_learned_conditioning's
+    ``force_zero_embeddings``), the hidden states and the pooled output alike; batch padding still uses ``empty``.
 
     With ``init`` (img2img), the last steps of the ``steps`` schedule run from the init latents noised to the first
     one's level; for inpainting, the kept region of each step's denoised estimate is the init latents' (A1111).
@@ -758,13 +860,26 @@ def sample_latents(
     image_conditioning = img2img.unet_extra_input(model, init, len(seeds), width, height)
     batch = len(seeds)
     guided = cfg_scale != 1.0
-    context_cache: dict[tuple[str, str], torch.Tensor] = {}
+    context_cache: dict[tuple[str, str], tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = {}
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=model.dtype, device=model.device)
 
-    def context(i: int) -> torch.Tensor:
+    def context(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         key = (cond_at(i), uncond_at(i))
         if key not in context_cache:
-            texts = ([key[1]] * batch if guided else []) + [key[0]] * batch
-            context_cache[key] = stack_conds([conds[t] for t in texts], empty).to(model.device, model.dtype)
+            uncond = conds[key[1]]
+            if zero_uncond:
+                uncond = torch.zeros_like(uncond)
+            rows = ([uncond] * batch if guided else []) + [conds[key[0]]] * batch
+            hidden = stack_conds(rows, empty).to(model.device, model.dtype)
+            added = None
+            if pooled is not None:
+                pooled_uncond = torch.zeros_like(pooled[key[1]]) if zero_uncond else pooled[key[1]]
+                pooled_rows = ([pooled_uncond] * batch if guided else []) + [pooled[key[0]]] * batch
+                added = {
+                    "text_embeds": torch.stack(pooled_rows).to(model.device, model.dtype),
+                    "time_ids": time_ids.expand(len(pooled_rows), -1),
+                }
+            context_cache[key] = (hidden, added)
         return context_cache[key]
 
     accepts_generator = "generator" in _step_parameters(scheduler)
@@ -775,7 +890,8 @@ def sample_latents(
         model_input = scheduler.scale_model_input(model_input, t)
         if image_conditioning is not None:
             model_input = torch.cat([model_input, image_conditioning], dim=1)
-        noise_pred = model.unet(model_input, t, encoder_hidden_states=context(i)).sample
+        hidden, added = context(i)
+        noise_pred = model.unet(model_input, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + cfg_scale * (cond - uncond)
@@ -808,6 +924,6 @@ def decode_latents(model: LoadedModel, latents: torch.Tensor) -> list[Image.Imag
         # A1111 raises NansException here too: an all-black image would hide the failure.
         raise GenerationError("the model produced NaN or infinite values; try another sampler, or float32 weights")
     scaling = float(getattr(model.vae.config, "scaling_factor", 0.18215))
-    pixels = model.vae.decode(latents / scaling).sample
+    pixels = model.vae.decode((latents / scaling).to(model.vae.dtype)).sample
     pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]

@@ -157,7 +157,8 @@ def encode_pixels(model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
     img2img a function of the seed alone.
     """
     scaling = float(getattr(model.vae.config, "scaling_factor", 0.18215))
-    return model.vae.encode(pixels).latent_dist.mean * scaling
+    latents = model.vae.encode(pixels.to(model.vae.dtype)).latent_dist.mean * scaling
+    return latents.to(model.dtype)  # the VAE may run in float32 under a float16 UNet (SDXL)
 
 
 def inpainting_conditioning(

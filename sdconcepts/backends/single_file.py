@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdconcepts import checkpoint_files as cf
 from sdconcepts.backends.tokenizer import load_clip_tokenizer
@@ -47,12 +47,13 @@ def load_single_file(
     device: str | torch.device = "cpu",
     probe_prediction: bool = True,
 ) -> dict[str, Any]:
-    """Load an A1111-style SD 1.x/2.x checkpoint into diffusers/transformers components.
+    """Load an A1111-style SD 1.x/2.x/XL checkpoint into diffusers/transformers components.
 
     Returns ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` (DDIM, from the inferred scheduler
     config), ``family``, ``prediction_type``, ``configs`` (the ModelConfigs used) and ``extra`` (tensors of the file
     no component uses, EMA copies excepted; save_single_file writes them back). A SD2 file that states no
     prediction type is probed as A1111 does (`probe_v_prediction`) unless `probe_prediction` is False.
+    SDXL adds ``text_encoder_2`` (CLIPTextModelWithProjection) and ``tokenizer_2`` (OpenCLIP's padding).
     Raises CheckpointError for a file that is not such a checkpoint or whose weights do not fit.
     """
     state_dict, metadata = cf.read_checkpoint_with_metadata(path)
@@ -74,11 +75,24 @@ def load_single_file(
         path,
         "text encoder",
     )
+    sdxl: dict[str, Any] = {}
+    if configs.family == "sdxl":
+        assert configs.text_encoder_2 is not None  # infer_configs always sets it for SDXL
+        text_config_2 = configs.text_encoder_2
+        text_encoder_2 = _materialize(
+            lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text_config_2)),
+            parts["text_encoder_2"],
+            dtype,
+            path,
+            "second text encoder",
+        )
+        sdxl = {"text_encoder_2": text_encoder_2.to(device).eval(), "tokenizer_2": load_clip_tokenizer("sd2")}
     return {
+        **sdxl,
         "unet": unet.to(device).eval(),
         "vae": vae.to(device).eval(),
         "text_encoder": text_encoder.to(device).eval(),
-        "tokenizer": load_clip_tokenizer(configs.family),
+        "tokenizer": load_clip_tokenizer("sd1" if configs.family == "sdxl" else configs.family),
         "scheduler": DDIMScheduler.from_config(configs.scheduler),
         "family": configs.family,
         "prediction_type": configs.prediction_type,
@@ -91,7 +105,7 @@ def _materialize(make: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dt
     """Build a model without initialising weights (on the meta device), then take the checkpoint's tensors."""
     with torch.device("meta"):
         model = make()
-    if isinstance(model, CLIPTextModel):
+    if isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
         state_dict = cf.match_text_encoder_keys(state_dict, model.state_dict().keys())
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
     try:
@@ -158,6 +172,8 @@ def _family_of(components: dict[str, Any]) -> str:
     family = components.get("family")
     if family:
         return str(family)
+    if components.get("text_encoder_2") is not None:
+        return "sdxl"
     # SD2's OpenCLIP text encoder uses gelu; SD1's CLIP ViT-L uses quick_gelu.
     return "sd2" if components["text_encoder"].config.hidden_act == "gelu" else "sd1"
 
@@ -178,8 +194,8 @@ def _plain(config: Any) -> dict[str, Any]:
 def save_single_file(
     components: dict[str, Any], path: str | os.PathLike[str], *, dtype: torch.dtype | None = None
 ) -> Path:
-    """Write `components` (unet, vae, text_encoder; optional scheduler, family, prediction_type, extra) as one
-    A1111-style checkpoint: `.safetensors`, or `.ckpt` holding ``{"state_dict": ...}``.
+    """Write `components` (unet, vae, text_encoder, and text_encoder_2 for SDXL; optional scheduler, family,
+    prediction_type, extra) as one A1111-style checkpoint: `.safetensors`, or `.ckpt` holding ``{"state_dict": ...}``.
 
     A v-prediction model also gets the sidecar `.yaml` A1111 needs (the full LDM config with
     ``parameterization: "v"``); an epsilon model removes a sidecar this module wrote earlier. A sidecar someone
@@ -196,6 +212,10 @@ def save_single_file(
         "vae": _plain(vae.config),
         "text_encoder": {k: text_config[k] for k in _TEXT_CONFIG_KEYS if k in text_config},
     }
+    text_encoder_2 = components.get("text_encoder_2") if family == "sdxl" else None
+    if text_encoder_2 is not None:
+        text_config_2 = text_encoder_2.config.to_dict()
+        configs["text_encoder_2"] = {k: text_config_2[k] for k in _TEXT_CONFIG_KEYS if k in text_config_2}
     scheduler_config = getattr(components.get("scheduler"), "config", None)
     if scheduler_config is not None:
         configs["scheduler"] = _plain(scheduler_config)
@@ -207,6 +227,7 @@ def save_single_file(
         scheduler={**configs.get("scheduler", {}), "prediction_type": prediction},
         family=family,
         prediction_type=prediction,
+        text_encoder_2=configs.get("text_encoder_2"),
     )
 
     sidecar = cf.sidecar_yaml_path(target)
@@ -219,7 +240,12 @@ def save_single_file(
             )
 
     state_dict = cf.diffusers_to_ldm(
-        unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), family, extra=components.get("extra")
+        unet.state_dict(),
+        vae.state_dict(),
+        text_encoder.state_dict(),
+        family,
+        extra=components.get("extra"),
+        text_encoder_2_sd=text_encoder_2.state_dict() if text_encoder_2 is not None else None,
     )
     if dtype is not None:
         state_dict = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}

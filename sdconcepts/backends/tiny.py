@@ -150,6 +150,99 @@ def build_tiny_sd2(seed: int = 0, prediction_type: str = "epsilon") -> dict[str,
     }
 
 
+def build_tiny_sdxl(seed: int = 0) -> dict[str, object]:
+    """Return the components of a tiny SDXL-layout model with random weights (deterministic for a seed).
+
+    As SDXL base: three levels (no attention on the first), transformer depths growing with the level (1, 1, 2 here;
+    1, 2, 10 there), linear projections, the text/time added conditioning, and two text encoders whose penultimate
+    hidden states are concatenated: CLIP-L (32 wide, quick_gelu, end-of-text padding) and OpenCLIP-G (48 wide, gelu,
+    padding 0, with a 40-wide pooled projection). Context 80 and attention widths 64/96 are all distinct, so
+    hypernetwork modules keyed by width are never ambiguous.
+    """
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    time_dim = 8
+    pooled = 40
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 96),
+        transformer_layers_per_block=(1, 1, 2),
+        cross_attention_dim=80,
+        attention_head_dim=(2, 4, 6),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled + 6 * time_dim,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+        scaling_factor=0.13025,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=48,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=pooled,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
+        )
+    )
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "tokenizer": load_clip_tokenizer("sd1"),
+        "tokenizer_2": load_clip_tokenizer("sd2"),
+        "scheduler": DDIMScheduler(**SD1_SCHEDULER),
+    }
+
+
+def save_tiny_sdxl(path: Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL model as a diffusers folder (StableDiffusionXLPipeline's layout)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(**build_tiny_sdxl(seed))  # type: ignore[arg-type]
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def build_reference_random(family: str = "sd1", seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, object]:
     """Full-size SD 1.5 (``sd1``) or SD 2.1 (``sd2``) shaped components with random weights, for benchmarks.
 

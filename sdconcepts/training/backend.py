@@ -39,6 +39,17 @@ def alphas_cumprod_from_config(config: Mapping[str, Any]) -> Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def _token_rows(tokenizer: Any, text_encoder: Any, text: str, limit: int | None) -> Tensor:
+    if limit is not None:
+        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"]
+    else:
+        ids = tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        rows: Tensor = table[torch.tensor(ids, dtype=torch.long, device=table.device)].float().cpu()
+    return rows
+
+
 class TrainingModel:
     """A LoadedModel seen by the objective (``DiffusionModel``) and by the training session."""
 
@@ -64,17 +75,41 @@ class TrainingModel:
         return torch.device(self.model.device)
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
-        if self.trainable:
-            return self._encoder.encode_batch(texts)
-        # Nothing in the text path trains: each distinct prompt is encoded once, as A1111 pre-computes them.
+        """The context ``[batch, 77 * chunks, width]``; on SDXL with the pooled outputs packed after it (`predict`
+        unpacks them), so that the objective sees one tensor for every family."""
         from sdconcepts.backends.diffusers import stack_conds
 
-        conds = [self._encoder.encode(text) for text in texts]
-        return stack_conds(conds, self._encoder.encode(""))
+        pooled: Tensor | None
+        if self.trainable:
+            context, pooled = self._encoder.encode_batch_with_pooled(texts)
+        else:
+            # Nothing in the text path trains: each distinct prompt is encoded once, as A1111 pre-computes them.
+            context = stack_conds([self._encoder.encode(text) for text in texts], self._encoder.encode(""))
+            pooled = torch.stack([self._encoder.pooled(text) for text in texts]) if self.model.is_sdxl else None
+        if pooled is None:
+            return context
+        width = context.shape[-1]
+        rows = -(-pooled.shape[-1] // width)
+        packed = torch.nn.functional.pad(pooled, (0, rows * width - pooled.shape[-1]))
+        return torch.cat([context, packed.reshape(len(texts), rows, width).to(context)], dim=1)
 
     def predict(self, noisy: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
         dtype = self.model.dtype
-        out: Tensor = self.model.unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype)).sample
+        unet = self.model.unet
+        added = None
+        if self.model.is_sdxl:
+            # SDXL: unpack the pooled outputs; size conditioning as txt2img's (the image size, crop 0, 0).
+            width = context.shape[-1]
+            size = int(unet.config.projection_class_embeddings_input_dim) - 6 * int(unet.config.addition_time_embed_dim)
+            rows = -(-size // width)
+            pooled = context[:, -rows:].reshape(context.shape[0], -1)[:, :size]
+            context = context[:, :-rows]
+            h, w = (int(d) * self.vae_scale_factor for d in noisy.shape[-2:])
+            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=noisy.device).expand(len(noisy), -1)
+            added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
+        out: Tensor = unet(
+            noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added
+        ).sample
         return out
 
     # -- dataset, creation, previews ------------------------------------------------------------------------------
@@ -98,17 +133,16 @@ class TrainingModel:
             dist = vae.encode(pixels.to(self.model.device, vae.dtype)).latent_dist
         return dist.mean.float() * scale, dist.std.float() * scale
 
-    def token_rows(self, text: str, limit: int) -> Tensor:
-        """Raw token-embedding rows of ``text`` (no special tokens); SD1 keeps at most ``limit`` tokens as A1111."""
-        tokenizer = self.model.tokenizer
-        if self.model.family == "sd1":
-            ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=limit)["input_ids"]
-        else:
-            ids = tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
-        table = self.model.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            rows: Tensor = table[torch.tensor(ids, dtype=torch.long, device=table.device)].float().cpu()
-        return rows
+    def token_rows(self, text: str, limit: int) -> Tensor | dict[str, Tensor]:
+        """Raw token-embedding rows of ``text`` (no special tokens); CLIP-L keeps at most ``limit`` tokens as A1111's
+        FrozenCLIPEmbedder does, OpenCLIP all of them. SDXL: ``{"clip_l": rows, "clip_g": rows}``, each encoder's
+        own tokenizer and table (A1111's per-embedder encode_embedding_init_text)."""
+        if self.model.is_sdxl:
+            return {
+                "clip_l": _token_rows(self.model.tokenizer, self.model.text_encoder, text, limit),
+                "clip_g": _token_rows(self.model.tokenizer_2, self.model.text_encoder_2, text, None),
+            }
+        return _token_rows(self.model.tokenizer, self.model.text_encoder, text, limit if self.model.family == "sd1" else None)
 
     def preview(
         self,

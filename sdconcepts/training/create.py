@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -53,7 +53,7 @@ def initial_vectors(token_rows: Tensor, vectors: int, width: int) -> Tensor:
 def create_embedding_file(
     folder: str | Path,
     name: str,
-    token_rows: Tensor,
+    token_rows: Tensor | Mapping[str, Tensor],
     *,
     vectors: int = 1,
     width: int | None = None,
@@ -61,14 +61,23 @@ def create_embedding_file(
     sd_checkpoint: str | None = None,
     sd_checkpoint_name: str | None = None,
 ) -> Path:
-    """Write ``folder/<name>.pt`` (A1111's layout, step 0) from the init text's token rows; returns the path."""
-    path = target_path(folder, name)
+    """Write ``folder/<name>.pt`` (A1111's layout, step 0) from the init text's token rows; returns the path.
+
+    SDXL: ``token_rows`` maps ``clip_l`` and ``clip_g`` to each encoder's rows; each half is initialised from its
+    own rows (``width`` is then their sum and is not needed), and the file holds ``{clip_l, clip_g}`` as Forge and
+    kohya write them. An SDXL file is ``.safetensors``: A1111 and Forge read every value of an SDXL ``.pt`` as a
+    tensor, so only safetensors metadata can carry the step and checkpoint that training resumes from."""
+    path = target_path(folder, name, ".safetensors" if isinstance(token_rows, Mapping) else ".pt")
     if path.exists() and not overwrite:
         raise CreateError(f"{path} already exists (use overwrite to replace it)")
-    width = int(token_rows.shape[-1]) if width is None else width
+    initial: Tensor | dict[str, Tensor]
+    if isinstance(token_rows, Mapping):
+        initial = {key: initial_vectors(rows, vectors, int(rows.shape[-1])) for key, rows in token_rows.items()}
+    else:
+        initial = initial_vectors(token_rows, vectors, int(token_rows.shape[-1]) if width is None else width)
     embedding = Embedding(
         name=sanitize_name(name),
-        vectors=initial_vectors(token_rows, vectors, width),
+        vectors=initial,
         step=0,
         sd_checkpoint=sd_checkpoint,
         sd_checkpoint_name=sd_checkpoint_name,

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from sdconcepts.embedding import Embedding
+from sdconcepts.embedding import Embedding, kind_mismatch
 from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding, save_embedding
 from sdconcepts.hypernetwork import Hypernetwork
 from sdconcepts.hypernetwork_files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
@@ -98,7 +98,9 @@ class _EmbeddingJob(_Job):
         self.prompt_word = embedding.name
         self.step = int(embedding.step or 0)
         self.base = embedding
-        self.vectors = embedding.tensor().clone().to(device).requires_grad_(True)
+        # SDXL: clip_l and clip_g side by side, as the encoder places them; split again when saved.
+        self.vectors = embedding.joined().clone().to(device).requires_grad_(True)
+        self.split = int(embedding.vectors["clip_l"].shape[-1]) if embedding.is_sdxl else None  # type: ignore[index]
         self.parameters = [self.vectors]
         # A1111: AdamW over the vector only, weight decay 0, torch's other defaults.
         self.optimizer = torch.optim.AdamW(self.parameters, lr=0.0, weight_decay=0.0)
@@ -125,9 +127,13 @@ class _EmbeddingJob(_Job):
         return False
 
     def embedding(self, name: str | None = None) -> Embedding:
+        joined = self.vectors.detach()
+        vectors: torch.Tensor | dict[str, torch.Tensor] = joined
+        if self.split is not None:
+            vectors = {"clip_l": joined[:, : self.split], "clip_g": joined[:, self.split :]}
         return Embedding(
             name=name or self.name,
-            vectors=self.vectors.detach(),
+            vectors=vectors,
             step=self.step,
             sd_checkpoint=self.model.short_hash,
             sd_checkpoint_name=self.model.name,
@@ -291,7 +297,10 @@ def _train_embedding(
         loaded = load_embedding(path)
     except EmbeddingFileError as exc:
         raise TrainingError(str(exc)) from None
-    if loaded.is_sdxl or loaded.width != int(model.context_width):
+    mismatch = kind_mismatch(loaded, sdxl=bool(getattr(model, "is_sdxl", False)))
+    if mismatch is not None:
+        raise TrainingError(f"{path}: {mismatch}")
+    if loaded.width != int(model.context_width):
         raise TrainingError(
             f"{path}: the embedding's width {loaded.width} does not fit this model's text width {model.context_width}"
         )
@@ -528,7 +537,9 @@ def _preview(job: _Job, model: Any, config: TrainingConfig, folder: Path, texts:
     image, infotext = job.preview(model, prompt, config)
     images = folder / "images"
     path = save_png(image, images / fit_file_name(images, job.name, f"-{job.step}.png"), infotext)
-    if isinstance(job, _EmbeddingJob) and isinstance(config, EmbeddingTrainingConfig) and config.save_image_with_embedding:
+    # A1111's image carriers hold one tensor: an SDXL pair has none (its previews are plain images).
+    if (isinstance(job, _EmbeddingJob) and job.split is None and isinstance(config, EmbeddingTrainingConfig)
+            and config.save_image_with_embedding):
         pictures = folder / "image_embeddings"
         save_embedding(
             job.embedding(f"{job.name}-{job.step}"),

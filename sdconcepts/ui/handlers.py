@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdconcepts.embedding import usable_embeddings
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.prompts import parse_extra_network_tags
 from sdconcepts.ui.cards import (
@@ -388,11 +389,9 @@ def generate(
         session.embeddings.refresh(lazy=True)
         # Only the embeddings the prompts name are read (a scan reads headers only); the rest stay on disk.
         used_in = f"{params.prompt}\n{params.negative_prompt}"
-        usable = {n: e for n, e in session.embeddings.usable(width, used_in=used_in).items() if not e.is_sdxl}
-        taken = {r.name.lower() for r in session.embeddings.records(width) if r.skipped is None}
-        skipped_embeddings = {
-            n: reason for n, reason in session.embeddings.skipped(width).items() if n.lower() not in taken
-        }
+        usable, skipped_embeddings = usable_embeddings(
+            session.embeddings, width, sdxl=model.is_sdxl, used_in=used_in
+        )
         session.hypernetworks.refresh(lazy=True)
         _, tags = parse_extra_network_tags(params.prompt)
         named = [t.args[0] for t in tags if t.name == "hypernet" and t.args]
@@ -411,7 +410,7 @@ def generate(
             result = txt2img(
                 model,
                 params,
-                embeddings={n: e.tensor() for n, e in usable.items()},
+                embeddings={n: e.joined() for n, e in usable.items()},
                 embedding_hashes={n: e.hash for n, e in usable.items() if e.hash},
                 skipped_embeddings=skipped_embeddings,
                 known_networks={"hypernet": [r.name for r in records]},

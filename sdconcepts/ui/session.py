@@ -255,8 +255,12 @@ class UiSession:
             path = DEFAULT_MODEL_DIR
         if path is not None and path.is_dir():
             try:
-                config = json.loads((path / "text_encoder" / "config.json").read_text(encoding="utf-8"))
-                return int(config["hidden_size"])
+                # SDXL's context is both text encoders' hidden states side by side (768 + 1280).
+                encoders = [path / "text_encoder"] + ([path / "text_encoder_2"] if (path / "text_encoder_2").is_dir() else [])
+                return sum(
+                    int(json.loads((folder / "config.json").read_text(encoding="utf-8"))["hidden_size"])
+                    for folder in encoders
+                )
             except (OSError, ValueError, KeyError, TypeError):
                 return None
         return None

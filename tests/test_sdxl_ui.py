@@ -1,0 +1,57 @@
+"""The web UI's handlers with SDXL models: the dropdown lists SDXL files and folders, and generating applies SDXL
+embeddings while listing single-encoder ones as skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdconcepts import Embedding, save_embedding
+from sdconcepts.backends.single_file import save_single_file
+from sdconcepts.ui import handlers
+from sdconcepts.ui.session import UiConfig, UiSession
+
+
+def test_ui_lists_and_generates_with_sdxl_models(tiny_sdxl, tiny_sdxl_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    m = tiny_sdxl
+    save_single_file({"unet": m.unet, "vae": m.vae, "text_encoder": m.text_encoder, "text_encoder_2": m.text_encoder_2},
+                     models / "xl.safetensors")
+    shutil.copytree(tiny_sdxl_dir, models / "xl-folder")
+    embeddings = tmp_path / "embeddings"
+    g = torch.Generator().manual_seed(0)
+    save_embedding(Embedding("xlemb", {"clip_l": torch.randn(2, 32, generator=g) * 0.02,
+                                       "clip_g": torch.randn(2, 48, generator=g) * 0.02}), embeddings / "xlemb.safetensors")
+    save_embedding(Embedding("flatemb", torch.zeros(1, 80)), embeddings / "flatemb.safetensors")
+    session = UiSession(UiConfig(models_dir=models, embeddings_dirs=[embeddings], outputs_dir=tmp_path / "out",
+                                 device="cpu"))
+    choices = session.model_choices()
+    assert "xl.safetensors" in choices and "xl-folder" in choices
+    assert session.context_width("xl-folder") == 80  # from both encoders' configs, nothing loaded
+
+    def run(prompt: str) -> handlers.GenerateOutput:
+        params = handlers.generation_params(prompt, "blurry", "Euler", 2, 7, 3, 64, 64, 1, 1)
+        return handlers.generate(session, "xl.safetensors", params)
+
+    plain = run("a red circle")
+    used = run("a red circle xlemb")
+    assert list(plain.images[0].getdata()) != list(used.images[0].getdata())
+    assert "TI hashes: xlemb: " in used.first_infotext.replace('"', "") and used.warnings == []
+    skipped = run("a red circle flatemb")
+    assert any("flatemb" in w and "SDXL" in w for w in skipped.warnings)
+
+
+
+def test_ui_create_embedding_on_an_sdxl_model_writes_the_pair(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    from sdconcepts.embedding_files import load_embedding
+    from sdconcepts.ui import train
+
+    session = UiSession(UiConfig(ckpt=tiny_sdxl_dir, embeddings_dirs=[tmp_path / "emb"], device="cpu"))
+    path = train.create_embedding(session, str(tiny_sdxl_dir), "xlnew", "yellow triangle", 2, False)
+    emb = load_embedding(path)
+    assert path.suffix == ".safetensors" and emb.is_sdxl and emb.width == 80 and emb.vector_count == 2
+    assert "xlnew" in train.embedding_names(session)
