@@ -186,6 +186,19 @@ class UiSession:
             self._model = None
             self._model_label = None
 
+    def model_shape(self, label: str | None = None) -> Any:
+        """The ``model_shape.ModelShape`` of a model (its hypernetwork widths, native size), without loading it when
+        its files say; None when only loading would tell (a ``.ckpt`` not loaded yet)."""
+        from sdconcepts.model_shape import read_model_shape, shape_of_loaded
+
+        label = label or self._model_label or self.default_choice()
+        if self._model is not None and self._model_label == label:
+            return shape_of_loaded(self._model)
+        choices = self.model_choices()
+        if label not in choices:
+            return None
+        return read_model_shape(choices[label])
+
     def context_width(self, label: str | None = None) -> int | None:
         """The text width embeddings must have for a model, without loading it when its config says."""
         label = label or self._model_label or self.default_choice()
