@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdconcepts.cli_files import add_file_parsers
 
     add_file_parsers(subparsers)
+    from sdconcepts.cli_embedding import add_embedding_parser
+
+    add_embedding_parser(subparsers)
     from sdconcepts.toyworld.cli import add_toyworld_parser
 
     add_toyworld_parser(subparsers)
