@@ -38,6 +38,10 @@ class UiConfig:
     # Folders that paths typed into the Train tab (preprocess source/destination, dataset, log directory, template
     # file) must lie in. None: the working folder when the session starts, plus the folders above.
     train_roots: Sequence[Path] | None = None
+    # Read-only sources listed before the folders above (the shipped examples, ``sdconcepts.examples``): a file of
+    # the same name in a user folder wins, and nothing is ever written here (training writes to the first user folder).
+    extra_embeddings_dirs: Sequence[Path] = ()
+    extra_hypernetworks_dirs: Sequence[Path] = ()
 
 
 def scan_models(folder: Path | None) -> list[Path]:
@@ -94,9 +98,10 @@ class UiSession:
 
     def __init__(self, config: UiConfig) -> None:
         self.config = config
-        self.embeddings = EmbeddingLibrary(config.embeddings_dirs)
+        self.embeddings = EmbeddingLibrary([*config.extra_embeddings_dirs, *config.embeddings_dirs])
         self.hypernetworks: Library[Any] = Library(
-            folders=list(config.hypernetworks_dirs), load=_hypernetwork_info, suffixes=(".pt",),
+            folders=[*config.extra_hypernetworks_dirs, *config.hypernetworks_dirs], load=_hypernetwork_info,
+            suffixes=(".pt",),
             ignore=_hypernetwork_ignored,
         )
         # The hypernetworks the last generation used, fully loaded: (path, mtime, size) -> Hypernetwork.
