@@ -75,8 +75,9 @@ def _single_file_shape(path: Path) -> ModelShape | None:
         return None
     if context is None:
         return None
-    # SD 1.x/2.x single files: 8x VAE, 64-latent UNet (2.x v models are 768 px, said by their yaml; 512 is safe).
-    return ModelShape(context, _ordered(context, channel_widths), 512, 64)
+    # Single files: 8x VAE; SDXL (context 2048) is 1024 px, SD 1.x/2.x 512 (2.x v models are 768 px, said by their
+    # yaml; 512 is safe). Sides are multiples of 64 (8x VAE, three down blocks).
+    return ModelShape(context, _ordered(context, channel_widths), 1024 if context == 2048 else 512, 64)
 
 
 def read_model_shape(path: Path | None) -> ModelShape | None:
