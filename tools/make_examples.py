@@ -53,13 +53,29 @@ def preview(images: Path, target: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=None, help="keep the datasets and logs here (default: a temp dir)")
+    parser.add_argument("--only", choices=("embedding", "hypernetwork"), default=None, help="rebuild only this one")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="sdconcepts-examples-"))
     work.mkdir(parents=True, exist_ok=True)
-    embeddings, hypernetworks = work / "embeddings", work / "hypernetworks"
     common = ["--width", "32", "--height", "32", "--save-every", "0", "--preview-every", "0", "--no-optimizer-state",
               "--log-dir", str(work / "log"), "--device", "cpu"]
 
+    out_ti, out_hn = EXAMPLES / "embeddings", EXAMPLES / "hypernetworks"
+    out_ti.mkdir(parents=True, exist_ok=True)
+    out_hn.mkdir(parents=True, exist_ok=True)
+    sample = ["--steps", "20", "--sampler", "DDIM", "--cfg-scale", "5", "--seed", "1", "--batch-size", "4",
+              "--device", "cpu"]
+    if args.only != "hypernetwork":
+        make_embedding(work, common, sample, out_ti)
+    if args.only != "embedding":
+        make_hypernetwork(work, common, sample, out_hn)
+    total = sum(p.stat().st_size for p in EXAMPLES.rglob("*") if p.is_file())
+    print(f"wrote {EXAMPLES} ({total} bytes)")
+    return 0
+
+
+def make_embedding(work: Path, common: list[str], sample: list[str], out: Path) -> None:
+    embeddings = work / "embeddings"
     sdconcepts("toyworld", "concept", "--shape", "triangle", "--colour", "yellow", "--background", "brown",
                "--count", "5", "--seed", "4242", "--out", str(work / "triangle"))
     sdconcepts("create-embedding", EMBEDDING, "--init-text", "triangle", "--vectors", "4", "--overwrite",
@@ -67,7 +83,14 @@ def main() -> int:
     sdconcepts("train-embedding", EMBEDDING, "--dataset", str(work / "triangle"), "--template", "subject",
                "--batch-size", "5", "--max-steps", "500", "--learn-rate", "0.01:200, 0.005",
                "--embeddings-dir", str(embeddings), *common)
+    sdconcepts("generate", "--prompt", f"a photo of a {EMBEDDING}", "--embeddings-dir", str(embeddings), *sample,
+               "--output", str(work / "preview_ti"))
+    shutil.copyfile(embeddings / f"{EMBEDDING}.pt", out / f"{EMBEDDING}.pt")
+    preview(work / "preview_ti", out / f"{EMBEDDING}.preview.png")
 
+
+def make_hypernetwork(work: Path, common: list[str], sample: list[str], out: Path) -> None:
+    hypernetworks = work / "hypernetworks"
     sdconcepts("toyworld", "concept", "--background", "teal", "--count", "40", "--seed", "77",
                "--out", str(work / "teal"))
     sdconcepts("create-hypernetwork", HYPERNETWORK, "--sizes", "48,32,64", "--layer-structure", "1, 2, 1",
@@ -75,24 +98,10 @@ def main() -> int:
     sdconcepts("train-hypernetwork", HYPERNETWORK, "--dataset", str(work / "teal"), "--template", "filewords",
                "--batch-size", "20", "--max-steps", "400", "--learn-rate", "0.002",
                "--hypernetworks-dir", str(hypernetworks), *common)
-
-    out_ti, out_hn = EXAMPLES / "embeddings", EXAMPLES / "hypernetworks"
-    out_ti.mkdir(parents=True, exist_ok=True)
-    out_hn.mkdir(parents=True, exist_ok=True)
-    sample = ["--steps", "20", "--sampler", "DDIM", "--cfg-scale", "5", "--seed", "1", "--batch-size", "4",
-              "--device", "cpu"]
-    sdconcepts("generate", "--prompt", f"a photo of a {EMBEDDING}", "--embeddings-dir", str(embeddings), *sample,
-               "--output", str(work / "preview_ti"))
     sdconcepts("generate", "--prompt", f"a white cross <hypernet:{HYPERNETWORK}:1>", "--hypernetworks-dir",
                str(hypernetworks), *sample, "--output", str(work / "preview_hn"))
-    shutil.copyfile(embeddings / f"{EMBEDDING}.pt", out_ti / f"{EMBEDDING}.pt")
-    shutil.copyfile(hypernetworks / f"{HYPERNETWORK}.pt", out_hn / f"{HYPERNETWORK}.pt")
-    preview(work / "preview_ti", out_ti / f"{EMBEDDING}.preview.png")
-    preview(work / "preview_hn", out_hn / f"{HYPERNETWORK}.preview.png")
-    total = sum(p.stat().st_size for p in EXAMPLES.rglob("*") if p.is_file())
-    print(f"wrote {EXAMPLES} ({total} bytes)")
-    return 0
-
+    shutil.copyfile(hypernetworks / f"{HYPERNETWORK}.pt", out / f"{HYPERNETWORK}.pt")
+    preview(work / "preview_hn", out / f"{HYPERNETWORK}.preview.png")
 
 if __name__ == "__main__":
     raise SystemExit(main())
