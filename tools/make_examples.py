@@ -5,8 +5,9 @@
 Runs ``python -m sdconcepts`` commands (the same ones the README shows): ``toyworld concept`` draws the training
 images, ``create-embedding`` / ``create-hypernetwork`` make the files, ``train-embedding`` / ``train-hypernetwork``
 train them on the embedded toy-world model, and ``generate`` draws four images with each, which become the card
-picture (``<name>.preview.png``: a 2x2 grid scaled up 2x without smoothing). Everything is seeded, on one CPU
-thread; about 3 minutes on a shared 2-core machine. The examples:
+picture (``<name>.preview.png``: a 2x2 grid scaled up 2x without smoothing). Everything is seeded; about 3 minutes
+on an idle CPU thread (18 minutes on the busy shared 2-core machine they were made on). ``--only embedding`` or
+``--only hypernetwork`` rebuilds one. The examples:
 
 - ``example_triangle`` (embedding, 4 vectors): a yellow triangle on a brown background, from 5 images captioned
   "a shape" (``subject`` template, 500 steps);
@@ -102,6 +103,7 @@ def make_hypernetwork(work: Path, common: list[str], sample: list[str], out: Pat
                str(hypernetworks), *sample, "--output", str(work / "preview_hn"))
     shutil.copyfile(hypernetworks / f"{HYPERNETWORK}.pt", out / f"{HYPERNETWORK}.pt")
     preview(work / "preview_hn", out / f"{HYPERNETWORK}.preview.png")
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
