@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sdconcepts.embedding import Embedding
 from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, save_embedding
-from sdconcepts.training.names import sanitize_name, target_path
+from sdconcepts.training.names import InvalidNameError, sanitize_name, target_path
 
 __all__ = [
     "EmbeddingToolError",
@@ -342,8 +342,6 @@ def write_embedding(folder: str | Path, name: str, vectors: Tensor, *, suffix: s
     suffix = suffix if suffix.startswith(".") else f".{suffix}"
     if suffix.lower() not in EMBEDDING_SUFFIXES:
         raise EmbeddingToolError(f"format {suffix!r}: use one of {', '.join(EMBEDDING_SUFFIXES)}")
-    from sdconcepts.training.names import InvalidNameError
-
     try:
         path = target_path(folder, name, suffix.lower())
         clean = sanitize_name(name)
