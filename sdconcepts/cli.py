@@ -190,6 +190,9 @@ def add_web_ui_arguments(parser: argparse.ArgumentParser) -> None:
                     metavar="D", help="a folder that the Train tab's paths (preprocess source and destination, dataset, "
                     "log directory) may use; repeatable (default: the working folder and the folders above)")
     ui.add_argument("--device", dest="ui_device", default=None, help="torch device (default: cuda when available)")
+    ui.add_argument("--no-examples", dest="ui_examples", action="store_false",
+                    help="do not list the shipped example embedding and hypernetwork (for the embedded toy-world "
+                    "model; listed by default, read from the package, never copied)")
 
 
 def _default_dirs(given: list[Path] | None, default: Path) -> list[Path]:
@@ -201,13 +204,25 @@ def _default_dirs(given: list[Path] | None, default: Path) -> list[Path]:
 def run_web_ui(args: argparse.Namespace) -> int:
     try:
         from sdconcepts.ui.app import launch_app
-        from sdconcepts.ui.session import UiConfig, UiSession
+        from sdconcepts.ui.session import UiSession
     except ImportError as exc:
         raise CommandError(f"the web UI needs gradio ({exc}); install it with: pip install gradio") from exc
+    host = "0.0.0.0" if args.ui_listen else "127.0.0.1"
+    launch_app(UiSession(web_ui_config(args)), host=host, port=args.ui_port)
+    return 0
+
+
+def web_ui_config(args: argparse.Namespace) -> Any:
+    """The ``ui.session.UiConfig`` that ``python -m sdconcepts`` serves with these options."""
+    from sdconcepts.examples import EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR
+    from sdconcepts.ui.session import UiConfig
+
     models = args.ui_models_dir
     if models is None and (Path("models") / "Stable-diffusion").is_dir():
         models = Path("models") / "Stable-diffusion"
-    config = UiConfig(
+    # The examples are a read-only source listed before the user's folders (a user file of the same name wins);
+    # copying them into ./embeddings on first run would mix them with the user's files and bring deleted ones back.
+    return UiConfig(
         ckpt=args.ui_ckpt,
         models_dir=models,
         embeddings_dirs=_default_dirs(args.ui_embeddings_dir, Path("embeddings")),
@@ -215,10 +230,9 @@ def run_web_ui(args: argparse.Namespace) -> int:
         outputs_dir=args.ui_outputs_dir,
         device=args.ui_device,
         train_roots=args.ui_train_roots,
+        extra_embeddings_dirs=[EXAMPLE_EMBEDDINGS_DIR] if args.ui_examples else [],
+        extra_hypernetworks_dirs=[EXAMPLE_HYPERNETWORKS_DIR] if args.ui_examples else [],
     )
-    host = "0.0.0.0" if args.ui_listen else "127.0.0.1"
-    launch_app(UiSession(config), host=host, port=args.ui_port)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdconcepts.cli_files import add_file_parsers
 
     add_file_parsers(subparsers)
+    from sdconcepts.cli_embedding import add_embedding_parser
+
+    add_embedding_parser(subparsers)
     from sdconcepts.toyworld.cli import add_toyworld_parser
 
     add_toyworld_parser(subparsers)

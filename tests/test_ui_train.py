@@ -209,9 +209,54 @@ def test_the_ui_has_the_train_tab_with_our_ids(session: UiSession) -> None:
         assert wanted in ids
     defaults = {c["props"].get("elem_id"): c["props"].get("value") for c in blocks.config["components"]}
     assert defaults["sdconcepts_train_ti_lr"] == "0.005" and defaults["sdconcepts_train_hn_lr"] == "0.00001"
-    assert defaults["sdconcepts_train_max_steps"] == 100000 and defaults["sdconcepts_train_width"] == 512
+    assert defaults["sdconcepts_train_max_steps"] == 100000
     assert defaults["sdconcepts_train_template"] == "style_filewords"
-    assert defaults["sdconcepts_create_hn_sizes"] == ["768", "320", "640", "1280"]
+
+
+def test_forms_fit_the_model(session: UiSession, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The tiny model (like the toy model) has context width 48, attention widths 32/64 and a 32 px native size:
+    Create hypernetwork offers those, not A1111's 768/320/640/1280, and the size sliders reach 32."""
+    from sdconcepts.ui.app import build_ui
+
+    props = {c["props"].get("elem_id"): c["props"] for c in build_ui(session).config["components"]}
+    assert props["sdconcepts_create_hn_sizes"]["value"] == ["48", "32", "64"]
+    assert [c[0] if isinstance(c, (list, tuple)) else c
+            for c in props["sdconcepts_create_hn_sizes"]["choices"]] == ["48", "32", "64"]
+    for key in ("sdconcepts_train_width", "sdconcepts_train_height", "sdconcepts_preprocess_width",
+                "sdconcepts_preprocess_height"):
+        assert props[key]["value"] == 32 and props[key]["minimum"] <= 32, (key, props[key])
+    # What the form offers creates a hypernetwork that the model accepts and trains at its own size.
+    fit = train.form_defaults(session, str(tiny_model_dir))
+    path = train.create_hypernetwork(session, "fit", fit.widths_ticked, "1, 2, 1", "linear", "Normal", False, False,
+                                     "", False)
+    assert sorted(load_hypernetwork(path).widths) == [32, 48, 64]
+    # A model whose shape cannot be read cheaply (a .ckpt) gets A1111's choices.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "big.ckpt").write_bytes(b"not read")
+    other = UiSession(UiConfig(models_dir=tmp_path / "models"))
+    assert train.form_defaults(other, "big.ckpt").widths_ticked == ["768", "320", "640", "1280"]
+    assert train.form_defaults(other, "big.ckpt").size == 512
+
+
+def test_model_shape_from_files_and_from_the_loaded_model(tiny_model_dir: Path, tiny_model: Any,
+                                                          tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from sdconcepts.model_shape import read_model_shape, shape_of_loaded
+
+    from_files = read_model_shape(tiny_model_dir)
+    assert from_files is not None and from_files == shape_of_loaded(tiny_model)
+    assert from_files.widths == (48, 32, 64) and from_files.size == 32 and from_files.multiple == 32
+    # An A1111 single file: the widths come from the header's tensor shapes (SD 1.x: 768 context, 320/640/1280).
+    blocks = "model.diffusion_model.input_blocks.{}.1.transformer_blocks.0.attn{}.to_k.weight"
+    tensors = {blocks.format(i, 1): torch.zeros(c, c) for i, c in ((1, 320), (4, 640), (7, 1280))}
+    tensors |= {blocks.format(i, 2): torch.zeros(c, 768) for i, c in ((1, 320), (4, 640), (7, 1280))}
+    save_file(tensors, tmp_path / "sd15.safetensors")
+    single = read_model_shape(tmp_path / "sd15.safetensors")
+    assert single is not None and single.widths == (768, 320, 640, 1280) and single.size == 512
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 20)
+    assert read_model_shape(tmp_path / "broken.safetensors") is None
 
 
 # -- preprocess ---------------------------------------------------------------------------------------------------

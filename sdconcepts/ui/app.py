@@ -17,6 +17,7 @@ from sdconcepts.generation import SAMPLERS
 from sdconcepts.ui import handlers, train
 from sdconcepts.ui.cards import SORT_KEYS
 from sdconcepts.ui.compat import QUEUE_KWARGS, blocks_kwargs, js_kwargs, launch_kwargs, make, update
+from sdconcepts.ui.embedding_tools_tab import build_embedding_tools
 from sdconcepts.ui.session import UiError, UiSession
 from sdconcepts.ui.train_tab import build_train_tab
 from sdconcepts.user_metadata import SD_VERSIONS
@@ -187,6 +188,7 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train.Training
                                                        elem_id="sdconcepts_batch_size")
                         with gr.Tab("Textual Inversion", id="sdconcepts_ti", elem_id="sdconcepts_tab_ti"):
                             ti = _card_tab("ti", "Textual Inversion", ti_view)
+                            ti_tools = gr.Column(elem_id="sdconcepts_ti_tools_root")
                         with gr.Tab("Hypernetworks", id="sdconcepts_hn", elem_id="sdconcepts_tab_hn"):
                             hn = _card_tab("hn", "Hypernetworks", hn_view)
                         with gr.Tab("Train", id="sdconcepts_train_tab", elem_id="sdconcepts_tab_train_root"):
@@ -274,6 +276,10 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train.Training
             trigger(_guard(hn_filter), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
         _wire_metadata_editor(session, ti["editor"], (_guard(ti_render), ti_inputs, ti_outputs))
         _wire_metadata_editor(session, hn["editor"], (_guard(hn_render), hn_inputs, hn_outputs))
+
+        # -- embedding tools --
+        with ti_tools:
+            build_embedding_tools(session, model, [(_guard(ti_render), ti_inputs, ti_outputs)])
 
         # -- train --
         with train_tab:

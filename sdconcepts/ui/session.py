@@ -52,6 +52,10 @@ class UiConfig:
     # Folders that paths typed into the Train tab (preprocess source/destination, dataset, log directory, template
     # file) must lie in. None: the working folder when the session starts, plus the folders above.
     train_roots: Sequence[Path] | None = None
+    # Read-only sources listed before the folders above (the shipped examples, ``sdconcepts.examples``): a file of
+    # the same name in a user folder wins, and nothing is ever written here (training writes to the first user folder).
+    extra_embeddings_dirs: Sequence[Path] = ()
+    extra_hypernetworks_dirs: Sequence[Path] = ()
 
 
 def scan_models(folder: Path | None) -> list[Path]:
@@ -108,9 +112,10 @@ class UiSession:
 
     def __init__(self, config: UiConfig) -> None:
         self.config = config
-        self.embeddings = EmbeddingLibrary(config.embeddings_dirs)
+        self.embeddings = EmbeddingLibrary([*config.extra_embeddings_dirs, *config.embeddings_dirs])
         self.hypernetworks: Library[Any] = Library(
-            folders=list(config.hypernetworks_dirs), load=_hypernetwork_info, suffixes=(".pt",),
+            folders=[*config.extra_hypernetworks_dirs, *config.hypernetworks_dirs], load=_hypernetwork_info,
+            suffixes=(".pt",),
             ignore=_hypernetwork_ignored,
         )
         # The card tabs' cards per kind, rebuilt when the library or a setting they depend on changes.
@@ -242,6 +247,19 @@ class UiSession:
         with self._model_lock:
             self._model = None
             self._model_label = None
+
+    def model_shape(self, label: str | None = None) -> Any:
+        """The ``model_shape.ModelShape`` of a model (its hypernetwork widths, native size), without loading it when
+        its files say; None when only loading would tell (a ``.ckpt`` not loaded yet)."""
+        from sdconcepts.model_shape import read_model_shape, shape_of_loaded
+
+        label = label or self._model_label or self.default_choice()
+        if self._model is not None and self._model_label == label:
+            return shape_of_loaded(self._model)
+        choices = self.model_choices()
+        if label not in choices:
+            return None
+        return read_model_shape(choices[label])
 
     def context_width(self, label: str | None = None) -> int | None:
         """The text width embeddings must have for a model, without loading it when its config says."""

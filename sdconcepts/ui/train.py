@@ -42,6 +42,7 @@ __all__ = [
     "embedding_names",
     "hypernetwork_names",
     "follow",
+    "form_defaults",
     "preprocess",
     "start_training",
     "training_config",
@@ -95,6 +96,38 @@ def hypernetwork_names(session: UiSession) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted({p.stem for p in folder.glob("*.pt") if p.is_file() and p.stem != "None"}, key=str.lower)
+
+
+# -- what the forms offer ----------------------------------------------------------------------------------------
+
+# A1111's Create hypernetwork: every width offered, the SD 1.x ones ticked; used when the model's shape is unknown.
+_A1111_CHOICES = ["768", "1024", "320", "640", "1280"]
+_A1111_TICKED = ["768", "320", "640", "1280"]
+MIN_SIDE = 8  # the smallest side the training config and preprocessing accept (a model may want a multiple of more)
+
+
+@dataclass(frozen=True)
+class FormDefaults:
+    """What the Train tab's forms offer for a model: its hypernetwork widths (all ticked) and its native size."""
+
+    width_choices: list[str]
+    widths_ticked: list[str]
+    size: int
+    size_step: int
+
+
+def form_defaults(session: UiSession, model_label: str | None = None) -> FormDefaults:
+    """The chosen model's widths and size (the toy model: 48/32/64 at 32 px), read from its files without loading it
+    when they say; A1111's 768/320/640/1280 at 512 px when only loading would tell."""
+    try:
+        shape = session.model_shape(model_label)
+    except UiError:
+        shape = None
+    if shape is None:
+        return FormDefaults(list(_A1111_CHOICES), list(_A1111_TICKED), 512, 8)
+    widths = [str(w) for w in shape.widths]
+    # The slider steps by 8 (A1111's step) unless the model's own multiple is smaller; the run checks the multiple.
+    return FormDefaults(widths, list(widths), int(shape.size), min(8, int(shape.multiple)))
 
 
 # -- create ------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 from sdconcepts.hypernetwork import ACTIVATIONS, WEIGHT_INITS
+from sdconcepts.limits import MAX_IMAGE_SIDE
 from sdconcepts.training.templates import available_templates
 from sdconcepts.ui import train
 from sdconcepts.ui.compat import GRADIO_MAJOR, make, update
@@ -44,6 +45,8 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                     after_change: Sequence[tuple[Callable[..., Any], list[Any], list[Any]]]) -> dict[str, Any]:
     """Build the tab inside the current layout context; ``after_change`` re-renders the card tabs."""
     templates = list(available_templates())
+    # The forms fit the model chosen when the page is built, and follow the model dropdown (model_change below).
+    fit = train.form_defaults(session, session.default_choice())
     with gr.Tabs(elem_id="sdconcepts_train_tabs"):
         with gr.Tab("Create embedding", id="sdconcepts_create_ti", elem_id="sdconcepts_tab_create_ti"):
             ti_name = gr.Textbox(label="Name", elem_id="sdconcepts_create_ti_name", max_lines=1)
@@ -57,9 +60,10 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
             ti_result = gr.HTML("", elem_id="sdconcepts_create_ti_result")
         with gr.Tab("Create hypernetwork", id="sdconcepts_create_hn", elem_id="sdconcepts_tab_create_hn"):
             hn_name = gr.Textbox(label="Name", elem_id="sdconcepts_create_hn_name", max_lines=1)
-            hn_sizes = gr.CheckboxGroup(["768", "1024", "320", "640", "1280"], value=["768", "320", "640", "1280"],
-                                        label="Modules", elem_id="sdconcepts_create_hn_sizes")
-            hn_extra = gr.Textbox(label="More modules (context widths, comma-separated; the toy model's: 48, 32, 64)",
+            hn_sizes = gr.CheckboxGroup(fit.width_choices, value=fit.widths_ticked,
+                                        label="Modules (the model's attention widths)",
+                                        elem_id="sdconcepts_create_hn_sizes")
+            hn_extra = gr.Textbox(label="More modules (context widths, comma-separated, for another model)",
                                   value="", elem_id="sdconcepts_create_hn_extra", max_lines=1)
             hn_layers = gr.Textbox(label="Enter hypernetwork layer structure", value="1, 2, 1",
                                    placeholder="1st and last digit must be 1. ex:'1, 2, 1'",
@@ -83,9 +87,10 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
             pre_destination = gr.Textbox(label="Destination directory", elem_id="sdconcepts_preprocess_destination",
                                          max_lines=1)
             with gr.Row():
-                pre_width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="sdconcepts_preprocess_width")
-                pre_height = gr.Slider(64, 2048, value=512, step=8, label="Height",
-                                       elem_id="sdconcepts_preprocess_height")
+                pre_width = gr.Slider(train.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step, label="Width",
+                                      elem_id="sdconcepts_preprocess_width")
+                pre_height = gr.Slider(train.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step,
+                                       label="Height", elem_id="sdconcepts_preprocess_height")
             pre_caption_action = gr.Dropdown(list(CAPTION_ACTIONS), value="ignore",
                                              label="Existing Caption txt Action",
                                              elem_id="sdconcepts_preprocess_caption_action")
@@ -141,8 +146,10 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                                    elem_id="sdconcepts_train_template")
             err_template = _field_error("template")
             with gr.Row():
-                width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="sdconcepts_train_width")
-                height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="sdconcepts_train_height")
+                width = gr.Slider(train.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step, label="Width",
+                                  elem_id="sdconcepts_train_width")
+                height = gr.Slider(train.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step, label="Height",
+                                   elem_id="sdconcepts_train_height")
             keep_size = gr.Checkbox(value=False, label="Do not resize images", elem_id="sdconcepts_train_keep_size")
             err_size = _field_error("size")
             max_steps = gr.Number(label="Max steps", value=100000, precision=0, elem_id="sdconcepts_train_max_steps")
@@ -298,6 +305,15 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
     interrupt.click(on_interrupt, inputs=None, outputs=[message], **UNLIMITED)
 
     chain_after([created_ti, created_hn, trained_ti, trained_hn], after_change)
+
+    def on_model_change(model_label: str):
+        # Another model has other widths and another size: offer its own (A1111 offers SD's whatever is loaded).
+        chosen = train.form_defaults(session, model_label)
+        size = update(value=chosen.size, step=chosen.size_step)
+        return [update(choices=chosen.width_choices, value=chosen.widths_ticked), size, size, size, size]
+
+    model.change(on_model_change, inputs=[model], outputs=[hn_sizes, width, height, pre_width, pre_height],
+                 show_progress="hidden")
 
     def on_load():
         for view in train.follow(jobs):

@@ -1,0 +1,112 @@
+"""The Textual Inversion tab's embedding tools without gradio: inspect (nearest tokens, norms), mix and edit.
+
+Embeddings are named as in prompts (the session's library, at the chosen model's width); new files go to the
+folder training writes to (``ui.train.embeddings_folder``), so the cards list them on the next render.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from sdconcepts.embedding_files import EmbeddingFileError
+from sdconcepts.embedding_tools import (
+    EmbeddingToolError,
+    Vocabulary,
+    describe_vectors,
+    mix_vectors,
+    parse_mix,
+    select_vectors,
+    vocabulary_of,
+    write_embedding,
+)
+from sdconcepts.ui.session import UiError, UiSession
+
+__all__ = ["FORMATS", "edit_embedding", "inspect_html", "mix_embedding"]
+
+FORMATS = (".pt", ".safetensors", ".bin", ".png", ".webp")
+
+
+def _usable(session: UiSession, model_label: str) -> dict[str, Any]:
+    session.embeddings.refresh()
+    width = session.context_width(model_label)
+    return {name: emb.tensor() for name, emb in session.embeddings.usable(width).items() if not emb.is_sdxl}
+
+
+def _vectors(session: UiSession, model_label: str, name: str) -> tuple[str, Any]:
+    usable = _usable(session, model_label)
+    wanted = str(name or "").strip()
+    if not wanted:
+        raise UiError("embedding: enter the name of an embedding")
+    for known, vectors in usable.items():
+        if known.lower() == wanted.lower():
+            return known, vectors
+    raise UiError(f"embedding: no usable embedding {wanted!r} for this model (see the cards and the skipped list)")
+
+
+def _model_and_vocabulary(session: UiSession, model_label: str) -> tuple[Any, Vocabulary]:
+    # Generation and training share the model: read its table while nothing else runs on it.
+    with session.generate_lock:
+        model = session.model(model_label)
+        return model, vocabulary_of(model)
+
+
+def inspect_html(session: UiSession, model_label: str, name: str, top_k: float) -> str:
+    """A table: per vector its norm and the ``top_k`` nearest vocabulary tokens with their cosine."""
+    known, vectors = _vectors(session, model_label, name)
+    _model, vocabulary = _model_and_vocabulary(session, model_label)
+    try:
+        reports = describe_vectors(vectors, vocabulary, int(top_k or 5))
+    except EmbeddingToolError as exc:
+        raise UiError(f"{known}: {exc}") from exc
+    rows = "".join(
+        f"<tr><td>{r.index}</td><td>{r.norm:.4f}</td><td>"
+        + ", ".join(f"<span title=\"token {i}\">{html.escape(t)}</span> {c:.2f}" for t, i, c in r.nearest)
+        + "</td></tr>"
+        for r in reports
+    )
+    return (f'<div class="sdconcepts-tools-report"><b>{html.escape(known)}</b>: {len(reports)} vectors, width '
+            f"{vectors.shape[1]}<table><tr><th>#</th><th>norm</th><th>nearest tokens (cosine)</th></tr>{rows}"
+            "</table></div>")
+
+
+def _write(session: UiSession, model: Any | None, name: str, vectors: Any, file_format: str, overwrite: bool) -> Path:
+    from sdconcepts.ui.train import embeddings_folder
+
+    if not str(name or "").strip():
+        raise UiError("name: enter a name for the new embedding")
+    if file_format not in FORMATS:
+        raise UiError(f"format: choose one of {', '.join(FORMATS)}")
+    try:
+        return write_embedding(embeddings_folder(session), str(name), vectors, suffix=file_format,
+                               overwrite=bool(overwrite),
+                               sd_checkpoint=getattr(model, "short_hash", None) if model is not None else None,
+                               sd_checkpoint_name=getattr(model, "name", None) if model is not None else None)
+    except (EmbeddingToolError, EmbeddingFileError) as exc:
+        raise UiError(str(exc)) from exc
+
+
+def mix_embedding(session: UiSession, model_label: str, name: str, expression: str, file_format: str = ".pt",
+                  overwrite: bool = False) -> Path:
+    """Write ``name`` from a mix expression (``embedding_tools.parse_mix``); returns the written file."""
+    try:
+        terms = [term for group in parse_mix(str(expression or "")) for term in group]
+        model, vocabulary = (_model_and_vocabulary(session, model_label) if any(t.words for t in terms)
+                             else (None, None))
+        vectors = mix_vectors(str(expression), _usable(session, model_label), vocabulary)
+    except EmbeddingToolError as exc:
+        raise UiError(f"expression: {exc}") from exc
+    return _write(session, model, name, vectors, file_format, overwrite)
+
+
+def edit_embedding(session: UiSession, model_label: str, source: str, name: str, keep: str, drop: str,
+                   file_format: str = ".pt", overwrite: bool = False) -> Path:
+    """Write ``name`` from ``source``'s vectors: ``keep`` (positions in the new order) or ``drop``."""
+    _known, vectors = _vectors(session, model_label, source)
+    keep_text, drop_text = str(keep or "").strip(), str(drop or "").strip()
+    try:
+        kept = select_vectors(vectors, keep=keep_text or None, drop=drop_text or None)
+    except EmbeddingToolError as exc:
+        raise UiError(f"vectors: {exc}") from exc
+    return _write(session, None, name, kept, file_format, overwrite)

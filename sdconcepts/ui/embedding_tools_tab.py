@@ -1,0 +1,85 @@
+"""Lays out the Textual Inversion tab's "Embedding tools" accordion and wires it to ``ui.embedding_tools``."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gradio as gr
+
+from sdconcepts.ui import embedding_tools
+from sdconcepts.ui.session import UiError, UiSession
+from sdconcepts.ui.train_tab import chain_after
+
+__all__ = ["build_embedding_tools"]
+
+
+def _message(text: str, css: str) -> str:
+    return f'<div class="{css}">{html.escape(text)}</div>'
+
+
+def build_embedding_tools(session: UiSession, model: Any,
+                          after_change: Sequence[tuple[Callable[..., Any], list[Any], list[Any]]]) -> dict[str, Any]:
+    """Build the accordion inside the current layout context; ``after_change`` re-renders the card tabs."""
+    with gr.Accordion("Embedding tools", open=False, elem_id="sdconcepts_ti_tools"):
+        gr.HTML('<div class="sdconcepts-tools-help">Embeddings are named as in prompts. Mix: <code>0.5*toytri + '
+                '0.5*"red triangle"</code> sums terms of equal vector counts ("words" are their token embeddings; '
+                "<code>name[0:2]</code> selects vectors); <code>|</code> or <code>,</code> concatenates.</div>",
+                elem_id="sdconcepts_ti_tools_help")
+        with gr.Row():
+            inspect_name = gr.Textbox(label="Embedding", elem_id="sdconcepts_ti_tools_inspect_name", max_lines=1,
+                                      scale=3)
+            top_k = gr.Slider(1, 20, value=5, step=1, label="Nearest tokens", elem_id="sdconcepts_ti_tools_top_k",
+                              scale=2)
+            inspect = gr.Button("Inspect", elem_id="sdconcepts_ti_tools_inspect", scale=1)
+        report = gr.HTML("", elem_id="sdconcepts_ti_tools_report")
+        with gr.Row():
+            mix_name = gr.Textbox(label="New embedding name", elem_id="sdconcepts_ti_tools_mix_name", max_lines=1,
+                                  scale=2)
+            expression = gr.Textbox(label="Mix expression", placeholder='0.5*toytri + 0.5*"red triangle"',
+                                    elem_id="sdconcepts_ti_tools_expression", max_lines=1, scale=4)
+            mix = gr.Button("Make embedding", variant="primary", elem_id="sdconcepts_ti_tools_mix", scale=1)
+        with gr.Row():
+            edit_source = gr.Textbox(label="Edit: source embedding", elem_id="sdconcepts_ti_tools_edit_source",
+                                     max_lines=1)
+            edit_name = gr.Textbox(label="New embedding name", elem_id="sdconcepts_ti_tools_edit_name", max_lines=1)
+            keep = gr.Textbox(label="Keep vectors (in order, e.g. 2,0,1 or 0:2)", elem_id="sdconcepts_ti_tools_keep",
+                              max_lines=1)
+            drop = gr.Textbox(label="or drop vectors (e.g. 1 or -1)", elem_id="sdconcepts_ti_tools_drop", max_lines=1)
+            edit = gr.Button("Write edited copy", elem_id="sdconcepts_ti_tools_edit")
+        with gr.Row():
+            file_format = gr.Dropdown(list(embedding_tools.FORMATS), value=".pt", label="File format",
+                                      elem_id="sdconcepts_ti_tools_format")
+            overwrite = gr.Checkbox(value=False, label="Overwrite an existing file",
+                                    elem_id="sdconcepts_ti_tools_overwrite")
+        result = gr.HTML("", elem_id="sdconcepts_ti_tools_result")
+
+    def on_inspect(model_label: str, name: str, k: float) -> str:
+        try:
+            return embedding_tools.inspect_html(session, model_label, name, k)
+        except UiError as exc:
+            return _message(str(exc), "sdconcepts-field-error")
+
+    def on_mix(model_label: str, name: str, text: str, fmt: str, replace: bool) -> str:
+        try:
+            path = embedding_tools.mix_embedding(session, model_label, name, text, fmt, bool(replace))
+        except UiError as exc:
+            return _message(str(exc), "sdconcepts-field-error")
+        return _message(f"Wrote {path}", "sdconcepts-field-ok")
+
+    def on_edit(model_label: str, source: str, name: str, keep_v: str, drop_v: str, fmt: str, replace: bool) -> str:
+        try:
+            path = embedding_tools.edit_embedding(session, model_label, source, name, keep_v, drop_v, fmt,
+                                                  bool(replace))
+        except UiError as exc:
+            return _message(str(exc), "sdconcepts-field-error")
+        return _message(f"Wrote {path}", "sdconcepts-field-ok")
+
+    inspect.click(on_inspect, inputs=[model, inspect_name, top_k], outputs=[report])
+    mixed = mix.click(on_mix, inputs=[model, mix_name, expression, file_format, overwrite], outputs=[result])
+    edited = edit.click(on_edit, inputs=[model, edit_source, edit_name, keep, drop, file_format, overwrite],
+                        outputs=[result])
+    # The new file is a card at once (the library rescans on render).
+    chain_after([mixed, edited], after_change)
+    return {"report": report, "result": result}
