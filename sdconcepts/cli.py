@@ -196,9 +196,9 @@ def add_web_ui_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_dirs(given: list[Path] | None, default: Path) -> list[Path]:
-    if given is not None:
-        return given
-    return [default] if default.is_dir() else []
+    # The default folder is listed even before it exists: training and the embedding tools create it, and what they
+    # write there must show on the cards without a restart.
+    return given if given is not None else [default]
 
 
 def run_web_ui(args: argparse.Namespace) -> int:

@@ -71,6 +71,26 @@ def test_a_user_file_of_the_same_name_wins(tmp_path: Path, monkeypatch: pytest.M
     assert load_embedding(EMBEDDING_FILE).vector_count == 4  # the shipped file is untouched
 
 
+def test_the_metadata_editor_never_writes_into_the_shipped_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:
+    session = _session(monkeypatch, tmp_path)
+    handlers.embedding_cards_view(session, model_label=DEFAULT_MODEL_LABEL)
+    handlers.hypernetwork_cards_view(session)
+    for shipped in (EMBEDDING_FILE, HYPERNETWORK_FILE):
+        form = handlers.metadata_form(session, str(shipped))  # reading is fine
+        assert form.status == ""
+        with pytest.raises(handlers.UiError, match="shipped example"):
+            handlers.save_metadata(session, str(shipped), "mine", "Unknown", "", 0, "", "")
+        assert not shipped.with_suffix(".json").exists()
+    # The user's own files stay editable.
+    mine = tmp_path / "embeddings" / "mine.pt"
+    save_embedding(Embedding("mine", torch.ones(1, 48)), mine)
+    handlers.embedding_cards_view(session, model_label=DEFAULT_MODEL_LABEL)
+    listed = next(str(r.path) for r in session.embeddings.files.records() if r.name == "mine")
+    assert handlers.save_metadata(session, listed, "mine", "Unknown", "", 0, "", "").startswith("Saved")
+    assert mine.with_suffix(".json").is_file()
+
+
 @pytest.mark.skipif(not (EMBEDDED_MODEL_DIR / "model_index.json").is_file(), reason="the embedded model is missing")
 def test_a_click_on_each_example_visibly_changes_the_toy_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:

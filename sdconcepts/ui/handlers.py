@@ -251,6 +251,11 @@ def save_metadata(
 ) -> str:
     """Write the editor's fields to the file's ``.json`` (A1111's format); returns a one-line status."""
     target = _listed_path(session, path or "")
+    config = session.config
+    read_only = [*config.extra_embeddings_dirs, *config.extra_hypernetworks_dirs]
+    if any(target.resolve().is_relative_to(Path(folder).resolve()) for folder in read_only):
+        # The shipped examples live inside the package: an upgrade would replace them and lose the user's edit.
+        raise UiError(f"{target.name} is a shipped example (read-only); copy it to your own folder to edit its notes")
     try:
         weight = float(preferred_weight or 0)
     except (TypeError, ValueError):
