@@ -85,7 +85,7 @@ def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     outputs = tmp / "outputs"
     port = _free_port()
     if mode == "standalone":
-        command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--embeddings-dir", str(embeddings),
+        command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--no-examples", "--embeddings-dir", str(embeddings),
                    "--hypernetworks-dir", str(hypernetworks), "--outputs-dir", str(outputs)]
         if model != "-":
             command += ["--ckpt", model]

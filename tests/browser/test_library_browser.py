@@ -73,7 +73,7 @@ def big_app(
     print(f"\nwrote {EMBEDDINGS + 1} embeddings in {time.monotonic() - start:.0f} s")
     port = _free_port()
     if mode == "standalone":
-        command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port),
+        command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--no-examples",
                    "--embeddings-dir", str(embeddings), "--hypernetworks-dir", str(hypernetworks),
                    "--outputs-dir", str(tmp / "outputs")]
         if model != "-":

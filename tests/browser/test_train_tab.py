@@ -33,7 +33,7 @@ def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         (tmp / folder).mkdir()
     port = tb._free_port()
     if mode == "standalone":
-        command = [tb.APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--embeddings-dir",
+        command = [tb.APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--no-examples", "--embeddings-dir",
                    str(tmp / "embeddings"), "--hypernetworks-dir", str(tmp / "hypernetworks"), "--outputs-dir",
                    str(tmp / "outputs")]
         if model != "-":
