@@ -1,8 +1,9 @@
 /*
  * sdconcepts: what Gradio cannot do server-side. Clicking a card (.sdconcepts-card, rendered by sdconcepts/ui/cards.py)
- * inserts its text (an embedding name, or <hypernet:name:M>) into our prompt at the cursor; clicking it again removes
- * it (A1111's toggle). Embedding cards write to the negative prompt when that had focus last, as A1111's
- * Textual Inversion cards do; hypernetwork tags always go to the prompt.
+ * inserts its text (an embedding name, or <hypernet:name:M>) into the prompt of the tab it sits in (txt2img's
+ * #sdconcepts_prompt, or img2img's #sdconcepts_img2img_prompt for the cards under #sdconcepts_img2img_root) at the
+ * cursor; clicking it again removes it (A1111's toggle). Embedding cards write to that tab's negative prompt when it
+ * had focus last, as A1111's Textual Inversion cards do; hypernetwork tags always go to the prompt.
  *
  * Loaded globally by A1111/Forge (javascript/*.js) and by the standalone app on page load; it installs itself once.
  * It touches only elements under #sdconcepts_root and only defines window.sdconcepts. Works with the Gradio 3 DOM
@@ -14,11 +15,14 @@
         return;
     }
 
-    var PROMPT_ID = "sdconcepts_prompt";
-    var NEGATIVE_ID = "sdconcepts_neg_prompt";
+    // Each tab with cards and prompts: the element that holds it -> its prompt ids. Cards outside all of them
+    // (txt2img's, and the only ones inside a host) use txt2img's prompts.
+    var SCOPES = {sdconcepts_img2img_root: {prompt: "sdconcepts_img2img_prompt", negative: "sdconcepts_img2img_neg_prompt"}};
+    var DEFAULT_SCOPE = {prompt: "sdconcepts_prompt", negative: "sdconcepts_neg_prompt"};
     var SEPARATOR = " "; // A1111's extra_networks_add_text_separator default
 
-    var state = {negativeLast: false, caret: {}};
+    // negativeLast: per prompt id, whether that tab's negative prompt had focus last.
+    var state = {negativeLast: {}, caret: {}};
 
     function appRoot() {
         var app = document.querySelector("gradio-app");
@@ -87,8 +91,19 @@
         area.dispatchEvent(new Event("input", {bubbles: true}));
     }
 
-    function toggleInPrompt(text, allowNegative) {
-        var id = allowNegative && state.negativeLast ? NEGATIVE_ID : PROMPT_ID;
+    function scopeOf(path) {
+        for (var i = 0; i < path.length; i++) {
+            var el = path[i];
+            if (el && el.nodeType === 1 && el.id && Object.prototype.hasOwnProperty.call(SCOPES, el.id)) {
+                return SCOPES[el.id];
+            }
+        }
+        return DEFAULT_SCOPE;
+    }
+
+    function toggleInPrompt(text, allowNegative, scope) {
+        scope = scope || DEFAULT_SCOPE;
+        var id = allowNegative && state.negativeLast[scope.prompt] ? scope.negative : scope.prompt;
         var area = promptArea(id);
         if (!area) {
             return null;
@@ -116,18 +131,36 @@
         return el.classList.contains("sdconcepts-card");
     }
 
-    function promptOf(el) {
-        return el.id === PROMPT_ID || el.id === NEGATIVE_ID ? el : null;
+    // The scope whose prompt or negative prompt `el` is, or null.
+    function promptScope(el) {
+        var scopes = [DEFAULT_SCOPE];
+        for (var key in SCOPES) {
+            if (Object.prototype.hasOwnProperty.call(SCOPES, key)) {
+                scopes.push(SCOPES[key]);
+            }
+        }
+        for (var i = 0; i < scopes.length; i++) {
+            if (el.id === scopes[i].prompt || el.id === scopes[i].negative) {
+                return scopes[i];
+            }
+        }
+        return null;
     }
 
-    function activate(card) {
-        return toggleInPrompt(card.getAttribute("data-prompt") || "", card.getAttribute("data-allow-negative") === "1");
+    function promptOf(el) {
+        return promptScope(el) ? el : null;
+    }
+
+    function activate(card, event) {
+        var path = event && event.composedPath ? event.composedPath() : [];
+        return toggleInPrompt(card.getAttribute("data-prompt") || "", card.getAttribute("data-allow-negative") === "1",
+            scopeOf(path));
     }
 
     document.addEventListener("click", function (event) {
         var card = findIn(event, isCard);
         if (card) {
-            activate(card);
+            activate(card, event);
         }
     });
     document.addEventListener("keydown", function (event) {
@@ -137,14 +170,15 @@
         var card = findIn(event, isCard);
         if (card) {
             event.preventDefault();
-            activate(card);
+            activate(card, event);
         }
     });
     // Remember which prompt had focus last, and where its caret was when it lost focus.
     document.addEventListener("focusin", function (event) {
         var box = findIn(event, promptOf);
         if (box) {
-            state.negativeLast = box.id === NEGATIVE_ID;
+            var scope = promptScope(box);
+            state.negativeLast[scope.prompt] = box.id === scope.negative;
         }
     }, true);
     document.addEventListener("focusout", function (event) {
