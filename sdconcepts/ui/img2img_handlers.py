@@ -165,14 +165,13 @@ def paste_fields(infotext: str | None) -> PastedFields:
     prompt, negative, fields = parse_infotext(infotext)
     notes: list[str] = []
     sampler = fields.get("Sampler")
-    if sampler is not None and sampler not in SAMPLERS:
-        schedule = fields.get("Schedule type")
-        combined = f"{sampler} {schedule}" if schedule else None
-        if combined in SAMPLERS:
-            sampler = combined
-        else:
-            notes.append(f"sampler {sampler!r} is not available here; the sampler was left as it was")
-            sampler = None
+    # A1111 1.9+ writes the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras"); older ones in the name.
+    schedule = fields.get("Schedule type")
+    if sampler is not None and schedule and f"{sampler} {schedule}" in SAMPLERS:
+        sampler = f"{sampler} {schedule}"
+    elif sampler is not None and sampler not in SAMPLERS:
+        notes.append(f"sampler {sampler!r} is not available here; the sampler was left as it was")
+        sampler = None
     width = height = None
     size = fields.get("Size", "")
     if "x" in size:
