@@ -17,7 +17,7 @@
 
     // Each tab with cards and prompts: the element that holds it -> its prompt ids. Cards outside all of them
     // (txt2img's, and the only ones inside a host) use txt2img's prompts.
-    var SCOPES = {sdconcepts_img2img_root: {prompt: "sdconcepts_img2img_prompt", negative: "sdconcepts_img2img_neg_prompt"}};
+    var SCOPES = {"sdconcepts_img2img_root": {prompt: "sdconcepts_img2img_prompt", negative: "sdconcepts_img2img_neg_prompt"}};
     var DEFAULT_SCOPE = {prompt: "sdconcepts_prompt", negative: "sdconcepts_neg_prompt"};
     var SEPARATOR = " "; // A1111's extra_networks_add_text_separator default
 
