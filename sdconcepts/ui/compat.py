@@ -66,8 +66,10 @@ def mask_editor(*, label: str, elem_id: str, brush_size: int = 8) -> Any:
     background would no longer match the init image). ``img2img_handlers.editor_parts`` reads either.
     """
     if GRADIO_MAJOR < 4:
-        return gr.Image(label=label, elem_id=elem_id, source="upload", tool="sketch", type="pil",
-                        image_mode="RGBA", brush_radius=brush_size, brush_color="#ffffff", interactive=True)
+        # These arguments exist only in gradio 3, which the type checker does not see.
+        sketch: dict[str, Any] = {"source": "upload", "tool": "sketch", "brush_radius": brush_size,
+                                  "brush_color": "#ffffff"}
+        return gr.Image(label=label, elem_id=elem_id, type="pil", image_mode="RGBA", interactive=True, **sketch)
     brush = gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=brush_size)
     return make(gr.ImageEditor, label=label, elem_id=elem_id, type="pil", sources=["upload"], image_mode="RGBA",
                 brush=brush, interactive=True, optional={"transforms": (), "eraser": gr.Eraser(default_size=brush_size)})

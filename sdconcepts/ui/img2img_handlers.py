@@ -56,8 +56,8 @@ def editor_parts(value: Any) -> tuple[Image.Image | None, Image.Image | None]:
     if not isinstance(value, Mapping):
         return _as_image(value), None
     if "image" in value:  # gradio 3.41 sketch: the mask is RGB, white where drawn
-        image, mask = _as_image(value.get("image")), _as_image(value.get("mask"))
-        return image, mask.convert("L") if mask is not None else None
+        sketch = _as_image(value.get("mask"))
+        return _as_image(value.get("image")), sketch.convert("L") if sketch is not None else None
     image = _as_image(value.get("background"))
     mask: Image.Image | None = None
     for layer in value.get("layers") or []:
