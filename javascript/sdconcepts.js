@@ -189,5 +189,27 @@
         }
     }, true);
 
-    window.sdconcepts = {installed: true, state: state, toggleText: toggleText, toggleInPrompt: toggleInPrompt};
+    // Open the tab labelled `label` of the gr.Tabs with id `tabsId` by clicking its button, as A1111's send buttons
+    // do: a server-side Tabs update is dropped when it repeats the last value the server sent, although the user has
+    // clicked another tab since (gradio 4 and later). Buttons of nested Tabs and gradio 6's hidden overflow copies
+    // are skipped. Returns whether a button was clicked.
+    function openTab(tabsId, label) {
+        var tabs = appRoot().querySelector("#" + tabsId);
+        if (!tabs) {
+            return false;
+        }
+        var buttons = tabs.querySelectorAll("button");
+        for (var i = 0; i < buttons.length; i++) {
+            var button = buttons[i];
+            if (button.textContent.trim() === label && button.closest(".tabs") === tabs &&
+                    !button.closest("[aria-hidden='true']")) {
+                button.click();
+                return true;
+            }
+        }
+        return false;
+    }
+
+    window.sdconcepts = {installed: true, state: state, toggleText: toggleText, toggleInPrompt: toggleInPrompt,
+        openTab: openTab};
 })();

@@ -252,6 +252,25 @@ def _wire_send_buttons(main_tabs: Any, img2img: dict[str, Any], png_info: dict[s
 
     png_info["to_txt2img"].click(guard(png_to_txt2img), inputs=[png_info["infotext"]],
                                  outputs=[main_tabs, *t2i_fields])
+    for button, main, mode in ((send_img2img, "img2img", "img2img"), (send_inpaint, "img2img", "Inpaint"),
+                               (png_info["to_img2img"], "img2img", "img2img"),
+                               (png_info["to_inpaint"], "img2img", "Inpaint"), (png_info["to_txt2img"], "txt2img", None)):
+        _open_tabs_on_click(button, main, mode)
+
+
+def _open_tabs_on_click(button: Any, main: str, mode: str | None = None) -> None:
+    """Open a send button's target tabs in the browser (``sdconcepts.openTab``), as A1111's send buttons do.
+
+    A listener of its own, with no inputs or outputs: gradio hands an event's JavaScript the current values of its
+    outputs too, and reading gradio 4's image editor that way never finishes. The handlers' own Tabs updates stay as
+    a fallback; gradio drops one that repeats the last value it sent, after the user has clicked another tab.
+    """
+    calls = f"s.openTab('sdconcepts_main_tabs', {main!r});"
+    if mode is not None:
+        # The sub-tabs' buttons answer once the main tab has been drawn.
+        calls += f" setTimeout(() => s.openTab('{img2img_tab.PREFIX}modes', {mode!r}), 50);"
+    button.click(None, inputs=None, outputs=None,
+                 **js_kwargs(f"() => {{ const s = window.sdconcepts; if (s && s.openTab) {{ {calls} }} }}"))
 
 
 def install_js(blocks: gr.Blocks) -> None:

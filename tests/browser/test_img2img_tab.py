@@ -27,6 +27,13 @@ from PIL import Image
 
 playwright_api = tb.playwright_api
 
+# For the send test, WebGL through SwiftShader instead of --disable-gpu: gradio 4.40's image editor draws with WebGL,
+# and without it the page stops rendering once the server sets the editor's image (Send to inpaint). The drawing test
+# keeps the plain arguments: with SwiftShader, the mouse strokes on 4.40's editor canvas in this headless chromium
+# leave no mask (the strokes do register without WebGL).
+SEND_CHROMIUM_ARGS = [a for a in tb.CHROMIUM_ARGS if a != "--disable-gpu"] + ["--use-angle=swiftshader",
+                                                                        "--enable-unsafe-swiftshader"]
+
 # The stroke runs across the middle row of the picture; rows this far from it are outside any brush there.
 FAR_ROWS = 0.2
 
@@ -121,6 +128,19 @@ def _wait_image(page, selector: str, timeout: float = 180) -> Image.Image:  # ty
     raise AssertionError(f"no image under {selector} after {timeout} s")
 
 
+def _dismiss_errors(page) -> None:  # type: ignore[no-untyped-def]
+    """Close the error toasts (gradio 3, 4 and 6 give their close button the same class), so later checks see none."""
+    deadline = time.monotonic() + 30
+    while tb._errors(page) and time.monotonic() < deadline:
+        for close in page.locator(".toast-close").all():
+            try:
+                close.click(timeout=2000)
+            except playwright_api.Error:
+                pass  # the toast went away by itself meanwhile
+        page.wait_for_timeout(300)
+    assert not tb._errors(page), tb._errors(page)
+
+
 def _picture(size: int) -> Image.Image:
     y, x = np.mgrid[0:size, 0:size]
     array = np.stack([x * 255 // size, y * 255 // size, (x + y) * 127 // size], axis=-1).astype(np.uint8)
@@ -137,7 +157,7 @@ def _open(page, url: str) -> None:  # type: ignore[no-untyped-def]
 def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, int]) -> None:
     url, outputs, _size = app
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=SEND_CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             _open(page, url)
@@ -155,13 +175,24 @@ def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, i
             # Send to img2img: the image and its parameters land in the img2img tab, which opens.
             page.locator("#sdconcepts_send_to_img2img").click()
             _wait_value(page, "#sdconcepts_img2img_prompt textarea", "a red circle on teal")
-            assert page.locator("#sdconcepts_img2img_prompt textarea").is_visible()
+            page.locator("#sdconcepts_img2img_prompt textarea").wait_for(state="visible", timeout=10_000)
             assert tb._value(page, "#sdconcepts_img2img_neg_prompt textarea") == "blurry"
             assert tb._value(page, "#sdconcepts_img2img_seed input") == "42"
             assert tb._value(page, "#sdconcepts_img2img_steps input[type=number]") == "3"
             sent = _wait_image(page, "#sdconcepts_img2img_init_image")
             assert sent.size[0] > 0
             page.screenshot(path=str(tb.OUTPUT / "img2img-sent.png"), full_page=True)
+
+            # Send to inpaint: the Inpaint editor opens with the image (Generate then asks for a mask, not an image).
+            _tab(page, "txt2img", "#sdconcepts_main_tabs")
+            page.locator("#sdconcepts_send_to_inpaint").click()
+            page.locator("#sdconcepts_img2img_inpaint_editor").first.wait_for(state="visible", timeout=20_000)
+            page.locator("#sdconcepts_img2img_generate").click()
+            deadline = time.monotonic() + 60
+            while not tb._errors(page) and time.monotonic() < deadline:
+                page.wait_for_timeout(200)
+            assert any("draw the mask" in e for e in tb._errors(page)), tb._errors(page)
+            _dismiss_errors(page)
 
             # PNG Info: the saved PNG's parameters, sent back to a txt2img form changed in the meantime.
             _tab(page, "txt2img", "#sdconcepts_main_tabs")
@@ -178,7 +209,7 @@ def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, i
             page.screenshot(path=str(tb.OUTPUT / "png-info.png"), full_page=True)
             page.locator("#sdconcepts_png_info_to_txt2img").click()
             _wait_value(page, "#sdconcepts_prompt textarea", "a red circle on teal")
-            assert page.locator("#sdconcepts_prompt textarea").is_visible()
+            page.locator("#sdconcepts_prompt textarea").wait_for(state="visible", timeout=10_000)  # txt2img opened
             assert tb._value(page, "#sdconcepts_neg_prompt textarea") == "blurry"
             assert tb._value(page, "#sdconcepts_seed input") == "42"
             assert tb._value(page, "#sdconcepts_steps input[type=number]") == "3"
