@@ -243,7 +243,14 @@ def test_draw_a_mask_and_inpaint_keeps_the_rest(app: tuple[str, Path, int], tmp_
             init.save(init_path)
             _tab(page, "Inpaint", "#sdconcepts_img2img_modes")
             editor = "#sdconcepts_img2img_inpaint_editor"
-            page.locator(f"{editor} input[type=file]").first.set_input_files(str(init_path))
+            # The editor may not take a file while its tab is still being drawn: upload again until its empty-state
+            # text ("Upload an image", gradio 6; "Drop Image Here", 3 and 4) has gone.
+            for _attempt in range(4):
+                page.locator(f"{editor} input[type=file]").first.set_input_files(str(init_path))
+                page.wait_for_timeout(2500)
+                text = page.locator(editor).first.inner_text()
+                if "Upload an image" not in text and "Drop Image Here" not in text:
+                    break
             canvas = page.locator(f"{editor} canvas").last
             canvas.wait_for(state="visible")
             page.wait_for_timeout(1500)  # the editor lays the picture out after loading it
