@@ -1,8 +1,9 @@
 /*
  * sdconcepts: what Gradio cannot do server-side. Clicking a card (.sdconcepts-card, rendered by sdconcepts/ui/cards.py)
- * inserts its text (an embedding name, or <hypernet:name:M>) into our prompt at the cursor; clicking it again removes
- * it (A1111's toggle). Embedding cards write to the negative prompt when that had focus last, as A1111's
- * Textual Inversion cards do; hypernetwork tags always go to the prompt.
+ * inserts its text (an embedding name, or <hypernet:name:M>) into the prompt of the tab it sits in (txt2img's
+ * #sdconcepts_prompt, or img2img's #sdconcepts_img2img_prompt for the cards under #sdconcepts_img2img_root) at the
+ * cursor; clicking it again removes it (A1111's toggle). Embedding cards write to that tab's negative prompt when it
+ * had focus last, as A1111's Textual Inversion cards do; hypernetwork tags always go to the prompt.
  *
  * Loaded globally by A1111/Forge (javascript/*.js) and by the standalone app on page load; it installs itself once.
  * It touches only elements under #sdconcepts_root and only defines window.sdconcepts. Works with the Gradio 3 DOM
@@ -14,11 +15,14 @@
         return;
     }
 
-    var PROMPT_ID = "sdconcepts_prompt";
-    var NEGATIVE_ID = "sdconcepts_neg_prompt";
+    // Each tab with cards and prompts: the element that holds it -> its prompt ids. Cards outside all of them
+    // (txt2img's, and the only ones inside a host) use txt2img's prompts.
+    var SCOPES = {"sdconcepts_img2img_root": {prompt: "sdconcepts_img2img_prompt", negative: "sdconcepts_img2img_neg_prompt"}};
+    var DEFAULT_SCOPE = {prompt: "sdconcepts_prompt", negative: "sdconcepts_neg_prompt"};
     var SEPARATOR = " "; // A1111's extra_networks_add_text_separator default
 
-    var state = {negativeLast: false, caret: {}};
+    // negativeLast: per prompt id, whether that tab's negative prompt had focus last.
+    var state = {negativeLast: {}, caret: {}};
 
     function appRoot() {
         var app = document.querySelector("gradio-app");
@@ -95,8 +99,19 @@
         area.dispatchEvent(new Event("input", {bubbles: true}));
     }
 
-    function toggleInPrompt(text, allowNegative) {
-        return toggleIn(allowNegative && state.negativeLast ? NEGATIVE_ID : PROMPT_ID, text);
+    function scopeOf(path) {
+        for (var i = 0; i < path.length; i++) {
+            var el = path[i];
+            if (el && el.nodeType === 1 && el.id && Object.prototype.hasOwnProperty.call(SCOPES, el.id)) {
+                return SCOPES[el.id];
+            }
+        }
+        return DEFAULT_SCOPE;
+    }
+
+    function toggleInPrompt(text, allowNegative, scope) {
+        scope = scope || DEFAULT_SCOPE;
+        return toggleIn(allowNegative && state.negativeLast[scope.prompt] ? scope.negative : scope.prompt, text);
     }
 
     function findIn(event, test) {
@@ -114,8 +129,24 @@
         return el.classList.contains("sdconcepts-card");
     }
 
+    // The scope whose prompt or negative prompt `el` is, or null.
+    function promptScope(el) {
+        var scopes = [DEFAULT_SCOPE];
+        for (var key in SCOPES) {
+            if (Object.prototype.hasOwnProperty.call(SCOPES, key)) {
+                scopes.push(SCOPES[key]);
+            }
+        }
+        for (var i = 0; i < scopes.length; i++) {
+            if (el.id === scopes[i].prompt || el.id === scopes[i].negative) {
+                return scopes[i];
+            }
+        }
+        return null;
+    }
+
     function promptOf(el) {
-        return el.id === PROMPT_ID || el.id === NEGATIVE_ID ? el : null;
+        return promptScope(el) ? el : null;
     }
 
     function toggleIn(id, text) {
@@ -132,16 +163,18 @@
     }
 
     // A card with negative text (A1111's user metadata) writes its text to the prompt and the negative text to the
-    // negative prompt, as A1111's cardClicked does; otherwise the prompt that had focus last gets it.
-    function activate(card) {
+    // negative prompt, as A1111's cardClicked does; otherwise the prompt that had focus last gets it. Both are the
+    // prompts of the tab the card sits in.
+    function activate(card, event) {
+        var scope = scopeOf(event && event.composedPath ? event.composedPath() : []);
         var text = card.getAttribute("data-prompt") || "";
         var negative = card.getAttribute("data-negative") || "";
         if (negative) {
-            var outcome = toggleIn(PROMPT_ID, text);
-            toggleIn(NEGATIVE_ID, negative);
+            var outcome = toggleIn(scope.prompt, text);
+            toggleIn(scope.negative, negative);
             return outcome;
         }
-        return toggleInPrompt(text, card.getAttribute("data-allow-negative") === "1");
+        return toggleInPrompt(text, card.getAttribute("data-allow-negative") === "1", scope);
     }
 
     function isEditButton(el) {
@@ -151,11 +184,15 @@
     // The edit button opens the metadata editor of the card's tab: the card's file goes into the hidden path box,
     // then the hidden open button asks the server for the fields (A1111's editor opens the same way).
     function openEditor(card) {
+        // The editor belongs to the card tab the card is shown in (txt2img's sdconcepts_ti_cards, img2img's
+        // sdconcepts_img2img_ti_cards, ...): its ids share the cards' prefix.
+        var container = card.closest("[id^='sdconcepts_'][id$='_cards']");
         var kind = card.classList.contains("sdconcepts-card-embedding") ? "ti" : "hn";
+        var prefix = container ? container.id.slice(0, -"_cards".length) : "sdconcepts_" + kind;
         var root = appRoot();
-        var box = root.querySelector("#sdconcepts_" + kind + "_meta_path");
+        var box = root.querySelector("#" + prefix + "_meta_path");
         var input = box && box.querySelector("textarea, input");
-        var button = root.querySelector("#sdconcepts_" + kind + "_meta_open");
+        var button = root.querySelector("#" + prefix + "_meta_open");
         if (button && button.tagName !== "BUTTON") {
             button = button.querySelector("button");
         }
@@ -179,7 +216,7 @@
             openEditor(card);
             return;
         }
-        activate(card);
+        activate(card, event);
     });
     document.addEventListener("keydown", function (event) {
         if (event.key !== "Enter" && event.key !== " ") {
@@ -191,7 +228,7 @@
             if (findIn(event, isEditButton)) {
                 openEditor(card);
             } else {
-                activate(card);
+                activate(card, event);
             }
         }
     });
@@ -199,7 +236,8 @@
     document.addEventListener("focusin", function (event) {
         var box = findIn(event, promptOf);
         if (box) {
-            state.negativeLast = box.id === NEGATIVE_ID;
+            var scope = promptScope(box);
+            state.negativeLast[scope.prompt] = box.id === scope.negative;
         }
     }, true);
     document.addEventListener("focusout", function (event) {
@@ -213,7 +251,7 @@
     // Search as you type: the cards of the shown page are filtered here at once (the words of the query, as the
     // server filters: name, path relative to the folder, hash, description); the server's answer over the whole
     // library replaces them when it arrives, and is filtered again if the query changed meanwhile.
-    var SEARCH = /^sdconcepts_(ti|hn)_search$/;
+    var SEARCH = /^sdconcepts_((?:img2img_)?(?:ti|hn))_search$/;
 
     function filterShown(kind) {
         var root = appRoot();
@@ -248,6 +286,27 @@
         }
     }, true);
 
+    // Open the tab labelled `label` of the gr.Tabs with id `tabsId` by clicking its button, as A1111's send buttons
+    // do: a server-side Tabs update is dropped when it repeats the last value the server sent, although the user has
+    // clicked another tab since (gradio 4 and later). Buttons of nested Tabs and gradio 6's hidden overflow copies
+    // are skipped. Returns whether a button was clicked.
+    function openTab(tabsId, label) {
+        var tabs = appRoot().querySelector("#" + tabsId);
+        if (!tabs) {
+            return false;
+        }
+        var buttons = tabs.querySelectorAll("button");
+        for (var i = 0; i < buttons.length; i++) {
+            var button = buttons[i];
+            if (button.textContent.trim() === label && button.closest(".tabs") === tabs &&
+                    !button.closest("[aria-hidden='true']")) {
+                button.click();
+                return true;
+            }
+        }
+        return false;
+    }
+
     window.sdconcepts = {installed: true, state: state, toggleText: toggleText, toggleInPrompt: toggleInPrompt,
-                         openEditor: openEditor};
+                         openEditor: openEditor, openTab: openTab};
 })();

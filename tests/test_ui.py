@@ -225,7 +225,8 @@ def test_javascript_defines_one_global_and_targets_our_ids() -> None:
     js = (ROOT / "javascript" / "sdconcepts.js").read_text()
     assert set(re.findall(r"window\.(\w+)", js)) == {"sdconcepts"}
     ids = set(re.findall(r'"(sdconcepts_\w+)"', js))
-    assert ids == {"sdconcepts_prompt", "sdconcepts_neg_prompt"}
+    assert ids == {"sdconcepts_prompt", "sdconcepts_neg_prompt", "sdconcepts_img2img_root",
+                   "sdconcepts_img2img_prompt", "sdconcepts_img2img_neg_prompt"}
     assert js.lstrip().startswith("/*") and "(function () {" in js  # one IIFE: nothing leaks into the host's scope
 
 
@@ -259,7 +260,7 @@ def test_command_line_without_a_command_configures_the_web_ui(tmp_path: Path) ->
 def test_handler_errors_reach_the_page_as_gradio_errors() -> None:
     import gradio as gr
 
-    from sdconcepts.ui.app import _guard
+    from sdconcepts.ui.controls import guard as _guard
 
     def bad() -> None:
         raise UiError("steps must be between 1 and 150, got 0")

@@ -66,10 +66,13 @@ def host_config() -> UiConfig:
 
 
 def build_tabs(session: UiSession) -> list[tuple[Any, str, str]]:
-    """What ``on_ui_tabs`` returns: ``[(blocks, title, elem_id)]``. The host loads our JS and CSS files itself."""
+    """What ``on_ui_tabs`` returns: ``[(blocks, title, elem_id)]``. The host loads our JS and CSS files itself.
+
+    Built without our img2img and PNG Info tabs: the host has its own, and nothing here duplicates them.
+    """
     from sdconcepts.ui.app import build_ui
 
-    return [(build_ui(session), TAB_TITLE, TAB_ID)]
+    return [(build_ui(session, standalone=False), TAB_TITLE, TAB_ID)]
 
 
 def on_ui_tabs() -> list[tuple[Any, str, str]]:

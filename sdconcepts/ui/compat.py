@@ -12,7 +12,10 @@ from typing import Any
 
 import gradio as gr
 
-__all__ = ["GRADIO_MAJOR", "blocks_kwargs", "describe_events_for_the_page", "js_kwargs", "launch_kwargs", "make", "update"]
+__all__ = [
+    "GRADIO_MAJOR", "blocks_kwargs", "describe_events_for_the_page", "js_kwargs", "launch_kwargs", "make",
+    "mask_editor", "binary_file", "update",
+]
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 
@@ -53,6 +56,28 @@ def launch_kwargs(css: str | None) -> dict[str, Any]:
 
 def update(**kwargs: Any) -> Any:
     return gr.update(**kwargs)
+
+
+def mask_editor(*, label: str, elem_id: str, brush_size: int = 8) -> Any:
+    """An image to upload and draw a mask on, in white.
+
+    gradio 3.41: ``Image(source="upload", tool="sketch")`` (A1111's own inpaint canvas), value ``{"image", "mask"}``;
+    gradio 4 and later: ``ImageEditor``, value ``{"background", "layers", "composite"}`` (no crop tool: a cropped
+    background would no longer match the init image). ``img2img_handlers.editor_parts`` reads either.
+    """
+    if GRADIO_MAJOR < 4:
+        # These arguments exist only in gradio 3, which the type checker does not see.
+        sketch: dict[str, Any] = {"source": "upload", "tool": "sketch", "brush_radius": brush_size,
+                                  "brush_color": "#ffffff"}
+        return gr.Image(label=label, elem_id=elem_id, type="pil", image_mode="RGBA", interactive=True, **sketch)
+    brush = gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=brush_size)
+    return make(gr.ImageEditor, label=label, elem_id=elem_id, type="pil", sources=["upload"], image_mode="RGBA",
+                brush=brush, interactive=True, optional={"transforms": (), "eraser": gr.Eraser(default_size=brush_size)})
+
+
+def binary_file(*, label: str, elem_id: str) -> Any:
+    """A file drop whose value reaches the handler as bytes (``type="binary"`` in every version)."""
+    return gr.File(label=label, elem_id=elem_id, type="binary", file_types=["image"])
 
 
 def describe_events_for_the_page(demo: Any, app: Any, ours: Any) -> int:

@@ -379,9 +379,13 @@ def render_warnings(warnings: Sequence[str]) -> str:
 
 
 def generate(
-    session: UiSession, model_label: str, params: GenerationParams, progress: Progress | None = None
+    session: UiSession, model_label: str, params: GenerationParams, progress: Progress | None = None,
+    *, source: Any = None,
 ) -> GenerateOutput:
     """Run txt2img on the chosen model with the session's embeddings and hypernetworks; save PNGs when configured.
+
+    ``source`` (an ``ImageSource``: init image, mask, img2img options) makes it img2img or inpainting, on the same
+    path: embeddings, hypernetworks, seeds and saving are txt2img's.
 
     Bad values raise ``UiError`` with a one-line message; nothing is generated then.
     """
@@ -421,6 +425,7 @@ def generate(
                 known_networks={"hypernet": [r.name for r in records]},
                 hypernetworks=loaded,
                 progress=progress,
+                source=source,
             )
         except GenerationError as exc:
             raise UiError(str(exc)) from exc

@@ -25,6 +25,11 @@ PAGE = """
   <div class="sdconcepts-card" tabindex="0" role="button" data-prompt="toy" data-allow-negative="1"><span>toy</span></div>
   <div id="txt2img_prompt"><textarea>host prompt</textarea></div>
 </div>
+<div id="sdconcepts_img2img_root">
+  <div id="sdconcepts_img2img_prompt"><label><textarea></textarea></label></div>
+  <div id="sdconcepts_img2img_neg_prompt"><label><textarea></textarea></label></div>
+  <div class="sdconcepts-card i2i" tabindex="0" role="button" data-prompt="toy" data-allow-negative="1"><span>toy</span></div>
+</div>
 """
 
 
@@ -77,14 +82,14 @@ def test_clicks_follow_the_last_focused_prompt_and_notify_gradio(page: Any) -> N
     prompt = page.locator("#sdconcepts_prompt textarea")
     negative = page.locator("#sdconcepts_neg_prompt textarea")
     negative.click()
-    page.locator(".sdconcepts-card[data-prompt='toy']").click()
+    page.locator("#sdconcepts_root .sdconcepts-card[data-prompt='toy']").click()
     page.locator(".sdconcepts-card[data-prompt='<hypernet:style:1>']").click()  # hypernetworks: always the prompt
     assert negative.input_value() == "toy" and prompt.input_value() == "<hypernet:style:1>"
     prompt.fill("abc def")
     prompt.evaluate("el => { el.setSelectionRange(3, 3); window.inputs.push('typed'); }")
-    page.locator(".sdconcepts-card[data-prompt='toy']").click()  # the prompt had focus last, caret after "abc"
+    page.locator("#sdconcepts_root .sdconcepts-card[data-prompt='toy']").click()  # the prompt had focus last, caret after "abc"
     assert prompt.input_value() == "abc toy def"
-    page.locator(".sdconcepts-card[data-prompt='toy']").focus()
+    page.locator("#sdconcepts_root .sdconcepts-card[data-prompt='toy']").focus()
     page.keyboard.press("Enter")  # cards work from the keyboard too
     assert prompt.input_value() == "abc def"
     inputs = page.evaluate("window.inputs")
@@ -92,3 +97,19 @@ def test_clicks_follow_the_last_focused_prompt_and_notify_gradio(page: Any) -> N
     assert inputs[:2] == ["sdconcepts_neg_prompt", "sdconcepts_prompt"]
     assert inputs[typed + 1:] == ["sdconcepts_prompt", "sdconcepts_prompt"]
     assert page.locator("#txt2img_prompt textarea").input_value() == "host prompt"
+
+
+def test_cards_in_the_img2img_tab_write_to_its_own_prompts(page: Any) -> None:
+    txt2img_prompt = page.locator("#sdconcepts_prompt textarea")
+    txt2img_negative = page.locator("#sdconcepts_neg_prompt textarea")
+    before = (txt2img_prompt.input_value(), txt2img_negative.input_value())
+    prompt = page.locator("#sdconcepts_img2img_prompt textarea")
+    negative = page.locator("#sdconcepts_img2img_neg_prompt textarea")
+    card = page.locator(".sdconcepts-card.i2i")
+    txt2img_negative.click()  # the other tab's negative had focus: img2img's cards still go to img2img's prompt
+    card.click()
+    assert prompt.input_value() == "toy" and negative.input_value() == ""
+    negative.click()
+    card.click()
+    assert negative.input_value() == "toy" and prompt.input_value() == "toy"
+    assert (txt2img_prompt.input_value(), txt2img_negative.input_value()) == before
