@@ -111,6 +111,62 @@ def _materialize(make: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dt
     return own_weights(model)
 
 
+def components_sharing_weights(
+    state_dict: dict[str, torch.Tensor],
+    *,
+    prediction_type: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Build ``unet``, ``vae`` and ``text_encoder`` over the tensors of an LDM-layout state dict, copying none.
+
+    For a model someone else holds in memory (a web UI host's loaded checkpoint): every parameter of the returned
+    modules is a new ``Parameter`` (``requires_grad`` False) over the same storage as the given tensor, so the host's
+    own parameters keep their flags and no second copy of the weights exists. Nothing is converted (dtype, device,
+    alignment): the modules compute with the host's tensors as they are. Also returns ``scheduler_config``,
+    ``family``, ``prediction_type`` and ``configs``. Raises CheckpointError when the weights are not SD 1.x/2.x.
+    """
+    configs = cf.infer_configs(state_dict, prediction_type=prediction_type, metadata=metadata)
+    parts, _ = cf.split_checkpoint(state_dict, configs)
+    unet = _alias(lambda: UNet2DConditionModel.from_config(configs.unet), parts["unet"], "UNet")
+    vae = _alias(lambda: AutoencoderKL.from_config(configs.vae), parts["vae"], "VAE")
+    text_encoder = _alias(lambda: CLIPTextModel(CLIPTextConfig(**configs.text_encoder)), parts["text_encoder"],
+                          "text encoder")
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": load_clip_tokenizer(configs.family),
+        "scheduler_config": dict(configs.scheduler),
+        "family": configs.family,
+        "prediction_type": configs.prediction_type,
+        "configs": configs,
+    }
+
+
+def _alias(make: Any, state_dict: dict[str, torch.Tensor], what: str) -> Any:
+    with torch.device("meta"):
+        model = make()
+    if isinstance(model, CLIPTextModel):
+        state_dict = cf.match_text_encoder_keys(state_dict, model.state_dict().keys())
+    # detach(): a view without the host's autograd flags; load_state_dict(assign=True) wraps it in a new Parameter.
+    tensors = {k: v.detach() for k, v in state_dict.items()}
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise cf.CheckpointError(f"the loaded model's {what} weights do not fit the inferred config ({reason})") from None
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta and name == "position_ids":
+                device = next(model.parameters()).device
+                setattr(module, name, torch.arange(buffer.shape[-1], dtype=buffer.dtype, device=device).expand(buffer.shape))
+            elif buffer.is_meta:
+                raise cf.CheckpointError(f"the loaded model's {what} buffer {name} is missing")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def own_weights(model: Any) -> Any:
     """Give every parameter and buffer of `model` memory that torch allocated itself (contiguous, 64-byte aligned).
 

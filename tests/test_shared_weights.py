@@ -1,0 +1,114 @@
+"""A model over weights someone else holds (a host's loaded checkpoint): no copy, same outputs, left untouched.
+
+The "host" here is a tiny diffusers model whose components are seen through an LDM-layout state dict, as A1111's
+``shared.sd_model.state_dict()`` shows its model; ``model_sharing_weights`` must build modules over that memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from sdconcepts import checkpoint_files as cf
+from sdconcepts.backends.diffusers import ModelLoadError, load_model, model_sharing_weights, txt2img
+from sdconcepts.embedding_files import load_embedding
+from sdconcepts.generation import GenerationParams
+from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.toyworld.concept import write_concept
+from sdconcepts.training import (
+    EmbeddingTrainingConfig,
+    HypernetworkTrainingConfig,
+    create_embedding_file,
+    create_hypernetwork_file,
+    train_embedding,
+    train_hypernetwork,
+)
+from sdconcepts.training.backend import TrainingModel
+
+
+def _ldm_view(host: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The host's weights under LDM keys (renamed, never copied) and the header our single files carry."""
+    state = cf.diffusers_to_ldm(host.unet.state_dict(), host.vae.state_dict(), host.text_encoder.state_dict(), "sd1")
+    configs = {"unet": dict(host.unet.config), "vae": dict(host.vae.config),
+               "text_encoder": host.text_encoder.config.to_dict(), "scheduler": host.scheduler_config}
+    return state, cf.make_metadata(configs, family="sd1", prediction_type="epsilon")
+
+
+def _storages(module: torch.nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in module.state_dict().values()}
+
+
+@pytest.fixture()
+def host(tiny_model_dir: Path) -> Any:
+    model = load_model(tiny_model_dir, device="cpu")
+    # A1111's LDM modules keep torch's default requires_grad=True on every parameter: ours must not change that.
+    for module in (model.unet, model.vae, model.text_encoder):
+        module.requires_grad_(True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("concept")
+    write_concept(folder, count=2, seed=5, shape="circle", colour="red")
+    return folder
+
+
+def test_shared_model_copies_no_weight_and_generates_as_the_host(host: Any) -> None:
+    state, metadata = _ldm_view(host)
+    shared = model_sharing_weights(state, name="host-model", short_hash="0123456789", metadata=metadata)
+    host_memory = set().union(*(_storages(m) for m in (host.unet, host.vae, host.text_encoder)))
+    for part in ("unet", "vae", "text_encoder"):
+        module = getattr(shared, part)
+        owned = {n for n, p in module.named_parameters() if p.untyped_storage().data_ptr() not in host_memory}
+        assert not owned, f"{part} copied {sorted(owned)[:3]}"
+        assert not any(p.requires_grad for p in module.parameters())
+        assert all(p is not q for p, q in zip(module.parameters(), getattr(host, part).parameters(), strict=False))
+    assert all(p.requires_grad for p in host.unet.parameters())  # the host's own flags are left alone
+    assert (shared.name, shared.short_hash, shared.family, shared.context_width) == ("host-model", "0123456789", "sd1", 48)
+    params = GenerationParams(prompt="a red circle", steps=2, seed=7, width=32, height=32, sampler="Euler")
+    mine, theirs = txt2img(shared, params), txt2img(host, params)
+    # Same modules' math on the same memory: the very same pixels.
+    assert mine.images[0].tobytes() == theirs.images[0].tobytes()
+    assert "Model hash: 0123456789" in mine.infotexts[0]
+
+
+def test_training_on_the_shared_model_leaves_the_host_as_it_was(host: Any, dataset: Path, tmp_path: Path) -> None:
+    state, metadata = _ldm_view(host)
+    shared = model_sharing_weights(state, name="host-model", short_hash="0123456789", metadata=metadata)
+    before = {k: v.detach().clone() for k, v in state.items()}
+    params = GenerationParams(prompt="a red circle", steps=2, seed=3, width=32, height=32, sampler="Euler")
+    picture = txt2img(host, params).images[0].tobytes()
+
+    rows = TrainingModel(shared).token_rows("circle", 1)
+    create_embedding_file(tmp_path / "emb", "hostemb", rows, vectors=1)
+    config = EmbeddingTrainingConfig(dataset=str(dataset), template="subject", width=32, height=32,
+                                     log_directory=str(tmp_path / "log"), save_every=0, preview_every=2,
+                                     max_steps=2, learn_rate="0.05")
+    events = list(train_embedding(shared, "hostemb", config, embeddings_dir=tmp_path / "emb"))
+    assert events[-1].kind == "finished" and events[-1].preview is None and events[-2].preview is not None
+    assert load_embedding(tmp_path / "emb" / "hostemb.pt").sd_checkpoint == "0123456789"
+
+    create_hypernetwork_file(tmp_path / "hn", "hosthn", widths=[48, 32, 64])
+    hn_config = HypernetworkTrainingConfig(dataset=str(dataset), template="subject", width=32, height=32,
+                                           log_directory=str(tmp_path / "log"), save_every=0, preview_every=0,
+                                           max_steps=2, learn_rate="0.05")
+    events = list(train_hypernetwork(shared, "hosthn", hn_config, hypernetworks_dir=tmp_path / "hn"))
+    assert events[-1].kind == "finished"
+    assert load_hypernetwork(tmp_path / "hn" / "hosthn.pt").step == 2
+
+    assert all(torch.equal(before[k], v) for k, v in state.items())
+    for module in (host.unet, host.vae, host.text_encoder):
+        assert all(p.requires_grad and p.grad is None for p in module.parameters())
+    # No hook or patch left in the host's modules: its output is the very same as before training.
+    assert txt2img(host, params).images[0].tobytes() == picture
+
+
+def test_weights_that_are_not_sd_say_so(host: Any) -> None:
+    state, metadata = _ldm_view(host)
+    del state["model.diffusion_model.input_blocks.1.0.emb_layers.1.bias"]
+    with pytest.raises(ModelLoadError, match="^broken: the loaded model's UNet weights do not fit"):
+        model_sharing_weights(state, name="broken", metadata=metadata)
