@@ -112,3 +112,59 @@ def test_weights_that_are_not_sd_say_so(host: Any) -> None:
     del state["model.diffusion_model.input_blocks.1.0.emb_layers.1.bias"]
     with pytest.raises(ModelLoadError, match="^broken: the loaded model's UNet weights do not fit"):
         model_sharing_weights(state, name="broken", metadata=metadata)
+
+
+# -- inside a host: the Train tab's model choice and the host's reload -------------------------------------------
+
+
+class _TinyHost:
+    """A host source as sdconcepts.host.model.HostModel is, over a tiny model that plays the host's checkpoint."""
+
+    def __init__(self, host: Any) -> None:
+        self.host = host
+        self.model: Any = None
+
+    def load(self) -> Any:
+        if self.model is None:
+            state, metadata = _ldm_view(self.host)
+            self.model = model_sharing_weights(state, name="host-model", short_hash="0123456789", metadata=metadata)
+        return self.model
+
+    def loaded_width(self) -> int | None:
+        return None if self.model is None else int(self.model.context_width)
+
+
+def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_saves(
+    host: Any, tiny_model_dir: Path, dataset: Path, tmp_path: Path
+) -> None:
+    from sdconcepts.ui import train
+    from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, HOST_MODEL_LABEL, UiConfig, UiSession
+
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "other.safetensors").write_bytes(b"\0" * (3 * 2**20))
+    source, changed = _TinyHost(host), []
+    session = UiSession(UiConfig(models_dir=models, embeddings_dirs=[tmp_path / "emb"],
+                                 hypernetworks_dirs=[tmp_path / "hn"], outputs_dir=tmp_path / "out", device="cpu",
+                                 host_model=source, files_changed=changed.append))
+    assert list(session.model_choices()) == [HOST_MODEL_LABEL, DEFAULT_MODEL_LABEL,
+                                             "other.safetensors (loads a second copy: 3 MB)"]
+    assert session.default_choice() == HOST_MODEL_LABEL
+    assert session.context_width() is None  # nothing loaded just to draw the page
+    assert session.model(HOST_MODEL_LABEL) is source.load()
+    assert session.context_width() == 48
+
+    train.create_embedding(session, HOST_MODEL_LABEL, "hostemb", "circle", 1, False)
+    config, _ = train.training_config("embedding", "hostemb", {
+        "dataset": str(dataset), "learn_rate": "0.01", "batch_size": 1, "gradient_accumulation": 1,
+        "log_directory": str(tmp_path / "log"), "template": "subject", "width": 32, "height": 32, "keep_size": False,
+        "max_steps": 2, "preview_every": 0, "save_every": 1, "use_alpha_weight": False, "shuffle_tags": False,
+        "tag_dropout": 0.0, "latent_sampling": "once", "clip_grad_mode": "disabled", "clip_grad_value": "0.1",
+        "save_image_with_embedding": False, "preview_steps": 2, "preview_seed": 1,
+    })
+    assert config is not None
+    jobs = train.TrainingJobs(session.generate_lock)
+    job = train.start_training(session, jobs, "embedding", HOST_MODEL_LABEL, "hostemb", config)
+    assert job.wait(300) and job.error is None, job.error
+    assert changed == ["embedding"] * 3  # steps 1 and 2, and the final save: each time the host reloads
+    assert load_embedding(tmp_path / "emb" / "hostemb.pt").sd_checkpoint == "0123456789"
