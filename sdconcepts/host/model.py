@@ -97,7 +97,9 @@ class HostModel:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: A1111 loads its model on our first access, and its on_model_loaded callback calls forget()
+        # on this thread while load() holds the lock.
+        self._lock = threading.RLock()
         self._key: tuple[int, int] | None = None
         self._model: Any = None
 
@@ -111,7 +113,7 @@ class HostModel:
             if self._model is not None and self._key == key:
                 self._model.name, self._model._hash = name, short_hash
                 return self._model
-            self._model = None  # the old view goes before the new one is built
+            self._model = self._key = None  # the old view goes before the new one is built
             try:
                 model = model_sharing_weights(state, name=name, short_hash=short_hash, prediction_type=prediction)
             except ModelLoadError as exc:
