@@ -59,7 +59,7 @@ def _fill(page: Any, selector: str, value: str) -> None:
     field.press("Tab")
 
 
-def _wait_text(page: Any, selector: str, text: str, timeout: float = 120) -> str:
+def _wait_text(page: Any, selector: str, text: str, timeout: float = 120, fail_on: tuple[str, ...] = ()) -> str:
     deadline = time.monotonic() + timeout
     seen = ""
     while time.monotonic() < deadline:
@@ -67,6 +67,12 @@ def _wait_text(page: Any, selector: str, text: str, timeout: float = 120) -> str
         seen = locator.first.inner_text() if locator.count() else ""
         if text in seen:
             return str(seen)
+        if any(bad in seen for bad in fail_on):
+            raise AssertionError(f"{selector} shows {seen!r}")
+        message = page.locator("#sdconcepts_train_message").first
+        errors = [t for t in page.locator("[id^=sdconcepts_train_err_]").all_inner_texts() if t.strip()]
+        if errors or (message.count() and message.inner_text().strip()):
+            raise AssertionError(f"the Train tab refused: {errors} {message.inner_text()!r}")
         toasts = [str(t) for t in page.locator(".toast-body").all_inner_texts()]
         if toasts:
             raise AssertionError(f"gradio error: {toasts[0]}")
@@ -113,7 +119,8 @@ def train_in_our_tab(host: hh.Host, page: Any, name: str) -> tuple[Figures, str]
     page.locator("#sdconcepts_train_read_txt2img input").check()
     started = time.monotonic()
     page.locator("#sdconcepts_train_ti_button").click()
-    end = _wait_text(page, "#sdconcepts_train_status", "Training finished", timeout=TRAIN_TIMEOUT_S)
+    end = _wait_text(page, "#sdconcepts_train_status", "Training finished", timeout=TRAIN_TIMEOUT_S,
+                     fail_on=("Stopped", "Error", "error"))
     seconds = time.monotonic() - started
     assert "saved to" in end and f"{name}.pt" in end, end
     page.locator("#sdconcepts_train_previews img").first.wait_for(state="visible")
@@ -133,8 +140,9 @@ def check_after_training(host: hh.Host, name: str, figures: Figures, before: byt
     assert image.tobytes() == before, "the host's picture changed after training on its model"
 
     trained = load_embedding(host.dest / "embeddings" / f"{name}.pt")
-    assert trained.step == 2
     picture, info = hh.txt2img(host, prompt=f"a {name} circle on a teal background")
+    # Trained on the host's checkpoint: the file names its hash, as the host's own infotext does.
+    assert trained.step == 2 and f"Model hash: {trained.sd_checkpoint}," in info, (trained.sd_checkpoint, info)
     hh.assert_finite_picture(picture)
     assert not np.array_equal(picture, image)
     assert infotext_field in info and name in info.split(infotext_field, 1)[1].split(",")[0], info
