@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,3 +169,47 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
     assert job.wait(300) and job.error is None, job.error
     assert changed == ["embedding"] * 3  # steps 1 and 2, and the final save: each time the host reloads
     assert load_embedding(tmp_path / "emb" / "hostemb.pt").sd_checkpoint == "0123456789"
+
+
+def test_sd2_host_weights_are_shared_too() -> None:
+    """SD 2.x as A1111 holds it: OpenCLIP's fused q/k/v ``in_proj_weight`` is split into views, not copies."""
+    from sdconcepts.backends.diffusers import model_from_components
+    from sdconcepts.backends.tiny import build_tiny_sd2
+
+    reference = model_from_components(build_tiny_sd2(seed=4), name="tiny-sd2", family="sd2")
+    state = cf.diffusers_to_ldm(reference.unet.state_dict(), reference.vae.state_dict(),
+                                reference.text_encoder.state_dict(), "sd2")
+    state = {k: v.clone() for k, v in state.items()}  # the host's own memory, in the layout A1111 holds
+    configs = {"unet": dict(reference.unet.config), "vae": dict(reference.vae.config),
+               "text_encoder": reference.text_encoder.config.to_dict(), "scheduler": reference.scheduler_config}
+    metadata = cf.make_metadata(configs, family="sd2", prediction_type="epsilon")
+    shared = model_sharing_weights(state, name="host-sd2", metadata=metadata)
+    memory = {t.untyped_storage().data_ptr() for t in state.values()}
+    for part in ("unet", "vae", "text_encoder"):
+        module = getattr(shared, part)
+        assert all(p.untyped_storage().data_ptr() in memory for p in module.parameters()), part
+    assert shared.family == "sd2"
+    params = GenerationParams(prompt="a red circle", steps=2, seed=7, width=32, height=32, sampler="Euler")
+    mine = np.asarray(txt2img(shared, params).images[0], dtype=np.int16)
+    theirs = np.asarray(txt2img(reference, params).images[0], dtype=np.int16)
+    assert np.abs(mine - theirs).max() <= 1  # same weights; q/k/v read from views of one fused tensor
+
+
+def test_inference_tensors_as_forge_holds_them_train_without_a_copy(host: Any, dataset: Path, tmp_path: Path) -> None:
+    """Forge builds its model under torch.inference_mode(): its weights are inference tensors, which autograd cannot
+    save for backward and a Parameter cannot wrap. The view must still alias them and train through them."""
+    state, metadata = _ldm_view(host)
+    with torch.inference_mode():
+        held = {k: v.clone() for k, v in state.items()}
+    assert all(v.is_inference() for v in held.values())
+    shared = model_sharing_weights(held, name="forge-model", metadata=metadata)
+    memory = {t.untyped_storage().data_ptr() for t in held.values()}
+    assert all(p.untyped_storage().data_ptr() in memory for p in shared.unet.parameters())
+    rows = TrainingModel(shared).token_rows("circle", 1)
+    create_embedding_file(tmp_path / "emb", "forgeemb", rows, vectors=1)
+    config = EmbeddingTrainingConfig(dataset=str(dataset), template="subject", width=32, height=32,
+                                     log_directory=str(tmp_path / "log"), save_every=0, preview_every=0,
+                                     max_steps=1, learn_rate="0.05")
+    events = list(train_embedding(shared, "forgeemb", config, embeddings_dir=tmp_path / "emb"))
+    assert events[-1].kind == "finished", events[-1].message
+    assert all(torch.equal(held[k], state[k]) for k in state)

@@ -143,13 +143,26 @@ def components_sharing_weights(
     }
 
 
+def _plain_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor over ``tensor``'s memory. Forge builds its model under ``torch.inference_mode()``, so its
+    weights are inference tensors: autograd refuses to save them for backward (a gradient to our embedding passes
+    through every layer) and a Parameter cannot wrap them. Inference-ness belongs to the tensor object, not to its
+    storage: a fresh tensor set to the same storage computes normally, still without a copy."""
+    if not tensor.is_inference():
+        return tensor.detach()
+    view = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    with torch.no_grad():
+        view.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+    return view
+
+
 def _alias(make: Any, state_dict: dict[str, torch.Tensor], what: str) -> Any:
     with torch.device("meta"):
         model = make()
     if isinstance(model, CLIPTextModel):
         state_dict = cf.match_text_encoder_keys(state_dict, model.state_dict().keys())
-    # detach(): a view without the host's autograd flags; load_state_dict(assign=True) wraps it in a new Parameter.
-    tensors = {k: v.detach() for k, v in state_dict.items()}
+    # A view without the host's autograd flags; load_state_dict(assign=True) wraps it in a new Parameter.
+    tensors = {k: _plain_view(v) for k, v in state_dict.items()}
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:
