@@ -155,3 +155,34 @@ def check_after_training(host: hh.Host, name: str, figures: Figures, before: byt
         with open(out, "a", encoding="utf-8") as sink:
             sink.write(report + "\n")
     return info
+
+
+def train_hypernetwork_in_our_tab(host: hh.Host, page: Any, name: str) -> float:
+    """Create a hypernetwork (default modules 768/320/640/1280) and train it 2 steps on the host's model."""
+    dataset = host.dest / "sdconcepts-host-training" / "dataset"
+    write_concept(dataset, count=2, seed=7, shape="circle", colour="red")
+    page.goto(host.url, wait_until="domcontentloaded")
+    _click_tab(page, "#tabs", "sdconcepts")
+    model = page.locator("#sdconcepts_model input").first
+    model.wait_for(state="visible")
+    assert model.input_value() == HOST_MODEL_LABEL, model.input_value()
+    _fill(page, "#sdconcepts_steps input[type=number]", "2")
+    _click_tab(page, "#sdconcepts_tabs", "Train")
+    _click_tab(page, "#sdconcepts_train_tabs", "Create hypernetwork")
+    _fill(page, "#sdconcepts_create_hn_name input", name)
+    page.locator("#sdconcepts_create_hn_button").click()
+    _wait_text(page, "#sdconcepts_create_hn_result", "Created", timeout=300)
+    _click_tab(page, "#sdconcepts_train_tabs", "Train")
+    _fill(page, "#sdconcepts_train_dataset input", str(dataset))
+    for selector, value in (("#sdconcepts_train_width input[type=number]", "64"),
+                            ("#sdconcepts_train_height input[type=number]", "64"),
+                            ("#sdconcepts_train_max_steps input", "2"),
+                            ("#sdconcepts_train_preview_every input", "2"),
+                            ("#sdconcepts_train_save_every input", "2")):
+        _fill(page, selector, value)
+    started = time.monotonic()
+    page.locator("#sdconcepts_train_hn_button").click()
+    end = _wait_text(page, "#sdconcepts_train_status", "Training finished", timeout=TRAIN_TIMEOUT_S,
+                     fail_on=("Stopped", "Error", "error"))
+    assert "saved to" in end and f"{name}.pt" in end, end
+    return time.monotonic() - started
