@@ -69,10 +69,11 @@ def _wait_text(page: Any, selector: str, text: str, timeout: float = 120, fail_o
             return str(seen)
         if any(bad in seen for bad in fail_on):
             raise AssertionError(f"{selector} shows {seen!r}")
-        message = page.locator("#sdconcepts_train_message").first
-        errors = [t for t in page.locator("[id^=sdconcepts_train_err_]").all_inner_texts() if t.strip()]
-        if errors or (message.count() and message.inner_text().strip()):
-            raise AssertionError(f"the Train tab refused: {errors} {message.inner_text()!r}")
+        # Only our error boxes: gradio 4 (Forge) also writes progress timers ("0.1s") into pending outputs.
+        refused = page.locator("[id^=sdconcepts_train_err_] .sdconcepts-field-error, "
+                               "#sdconcepts_train_message .sdconcepts-field-error").all_inner_texts()
+        if [t for t in refused if t.strip()]:
+            raise AssertionError(f"the Train tab refused: {refused}")
         toasts = [str(t) for t in page.locator(".toast-body").all_inner_texts()]
         if toasts:
             raise AssertionError(f"gradio error: {toasts[0]}")
