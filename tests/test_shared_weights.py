@@ -213,3 +213,18 @@ def test_inference_tensors_as_forge_holds_them_train_without_a_copy(host: Any, d
     events = list(train_embedding(shared, "forgeemb", config, embeddings_dir=tmp_path / "emb"))
     assert events[-1].kind == "finished", events[-1].message
     assert all(torch.equal(held[k], state[k]) for k in state)
+
+
+def test_a_text_encoder_with_mixed_dtypes_gets_one(host: Any) -> None:
+    """Forge keeps CLIP's token/position tables in float32 beside half-precision layers: the view converts only the
+    minority tensors (a small copy) so that its text encoder runs in one dtype."""
+    state, metadata = _ldm_view(host)
+    prefix = "cond_stage_model.transformer."
+    for key in [k for k in state if k.startswith(prefix) and "embeddings" not in k]:
+        state[key] = state[key].to(torch.bfloat16)
+    shared = model_sharing_weights(state, name="mixed", metadata=metadata)
+    assert {p.dtype for p in shared.text_encoder.parameters()} == {torch.bfloat16}
+    layers = {p.data_ptr() for n, p in shared.text_encoder.named_parameters() if "layers.0.self_attn.q_proj.weight" in n}
+    assert layers == {state[prefix + "text_model.encoder.layers.0.self_attn.q_proj.weight"].data_ptr()}
+    conditioning = TrainingModel(shared).encode_text(["a red circle"])
+    assert conditioning.dtype == torch.bfloat16 and bool(torch.isfinite(conditioning.float()).all())

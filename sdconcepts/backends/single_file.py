@@ -163,6 +163,20 @@ def _alias(make: Any, state_dict: dict[str, torch.Tensor], what: str) -> Any:
         state_dict = cf.match_text_encoder_keys(state_dict, model.state_dict().keys())
     # A view without the host's autograd flags; load_state_dict(assign=True) wraps it in a new Parameter.
     tensors = {k: _plain_view(v) for k, v in state_dict.items()}
+    # One dtype per module: Forge keeps CLIP's token and position tables in float32 beside fp16/bf16 layers (its
+    # own layers cast at every call). The dtype of most tensors (the layers') wins; the others are converted, a copy
+    # of that much only (logged).
+    sizes: dict[torch.dtype, int] = {}
+    for value in tensors.values():
+        if value.is_floating_point():
+            sizes[value.dtype] = sizes.get(value.dtype, 0) + 1
+    if len(sizes) > 1:
+        main = max(sizes, key=lambda dtype: sizes[dtype])
+        converted = [k for k, v in tensors.items() if v.is_floating_point() and v.dtype != main]
+        for key in converted:
+            tensors[key] = tensors[key].to(main)
+        copied = sum(tensors[k].numel() * tensors[k].element_size() for k in converted)
+        log.info("%s: %d tensors converted to %s (%.0f MB copied)", what, len(converted), main, copied / 2**20)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:

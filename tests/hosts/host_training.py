@@ -120,7 +120,8 @@ def train_in_our_tab(host: hh.Host, page: Any, name: str) -> tuple[Figures, str]
     page.locator("#sdconcepts_train_read_txt2img input").check()
     started = time.monotonic()
     page.locator("#sdconcepts_train_ti_button").click()
-    end = _wait_text(page, "#sdconcepts_train_status", "Training finished", timeout=TRAIN_TIMEOUT_S,
+    # The status shows the last job until this one starts: wait for this run's own end.
+    end = _wait_text(page, "#sdconcepts_train_status", f"Embedding saved to {host.dest}", timeout=TRAIN_TIMEOUT_S,
                      fail_on=("Stopped", "Error", "error"))
     seconds = time.monotonic() - started
     assert "saved to" in end and f"{name}.pt" in end, end
@@ -183,7 +184,8 @@ def train_hypernetwork_in_our_tab(host: hh.Host, page: Any, name: str) -> float:
         _fill(page, selector, value)
     started = time.monotonic()
     page.locator("#sdconcepts_train_hn_button").click()
-    end = _wait_text(page, "#sdconcepts_train_status", "Training finished", timeout=TRAIN_TIMEOUT_S,
+    # The status shows the last job (an embedding) until this one starts: wait for this run's own end.
+    end = _wait_text(page, "#sdconcepts_train_status", "Hypernetwork saved to", timeout=TRAIN_TIMEOUT_S,
                      fail_on=("Stopped", "Error", "error"))
-    assert "saved to" in end and f"{name}.pt" in end, end
+    assert f"{name}.pt" in end, end
     return time.monotonic() - started
