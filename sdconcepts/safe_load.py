@@ -183,13 +183,20 @@ def _open_torch_file(p: Path) -> Iterator[tuple[BinaryIO, bytes]]:
         yield handle, head
 
 
+def _torch_load(handle: BinaryIO, **kwargs: Any) -> object:
+    # torch's own loader, not whatever ``torch.load`` names now: A1111 (modules/safe.py) replaces ``torch.load``
+    # process-wide with a checker that takes only file names and returns None for an open file (every .pt we read
+    # in A1111 failed with "expected a dict of tensors, got NoneType"). weights_only=True is our own safe load.
+    return torch.serialization.load(handle, **kwargs)
+
+
 def _load_open(p: Path, handle: BinaryIO) -> object:
     handle.seek(0)
     try:
         with torch.serialization.safe_globals(_TRUSTED_CLASSES), warnings.catch_warnings():
             # torch warns about pickle protocols above 2 on stderr; the load's outcome is what we report.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(handle, map_location="cpu", weights_only=True)
+            return _torch_load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = exc
     handle.seek(0)
@@ -215,7 +222,7 @@ def _load_open(p: Path, handle: BinaryIO) -> object:
     try:
         handle.seek(0)
         with torch.serialization.safe_globals([*_TRUSTED_CLASSES, *((_Inert, name) for name in needed)]):
-            return torch.load(handle, map_location="cpu", weights_only=True)
+            return _torch_load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise UnsafeFileError(f"{p}: not a loadable torch file ({_reason(exc)})") from None
 

@@ -75,3 +75,18 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
         raise RuntimeError("crash mid-write")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_files_load_while_a1111_has_replaced_torch_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A1111's modules/safe.py sets ``torch.load`` to a checker that opens its argument as a file name, prints an error
+    and returns None for anything else (an open file): our reads must not go through that name."""
+    path = save_torch_file({"name": "x", "step": 2, "vec": torch.ones(2)}, tmp_path / "x.pt")
+
+    def a1111_load(filename, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not isinstance(filename, (str, os.PathLike)):
+            return None  # what A1111's check_pt failure path returns
+        raise AssertionError("unused here")
+
+    monkeypatch.setattr(torch, "load", a1111_load)
+    data = load_torch_file(path)
+    assert isinstance(data, dict) and data["step"] == 2 and torch.equal(data["vec"], torch.ones(2))

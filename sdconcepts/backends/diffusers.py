@@ -174,6 +174,45 @@ def model_from_components(components: Mapping[str, Any], *, name: str = "in-memo
     return model
 
 
+def model_sharing_weights(
+    state_dict: dict[str, torch.Tensor],
+    *,
+    name: str,
+    short_hash: str | None = None,
+    prediction_type: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> LoadedModel:
+    """A LoadedModel over the tensors of an LDM-layout state dict held by someone else (a host's loaded model).
+
+    No tensor is copied or converted (see ``single_file.components_sharing_weights``): generation and training run
+    on the same memory as the owner's model and never write it; the LoadedModel stays valid while the owner keeps
+    those tensors where they are. ``short_hash`` is the owner's model hash (infotexts, files' ``sd_checkpoint``);
+    ``metadata`` as in a single file's header (our configs, for shapes the tensors cannot tell).
+    """
+    from sdconcepts.backends.single_file import components_sharing_weights
+    from sdconcepts.checkpoint_files import CheckpointError
+
+    try:
+        parts = components_sharing_weights(state_dict, prediction_type=prediction_type, metadata=metadata)
+    except CheckpointError as exc:
+        raise ModelLoadError(f"{name}: {exc}") from exc
+    weight = next(parts["unet"].parameters())
+    return LoadedModel(
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        scheduler_config=parts["scheduler_config"],
+        family=parts["family"],
+        prediction_type=parts["prediction_type"],
+        name=name,
+        path=None,
+        device=weight.device,
+        dtype=weight.dtype,
+        _hash=short_hash,
+    )
+
+
 def _finish(model: LoadedModel, device: torch.device) -> LoadedModel:
     for module in (model.unet, model.vae, *model.text_encoders):
         dtype = model.dtype

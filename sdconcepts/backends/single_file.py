@@ -125,6 +125,89 @@ def _materialize(make: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dt
     return own_weights(model)
 
 
+def components_sharing_weights(
+    state_dict: dict[str, torch.Tensor],
+    *,
+    prediction_type: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Build ``unet``, ``vae`` and ``text_encoder`` over the tensors of an LDM-layout state dict, copying none.
+
+    For a model someone else holds in memory (a web UI host's loaded checkpoint): every parameter of the returned
+    modules is a new ``Parameter`` (``requires_grad`` False) over the same storage as the given tensor, so the host's
+    own parameters keep their flags and no second copy of the weights exists. Nothing is converted (dtype, device,
+    alignment): the modules compute with the host's tensors as they are. Also returns ``scheduler_config``,
+    ``family``, ``prediction_type`` and ``configs``. Raises CheckpointError when the weights are not SD 1.x/2.x.
+    """
+    configs = cf.infer_configs(state_dict, prediction_type=prediction_type, metadata=metadata)
+    parts, _ = cf.split_checkpoint(state_dict, configs)
+    unet = _alias(lambda: UNet2DConditionModel.from_config(configs.unet), parts["unet"], "UNet")
+    vae = _alias(lambda: AutoencoderKL.from_config(configs.vae), parts["vae"], "VAE")
+    text_encoder = _alias(lambda: CLIPTextModel(CLIPTextConfig(**configs.text_encoder)), parts["text_encoder"],
+                          "text encoder")
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": load_clip_tokenizer(configs.family),
+        "scheduler_config": dict(configs.scheduler),
+        "family": configs.family,
+        "prediction_type": configs.prediction_type,
+        "configs": configs,
+    }
+
+
+def _plain_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor over ``tensor``'s memory. Forge builds its model under ``torch.inference_mode()``, so its
+    weights are inference tensors: autograd refuses to save them for backward (a gradient to our embedding passes
+    through every layer) and a Parameter cannot wrap them. Inference-ness belongs to the tensor object, not to its
+    storage: a fresh tensor set to the same storage computes normally, still without a copy."""
+    if not tensor.is_inference():
+        return tensor.detach()
+    view = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    with torch.no_grad():
+        view.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+    return view
+
+
+def _alias(make: Any, state_dict: dict[str, torch.Tensor], what: str) -> Any:
+    with torch.device("meta"):
+        model = make()
+    if isinstance(model, CLIPTextModel):
+        state_dict = cf.match_text_encoder_keys(state_dict, model.state_dict().keys())
+    # A view without the host's autograd flags; load_state_dict(assign=True) wraps it in a new Parameter.
+    tensors = {k: _plain_view(v) for k, v in state_dict.items()}
+    # One dtype per module: Forge keeps CLIP's token and position tables in float32 beside fp16/bf16 layers (its
+    # own layers cast at every call). The dtype of most tensors (the layers') wins; the others are converted, a copy
+    # of that much only (logged).
+    sizes: dict[torch.dtype, int] = {}
+    for value in tensors.values():
+        if value.is_floating_point():
+            sizes[value.dtype] = sizes.get(value.dtype, 0) + 1
+    if len(sizes) > 1:
+        main = max(sizes, key=lambda dtype: sizes[dtype])
+        converted = [k for k, v in tensors.items() if v.is_floating_point() and v.dtype != main]
+        for key in converted:
+            tensors[key] = tensors[key].to(main)
+        copied = sum(tensors[k].numel() * tensors[k].element_size() for k in converted)
+        log.info("%s: %d tensors converted to %s (%.0f MB copied)", what, len(converted), main, copied / 2**20)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise cf.CheckpointError(f"the loaded model's {what} weights do not fit the inferred config ({reason})") from None
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta and name == "position_ids":
+                device = next(model.parameters()).device
+                setattr(module, name, torch.arange(buffer.shape[-1], dtype=buffer.dtype, device=device).expand(buffer.shape))
+            elif buffer.is_meta:
+                raise cf.CheckpointError(f"the loaded model's {what} buffer {name} is missing")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def own_weights(model: Any) -> Any:
     """Give every parameter and buffer of `model` memory that torch allocated itself (contiguous, 64-byte aligned).
 

@@ -1,7 +1,8 @@
 """The A1111/Forge adapter: registers our tab through ``script_callbacks.on_ui_tabs`` and reads the host's folders.
 
-The only module that imports ``modules.*``, and only inside functions, so the rest of the package (and this file's
-``build_tabs``) imports without a host. Our tab runs on our own engine; the host's own txt2img is left alone.
+Host ``modules.*`` are imported only under ``sdconcepts/host/`` and only inside functions, so the rest of the package
+(and this file's ``build_tabs``) imports without a host. Our tab runs on our own engine, by default over the host's
+loaded model (``host.model``, no second copy); the host's own txt2img is left alone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class _Registration:
 
     session: UiSession | None = None
     blocks: Any = None
+    host_model: Any = None  # host.model.HostModel: our view of the host's loaded model
 
 
 def host_config() -> UiConfig:
@@ -55,6 +57,10 @@ def host_config() -> UiConfig:
         device = str(devices.device) if getattr(devices, "device", None) is not None else None
     except ImportError:
         pass
+    from sdconcepts.host.model import HostModel, reload_host_files
+
+    if _Registration.host_model is None:
+        _Registration.host_model = HostModel()
     return UiConfig(
         models_dir=Path(checkpoints),
         embeddings_dirs=[Path(embeddings)],
@@ -62,6 +68,8 @@ def host_config() -> UiConfig:
         outputs_dir=data_path / "outputs" / "sdconcepts",
         device=device,
         multiplier=multiplier,
+        host_model=_Registration.host_model,
+        files_changed=reload_host_files,
     )
 
 
@@ -90,6 +98,12 @@ def on_app_started(demo: Any, app: Any) -> None:
     describe_events_for_the_page(demo, app, _Registration.blocks)
 
 
+def on_model_loaded(_sd_model: Any) -> None:
+    """The host loaded another model: drop our view of the old one, which would keep its weights in memory."""
+    if _Registration.host_model is not None:
+        _Registration.host_model.forget()
+
+
 def unregister() -> None:
     """Forget our callbacks and the loaded model; the host calls this before it reloads scripts."""
     from modules import script_callbacks
@@ -98,7 +112,10 @@ def unregister() -> None:
     if remove is not None:
         remove(on_ui_tabs)
         remove(on_app_started)
+        remove(on_model_loaded)
         remove(unregister)
+    if _Registration.host_model is not None:
+        _Registration.host_model.forget()
     if _Registration.session is not None:
         _Registration.session.unload()
     _Registration.session = None
@@ -119,10 +136,14 @@ def register() -> bool:
     if remove is not None:
         remove(on_ui_tabs)
         remove(on_app_started)
+        remove(on_model_loaded)
         remove(unregister)
     script_callbacks.on_ui_tabs(on_ui_tabs)
     on_app_started_hook = getattr(script_callbacks, "on_app_started", None)
     if on_app_started_hook is not None:  # every A1111 1.x / Forge has it; older forks may not
         on_app_started_hook(on_app_started)
+    on_model_loaded_hook = getattr(script_callbacks, "on_model_loaded", None)
+    if on_model_loaded_hook is not None:
+        on_model_loaded_hook(on_model_loaded)
     script_callbacks.on_script_unloaded(unregister)
     return True

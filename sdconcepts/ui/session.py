@@ -12,13 +12,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sdconcepts.library import EmbeddingLibrary, Library, is_preview_image
 
-__all__ = ["DEFAULT_MODEL_LABEL", "UiConfig", "UiError", "UiSession", "contained_path", "scan_models"]
+__all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConfig", "UiError", "UiSession",
+           "contained_path", "scan_models"]
 
 DEFAULT_MODEL_LABEL = "toyworld (embedded)"
+HOST_MODEL_LABEL = "the web UI's loaded model"
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 READ_BATCH = 100  # files a background read takes between pauses
 READ_PAUSE_S = 0.05
@@ -36,6 +38,18 @@ def _lower_thread_priority() -> None:
 
 class UiError(ValueError):
     """A request the UI cannot carry out; the message is shown to the user as it is."""
+
+
+class HostModelSource(Protocol):
+    """Inside a web UI host: the host's loaded model, seen without a second copy (``sdconcepts.host.model``)."""
+
+    def load(self) -> Any:
+        """A LoadedModel over the host's current weights; ValueError (one sentence) when there is none to use."""
+        ...
+
+    def loaded_width(self) -> int | None:
+        """Its text width when it was loaded already; None otherwise (nothing is loaded to answer)."""
+        ...
 
 
 @dataclass
@@ -56,6 +70,9 @@ class UiConfig:
     # the same name in a user folder wins, and nothing is ever written here (training writes to the first user folder).
     extra_embeddings_dirs: Sequence[Path] = ()
     extra_hypernetworks_dirs: Sequence[Path] = ()
+    # Inside a host: its loaded model is the default choice, and the host reloads the files we write.
+    host_model: HostModelSource | None = None
+    files_changed: Callable[[str], None] | None = None
 
 
 def scan_models(folder: Path | None) -> list[Path]:
@@ -88,6 +105,14 @@ def contained_path(value: str | Path, roots: Sequence[Path], label: str) -> Path
     folders = ", ".join(str(root) for root in allowed) or "none"
     raise UiError(f"{label}: {str(value)!r} is outside the folders this server may use ({folders}); "
                   "start it with --train-root DIR to allow another folder")
+
+
+def _size_text(path: Path) -> str:
+    try:
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    except OSError:
+        return "size unknown"
+    return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.0f} MB"
 
 
 def _hypernetwork_ignored(path: Path) -> bool:
@@ -208,19 +233,34 @@ class UiSession:
     # -- models -----------------------------------------------------------------------------------------------
 
     def model_choices(self) -> dict[str, Path | None]:
-        """Dropdown label -> model path (None: the embedded default model), default first."""
-        choices: dict[str, Path | None] = {DEFAULT_MODEL_LABEL: None}
+        """Dropdown label -> model path (None: the embedded default model, or the host's), default first.
+
+        Inside a host, its loaded model comes first, and every checkpoint file is labelled with the memory that a
+        separate second copy would take: nobody loads one without seeing that.
+        """
+        host = self.config.host_model is not None
+        choices: dict[str, Path | None] = {HOST_MODEL_LABEL: None} if host else {}
+        choices[DEFAULT_MODEL_LABEL] = None
         if self.config.ckpt is not None:
             choices[str(self.config.ckpt)] = self.config.ckpt
         root = self.config.models_dir
         for path in scan_models(root):
             label = str(path.relative_to(root)) if root is not None else str(path)
+            if host:
+                label = f"{label} (loads a second copy: {_size_text(path)})"
             choices.setdefault(label, path)
         return choices
 
     def default_choice(self) -> str:
-        """The ``--ckpt`` model when one was given, else the embedded model."""
-        return str(self.config.ckpt) if self.config.ckpt is not None else DEFAULT_MODEL_LABEL
+        """The ``--ckpt`` model when one was given, else the host's model inside a host, else the embedded model."""
+        if self.config.ckpt is not None:
+            return str(self.config.ckpt)
+        return HOST_MODEL_LABEL if self.config.host_model is not None else DEFAULT_MODEL_LABEL
+
+    def files_changed(self, kind: str) -> None:
+        """We wrote an ``embedding`` or ``hypernetwork`` file: tell the host (it reloads its lists)."""
+        if self.config.files_changed is not None:
+            self.config.files_changed(kind)
 
     def model(self, label: str) -> Any:
         """The model behind a dropdown label, loading it (and dropping the previous one) when it changed."""
@@ -228,6 +268,14 @@ class UiSession:
         if label not in choices:
             raise UiError(f"model {label!r} is no longer available; refresh the model list")
         with self._model_lock:
+            host = self.config.host_model
+            if host is not None and label == HOST_MODEL_LABEL:
+                # Never kept here: the host's source drops its view when the host loads another model.
+                self._model, self._model_label = None, label
+                try:
+                    return host.load()
+                except ValueError as exc:
+                    raise UiError(str(exc)) from exc
             if self._model is not None and self._model_label == label:
                 return self._model
             from sdconcepts.backends.diffusers import ModelLoadError, load_model
@@ -264,6 +312,8 @@ class UiSession:
     def context_width(self, label: str | None = None) -> int | None:
         """The text width embeddings must have for a model, without loading it when its config says."""
         label = label or self._model_label or self.default_choice()
+        if label == HOST_MODEL_LABEL and self.config.host_model is not None:
+            return self.config.host_model.loaded_width()
         if self._model is not None and self._model_label == label:
             return int(self._model.context_width)
         path = self.model_choices().get(label)

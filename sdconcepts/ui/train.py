@@ -450,11 +450,21 @@ def start_training(session: UiSession, jobs: TrainingJobs, kind: str, model_labe
         model = session.model(model_label)
         if kind == "embedding":
             assert isinstance(config, EmbeddingTrainingConfig)
-            return train_embedding(model, name, config, embeddings_dir=embeddings_folder(session), stop=stop)
-        assert isinstance(config, HypernetworkTrainingConfig)
-        return train_hypernetwork(model, name, config, hypernetworks_dir=hypernetworks_folder(session), stop=stop)
+            events = train_embedding(model, name, config, embeddings_dir=embeddings_folder(session), stop=stop)
+        else:
+            assert isinstance(config, HypernetworkTrainingConfig)
+            events = train_hypernetwork(model, name, config, hypernetworks_dir=hypernetworks_folder(session), stop=stop)
+        return _announcing_saves(session, kind, events)
 
     return jobs.start(kind, name, config.max_steps, run, lock_whole_run=kind == "hypernetwork")
+
+
+def _announcing_saves(session: UiSession, kind: str, events: Iterator[TrainingEvent]) -> Iterator[TrainingEvent]:
+    # Inside a host, each save makes the host reload its files: the trained file works in its txt2img at once.
+    for event in events:
+        if event.saved:
+            session.files_changed(kind)
+        yield event
 
 
 def follow(jobs: TrainingJobs, poll: float = 0.25, job: TrainingJob | None = None) -> Iterator[TrainView]:

@@ -1,0 +1,169 @@
+"""The host's loaded model (A1111's ``shared.sd_model``, Forge's ``forge_objects``) as our LoadedModel, no copy.
+
+Our tab trains and generates on the checkpoint the web UI already holds: the host's tensors are seen under their
+LDM key names and ``backends.diffusers.model_sharing_weights`` builds our modules over that same memory (new
+``Parameter`` objects, ``requires_grad`` False; the host's modules, flags and hooks are never touched, so its own
+images stay bit-identical). Forge loads its patchers through its own memory manager first, as its sampling does.
+
+Also: after we write an embedding or hypernetwork, the host's databases are reloaded so that its txt2img uses the
+file at once. Host ``modules.*`` / ``backend.*`` are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Any
+
+import torch
+
+from sdconcepts.host.forge import is_forge
+
+__all__ = ["HostModel", "HostModelError", "reload_host_files"]
+
+log = logging.getLogger(__name__)
+
+# A1111 and Forge wrap the token embedding (and A1111 the whole text encoder) in modules whose child is "wrapped".
+_WRAPPED = re.compile(r"(^|\.)wrapped\.")
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+
+
+class HostModelError(ValueError):
+    """The host's model cannot be used by our tab (none loaded, SDXL, ...); one sentence for the user."""
+
+
+def _plain(key: str) -> str:
+    while _WRAPPED.search(key):
+        key = _WRAPPED.sub(r"\1", key, count=1)
+    return key
+
+
+def _a1111_view() -> tuple[dict[str, torch.Tensor], str, str | None, str, Any]:
+    from modules import shared
+
+    model = shared.sd_model  # A1111 loads its selected checkpoint here when none is loaded yet
+    if model is None:
+        raise HostModelError("the web UI has no model loaded; select a checkpoint in its dropdown first")
+    if getattr(model, "is_sdxl", False) or getattr(model, "conditioner", None) is not None:
+        raise HostModelError("the web UI's model is SDXL: training on it is not supported yet")
+    state = {_plain(k): v for k, v in model.state_dict().items()}
+    prediction = "v_prediction" if getattr(model, "parameterization", "eps") == "v" else "epsilon"
+    return state, *_checkpoint_names(model), prediction, model
+
+
+def _forge_view() -> tuple[dict[str, torch.Tensor], str, str | None, str, Any]:
+    from modules import sd_models
+
+    try:
+        # Forge's own entry before each generation: loads the selected checkpoint unless it is loaded already.
+        model, _ = sd_models.forge_model_reload()
+    except ValueError as exc:  # Forge: "You do not have any model! ..."
+        raise HostModelError(f"the web UI has no model loaded: {exc}") from None
+    objects = getattr(model, "forge_objects", None)
+    if model is None or objects is None:
+        raise HostModelError("the web UI has no model loaded; select a checkpoint in its dropdown first")
+    clip = getattr(objects.clip, "cond_stage_model", None)
+    clip_l = getattr(clip, "clip_l", None)
+    if clip_l is None or any(hasattr(clip, other) for other in ("clip_g", "clip_h", "t5xxl")):
+        raise HostModelError("the web UI's model is not SD 1.x: training on it in Forge supports SD 1.x only")
+    from backend import memory_management
+
+    # As Forge's own sampling does: its memory manager puts the patchers where they compute (and applies LoRAs).
+    memory_management.load_models_gpu([objects.unet, objects.clip.patcher, objects.vae.patcher])
+    state: dict[str, torch.Tensor] = {}
+    state.update({UNET_PREFIX + k: v for k, v in objects.unet.model.diffusion_model.state_dict().items()})
+    state.update({VAE_PREFIX + k: v for k, v in objects.vae.first_stage_model.state_dict().items()})
+    state.update({TEXT_PREFIX + _plain(k): v for k, v in clip_l.transformer.state_dict().items()})
+    predictor = getattr(objects.unet.model, "predictor", None)
+    prediction = str(getattr(predictor, "prediction_type", "epsilon"))
+    return state, *_checkpoint_names(model), prediction, model
+
+
+def _checkpoint_names(model: Any) -> tuple[str, str | None]:
+    info = getattr(model, "sd_checkpoint_info", None)
+    name = getattr(info, "name_for_extra", None) or getattr(info, "model_name", None) or "web UI model"
+    short = getattr(info, "shorthash", None)
+    return str(name), (str(short) if short else None)
+
+
+class HostModel:
+    """Our view of the host's model, rebuilt when the host's model or the memory of its weights changed.
+
+    The view holds references to the host's tensors, so it is dropped as soon as the host loads another model
+    (``forget``, from ``on_model_loaded``): otherwise it would keep the old weights alive beside the new ones.
+    """
+
+    def __init__(self) -> None:
+        # Reentrant: A1111 loads its model on our first access, and its on_model_loaded callback calls forget()
+        # on this thread while load() holds the lock.
+        self._lock = threading.RLock()
+        self._key: tuple[int, int] | None = None
+        self._model: Any = None
+
+    def load(self) -> Any:
+        from sdconcepts.backends.diffusers import ModelLoadError, model_sharing_weights
+
+        with self._lock:
+            state, name, short_hash, prediction, owner = _forge_view() if is_forge() else _a1111_view()
+            # Where every tensor lives: moved weights (Forge offloading, a dtype change) invalidate the view.
+            key = (id(owner), hash(tuple((k, v.data_ptr(), str(v.device), v.dtype) for k, v in state.items())))
+            if self._model is not None and self._key == key:
+                self._model.name, self._model._hash = name, short_hash
+                return self._model
+            self._model = self._key = None  # the old view goes before the new one is built
+            try:
+                model = model_sharing_weights(state, name=name, short_hash=short_hash, prediction_type=prediction)
+            except ModelLoadError as exc:
+                raise HostModelError(f"the web UI's model cannot be used: {exc}") from None
+            self._model, self._key = model, key
+            log.info("training and generating on the web UI's model %s (shared weights, %s)", name, model.dtype)
+            return model
+
+    def loaded_width(self) -> int | None:
+        """The text width of the view when it exists (no loading: asked while the page is built)."""
+        model = self._model
+        return int(model.context_width) if model is not None else None
+
+    def forget(self, *_args: Any) -> None:
+        with self._lock:
+            self._model = None
+            self._key = None
+
+
+def reload_host_files(kind: str) -> None:
+    """Make the host see files we wrote: its embedding databases reload, its hypernetwork list is rescanned."""
+    try:
+        if kind == "embedding":
+            _reload_embeddings()
+        elif kind == "hypernetwork" and not is_forge():
+            from modules import shared
+
+            shared.reload_hypernetworks()
+        # Forge: our own Hypernetworks page and tag resolver (host/forge.py) read the folder on every refresh/use.
+    except Exception as exc:  # noqa: BLE001 - the file is saved; a host that cannot reload must not fail the run
+        log.warning("the web UI did not reload its %s files: %s", kind, exc)
+
+
+def _reload_embeddings() -> None:
+    if not is_forge():
+        from modules import sd_hijack
+
+        sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+        return
+    from modules import shared
+
+    model = shared.sd_model
+    # Forge: each text engine of the loaded model has its own database (read once, when the model was built).
+    for attribute in dir(model):
+        if attribute.startswith("text_processing_engine"):
+            database = getattr(getattr(model, attribute), "embeddings", None)
+            if database is not None:
+                database.load_textual_inversion_embeddings()
+    try:
+        from modules import ui_extra_networks_textual_inversion as cards
+    except ImportError:
+        return
+    cards.embedding_db.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)

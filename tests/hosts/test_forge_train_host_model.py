@@ -1,0 +1,28 @@
+"""Forge: our Train tab (Forge has none of its own) trains an embedding and a hypernetwork on Forge's loaded model
+(issue 12); see host_training.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import host_harness as hh
+import host_training as ht
+import numpy as np
+
+
+def test_forge_train_embedding_on_the_hosts_model(forge: hh.Host, page: Any) -> None:
+    figures, before = ht.train_in_our_tab(forge, page, "hosttrained")
+    ht.check_after_training(forge, "hosttrained", figures, before, "TI: ")
+
+
+def test_forge_train_hypernetwork_on_the_hosts_model(forge: hh.Host, page: Any) -> None:
+    before, _ = hh.txt2img(forge)
+    seconds = ht.train_hypernetwork_in_our_tab(forge, page, "hosthn")
+    after, _ = hh.txt2img(forge)
+    assert after.tobytes() == before.tobytes(), "the host's picture changed after training a hypernetwork on its model"
+    # Forge's txt2img applies it through our Forge adapter at once (no restart, no refresh).
+    tagged, info = hh.txt2img(forge, prompt=f"{hh.DEFAULT_TXT2IMG['prompt']} <hypernet:hosthn:1>")
+    hh.assert_finite_picture(tagged)
+    assert "Hypernet hashes:" in info and "hosthn" in info.split("Hypernet hashes:", 1)[1], info
+    assert not np.array_equal(tagged, after)
+    print(f"[forge] hypernetwork: 2 steps + preview + saves {seconds:.0f} s")
