@@ -26,6 +26,11 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
     "--no-first-run", "--disable-component-update", "--disable-sync",
 ]
+# WebGL through SwiftShader instead of --disable-gpu, for pages with gradio 4.40's image editor (the standalone app's
+# img2img tab): it draws with WebGL, and without it chromium's renderer stalls on that page (reloads and screenshots
+# time out) once the page has been busy a while. The inpaint drawing test keeps CHROMIUM_ARGS (see test_img2img_tab).
+WEBGL_CHROMIUM_ARGS = [a for a in CHROMIUM_ARGS if a != "--disable-gpu"] + ["--use-angle=swiftshader",
+                                                                          "--enable-unsafe-swiftshader"]
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 OUTPUT = Path(os.environ.get("SDCONCEPTS_BROWSER_OUTPUT", HERE / "output"))

@@ -31,8 +31,7 @@ playwright_api = tb.playwright_api
 # and without it the page stops rendering once the server sets the editor's image (Send to inpaint). The drawing test
 # keeps the plain arguments: with SwiftShader, the mouse strokes on 4.40's editor canvas in this headless chromium
 # leave no mask (the strokes do register without WebGL).
-SEND_CHROMIUM_ARGS = [a for a in tb.CHROMIUM_ARGS if a != "--disable-gpu"] + ["--use-angle=swiftshader",
-                                                                        "--enable-unsafe-swiftshader"]
+SEND_CHROMIUM_ARGS = tb.WEBGL_CHROMIUM_ARGS
 
 # The stroke runs across the middle row of the picture; rows this far from it are outside any brush there.
 FAR_ROWS = 0.2

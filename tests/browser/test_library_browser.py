@@ -19,12 +19,12 @@ import torch
 from test_browser import (
     APP_PYTHON,
     CHROMIUM,
-    CHROMIUM_ARGS,
     HERE,
     MODES,
     OUTPUT,
     ROOT,
     TIMEOUT_MS,
+    WEBGL_CHROMIUM_ARGS,
     _free_port,
     _model_for_test,
     _open_tab,
@@ -117,7 +117,7 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
     negative = "#sdconcepts_neg_prompt textarea"
     search = "#sdconcepts_ti_search input, #sdconcepts_ti_search textarea"
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=WEBGL_CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.set_default_timeout(TIMEOUT_MS)

@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import test_browser as tb
@@ -109,10 +110,20 @@ def _open_our_page(page, mode: str) -> None:  # type: ignore[no-untyped-def]
     page.wait_for_selector("#sdconcepts_prompt textarea", state="visible")
 
 
+def _screenshot(page: Any, path: Path) -> None:
+    """A picture of the page for the CI artifacts, not part of what is tested: on gradio 4.40 with --disable-gpu a
+    full-page capture of this page (it holds the img2img tab's WebGL image editor, hidden) can hang in chromium's
+    compositor, while the page itself goes on working."""
+    try:
+        page.screenshot(path=str(path), full_page=True, timeout=15_000)
+    except Exception as exc:  # noqa: BLE001 - the artifact is optional
+        print(f"screenshot {path.name} not taken: {exc}".splitlines()[0])
+
+
 def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, str, Path]) -> None:
     mode, url, dataset = app
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.WEBGL_CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.set_default_timeout(tb.TIMEOUT_MS)
@@ -188,13 +199,13 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
             end = _wait_text(page, "#sdconcepts_train_status", "Training interrupted", timeout=120)
             assert "saved to" in end and "uitoy.pt" in end
             page.locator("#sdconcepts_train_previews img").first.wait_for(state="visible")
-            page.screenshot(path=str(tb.OUTPUT / f"train-tab-{mode}.png"), full_page=True)
+            _screenshot(page, tb.OUTPUT / f"train-tab-{mode}.png")
 
             # The trained file is among the Textual Inversion cards without a restart.
             tb._open_tab(page, "Textual Inversion")
             page.locator('#sdconcepts_ti_cards .sdconcepts-card[data-name="uitoy"]').wait_for(state="visible")
         except Exception:
-            page.screenshot(path=str(tb.OUTPUT / f"train-tab-{mode}-failure.png"), full_page=True)
+            _screenshot(page, tb.OUTPUT / f"train-tab-{mode}-failure.png")
             raise
         finally:
             browser.close()
