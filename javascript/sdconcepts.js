@@ -267,6 +267,7 @@
     }
 
     var watched = {};
+    var pendingSearch = {};
 
     function watchCards(kind) {
         var container = appRoot().querySelector("#sdconcepts_" + kind + "_cards");
@@ -283,6 +284,18 @@
             var kind = SEARCH.exec(box.id)[1];
             watchCards(kind);
             filterShown(kind);
+            // When typing pauses, ask the server once more for the box's final value (gradio 3.41 drops a change
+            // event that comes while the previous one is running; see controls.card_tab).
+            clearTimeout(pendingSearch[kind]);
+            pendingSearch[kind] = setTimeout(function () {
+                var go = appRoot().querySelector("#sdconcepts_" + kind + "_search_go");
+                if (go && go.tagName !== "BUTTON") {
+                    go = go.querySelector("button");
+                }
+                if (go) {
+                    go.click();
+                }
+            }, 400);
         }
     }, true);
 

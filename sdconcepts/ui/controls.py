@@ -79,8 +79,13 @@ def card_tab(kind: str, label: str, view: handlers.CardsView) -> dict[str, Any]:
     cards = gr.HTML(view.cards_html, elem_id=f"sdconcepts_{kind}_cards", label=label)
     skipped = gr.HTML(view.skipped_html, elem_id=f"sdconcepts_{kind}_skipped")
     editor = metadata_editor(kind)
+    with gr.Row(elem_classes=["sdconcepts-hidden"]):
+        # Clicked by javascript/sdconcepts.js once typing in the search box pauses: gradio 3.41 drops a change event
+        # that comes while the previous one of the same box is still running, so without this last request the
+        # server's answer could stay one keystroke behind.
+        search_go = gr.Button("Search", elem_id=f"sdconcepts_{kind}_search_go")
     return {"search": search, "sort": sort, "descending": descending, "refresh": refresh, "page": page,
-            "summary": summary, "cards": cards, "skipped": skipped, "editor": editor}
+            "summary": summary, "cards": cards, "skipped": skipped, "editor": editor, "search_go": search_go}
 
 
 def metadata_editor(kind: str) -> dict[str, Any]:
