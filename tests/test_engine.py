@@ -91,6 +91,88 @@ def test_original_emphasis_restores_the_chunk_mean_as_a1111_does() -> None:
     assert not torch.allclose(original, no_norm)
 
 
+def _a1111_emphasis_original() -> type:
+    """A1111 1.10.1's own ``EmphasisOriginal`` (modules/sd_emphasis.py, which imports only torch), read from the host
+    kit's tarball: the reference for how "Original" emphasis scales a batch."""
+    import os
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    candidates = [os.environ.get("SDCONCEPTS_HOST_KIT", ""), str(root.parent / "shared" / "hosts"), "/work/shared/hosts"]
+    for kit in filter(None, candidates):
+        tarball = Path(kit) / "a1111-v1.10.1.tar.xz"
+        if tarball.is_file():
+            break
+    else:
+        pytest.skip("the host kit (../shared/hosts/a1111-v1.10.1.tar.xz) is not on this machine")
+    with tarfile.open(tarball) as archive:
+        for member in archive:
+            if member.name.endswith("/modules/sd_emphasis.py"):
+                source = archive.extractfile(member).read().decode()  # type: ignore[union-attr]
+                break
+    namespace: dict[str, object] = {}
+    exec(compile(source, "sd_emphasis.py", "exec"), namespace)  # noqa: S102 - the real host's code, a test reference
+    return namespace["EmphasisOriginal"]  # type: ignore[return-value]
+
+
+def _a1111_batch(model, texts: list[str]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """What A1111's FrozenCLIPEmbedderWithCustomWordsBase.forward returns for ``texts`` as one batch: chunk by chunk
+    (shorter texts padded with empty chunks), each chunk's batch given to EmphasisOriginal, then joined."""
+    emphasis_class = _a1111_emphasis_original()
+    raw = PromptEncoder(model, emphasis="Ignore")  # the same tokens and chunks, the transformer output unweighted
+    per_text = [raw.chunks(text)[0] for text in texts]
+    empty = raw.chunks("")[0][0]
+    longest = max(len(chunks) for chunks in per_text)
+    zs = []
+    for i in range(longest):
+        batch = [chunks[i] if i < len(chunks) else empty for chunks in per_text]
+        emphasis = emphasis_class()
+        emphasis.z = raw._run(batch)
+        emphasis.multipliers = torch.tensor([c.multipliers for c in batch])
+        emphasis.after_transformers()
+        zs.append(emphasis.z)
+    return torch.hstack(zs)
+
+
+def _model_with_layer_norm_bias():  # type: ignore[no-untyped-def]
+    from sdconcepts.backends.tiny import build_tiny_sd1
+
+    components = build_tiny_sd1(seed=3)
+    with torch.no_grad():  # a real encoder's final layer norm has a bias, so chunk means are not ~0
+        encoder = components["text_encoder"]
+        bias = getattr(encoder, "text_model", encoder).final_layer_norm.bias  # transformers 4 or 5 layout
+        bias.copy_(0.2 + 0.1 * torch.randn(bias.shape, generator=torch.Generator().manual_seed(0)))
+    return model_from_components(components)
+
+
+def test_original_emphasis_is_per_chunk_as_in_a1111() -> None:
+    model = _model_with_layer_norm_bias()
+    # Two chunks, emphasis only in the second: A1111 restores each chunk's own mean, so the first chunk is untouched.
+    prompt = "a red circle on a teal background, " * 12 + "a (blue:1.4) square"
+    ours = PromptEncoder(model).encode(prompt)
+    assert ours.shape == (154, 48)
+    want = _a1111_batch(model, [prompt])[0]
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours[:77], PromptEncoder(model, emphasis="Ignore").encode(prompt)[:77])
+
+
+def test_prompt_editing_variants_share_emphasis_as_in_a1111() -> None:
+    model = _model_with_layer_norm_bias()
+    # [a (red:1.5) circle:a blue square, ...:5]: A1111 encodes the variants as one batch, restores each chunk's mean
+    # over both, and pads the one-chunk variant to two chunks.
+    short = "a (red:1.5) circle"
+    long = "a blue square, " * 20
+    encoder = PromptEncoder(model)
+    group = encoder.encode_group([short, long])
+    want = _a1111_batch(model, [short, long])
+    torch.testing.assert_close(group[short], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(group[long], want[1], rtol=1e-5, atol=1e-6)
+    assert group[short].shape == (154, 48)
+    # On its own the same text is encoded differently (its own mean, one chunk).
+    alone = encoder.encode(short)
+    assert alone.shape == (77, 48) and not torch.allclose(alone, group[short][:77])
+
+
 def test_original_emphasis_of_zero_mean_vectors_is_not_nan(tiny_model) -> None:  # type: ignore[no-untyped-def]
     from sdconcepts.backends.diffusers import _apply_emphasis
 

@@ -398,7 +398,7 @@ class PromptEncoder:
     clip_skip: int = 1
     emphasis: str = "Original"
     comma_backtrack: int = 20
-    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         check_clip_skip(self.model, self.clip_skip)
@@ -435,13 +435,26 @@ class PromptEncoder:
         )
 
     def encode(self, text: str) -> torch.Tensor:
-        cached = self._cache.get(text)
+        """``text`` encoded on its own, as A1111 encodes a prompt without prompt editing."""
+        return self.encode_group([text])[text]
+
+    def encode_group(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Encode the texts A1111 encodes as one batch: one prompt's variants under prompt editing and alternation.
+
+        A1111 runs a batch chunk by chunk and applies "Original" emphasis to each chunk's batch tensor as a whole:
+        the mean it restores is that of chunk ``i`` over every variant, not of one text. A variant with fewer chunks
+        than the longest gets empty chunks (which that restoring scales too), so every text comes back
+        ``[77 * longest, width]``. A text's encoding may therefore depend on the other texts of its group.
+        """
+        group = tuple(dict.fromkeys(texts))
+        cached = self._cache.get(group)
         if cached is None:
-            cached = self._encode(text)
-            self._cache[text] = cached
+            cached = self._encode_group(group)
+            self._cache[group] = cached
         return cached
 
     def encode_many(self, texts: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Each text encoded on its own (no shared emphasis: for texts that A1111 encodes in separate batches)."""
         return {text: self.encode(text) for text in dict.fromkeys(texts)}
 
     def embeddings_in(self, texts: Iterable[str]) -> list[str]:
@@ -458,21 +471,42 @@ class PromptEncoder:
         """SDXL's pooled text output ``[projection]`` for ``text`` (OpenCLIP-G, first chunk)."""
         if not self.model.is_sdxl:
             raise ValueError("only SDXL models have a pooled text output")
-        self.encode(text)
+        if text not in self._pooled:
+            self.encode(text)
         return self._pooled[text]
 
     @torch.no_grad()
-    def _encode(self, text: str) -> torch.Tensor:
-        chunks, _ = self.chunks(text)
-        parts, pooled = self._run_encoders(chunks)
+    def _encode_group(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        z, pooled = self._encode_chunks([self._training_chunks(text) for text in texts])
         if pooled is not None:
-            self._pooled[text] = pooled[0]
-        multipliers = torch.tensor([c.multipliers for c in chunks], dtype=parts[0].dtype, device=parts[0].device)
-        if self.emphasis in ("Original", "No norm"):
+            for text, row in zip(texts, pooled, strict=True):
+                self._pooled.setdefault(text, row)
+        return dict(zip(texts, z, strict=True))
+
+    def _encode_chunks(self, per_text: Sequence[Sequence[PromptChunk]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``[len(per_text), 77 * chunks, width]`` for texts already split into chunks, encoded as one A1111 batch
+        (shorter texts padded with empty chunks, emphasis per chunk over the batch), under the caller's autograd mode;
+        and SDXL's pooled output of each text's first chunk (None for SD 1/2)."""
+        longest = max(len(chunks) for chunks in per_text)
+        empty = self._training_chunks("")[0]
+        flat = [c for chunks in per_text for c in (*chunks, *[empty] * (longest - len(chunks)))]
+        outputs, pooled = self._run_encoders(flat)
+        if pooled is not None:
+            pooled = pooled[::longest]
+        count = len(per_text)
+        parts = [z.reshape(count, longest, 77, -1) for z in outputs]
+        if self.emphasis in ("Original", "No norm") and any(m != 1 for c in flat for m in c.multipliers):
+            multipliers = torch.tensor([c.multipliers for c in flat], dtype=parts[0].dtype, device=parts[0].device)
+            multipliers = multipliers.reshape(count, longest, -1)
             normalize = self.emphasis == "Original"
-            parts = [_apply_emphasis(z, multipliers, normalize=normalize) for z in parts]
+            # Chunk by chunk, each chunk's batch as one tensor (A1111's process_tokens for chunk i of every text).
+            parts = [
+                torch.stack([_apply_emphasis(z[:, i], multipliers[:, i], normalize=normalize) for i in range(longest)],
+                            dim=1)
+                for z in parts
+            ]
         z = torch.cat(parts, dim=-1)
-        return z.reshape(-1, z.shape[-1])
+        return z.reshape(count, -1, z.shape[-1]), pooled
 
     def _run(self, chunks: Sequence[PromptChunk]) -> torch.Tensor:
         """The text encoders' output ``[chunks, 77, width]`` with each chunk's embedding vectors placed."""
@@ -511,31 +545,15 @@ class PromptEncoder:
 
         For training: nothing is cached but the token chunks, so gradients reach the embedding vectors this encoder
         was given, placed as ``encode`` places them, in one text-encoder call. Texts with fewer chunks get empty
-        chunks appended, as A1111's text encoder does for a batch; emphasis is applied per text as in ``encode``.
+        chunks appended, as A1111's text encoder does for a batch (A1111's training encodes a batch's texts together),
+        and emphasis is applied per chunk over the batch as there.
         """
         return self.encode_batch_with_pooled(texts)[0]
 
     def encode_batch_with_pooled(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`encode_batch`, and SDXL's pooled output ``[len(texts), projection]`` of each text's first chunk (None for
         SD 1/2), both under the caller's autograd mode."""
-        per_text = [self._training_chunks(text) for text in texts]
-        longest = max(len(chunks) for chunks in per_text)
-        empty = self._training_chunks("")[0]
-        flat = [c for chunks in per_text for c in (*chunks, *[empty] * (longest - len(chunks)))]
-        outputs, pooled = self._run_encoders(flat)
-        if pooled is not None:
-            pooled = pooled[::longest]
-        parts = [z.reshape(len(texts), longest, 77, -1) for z in outputs]
-        if self.emphasis in ("Original", "No norm") and any(m != 1 for c in flat for m in c.multipliers):
-            multipliers = torch.tensor([c.multipliers for c in flat], dtype=parts[0].dtype, device=parts[0].device)
-            multipliers = multipliers.reshape(len(texts), longest, -1)
-            normalize = self.emphasis == "Original"
-            parts = [
-                torch.stack([_apply_emphasis(row, m, normalize=normalize) for row, m in zip(z, multipliers, strict=True)])
-                for z in parts
-            ]
-        z = torch.cat(parts, dim=-1)
-        return z.reshape(len(texts), -1, z.shape[-1]), pooled
+        return self._encode_chunks([self._training_chunks(text) for text in texts])
 
     def _training_chunks(self, text: str) -> list[PromptChunk]:
         cache: dict[str, list[PromptChunk]] = self.__dict__.setdefault("_chunk_cache", {})
@@ -734,11 +752,13 @@ def txt2img(
     cond_schedule = get_prompt_schedule(prompt_text, steps)
     uncond_schedule = get_prompt_schedule(params.negative_prompt, steps)
     try:
-        conds = encoder.encode_many([t for _, t in cond_schedule] + [t for _, t in uncond_schedule] + [""])
+        # As A1111: the prompt's variants are one batch, the negative prompt's another, the padding chunk its own.
+        conds = encoder.encode_group([t for _, t in cond_schedule])
+        unconds = encoder.encode_group([t for _, t in uncond_schedule])
+        empty = encoder.encode("")
     except ValueError as exc:  # a prompt the encoder cannot take (an embedding longer than a chunk): one line
         raise GenerationError(str(exc)) from None
-    empty = conds[""]
-    pooled = {text: encoder.pooled(text) for text in conds} if model.is_sdxl else None
+    pooled = {text: encoder.pooled(text) for text in {*conds, *unconds, ""}} if model.is_sdxl else None
     extra = _ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {})
     if start is not None:
         extra = {**start.infotext, **extra}
@@ -772,6 +792,7 @@ def txt2img(
                 cond_at=lambda i: text_at_step(cond_schedule, i),
                 uncond_at=lambda i: text_at_step(uncond_schedule, i),
                 conds=conds,
+                unconds=unconds,
                 empty=empty,
                 on_step=step_progress,
                 init=start.init_latents(batch_seeds) if start is not None else None,
@@ -869,12 +890,16 @@ def sample_latents(
     uncond_at: Callable[[int], str],
     conds: Mapping[str, torch.Tensor],
     empty: torch.Tensor,
+    unconds: Mapping[str, torch.Tensor] | None = None,
     on_step: Callable[[int], None] | None = None,
     init: InitLatents | None = None,
     pooled: Mapping[str, torch.Tensor] | None = None,
     zero_uncond: bool = False,
 ) -> torch.Tensor:
     """Run the sampler loop; the conditioning may change per step (prompt editing and alternation).
+
+    ``conds`` maps the prompt's texts to their conditioning, ``unconds`` the negative prompt's (default ``conds``):
+    two mappings, since a text's encoding depends on the batch A1111 encodes it in.
 
     SDXL takes ``pooled`` (text -> pooled output) and A1111's size conditioning: original and target size the
     image's, crop (0, 0) (A1111's defaults). ``zero_uncond``: A1111 on SDXL zeroes the whole text conditioning of
@@ -905,7 +930,7 @@ def sample_latents(
     def context(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         key = (cond_at(i), uncond_at(i))
         if key not in context_cache:
-            uncond = conds[key[1]]
+            uncond = (conds if unconds is None else unconds)[key[1]]
             if zero_uncond:
                 uncond = torch.zeros_like(uncond)
             rows = ([uncond] * batch if guided else []) + [conds[key[0]]] * batch
