@@ -8,6 +8,7 @@ hypernetwork modules keyed by width are never ambiguous.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -25,6 +26,40 @@ SD1_SCHEDULER = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
+
+
+def _tiny_vae(*, layers_per_block: int = 1, scaling_factor: float | None = None) -> AutoencoderKL:
+    """The tiny VAE every family shares: 3 levels (16, 32, 64), factor 4, 32x32 pixels to 8x8x4 latents."""
+    extra = {} if scaling_factor is None else {"scaling_factor": scaling_factor}
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=layers_per_block,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+        **extra,
+    )
+
+
+def _tiny_text_config(*, hidden: int, layers: int, heads: int, act: str, pad: int, projection: int | None = None) -> Any:
+    """A small CLIP text config on the real CLIP vocabulary and 77 positions (BOS 49406, EOS 49407)."""
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=hidden if projection is None else projection,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad,
+    )
 
 
 def build_tiny_sd1(seed: int = 0, *, in_channels: int = 4) -> dict[str, object]:
@@ -45,31 +80,9 @@ def build_tiny_sd1(seed: int = 0, *, in_channels: int = 4) -> dict[str, object]:
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-    )
+    vae = _tiny_vae()
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=48,
-            intermediate_size=192,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=48,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
+        _tiny_text_config(hidden=48, layers=2, heads=4, act="quick_gelu", pad=49407)
     )
     return {
         "unet": unet.eval(),
@@ -115,31 +128,9 @@ def build_tiny_sd2(seed: int = 0, prediction_type: str = "epsilon") -> dict[str,
         use_linear_projection=True,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-    )
+    vae = _tiny_vae(layers_per_block=2)
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=40,
-            intermediate_size=160,
-            num_hidden_layers=2,
-            num_attention_heads=5,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=40,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=0,
-        )
+        _tiny_text_config(hidden=40, layers=2, heads=5, act="gelu", pad=0)
     )
     return {
         "unet": unet.eval(),
@@ -181,47 +172,12 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, object]:
         projection_class_embeddings_input_dim=pooled + 6 * time_dim,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=32,
-        scaling_factor=0.13025,
-    )
+    vae = _tiny_vae(scaling_factor=0.13025)
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=32,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
+        _tiny_text_config(hidden=32, layers=3, heads=2, act="quick_gelu", pad=49407)
     )
     text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=48,
-            intermediate_size=192,
-            num_hidden_layers=3,
-            num_attention_heads=3,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=pooled,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=0,
-        )
+        _tiny_text_config(hidden=48, layers=3, heads=3, act="gelu", pad=0, projection=pooled)
     )
     return {
         "unet": unet.eval(),
