@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import interleaved_medians  # noqa: E402
 
 
 def main() -> None:
@@ -61,23 +63,13 @@ def main() -> None:
 
     def ours() -> None:
         txt2img(model, params, size_limits=False)
-        sync()
 
     def theirs() -> None:
         with torch.no_grad():
             pipe(prompt, negative_prompt=negative, num_inference_steps=args.steps, guidance_scale=cfg, height=size,
                  width=size, generator=torch.Generator("cpu").manual_seed(seed))
-        sync()
 
-    for fn in (ours, theirs, ours, theirs):  # warm-up
-        fn()
-    times: dict[str, list[float]] = {"ours": [], "pipeline": []}
-    for _ in range(args.repeats):
-        for name, fn in (("ours", ours), ("pipeline", theirs)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians({"ours": ours, "pipeline": theirs}, args.repeats, sync=sync)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {args.threads} threads"
     print(f"model: {model.name} (SDXL, {size}x{size}, {str(model.dtype).replace('torch.', '')}), {args.steps} steps "
           f"{args.sampler}, CFG {cfg}, {where}, {args.repeats} interleaved repeats")

@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import interleaved_medians  # noqa: E402
 
 METHODS = ("example", "ours", "floor")
 PLACEHOLDER = "<cat-toy>"
@@ -306,14 +309,9 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             steppers = {m: stepper(m, args.size, batch, Path(tmp) / m, args.device) for m in METHODS}
-            for m in METHODS:  # warm-up
-                timed(steppers[m], 3, sync)
-            samples: dict[str, list[float]] = {m: [] for m in METHODS}
-            for _ in range(args.rounds):
-                for m in METHODS:
-                    samples[m] += timed(steppers[m], args.per_round, sync)
+            medians = interleaved_medians(steppers, args.rounds, per_round=args.per_round, warmup=3, sync=sync)
         for m in METHODS:
-            results[(m, batch)] = {"ms": statistics.median(samples[m]) * 1000}
+            results[(m, batch)] = {"ms": medians[m] * 1000}
         if not args.no_rss:
             for m in METHODS:
                 out = subprocess.run(

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_training import make_images  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 VECTORS = 2
 
@@ -185,17 +184,7 @@ def main() -> None:
         steppers = {"ours": ours_stepper(model, data, args.size, batch, work),
                     "example": example_stepper(model, data, args.size, batch),
                     "floor": floor_stepper(model, args.size, batch)}
-        for step in steppers.values():
-            step()
-            step()
-        times: dict[str, list[float]] = {name: [] for name in steppers}
-        for _ in range(args.rounds):
-            for name, step in steppers.items():
-                for _ in range(args.per_round):
-                    start = time.perf_counter()
-                    step()
-                    times[name].append(time.perf_counter() - start)
-        med = {name: statistics.median(values) for name, values in times.items()}
+        med = interleaved_medians(steppers, args.rounds, per_round=args.per_round)
         print(f"batch {batch}: floor {med['floor'] * 1000:.1f} ms/step, ours {med['ours'] * 1000:.1f} ms/step, "
               f"example {med['example'] * 1000:.1f} ms/step; ours/floor {med['ours'] / med['floor']:.3f} (goal <= 1.1), "
               f"example/ours speed-up {med['example'] / med['ours']:.2f}x")
