@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -243,6 +244,46 @@ def test_standalone_app_serves_on_localhost(session: UiSession) -> None:
             assert response.status == 200
     finally:
         blocks.close()
+
+
+def test_launch_waits_for_a_page_slower_than_gradios_three_second_check() -> None:
+    import http.server
+    import threading
+
+    from gradio import networking
+
+    from sdconcepts.ui.compat import patient_localhost_check
+
+    class SlowFirstAnswer(http.server.BaseHTTPRequestHandler):
+        answered = 0
+
+        def do_HEAD(self) -> None:  # noqa: N802 - the http.server method name
+            SlowFirstAnswer.answered += 1
+            if SlowFirstAnswer.answered == 1:
+                time.sleep(4)  # a page that takes longer than gradio's 3 s timeout to render, once
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowFirstAnswer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        # gradio's own check gives up on the first timeout: launch would refuse to start.
+        assert networking.url_ok(url) is False
+        SlowFirstAnswer.answered = 0
+        with patient_localhost_check(seconds=30):
+            assert networking.url_ok(url) is True
+        assert SlowFirstAnswer.answered >= 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    with patient_localhost_check(seconds=1):  # nothing listens there any more: still a refusal, after the wait
+        started = time.monotonic()
+        assert networking.url_ok(url) is False
+        assert time.monotonic() - started >= 1
 
 
 def test_command_line_without_a_command_configures_the_web_ui(tmp_path: Path) -> None:

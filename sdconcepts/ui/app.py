@@ -15,7 +15,15 @@ import gradio as gr
 
 from sdconcepts.ui import handlers, img2img_tab, train
 from sdconcepts.ui import img2img_handlers as i2i
-from sdconcepts.ui.compat import QUEUE_KWARGS, blocks_kwargs, js_kwargs, launch_kwargs, make, update
+from sdconcepts.ui.compat import (
+    QUEUE_KWARGS,
+    blocks_kwargs,
+    js_kwargs,
+    launch_kwargs,
+    make,
+    patient_localhost_check,
+    update,
+)
 from sdconcepts.ui.controls import (
     GENERATION_INPUTS,
     card_outputs,
@@ -310,6 +318,7 @@ def launch_app(session: UiSession, *, host: str = "127.0.0.1", port: int | None 
     blocks = build_ui(session, css=css)
     install_js(blocks)
     blocks.queue(**QUEUE_KWARGS)
-    blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
-                  **launch_kwargs(css))
+    with patient_localhost_check():
+        blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
+                      **launch_kwargs(css))
     return blocks

@@ -7,7 +7,10 @@ versions; ``gr.update`` works everywhere (``Component.update`` and ``gr.Box`` do
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
@@ -131,3 +134,33 @@ def describe_events_for_the_page(demo: Any, app: Any, ours: Any) -> int:
         if hasattr(app, attribute):
             setattr(app, attribute, None)
     return len(ours_fns)
+
+
+@contextlib.contextmanager
+def patient_localhost_check(seconds: float = 120.0) -> Iterator[None]:
+    """While launching, let gradio's "is localhost accessible?" check wait for a busy server.
+
+    ``Blocks.launch`` (3.41, 4.x, 6.x) asks its freshly started server for the page through
+    ``gradio.networking.url_ok``, whose request times out after 3 s, and on a timeout refuses to start ("When
+    localhost is not accessible, a shareable link must be created"). Rendering our page can take longer on a busy
+    CPU (seen on a 2-core machine running other jobs): the app then exits although nothing is wrong. Here the check
+    is asked again until it answers yes or ``seconds`` have passed; a server that really cannot be reached still
+    fails, after that time.
+    """
+    from gradio import networking
+
+    original = networking.url_ok
+
+    def url_ok(url: str) -> bool:
+        deadline = time.monotonic() + seconds
+        while not original(url):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
+    networking.url_ok = url_ok
+    try:
+        yield
+    finally:
+        networking.url_ok = original
