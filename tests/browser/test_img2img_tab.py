@@ -222,79 +222,110 @@ def _app_gradio_major() -> int:
     return int(version.split(".")[0])
 
 
+def _inpaint_in_a_new_page(browser, url: str, init_path: Path) -> tuple[Image.Image, str]:  # type: ignore[no-untyped-def]
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        return _inpaint(page, url, init_path)
+    finally:
+        page.close()
+
+
+def _inpaint(page, url: str, init_path: Path) -> tuple[Image.Image, str]:  # type: ignore[no-untyped-def]
+    """In a fresh page: check card clicks in the img2img tab, load ``init_path`` into the Inpaint editor, draw a
+    stroke across the middle, inpaint it with mask blur 0 and "original" content; (result, infotext)."""
+    _open(page, url)
+    _tab(page, "img2img", "#sdconcepts_main_tabs")
+
+    # A card in this tab writes to this tab's prompt, never to txt2img's.
+    page.locator("#sdconcepts_img2img_prompt textarea").fill("a toy")
+    _tab(page, "Hypernetworks", "#sdconcepts_img2img_tabs")
+    card = page.locator('#sdconcepts_img2img_hn_cards .sdconcepts-card[data-name="toy-hypernet"]')
+    card.click()
+    assert tb._value(page, "#sdconcepts_img2img_prompt textarea") == "a toy <hypernet:toy-hypernet:1>"
+    assert tb._value(page, "#sdconcepts_prompt textarea") == ""
+    card.click()
+    assert tb._value(page, "#sdconcepts_img2img_prompt textarea") == "a toy"
+
+    _tab(page, "Inpaint", "#sdconcepts_img2img_modes")
+    editor = "#sdconcepts_img2img_inpaint_editor"
+    # The editor may not take a file while its tab is still being drawn: wait for its empty-state text ("Upload an
+    # image", gradio 6; "Drop Image Here", 3 and 4), then upload until that text has gone.
+    page.locator(editor).filter(has_text=re.compile("Upload an image|Drop Image Here")).first.wait_for(timeout=30_000)
+    page.wait_for_timeout(1000)
+    loaded = False
+    for _attempt in range(4):
+        page.locator(f"{editor} input[type=file]").first.set_input_files(str(init_path))
+        page.wait_for_timeout(2500)
+        text = page.locator(editor).first.inner_text()
+        if "Upload an image" not in text and "Drop Image Here" not in text:
+            loaded = True
+            break
+    assert loaded, f"the Inpaint editor still shows its empty state after 4 uploads: {text!r}"
+    canvas = page.locator(f"{editor} canvas").last
+    canvas.wait_for(state="visible")
+    page.wait_for_timeout(1500)  # the editor lays the picture out after loading it
+    # gradio 4.x opens its editor on the upload tool; 3.41's sketch and 6.x's editor start on the brush.
+    draw = page.locator(f'{editor} button[aria-label="Draw button"]')
+    if draw.count():
+        draw.first.click()
+    box = canvas.bounding_box()
+    assert box is not None
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    span = min(box["width"], box["height"]) * 0.15
+    page.mouse.move(cx - span, cy)
+    page.mouse.down()
+    for step in range(1, 11):
+        page.mouse.move(cx - span + 2 * span * step / 10, cy)
+    page.mouse.up()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(tb.OUTPUT / "inpaint-drawn.png"), full_page=True)
+
+    _tab(page, "Settings", "#sdconcepts_img2img_tabs")
+    _fill(page, "#sdconcepts_img2img_mask_blur input[type=number]", "0")
+    _fill(page, "#sdconcepts_img2img_denoising_strength input[type=number]", "1")
+    _fill(page, "#sdconcepts_img2img_steps input[type=number]", "3")
+    _fill(page, "#sdconcepts_img2img_seed input", "7")
+    page.locator("#sdconcepts_img2img_masked_content label").filter(has_text="original").first.click()
+    page.locator("#sdconcepts_img2img_generate").click()
+    result = _wait_image(page, "#sdconcepts_img2img_gallery")
+    page.wait_for_function(
+        "() => { const t = document.querySelector('#sdconcepts_img2img_infotext textarea');"
+        " return t && t.value.includes('Seed: 7'); }", timeout=180_000)
+    info = tb._value(page, "#sdconcepts_img2img_infotext textarea")
+    page.screenshot(path=str(tb.OUTPUT / "inpaint-result.png"), full_page=True)
+    return result, info
+
+
 def test_draw_a_mask_and_inpaint_keeps_the_rest(app: tuple[str, Path, int], tmp_path: Path) -> None:
     url, _outputs, model_size = app
+    # The model's own size, so that "Just resize" leaves the picture as it is.
+    size = model_size
+    init = _picture(size)
+    init_path = tmp_path / "init.png"
+    init.save(init_path)
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            _open(page, url)
-            _tab(page, "img2img", "#sdconcepts_main_tabs")
-
-            # A card in this tab writes to this tab's prompt, never to txt2img's.
-            page.locator("#sdconcepts_img2img_prompt textarea").fill("a toy")
-            _tab(page, "Hypernetworks", "#sdconcepts_img2img_tabs")
-            card = page.locator('#sdconcepts_img2img_hn_cards .sdconcepts-card[data-name="toy-hypernet"]')
-            card.click()
-            assert tb._value(page, "#sdconcepts_img2img_prompt textarea") == "a toy <hypernet:toy-hypernet:1>"
-            assert tb._value(page, "#sdconcepts_prompt textarea") == ""
-            card.click()
-            assert tb._value(page, "#sdconcepts_img2img_prompt textarea") == "a toy"
-
-            # The model's own size, so that "Just resize" leaves the picture as it is.
-            size = model_size
-            init = _picture(size)
-            init_path = tmp_path / "init.png"
-            init.save(init_path)
-            _tab(page, "Inpaint", "#sdconcepts_img2img_modes")
-            editor = "#sdconcepts_img2img_inpaint_editor"
-            # The editor may not take a file while its tab is still being drawn: upload again until its empty-state
-            # text ("Upload an image", gradio 6; "Drop Image Here", 3 and 4) has gone.
-            for _attempt in range(4):
-                page.locator(f"{editor} input[type=file]").first.set_input_files(str(init_path))
-                page.wait_for_timeout(2500)
-                text = page.locator(editor).first.inner_text()
-                if "Upload an image" not in text and "Drop Image Here" not in text:
+            # Under load (a CI machine; this one while other jobs ran: 2 runs of 4), gradio 6's editor sometimes
+            # lays out an empty canvas and then ignores every upload ("36%", "Upload an image" stay), and what it
+            # hands over on Generate has no background. That is the browser-side editor, not our server, which
+            # answers "upload an image first" as it should: such a page is dropped and the test starts again in a
+            # fresh one, three pages at most.
+            for attempt in range(3):
+                try:
+                    result, info = _inpaint_in_a_new_page(browser, url, init_path)
                     break
-            canvas = page.locator(f"{editor} canvas").last
-            canvas.wait_for(state="visible")
-            page.wait_for_timeout(1500)  # the editor lays the picture out after loading it
-            # gradio 4.x opens its editor on the upload tool; 3.41's sketch and 6.x's editor start on the brush.
-            draw = page.locator(f'{editor} button[aria-label="Draw button"]')
-            if draw.count():
-                draw.first.click()
-            box = canvas.bounding_box()
-            assert box is not None
-            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-            span = min(box["width"], box["height"]) * 0.15
-            page.mouse.move(cx - span, cy)
-            page.mouse.down()
-            for step in range(1, 11):
-                page.mouse.move(cx - span + 2 * span * step / 10, cy)
-            page.mouse.up()
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(tb.OUTPUT / "inpaint-drawn.png"), full_page=True)
-
-            _tab(page, "Settings", "#sdconcepts_img2img_tabs")
-            _fill(page, "#sdconcepts_img2img_mask_blur input[type=number]", "0")
-            _fill(page, "#sdconcepts_img2img_denoising_strength input[type=number]", "1")
-            _fill(page, "#sdconcepts_img2img_steps input[type=number]", "3")
-            _fill(page, "#sdconcepts_img2img_seed input", "7")
-            page.locator("#sdconcepts_img2img_masked_content label").filter(has_text="original").first.click()
-            page.locator("#sdconcepts_img2img_generate").click()
-            try:
-                result = _wait_image(page, "#sdconcepts_img2img_gallery")
-            except AssertionError as exc:
-                if "draw the mask" in str(exc) and _app_gradio_major() == 4:
-                    # The server answered as it should for an empty mask; what failed is the stroke's delivery.
-                    pytest.skip("headless chromium without a GPU did not deliver the mouse stroke to gradio 4.40's "
-                                "WebGL image editor this run (it does in most runs; 3.41 and 6.x are checked always)")
-                raise
-            page.wait_for_function(
-                "() => { const t = document.querySelector('#sdconcepts_img2img_infotext textarea');"
-                " return t && t.value.includes('Seed: 7'); }", timeout=180_000)
-            info = tb._value(page, "#sdconcepts_img2img_infotext textarea")
-            page.screenshot(path=str(tb.OUTPUT / "inpaint-result.png"), full_page=True)
+                except AssertionError as exc:
+                    stuck = "empty state" in str(exc) or "upload an image first" in str(exc)
+                    if not stuck or attempt == 2:
+                        raise
+                    print(f"the Inpaint editor did not take the picture in page {attempt + 1}: {exc}")
+        except AssertionError as exc:
+            if "draw the mask" in str(exc) and _app_gradio_major() == 4:
+                # The server answered as it should for an empty mask; what failed is the stroke's delivery.
+                pytest.skip("headless chromium without a GPU did not deliver the mouse stroke to gradio 4.40's "
+                            "WebGL image editor this run (it does in most runs; 3.41 and 6.x are checked always)")
+            raise
         finally:
             browser.close()
 
