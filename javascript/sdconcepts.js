@@ -339,8 +339,12 @@
         var list = container && container.querySelector(".sdconcepts-cards");
         var fresh = list !== lastAnswer[kind];
         lastAnswer[kind] = list;
-        if (filterShown(kind) || !fresh || pendingSearch[kind]) {
-            return;  // current, not a new answer, or a request for the newer text is already on its way
+        if (filterShown(kind)) {
+            retries[kind] = null;
+            return;
+        }
+        if (!fresh || pendingSearch[kind]) {
+            return;  // not a new answer, or a request for the newer text is already on its way
         }
         // An answer for older text and nothing asked since: gradio dropped the request for the final text (gradio
         // 3.41 drops one that comes while the previous is running; 4 and 6 drop a second click). Ask again, a
