@@ -248,26 +248,115 @@
         }
     }, true);
 
-    // Search as you type: the cards of the shown page are filtered here at once (the words of the query, as the
-    // server filters: name, path relative to the folder, hash, description); the server's answer over the whole
-    // library replaces them when it arrives, and is filtered again if the query changed meanwhile.
+    // Search as you type: on each keystroke the cards of the shown page are filtered here at once (the words of the
+    // query, ANDed, as cards.filter_cards does on the server: name, path relative to the folder, hash, description).
+    // When typing pauses, the page script clicks the tab's hidden Search button, and the server's answer over the
+    // whole library replaces the cards. Each answer says which query it is for (data-query on .sdconcepts-cards): an
+    // answer for older text (one that arrives late, or the last one when gradio dropped the request for the final
+    // text) is filtered by the box's text before it is painted (a MutationObserver runs before the next frame), so it
+    // never shows cards the text excludes; the summary is marked stale and the server is asked again.
     var SEARCH = /^sdconcepts_((?:img2img_)?(?:ti|hn))_search$/;
+    var SEARCH_PAUSE_MS = 300;
+    var MAX_RETRIES = 3;
 
+    function searchWords(text) {
+        return (text || "").toLowerCase().split(/\s+/).filter(Boolean);
+    }
+
+    // Pure: whether a card's data-search text holds every word.
+    function matchesSearch(text, words) {
+        for (var i = 0; i < words.length; i++) {
+            if (text.indexOf(words[i]) < 0) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    function searchInput(kind) {
+        var box = appRoot().querySelector("#sdconcepts_" + kind + "_search");
+        return box && box.querySelector("textarea, input");
+    }
+
+    // Filter the shown cards by the box's text; returns whether the shown answer is the server's for that text.
     function filterShown(kind) {
         var root = appRoot();
-        var box = root.querySelector("#sdconcepts_" + kind + "_search");
-        var input = box && box.querySelector("textarea, input");
-        var words = input ? input.value.toLowerCase().split(/\s+/).filter(Boolean) : [];
-        var cards = root.querySelectorAll("#sdconcepts_" + kind + "_cards .sdconcepts-card");
-        for (var i = 0; i < cards.length; i++) {
-            var text = cards[i].getAttribute("data-search") || "";
-            var match = words.every(function (word) { return text.indexOf(word) >= 0; });
-            cards[i].style.display = match ? "" : "none";
+        var input = searchInput(kind);
+        var words = input ? searchWords(input.value) : [];
+        var container = root.querySelector("#sdconcepts_" + kind + "_cards");
+        if (!container) {
+            return true;
         }
+        var list = container.querySelector(".sdconcepts-cards");
+        var answered = list ? list.getAttribute("data-query") : null;
+        var current = answered === null || searchWords(answered).join(" ") === words.join(" ");
+        var cards = container.querySelectorAll(".sdconcepts-card");
+        var shown = 0;
+        for (var i = 0; i < cards.length; i++) {
+            var match = matchesSearch(cards[i].getAttribute("data-search") || "", words);
+            var display = match ? "" : "none";
+            if (cards[i].style.display !== display) {  // untouched cards cost no style work
+                cards[i].style.display = display;
+            }
+            shown += match ? 1 : 0;
+        }
+        if (list) {
+            list.classList.toggle("sdconcepts-searching", !current);
+            list.classList.toggle("sdconcepts-none-shown", !current && shown === 0 && cards.length > 0);
+        }
+        var summary = root.querySelector("#sdconcepts_" + kind + "_summary .sdconcepts-summary");
+        if (summary) {
+            summary.classList.toggle("sdconcepts-stale", !current);
+        }
+        return current;
     }
 
     var watched = {};
+    var lastAnswer = {};
     var pendingSearch = {};
+    var retries = {};
+
+    function clickSearch(kind) {
+        pendingSearch[kind] = null;
+        var go = appRoot().querySelector("#sdconcepts_" + kind + "_search_go");
+        if (go && go.tagName !== "BUTTON") {
+            go = go.querySelector("button");
+        }
+        if (go) {
+            go.click();
+        }
+    }
+
+    // Ask the server for the box's text once typing has paused (a request per keystroke would queue answers the
+    // next keystroke makes stale).
+    function scheduleSearch(kind, delay) {
+        clearTimeout(pendingSearch[kind]);
+        pendingSearch[kind] = setTimeout(function () { clickSearch(kind); }, delay);
+    }
+
+    function onAnswer(kind) {
+        var container = appRoot().querySelector("#sdconcepts_" + kind + "_cards");
+        var list = container && container.querySelector(".sdconcepts-cards");
+        var fresh = list !== lastAnswer[kind];
+        lastAnswer[kind] = list;
+        if (filterShown(kind)) {
+            retries[kind] = null;
+            return;
+        }
+        if (!fresh || pendingSearch[kind]) {
+            return;  // not a new answer, or a request for the newer text is already on its way
+        }
+        // An answer for older text and nothing asked since: gradio dropped the request for the final text (gradio
+        // 3.41 drops one that comes while the previous is running; 4 and 6 drop a second click). Ask again, a
+        // bounded number of times for one text, so a server that keeps failing is not asked forever.
+        var input = searchInput(kind);
+        var value = input ? input.value : "";
+        var tries = retries[kind] && retries[kind].value === value ? retries[kind].count : 0;
+        if (tries < MAX_RETRIES) {
+            retries[kind] = {value: value, count: tries + 1};
+            scheduleSearch(kind, 0);
+        }
+    }
 
     function watchCards(kind) {
         var container = appRoot().querySelector("#sdconcepts_" + kind + "_cards");
@@ -275,7 +364,8 @@
             return;
         }
         watched[kind] = container;
-        new MutationObserver(function () { filterShown(kind); }).observe(container, {childList: true, subtree: true});
+        lastAnswer[kind] = container.querySelector(".sdconcepts-cards");
+        new MutationObserver(function () { onAnswer(kind); }).observe(container, {childList: true, subtree: true});
     }
 
     document.addEventListener("input", function (event) {
@@ -284,18 +374,7 @@
             var kind = SEARCH.exec(box.id)[1];
             watchCards(kind);
             filterShown(kind);
-            // When typing pauses, ask the server once more for the box's final value (gradio 3.41 drops a change
-            // event that comes while the previous one is running; see controls.card_tab).
-            clearTimeout(pendingSearch[kind]);
-            pendingSearch[kind] = setTimeout(function () {
-                var go = appRoot().querySelector("#sdconcepts_" + kind + "_search_go");
-                if (go && go.tagName !== "BUTTON") {
-                    go = go.querySelector("button");
-                }
-                if (go) {
-                    go.click();
-                }
-            }, 400);
+            scheduleSearch(kind, SEARCH_PAUSE_MS);
         }
     }, true);
 
@@ -321,5 +400,6 @@
     }
 
     window.sdconcepts = {installed: true, state: state, toggleText: toggleText, toggleInPrompt: toggleInPrompt,
-                         openEditor: openEditor, openTab: openTab};
+                         openEditor: openEditor, openTab: openTab,
+                         matchesSearch: matchesSearch, searchWords: searchWords};
 })();

@@ -112,13 +112,14 @@ HASH_AT_LISTING_BYTES = 4 << 20
 _MAX_SAFETENSORS_HEADER = 16 << 20
 
 
-def read_embedding_info(path: str | os.PathLike[str]) -> EmbeddingInfo:
+def read_embedding_info(path: str | os.PathLike[str], *, hash: bool = True) -> EmbeddingInfo:
     """An embedding file's name, vector count and width from its header alone (the pickle of a ``.pt``/``.bin``,
     the JSON header of a ``.safetensors``); images are read whole (their data is in the picture).
 
     Whatever the header alone cannot settle (an unusual pickle, a damaged header, a layout that fits nothing) is
     read the way ``load_embedding`` reads it, so a file is refused with the same one-line reason either way.
-    Values (NaN, integer vectors) are checked only when the file is loaded for a prompt.
+    Values (NaN, integer vectors) are checked only when the file is loaded for a prompt. ``hash=False`` leaves
+    ``hash`` None when the header sufficed (a caller that keeps hashes across runs asks for it only when needed).
     """
     p = Path(path)
     suffix = p.suffix.lower()
@@ -141,7 +142,7 @@ def read_embedding_info(path: str | os.PathLike[str]) -> EmbeddingInfo:
     if shape is None:
         return _info_of(_read(p).embedding)
     vectors, width, sdxl = shape
-    digest = file_sha256(p) if size <= HASH_AT_LISTING_BYTES else None
+    digest = file_sha256(p) if hash and size <= HASH_AT_LISTING_BYTES else None
     return EmbeddingInfo(name=p.stem, vectors=vectors, width=width, sdxl=sdxl, hash=digest)
 
 

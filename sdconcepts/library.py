@@ -32,6 +32,7 @@ from sdconcepts.embedding_files import (
     load_embedding,
     read_embedding_info,
 )
+from sdconcepts.hash_cache import HashCache
 from sdconcepts.prompts import CHUNK_LENGTH
 from sdconcepts.safe_load import file_kind
 from sdconcepts.user_metadata import UserMetadata, UserMetadataError, read_user_metadata
@@ -107,6 +108,8 @@ class Library(Generic[T]):
     ``name_of(path, item)`` gives a record's name (default: the file stem). A loader exception of a type in
     ``quiet`` drops the file without a record (an image that carries nothing); any other exception makes a skipped
     record holding the one-line message. ``hash_of(item)`` may supply the file hash the loader already computed.
+    ``hashes`` remembers hashes across runs (keyed by path and stamp): a file hashed before is not read again to
+    get its hash; the caller's loader should then not hash either (``EmbeddingLibrary`` arranges that).
     """
 
     folders: list[Path]
@@ -116,6 +119,7 @@ class Library(Generic[T]):
     hash_of: Callable[[T], str | None] | None = None
     quiet: tuple[type[BaseException], ...] = ()
     ignore: Callable[[Path], bool] = is_preview_image
+    hashes: HashCache | None = None
     _stamps: dict[str, _Stamp] = field(default_factory=dict, repr=False)
     _records: dict[str, FileRecord[T]] = field(default_factory=dict, repr=False)
     _sidecars: dict[str, tuple[_Stamp, UserMetadata | None, str | None]] = field(default_factory=dict, repr=False)
@@ -177,12 +181,15 @@ class Library(Generic[T]):
             self._sidecars = sidecars
             for path in removed:
                 self._paths.pop(path, None)
-            return LibraryChanges(
+            changes = LibraryChanges(
                 added=tuple(self._path_of(p) for p in added),
                 changed=tuple(self._path_of(p) for p in changed),
                 removed=tuple(Path(p) for p in removed),
                 previews=previews,
             )
+        if self.hashes is not None and not lazy:
+            self.hashes.save(force=True)
+        return changes
 
     def _path_of(self, key: str) -> Path:
         # One Path per file for the library's life: building 10,000 of them on every scan costs a second.
@@ -227,6 +234,9 @@ class Library(Generic[T]):
                     self._records[key] = self._with_sidecars(record, self._stamps, {})
             if not quiet:
                 self.version += 1
+            done = not any(r.pending for r in self._records.values())
+        if self.hashes is not None:
+            self.hashes.save(force=done)  # batches save now and then; the last one always
         return len(loaded)
 
     def read_pending(self, limit: int | None = None, *, quiet: bool = False) -> int:
@@ -314,6 +324,14 @@ class Library(Generic[T]):
             )
         name = self.name_of(path, item) if self.name_of is not None else path.stem
         digest = self.hash_of(item) if self.hash_of is not None else None
+        if self.hashes is not None:
+            known = self.hashes.get(str(path), stamp)
+            if known is not None:
+                digest = known
+            elif digest is not None:
+                self.hashes.put(str(path), stamp, digest)
+            else:
+                digest = _hash_or_none(path, stamp, self.hashes)
         return FileRecord(
             name=name, path=path, preview=None, hash=digest or _hash_or_none(path), mtime=mtime, size=size, item=item
         )
@@ -365,12 +383,14 @@ def _preview_index(stamps: dict[str, _Stamp]) -> dict[str, Path]:
     return {stem: Path(key) for stem, (_rank, key) in best.items()}
 
 
-def _hash_or_none(path: Path) -> str | None:
+def _hash_or_none(path: Path, stamp: _Stamp | None = None, hashes: HashCache | None = None) -> str | None:
     # A listing reads headers: a file bigger than an embedding ever is (a hypernetwork of 80 MB) is hashed when it
     # is loaded for a prompt, not here (hashing 2,000 of them would read 160 GB).
     try:
         if path.stat().st_size > HASH_AT_LISTING_BYTES:
             return None
+        if hashes is not None and stamp is not None:
+            return hashes.sha256(str(path), stamp)
         return file_sha256(path)
     except (OSError, ValueError):  # vanished, unreadable, or no longer a regular file
         return None
@@ -429,14 +449,17 @@ class EmbeddingLibrary:
     prompt uses it (``usable(width, used_in=prompt)``), and kept while the file is unchanged.
     """
 
-    def __init__(self, folders: Iterable[str | os.PathLike[str]]) -> None:
+    def __init__(self, folders: Iterable[str | os.PathLike[str]], hashes: HashCache | None = None) -> None:
+        """``hashes``: remember file hashes across runs (the header is still read; the whole file is not, once)."""
         self.files: Library[EmbeddingInfo] = Library(
             folders=[Path(f) for f in folders],
-            load=read_embedding_info,
+            # With a hash cache the library hashes (or finds the hash) itself; the loader reads the header only.
+            load=read_embedding_info if hashes is None else _read_info_unhashed,
             suffixes=EMBEDDING_SUFFIXES,
             name_of=lambda _path, info: info.name,
             hash_of=lambda info: info.hash,
             quiet=(NoEmbeddedData,),
+            hashes=hashes,
         )
         self._loaded: dict[_LoadKey, Embedding] = {}
         self._failed: dict[_LoadKey, str] = {}
@@ -573,6 +596,10 @@ class EmbeddingLibrary:
             r.path for r in self.files.records()
             if r.pending and (str(r.path).lower().endswith(IMAGE_SUFFIXES) or wanted(r.name))
         )
+
+
+def _read_info_unhashed(path: Path) -> EmbeddingInfo:
+    return read_embedding_info(path, hash=False)
 
 
 def _replace_skip(record: EmbeddingRecord, reason: str) -> EmbeddingRecord:

@@ -14,6 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """UI sessions (and the apps the browser tests start) keep file hashes in a test folder, not the user's cache."""
+    from sdconcepts.hash_cache import CACHE_DIR_ENV
+
+    if CACHE_DIR_ENV not in os.environ:
+        os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("hash-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight SD-1.x model saved as a diffusers folder."""

@@ -112,11 +112,14 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train.Training
             hn_outputs = [hn["cards"], hn["skipped"], hn["summary"]]
             for trigger in (ti["refresh"].click, model.change):
                 trigger(guard(ti_render), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
-            for trigger in (ti["search"].change, ti["sort"].change, ti["descending"].change, ti["page"].change,
+            # The search box asks the server only through search_go (clicked by the page script when typing
+            # pauses) and Enter: the page filters the shown cards on each keystroke, and a server search per
+            # keystroke would only queue answers the next keystroke makes stale.
+            for trigger in (ti["search"].submit, ti["sort"].change, ti["descending"].change, ti["page"].change,
                             ti["search_go"].click):
                 trigger(guard(ti_filter), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
             hn["refresh"].click(guard(hn_render), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
-            for trigger in (hn["search"].change, hn["sort"].change, hn["descending"].change, hn["page"].change,
+            for trigger in (hn["search"].submit, hn["sort"].change, hn["descending"].change, hn["page"].change,
                             hn["search_go"].click):
                 trigger(guard(hn_filter), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
             wire_metadata_editor(session, ti["editor"], (guard(ti_render), ti_inputs, ti_outputs))

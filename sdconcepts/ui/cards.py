@@ -298,14 +298,17 @@ def render_cards(
     empty: str = "Nothing here.",
     page: int = 1,
     page_size: int = PAGE_SIZE,
+    query: str = "",
 ) -> str:
     """One page of the cards as HTML (``page`` counts from 1 and is clamped to the pages there are). Pictures are
     inlined as data URIs, so nothing depends on how a gradio version serves files; only the page's are made.
 
     Every class is prefixed ``sdconcepts-``; the click is handled by ``javascript/sdconcepts.js`` through the
-    ``data-prompt`` attribute (no inline script, so the HTML survives gradio's sanitiser).
+    ``data-prompt`` attribute (no inline script, so the HTML survives gradio's sanitiser). ``query`` is the search
+    the cards answer: the page script compares it with the search box, so that an answer for older text that
+    arrives late is filtered by the newer text instead of showing cards it excludes.
     """
-    parts = ['<div class="sdconcepts-cards">']
+    parts = [f'<div class="sdconcepts-cards" data-query="{html.escape(query)}">']
     if not cards:
         message = empty if not total else f"No card matches the search ({total} hidden)."
         parts.append(f'<div class="sdconcepts-empty">{html.escape(message)}</div>')

@@ -80,9 +80,10 @@ def card_tab(kind: str, label: str, view: handlers.CardsView) -> dict[str, Any]:
     skipped = gr.HTML(view.skipped_html, elem_id=f"sdconcepts_{kind}_skipped")
     editor = metadata_editor(kind)
     with gr.Row(elem_classes=["sdconcepts-hidden"]):
-        # Clicked by javascript/sdconcepts.js once typing in the search box pauses: gradio 3.41 drops a change event
-        # that comes while the previous one of the same box is still running, so without this last request the
-        # server's answer could stay one keystroke behind.
+        # Clicked by javascript/sdconcepts.js once typing in the search box pauses, and again when an answer for
+        # older text arrives with no newer request on its way (gradio 3.41 drops an event that comes while the
+        # previous one of the same kind is still running; 4 and 6 drop a second click): the search box itself
+        # sends nothing per keystroke, the page filters the shown cards meanwhile.
         search_go = gr.Button("Search", elem_id=f"sdconcepts_{kind}_search_go")
     return {"search": search, "sort": sort, "descending": descending, "refresh": refresh, "page": page,
             "summary": summary, "cards": cards, "skipped": skipped, "editor": editor, "search_go": search_go}

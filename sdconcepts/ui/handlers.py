@@ -128,7 +128,7 @@ def _view(
         first = (page - 1) * PAGE_SIZE + 1
         summary += f"; cards {first}\u2013{min(len(shown), page * PAGE_SIZE)}, page {page} of {pages}"
     return CardsView(
-        render_cards(shown, total=len(cards), empty=empty, page=page), render_skipped(skipped), summary, page, pages
+        render_cards(shown, total=len(cards), empty=empty, page=page, query=query), render_skipped(skipped), summary, page, pages
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sdconcepts.hash_cache import HashCache
 from sdconcepts.library import EmbeddingLibrary, Library, is_preview_image
 
 __all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConfig", "UiError", "UiSession",
@@ -73,6 +74,8 @@ class UiConfig:
     # Inside a host: its loaded model is the default choice, and the host reloads the files we write.
     host_model: HostModelSource | None = None
     files_changed: Callable[[str], None] | None = None
+    # The file that keeps file hashes across runs (``sdconcepts.hash_cache``); None: the user cache folder's.
+    hash_cache: Path | None = None
 
 
 def scan_models(folder: Path | None) -> list[Path]:
@@ -137,11 +140,15 @@ class UiSession:
 
     def __init__(self, config: UiConfig) -> None:
         self.config = config
-        self.embeddings = EmbeddingLibrary([*config.extra_embeddings_dirs, *config.embeddings_dirs])
+        # Hashes (shown and searched on the cards) are kept across runs: a restart reads headers, not whole files.
+        self.hashes = hashes = (HashCache(config.hash_cache) if config.hash_cache is not None
+                                else HashCache.default())
+        self.embeddings = EmbeddingLibrary([*config.extra_embeddings_dirs, *config.embeddings_dirs], hashes=hashes)
         self.hypernetworks: Library[Any] = Library(
             folders=[*config.extra_hypernetworks_dirs, *config.hypernetworks_dirs], load=_hypernetwork_info,
             suffixes=(".pt",),
             ignore=_hypernetwork_ignored,
+            hashes=hashes,
         )
         # The card tabs' cards per kind, rebuilt when the library or a setting they depend on changes.
         self.card_lists: dict[str, Any] = {}
@@ -197,6 +204,7 @@ class UiSession:
         finally:
             self.embeddings.files.touch()
             self.hypernetworks.touch()
+            self.hashes.save(force=True)
 
     def train_roots(self) -> list[Path]:
         """The folders Train-tab paths must lie in (``UiConfig.train_roots``)."""

@@ -24,6 +24,10 @@ PAGE = """
   <div class="sdconcepts-card" tabindex="0" role="button" data-prompt="&lt;hypernet:style:1&gt;" data-allow-negative="0"><span>style</span></div>
   <div class="sdconcepts-card" tabindex="0" role="button" data-prompt="toy" data-allow-negative="1"><span>toy</span></div>
   <div id="txt2img_prompt"><textarea>host prompt</textarea></div>
+  <div id="sdconcepts_ti_search"><label><input type="text"></label></div>
+  <div id="sdconcepts_ti_search_go" class="sdconcepts-hidden"><button>Search</button></div>
+  <div id="sdconcepts_ti_summary"><div class="sdconcepts-summary">3 of 3 embeddings</div></div>
+  <div id="sdconcepts_ti_cards"><div class="prose"></div></div>
 </div>
 <div id="sdconcepts_img2img_root">
   <div id="sdconcepts_img2img_prompt"><label><textarea></textarea></label></div>
@@ -113,3 +117,75 @@ def test_cards_in_the_img2img_tab_write_to_its_own_prompts(page: Any) -> None:
     card.click()
     assert negative.input_value() == "toy" and prompt.input_value() == "toy"
     assert (txt2img_prompt.input_value(), txt2img_negative.input_value()) == before
+
+
+# The server's answer to a search (cards.render_cards): the cards it lists, and the query it answers.
+ANSWER = """([query, names]) => {
+    const esc = (t) => t.replace(/&/g, '&amp;').replace(/"/g, '&quot;').replace(/</g, '&lt;');
+    const cards = names.map((n) => `<div class="sdconcepts-card sdconcepts-card-embedding" role="button" tabindex="0"
+        data-name="${n}" data-prompt="s-${n}" data-search="${esc(n + ' group/' + n + '.pt 0a1b2c')}"><span>${n}</span></div>`);
+    document.querySelector('#sdconcepts_ti_cards .prose').innerHTML =
+        `<div class="sdconcepts-cards" data-query="${esc(query)}">${cards.join('')}</div>`;
+    document.querySelector('#sdconcepts_ti_summary').innerHTML =
+        `<div class="sdconcepts-summary">${names.length} of 3 embeddings</div>`;
+}"""
+SHOWN = """() => [...document.querySelectorAll('#sdconcepts_ti_cards .sdconcepts-card')]
+    .filter((c) => c.getClientRects().length > 0).map((c) => c.getAttribute('data-name'))"""
+STALE = """() => [document.querySelector('#sdconcepts_ti_cards .sdconcepts-cards').classList.contains('sdconcepts-searching'),
+    document.querySelector('#sdconcepts_ti_summary .sdconcepts-summary').classList.contains('sdconcepts-stale')]"""
+
+
+def test_search_filters_shown_cards_at_once_and_a_late_answer_for_older_text_never_shows(page: Any) -> None:
+    assert page.evaluate("() => window.sdconcepts.matchesSearch('red-cat group/red-cat.pt', ['cat', 'red'])")
+    assert not page.evaluate("() => window.sdconcepts.matchesSearch('red-cat', ['red', 'dog'])")
+    assert page.evaluate("() => window.sdconcepts.searchWords('  Red\tCAT ')") == ["red", "cat"]
+    page.evaluate(ANSWER, ["", ["red-cat", "red-dog", "blue-cat"]])
+    page.evaluate("""() => { window.goClicks = [];
+        document.querySelector('#sdconcepts_ti_search_go button').addEventListener('click',
+            () => window.goClicks.push(document.querySelector('#sdconcepts_ti_search input').value)); }""")
+    clicks = lambda: page.evaluate("window.goClicks")  # noqa: E731
+    box = page.locator("#sdconcepts_ti_search input")
+    box.click()
+    page.keyboard.type("red")
+    # Filtered by the keystroke itself, before any answer: the shown answer is for "" (marked stale).
+    assert page.evaluate(SHOWN) == ["red-cat", "red-dog"] and page.evaluate(STALE) == [True, True]
+    assert clicks() == []  # the server is asked once typing pauses, not per keystroke
+    page.wait_for_function("() => window.goClicks.length === 1")
+    assert clicks() == ["red"]
+    page.keyboard.type(" CAT")
+    assert page.evaluate(SHOWN) == ["red-cat"]
+    # The answer for "red" arrives after " CAT" was typed: the shown cards stay those of "red cat", from the same
+    # task that wrote the answer (nothing is painted in between), and no extra request (one is scheduled already).
+    shown_at_once = page.evaluate(f"async (args) => {{ ({ANSWER})(args); await Promise.resolve();"
+                                  f" return ({SHOWN})(); }}", ["red", ["red-cat", "red-dog"]])
+    assert shown_at_once == ["red-cat"] and page.evaluate(STALE) == [True, True]
+    page.wait_for_function("() => window.goClicks.length === 2")
+    assert clicks() == ["red", "red CAT"]
+    # An older answer arrives once more after that request (gradio dropped it while the older one ran): asked again.
+    page.evaluate(ANSWER, ["red", ["red-cat", "red-dog"]])
+    assert page.evaluate(SHOWN) == ["red-cat"]
+    page.wait_for_function("() => window.goClicks.length === 3")
+    assert clicks()[-1] == "red CAT"
+    # The answer for the box's text: shown as it is (words compared case- and space-insensitively), not stale.
+    page.evaluate(ANSWER, ["red  cat", ["red-cat"]])
+    assert page.evaluate(SHOWN) == ["red-cat"] and page.evaluate(STALE) == [False, False]
+    page.wait_for_timeout(500)
+    assert len(clicks()) == 3  # nothing more asked
+    # Fewer words: the shown answer is narrower than the text; the one for "red" then shows both.
+    for _ in " CAT":
+        page.keyboard.press("Backspace")
+    assert page.evaluate(STALE) == [True, True]
+    page.wait_for_function("() => window.goClicks.length === 4")
+    page.evaluate(ANSWER, ["red", ["red-cat", "red-dog"]])
+    assert page.evaluate(SHOWN) == ["red-cat", "red-dog"] and page.evaluate(STALE) == [False, False]
+    # A page with no match while the answer is on its way says so (CSS reads the class).
+    page.keyboard.type("x")
+    assert page.evaluate(SHOWN) == []
+    assert page.evaluate("() => document.querySelector('#sdconcepts_ti_cards .sdconcepts-cards')"
+                         ".classList.contains('sdconcepts-none-shown')")
+    page.wait_for_function("() => window.goClicks.length === 5")
+    # A server that keeps answering older text is asked again a bounded number of times, not forever.
+    for _ in range(6):
+        page.evaluate(ANSWER, ["red", ["red-cat", "red-dog"]])
+        page.wait_for_timeout(30)
+    assert len(clicks()) == 5 + 3 and page.evaluate(SHOWN) == []

@@ -111,6 +111,53 @@ def _card_count(page) -> int:  # type: ignore[no-untyped-def]
     return int(page.evaluate(f"() => document.querySelectorAll('{CARDS}').length"))
 
 
+# Installed in the page once: per keydown in the Textual Inversion search box, the time until the page's cards are
+# exactly those matching the box's text (hidden ones have no layout box), ``dom`` when the key's input event has been
+# handled and ``ms`` at the first animation frame after it (what is painted next); and, on every frame, whether the
+# shown cards match the box's text (``bad`` counts the frames that did not), until ``stop`` is set.
+SEARCH_MONITOR = """() => {
+    if (window.__sdcSearch) return;
+    const state = window.__sdcSearch = {samples: [], frames: 0, bad: 0, stop: false, paused: false};
+    const box = () => document.querySelector('#sdconcepts_ti_search input, #sdconcepts_ti_search textarea');
+    const matching = () => {
+        const words = (box().value || '').toLowerCase().split(/\\s+/).filter(Boolean);
+        for (const card of document.querySelectorAll('#sdconcepts_ti_cards .sdconcepts-card')) {
+            const text = card.getAttribute('data-search') || '';
+            if ((card.getClientRects().length > 0) !== words.every((w) => text.includes(w))) return false;
+        }
+        return true;
+    };
+    document.addEventListener('keydown', (event) => {
+        if (state.stop || state.paused || !(event.target instanceof Element) || !event.target.closest('#sdconcepts_ti_search')) return;
+        const sample = {start: performance.now(), ms: null, dom: null};
+        state.samples.push(sample);
+        // The key's input event, once every handler of the box has run: are the cards in the page filtered yet?
+        document.addEventListener('input', () => {
+            if (matching()) sample.dom = performance.now() - sample.start;
+        }, {once: true});
+        const check = () => {
+            if (matching()) sample.ms = performance.now() - sample.start; else requestAnimationFrame(check);
+        };
+        requestAnimationFrame(check);
+    }, true);
+    const frame = () => {
+        if (state.stop) return;
+        state.frames += 1;
+        if (!matching()) state.bad += 1;
+        requestAnimationFrame(frame);
+    };
+    requestAnimationFrame(frame);
+}"""
+
+
+def _wait_for_answer(page, count: int) -> None:  # type: ignore[no-untyped-def]
+    """Until the summary shows the server's answer holding ``count`` cards."""
+    page.wait_for_function(
+        "(n) => (document.querySelector('#sdconcepts_ti_summary .sdconcepts-summary') || {})"
+        ".textContent?.startsWith(n + ' of ')", arg=count,
+    )
+
+
 def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str, str, Path, Path]) -> None:
     mode, url, embeddings, hypernetworks = big_app
     prompt = "#sdconcepts_prompt textarea"
@@ -150,39 +197,58 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
             page_box.fill("1")
             page_box.press("Enter")
 
-            # Search as you type, timed from each key to (a) the shown page filtered in the page and (b) the
-            # server's answer over the whole library (the summary shows its count). The query has letters no hash
-            # has ("g"), so only names and folders match, and the counts are known here.
+            # Search as you type. Each key is timed inside the page (SEARCH_MONITOR), from its keydown to the first
+            # frame whose cards are exactly those matching the box's text (the shown page, filtered in the page);
+            # every frame is checked too, so a late server answer for older text that showed cards the box's text
+            # excludes would count. The server's answer over the whole library (the summary shows its count) is
+            # timed from the key as well. The query has letters no hash has ("g"), so only names and folders
+            # match, and the counts are known here.
             relative = [str(p.relative_to(embeddings)) for p in embeddings.rglob("*")
                         if p.suffix in (".pt", ".safetensors")]
+            page.evaluate(SEARCH_MONITOR)
             box = page.locator(search).first
             box.click()
-            in_page, server = [], []
+            server = []
             previous = len(relative)
             query = ""
-            filtered = (
-                "(q) => [...document.querySelectorAll('#sdconcepts_ti_cards .sdconcepts-card')].every("
-                "c => (c.style.display === 'none') === !(c.getAttribute('data-search') || '').includes(q))"
-            )
             for key in "group3/set1/e0013":
                 query += key
                 count = sum(query in r.lower() for r in relative)
                 key_at = time.monotonic()
                 page.keyboard.type(key)
-                page.wait_for_function(filtered, arg=query, polling=5)
-                in_page.append(time.monotonic() - key_at)
                 if count != previous:
-                    page.wait_for_function(
-                        "(n) => (document.querySelector('#sdconcepts_ti_summary .sdconcepts-summary') || {})"
-                        ".textContent?.startsWith(n + ' of ')", arg=count,
-                    )
+                    _wait_for_answer(page, count)
                     server.append((query, count, time.monotonic() - key_at))
                     previous = count
-            print("search, key to the shown page filtered: median "
-                  f"{sorted(in_page)[len(in_page) // 2] * 1000:.0f} ms, worst {max(in_page) * 1000:.0f} ms")
+            assert _card_count(page) == 1 and server[-1][1] == 1
+            # Typing on while the server's answers for older text arrive: a pause long enough for the page to ask
+            # the server, then keys 60 ms apart (an answer takes longer than that here), then the final answer.
+            page.evaluate("() => { window.__sdcSearch.paused = true; }")  # fill() may send keys of its own
+            box.fill("")
+            page.evaluate("() => { window.__sdcSearch.paused = false; }")
+            _wait_for_answer(page, len(relative))
+            page.keyboard.type("group3")
+            page.wait_for_timeout(450)
+            page.keyboard.type("/set1/e0013", delay=60)
+            _wait_for_answer(page, 1)
+            page.wait_for_timeout(1000)  # no older answer replaces the final one afterwards
+            assert _card_count(page) == 1
+            assert page.locator("#sdconcepts_ti_summary .sdconcepts-summary").first.inner_text().startswith("1 of ")
+            monitor = page.evaluate("() => { window.__sdcSearch.stop = true; return window.__sdcSearch; }")
+            samples = monitor["samples"]
+            keys, frames = [s["dom"] for s in samples], [s["ms"] for s in samples]
+            assert len(samples) == 2 * len("group3/set1/e0013") and None not in keys + frames, samples
+            for label, values in (("filtered in the page (input event handled)", keys),
+                                  ("the next frame, filtered", frames)):
+                print(f"search, key to {label}, ms per key: " + " ".join(f"{t:.0f}" for t in values))
+                print(f"search, key to {label}: median {sorted(values)[len(values) // 2]:.0f} ms, "
+                      f"worst {max(values):.0f} ms over {len(values)} keys")
+            print(f"search: frames showing a card the box's text excludes: {monitor['bad']} of {monitor['frames']}")
             print("search, key to the server's answer: "
                   + ", ".join(f"{q!r} ({n}) {t * 1000:.0f} ms" for q, n, t in server))
-            assert _card_count(page) == 1 and server[-1][1] == 1
+            # Loose (a busy shared machine; frames wait for the compositor there): the goal, 50 ms, is reported.
+            assert max(keys) <= 500
+            assert monitor["bad"] == 0
             # The filter itself, timed inside the page (the keys above also wait for the browser's other work).
             box.fill("")
             page.wait_for_function(f"() => document.querySelectorAll('{CARDS}').length === {PAGE_SIZE}")
