@@ -228,8 +228,8 @@ def _optimizer_step(path: Path) -> tuple[int, str]:
 
 
 def interrupt_and_resume(host: hh.Host, page: Any, name: str) -> str:
-    """Our tab, on the host's model: train an embedding for LONG_RUN steps, click Interrupt once a couple of steps
-    are done, check the run stops after the step in flight and leaves a whole file with its optimizer state, and
+    """Our tab, on the host's model: train an embedding for LONG_RUN steps, click Interrupt once its first step
+    is done, check the run stops after the step in flight and leaves a whole file with its optimizer state, and
     the host's picture unchanged; then train the same file again up to 2 steps more and check it continued from
     the stopped step (file step, optimizer step count, loss log, Saved files) instead of starting again from 0.
     Returns a one-line report of the figures."""
@@ -239,16 +239,16 @@ def interrupt_and_resume(host: hh.Host, page: Any, name: str) -> str:
     path = host.dest / "embeddings" / f"{name}.pt"
     started = start_in_our_tab(page, "embedding", dataset, max_steps=LONG_RUN)
 
-    # Wait for this run's second step (its status counts to LONG_RUN), then interrupt.
+    # Wait for this run's first step (its status counts to LONG_RUN), then interrupt.
     deadline = time.monotonic() + TRAIN_TIMEOUT_S
     shown = 0
     while time.monotonic() < deadline:
         match = re.search(rf"step (\d+)/{LONG_RUN}\b", page.locator("#sdconcepts_train_status").first.inner_text())
         shown = int(match.group(1)) if match else 0
-        if shown >= 2:
+        if shown >= 1:
             break
         page.wait_for_timeout(250)
-    assert shown >= 2, f"the run did not reach step 2 in {TRAIN_TIMEOUT_S} s"
+    assert shown >= 1, f"the run did not reach step 1 in {TRAIN_TIMEOUT_S} s"
     first_steps = time.monotonic() - started
     clicked = time.monotonic()
     page.locator("#sdconcepts_train_interrupt").click()
