@@ -134,10 +134,14 @@ class _TinyHost:
     def loaded_width(self) -> int | None:
         return None if self.model is None else int(self.model.context_width)
 
+    def loaded(self) -> Any:
+        return self.model
+
 
 def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_saves(
     host: Any, tiny_model_dir: Path, dataset: Path, tmp_path: Path
 ) -> None:
+    from sdconcepts.model_shape import shape_of_loaded
     from sdconcepts.ui import train
     from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, HOST_MODEL_LABEL, UiConfig, UiSession
 
@@ -152,8 +156,14 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
                                              "other.safetensors (loads a second copy: 3 MB)"]
     assert session.default_choice() == HOST_MODEL_LABEL
     assert session.context_width() is None  # nothing loaded just to draw the page
+    # The Create hypernetwork form: A1111's defaults until the host's model is seen, never the embedded toy model's
+    # widths (48/32/64; a hypernetwork created with them cannot train on the host's model).
+    before = train.form_defaults(session, HOST_MODEL_LABEL)
+    assert (before.widths_ticked, before.size) == (["768", "320", "640", "1280"], 512) and source.model is None
     assert session.model(HOST_MODEL_LABEL) is source.load()
     assert session.context_width() == 48
+    after = train.form_defaults(session, HOST_MODEL_LABEL)
+    assert after.widths_ticked == [str(w) for w in shape_of_loaded(source.load()).widths]
 
     train.create_embedding(session, HOST_MODEL_LABEL, "hostemb", "circle", 1, False)
     config, _ = train.training_config("embedding", "hostemb", {
