@@ -9,6 +9,11 @@ launch order: A1111 tests first, then Forge). The flow:
 3. memory: the process grew by far less than a second SD 1.5 copy would take (fp32 here: ~4 GB);
 4. the host's image with the same seed is bit-identical to the one before training (its model left as it was);
 5. the host's own txt2img uses the new embedding at once (A1111: ``TI hashes`` names it; Forge: ``TI``).
+
+Hypernetworks go through the same create-train-wait path (``train_and_wait``). ``interrupt_and_resume``: a long run
+interrupted from the tab stops after the step in flight, leaves a whole file with its matching ``.optim`` and the
+host's picture unchanged; training the file again continues from the stopped step (file step, AdamW step count, loss
+log rows 1..N without repeats, settings ``initial_step``, the tab's Saved files).
 """
 
 from __future__ import annotations
