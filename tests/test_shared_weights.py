@@ -134,10 +134,14 @@ class _TinyHost:
     def loaded_width(self) -> int | None:
         return None if self.model is None else int(self.model.context_width)
 
+    def loaded(self) -> Any:
+        return self.model
+
 
 def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_saves(
     host: Any, tiny_model_dir: Path, dataset: Path, tmp_path: Path
 ) -> None:
+    from sdconcepts.model_shape import shape_of_loaded
     from sdconcepts.ui import train
     from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, HOST_MODEL_LABEL, UiConfig, UiSession
 
@@ -152,8 +156,14 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
                                              "other.safetensors (loads a second copy: 3 MB)"]
     assert session.default_choice() == HOST_MODEL_LABEL
     assert session.context_width() is None  # nothing loaded just to draw the page
+    # The Create hypernetwork form: A1111's defaults until the host's model is seen, never the embedded toy model's
+    # widths (48/32/64; a hypernetwork created with them cannot train on the host's model).
+    before = train.form_defaults(session, HOST_MODEL_LABEL)
+    assert (before.widths_ticked, before.size) == (["768", "320", "640", "1280"], 512) and source.model is None
     assert session.model(HOST_MODEL_LABEL) is source.load()
     assert session.context_width() == 48
+    after = train.form_defaults(session, HOST_MODEL_LABEL)
+    assert after.widths_ticked == [str(w) for w in shape_of_loaded(source.load()).widths]
 
     train.create_embedding(session, HOST_MODEL_LABEL, "hostemb", "circle", 1, False)
     config, _ = train.training_config("embedding", "hostemb", {
@@ -167,7 +177,7 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
     jobs = train.TrainingJobs(session.generate_lock)
     job = train.start_training(session, jobs, "embedding", HOST_MODEL_LABEL, "hostemb", config)
     assert job.wait(300) and job.error is None, job.error
-    assert changed == ["embedding"] * 3  # steps 1 and 2, and the final save: each time the host reloads
+    assert changed == ["embedding"] * 2  # the saves at steps 1 and 2: each time the host reloads (once per save)
     assert load_embedding(tmp_path / "emb" / "hostemb.pt").sd_checkpoint == "0123456789"
 
 

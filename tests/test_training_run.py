@@ -124,6 +124,31 @@ def test_interrupt_saves_a_final_checkpoint(tiny_model: Any, dataset: Path, tmp_
     assert load_embedding(path).step == 2
 
 
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_end_of_run_does_not_save_again_what_the_last_step_saved(tiny_model: Any, dataset: Path, tmp_path: Path,
+                                                                 interrupt: bool) -> None:
+    # The last step's save (save_every reached it) already wrote these weights and their optimizer state; the end of
+    # the run used to write them again (a second host reload, the save listed twice in the Train tab).
+    path = _new_embedding(tiny_model, tmp_path)
+    stop = threading.Event()
+    written: dict[int, int] = {}
+    events = []
+    for event in train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, max_steps=100 if interrupt else 2,
+                                                                 save_every=1), embeddings_dir=tmp_path, stop=stop):
+        events.append(event)
+        if event.kind == "step":
+            written[event.step] = os.stat(path).st_ino  # every save replaces the file (a new inode)
+        if event.step == 2:
+            stop.set()
+    assert [(e.kind, e.step) for e in events] == [("step", 1), ("step", 2),
+                                                  ("interrupted" if interrupt else "finished", 2)]
+    assert [e.saved is not None for e in events] == [True, True, False]
+    assert os.stat(path).st_ino == written[2], "the end of the run rewrote the file its last step had saved"
+    assert f"at 2 steps. Embedding saved to {path}" in events[-1].message
+    assert load_embedding(path).step == 2
+    assert load_torch_file(Path(f"{path}.optim"))["hash"] == load_embedding(path).checksum()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_file(tiny_model: Any, dataset: Path, tmp_path: Path) -> None:
     path = _new_embedding(tiny_model, tmp_path)
     start = load_embedding(path).tensor()

@@ -127,6 +127,10 @@ class HostModel:
         model = self._model
         return int(model.context_width) if model is not None else None
 
+    def loaded(self) -> Any:
+        """The view when it exists (no loading: asked while the page is built), else None."""
+        return self._model
+
     def forget(self, *_args: Any) -> None:
         with self._lock:
             self._model = None

@@ -508,8 +508,10 @@ def _run(
             return
         saved = None
         kept = True
-        if main and job.step != start_step:
-            kept = last_good[1] == job.step or gives_finite_loss()
+        # When the last step's own save wrote these very weights (save_every reached it), the file and its optimizer
+        # state are current: writing them again made the host reload its files twice and listed the save twice.
+        if main and job.step != start_step and last_good[1] != job.step:
+            kept = gives_finite_loss()
             if kept:
                 saved = str(job.save(job.path, optimizer=config.save_optimizer_state))
                 loss_log.plot(folder / "loss.png", title=f"{job.name} loss")

@@ -52,6 +52,10 @@ class HostModelSource(Protocol):
         """Its text width when it was loaded already; None otherwise (nothing is loaded to answer)."""
         ...
 
+    def loaded(self) -> Any:
+        """The LoadedModel when it was loaded already; None otherwise (nothing is loaded to answer)."""
+        ...
+
 
 @dataclass
 class UiConfig:
@@ -310,6 +314,11 @@ class UiSession:
         from sdconcepts.model_shape import read_model_shape, shape_of_loaded
 
         label = label or self._model_label or self.default_choice()
+        if label == HOST_MODEL_LABEL and self.config.host_model is not None:
+            # The host's model (its None path would name the embedded toy model): known once our view of it exists,
+            # else None (A1111's own form defaults), never loaded just to draw a form.
+            view = self.config.host_model.loaded()
+            return shape_of_loaded(view) if view is not None else None
         if self._model is not None and self._model_label == label:
             return shape_of_loaded(self._model)
         choices = self.model_choices()

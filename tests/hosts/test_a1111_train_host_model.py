@@ -1,5 +1,5 @@
-"""A1111 1.10.1: our Train tab trains an embedding and a hypernetwork on A1111's loaded model (issue 12); see
-host_training.py."""
+"""A1111 1.10.1: our Train tab trains an embedding and a hypernetwork on A1111's loaded model (issue 12),
+and interrupts and resumes a run; see host_training.py."""
 
 from __future__ import annotations
 
@@ -26,3 +26,7 @@ def test_a1111_train_hypernetwork_on_the_hosts_model(a1111: hh.Host, page: Any) 
     hh.assert_finite_picture(tagged)
     assert "<hypernet:hosthn:1>" in info and not np.array_equal(tagged, after), info
     print(f"[a1111] hypernetwork: 2 steps + preview + saves {seconds:.0f} s")
+
+
+def test_a1111_interrupt_and_resume_training_on_the_hosts_model(a1111: hh.Host, page: Any) -> None:
+    ht.report_figures(ht.interrupt_and_resume(a1111, page, "hostresumed"))

@@ -1,5 +1,5 @@
 """Forge: our Train tab (Forge has none of its own) trains an embedding and a hypernetwork on Forge's loaded model
-(issue 12); see host_training.py."""
+(issue 12), and interrupts and resumes a run; see host_training.py."""
 
 from __future__ import annotations
 
@@ -26,3 +26,7 @@ def test_forge_train_hypernetwork_on_the_hosts_model(forge: hh.Host, page: Any) 
     assert "Hypernet hashes:" in info and "hosthn" in info.split("Hypernet hashes:", 1)[1], info
     assert not np.array_equal(tagged, after)
     print(f"[forge] hypernetwork: 2 steps + preview + saves {seconds:.0f} s")
+
+
+def test_forge_interrupt_and_resume_training_on_the_hosts_model(forge: hh.Host, page: Any) -> None:
+    ht.report_figures(ht.interrupt_and_resume(forge, page, "hostresumed"))
