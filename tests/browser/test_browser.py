@@ -228,6 +228,21 @@ def app_gradio_major() -> int:
     return int(version.split(".")[0])
 
 
+def calm_animation_frames(page: Any) -> None:
+    """On gradio 4.x, run the page's animation frames at 5 per second instead of the display's rate.
+
+    The standalone page on gradio 4.40 asks for every animation frame even when idle (measured: about 100
+    callbacks a second, with the img2img tab's WebGL image editor its one canvas, hidden). With SwiftShader
+    (``WEBGL_CHROMIUM_ARGS``) each frame is drawn on the CPU, and on a small machine the browser then starves the app
+    it tests: 4 SDXL training steps took 100 s instead of 3 s on Forge's stack. Call before ``page.goto``."""
+    if app_gradio_major() != 4:
+        return
+    page.add_init_script(
+        "(() => { const next = window.requestAnimationFrame.bind(window);"
+        " window.requestAnimationFrame = (callback) => setTimeout(() => next(callback), 200); })()"
+    )
+
+
 def test_cards_insert_tags_and_generate(app: tuple[str, str]) -> None:
     mode, url = app
     prompt = "#sdconcepts_prompt textarea"

@@ -86,6 +86,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
 
 def _open(page, url: str) -> None:  # type: ignore[no-untyped-def]
     page.set_default_timeout(tb.TIMEOUT_MS)
+    tb.calm_animation_frames(page)
     page.goto(url)
     page.wait_for_selector(PROMPT, state="visible")
     page.wait_for_function("() => window.sdconcepts && window.sdconcepts.installed")
@@ -196,6 +197,18 @@ def test_dropdown_lists_sdxl_cards_follow_the_model_and_txt2img_generates(app: t
             browser.close()
 
 
+class _Phases:
+    """Prints how long each step of a test took (run with -s): the browser tests' time goes to a few slow steps."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def __call__(self, label: str) -> None:
+        now = time.monotonic()
+        print(f"  {label}: {now - self.last:.1f} s")
+        self.last = now
+
+
 def _train(page, kind: str, name: str) -> str:  # type: ignore[no-untyped-def]
     """Click Train Embedding (``kind`` embedding) or Train Hypernetwork; the status once this run is done."""
     page.locator("#sdconcepts_train_ti_button" if kind == "embedding" else "#sdconcepts_train_hn_button").click()
@@ -209,6 +222,7 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
     from sdconcepts.hypernetwork_files import load_hypernetwork
 
     url, tmp = app
+    phase = _Phases()
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.WEBGL_CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -216,6 +230,7 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
             _open(page, url)
             _choose(page, MODEL, "xl.safetensors")
             tb._open_tab(page, "Train")
+            phase("page open, model chosen")
 
             # Create embedding: both halves, from the init text through each encoder's own tokenizer.
             _open_sub_tab(page, "Create embedding")
@@ -226,6 +241,7 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
             created = load_embedding(tmp / "embeddings" / "xlnew.safetensors")
             assert created.is_sdxl and created.vectors["clip_l"].shape[-1] == 32  # type: ignore[index]
             assert created.vectors["clip_g"].shape[-1] == 48  # type: ignore[index]
+            phase("embedding created")
 
             # Create hypernetwork: the SDXL model's own widths are offered and ticked.
             _open_sub_tab(page, "Create hypernetwork")
@@ -239,6 +255,7 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
             page.locator("#sdconcepts_create_hn_button").click()
             _wait_text(page, "#sdconcepts_create_hn_result", "Created")
             assert sorted(load_hypernetwork(tmp / "hypernetworks" / "xlhn.pt").layers) == [64, 80, 96]
+            phase("hypernetwork created")
 
             # Train each for 4 steps at 64 px on the raw dataset (resized on load), saving every 2 steps.
             _open_sub_tab(page, "Train")
@@ -250,8 +267,10 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
                                     ("#sdconcepts_train_save_every input", "2")):
                 _fill(page, selector, value)
             assert page.locator("#sdconcepts_train_embedding input").first.input_value() == "xlnew"
+            phase("train form filled")
             before = created.vectors["clip_g"].clone()  # type: ignore[index]
             _train(page, "embedding", "xlnew")
+            phase("embedding trained")
             page.locator("#sdconcepts_train_plot").first.scroll_into_view_if_needed()
             page.locator("#sdconcepts_train_plot img").first.wait_for(state="visible", timeout=60_000)
             trained = load_embedding(tmp / "embeddings" / "xlnew.safetensors")
@@ -260,15 +279,18 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
 
             assert page.locator("#sdconcepts_train_hypernetwork input").first.input_value() == "xlhn"
             _train(page, "hypernetwork", "xlhn")
+            phase("hypernetwork trained")
             hypernetwork = load_hypernetwork(tmp / "hypernetworks" / "xlhn.pt")
             assert hypernetwork.step == 4 and sorted(hypernetwork.layers) == [64, 80, 96]
             _screenshot(page, tb.OUTPUT / "sdxl-train-tab.png")
+            phase("screenshot")
 
             # The trained embedding is a card on this SDXL model, without a restart.
             tb._open_tab(page, "Textual Inversion")
             _wait_cards(page, ["xlnew", "xlstyle"])
             tb._open_tab(page, "Hypernetworks")
             page.locator('#sdconcepts_hn_cards .sdconcepts-card[data-name="xlhn"]').wait_for(state="visible")
+            phase("cards")
         except Exception:
             _screenshot(page, tb.OUTPUT / "sdxl-train-failure.png")
             raise
