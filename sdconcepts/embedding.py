@@ -23,6 +23,7 @@ __all__ = [
     "Embedding",
     "EmbeddingError",
     "kind_mismatch",
+    "kind_mismatch_reason",
     "names_in_prompt",
     "sdxl_width",
     "usable_embeddings",
@@ -135,10 +136,15 @@ def _checked(vectors: Tensor, label: str) -> Tensor:
 
 def kind_mismatch(embedding: Embedding, *, sdxl: bool) -> str | None:
     """Why an embedding cannot apply to an SDXL (``sdxl``) or SD 1/2 model whatever its width, or None."""
-    if embedding.is_sdxl and not sdxl:
+    return kind_mismatch_reason(embedding.is_sdxl, embedding.width, sdxl=sdxl)
+
+
+def kind_mismatch_reason(embedding_sdxl: bool, width: int, *, sdxl: bool) -> str | None:
+    """``kind_mismatch`` from what a file's header says (the cards list files without reading their vectors)."""
+    if embedding_sdxl and not sdxl:
         return "an SDXL embedding (clip_l + clip_g) needs an SDXL model"
-    if sdxl and not embedding.is_sdxl:
-        return f"a single-encoder embedding (width {embedding.width}, SD 1.x/2.x) does not fit an SDXL model"
+    if sdxl and not embedding_sdxl:
+        return f"a single-encoder embedding (width {width}, SD 1.x/2.x) does not fit an SDXL model"
     return None
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from sdconcepts.embedding import Embedding
+from sdconcepts.embedding import Embedding, kind_mismatch_reason
 from sdconcepts.embedding_files import (
     EMBEDDING_SUFFIXES,
     HASH_AT_LISTING_BYTES,
@@ -488,8 +488,10 @@ class EmbeddingLibrary:
                 self._failed = {k: v for k, v in self._failed.items() if k in live}
         return changes
 
-    def records(self, width: int | None = None) -> list[EmbeddingRecord]:
-        """Every embedding file; with the model's ``width`` (768, 1024, 2048 for SDXL) misfits are skipped."""
+    def records(self, width: int | None = None, *, sdxl: bool | None = None) -> list[EmbeddingRecord]:
+        """Every embedding file; with the model's ``width`` (768, 1024, 2048 for SDXL) misfits are skipped, and with
+        ``sdxl`` (whether the model is SDXL) so are files of the other kind whatever their width, for the reason
+        generation gives (``embedding.kind_mismatch``)."""
         result: list[EmbeddingRecord] = []
         winner: dict[str, int] = {}
         failed = self._failed
@@ -510,6 +512,8 @@ class EmbeddingLibrary:
                 )
             elif info is not None and width is not None and info.width != width:
                 skipped = f"width {_describe_width(info.width)} does not fit the model's {_describe_width(width)}"
+            elif info is not None and sdxl is not None:
+                skipped = kind_mismatch_reason(info.sdxl, info.width, sdxl=sdxl) or skipped
             if skipped is None:
                 key = record.name.lower()
                 if key in winner:

@@ -22,18 +22,20 @@ A1111_WIDTHS = (768, 1024, 320, 640, 1280)
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "toyworld" / "model"
 
 _TO_K = re.compile(r"\.attn([12])\.to_k\.weight$")
+_SDXL_SECOND_ENCODER = "conditioner.embedders.1."
 
 
 @dataclass(frozen=True)
 class ModelShape:
     """``widths``: the input widths of the UNet's attention key projections (the hypernetwork modules that model
     uses), the text context width first; ``size``: the model's native image side; ``multiple``: sides must be
-    multiples of it."""
+    multiples of it; ``sdxl``: it has SDXL's two text encoders (its embeddings are clip_l + clip_g pairs)."""
 
     context_width: int
     widths: tuple[int, ...]
     size: int
     multiple: int
+    sdxl: bool = False
 
 
 def _ordered(context: int, channel_widths: set[int]) -> tuple[int, ...]:
@@ -50,7 +52,7 @@ def _folder_shape(folder: Path) -> ModelShape | None:
         attention |= {channels[-1]} if "CrossAttn" in str(unet.get("mid_block_type") or "UNetMidBlock2DCrossAttn") else set()
         scale = 2 ** (len(vae["block_out_channels"]) - 1)
         return ModelShape(context, _ordered(context, attention), int(unet["sample_size"]) * scale,
-                          scale * 2 ** (len(channels) - 1))
+                          scale * 2 ** (len(channels) - 1), sdxl=(folder / "text_encoder_2").is_dir())
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
 
@@ -61,8 +63,11 @@ def _single_file_shape(path: Path) -> ModelShape | None:
     try:
         context: int | None = None
         channel_widths: set[int] = set()
+        sdxl = False
         with safe_open(str(path), framework="pt") as handle:  # type: ignore[no-untyped-call]
             for key in handle.keys():
+                # SGM layout: the second embedder is SDXL's OpenCLIP-G (SD 1/2 files have cond_stage_model only).
+                sdxl = sdxl or key.startswith(_SDXL_SECOND_ENCODER)
                 match = _TO_K.search(key)
                 if match is None:
                     continue
@@ -77,7 +82,7 @@ def _single_file_shape(path: Path) -> ModelShape | None:
         return None
     # Single files: 8x VAE; SDXL (context 2048) is 1024 px, SD 1.x/2.x 512 (2.x v models are 768 px, said by their
     # yaml; 512 is safe). Sides are multiples of 64 (8x VAE, three down blocks).
-    return ModelShape(context, _ordered(context, channel_widths), 1024 if context == 2048 else 512, 64)
+    return ModelShape(context, _ordered(context, channel_widths), 1024 if context == 2048 else 512, 64, sdxl=sdxl)
 
 
 def read_model_shape(path: Path | None) -> ModelShape | None:
@@ -96,4 +101,5 @@ def shape_of_loaded(model: Any) -> ModelShape:
     context = int(model.context_width)
     channel_widths = {int(module.in_features) for name, module in model.unet.named_modules()
                       if name.endswith("attn1.to_k")}
-    return ModelShape(context, _ordered(context, channel_widths), int(model.default_size), int(model.size_multiple))
+    return ModelShape(context, _ordered(context, channel_widths), int(model.default_size), int(model.size_multiple),
+                      sdxl=bool(model.is_sdxl))

@@ -158,11 +158,13 @@ def embedding_cards_view(
         session.embeddings.refresh(lazy=True)
         session.read_in_background()
     width = session.context_width(model_label)
+    # SDXL or not, as generation decides it (an SD 1.x file as wide as an SDXL pair is still skipped there).
+    sdxl = session.is_sdxl(model_label)
 
     def list_cards() -> _CardList:
         return _card_list(
-            session, "embedding", (session.embeddings.version, width),
-            lambda: embedding_cards(session.embeddings.records(width), session.embeddings.folders,
+            session, "embedding", (session.embeddings.version, width, sdxl),
+            lambda: embedding_cards(session.embeddings.records(width, sdxl=sdxl), session.embeddings.folders,
                                     session.card_cache.setdefault(("embedding", width), {})),
         )
 

@@ -348,4 +348,19 @@ class UiSession:
                 )
             except (OSError, ValueError, KeyError, TypeError):
                 return None
+        if path is not None:
+            # A single file not loaded yet: its safetensors header tells (a .ckpt pickle only once it is loaded).
+            shape = self.model_shape(label)
+            return shape.context_width if shape is not None else None
         return None
+
+    def is_sdxl(self, label: str | None = None) -> bool | None:
+        """Whether a model is SDXL (its embeddings are clip_l + clip_g pairs), without loading it when its files
+        say; None when only loading would tell (a ``.ckpt`` not loaded yet, the host's model before it loads)."""
+        label = label or self._model_label or self.default_choice()
+        if self._model is not None and self._model_label == label:
+            return bool(self._model.is_sdxl)
+        if label == HOST_MODEL_LABEL and self.config.host_model is not None:
+            return None
+        shape = self.model_shape(label)
+        return shape.sdxl if shape is not None else None

@@ -9,6 +9,7 @@ Screenshots of each tab go to ``SDCONCEPTS_BROWSER_OUTPUT`` (default tests/brows
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -16,7 +17,9 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from library_files import write_library
@@ -81,31 +84,18 @@ def _wait_for_server(url: str, process: subprocess.Popen[bytes], log: Path) -> N
 MODES = [m.strip() for m in os.environ.get("SDCONCEPTS_BROWSER_MODES", "standalone,hosted").split(",") if m.strip()]
 
 
-@pytest.fixture(scope="module", params=MODES)
-def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    mode = request.param
-    tmp = tmp_path_factory.mktemp(f"browser-{mode}")
-    model, width = _model_for_test(tmp)
-    embeddings, hypernetworks = write_library(tmp, width)
-    outputs = tmp / "outputs"
-    port = _free_port()
-    if mode == "standalone":
-        command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--no-examples", "--embeddings-dir", str(embeddings),
-                   "--hypernetworks-dir", str(hypernetworks), "--outputs-dir", str(outputs)]
-        if model != "-":
-            command += ["--ckpt", model]
-    else:
-        command = [APP_PYTHON, str(HERE / "hosted_app.py"), str(port), model, str(embeddings), str(hypernetworks),
-                   str(outputs)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    OUTPUT.mkdir(parents=True, exist_ok=True)
-    log = OUTPUT / f"{mode}-server.log"
+@contextmanager
+def serve_app(command: list[str], *, port: int, cwd: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run ``command`` (an app serving on ``port``) in ``cwd`` with its output in ``log``; yield its URL once it
+    answers, and stop it afterwards (terminate, then kill when it does not exit within 20 s)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1", **(env or {}))
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as sink:
-        process = subprocess.Popen(command, cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_for_server(url, process, log)
-        yield mode, url
+        yield url
     finally:
         process.terminate()
         try:
@@ -115,9 +105,39 @@ def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             process.wait()
 
 
+def app_command(mode: str, port: int, model: str, embeddings: Path, hypernetworks: Path, outputs: Path,
+                *extra: str) -> list[str]:
+    """The command serving our UI: ``standalone`` (``python -m sdconcepts``, with ``extra`` options) or ``hosted``
+    (tests/browser/hosted_app.py); ``model`` is a path, or ``-`` for the default."""
+    if mode == "standalone":
+        command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--embeddings-dir", str(embeddings),
+                   "--hypernetworks-dir", str(hypernetworks), "--outputs-dir", str(outputs), *extra]
+        return command + (["--ckpt", model] if model != "-" else [])
+    return [APP_PYTHON, str(HERE / "hosted_app.py"), str(port), model, str(embeddings), str(hypernetworks),
+            str(outputs)]
+
+
+@pytest.fixture(scope="module", params=MODES)
+def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"browser-{mode}")
+    model, width = _model_for_test(tmp)
+    embeddings, hypernetworks = write_library(tmp, width)
+    port = _free_port()
+    command = app_command(mode, port, model, embeddings, hypernetworks, tmp / "outputs", "--no-examples")
+    with serve_app(command, port=port, cwd=tmp, log=OUTPUT / f"{mode}-server.log") as url:
+        yield mode, url
+
+
 def _open_tab(page, label: str) -> None:  # type: ignore[no-untyped-def]
     # Gradio 3 renders tab buttons in .tab-nav; Gradio 4+ gives them role="tab" (6 adds hidden overflow copies).
     buttons = page.locator('#sdconcepts_tabs button[role="tab"], #sdconcepts_tabs .tab-nav button')
+    buttons.filter(has_text=label).filter(visible=True).first.click()
+
+
+def _open_sub_tab(page, label: str) -> None:  # type: ignore[no-untyped-def]
+    """Open a sub-tab of the Train tab."""
+    buttons = page.locator('#sdconcepts_train_tabs button[role="tab"], #sdconcepts_train_tabs .tab-nav button')
     buttons.filter(has_text=label).filter(visible=True).first.click()
 
 
@@ -151,6 +171,75 @@ def _text(page, selector: str) -> str:  # type: ignore[no-untyped-def]
 def _set_caret(page, selector: str, position: int) -> None:  # type: ignore[no-untyped-def]
     page.locator(selector).first.evaluate(
         "(el, pos) => { el.focus(); el.setSelectionRange(pos, pos); el.blur(); }", position
+    )
+
+
+def _fill(page, selector: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    """Type ``value`` into a field and leave it (Tab), so that gradio sees the change."""
+    field = page.locator(selector).first
+    field.fill(value)
+    field.press("Tab")
+
+
+def _choose(page, selector: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    """Pick a dropdown value by typing it and pressing Enter: the same keys work in gradio 3.41, 4.x and 6.x, whose
+    option lists are built differently. A value the dropdown does not offer is not taken (and fails here)."""
+    field = page.locator(f"{selector} input").first
+    field.click()
+    field.fill(value)
+    field.press("Enter")
+    deadline = time.monotonic() + 10
+    while field.input_value() != value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert field.input_value() == value, field.input_value()
+
+
+def _wait_text(page, selector: str, text: str, timeout: float = 120) -> str:  # type: ignore[no-untyped-def]
+    """The element's text once it contains ``text``; fails at once when gradio shows an error instead."""
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        locator = page.locator(selector)
+        seen = locator.first.inner_text() if locator.count() else ""
+        if text in seen:
+            return str(seen)
+        errors = _errors(page)
+        if errors:
+            raise AssertionError(f"gradio error: {errors[0]}")
+        page.wait_for_timeout(200)
+    raise AssertionError(f"{text!r} not in {selector} after {timeout} s; it shows {seen!r}")
+
+
+def _screenshot(page: Any, path: Path) -> None:
+    """A picture of the page for the CI artifacts, not part of what is tested: on gradio 4.40 with --disable-gpu a
+    full-page capture of a page holding the img2img tab's WebGL image editor (hidden) can hang in chromium's
+    compositor, while the page itself goes on working."""
+    try:
+        page.screenshot(path=str(path), full_page=True, timeout=15_000)
+    except Exception as exc:  # noqa: BLE001 - the artifact is optional
+        print(f"screenshot {path.name} not taken: {exc}".splitlines()[0])
+
+
+@functools.cache
+def app_gradio_major() -> int:
+    """The major gradio version of the interpreter that serves the app (``SDCONCEPTS_APP_PYTHON``)."""
+    version = subprocess.run([APP_PYTHON, "-c", "import gradio; print(gradio.__version__)"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    return int(version.split(".")[0])
+
+
+def calm_animation_frames(page: Any) -> None:
+    """On gradio 4.x, run the page's animation frames at 5 per second instead of the display's rate.
+
+    The standalone page on gradio 4.40 asks for every animation frame even when idle (measured: about 100
+    callbacks a second, with the img2img tab's WebGL image editor its one canvas, hidden). With SwiftShader
+    (``WEBGL_CHROMIUM_ARGS``) each frame is drawn on the CPU, and on a small machine the browser then starves the app
+    it tests: 4 SDXL training steps took 100 s instead of 3 s on Forge's stack. Call before ``page.goto``."""
+    if app_gradio_major() != 4:
+        return
+    page.add_init_script(
+        "(() => { const next = window.requestAnimationFrame.bind(window);"
+        " window.requestAnimationFrame = (callback) => setTimeout(() => next(callback), 200); })()"
     )
 
 

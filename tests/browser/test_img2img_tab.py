@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 import test_browser as tb
 from library_files import write_library
 from PIL import Image
+from test_browser import _fill
 
 playwright_api = tb.playwright_api
 
@@ -45,26 +44,9 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, i
     embeddings, hypernetworks = write_library(tmp, width)
     outputs = tmp / "outputs"
     port = tb._free_port()
-    command = [tb.APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--embeddings-dir", str(embeddings),
-               "--hypernetworks-dir", str(hypernetworks), "--outputs-dir", str(outputs)]
-    if model != "-":
-        command += ["--ckpt", model]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    tb.OUTPUT.mkdir(parents=True, exist_ok=True)
-    log = tb.OUTPUT / "img2img-server.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(command, cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        tb._wait_for_server(url, process, log)
+    command = tb.app_command("standalone", port, model, embeddings, hypernetworks, outputs)
+    with tb.serve_app(command, port=port, cwd=tmp, log=tb.OUTPUT / "img2img-server.log") as url:
         yield url, outputs, size
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _default_size(model: Path | None) -> int:
@@ -84,12 +66,6 @@ def _tab(page, label: str, within: str = "") -> None:  # type: ignore[no-untyped
     scope = f"{within} " if within else ""
     buttons = page.locator(f'{scope}button[role="tab"], {scope}.tab-nav button')
     buttons.filter(has_text=re.compile(f"^\\s*{re.escape(label)}\\s*$")).filter(visible=True).first.click()
-
-
-def _fill(page, selector: str, value: str) -> None:  # type: ignore[no-untyped-def]
-    field = page.locator(selector).first
-    field.fill(value)
-    field.press("Tab")
 
 
 def _wait_value(page, selector: str, expected: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
@@ -216,12 +192,6 @@ def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, i
             browser.close()
 
 
-def _app_gradio_major() -> int:
-    version = subprocess.run([tb.APP_PYTHON, "-c", "import gradio; print(gradio.__version__)"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-    return int(version.split(".")[0])
-
-
 def _inpaint_in_a_new_page(browser, url: str, init_path: Path) -> tuple[Image.Image, str]:  # type: ignore[no-untyped-def]
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     try:
@@ -321,7 +291,7 @@ def test_draw_a_mask_and_inpaint_keeps_the_rest(app: tuple[str, Path, int], tmp_
                         raise
                     print(f"the Inpaint editor did not take the picture in page {attempt + 1}: {exc}")
         except AssertionError as exc:
-            if "draw the mask" in str(exc) and _app_gradio_major() == 4:
+            if "draw the mask" in str(exc) and tb.app_gradio_major() == 4:
                 # The server answered as it should for an empty mask; what failed is the stroke's delivery.
                 pytest.skip("headless chromium without a GPU did not deliver the mouse stroke to gradio 4.40's "
                             "WebGL image editor this run (it does in most runs; 3.41 and 6.x are checked always)")

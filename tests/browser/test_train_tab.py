@@ -8,15 +8,12 @@ the Textual Inversion cards. Runs standalone and hosted (tests/browser/hosted_ap
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import test_browser as tb
+from test_browser import _choose, _fill, _open_sub_tab, _screenshot, _wait_text
 
 from sdconcepts.toyworld.concept import write_concept
 
@@ -33,74 +30,10 @@ def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     for folder in ("embeddings", "hypernetworks"):
         (tmp / folder).mkdir()
     port = tb._free_port()
-    if mode == "standalone":
-        command = [tb.APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--no-examples", "--embeddings-dir",
-                   str(tmp / "embeddings"), "--hypernetworks-dir", str(tmp / "hypernetworks"), "--outputs-dir",
-                   str(tmp / "outputs")]
-        if model != "-":
-            command += ["--ckpt", model]
-    else:
-        command = [tb.APP_PYTHON, str(tb.HERE / "hosted_app.py"), str(port), model, str(tmp / "embeddings"),
-                   str(tmp / "hypernetworks"), str(tmp / "outputs")]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    tb.OUTPUT.mkdir(parents=True, exist_ok=True)
-    log = tb.OUTPUT / f"train-{mode}-server.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(command, cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        tb._wait_for_server(url, process, log)
+    command = tb.app_command(mode, port, model, tmp / "embeddings", tmp / "hypernetworks", tmp / "outputs",
+                             "--no-examples")
+    with tb.serve_app(command, port=port, cwd=tmp, log=tb.OUTPUT / f"train-{mode}-server.log") as url:
         yield mode, url, dataset
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-APP_GRADIO_MAJOR = int(subprocess.run([tb.APP_PYTHON, "-c", "import gradio; print(gradio.__version__)"],
-                                      capture_output=True, text=True, check=True).stdout.split(".")[0])
-
-
-def _open_sub_tab(page, label: str) -> None:  # type: ignore[no-untyped-def]
-    buttons = page.locator('#sdconcepts_train_tabs button[role="tab"], #sdconcepts_train_tabs .tab-nav button')
-    buttons.filter(has_text=label).filter(visible=True).first.click()
-
-
-def _fill(page, selector: str, value: str) -> None:  # type: ignore[no-untyped-def]
-    field = page.locator(selector).first
-    field.fill(value)
-    field.press("Tab")
-
-
-def _choose(page, selector: str, value: str) -> None:  # type: ignore[no-untyped-def]
-    """Pick a dropdown value by typing it and pressing Enter: the same keys work in gradio 3.41, 4.x and 6.x, whose
-    option lists are built differently."""
-    field = page.locator(f"{selector} input").first
-    field.click()
-    field.fill(value)
-    field.press("Enter")
-    deadline = time.monotonic() + 10
-    while field.input_value() != value and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert field.input_value() == value, field.input_value()
-
-
-def _wait_text(page, selector: str, text: str, timeout: float = 120) -> str:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
-        locator = page.locator(selector)
-        seen = locator.first.inner_text() if locator.count() else ""
-        if text in seen:
-            return str(seen)
-        errors = tb._errors(page)
-        if errors:
-            raise AssertionError(f"gradio error: {errors[0]}")
-        page.wait_for_timeout(200)
-    raise AssertionError(f"{text!r} not in {selector} after {timeout} s; it shows {seen!r}")
 
 
 def _open_our_page(page, mode: str) -> None:  # type: ignore[no-untyped-def]
@@ -108,16 +41,6 @@ def _open_our_page(page, mode: str) -> None:  # type: ignore[no-untyped-def]
         host_tab = page.locator('#tabs button[role="tab"], #tabs .tab-nav button')
         host_tab.filter(has_text="sdconcepts").filter(visible=True).first.click()
     page.wait_for_selector("#sdconcepts_prompt textarea", state="visible")
-
-
-def _screenshot(page: Any, path: Path) -> None:
-    """A picture of the page for the CI artifacts, not part of what is tested: on gradio 4.40 with --disable-gpu a
-    full-page capture of this page (it holds the img2img tab's WebGL image editor, hidden) can hang in chromium's
-    compositor, while the page itself goes on working."""
-    try:
-        page.screenshot(path=str(path), full_page=True, timeout=15_000)
-    except Exception as exc:  # noqa: BLE001 - the artifact is optional
-        print(f"screenshot {path.name} not taken: {exc}".splitlines()[0])
 
 
 def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, str, Path]) -> None:
@@ -180,7 +103,7 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
 
             # A second Train click while one runs is refused with a message. gradio 3.41's front end (A1111's stack)
             # holds a click on an event that is still streaming until it ends, so the refusal is seen on 4+ only.
-            if APP_GRADIO_MAJOR >= 4:
+            if tb.app_gradio_major() >= 4:
                 page.locator("#sdconcepts_train_ti_button").click()
                 _wait_text(page, "#sdconcepts_train_message", "is training already")
 
