@@ -13,7 +13,9 @@ from sdconcepts.ui import handlers
 from sdconcepts.ui.session import UiConfig, UiSession
 
 
-def test_ui_lists_and_generates_with_sdxl_models(tiny_sdxl, tiny_sdxl_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def _sdxl_library(tiny_sdxl, tiny_sdxl_dir: Path, tmp_path: Path) -> tuple[Path, Path, torch.Generator]:  # type: ignore[no-untyped-def]
+    """A models folder with the tiny SDXL as a single file (``xl.safetensors``) and a diffusers folder (``xl-folder``),
+    an embeddings folder with one SDXL embedding (``xlemb``), and the generator that drew it, to draw more."""
     import shutil
 
     models = tmp_path / "models"
@@ -26,6 +28,11 @@ def test_ui_lists_and_generates_with_sdxl_models(tiny_sdxl, tiny_sdxl_dir: Path,
     g = torch.Generator().manual_seed(0)
     save_embedding(Embedding("xlemb", {"clip_l": torch.randn(2, 32, generator=g) * 0.02,
                                        "clip_g": torch.randn(2, 48, generator=g) * 0.02}), embeddings / "xlemb.safetensors")
+    return models, embeddings, g
+
+
+def test_ui_lists_and_generates_with_sdxl_models(tiny_sdxl, tiny_sdxl_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    models, embeddings, _g = _sdxl_library(tiny_sdxl, tiny_sdxl_dir, tmp_path)
     save_embedding(Embedding("flatemb", torch.zeros(1, 80)), embeddings / "flatemb.safetensors")
     session = UiSession(UiConfig(models_dir=models, embeddings_dirs=[embeddings], outputs_dir=tmp_path / "out",
                                  device="cpu"))
@@ -43,7 +50,6 @@ def test_ui_lists_and_generates_with_sdxl_models(tiny_sdxl, tiny_sdxl_dir: Path,
     assert "TI hashes: xlemb: " in used.first_infotext.replace('"', "") and used.warnings == []
     skipped = run("a red circle flatemb")
     assert any("flatemb" in w and "SDXL" in w for w in skipped.warnings)
-
 
 
 def test_ui_create_embedding_on_an_sdxl_model_writes_the_pair(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
@@ -67,17 +73,8 @@ def test_cards_follow_the_chosen_model_kind_before_it_loads(tiny_sdxl, tiny_sdxl
 
     from sdconcepts.model_shape import read_model_shape
 
-    models = tmp_path / "models"
-    models.mkdir()
-    m = tiny_sdxl
-    save_single_file({"unet": m.unet, "vae": m.vae, "text_encoder": m.text_encoder, "text_encoder_2": m.text_encoder_2},
-                     models / "xl.safetensors")
-    shutil.copytree(tiny_sdxl_dir, models / "xl-folder")
+    models, embeddings, g = _sdxl_library(tiny_sdxl, tiny_sdxl_dir, tmp_path)
     shutil.copytree(tiny_model_dir, models / "sd1-folder")
-    embeddings = tmp_path / "embeddings"
-    g = torch.Generator().manual_seed(0)
-    save_embedding(Embedding("xlemb", {"clip_l": torch.randn(2, 32, generator=g) * 0.02,
-                                       "clip_g": torch.randn(2, 48, generator=g) * 0.02}), embeddings / "xlemb.safetensors")
     save_embedding(Embedding("sd1emb", torch.randn(1, 48, generator=g) * 0.02), embeddings / "sd1emb.pt")
     save_embedding(Embedding("flat80", torch.randn(1, 80, generator=g) * 0.02), embeddings / "flat80.safetensors")
     session = UiSession(UiConfig(models_dir=models, embeddings_dirs=[embeddings], outputs_dir=tmp_path / "out",
