@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from sdconcepts.embedding_files import load_embedding
 from sdconcepts.hypernetwork_files import load_hypernetwork
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig
+from sdconcepts.training.loop import TrainingEvent
 from sdconcepts.ui import handlers, train
 from sdconcepts.ui.session import UiConfig, UiError, UiSession
 
@@ -169,6 +171,35 @@ def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
     assert config2 is not None
     again = train.start_training(session, jobs, "embedding", label, "toytri", config2)
     assert again.wait(60) and again.error is None and again is jobs.current
+
+
+def test_the_view_between_the_end_event_and_done_already_shows_the_end() -> None:
+    """The training thread appends its end event (or sets the error) and flips ``done`` a moment later; a page that
+    polls in between must already read the end (a host test once saw "Training … interrupting…" beside the end
+    message), and ``follow`` must still give one more view once ``done`` flips."""
+    job = train.TrainingJob("embedding", "toytri", 100)
+    job.events.append(TrainingEvent(1, 0.5, 0.005))
+    job.times.append(job.started + 1)
+    job.stop.set()
+    assert "<b>Training</b>" in train.train_view(job).status_html
+    assert "interrupting…" in train.train_view(job).status_html
+    job.events.append(TrainingEvent(1, math.nan, 0.005, kind="interrupted", message="Training interrupted at 1 steps."))
+    job.times.append(job.started + 2)
+    between = train.train_view(job)
+    assert job.running and between.running
+    assert "<b>Interrupted</b>" in between.status_html and "interrupting…" not in between.status_html
+    assert "Training interrupted at 1 steps." in between.status_html
+    views = train.follow(train.TrainingJobs(threading.Lock()), poll=0.01, job=job)
+    assert next(views).running
+    job.done = True
+    last = next(views)
+    assert not last.running and "<b>Interrupted</b>" in last.status_html
+    assert next(views, None) is None
+
+    failing = train.TrainingJob("embedding", "toytri", 100)
+    failing.error = "out of memory"
+    view = train.train_view(failing)
+    assert failing.running and "<b>Stopped</b>" in view.status_html and "sdconcepts-train-error" in view.status_html
 
 
 def test_a_failing_run_reports_its_error(session: UiSession, tiny_model_dir: Path, dataset: Path,

@@ -409,10 +409,14 @@ def train_view(job: TrainingJob | None) -> TrainView:
     times = list(job.times)[: len(events)]
     steps = [e for e in events if e.kind == "step"]
     end = next((e for e in reversed(events) if e.kind != "step"), None)
+    error = job.error
     parts: list[str] = []
-    if running:
+    # The thread appends the end event (or sets the error) and flips ``done`` a moment later: a snapshot between the
+    # two shows the end already; ``running`` stays as read, so ``follow`` still waits for ``done`` and yields again.
+    ended = not running or end is not None or error is not None
+    if not ended:
         state = "Training"
-    elif job.error or (end and end.kind == "nan"):
+    elif error or (end and end.kind == "nan"):
         state = "Stopped"
     else:
         state = "Interrupted" if end and end.kind == "interrupted" else "Done"
@@ -426,14 +430,14 @@ def train_view(job: TrainingJob | None) -> TrainView:
         parts.append(f"lr: {last.lr:g}")
         parts.append(f"{rate:.2f} it/s" if rate else "- it/s")
         parts.append(f"ETA {_duration(last.eta_s)}")
-    elif running:
+    elif not ended:
         parts.append("loading the model and the dataset…")
-    if job.stop.is_set() and running:
+    if job.stop.is_set() and not ended:
         parts.append("interrupting…")
     status = '<div class="sdconcepts-train-status">' + " · ".join(parts)
-    message = job.error or (end.message if end else "")
+    message = error or (end.message if end else "")
     if message:
-        css = "sdconcepts-train-error" if job.error or (end and end.kind == "nan") else "sdconcepts-train-end"
+        css = "sdconcepts-train-error" if error or (end and end.kind == "nan") else "sdconcepts-train-end"
         status += f'<div class="{css}">{html.escape(message)}</div>'
     status += "</div>"
     previews = [e.preview for e in steps if e.preview][-SHOWN:]
