@@ -12,7 +12,10 @@ Model: the tiny SDXL (``sdconcepts.backends.tiny.build_tiny_sdxl``) at 64 px; 2 
 - ``floor``: both text encoders and the UNet (with the pooled output and size conditioning) forward, and backward
   with respect to the token embeddings' outputs alone, latents and noise precomputed: the work any SDXL TI step must do.
 
-Goals (issue 13): ours <= 1.1x the floor, and faster than the example. Usage: ``python bench/bench_training_sdxl.py [--rounds N] [--threads 1]``.
+Goals (issue 13): ours <= 1.1x the floor, and faster than the example. Usage:
+``python bench/bench_training_sdxl.py [--rounds N] [--threads 1] [--clock cpu|wall]``. With one thread the steps are
+timed in process CPU time by default: on a shared machine elapsed time also counts other jobs' turns on the core,
+which made single ratios swing between 1.04 and 1.21 for the same code.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -171,7 +175,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default=None,
+                        help="cpu: this process's CPU time (default with 1 thread: torch then computes on the calling "
+                             "thread, and other jobs on a shared machine do not add their time); wall: elapsed time "
+                             "(default with more threads)")
     args = parser.parse_args()
+    clock_name = args.clock or ("cpu" if args.threads == 1 else "wall")
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
 
     work = Path(tempfile.mkdtemp())
@@ -179,12 +189,13 @@ def main() -> None:
     model = model_from_components(build_tiny_sdxl(0), name="tiny-sdxl")
     for module in (model.unet, model.vae, *model.text_encoders):
         module.requires_grad_(False)
-    print(f"tiny SDXL, {args.size}px, {VECTORS} vectors, cpu {args.threads} thread(s), {args.rounds} rounds")
+    print(f"tiny SDXL, {args.size}px, {VECTORS} vectors, cpu {args.threads} thread(s), {args.rounds} rounds, "
+          f"{clock_name} time")
     for batch in (int(b) for b in args.batches.split(",")):
         steppers = {"ours": ours_stepper(model, data, args.size, batch, work),
                     "example": example_stepper(model, data, args.size, batch),
                     "floor": floor_stepper(model, args.size, batch)}
-        med = interleaved_medians(steppers, args.rounds, per_round=args.per_round)
+        med = interleaved_medians(steppers, args.rounds, per_round=args.per_round, clock=clock)
         print(f"batch {batch}: floor {med['floor'] * 1000:.1f} ms/step, ours {med['ours'] * 1000:.1f} ms/step, "
               f"example {med['example'] * 1000:.1f} ms/step; ours/floor {med['ours'] / med['floor']:.3f} (goal <= 1.1), "
               f"example/ours speed-up {med['example'] / med['ours']:.2f}x")
