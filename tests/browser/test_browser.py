@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from library_files import write_library
+from page_waits import toasts as _errors
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -145,11 +146,6 @@ def _value(page, selector: str) -> str:  # type: ignore[no-untyped-def]
     return str(page.locator(selector).first.input_value())
 
 
-def _errors(page) -> list[str]:  # type: ignore[no-untyped-def]
-    """The error messages gradio shows as toasts (same class in gradio 3, 4 and 6)."""
-    return [str(t) for t in page.locator(".toast-body").all_inner_texts()]
-
-
 def _wait_for_images(page, timeout: float = 180, expected_error: str = "") -> None:  # type: ignore[no-untyped-def]
     """Until the gallery shows an image; fail at once with the message when gradio shows an error instead."""
     deadline = time.monotonic() + timeout
@@ -192,22 +188,6 @@ def _choose(page, selector: str, value: str) -> None:  # type: ignore[no-untyped
     while field.input_value() != value and time.monotonic() < deadline:
         time.sleep(0.05)
     assert field.input_value() == value, field.input_value()
-
-
-def _wait_text(page, selector: str, text: str, timeout: float = 120) -> str:  # type: ignore[no-untyped-def]
-    """The element's text once it contains ``text``; fails at once when gradio shows an error instead."""
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
-        locator = page.locator(selector)
-        seen = locator.first.inner_text() if locator.count() else ""
-        if text in seen:
-            return str(seen)
-        errors = _errors(page)
-        if errors:
-            raise AssertionError(f"gradio error: {errors[0]}")
-        page.wait_for_timeout(200)
-    raise AssertionError(f"{text!r} not in {selector} after {timeout} s; it shows {seen!r}")
 
 
 def _screenshot(page: Any, path: Path) -> None:

@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 import test_browser as tb
 import torch
-from test_browser import _choose, _fill, _open_sub_tab, _screenshot, _wait_text
+from page_waits import wait_text
+from test_browser import _choose, _fill, _open_sub_tab, _screenshot
 
 from sdconcepts import Embedding, save_embedding
 from sdconcepts.toyworld.concept import write_concept
@@ -212,7 +213,7 @@ class _Phases:
 def _train(page, kind: str, name: str) -> str:  # type: ignore[no-untyped-def]
     """Click Train Embedding (``kind`` embedding) or Train Hypernetwork; the status once this run is done."""
     page.locator("#sdconcepts_train_ti_button" if kind == "embedding" else "#sdconcepts_train_hn_button").click()
-    status = _wait_text(page, "#sdconcepts_train_status", f"Done {kind} {name}", timeout=180)
+    status = wait_text(page, "#sdconcepts_train_status", f"Done {kind} {name}", timeout=180)
     assert "loss:" in status and "step 4/4" in status and "saved to" in status, status
     return status
 
@@ -237,7 +238,7 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
             _fill(page, "#sdconcepts_create_ti_name input", "xlnew")
             _fill(page, "#sdconcepts_create_ti_init input", "yellow triangle")
             page.locator("#sdconcepts_create_ti_button").click()
-            _wait_text(page, "#sdconcepts_create_ti_result", "Created")
+            wait_text(page, "#sdconcepts_create_ti_result", "Created")
             created = load_embedding(tmp / "embeddings" / "xlnew.safetensors")
             assert created.is_sdxl and created.vectors["clip_l"].shape[-1] == 32  # type: ignore[index]
             assert created.vectors["clip_g"].shape[-1] == 48  # type: ignore[index]
@@ -253,7 +254,7 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
             assert page.locator("#sdconcepts_create_hn_sizes input:checked").count() == len(XL_WIDTHS)
             _fill(page, "#sdconcepts_create_hn_name input", "xlhn")
             page.locator("#sdconcepts_create_hn_button").click()
-            _wait_text(page, "#sdconcepts_create_hn_result", "Created")
+            wait_text(page, "#sdconcepts_create_hn_result", "Created")
             assert sorted(load_hypernetwork(tmp / "hypernetworks" / "xlhn.pt").layers) == [64, 80, 96]
             phase("hypernetwork created")
 

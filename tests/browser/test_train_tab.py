@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import test_browser as tb
-from test_browser import _choose, _fill, _open_sub_tab, _screenshot, _wait_text
+from page_waits import wait_text
+from test_browser import _choose, _fill, _open_sub_tab, _screenshot
 
 from sdconcepts.toyworld.concept import write_concept
 
@@ -66,7 +67,7 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
             page.locator("#sdconcepts_preprocess_flip input").check()
             _choose(page, "#sdconcepts_preprocess_caption_action", "copy")
             page.locator("#sdconcepts_preprocess_button").click()
-            _wait_text(page, "#sdconcepts_preprocess_result", "Preprocessing finished: 6 images")
+            wait_text(page, "#sdconcepts_preprocess_result", "Preprocessing finished: 6 images")
             assert len(list(prepared.glob("*.png"))) == 6 and len(list(prepared.glob("*.txt"))) == 6
 
             # Create embedding: the new name is chosen in the Train sub-tab's dropdown.
@@ -74,13 +75,13 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
             _fill(page, "#sdconcepts_create_ti_name input", "uitoy")
             _fill(page, "#sdconcepts_create_ti_init input", "triangle")
             page.locator("#sdconcepts_create_ti_button").click()
-            _wait_text(page, "#sdconcepts_create_ti_result", "Created")
+            wait_text(page, "#sdconcepts_create_ti_result", "Created")
 
             _open_sub_tab(page, "Train")
             # A missing dataset is refused next to its field and nothing starts.
             _fill(page, "#sdconcepts_train_dataset input", str(dataset / "missing"))
             page.locator("#sdconcepts_train_ti_button").click()
-            _wait_text(page, "#sdconcepts_train_err_dataset", "does not exist")
+            wait_text(page, "#sdconcepts_train_err_dataset", "does not exist")
             assert "No training" in page.locator("#sdconcepts_train_status").first.inner_text()
 
             _fill(page, "#sdconcepts_train_dataset input", str(prepared))
@@ -92,7 +93,7 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
                 _fill(page, selector, value)
             page.locator("#sdconcepts_train_read_txt2img input").check()
             page.locator("#sdconcepts_train_ti_button").click()
-            status = _wait_text(page, "#sdconcepts_train_status", "loss:")
+            status = wait_text(page, "#sdconcepts_train_status", "loss:")
             assert "it/s" in status and "ETA" in status and "lr: 0.005" in status
             page.locator("#sdconcepts_train_plot img").first.wait_for(state="visible", timeout=120_000)
             page.locator("#sdconcepts_train_previews img").first.wait_for(state="visible", timeout=120_000)
@@ -105,21 +106,21 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
             # holds a click on an event that is still streaming until it ends, so the refusal is seen on 4+ only.
             if tb.app_gradio_major() >= 4:
                 page.locator("#sdconcepts_train_ti_button").click()
-                _wait_text(page, "#sdconcepts_train_message", "is training already")
+                wait_text(page, "#sdconcepts_train_message", "is training already")
 
             # Reload: the page shows the running job again, still stepping.
             page.reload()
             _open_our_page(page, mode)
             tb._open_tab(page, "Train")
             _open_sub_tab(page, "Train")
-            first = _wait_text(page, "#sdconcepts_train_status", "loss:")
+            first = wait_text(page, "#sdconcepts_train_status", "loss:")
             assert "Training" in first and "uitoy" in first
             # Gradio's images load lazily: an image below the fold has no size until it is scrolled to.
             page.locator("#sdconcepts_train_plot").first.scroll_into_view_if_needed()
             page.locator("#sdconcepts_train_plot img").first.wait_for(state="visible", timeout=60_000)
 
             page.locator("#sdconcepts_train_interrupt").click()
-            end = _wait_text(page, "#sdconcepts_train_status", "Training interrupted", timeout=120)
+            end = wait_text(page, "#sdconcepts_train_status", "Training interrupted", timeout=120)
             assert "saved to" in end and "uitoy.pt" in end
             page.locator("#sdconcepts_train_previews img").first.wait_for(state="visible")
             _screenshot(page, tb.OUTPUT / f"train-tab-{mode}.png")

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# page_waits: the page waits the browser tests use too
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "browser"))
 
 import host_harness as hh  # noqa: E402
 

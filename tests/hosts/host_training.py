@@ -28,6 +28,7 @@ from typing import Any
 
 import host_harness as hh
 import numpy as np
+from page_waits import wait_text
 
 from sdconcepts.embedding_files import load_embedding
 from sdconcepts.toyworld.concept import write_concept
@@ -68,25 +69,10 @@ def _fill(page: Any, selector: str, value: str) -> None:
 
 
 def _wait_text(page: Any, selector: str, text: str, timeout: float = 120, fail_on: tuple[str, ...] = ()) -> str:
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
-        locator = page.locator(selector)
-        seen = locator.first.inner_text() if locator.count() else ""
-        if text in seen:
-            return str(seen)
-        if any(bad in seen for bad in fail_on):
-            raise AssertionError(f"{selector} shows {seen!r}")
-        # Only our error boxes: gradio 4 (Forge) also writes progress timers ("0.1s") into pending outputs.
-        refused = page.locator("[id^=sdconcepts_train_err_] .sdconcepts-field-error, "
-                               "#sdconcepts_train_message .sdconcepts-field-error").all_inner_texts()
-        if [t for t in refused if t.strip()]:
-            raise AssertionError(f"the Train tab refused: {refused}")
-        toasts = [str(t) for t in page.locator(".toast-body").all_inner_texts()]
-        if toasts:
-            raise AssertionError(f"gradio error: {toasts[0]}")
-        page.wait_for_timeout(500)
-    raise AssertionError(f"{text!r} not in {selector} after {timeout} s; it shows {seen!r}")
+    # Only our error boxes: gradio 4 (Forge) also writes progress timers ("0.1s") into pending outputs.
+    return wait_text(page, selector, text, timeout, fail_on=fail_on, poll_ms=500,
+                     error_boxes="[id^=sdconcepts_train_err_] .sdconcepts-field-error, "
+                                 "#sdconcepts_train_message .sdconcepts-field-error")
 
 
 def _click_tab(page: Any, container: str, label: str) -> None:
