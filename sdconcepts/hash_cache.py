@@ -117,6 +117,14 @@ class HashCache:
             entries = dict(self._entries or {})
             self._dirty = False
             self._last_save = time.monotonic()
+        # Files deleted since they were hashed are dropped whenever the cache is written, so that it does not grow
+        # with every file a library ever held (one stat per entry; a folder that is only unmounted costs a rehash).
+        gone = {key: entries.pop(key) for key in list(entries) if not _exists(key)}
+        if gone:
+            with self._lock:
+                for key, entry in gone.items():
+                    if self._entries is not None and self._entries.get(key) == entry:  # not re-put meanwhile
+                        del self._entries[key]
         payload = {"version": _VERSION, "files": {k: list(v) for k, v in entries.items()}}
         try:
             with atomic_path(self.path) as tmp:
@@ -125,3 +133,13 @@ class HashCache:
             log.warning("cannot write the hash cache %s (%s)", self.path, exc.strerror or exc)
             with self._lock:
                 self._dirty = True
+
+
+def _exists(key: str) -> bool:
+    try:
+        os.stat(key)
+    except FileNotFoundError:
+        return False
+    except OSError:  # unreadable, not known to be gone: keep the entry
+        return True
+    return True

@@ -151,3 +151,24 @@ def test_the_ui_session_keeps_hashes_in_its_cache_file(tmp_path: Path) -> None:
     view = handlers.embedding_cards_view(UiSession(UiConfig(embeddings_dirs=[folder], hash_cache=cache)))
     # The restart read no content to hash: the card shows the recorded hash, not the (silently) new content's.
     assert first[:12] in view.cards_html and file_sha256(path)[:12] not in view.cards_html
+
+
+def test_entries_of_deleted_files_are_dropped_when_the_cache_is_written(tmp_path: Path) -> None:
+    cache_file = tmp_path / "cache" / "hashes.json"
+    kept, deleted, added = tmp_path / "kept.pt", tmp_path / "deleted.pt", tmp_path / "added.pt"
+    for seed, path in enumerate((kept, deleted, added)):
+        _save(path, seed)
+    cache = HashCache(cache_file)
+    for path in (kept, deleted):
+        st = path.stat()
+        cache.sha256(str(path), (st.st_mtime_ns, st.st_size, st.st_ino))
+    cache.save(force=True)
+    assert set(json.loads(cache_file.read_text())["files"]) == {str(kept), str(deleted)}
+    deleted.unlink()
+    later = HashCache(cache_file)  # a later run: it hashes a new file and writes the cache
+    st = added.stat()
+    later.sha256(str(added), (st.st_mtime_ns, st.st_size, st.st_ino))
+    later.save(force=True)
+    assert set(json.loads(cache_file.read_text())["files"]) == {str(kept), str(added)}
+    st = kept.stat()
+    assert later.get(str(kept), (st.st_mtime_ns, st.st_size, st.st_ino)) == file_sha256(kept)
