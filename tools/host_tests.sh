@@ -5,7 +5,7 @@
 #   tools/host_tests.sh [prepare|test|all] [pytest args...]     (default: all)
 #
 #   prepare  prepare (or reuse) both hosts in the cache, install the current checkout as extensions/sdconcepts,
-#            clean earlier runs' state, build (or reuse) the random-weight SD 1.5 test checkpoint
+#            clean earlier runs' state, build (or reuse) the random-weight SD 1.5 and SD 2.1 test checkpoints
 #   test     prepare, then run pytest tests/hosts (extra arguments go to pytest, e.g. -k a1111)
 #   all      same as test
 #
@@ -144,15 +144,22 @@ for host in a1111 forge; do
   clean_host "$host"
 done
 
-say "checkpoint: building or reusing the random SD 1.5 test file"
-t0=$SECONDS
-CKPT_LINE=$(PYTHONPATH=$ROOT "$PROJECT_PY" "$ROOT/tests/hosts/sd15_random.py" "$CACHE/checkpoints") ||
-  die "could not build the test checkpoint"
-CHECKPOINT=${CKPT_LINE%%$'\t'*}
-say "checkpoint: $CHECKPOINT (${CKPT_LINE#*$'\t'}; $((SECONDS - t0))s)"
+# The random test checkpoints: SD 1.5 (every host test) and SD 2.1 (the SD 2 tests on Forge's model)
+declare -A CHECKPOINTS=()
+for family in sd1 sd2; do
+  say "checkpoint: building or reusing the random $family test file"
+  t0=$SECONDS
+  CKPT_LINE=$(PYTHONPATH=$ROOT "$PROJECT_PY" "$ROOT/tests/hosts/random_checkpoint.py" "$CACHE/checkpoints" "$family") ||
+    die "could not build the $family test checkpoint"
+  CHECKPOINTS[$family]=${CKPT_LINE%%$'\t'*}
+  say "checkpoint: ${CHECKPOINTS[$family]} (${CKPT_LINE#*$'\t'}; $((SECONDS - t0))s)"
+done
+CHECKPOINT=${CHECKPOINTS[sd1]}
 # Checkpoints of older recipes
 for old in "$CACHE/checkpoints"/*/; do
-  [[ $(cd "$old" && pwd) == "$(dirname "$CHECKPOINT")" ]] || { say "removing stale $old"; rm -rf "$old"; }
+  old=$(cd "$old" && pwd)
+  [[ $old == "$(dirname "${CHECKPOINTS[sd1]}")" || $old == "$(dirname "${CHECKPOINTS[sd2]}")" ]] ||
+    { say "removing stale $old"; rm -rf "$old"; }
 done
 
 [[ $action == prepare ]] && { say "prepared: $CACHE/a1111-$KEY $CACHE/forge-$KEY"; exit 0; }
@@ -166,7 +173,8 @@ if [[ ! -x /usr/bin/chromium ]]; then
 fi
 
 export SDCONCEPTS_A1111_DIR=$CACHE/a1111-$KEY SDCONCEPTS_FORGE_DIR=$CACHE/forge-$KEY SDCONCEPTS_HOST_KIT=$KIT
-export SDCONCEPTS_HOST_CHECKPOINT=$CHECKPOINT SDCONCEPTS_HOSTS_REQUIRED=1 SDCONCEPTS_HOSTS_CACHE=$CACHE
+export SDCONCEPTS_HOST_CHECKPOINT=$CHECKPOINT SDCONCEPTS_HOST_CHECKPOINT_SD2=${CHECKPOINTS[sd2]}
+export SDCONCEPTS_HOSTS_REQUIRED=1 SDCONCEPTS_HOSTS_CACHE=$CACHE
 export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 REPORT=$(mktemp "${TMPDIR:-/tmp}/host_tests.XXXXXX.xml")
 trap 'rm -f "$REPORT"' EXIT

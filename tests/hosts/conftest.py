@@ -7,6 +7,7 @@ plain ``python -m pytest -q`` run these variables are absent and every test here
     SDCONCEPTS_A1111_DIR / SDCONCEPTS_FORGE_DIR   prepared trees (prepare.sh DEST; extensions/sdconcepts installed)
     SDCONCEPTS_HOST_KIT                           the kit folder (launch.sh, stop.sh)
     SDCONCEPTS_HOST_CHECKPOINT                    the random SD 1.5 file (default: built into the hosts cache)
+    SDCONCEPTS_HOST_CHECKPOINT_SD2                the random SD 2.1 file (default: likewise)
 """
 
 from __future__ import annotations
@@ -64,10 +65,21 @@ def host_checkpoint() -> Path:
     given = os.environ.get(hh.ENV_CHECKPOINT)
     if given:
         return Path(given)
-    import sd15_random
+    return _random_checkpoint("sd1")
+
+
+def _random_checkpoint(family: str) -> Path:
+    import random_checkpoint
 
     cache = os.environ.get("SDCONCEPTS_HOSTS_CACHE") or "/var/cache/sdconcepts/hosts"
-    return sd15_random.ensure_checkpoint(Path(cache) / "checkpoints")
+    return random_checkpoint.ensure_checkpoint(Path(cache) / "checkpoints", family)
+
+
+@pytest.fixture(scope="session")
+def host_checkpoint_sd2() -> Path:
+    """The random-weight SD 2.1 single file (built into the cache when not given)."""
+    given = os.environ.get(hh.ENV_CHECKPOINT_SD2)
+    return Path(given) if given else _random_checkpoint("sd2")
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +131,14 @@ def a1111_without_extension(host_manager: hh.HostManager) -> hh.Host:
 def forge(host_manager: hh.HostManager) -> hh.Host:
     """Forge (dfdcbab6) running with our extension (launched on first use; other hosts are stopped first)."""
     return _host(host_manager, "forge")
+
+
+@pytest.fixture
+def forge_sd2(host_manager: hh.HostManager, host_checkpoint_sd2: Path) -> hh.Host:
+    """Forge launched on the random SD 2.1 file (``--ckpt``), with our extension."""
+    if "forge" not in host_manager.dirs:
+        pytest.skip(f"forge not prepared (set {hh.ENV_DIRS['forge']})")
+    return host_manager.get("forge", extra_flags=("--ckpt", str(host_checkpoint_sd2)))
 
 
 @pytest.fixture(scope="session")

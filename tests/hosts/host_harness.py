@@ -31,6 +31,7 @@ KINDS = ("a1111", "forge")
 ENV_DIRS = {"a1111": "SDCONCEPTS_A1111_DIR", "forge": "SDCONCEPTS_FORGE_DIR"}
 ENV_KIT = "SDCONCEPTS_HOST_KIT"
 ENV_CHECKPOINT = "SDCONCEPTS_HOST_CHECKPOINT"
+ENV_CHECKPOINT_SD2 = "SDCONCEPTS_HOST_CHECKPOINT_SD2"
 ENV_REQUIRED = "SDCONCEPTS_HOSTS_REQUIRED"
 CHECKPOINT_NAME = "sd15-random"
 
@@ -220,10 +221,12 @@ class HostManager:
             self._staged = folder
         return self._staged
 
+    def _checkpoint_link(self, dest: Path) -> Path:
+        return dest / "models" / "Stable-diffusion" / f"{CHECKPOINT_NAME}{self.checkpoint.suffix}"
+
     def _install_models(self, dest: Path) -> None:
-        ckpt_dir = dest / "models" / "Stable-diffusion"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        link = ckpt_dir / f"{CHECKPOINT_NAME}{self.checkpoint.suffix}"
+        link = self._checkpoint_link(dest)
+        link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(self.checkpoint)
@@ -255,10 +258,13 @@ class HostManager:
         dest = self.dirs[kind]
         self._install_models(dest)
         port = free_port()
+        # The checkpoint is always named: a tree's settings remember the last one loaded (a launch on the SD 2 file
+        # must not leave the next launch on it).
+        ckpt = () if "--ckpt" in flags else ("--ckpt", str(self._checkpoint_link(dest)))
         env = {**os.environ, "LAUNCH_TIMEOUT": os.environ.get("SDCONCEPTS_HOST_LAUNCH_TIMEOUT", "900")}
         t0 = time.monotonic()
         proc = subprocess.run(
-            [str(self.kit / "launch.sh"), str(dest), str(port), *flags],
+            [str(self.kit / "launch.sh"), str(dest), str(port), *ckpt, *flags],
             env=env,
             capture_output=True,
             text=True,

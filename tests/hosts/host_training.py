@@ -104,7 +104,8 @@ def create_in_our_tab(page: Any, kind: str, name: str) -> None:
     if kind == "embedding":
         _fill(page, "#sdconcepts_create_ti_init input", "red")
     page.locator(f"#sdconcepts_create_{short}_button").click()
-    _wait_text(page, f"#sdconcepts_create_{short}_result", "Created", timeout=600)
+    result = f"#sdconcepts_create_{short}_result"
+    wait_text(page, result, "Created", timeout=600, poll_ms=500, error_boxes=f"{result} .sdconcepts-field-error")
 
 
 def start_in_our_tab(page: Any, kind: str, dataset: Path | None, *, max_steps: int, preview_every: int = 0,
