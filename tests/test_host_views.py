@@ -136,3 +136,23 @@ def test_a1111_sdxl_is_read_once_under_its_sgm_names() -> None:
     assert (encoders, family) == (None, None)
     assert got.keys() == state.keys()
     assert all(got[k] is state[k] for k in state)
+
+
+def test_the_train_tab_knows_an_sdxl_host_model_once_its_view_exists(tmp_path: Path) -> None:
+    """SDXL embeddings are clip_l + clip_g pairs: the Textual Inversion cards must know the host's model is SDXL
+    (not only its 2 x width) as soon as our view of it exists, without loading it just to draw the page."""
+    from sdconcepts.backends.diffusers import model_from_components
+    from sdconcepts.ui.session import HOST_MODEL_LABEL, UiConfig, UiSession
+
+    view = model_from_components(build_tiny_sdxl(seed=1), family="sdxl")
+    source = SimpleNamespace(model=None)
+    source.load = lambda: setattr(source, "model", view) or view
+    source.loaded = lambda: source.model
+    source.loaded_width = lambda: None if source.model is None else view.context_width
+    (tmp_path / "models").mkdir()
+    session = UiSession(UiConfig(models_dir=tmp_path / "models", embeddings_dirs=[tmp_path / "emb"],
+                                 hypernetworks_dirs=[tmp_path / "hn"], outputs_dir=tmp_path / "out", device="cpu",
+                                 host_model=source))
+    assert session.is_sdxl(HOST_MODEL_LABEL) is None  # nothing loaded just to draw the page
+    assert session.model(HOST_MODEL_LABEL) is view
+    assert session.is_sdxl(HOST_MODEL_LABEL) is True
