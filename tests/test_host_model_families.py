@@ -166,3 +166,21 @@ def test_an_sdxl_view_from_a1111_slices_and_transposes_in_place() -> None:
     projection = state["conditioner.embedders.1.model.text_projection"]
     assert view.text_encoder_2.text_projection.weight.data_ptr() == projection.data_ptr()
     assert torch.equal(view.text_encoder_2.text_projection.weight, projection.t())
+
+
+def test_an_sdxl_vae_held_in_float16_runs_in_float32_on_a_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SDXL's VAE overflows in float16 (NaN previews): as for a file (and as A1111 reverts its own), the view's VAE
+    is a float32 copy, logged; everything else stays the host's float16 memory, and the host's VAE is untouched."""
+    path = tmp_path / "xl.safetensors"
+    save_single_file({**build_tiny_sdxl(seed=3), "family": "sdxl"}, path)
+    state, metadata = cf.read_checkpoint_with_metadata(path)
+    held = {k: v.to(torch.float16) if v.is_floating_point() else v.clone() for k, v in state.items()}
+    before = {k: v.clone() for k, v in held.items() if k.startswith(cf.VAE_PREFIX)}
+    with caplog.at_level("INFO", logger="sdconcepts.backends.diffusers"):
+        view = model_sharing_weights(held, name="xl16", metadata=metadata)
+    assert {p.dtype for p in view.vae.parameters()} == {torch.float32}
+    assert "the SDXL VAE held in float16 runs in float32 here" in caplog.text
+    assert {p.dtype for p in view.unet.parameters()} == {torch.float16}
+    memory = {t.untyped_storage().data_ptr() for t in held.values()}
+    assert all(p.untyped_storage().data_ptr() in memory for p in view.unet.parameters())
+    assert all(held[k].dtype == torch.float16 and torch.equal(held[k], v) for k, v in before.items())

@@ -186,7 +186,8 @@ def model_sharing_weights(
 ) -> LoadedModel:
     """A LoadedModel over the tensors of an LDM-layout state dict held by someone else (a host's loaded model).
 
-    No tensor is copied or converted (see ``single_file.components_sharing_weights``): generation and training run
+    No tensor is copied or converted (see ``single_file.components_sharing_weights``; one exception: an SDXL VAE held
+    in float16 gets a float32 copy, as ``_upcast_vae`` does for files, logged): generation and training run
     on the same memory as the owner's model and never write it; the LoadedModel stays valid while the owner keeps
     those tensors where they are. ``short_hash`` is the owner's model hash (infotexts, files' ``sd_checkpoint``);
     ``metadata`` as in a single file's header (our configs, for shapes the tensors cannot tell). ``text_encoders``
@@ -202,7 +203,7 @@ def model_sharing_weights(
     except CheckpointError as exc:
         raise ModelLoadError(f"{name}: {exc}") from exc
     weight = next(parts["unet"].parameters())
-    return LoadedModel(
+    model = LoadedModel(
         unet=parts["unet"],
         vae=parts["vae"],
         text_encoder=parts["text_encoder"],
@@ -218,6 +219,14 @@ def model_sharing_weights(
         text_encoder_2=parts.get("text_encoder_2"),
         tokenizer_2=parts.get("tokenizer_2"),
     )
+    vae_weight = next(model.vae.parameters())
+    if model.is_sdxl and vae_weight.dtype == torch.float16 and bool(getattr(model.vae.config, "force_upcast", False)):
+        # SDXL's VAE gives NaN images in float16 (see _upcast_vae); A1111 itself reverts its VAE to float32 then. Our
+        # own float32 copy of the VAE only: .to() gives our Parameters new tensors, the owner's stay as they are.
+        model.vae.to(torch.float32)
+        size = sum(p.numel() * 4 for p in model.vae.parameters())
+        log.info("%s: the SDXL VAE held in float16 runs in float32 here (%.0f MB copied)", name, size / 2**20)
+    return model
 
 
 def _finish(model: LoadedModel, device: torch.device) -> LoadedModel:
