@@ -1,7 +1,7 @@
 """The host's loaded model seen as the state dicts ``model_sharing_weights`` reads: key names only, no tensor copied.
 
 A1111 holds its whole model in the LDM/SGM layout of the file (``shared.sd_model``); Forge holds its UNet and VAE in
-that layout too but its text encoders as transformers ``CLIPTextModel``\\ s, converted when the file was loaded
+that layout too but its text encoders as transformers ``CLIPTextModel`` objects, converted when the file was loaded
 (q/k/v apart; SD2's OpenCLIP-H already cut to the 23 layers SD2 reads). These functions take the host's objects
 (no ``modules.*``/``backend.*`` import), so that they can be checked against the hosts' own classes.
 
