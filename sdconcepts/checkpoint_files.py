@@ -14,7 +14,7 @@ import copy
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -57,6 +57,7 @@ __all__ = [
     "reference_configs",
     "sidecar_yaml_path",
     "split_checkpoint",
+    "text_encoders_to_ldm",
     "write_checkpoint",
 ]
 
@@ -279,6 +280,25 @@ def diffusers_to_ldm(
             raise CheckpointError("an SDXL checkpoint needs both text encoders")
         return sdxl.join_checkpoint(unet_sd, vae_sd, text_encoder_sd, text_encoder_2_sd, extra=extra)
     return sd.join_checkpoint(unet_sd, vae_sd, text_encoder_sd, family, extra=extra)
+
+
+def text_encoders_to_ldm(text_encoders: Sequence[Mapping[str, Tensor]], family: str) -> tuple[StateDict, StateDict]:
+    """The LDM/SGM keys of a model's text encoders given as CLIPTextModel state dicts (SDXL: CLIP-L, then
+    CLIPTextModelWithProjection's OpenCLIP-G), and the placeholders a file carries beside them.
+
+    OpenCLIP's fused q/k/v (SD2, SDXL's second encoder) are new tensors: where only names and shapes matter (config
+    inference for a model someone else holds) pass meta tensors.
+    """
+    if family not in FAMILIES:
+        raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    wanted = 2 if family == "sdxl" else 1
+    if len(text_encoders) != wanted:
+        raise CheckpointError(f"a {family} model has {wanted} text encoder(s), not {len(text_encoders)}")
+    if family == "sdxl":
+        from sdconcepts.checkpoints import sdxl
+
+        return sdxl.join_text(text_encoders[0], text_encoders[1])
+    return sd.join_text(text_encoders[0], family)
 
 
 # ------------------------------------------------------------------------------------------------ config inference

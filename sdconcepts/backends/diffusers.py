@@ -181,23 +181,29 @@ def model_sharing_weights(
     short_hash: str | None = None,
     prediction_type: str | None = None,
     metadata: dict[str, str] | None = None,
+    text_encoders: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    family: str | None = None,
 ) -> LoadedModel:
     """A LoadedModel over the tensors of an LDM-layout state dict held by someone else (a host's loaded model).
 
-    No tensor is copied or converted (see ``single_file.components_sharing_weights``): generation and training run
+    No tensor is copied or converted (see ``single_file.components_sharing_weights``; one exception: an SDXL VAE held
+    in float16 gets a float32 copy, as ``_upcast_vae`` does for files, logged): generation and training run
     on the same memory as the owner's model and never write it; the LoadedModel stays valid while the owner keeps
     those tensors where they are. ``short_hash`` is the owner's model hash (infotexts, files' ``sd_checkpoint``);
-    ``metadata`` as in a single file's header (our configs, for shapes the tensors cannot tell).
+    ``metadata`` as in a single file's header (our configs, for shapes the tensors cannot tell). ``text_encoders``
+    (transformers layout) and ``family``: text encoders given apart from the LDM-layout UNet and VAE, as Forge holds
+    them (see ``components_sharing_weights``).
     """
     from sdconcepts.backends.single_file import components_sharing_weights
     from sdconcepts.checkpoint_files import CheckpointError
 
     try:
-        parts = components_sharing_weights(state_dict, prediction_type=prediction_type, metadata=metadata)
+        parts = components_sharing_weights(state_dict, text_encoders=text_encoders, family=family,
+                                           prediction_type=prediction_type, metadata=metadata)
     except CheckpointError as exc:
         raise ModelLoadError(f"{name}: {exc}") from exc
     weight = next(parts["unet"].parameters())
-    return LoadedModel(
+    model = LoadedModel(
         unet=parts["unet"],
         vae=parts["vae"],
         text_encoder=parts["text_encoder"],
@@ -210,7 +216,17 @@ def model_sharing_weights(
         device=weight.device,
         dtype=weight.dtype,
         _hash=short_hash,
+        text_encoder_2=parts.get("text_encoder_2"),
+        tokenizer_2=parts.get("tokenizer_2"),
     )
+    vae_weight = next(model.vae.parameters())
+    if model.is_sdxl and vae_weight.dtype == torch.float16 and bool(getattr(model.vae.config, "force_upcast", False)):
+        # SDXL's VAE gives NaN images in float16 (see _upcast_vae); A1111 itself reverts its VAE to float32 then. Our
+        # own float32 copy of the VAE only: .to() gives our Parameters new tensors, the owner's stay as they are.
+        model.vae.to(torch.float32)
+        size = sum(p.numel() * 4 for p in model.vae.parameters())
+        log.info("%s: the SDXL VAE held in float16 runs in float32 here (%.0f MB copied)", name, size / 2**20)
+    return model
 
 
 def _finish(model: LoadedModel, device: torch.device) -> LoadedModel:

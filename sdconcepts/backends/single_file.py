@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,28 +129,62 @@ def _materialize(make: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dt
 def components_sharing_weights(
     state_dict: dict[str, torch.Tensor],
     *,
+    text_encoders: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    family: str | None = None,
     prediction_type: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Build ``unet``, ``vae`` and ``text_encoder`` over the tensors of an LDM-layout state dict, copying none.
+    """Build ``unet``, ``vae`` and the text encoder(s) over the tensors of a model held in memory, copying none.
 
     For a model someone else holds in memory (a web UI host's loaded checkpoint): every parameter of the returned
     modules is a new ``Parameter`` (``requires_grad`` False) over the same storage as the given tensor, so the host's
-    own parameters keep their flags and no second copy of the weights exists. Nothing is converted (dtype, device,
-    alignment): the modules compute with the host's tensors as they are. Also returns ``scheduler_config``,
-    ``family``, ``prediction_type`` and ``configs``. Raises CheckpointError when the weights are not SD 1.x/2.x.
+    own parameters keep their flags and no second copy of the weights exists. Nothing is converted (device,
+    alignment; dtype only as `_alias` logs): the modules compute with the host's tensors as they are.
+
+    `state_dict` is in LDM/SGM layout (SD 1.x/2.x/XL, as A1111 holds it; OpenCLIP's fused q/k/v are sliced into
+    views). `text_encoders`, when given, are the text encoders already in transformers' CLIPTextModel layout (as
+    Forge holds them; SDXL: CLIP-L, then OpenCLIP-G with ``text_projection.weight`` as nn.Linear stores it), and
+    `state_dict` then needs only the UNet and VAE; `family` must be given for one encoder (two mean SDXL). Also
+    returns ``tokenizer`` (and SDXL's ``text_encoder_2``, ``tokenizer_2``), ``scheduler_config``, ``family``,
+    ``prediction_type`` and ``configs``. Raises CheckpointError when the weights are not SD 1.x/2.x/XL.
     """
-    configs = cf.infer_configs(state_dict, prediction_type=prediction_type, metadata=metadata)
-    parts, _ = cf.split_checkpoint(state_dict, configs)
+    full: Mapping[str, torch.Tensor] = state_dict
+    given: list[Mapping[str, torch.Tensor]] = []
+    if text_encoders is not None:
+        given = list(text_encoders)
+        family = family or ("sdxl" if len(given) == 2 else None)
+        if family is None:
+            raise cf.CheckpointError("the model family (sd1 or sd2) is needed to read one text encoder")
+        # Config inference and the UNet/VAE split read one LDM-layout state dict, as from a file: the encoders are
+        # seen there under their LDM names as meta tensors (shapes only; nothing fused or copied).
+        meta = [{k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in te.items()} for te in given]
+        names, placeholders = cf.text_encoders_to_ldm(meta, family)
+        full = {**placeholders, **state_dict, **names}
+    configs = cf.infer_configs(full, prediction_type=prediction_type, metadata=metadata)
+    if family is not None and configs.family != family:
+        raise cf.CheckpointError(f"the weights are {configs.family}, not {family}")
+    parts, _ = cf.split_checkpoint(full, configs)
+    if given:
+        parts["text_encoder"] = dict(given[0])
+        if configs.family == "sdxl":
+            parts["text_encoder_2"] = dict(given[1])
     unet = _alias(lambda: UNet2DConditionModel.from_config(configs.unet), parts["unet"], "UNet")
     vae = _alias(lambda: AutoencoderKL.from_config(configs.vae), parts["vae"], "VAE")
     text_encoder = _alias(lambda: CLIPTextModel(CLIPTextConfig(**configs.text_encoder)), parts["text_encoder"],
                           "text encoder")
+    sdxl: dict[str, Any] = {}
+    if configs.family == "sdxl":
+        assert configs.text_encoder_2 is not None  # infer_configs always sets it for SDXL
+        text_config_2 = configs.text_encoder_2
+        text_encoder_2 = _alias(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**text_config_2)),
+                                parts["text_encoder_2"], "second text encoder")
+        sdxl = {"text_encoder_2": text_encoder_2, "tokenizer_2": load_clip_tokenizer("sd2")}
     return {
+        **sdxl,
         "unet": unet,
         "vae": vae,
         "text_encoder": text_encoder,
-        "tokenizer": load_clip_tokenizer(configs.family),
+        "tokenizer": load_clip_tokenizer("sd1" if configs.family == "sdxl" else configs.family),
         "scheduler_config": dict(configs.scheduler),
         "family": configs.family,
         "prediction_type": configs.prediction_type,
@@ -173,7 +208,7 @@ def _plain_view(tensor: torch.Tensor) -> torch.Tensor:
 def _alias(make: Any, state_dict: dict[str, torch.Tensor], what: str) -> Any:
     with torch.device("meta"):
         model = make()
-    if isinstance(model, CLIPTextModel):
+    if isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
         state_dict = cf.match_text_encoder_keys(state_dict, model.state_dict().keys())
     # A view without the host's autograd flags; load_state_dict(assign=True) wraps it in a new Parameter.
     tensors = {k: _plain_view(v) for k, v in state_dict.items()}

@@ -95,6 +95,24 @@ def split_checkpoint(state_dict: Mapping[str, Tensor], family: str) -> tuple[dic
     return {"unet": unet, "vae": vae, "text_encoder": text}, leftovers
 
 
+def join_text(text_encoder_sd: Mapping[str, Tensor], family: str) -> tuple[StateDict, StateDict]:
+    """The LDM-layout keys of a CLIPTextModel state dict (either key form) of a SD 1.x/2.x model, and the
+    placeholders a file carries beside them (SD1's ``position_ids``, SD2's unused last layer, all zeros).
+
+    SD2's q/k/v are fused into OpenCLIP's ``in_proj`` (a new tensor): call it on meta tensors where only the
+    shapes matter."""
+    te = _strip_text_model(text_encoder_sd)
+    placeholders: StateDict = {}
+    if family == "sd1":
+        table = te.get("embeddings.position_embedding.weight")
+        if table is not None:
+            ids = torch.arange(table.shape[0], dtype=torch.int64, device=table.device).unsqueeze(0)
+            placeholders[SD1_TEXT_PREFIX + TEXT_MODEL + "embeddings.position_ids"] = ids
+        return _hf_text_to_sd1(te), placeholders
+    text = _hf_text_to_sd2(te)
+    return text, _sd2_unused_last_layer(text, len(_indices(te, "encoder.layers.")))
+
+
 def join_checkpoint(
     unet_sd: Mapping[str, Tensor],
     vae_sd: Mapping[str, Tensor],
@@ -106,17 +124,7 @@ def join_checkpoint(
     """One LDM-layout state dict of a SD 1.x/2.x model; see `sdconcepts.checkpoint_files.diffusers_to_ldm`."""
     unet = _rename(unet_sd, "", _unet_modules(_diffusers_unet_layout(unet_sd)), to_diffusers=False, what="UNet")
     vae = join_vae(vae_sd)
-    te = _strip_text_model(text_encoder_sd)
-    if family == "sd1":
-        text = _hf_text_to_sd1(te)
-        placeholders: StateDict = {}
-        table = te.get("embeddings.position_embedding.weight")
-        if table is not None:
-            ids = torch.arange(table.shape[0], dtype=torch.int64, device=table.device).unsqueeze(0)
-            placeholders[SD1_TEXT_PREFIX + TEXT_MODEL + "embeddings.position_ids"] = ids
-    else:
-        text = _hf_text_to_sd2(te)
-        placeholders = _sd2_unused_last_layer(text, len(_indices(te, "encoder.layers.")))
+    text, placeholders = join_text(text_encoder_sd, family)
     # Converted weights win over leftovers; leftovers win only over the placeholders made up here.
     out: StateDict = {**placeholders, **(extra or {})}
     out.update({UNET_PREFIX + k: v for k, v in unet.items()})

@@ -109,6 +109,22 @@ def join_checkpoint(
     label_emb = "add_embedding.linear_1.weight" in unet_sd
     unet = lk._rename(unet_sd, "", _unet_modules(layout, label_emb), to_diffusers=False, what="UNet")
     vae = lk.join_vae(vae_sd)
+    text, placeholders = join_text(text_encoder_sd, text_encoder_2_sd)
+    out: StateDict = {**placeholders, **(extra or {})}
+    out.update({lk.UNET_PREFIX + k: v for k, v in unet.items()})
+    out.update({lk.VAE_PREFIX + k: v for k, v in vae.items()})
+    out.update(text)
+    return out
+
+
+def join_text(
+    text_encoder_sd: Mapping[str, Tensor], text_encoder_2_sd: Mapping[str, Tensor]
+) -> tuple[StateDict, StateDict]:
+    """The SGM-layout keys of both SDXL text encoders (CLIPTextModel, CLIPTextModelWithProjection state dicts in
+    either key form), and the placeholders a file carries beside them (CLIP-L's ``position_ids``, ``logit_scale``).
+
+    OpenCLIP-G's q/k/v are fused into ``in_proj`` (a new tensor): call it on meta tensors where only the shapes
+    matter."""
     text_l = {
         CLIP_L_PREFIX + lk.TEXT_MODEL + k: v
         for k, v in lk._strip_text_model(text_encoder_sd).items()
@@ -126,12 +142,7 @@ def join_checkpoint(
     if table is not None:
         ids = torch.arange(table.shape[0], dtype=torch.int64, device=table.device).unsqueeze(0)
         placeholders[CLIP_L_PREFIX + lk.TEXT_MODEL + "embeddings.position_ids"] = ids
-    out: StateDict = {**placeholders, **(extra or {})}
-    out.update({lk.UNET_PREFIX + k: v for k, v in unet.items()})
-    out.update({lk.VAE_PREFIX + k: v for k, v in vae.items()})
-    out.update(text_l)
-    out.update(text_g)
-    return out
+    return {**text_l, **text_g}, placeholders
 
 
 def _unet_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The host's loaded model (A1111's ``shared.sd_model``, Forge's ``forge_objects``) as our LoadedModel, no copy.
 
-Our tab trains and generates on the checkpoint the web UI already holds: the host's tensors are seen under their
-LDM key names and ``backends.diffusers.model_sharing_weights`` builds our modules over that same memory (new
+Our tab trains and generates on the checkpoint the web UI already holds (SD 1.x, 2.x, XL): the host's tensors are
+seen under their LDM key names (Forge's text encoders under their transformers names: `sdconcepts.host.views`) and
+``backends.diffusers.model_sharing_weights`` builds our modules over that same memory (new
 ``Parameter`` objects, ``requires_grad`` False; the host's modules, flags and hooks are never touched, so its own
 images stay bit-identical). Forge loads its patchers through its own memory manager first, as its sampling does.
 
@@ -12,49 +13,36 @@ file at once. Host ``modules.*`` / ``backend.*`` are imported inside functions o
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from typing import Any
 
-import torch
-
+from sdconcepts.host import views
 from sdconcepts.host.forge import is_forge
 
 __all__ = ["HostModel", "HostModelError", "reload_host_files"]
 
 log = logging.getLogger(__name__)
 
-# A1111 and Forge wrap the token embedding (and A1111 the whole text encoder) in modules whose child is "wrapped".
-_WRAPPED = re.compile(r"(^|\.)wrapped\.")
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
-
 
 class HostModelError(ValueError):
-    """The host's model cannot be used by our tab (none loaded, SDXL, ...); one sentence for the user."""
+    """The host's model cannot be used by our tab (none loaded, Flux, ...); one sentence for the user."""
 
 
-def _plain(key: str) -> str:
-    while _WRAPPED.search(key):
-        key = _WRAPPED.sub(r"\1", key, count=1)
-    return key
+# (host weights for model_sharing_weights, checkpoint name, short hash, prediction type, the host's model object)
+_View = tuple[views.HostWeights, str, str | None, str, Any]
 
 
-def _a1111_view() -> tuple[dict[str, torch.Tensor], str, str | None, str, Any]:
+def _a1111_view() -> _View:
     from modules import shared
 
     model = shared.sd_model  # A1111 loads its selected checkpoint here when none is loaded yet
     if model is None:
         raise HostModelError("the web UI has no model loaded; select a checkpoint in its dropdown first")
-    if getattr(model, "is_sdxl", False) or getattr(model, "conditioner", None) is not None:
-        raise HostModelError("the web UI's model is SDXL: training on it is not supported yet")
-    state = {_plain(k): v for k, v in model.state_dict().items()}
     prediction = "v_prediction" if getattr(model, "parameterization", "eps") == "v" else "epsilon"
-    return state, *_checkpoint_names(model), prediction, model
+    return views.a1111_weights(model), *_checkpoint_names(model), prediction, model
 
 
-def _forge_view() -> tuple[dict[str, torch.Tensor], str, str | None, str, Any]:
+def _forge_view() -> _View:
     from modules import sd_models
 
     try:
@@ -65,21 +53,15 @@ def _forge_view() -> tuple[dict[str, torch.Tensor], str, str | None, str, Any]:
     objects = getattr(model, "forge_objects", None)
     if model is None or objects is None:
         raise HostModelError("the web UI has no model loaded; select a checkpoint in its dropdown first")
-    clip = getattr(objects.clip, "cond_stage_model", None)
-    clip_l = getattr(clip, "clip_l", None)
-    if clip_l is None or any(hasattr(clip, other) for other in ("clip_g", "clip_h", "t5xxl")):
-        raise HostModelError("the web UI's model is not SD 1.x: training on it in Forge supports SD 1.x only")
+    try:
+        views.forge_family(getattr(objects.clip, "cond_stage_model", None))
+    except views.UnsupportedHostModel as exc:
+        raise HostModelError(str(exc)) from None
     from backend import memory_management
 
     # As Forge's own sampling does: its memory manager puts the patchers where they compute (and applies LoRAs).
     memory_management.load_models_gpu([objects.unet, objects.clip.patcher, objects.vae.patcher])
-    state: dict[str, torch.Tensor] = {}
-    state.update({UNET_PREFIX + k: v for k, v in objects.unet.model.diffusion_model.state_dict().items()})
-    state.update({VAE_PREFIX + k: v for k, v in objects.vae.first_stage_model.state_dict().items()})
-    state.update({TEXT_PREFIX + _plain(k): v for k, v in clip_l.transformer.state_dict().items()})
-    predictor = getattr(objects.unet.model, "predictor", None)
-    prediction = str(getattr(predictor, "prediction_type", "epsilon"))
-    return state, *_checkpoint_names(model), prediction, model
+    return views.forge_weights(objects), *_checkpoint_names(model), views.forge_prediction(objects), model
 
 
 def _checkpoint_names(model: Any) -> tuple[str, str | None]:
@@ -107,15 +89,18 @@ class HostModel:
         from sdconcepts.backends.diffusers import ModelLoadError, model_sharing_weights
 
         with self._lock:
-            state, name, short_hash, prediction, owner = _forge_view() if is_forge() else _a1111_view()
+            weights, name, short_hash, prediction, owner = _forge_view() if is_forge() else _a1111_view()
+            state, text_encoders, family = weights
+            tensors = [*state.items(), *((f"text{i}.{k}", v) for i, te in enumerate(text_encoders or []) for k, v in te.items())]
             # Where every tensor lives: moved weights (Forge offloading, a dtype change) invalidate the view.
-            key = (id(owner), hash(tuple((k, v.data_ptr(), str(v.device), v.dtype) for k, v in state.items())))
+            key = (id(owner), hash(tuple((k, v.data_ptr(), str(v.device), v.dtype) for k, v in tensors)))
             if self._model is not None and self._key == key:
                 self._model.name, self._model._hash = name, short_hash
                 return self._model
             self._model = self._key = None  # the old view goes before the new one is built
             try:
-                model = model_sharing_weights(state, name=name, short_hash=short_hash, prediction_type=prediction)
+                model = model_sharing_weights(state, name=name, short_hash=short_hash, prediction_type=prediction,
+                                              text_encoders=text_encoders, family=family)
             except ModelLoadError as exc:
                 raise HostModelError(f"the web UI's model cannot be used: {exc}") from None
             self._model, self._key = model, key

@@ -361,6 +361,7 @@ class UiSession:
         if self._model is not None and self._model_label == label:
             return bool(self._model.is_sdxl)
         if label == HOST_MODEL_LABEL and self.config.host_model is not None:
-            return None
+            view = self.config.host_model.loaded()
+            return bool(view.is_sdxl) if view is not None else None
         shape = self.model_shape(label)
         return shape.sdxl if shape is not None else None
