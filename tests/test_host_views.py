@@ -1,6 +1,6 @@
 """sdconcepts.host.views: the host's objects read as model_sharing_weights' input, for SD 1.x, SD 2.x and SDXL.
 
-The hosts themselves are not here (tests/hosts/ runs them; tools/forge_views_check.py checks Forge's real classes):
+The hosts themselves are not here (tests/hosts/ runs them; tests/hosts/forge_views_check.py checks Forge's real classes):
 their objects are stood in by what our code reads of them, with the names and layouts Forge and A1111 use. For
 Forge, each text encoder is a real CLIPTextModel under ``.transformer`` with the extra ``text_projection`` Linear that
 Forge's IntegratedCLIP adds to every CLIP (uninitialised for CLIP-L); only OpenCLIP-G's is real. For A1111's SDXL,

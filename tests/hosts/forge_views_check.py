@@ -2,7 +2,7 @@
 
 Run with a prepared Forge tree's Python (tools/host_tests.sh prepares one), from anywhere:
 
-    PYTHONDONTWRITEBYTECODE=1 $FORGE/venv/bin/python tools/forge_views_check.py $FORGE
+    PYTHONDONTWRITEBYTECODE=1 $FORGE/venv/bin/python tests/hosts/forge_views_check.py $FORGE
 
 For tiny SD 1.x, SD 2.x and SDXL checkpoints written by our own writer, it builds Forge's engine objects the way
 Forge's loader does (backend/loader.py: huggingface_guess's text-encoder conversion, IntegratedCLIP,
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 FORGE = Path(sys.argv[1]).resolve()
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(FORGE), str(FORGE / "packages_3rdparty"), str(FORGE / "repositories/huggingface_guess"), str(ROOT)]
 # Forge keeps CLIP in float16 by default, even on CPU (memory_management.text_encoder_dtype), and computes it in
 # float32 (its embeddings are cast to float32 at each call, its layers cast their weights to the input's dtype); our
