@@ -12,6 +12,7 @@ from typing import Any
 
 from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE
+from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, EMBEDDED_XL_NAME
 
 log = logging.getLogger("sdconcepts")
 
@@ -29,6 +30,9 @@ def _existing_dir(value: str) -> Path:
 
 def _existing_path(value: str) -> Path:
     path = Path(value)
+    if value == EMBEDDED_XL_NAME and not path.exists():
+        # The embedded SDXL-layout toy-world model, by name (a file or folder of that name wins).
+        return EMBEDDED_XL_MODEL_DIR
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{value}: no such file or folder")
     return path
@@ -73,7 +77,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--clip-skip", type=_positive_int, default=1,
                    help="stop at the N-th last CLIP layer, 1 to the text encoder's layer count (12 for SD 1.x; default: 1)")
     p.add_argument("--ckpt", type=_existing_path, default=None,
-                   help="model: a diffusers folder or an A1111 .safetensors/.ckpt file (default: the embedded toy-world model)")
+                   help="model: a diffusers folder, an A1111 .safetensors/.ckpt file, or toyworld-xl (the embedded SDXL "
+                   "toy-world model) (default: the embedded toy-world model)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--embeddings-dir", type=_existing_dir, action="append", default=None, metavar="D",
                    help="textual inversion embeddings folder, scanned recursively; repeatable "
@@ -175,7 +180,7 @@ def add_web_ui_arguments(parser: argparse.ArgumentParser) -> None:
     ui.add_argument("--listen", dest="ui_listen", action="store_true",
                     help="serve on 0.0.0.0 (every network interface) instead of 127.0.0.1")
     ui.add_argument("--ckpt", dest="ui_ckpt", type=_existing_path, default=None, metavar="PATH",
-                    help="start on this model: a diffusers folder or an A1111 .safetensors/.ckpt file "
+                    help="start on this model: a diffusers folder, an A1111 .safetensors/.ckpt file or toyworld-xl "
                     "(default: the embedded toy-world model)")
     ui.add_argument("--models-dir", dest="ui_models_dir", type=_existing_dir, default=None, metavar="D",
                     help="checkpoints offered in the model dropdown (default: ./models/Stable-diffusion when it exists)")

@@ -38,7 +38,8 @@ FAMILY_SIZES = {"sd1": (768, 320, 640, 1280), "sd2": (1024, 320, 640, 1280), "sd
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", type=_existing_path, default=None,
-                   help="model: a diffusers folder or an A1111 .safetensors/.ckpt file (default: the embedded toy-world model)")
+                   help="model: a diffusers folder, an A1111 .safetensors/.ckpt file or toyworld-xl (the embedded SDXL "
+                   "toy-world model) (default: the embedded toy-world model)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 

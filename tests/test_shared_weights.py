@@ -143,7 +143,7 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
 ) -> None:
     from sdconcepts.model_shape import shape_of_loaded
     from sdconcepts.ui import train
-    from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, HOST_MODEL_LABEL, UiConfig, UiSession
+    from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, HOST_MODEL_LABEL, XL_MODEL_LABEL, UiConfig, UiSession
 
     models = tmp_path / "models"
     models.mkdir()
@@ -152,7 +152,7 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
     session = UiSession(UiConfig(models_dir=models, embeddings_dirs=[tmp_path / "emb"],
                                  hypernetworks_dirs=[tmp_path / "hn"], outputs_dir=tmp_path / "out", device="cpu",
                                  host_model=source, files_changed=changed.append))
-    assert list(session.model_choices()) == [HOST_MODEL_LABEL, DEFAULT_MODEL_LABEL,
+    assert list(session.model_choices()) == [HOST_MODEL_LABEL, DEFAULT_MODEL_LABEL, XL_MODEL_LABEL,
                                              "other.safetensors (loads a second copy: 3 MB)"]
     assert session.default_choice() == HOST_MODEL_LABEL
     assert session.context_width() is None  # nothing loaded just to draw the page

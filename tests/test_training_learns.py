@@ -1,4 +1,7 @@
-"""It learns: textual inversion and hypernetwork training on the embedded toy-world model, scored by the probe.
+"""It learns: textual inversion and hypernetwork training on the embedded toy-world models, scored by the probe.
+
+Each test runs on the SD-1 toy model (``toyworld``) and on the SDXL-layout one (``toyworld-xl``, whose embeddings
+have a ``clip_l`` and a ``clip_g`` half).
 
 - Textual inversion: 5 images of a yellow triangle on a fixed background whose captions name nothing ("a shape");
   an embedding trained with the shipped ``subject`` template must hit shape, colour and background together in
@@ -23,12 +26,19 @@ from typing import Any
 import pytest
 import torch
 
-from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR
+from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR, XL_MODEL_DIR
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "model_index.json").is_file(), reason="the embedded model is missing"),
-]
+pytestmark = [pytest.mark.slow]
+
+# Embedded model -> (folder, hypernetwork widths: the context first, then the attention channel widths).
+MODELS = {"toyworld": (DEFAULT_MODEL_DIR, (48, 32, 64)), "toyworld-xl": (XL_MODEL_DIR, (80, 64, 96))}
+
+
+@pytest.fixture
+def embedded(request: pytest.FixtureRequest) -> str:
+    if not (MODELS[request.param][0] / "model_index.json").is_file():
+        pytest.skip(f"the embedded model {request.param} is missing")
+    return str(request.param)
 
 TI = {"shape": "triangle", "colour": "yellow", "background": "brown", "vectors": 4, "steps": 500, "batch": 5,
       "learn_rate": "0.01:200, 0.005", "init": "triangle"}
@@ -57,14 +67,14 @@ def rates(images: Sequence[Any], expect: Mapping[str, str]) -> dict[str, float]:
     return out
 
 
-def train_ti(work: Path, *, short_prompt: bool = False) -> dict[str, Any]:
+def train_ti(work: Path, *, short_prompt: bool = False, embedded: str = "toyworld") -> dict[str, Any]:
     from sdconcepts.backends.diffusers import load_model
     from sdconcepts.embedding_files import load_embedding
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
     from sdconcepts.training.backend import TrainingModel
 
-    model = load_model(None, device="cpu")
+    model = load_model(MODELS[embedded][0], device="cpu")
     write_concept(work / "concept", count=5, seed=4242, shape=TI["shape"], colour=TI["colour"],
                   background=TI["background"])
     create_embedding_file(work / "embeddings", "toytri", TrainingModel(model).token_rows(TI["init"], TI["vectors"]),
@@ -75,7 +85,9 @@ def train_ti(work: Path, *, short_prompt: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     events = list(train_embedding(model, "toytri", config, embeddings_dir=work / "embeddings"))
     seconds = time.perf_counter() - start
-    vectors = load_embedding(work / "embeddings" / "toytri.pt").tensor()
+    # SD-1: toytri.pt; SDXL: toytri.safetensors with clip_l and clip_g, joined side by side as the context lays out.
+    saved = next(p for p in (work / "embeddings" / f"toytri{ext}" for ext in (".pt", ".safetensors")) if p.is_file())
+    vectors = load_embedding(saved).joined()
     expect = {k: TI[k] for k in ("shape", "colour", "background")}
     plain = f"a photo of a {TI['colour']} {TI['shape']}"
     report = {
@@ -91,16 +103,16 @@ def train_ti(work: Path, *, short_prompt: bool = False) -> dict[str, Any]:
     return report
 
 
-def train_hn(work: Path) -> dict[str, Any]:
+def train_hn(work: Path, *, embedded: str = "toyworld") -> dict[str, Any]:
     from sdconcepts.backends.diffusers import load_model
     from sdconcepts.hypernetwork_files import load_hypernetwork
     from sdconcepts.toyworld import world
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import HypernetworkTrainingConfig, create_hypernetwork_file, train_hypernetwork
 
-    model = load_model(None, device="cpu")
+    model = load_model(MODELS[embedded][0], device="cpu")
     write_concept(work / "style", count=HN["images"], seed=77, background=HN["background"])
-    create_hypernetwork_file(work / "hypernetworks", "bgstyle", widths=(48, 32, 64), seed=0)
+    create_hypernetwork_file(work / "hypernetworks", "bgstyle", widths=MODELS[embedded][1], seed=0)
     config = HypernetworkTrainingConfig(dataset=str(work / "style"), template="filewords", width=32, height=32,
                                         batch_size=HN["batch"], max_steps=HN["steps"], learn_rate=HN["learn_rate"],
                                         save_every=0, preview_every=0, log_directory=str(work / "log"))
@@ -129,15 +141,20 @@ def train_hn(work: Path) -> dict[str, Any]:
     return results
 
 
-def test_embedding_learns_the_concept(tmp_path: Path) -> None:
-    report = train_ti(tmp_path)
+# Not on toyworld-xl yet: its named background is below the model bar (70.0 % against 80 %, its MODEL_CARD.md), and
+# an embedding there hits the whole concept in 63.3 % of generations (bar 80 %; shape 96.7 %, colour 100 %, the brown
+# background 63.3 %; plain words 21.7 %). A test that could only be an expected failure is left out until it trains.
+@pytest.mark.parametrize("embedded", ["toyworld"], indirect=True)
+def test_embedding_learns_the_concept(tmp_path: Path, embedded: str) -> None:
+    report = train_ti(tmp_path, embedded=embedded)
     print(json.dumps(report, indent=1))
     assert report["with_word"]["all"] >= 0.8, report
     assert report["plain_words"]["all"] <= report["with_word"]["all"] - 0.3, report
 
 
-def test_hypernetwork_shifts_the_style_with_strength(tmp_path: Path) -> None:
-    report = train_hn(tmp_path)
+@pytest.mark.parametrize("embedded", ["toyworld", "toyworld-xl"], indirect=True)
+def test_hypernetwork_shifts_the_style_with_strength(tmp_path: Path, embedded: str) -> None:
+    report = train_hn(tmp_path, embedded=embedded)
     print(json.dumps(report, indent=1))
     bg = [report[s]["background"] for s in ("0.0", "0.5", "1.0")]
     assert bg[0] < bg[1] < bg[2] and bg[2] >= 3 * max(bg[0], 1 / SAMPLES), report
@@ -147,8 +164,11 @@ def test_hypernetwork_shifts_the_style_with_strength(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    which = sys.argv[1:] or ["ti", "hn"]
+    # python tests/test_training_learns.py [ti|hn ...] [toyworld|toyworld-xl]
+    chosen = next((a for a in sys.argv[1:] if a in MODELS), "toyworld")
+    which = [a for a in sys.argv[1:] if a not in MODELS] or ["ti", "hn"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in which:
-            result = train_ti(Path(tmp) / name, short_prompt=True) if name == "ti" else train_hn(Path(tmp) / name)
+            result = (train_ti(Path(tmp) / name, short_prompt=True, embedded=chosen) if name == "ti"
+                      else train_hn(Path(tmp) / name, embedded=chosen))
             print(name, json.dumps(result, indent=1), flush=True)

@@ -18,7 +18,7 @@ from sdconcepts.generation import MAX_SEED
 from sdconcepts.images import read_infotext
 from sdconcepts.ui import handlers
 from sdconcepts.ui.cards import format_multiplier, hypernetwork_tag
-from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, UiConfig, UiError, UiSession, scan_models
+from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, XL_MODEL_LABEL, UiConfig, UiError, UiSession, scan_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "browser"))
 from library_files import write_library  # noqa: E402
@@ -162,7 +162,7 @@ def test_model_choices_scan_checkpoints_and_diffusers_folders(tmp_path: Path, ti
     assert scan_models(models) == [models / "a.safetensors", folder, models / "sub" / "b.ckpt"]
     session = UiSession(UiConfig(ckpt=tiny_model_dir, models_dir=models))
     assert list(session.model_choices()) == [
-        DEFAULT_MODEL_LABEL, str(tiny_model_dir), "a.safetensors", "diffusers-model", str(Path("sub") / "b.ckpt")]
+        DEFAULT_MODEL_LABEL, XL_MODEL_LABEL, str(tiny_model_dir), "a.safetensors", "diffusers-model", str(Path("sub") / "b.ckpt")]
     assert session.default_choice() == str(tiny_model_dir)
     assert session.context_width() == WIDTH  # read from the folder's config, nothing loaded
     with pytest.raises(UiError, match="a.safetensors"):

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "toyworld" / "model"
+XL_MODEL_DIR = ASSETS / "toyworld-xl" / "model"  # the embedded SDXL-layout toy-world model
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config). A1111 runs these through k-diffusion, whose
@@ -286,7 +287,7 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
         scheduler_config=scheduler_config,
         family=family,
         prediction_type=str(scheduler_config.get("prediction_type", "epsilon")),
-        name=path.name if path != DEFAULT_MODEL_DIR else "toyworld",
+        name={DEFAULT_MODEL_DIR: "toyworld", XL_MODEL_DIR: "toyworld-xl"}.get(path, path.name),
         path=path,
         device=torch.device("cpu"),
         dtype=dtype,

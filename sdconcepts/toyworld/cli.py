@@ -62,6 +62,7 @@ def parse_expect(text: str) -> dict[str, str]:
 @_guard
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the toy-world model from scratch and write a diffusers folder."""
+    from sdconcepts.toyworld import models
     from sdconcepts.toyworld.train import TrainConfig, train
 
     config = TrainConfig(
@@ -73,6 +74,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         device=args.device,
         init=args.init or "",
+        family=args.family,
+        teacher=args.teacher or "",
+        vae=args.vae or (str(models.MODEL_DIR) if args.family == "sdxl" and not args.init else ""),
     )
     summary = train(config, Path(args.out))
     print(json.dumps(summary, indent=2))
@@ -95,6 +99,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sdconcepts.toyworld.evaluate import evaluate, format_report
 
     model = Path(args.model) if args.model else None
+    if args.model == "toyworld-xl" and model is not None and not model.exists():
+        from sdconcepts.toyworld.models import XL_MODEL_DIR
+
+        model = XL_MODEL_DIR
     if model is not None and not (model / "model_index.json").is_file():
         raise UsageError(f"{model} is not a diffusers model folder (no model_index.json)")
     if args.samples < 1:
@@ -159,6 +167,14 @@ def add_toyworld_parser(subparsers: Any) -> None:
     p.add_argument("--save-every", type=int, default=0, help="also save EMA snapshots every N steps (OUT-stepN)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu; the shipped weights are CPU-trained)")
     p.add_argument("--init", default=None, help="continue training from this diffusers folder (keeps its VAE)")
+    p.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+                   help="model layout (default sd1; sdxl: two text encoders and SDXL's added conditioning)")
+    p.add_argument("--vae", default=None,
+                   help="take the VAE from this diffusers folder and skip the VAE stage (default for sdxl: the "
+                        "shipped SD-1 toy-world model's VAE, trained on the same world)")
+    p.add_argument("--teacher", default=None,
+                   help="distil: train the UNet to predict this diffusers folder's noise prediction (a model with "
+                        "the same VAE, e.g. the shipped SD-1 toy-world model) instead of the drawn noise")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-probe", help="train the probe classifier into the package assets")
@@ -173,7 +189,8 @@ def add_toyworld_parser(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--sampler", default="DDIM")
-    p.add_argument("--model", default=None, help="diffusers folder (default: the shipped toy-world model)")
+    p.add_argument("--model", default=None, help="diffusers folder, or toyworld-xl for the shipped SDXL-layout one (default: the shipped "
+                   "SD-1 toy-world model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -1,4 +1,7 @@
-"""Train the toy-world model from scratch on the CPU: the VAE first, then the UNet and text encoder jointly.
+"""Train a toy-world model from scratch on the CPU: the VAE first, then the UNet and text encoder(s) jointly.
+
+``family`` picks the layout: ``sd1`` (the embedded default) or ``sdxl`` (two text encoders, penultimate hidden
+states concatenated, pooled projection and size numbers as added conditioning, zeros as the unconditional input).
 
 Deterministic for a seed and a thread count: every step draws fresh images from a seeded world generator, and
 the run length is a step count, never a time budget. The result is a diffusers folder (fp16 safetensors).
@@ -12,12 +15,12 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from sdconcepts.backends.tokenizer import load_clip_tokenizer
 from sdconcepts.toyworld import models, world
 from sdconcepts.toyworld.probe import to_tensor
 
@@ -40,6 +43,9 @@ class TrainConfig:
     save_every: int = 0
     device: str = "cpu"
     init: str = ""  # continue from this diffusers folder (its VAE is kept, the VAE stage is skipped)
+    family: str = "sd1"  # "sd1" or "sdxl"
+    vae: str = ""  # take the VAE from this diffusers folder and skip the VAE stage (same world, same latents)
+    teacher: str = ""  # distil: regress this diffusers folder's noise prediction (same VAE) instead of the noise
 
 
 def _images(rng: random.Random, n: int, with_captions: bool) -> tuple[torch.Tensor, list[str]]:
@@ -90,7 +96,8 @@ def _used_token_ids(tokenizer) -> torch.Tensor:
     words = {"a", "on", "background", "shape", *world.SHAPES, *world.COLOURS, *world.BACKGROUNDS}
     for template in world.TEMPLATES:
         words.update(template.replace("{}", " ").split())
-    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    # The pad token too: SDXL reads hidden states at every position, and OpenCLIP-G pads with id 0, not end-of-text.
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     for word in words:
         ids.update(tokenizer(word, add_special_tokens=False).input_ids)
     return torch.tensor(sorted(ids))
@@ -132,38 +139,99 @@ def train(config: TrainConfig, out: Path) -> dict[str, object]:
         torch.set_num_threads(threads)
 
 
+class Conditioning:
+    """Caption -> UNet conditioning for a layout, through the text encoders being trained.
+
+    sd1: the last hidden states of the text encoder. sdxl: the penultimate hidden states of CLIP-L and OpenCLIP-G
+    concatenated, plus OpenCLIP-G's pooled projection and the size numbers as added conditioning, as diffusers'
+    ``StableDiffusionXLPipeline.encode_prompt`` and A1111 compute them. An empty caption (classifier-free guidance
+    dropout) is the text encoder's output for "" on sd1, and zeros on sdxl: SDXL was trained with zeroed dropout,
+    and A1111 and diffusers both use zeros for an empty negative prompt.
+    """
+
+    def __init__(self, family: str, encoders: dict[str, Any], device: torch.device) -> None:
+        self.family = family
+        self.encoders = encoders
+        self.tokenizers = models.tokenizers(family)
+        self.device = device
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        # Encode each distinct caption once, then gather per sample.
+        unique = sorted(set(captions))
+        if self.family != "sdxl":
+            ids = self._ids("text_encoder", unique)
+            table = self.encoders["text_encoder"](ids)[0]
+            return table[self._index(unique, captions)], None
+        texts = [c for c in unique if c]
+        width = sum(int(e.config.hidden_size) for e in self.encoders.values())
+        pooled_width = int(self.encoders["text_encoder_2"].config.projection_dim)
+        # Row 0 is the zero conditioning of the empty caption.
+        context = torch.zeros((1, 77, width), device=self.device)
+        pooled = torch.zeros((1, pooled_width), device=self.device)
+        if texts:
+            hidden = []
+            for name in ("text_encoder", "text_encoder_2"):
+                out = self.encoders[name](self._ids(name, texts), output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+            context = torch.cat([context, torch.cat(hidden, dim=-1)])
+            pooled = torch.cat([pooled, out.text_embeds])
+        index = self._index([""] + texts, captions)
+        time_ids = torch.tensor(models.XL_TIME_IDS, dtype=context.dtype, device=self.device).repeat(len(captions), 1)
+        return context[index], {"text_embeds": pooled[index], "time_ids": time_ids}
+
+    def _ids(self, name: str, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizers[name](texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        return tokens.input_ids.to(self.device)
+
+    def _index(self, table: list[str], captions: list[str]) -> torch.Tensor:
+        return torch.tensor([table.index(c) for c in captions], device=self.device)
+
+
 def _train(config: TrainConfig, out: Path) -> dict[str, object]:
-    start = time.perf_counter()
-    total = (0 if config.init else config.vae_steps) + config.steps
+    if config.family not in models.FAMILIES:
+        raise ValueError(f"unknown family {config.family!r}; expected one of {', '.join(models.FAMILIES)}")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    vae_source = config.init or config.vae
+    total = (0 if vae_source else config.vae_steps) + config.steps
     bar = tqdm(total=total, desc="toyworld train", unit="step", dynamic_ncols=True)
-    vae = models.load_component(config.init, "vae") if config.init else train_vae(config, bar)
+    vae = models.load_component(vae_source, "vae") if vae_source else train_vae(config, bar)
     vae.requires_grad_(False)
     vae_seconds = time.perf_counter() - start
 
     torch.manual_seed(config.seed + 1)
     device = torch.device(config.device)
+    vae = vae.to(device)
+    names = ["text_encoder", "text_encoder_2"] if config.family == "sdxl" else ["text_encoder"]
     if config.init:
         unet = models.load_component(config.init, "unet").to(device)
-        text_encoder = models.load_component(config.init, "text_encoder").to(device)
-        vae = vae.to(device)
+        encoders = {name: models.load_component(config.init, name).to(device) for name in names}
     else:
-        unet = models.build_unet().to(device)
-        text_encoder = models.build_text_encoder().to(device)
-    tokenizer = load_clip_tokenizer("sd1")
-    scheduler = models.training_scheduler()
-    sparse = SparseRows(text_encoder.get_input_embeddings(), _used_token_ids(tokenizer).to(device))
-    params = [p for p in (*unet.parameters(), *text_encoder.parameters()) if p.requires_grad] + [sparse.rows]
+        unet = models.build_unet(config.family).to(device)
+        encoders = {name: module.to(device) for name, module in models.build_text_encoders(config.family).items()}
+    condition = Conditioning(config.family, encoders, device)
+    teacher = _load_teacher(config.teacher, scaling=float(vae.config.scaling_factor), device=device)
+    sparse = [
+        SparseRows(encoders[name].get_input_embeddings(), _used_token_ids(condition.tokenizers[name]).to(device))
+        for name in names
+    ]
+    modules = [unet, *(encoders[name] for name in names)]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad] + [s.rows for s in sparse]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup))
     ema = [p.detach().clone() for p in params]
     rng = random.Random(f"diffusion-{config.seed}")
     generator = torch.Generator(device=device).manual_seed(config.seed + 2)
     scaling = float(vae.config.scaling_factor)
+    scheduler = models.training_scheduler()
     alphas = scheduler.alphas_cumprod
     scheduler.alphas_cumprod = alphas.to(device)
-    unet.train()
-    text_encoder.train()
+    for module in modules:
+        module.train()
     losses: list[float] = []
+
+    def save(folder: Path) -> None:
+        _save_ema(folder, unet, vae, encoders, params, ema, sparse)
+
     for step in range(config.steps):
         x, captions = _images(rng, config.batch, with_captions=True)
         with torch.no_grad():
@@ -171,11 +239,14 @@ def _train(config: TrainConfig, out: Path) -> dict[str, object]:
         noise = torch.randn(z.shape, generator=generator, device=device)
         t = torch.randint(0, len(alphas), (config.batch,), generator=generator, device=device)
         noisy = scheduler.add_noise(z, noise, t)
-        # Encode each distinct caption once, then gather per sample.
-        unique = sorted(set(captions))
-        ids = tokenizer(unique, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        context = text_encoder(ids.to(device))[0][torch.tensor([unique.index(c) for c in captions], device=device)]
-        loss = nn.functional.mse_loss(unet(noisy, t, context).sample, noise)
+        context, added = condition(captions)
+        target = noise
+        if teacher is not None:
+            # The teacher's prediction is the expected noise given the noisy latents and the caption: a far less
+            # noisy target than the drawn noise itself, so the student learns the caption's effect in fewer steps.
+            with torch.no_grad():
+                target = teacher[0](noisy, t, teacher[1](captions)[0]).sample
+        loss = nn.functional.mse_loss(unet(noisy, t, context, added_cond_kwargs=added).sample, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -187,33 +258,59 @@ def _train(config: TrainConfig, out: Path) -> dict[str, object]:
         bar.update(1)
         bar.set_postfix(stage="unet", loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
-            _save_ema(out.with_name(out.name + f"-step{step + 1}"), unet, vae, text_encoder, params, ema, sparse)
+            save(out.with_name(out.name + f"-step{step + 1}"))
+            log.info(
+                "step %d: snapshot saved, loss %.4f, %.0f s wall, %.0f s CPU",
+                step + 1,
+                sum(losses[-50:]) / len(losses[-50:]),
+                time.perf_counter() - start,
+                time.process_time() - cpu_start,
+            )
     bar.close()
     seconds = time.perf_counter() - start
-    _save_ema(out, unet, vae, text_encoder, params, ema, sparse)
+    save(out)
     summary: dict[str, object] = {
         "config": asdict(config),
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "vae_seconds": round(vae_seconds, 1),
         "final_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 4),
         "scaling_factor": scaling,
-        "trained_token_rows": len(sparse.ids),
+        "trained_token_rows": sum(len(s.ids) for s in sparse),
     }
     (out / "toyworld_train.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _save_ema(out: Path, unet, vae, text_encoder, params, ema, sparse: SparseRows) -> None:
+def _load_teacher(folder: str, *, scaling: float, device: torch.device) -> tuple[nn.Module, Conditioning] | None:
+    """The teacher's UNet and conditioning, frozen; None without a teacher. Its VAE must be the student's."""
+    if not folder:
+        return None
+    teacher_vae = models.load_component(folder, "vae")
+    if abs(float(teacher_vae.config.scaling_factor) - scaling) > 1e-6:
+        raise ValueError(f"the teacher {folder} has another VAE than the model being trained")
+    family = models.family_of(folder)
+    names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    encoders = {name: models.load_component(folder, name).to(device).eval().requires_grad_(False) for name in names}
+    unet = models.load_component(folder, "unet").to(device).eval().requires_grad_(False)
+    return unet, Conditioning(family, encoders, device)
+
+
+def _save_ema(out: Path, unet, vae, encoders: dict[str, nn.Module], params, ema, sparse: list[SparseRows]) -> None:
     """Save the EMA weights (the live weights are restored afterwards, so training can go on)."""
     live = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
-        saved_rows = sparse.embedding.weight[sparse.ids].clone()
-        sparse.write_back(sparse.rows)
-        sparse.remove()
-        models.save_model(out, unet, vae, text_encoder, fp16=True)
-        sparse.handle = sparse.embedding.register_forward_hook(sparse._hook)
-        sparse.write_back(saved_rows)
+        saved_rows = [s.embedding.weight[s.ids].clone() for s in sparse]
+        for s in sparse:
+            s.write_back(s.rows)
+            s.remove()
+        models.save_model(
+            out, unet, vae, encoders["text_encoder"], text_encoder_2=encoders.get("text_encoder_2"), fp16=True
+        )
+        for s, rows in zip(sparse, saved_rows, strict=True):
+            s.handle = s.embedding.register_forward_hook(s._hook)
+            s.write_back(rows)
         for p, value in zip(params, live, strict=True):
             p.copy_(value)

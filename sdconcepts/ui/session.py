@@ -21,6 +21,7 @@ __all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConf
            "contained_path", "scan_models"]
 
 DEFAULT_MODEL_LABEL = "toyworld (embedded)"
+XL_MODEL_LABEL = "toyworld-xl (embedded)"
 HOST_MODEL_LABEL = "the web UI's loaded model"
 MODEL_SUFFIXES = (".safetensors", ".ckpt")
 READ_BATCH = 100  # files a background read takes between pauses
@@ -253,6 +254,10 @@ class UiSession:
         host = self.config.host_model is not None
         choices: dict[str, Path | None] = {HOST_MODEL_LABEL: None} if host else {}
         choices[DEFAULT_MODEL_LABEL] = None
+        from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR
+
+        if (EMBEDDED_XL_MODEL_DIR / "model_index.json").is_file():
+            choices[XL_MODEL_LABEL] = EMBEDDED_XL_MODEL_DIR
         if self.config.ckpt is not None:
             choices[str(self.config.ckpt)] = self.config.ckpt
         root = self.config.models_dir
