@@ -105,7 +105,7 @@ class TrainingModel:
             pooled = context[:, -rows:].reshape(context.shape[0], -1)[:, :size]
             # A fresh tensor, not the slice: a slice keeps the packed tensor's batch stride, and torch's matmul then
             # runs every cross-attention key/value projection (and its backward) as a batched matmul over a
-            # broadcast weight instead of one matrix product (bench_training_sdxl: ours/floor 1.12 -> see the note).
+            # broadcast weight instead of one matrix product (bench/bench_training_sdxl.py measures the step).
             context = context[:, :-rows].clone(memory_format=torch.contiguous_format)
             h, w = (int(d) * self.vae_scale_factor for d in noisy.shape[-2:])
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=noisy.device).expand(len(noisy), -1)
