@@ -49,6 +49,8 @@ DEFAULT_TXT2IMG: dict[str, Any] = {
     "n_iter": 1,
 }
 REQUEST_TIMEOUT = 1800
+# What A1111 prints when a request reaches it between its server start and its API set-up (see HostManager._launch).
+STARTUP_RACE = "Cannot add middleware after an application has started"
 
 
 class HostError(RuntimeError):
@@ -263,16 +265,26 @@ class HostManager:
         ckpt = () if "--ckpt" in flags else ("--ckpt", str(self._checkpoint_link(dest)))
         env = {**os.environ, "LAUNCH_TIMEOUT": os.environ.get("SDCONCEPTS_HOST_LAUNCH_TIMEOUT", "900")}
         t0 = time.monotonic()
-        proc = subprocess.run(
-            [str(self.kit / "launch.sh"), str(dest), str(port), *ckpt, *flags],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        retried = ""
+        for attempt in range(2):
+            proc = subprocess.run(
+                [str(self.kit / "launch.sh"), str(dest), str(port), *ckpt, *flags],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            # A1111's start-up race, not ours: launch.sh polls the port with HTTP requests while A1111 adds its API
+            # middleware after the server is up; a request in that window makes starlette build the middleware stack
+            # and A1111 exits. Seen once in ~100 launches (CI, loaded machine); a second launch is a fresh process.
+            if proc.returncode == 0 or attempt or STARTUP_RACE not in proc.stdout + proc.stderr:
+                break
+            retried = " (relaunched after A1111's start-up race)"
+            port = free_port()
         if proc.returncode != 0:
             raise HostError(f"launch.sh {kind} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
         host = Host(kind, dest, port, extension, flags, launch_seconds=time.monotonic() - t0)
-        self.timings.append((f"launch {kind}{'' if extension else ' (extension disabled)'}", host.launch_seconds))
+        self.timings.append((f"launch {kind}{'' if extension else ' (extension disabled)'}{retried}",
+                             host.launch_seconds))
         self.running.append(host)
         return host
 
