@@ -275,7 +275,7 @@ class HostManager:
             )
             # A1111's start-up race, not ours: launch.sh polls the port with HTTP requests while A1111 adds its API
             # middleware after the server is up; a request in that window makes starlette build the middleware stack
-            # and A1111 exits. Seen once in ~100 launches (CI, loaded machine); a second launch is a fresh process.
+            # and A1111 exits. First seen in a local CI run on a loaded machine; a second launch is a fresh process.
             if proc.returncode == 0 or attempt or STARTUP_RACE not in proc.stdout + proc.stderr:
                 break
             retried = " (relaunched after A1111's start-up race)"
