@@ -52,3 +52,16 @@ def tiny_sdxl(tiny_sdxl_dir: Path):  # type: ignore[no-untyped-def]
     from sdconcepts.backends.diffusers import load_model
 
     return load_model(tiny_sdxl_dir, device="cpu")
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
+def tiny_family_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """(family, path) of a tiny SD 1.x / SD 2.x / SDXL single file written by our writer (A1111's LDM/SGM layout)."""
+    from sdconcepts.backends.single_file import save_single_file
+    from sdconcepts.backends.tiny import build_tiny_sd1, build_tiny_sd2, build_tiny_sdxl
+
+    family = str(request.param)
+    build = {"sd1": build_tiny_sd1, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl}[family]
+    path = tmp_path_factory.mktemp(family) / f"tiny-{family}.safetensors"
+    save_single_file({**build(seed=3), "family": family}, path)
+    return family, path

@@ -20,21 +20,11 @@ from closeness import assert_images_close, assert_outputs_close, pixels
 from sdconcepts import checkpoint_files as cf
 from sdconcepts.backends.diffusers import load_model, model_from_components, model_sharing_weights, txt2img
 from sdconcepts.backends.single_file import save_single_file
-from sdconcepts.backends.tiny import build_tiny_sd1, build_tiny_sd2, build_tiny_sdxl
+from sdconcepts.backends.tiny import build_tiny_sdxl
 from sdconcepts.generation import GenerationParams
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
 from sdconcepts.training.backend import TrainingModel
-
-BUILDERS = {"sd1": build_tiny_sd1, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl}
-
-
-@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
-def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    family = str(request.param)
-    path = tmp_path_factory.mktemp(family) / f"tiny-{family}.safetensors"
-    save_single_file({**BUILDERS[family](seed=3), "family": family}, path)
-    return family, path
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +72,8 @@ def _modules(model: Any) -> dict[str, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("holder", [_a1111_held, _forge_held], ids=["a1111", "forge"])
-def test_the_view_copies_nothing_and_computes_as_the_file(checkpoint: tuple[str, Path], holder: Any) -> None:
-    family, path = checkpoint
+def test_the_view_copies_nothing_and_computes_as_the_file(tiny_family_file: tuple[str, Path], holder: Any) -> None:
+    family, path = tiny_family_file
     held, encoders = holder(path)
     view = _view(family, path, held, encoders)
     reference = load_model(path, device="cpu", dtype=torch.float32)
@@ -115,9 +105,9 @@ def test_the_view_copies_nothing_and_computes_as_the_file(checkpoint: tuple[str,
 
 @pytest.mark.parametrize("holder", [_a1111_held, _forge_held], ids=["a1111", "forge"])
 def test_training_on_the_view_leaves_the_hosts_tensors_and_flags(
-    checkpoint: tuple[str, Path], holder: Any, dataset: Path, tmp_path: Path
+    tiny_family_file: tuple[str, Path], holder: Any, dataset: Path, tmp_path: Path
 ) -> None:
-    family, path = checkpoint
+    family, path = tiny_family_file
     held, encoders = holder(path)
     given = _given(held, encoders)
     before = [(t.detach().clone(), t.requires_grad) for t in given]
@@ -133,8 +123,8 @@ def test_training_on_the_view_leaves_the_hosts_tensors_and_flags(
         assert torch.equal(tensor.detach(), value) and tensor.requires_grad == flag and tensor.grad is None
 
 
-def test_one_encoder_in_transformers_layout_needs_the_family(checkpoint: tuple[str, Path]) -> None:
-    family, path = checkpoint
+def test_one_encoder_in_transformers_layout_needs_the_family(tiny_family_file: tuple[str, Path]) -> None:
+    family, path = tiny_family_file
     held, encoders = _forge_held(path)
     if family == "sdxl":
         with pytest.raises(ValueError, match="has 2 text encoder"):

@@ -20,12 +20,10 @@ from closeness import assert_outputs_close
 
 from sdconcepts import checkpoint_files as cf
 from sdconcepts.backends.diffusers import load_model, model_sharing_weights
-from sdconcepts.backends.single_file import save_single_file
-from sdconcepts.backends.tiny import build_tiny_sd1, build_tiny_sd2, build_tiny_sdxl
+from sdconcepts.backends.tiny import build_tiny_sdxl
 from sdconcepts.host import views
 from sdconcepts.training.backend import TrainingModel
 
-BUILDERS = {"sd1": build_tiny_sd1, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl}
 FORGE_NAMES = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}
 
 
@@ -37,14 +35,6 @@ class _Held:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.state)
-
-
-@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
-def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    family = str(request.param)
-    path = tmp_path_factory.mktemp(family) / f"tiny-{family}.safetensors"
-    save_single_file({**BUILDERS[family](seed=5), "family": family}, path)
-    return family, path
 
 
 def _forge_clip(weights: dict[str, torch.Tensor], config: Any) -> torch.nn.Module:
@@ -84,8 +74,8 @@ def _forge_objects(path: Path) -> Any:
     )
 
 
-def test_forge_objects_give_a_view_that_aliases_them_and_encodes_as_the_file(checkpoint: tuple[str, Path]) -> None:
-    family, path = checkpoint
+def test_forge_objects_give_a_view_that_aliases_them_and_encodes_as_the_file(tiny_family_file: tuple[str, Path]) -> None:
+    family, path = tiny_family_file
     objects = _forge_objects(path)
     state, encoders, got = views.forge_weights(objects)
     assert got == family and encoders is not None and len(encoders) == len(FORGE_NAMES[family])
