@@ -195,6 +195,17 @@ def train_hypernetwork_in_our_tab(host: hh.Host, page: Any, name: str) -> float:
     return train_and_wait(host, page, "hypernetwork", name)
 
 
+def check_hypernetwork_in_host(host: hh.Host, name: str, before: np.ndarray) -> None:
+    """After training ``name`` on the host's model: the host's picture is what it was (``before``), and the host's
+    own txt2img applies ``<hypernet:name:1>`` at once (no restart, no refresh) and names it in its infotext."""
+    after, _ = hh.txt2img(host)
+    assert after.tobytes() == before.tobytes(), "the host's picture changed after training a hypernetwork on its model"
+    tagged, info = hh.txt2img(host, prompt=f"{hh.DEFAULT_TXT2IMG['prompt']} <hypernet:{name}:1>")
+    hh.assert_finite_picture(tagged)
+    assert "Hypernet hashes:" in info and name in info.split("Hypernet hashes:", 1)[1], info
+    assert not np.array_equal(tagged, after)
+
+
 # -- interrupt and resume ----------------------------------------------------------------------------------------
 
 LONG_RUN = 100000  # max steps of the run that is interrupted: far more than it can do before the click
