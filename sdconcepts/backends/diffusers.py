@@ -23,6 +23,7 @@ from sdconcepts.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
 from sdconcepts.hypernetwork import Hypernetwork, width_mismatch
 from sdconcepts.limits import generation_bytes, memory_problem
+from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR
 from sdconcepts.prompts import (
     EmbeddingEntry,
     PromptChunk,
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS / "toyworld" / "model"
-XL_MODEL_DIR = ASSETS / "toyworld-xl" / "model"  # the embedded SDXL-layout toy-world model
+XL_MODEL_DIR = EMBEDDED_XL_MODEL_DIR  # the embedded SDXL-layout toy-world model
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config). A1111 runs these through k-diffusion, whose
@@ -220,10 +221,8 @@ def model_sharing_weights(
         text_encoder_2=parts.get("text_encoder_2"),
         tokenizer_2=parts.get("tokenizer_2"),
     )
-    vae_weight = next(model.vae.parameters())
-    if model.is_sdxl and vae_weight.dtype == torch.float16 and bool(getattr(model.vae.config, "force_upcast", False)):
-        # SDXL's VAE gives NaN images in float16 (see _upcast_vae); A1111 itself reverts its VAE to float32 then. Our
-        # own float32 copy of the VAE only: .to() gives our Parameters new tensors, the owner's stay as they are.
+    if _upcast_vae(model, next(model.vae.parameters()).dtype):
+        # Our own float32 copy of the VAE only: .to() gives our Parameters new tensors, the owner's stay as they are.
         model.vae.to(torch.float32)
         size = sum(p.numel() * 4 for p in model.vae.parameters())
         log.info("%s: the SDXL VAE held in float16 runs in float32 here (%.0f MB copied)", name, size / 2**20)
@@ -243,10 +242,12 @@ def _finish(model: LoadedModel, device: torch.device) -> LoadedModel:
     return model
 
 
-def _upcast_vae(model: LoadedModel) -> bool:
+def _upcast_vae(model: LoadedModel, dtype: torch.dtype | None = None) -> bool:
     """SDXL's VAE overflows in float16 (NaN images): it runs in float32, as diffusers does for a VAE whose config says
-    ``force_upcast`` and as A1111 ends up doing (it reverts the VAE to 32-bit floats at the first NaN)."""
-    return model.is_sdxl and model.dtype == torch.float16 and bool(getattr(model.vae.config, "force_upcast", False))
+    ``force_upcast`` and as A1111 ends up doing (it reverts the VAE to 32-bit floats at the first NaN). ``dtype``:
+    the VAE's own when it differs from the model's (a host may hold them apart)."""
+    return (model.is_sdxl and (dtype or model.dtype) == torch.float16
+            and bool(getattr(model.vae.config, "force_upcast", False)))
 
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:

@@ -36,9 +36,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdconcepts.backends.tiny import SD1_SCHEDULER
 from sdconcepts.backends.tokenizer import TOKENIZER_DIR, load_clip_tokenizer
+from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld" / "model"
-XL_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld-xl" / "model"
+XL_MODEL_DIR = EMBEDDED_XL_MODEL_DIR
 FAMILIES = ("sd1", "sdxl")
 
 # SD-1.x noise schedule (scaled_linear 0.00085 -> 0.012, 1000 steps, epsilon prediction).
