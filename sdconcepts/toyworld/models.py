@@ -151,6 +151,11 @@ def build_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
 
 
+def text_encoder_names(family: str = "sd1") -> list[str]:
+    """The text encoders' component names of a layout, in the order their hidden states are concatenated."""
+    return ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+
+
 def build_text_encoders(family: str = "sd1") -> dict[str, torch.nn.Module]:
     """The text encoders of a layout by component name (``text_encoder``, and ``text_encoder_2`` for SDXL)."""
     if family != "sdxl":

@@ -201,7 +201,7 @@ def _train(config: TrainConfig, out: Path) -> dict[str, object]:
     torch.manual_seed(config.seed + 1)
     device = torch.device(config.device)
     vae = vae.to(device)
-    names = ["text_encoder", "text_encoder_2"] if config.family == "sdxl" else ["text_encoder"]
+    names = models.text_encoder_names(config.family)
     if config.init:
         unet = models.load_component(config.init, "unet").to(device)
         encoders = {name: models.load_component(config.init, name).to(device) for name in names}
@@ -290,7 +290,7 @@ def _load_teacher(folder: str, *, scaling: float, device: torch.device) -> tuple
     if abs(float(teacher_vae.config.scaling_factor) - scaling) > 1e-6:
         raise ValueError(f"the teacher {folder} has another VAE than the model being trained")
     family = models.family_of(folder)
-    names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+    names = models.text_encoder_names(family)
     encoders = {name: models.load_component(folder, name).to(device).eval().requires_grad_(False) for name in names}
     unet = models.load_component(folder, "unet").to(device).eval().requires_grad_(False)
     return unet, Conditioning(family, encoders, device)
