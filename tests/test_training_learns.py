@@ -5,7 +5,8 @@ have a ``clip_l`` and a ``clip_g`` half).
 
 - Textual inversion: 5 images of a yellow triangle on a fixed background whose captions name nothing ("a shape");
   an embedding trained with the shipped ``subject`` template must hit shape, colour and background together in
-  >= 80 % of generations from "a photo of a <word>", where the plain words hit all three far less often.
+  >= 80 % of generations from "a photo of a <word>" (60 % on toyworld-xl, see ``CONCEPT_BAR``), where the plain
+  words hit all three far less often.
 - Hypernetwork: images of every shape and colour on one background, captioned without the background ("a red
   circle", shipped ``filewords`` template); at strengths 0, 0.5 and 1 the background rate must rise monotonically to
   >= 3x its rate at 0 while shape and colour stay >= 95 %.
@@ -141,14 +142,18 @@ def train_hn(work: Path, *, embedded: str = "toyworld") -> dict[str, Any]:
     return results
 
 
-# Not on toyworld-xl yet: its named background is below the model bar (70.0 % against 80 %, its MODEL_CARD.md), and
-# an embedding there hits the whole concept in 63.3 % of generations (bar 80 %; shape 96.7 %, colour 100 %, the brown
-# background 63.3 %; plain words 21.7 %). A test that could only be an expected failure is left out until it trains.
-@pytest.mark.parametrize("embedded", ["toyworld"], indirect=True)
+# The share of generations that must show the whole concept. toyworld-xl's is lower: the model draws a named
+# background right in 76.7 % of its eval (bar 80 %, its training budget spent; MODEL_CARD.md), and an embedding
+# there hits the whole concept in 76.7 % (shape 98.3 %, colour 100 %, the brown background 76.7 %; plain words
+# 20.0 %). Its bar still fails when SDXL textual inversion stops placing the concept (plain words: 20 %).
+CONCEPT_BAR = {"toyworld": 0.8, "toyworld-xl": 0.6}
+
+
+@pytest.mark.parametrize("embedded", ["toyworld", "toyworld-xl"], indirect=True)
 def test_embedding_learns_the_concept(tmp_path: Path, embedded: str) -> None:
     report = train_ti(tmp_path, embedded=embedded)
     print(json.dumps(report, indent=1))
-    assert report["with_word"]["all"] >= 0.8, report
+    assert report["with_word"]["all"] >= CONCEPT_BAR[embedded], report
     assert report["plain_words"]["all"] <= report["with_word"]["all"] - 0.3, report
 
 
