@@ -23,7 +23,7 @@ from sdconcepts.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
 from sdconcepts.hypernetwork import Hypernetwork, width_mismatch
 from sdconcepts.limits import generation_bytes, memory_problem
-from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR
+from sdconcepts.model_shape import EMBEDDED_MODEL_DIR, EMBEDDED_XL_MODEL_DIR
 from sdconcepts.prompts import (
     EmbeddingEntry,
     PromptChunk,
@@ -40,8 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL_DIR = ASSETS / "toyworld" / "model"
+DEFAULT_MODEL_DIR = EMBEDDED_MODEL_DIR  # the embedded SD-1 toy-world model
 XL_MODEL_DIR = EMBEDDED_XL_MODEL_DIR  # the embedded SDXL-layout toy-world model
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 

@@ -36,9 +36,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdconcepts.backends.tiny import SD1_SCHEDULER
 from sdconcepts.backends.tokenizer import TOKENIZER_DIR, load_clip_tokenizer
-from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR
+from sdconcepts.model_shape import EMBEDDED_MODEL_DIR, EMBEDDED_XL_MODEL_DIR
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld" / "model"
+MODEL_DIR = EMBEDDED_MODEL_DIR
 XL_MODEL_DIR = EMBEDDED_XL_MODEL_DIR
 FAMILIES = ("sd1", "sdxl")
 
