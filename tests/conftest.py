@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -65,3 +66,73 @@ def tiny_family_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
     path = tmp_path_factory.mktemp(family) / f"tiny-{family}.safetensors"
     save_single_file({**build(seed=3), "family": family}, path)
     return family, path
+
+
+# --- The fast tier's time budget -------------------------------------------------------------------------------------
+# The README's test command (the default markers, every test path) must stay a command a newcomer runs in minutes: it
+# fails when its CPU time exceeds FAST_TIER_BUDGET_S per worker process, and names the slowest tests. CPU time (of
+# the pytest processes and the programs they ran), not wall time: a busy machine stretches wall time without the suite
+# getting any bigger. SDCONCEPTS_FAST_TIER_BUDGET_S=0 turns the check off.
+FAST_TIER_BUDGET_S = 12 * 60
+FAST_TIER_MARKEXPR = "not slow and not browser and not hosts"
+_durations: dict[str, float] = {}
+_sessions: list[pytest.Session] = []
+_START = pytest.StashKey[float]()
+_WORKER_CPU = pytest.StashKey[list[float]]()
+
+
+def _cpu_seconds(*, children: bool = True) -> float:
+    import resource
+
+    usages = [resource.getrusage(resource.RUSAGE_SELF)]
+    if children:
+        usages.append(resource.getrusage(resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usages)
+
+
+def _is_fast_tier(config: pytest.Config) -> bool:
+    return (config.option.markexpr == FAST_TIER_MARKEXPR and config.args_source == pytest.Config.ArgsSource.TESTPATHS
+            and not config.option.keyword and not config.option.collectonly and not getattr(config.option, "lf", False))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_START] = _cpu_seconds()
+    _sessions.append(session)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand its CPU time to the controller
+        workeroutput["sdconcepts_cpu_s"] = _cpu_seconds() - session.config.stash[_START]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:  # pytest-xdist's hook, on the controller
+    seconds = getattr(node, "workeroutput", {}).get("sdconcepts_cpu_s")
+    if seconds is not None:
+        node.config.stash.setdefault(_WORKER_CPU, []).append(float(seconds))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not _is_fast_tier(config) or getattr(config, "workeroutput", None) is not None:
+        return
+    budget_per_process = float(os.environ.get("SDCONCEPTS_FAST_TIER_BUDGET_S", FAST_TIER_BUDGET_S))
+    workers = config.stash.get(_WORKER_CPU, [])
+    # With workers, the controller's children are the workers themselves: count each once.
+    cpu = sum(workers) + _cpu_seconds(children=not workers) - config.stash[_START]
+    processes = max(1, len(workers))
+    budget = budget_per_process * processes
+    line = f"fast tier: {cpu:.0f} CPU-s for {len(_durations)} tests in {processes} process(es); budget {budget:.0f} CPU-s"
+    if budget_per_process <= 0 or cpu <= budget:
+        terminalreporter.write_line(line)
+        return
+    terminalreporter.write_line(f"{line}: OVER BUDGET. The slowest tests (wall s): mark them slow or make them cheaper",
+                                red=True)
+    for nodeid, seconds in sorted(_durations.items(), key=lambda item: -item[1])[:15]:
+        terminalreporter.write_line(f"  {seconds:7.1f}  {nodeid}")
+    for session in _sessions:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

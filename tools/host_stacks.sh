@@ -39,8 +39,13 @@ setup() {
     local stamp
     stamp=$(printf '%s\n' "$@" | cat - "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
     if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.complete" 2>/dev/null)" = "$stamp" ]; then
-        echo "== $name: $venv exists"
-        return
+        # A damaged environment (a package removed or broken since) is made again.
+        if "$venv/bin/python" -c 'import gradio, fastapi, transformers, diffusers, torch, playwright' 2>/dev/null ||
+           "$venv/bin/python" -c 'import gradio, fastapi, transformers, diffusers, torch' 2>/dev/null; then
+            echo "== $name: $venv exists"
+            return
+        fi
+        echo "== $name: $venv is damaged (its packages do not import); making it again"
     fi
     echo "== $name: creating $venv"
     rm -rf "$venv"
@@ -68,7 +73,7 @@ print("python", sys.version.split()[0], "gradio", gradio.__version__, "fastapi",
       "Pillow", PIL.__version__)')"
     SDCONCEPTS_APP_PYTHON=$venv/bin/python SDCONCEPTS_BROWSER_OUTPUT=$ROOT/tests/browser/output/$name \
         SDCONCEPTS_BROWSER_MODES=standalone,hosted \
-        "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider tests/browser
+        "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider -m browser tests/browser
 }
 
 status=0

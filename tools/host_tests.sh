@@ -76,9 +76,29 @@ kit_key() {
 }
 KEY=$(kit_key) || die "cannot hash the kit in $KIT or run $PYTHON"
 
-# prepare_host HOST -> prepared tree at $CACHE/HOST-$KEY (reused when complete)
+# tree_intact DEST: every path of the pristine tree is still there and the venv's torch and gradio import (a cache
+# damaged by a deleted file, a full disk or a killed run is prepared again); sets DAMAGE to what is wrong.
+tree_intact() {
+  local dest=$1 missing
+  missing=$(cd "$dest" && while IFS= read -r path; do [[ -e $path || -L $path ]] || printf '%s\n' "$path"; done \
+    <"$dest/.sdconcepts-pristine")
+  if [[ -n $missing ]]; then
+    DAMAGE="$(wc -l <<<"$missing") paths missing, e.g. $(head -n 1 <<<"$missing")"
+    return 1
+  fi
+  if ! "$dest/venv/bin/python" -c 'import torch, gradio' >/dev/null 2>&1; then
+    DAMAGE="its venv's torch or gradio does not import"
+    return 1
+  fi
+}
+
+# prepare_host HOST -> prepared tree at $CACHE/HOST-$KEY (reused when complete and intact)
 prepare_host() {
   local host=$1 dest=$CACHE/$1-$KEY
+  if [[ -f $dest/.sdconcepts-prepared ]] && ! tree_intact "$dest"; then
+    say "$host: $dest is damaged ($DAMAGE); preparing it again"
+    rm -f "$dest/.sdconcepts-prepared"
+  fi
   if [[ -f $dest/.sdconcepts-prepared ]]; then
     say "$host: reusing $dest"
   else
@@ -181,7 +201,7 @@ trap 'rm -f "$REPORT"' EXIT
 say "pytest tests/hosts"
 set +e
 # 9>&-: the hosts pytest starts must not inherit (and keep holding) the cache lock
-"$PROJECT_PY" -m pytest -p no:cacheprovider -rs --durations=0 --junitxml="$REPORT" tests/hosts "$@" 9>&-
+"$PROJECT_PY" -m pytest -p no:cacheprovider -m hosts -rs --durations=0 --junitxml="$REPORT" tests/hosts "$@" 9>&-
 rc=$?
 set -e
 # pytest's 5 (nothing collected) is a failure too; so is any skip (the conftest turns skips into failures; this

@@ -17,20 +17,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import browser_kit as kit
 import numpy as np
 import pytest
-import test_browser as tb
+from browser_kit import fill
 from library_files import write_library
 from PIL import Image
-from test_browser import _fill
-
-playwright_api = tb.playwright_api
 
 # For the send test, WebGL through SwiftShader instead of --disable-gpu: gradio 4.40's image editor draws with WebGL,
 # and without it the page stops rendering once the server sets the editor's image (Send to inpaint). The drawing test
 # keeps the plain arguments: with SwiftShader, the mouse strokes on 4.40's editor canvas in this headless chromium
 # leave no mask (the strokes do register without WebGL).
-SEND_CHROMIUM_ARGS = tb.WEBGL_CHROMIUM_ARGS
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the browser test driver)")
+SEND_CHROMIUM_ARGS = kit.WEBGL_CHROMIUM_ARGS
 
 # The stroke runs across the middle row of the picture; rows this far from it are outside any brush there.
 FAR_ROWS = 0.2
@@ -39,13 +38,13 @@ FAR_ROWS = 0.2
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, int]]:
     tmp = tmp_path_factory.mktemp("browser-img2img")
-    model, width = tb._model_for_test(tmp)
+    model, width = kit.model_for_test(tmp)
     size = _default_size(Path(model) if model != "-" else None)
     embeddings, hypernetworks = write_library(tmp, width)
     outputs = tmp / "outputs"
-    port = tb._free_port()
-    command = tb.app_command("standalone", port, model, embeddings, hypernetworks, outputs)
-    with tb.serve_app(command, port=port, cwd=tmp, log=tb.OUTPUT / "img2img-server.log") as url:
+    port = kit.free_port()
+    command = kit.app_command("standalone", port, model, embeddings, hypernetworks, outputs)
+    with kit.serve_app(command, port=port, cwd=tmp, log=kit.OUTPUT / "img2img-server.log") as url:
         yield url, outputs, size
 
 
@@ -72,10 +71,10 @@ def _wait_value(page, selector: str, expected: str, timeout: float = 60) -> None
     deadline = time.monotonic() + timeout
     seen = ""
     while time.monotonic() < deadline:
-        seen = tb._value(page, selector)
+        seen = kit.value(page, selector)
         if seen == expected:
             return
-        errors = tb._errors(page)
+        errors = kit.errors(page)
         if errors:
             raise AssertionError(f"gradio error: {errors[0]}")
         page.wait_for_timeout(200)
@@ -96,7 +95,7 @@ def _wait_image(page, selector: str, timeout: float = 180) -> Image.Image:  # ty
                 }"""
             )
             return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
-        errors = tb._errors(page)
+        errors = kit.errors(page)
         if errors:
             raise AssertionError(f"gradio error: {errors[0]}")
         page.wait_for_timeout(250)
@@ -106,14 +105,14 @@ def _wait_image(page, selector: str, timeout: float = 180) -> Image.Image:  # ty
 def _dismiss_errors(page) -> None:  # type: ignore[no-untyped-def]
     """Close the error toasts (gradio 3, 4 and 6 give their close button the same class), so later checks see none."""
     deadline = time.monotonic() + 30
-    while tb._errors(page) and time.monotonic() < deadline:
+    while kit.errors(page) and time.monotonic() < deadline:
         for close in page.locator(".toast-close").all():
             try:
                 close.click(timeout=2000)
             except playwright_api.Error:
                 pass  # the toast went away by itself meanwhile
         page.wait_for_timeout(300)
-    assert not tb._errors(page), tb._errors(page)
+    assert not kit.errors(page), kit.errors(page)
 
 
 def _picture(size: int) -> Image.Image:
@@ -123,7 +122,7 @@ def _picture(size: int) -> Image.Image:
 
 
 def _open(page, url: str) -> None:  # type: ignore[no-untyped-def]
-    page.set_default_timeout(tb.TIMEOUT_MS)
+    page.set_default_timeout(kit.TIMEOUT_MS)
     page.goto(url)
     page.wait_for_selector("#sdconcepts_prompt textarea", state="visible")
     page.wait_for_function("() => window.sdconcepts && window.sdconcepts.installed")
@@ -131,32 +130,32 @@ def _open(page, url: str) -> None:  # type: ignore[no-untyped-def]
 
 def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, int]) -> None:
     url, outputs, _size = app
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=SEND_CHROMIUM_ARGS)
+    with kit.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(kit.CHROMIUM), args=SEND_CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             _open(page, url)
             page.locator("#sdconcepts_prompt textarea").fill("a red circle on teal")
             page.locator("#sdconcepts_neg_prompt textarea").fill("blurry")
-            _fill(page, "#sdconcepts_steps input[type=number]", "3")
-            _fill(page, "#sdconcepts_seed input", "42")
+            fill(page, "#sdconcepts_steps input[type=number]", "3")
+            fill(page, "#sdconcepts_seed input", "42")
             page.locator("#sdconcepts_generate").click()
-            tb._wait_for_images(page)
+            kit.wait_for_images(page)
             page.wait_for_function(
                 "() => { const t = document.querySelector('#sdconcepts_infotext textarea');"
                 " return t && t.value.includes('Seed: 42'); }", timeout=180_000)
-            infotext = tb._value(page, "#sdconcepts_infotext textarea")
+            infotext = kit.value(page, "#sdconcepts_infotext textarea")
 
             # Send to img2img: the image and its parameters land in the img2img tab, which opens.
             page.locator("#sdconcepts_send_to_img2img").click()
             _wait_value(page, "#sdconcepts_img2img_prompt textarea", "a red circle on teal")
             page.locator("#sdconcepts_img2img_prompt textarea").wait_for(state="visible", timeout=10_000)
-            assert tb._value(page, "#sdconcepts_img2img_neg_prompt textarea") == "blurry"
-            assert tb._value(page, "#sdconcepts_img2img_seed input") == "42"
-            assert tb._value(page, "#sdconcepts_img2img_steps input[type=number]") == "3"
+            assert kit.value(page, "#sdconcepts_img2img_neg_prompt textarea") == "blurry"
+            assert kit.value(page, "#sdconcepts_img2img_seed input") == "42"
+            assert kit.value(page, "#sdconcepts_img2img_steps input[type=number]") == "3"
             sent = _wait_image(page, "#sdconcepts_img2img_init_image")
             assert sent.size[0] > 0
-            page.screenshot(path=str(tb.OUTPUT / "img2img-sent.png"), full_page=True)
+            page.screenshot(path=str(kit.OUTPUT / "img2img-sent.png"), full_page=True)
 
             # Send to inpaint: the Inpaint editor opens with the image (Generate then asks for a mask, not an image).
             _tab(page, "txt2img", "#sdconcepts_main_tabs")
@@ -171,30 +170,30 @@ def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, i
             assert not re.search("Upload an image|Drop Image Here", editor.inner_text()), "the editor got no image"
             page.locator("#sdconcepts_img2img_generate").click()
             deadline = time.monotonic() + 60
-            while not tb._errors(page) and time.monotonic() < deadline:
+            while not kit.errors(page) and time.monotonic() < deadline:
                 page.wait_for_timeout(200)
-            assert any("draw the mask" in e for e in tb._errors(page)), tb._errors(page)
+            assert any("draw the mask" in e for e in kit.errors(page)), kit.errors(page)
             _dismiss_errors(page)
 
             # PNG Info: the saved PNG's parameters, sent back to a txt2img form changed in the meantime.
             _tab(page, "txt2img", "#sdconcepts_main_tabs")
             page.locator("#sdconcepts_prompt textarea").fill("something else")
             page.locator("#sdconcepts_neg_prompt textarea").fill("")
-            _fill(page, "#sdconcepts_seed input", "-1")
-            _fill(page, "#sdconcepts_steps input[type=number]", "20")
+            fill(page, "#sdconcepts_seed input", "-1")
+            fill(page, "#sdconcepts_steps input[type=number]", "20")
             saved = sorted(outputs.glob("*.png"))
             assert saved, "txt2img saved no PNG"
             _tab(page, "PNG Info", "#sdconcepts_main_tabs")
             page.locator("#sdconcepts_png_info_file input[type=file]").first.set_input_files(str(saved[-1]))
             _wait_value(page, "#sdconcepts_png_info_infotext textarea", infotext)
             assert "Seed: 42" in page.locator("#sdconcepts_png_info_html").first.inner_text()
-            page.screenshot(path=str(tb.OUTPUT / "png-info.png"), full_page=True)
+            page.screenshot(path=str(kit.OUTPUT / "png-info.png"), full_page=True)
             page.locator("#sdconcepts_png_info_to_txt2img").click()
             _wait_value(page, "#sdconcepts_prompt textarea", "a red circle on teal")
             page.locator("#sdconcepts_prompt textarea").wait_for(state="visible", timeout=10_000)  # txt2img opened
-            assert tb._value(page, "#sdconcepts_neg_prompt textarea") == "blurry"
-            assert tb._value(page, "#sdconcepts_seed input") == "42"
-            assert tb._value(page, "#sdconcepts_steps input[type=number]") == "3"
+            assert kit.value(page, "#sdconcepts_neg_prompt textarea") == "blurry"
+            assert kit.value(page, "#sdconcepts_seed input") == "42"
+            assert kit.value(page, "#sdconcepts_steps input[type=number]") == "3"
         finally:
             browser.close()
 
@@ -218,10 +217,10 @@ def _inpaint(page, url: str, init_path: Path) -> tuple[Image.Image, str]:  # typ
     _tab(page, "Hypernetworks", "#sdconcepts_img2img_tabs")
     card = page.locator('#sdconcepts_img2img_hn_cards .sdconcepts-card[data-name="toy-hypernet"]')
     card.click()
-    assert tb._value(page, "#sdconcepts_img2img_prompt textarea") == "a toy <hypernet:toy-hypernet:1>"
-    assert tb._value(page, "#sdconcepts_prompt textarea") == ""
+    assert kit.value(page, "#sdconcepts_img2img_prompt textarea") == "a toy <hypernet:toy-hypernet:1>"
+    assert kit.value(page, "#sdconcepts_prompt textarea") == ""
     card.click()
-    assert tb._value(page, "#sdconcepts_img2img_prompt textarea") == "a toy"
+    assert kit.value(page, "#sdconcepts_img2img_prompt textarea") == "a toy"
 
     _tab(page, "Inpaint", "#sdconcepts_img2img_modes")
     editor = "#sdconcepts_img2img_inpaint_editor"
@@ -255,21 +254,21 @@ def _inpaint(page, url: str, init_path: Path) -> tuple[Image.Image, str]:  # typ
         page.mouse.move(cx - span + 2 * span * step / 10, cy)
     page.mouse.up()
     page.wait_for_timeout(500)
-    page.screenshot(path=str(tb.OUTPUT / "inpaint-drawn.png"), full_page=True)
+    page.screenshot(path=str(kit.OUTPUT / "inpaint-drawn.png"), full_page=True)
 
     _tab(page, "Settings", "#sdconcepts_img2img_tabs")
-    _fill(page, "#sdconcepts_img2img_mask_blur input[type=number]", "0")
-    _fill(page, "#sdconcepts_img2img_denoising_strength input[type=number]", "1")
-    _fill(page, "#sdconcepts_img2img_steps input[type=number]", "3")
-    _fill(page, "#sdconcepts_img2img_seed input", "7")
+    fill(page, "#sdconcepts_img2img_mask_blur input[type=number]", "0")
+    fill(page, "#sdconcepts_img2img_denoising_strength input[type=number]", "1")
+    fill(page, "#sdconcepts_img2img_steps input[type=number]", "3")
+    fill(page, "#sdconcepts_img2img_seed input", "7")
     page.locator("#sdconcepts_img2img_masked_content label").filter(has_text="original").first.click()
     page.locator("#sdconcepts_img2img_generate").click()
     result = _wait_image(page, "#sdconcepts_img2img_gallery")
     page.wait_for_function(
         "() => { const t = document.querySelector('#sdconcepts_img2img_infotext textarea');"
         " return t && t.value.includes('Seed: 7'); }", timeout=180_000)
-    info = tb._value(page, "#sdconcepts_img2img_infotext textarea")
-    page.screenshot(path=str(tb.OUTPUT / "inpaint-result.png"), full_page=True)
+    info = kit.value(page, "#sdconcepts_img2img_infotext textarea")
+    page.screenshot(path=str(kit.OUTPUT / "inpaint-result.png"), full_page=True)
     return result, info
 
 
@@ -280,8 +279,8 @@ def test_draw_a_mask_and_inpaint_keeps_the_rest(app: tuple[str, Path, int], tmp_
     init = _picture(size)
     init_path = tmp_path / "init.png"
     init.save(init_path)
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.CHROMIUM_ARGS)
+    with kit.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(kit.CHROMIUM), args=kit.CHROMIUM_ARGS)
         try:
             # Under load (a CI machine; this one while other jobs ran: 2 runs of 4), gradio 6's editor sometimes
             # lays out an empty canvas and then ignores every upload ("36%", "Upload an image" stay), and what it
@@ -298,7 +297,7 @@ def test_draw_a_mask_and_inpaint_keeps_the_rest(app: tuple[str, Path, int], tmp_
                         raise
                     print(f"the Inpaint editor did not take the picture in page {attempt + 1}: {exc}")
         except AssertionError as exc:
-            if "draw the mask" in str(exc) and tb.app_gradio_major() == 4:
+            if "draw the mask" in str(exc) and kit.app_gradio_major() == 4:
                 # The server answered as it should for an empty mask; what failed is the stroke's delivery.
                 pytest.skip("headless chromium without a GPU did not deliver the mouse stroke to gradio 4.40's "
                             "WebGL image editor this run (it does in most runs; 3.41 and 6.x are checked always)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_browser import (
+from browser_kit import (
     APP_PYTHON,
     CHROMIUM,
     HERE,
@@ -25,12 +25,12 @@ from test_browser import (
     ROOT,
     TIMEOUT_MS,
     WEBGL_CHROMIUM_ARGS,
-    _free_port,
-    _model_for_test,
-    _open_tab,
-    _value,
-    _wait_for_server,
-    playwright_api,
+    free_port,
+    model_for_test,
+    open_tab,
+    sync_playwright,
+    value,
+    wait_for_server,
 )
 
 from sdconcepts import Embedding, save_embedding
@@ -67,11 +67,11 @@ def big_app(
 ) -> Iterator[tuple[str, str, Path, Path]]:
     mode = request.param
     tmp = tmp_path_factory.mktemp(f"browser-library-{mode}")
-    model, width = _model_for_test(tmp)
+    model, width = model_for_test(tmp)
     start = time.monotonic()
     embeddings, hypernetworks = _write_big_library(tmp, width)
     print(f"\nwrote {EMBEDDINGS + 1} embeddings in {time.monotonic() - start:.0f} s")
-    port = _free_port()
+    port = free_port()
     if mode == "standalone":
         command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--no-examples",
                    "--embeddings-dir", str(embeddings), "--hypernetworks-dir", str(hypernetworks),
@@ -92,7 +92,7 @@ def big_app(
         process = subprocess.Popen(command, cwd=tmp, env=env, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        _wait_for_server(url, process, log)
+        wait_for_server(url, process, log)
         print(f"server answered {time.monotonic() - started:.1f} s after start")
         yield mode, url, embeddings, hypernetworks
     finally:
@@ -163,7 +163,7 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
     prompt = "#sdconcepts_prompt textarea"
     negative = "#sdconcepts_neg_prompt textarea"
     search = "#sdconcepts_ti_search input, #sdconcepts_ti_search textarea"
-    with playwright_api.sync_playwright() as p:
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=WEBGL_CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -175,7 +175,7 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
                 host_tab.filter(has_text="sdconcepts").filter(visible=True).first.click()
             page.wait_for_selector(prompt, state="visible")
             page.wait_for_function("() => window.sdconcepts && window.sdconcepts.installed")
-            _open_tab(page, "Textual Inversion")
+            open_tab(page, "Textual Inversion")
             page.locator(CARDS).first.wait_for(state="visible")
             first_card = time.monotonic() - start
             print(f"page load to the first usable card: {first_card:.2f} s ({EMBEDDINGS + 1} embeddings)")
@@ -279,7 +279,7 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
                 "() => [...document.querySelectorAll('#sdconcepts_ti_meta_title')]"
                 ".some(e => e.textContent.includes('toy-style'))"
             )
-            assert _value(page, prompt) == ""  # the edit button does not toggle the card
+            assert value(page, prompt) == ""  # the edit button does not toggle the card
             editor.locator("#sdconcepts_ti_meta_description textarea").fill("Toy world style")
             editor.locator("#sdconcepts_ti_meta_activation input, #sdconcepts_ti_meta_activation textarea").first.fill(
                 "toy world")
@@ -301,22 +301,22 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
 
             # A click inserts the name with its activation text; a second click removes both.
             page.locator(f'{CARDS}[data-name="toy-style"] .sdconcepts-card-name').click()
-            assert _value(page, prompt) == "toy-style toy world"
+            assert value(page, prompt) == "toy-style toy world"
             page.locator(f'{CARDS}[data-name="toy-style"] .sdconcepts-card-name').click()
-            assert _value(page, prompt) == ""
+            assert value(page, prompt) == ""
 
             # Hypernetworks: the preferred weight is the multiplier, the activation text follows the tag and the
             # negative text goes to the negative prompt (A1111's Lora card behaviour).
-            _open_tab(page, "Hypernetworks")
+            open_tab(page, "Hypernetworks")
             hn_card = page.locator('#sdconcepts_hn_cards .sdconcepts-card[data-name="anime"]')
             hn_card.wait_for(state="visible")
             assert "Anime look" in hn_card.inner_text()
             page.locator(prompt).fill("a red circle")
             hn_card.locator(".sdconcepts-card-name").click()
-            assert _value(page, prompt) == "a red circle <hypernet:anime:0.6> cel shading"
-            assert _value(page, negative) == "(photo:1)"
+            assert value(page, prompt) == "a red circle <hypernet:anime:0.6> cel shading"
+            assert value(page, negative) == "(photo:1)"
             hn_card.locator(".sdconcepts-card-name").click()
-            assert _value(page, prompt) == "a red circle" and _value(page, negative) == ""
+            assert value(page, prompt) == "a red circle" and value(page, negative) == ""
             page.screenshot(path=str(OUTPUT / f"library-{mode}-hypernetworks.png"), full_page=True)
         finally:
             browser.close()

@@ -25,16 +25,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import browser_kit as kit
 import pytest
-import test_browser as tb
 import torch
+from browser_kit import choose, fill, open_sub_tab, screenshot
 from page_waits import wait_text
-from test_browser import _choose, _fill, _open_sub_tab, _screenshot
 
 from sdconcepts import Embedding, save_embedding
 from sdconcepts.toyworld.concept import write_concept
-
-playwright_api = tb.playwright_api
 
 MODEL = "#sdconcepts_model"
 PROMPT = "#sdconcepts_prompt textarea"
@@ -78,16 +76,16 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     write_concept(tmp / "dataset", count=3, seed=3, shape="triangle", colour="yellow")
     print(f"\nwrote the tiny SDXL (single file and folder), the SD 1.x model and the files in "
           f"{time.monotonic() - start:.1f} s")
-    port = tb._free_port()
-    command = tb.app_command("standalone", port, "-", tmp / "embeddings", tmp / "hypernetworks", tmp / "outputs",
+    port = kit.free_port()
+    command = kit.app_command("standalone", port, "-", tmp / "embeddings", tmp / "hypernetworks", tmp / "outputs",
                              "--no-examples", "--models-dir", str(models))
-    with tb.serve_app(command, port=port, cwd=tmp, log=tb.OUTPUT / "sdxl-server.log") as url:
+    with kit.serve_app(command, port=port, cwd=tmp, log=kit.OUTPUT / "sdxl-server.log") as url:
         yield url, tmp
 
 
 def _open(page, url: str) -> None:  # type: ignore[no-untyped-def]
-    page.set_default_timeout(tb.TIMEOUT_MS)
-    tb.calm_animation_frames(page)
+    page.set_default_timeout(kit.TIMEOUT_MS)
+    kit.calm_animation_frames(page)
     page.goto(url)
     page.wait_for_selector(PROMPT, state="visible")
     page.wait_for_function("() => window.sdconcepts && window.sdconcepts.installed")
@@ -127,14 +125,14 @@ def _wait_cards(page, names: list[str], timeout: float = 60) -> str:  # type: ig
 
 def _generate(page, label: str) -> str:  # type: ignore[no-untyped-def]
     """Generate on the chosen model; the infotext once it is the new image's."""
-    old = tb._value(page, "#sdconcepts_infotext textarea")
+    old = kit.value(page, "#sdconcepts_infotext textarea")
     page.locator("#sdconcepts_generate").click()
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        info = tb._value(page, "#sdconcepts_infotext textarea")
+        info = kit.value(page, "#sdconcepts_infotext textarea")
         if info and info != old and page.locator("#sdconcepts_gallery img").count():
             return info
-        errors = tb._errors(page)
+        errors = kit.errors(page)
         if errors:
             raise AssertionError(f"generation on {label} failed: {errors[0]}")
         page.wait_for_timeout(250)
@@ -143,8 +141,8 @@ def _generate(page, label: str) -> str:  # type: ignore[no-untyped-def]
 
 def test_dropdown_lists_sdxl_cards_follow_the_model_and_txt2img_generates(app: tuple[str, Path]) -> None:
     url, _tmp = app
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.WEBGL_CHROMIUM_ARGS)
+    with kit.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(kit.CHROMIUM), args=kit.WEBGL_CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         try:
             _open(page, url)
@@ -152,47 +150,47 @@ def test_dropdown_lists_sdxl_cards_follow_the_model_and_txt2img_generates(app: t
             assert {"xl.safetensors", "xl-folder", "sd1-folder"} <= set(options), options
 
             # Small and quick: 2 steps at 64 px (a multiple both tiny models accept).
-            _fill(page, "#sdconcepts_steps input[type=number]", "2")
-            _fill(page, "#sdconcepts_width input[type=number]", "64")
-            _fill(page, "#sdconcepts_height input[type=number]", "64")
-            _fill(page, "#sdconcepts_seed input", "7")
+            fill(page, "#sdconcepts_steps input[type=number]", "2")
+            fill(page, "#sdconcepts_width input[type=number]", "64")
+            fill(page, "#sdconcepts_height input[type=number]", "64")
+            fill(page, "#sdconcepts_seed input", "7")
 
             # The single file, never loaded yet: its header says SDXL, so the cards follow before any generation.
-            _choose(page, MODEL, "xl.safetensors")
-            tb._open_tab(page, "Textual Inversion")
+            choose(page, MODEL, "xl.safetensors")
+            kit.open_tab(page, "Textual Inversion")
             skipped = _wait_cards(page, ["xlstyle"])
             assert "sd1style.pt" in skipped and "width 48 does not fit the model" in skipped, skipped
             assert "flatwide.safetensors" in skipped and "does not fit an SDXL model" in skipped, skipped
             page.locator(PROMPT).fill("a red circle")
             page.locator(PROMPT).press("End")
             page.locator('#sdconcepts_ti_cards .sdconcepts-card[data-name="xlstyle"]').click()
-            assert tb._value(page, PROMPT) == "a red circle xlstyle"
-            _screenshot(page, tb.OUTPUT / "sdxl-textual-inversion.png")
-            tb._open_tab(page, "txt2img")
+            assert kit.value(page, PROMPT) == "a red circle xlstyle"
+            screenshot(page, kit.OUTPUT / "sdxl-textual-inversion.png")
+            kit.open_tab(page, "txt2img")
             info = _generate(page, "xl.safetensors")
             assert info.startswith("a red circle xlstyle\n") and "TI hashes" in info and "xlstyle" in info, info
             assert "Size: 64x64" in info, info
             assert page.locator("#sdconcepts_warnings .sdconcepts-warnings").count() == 0
 
             # The diffusers folder: chosen, loaded in place of the single file, generates with the same embedding.
-            _choose(page, MODEL, "xl-folder")
-            tb._open_tab(page, "Textual Inversion")
+            choose(page, MODEL, "xl-folder")
+            kit.open_tab(page, "Textual Inversion")
             _wait_cards(page, ["xlstyle"])
-            tb._open_tab(page, "txt2img")
+            kit.open_tab(page, "txt2img")
             info = _generate(page, "xl-folder")
             assert "TI hashes" in info and "xlstyle" in info, info
 
             # Back on an SD 1.x model: the reverse.
-            _choose(page, MODEL, "sd1-folder")
-            tb._open_tab(page, "Textual Inversion")
+            choose(page, MODEL, "sd1-folder")
+            kit.open_tab(page, "Textual Inversion")
             skipped = _wait_cards(page, ["sd1style"])
             assert "xlstyle.safetensors" in skipped and "width 80 does not fit the model" in skipped, skipped
             page.locator(PROMPT).fill("a blue square")
             page.locator(PROMPT).press("End")
             page.locator('#sdconcepts_ti_cards .sdconcepts-card[data-name="sd1style"]').click()
-            assert tb._value(page, PROMPT) == "a blue square sd1style"
+            assert kit.value(page, PROMPT) == "a blue square sd1style"
         except Exception:
-            _screenshot(page, tb.OUTPUT / "sdxl-cards-failure.png")
+            screenshot(page, kit.OUTPUT / "sdxl-cards-failure.png")
             raise
         finally:
             browser.close()
@@ -224,19 +222,19 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
 
     url, tmp = app
     phase = _Phases()
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.WEBGL_CHROMIUM_ARGS)
+    with kit.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(kit.CHROMIUM), args=kit.WEBGL_CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         try:
             _open(page, url)
-            _choose(page, MODEL, "xl.safetensors")
-            tb._open_tab(page, "Train")
+            choose(page, MODEL, "xl.safetensors")
+            kit.open_tab(page, "Train")
             phase("page open, model chosen")
 
             # Create embedding: both halves, from the init text through each encoder's own tokenizer.
-            _open_sub_tab(page, "Create embedding")
-            _fill(page, "#sdconcepts_create_ti_name input", "xlnew")
-            _fill(page, "#sdconcepts_create_ti_init input", "yellow triangle")
+            open_sub_tab(page, "Create embedding")
+            fill(page, "#sdconcepts_create_ti_name input", "xlnew")
+            fill(page, "#sdconcepts_create_ti_init input", "yellow triangle")
             page.locator("#sdconcepts_create_ti_button").click()
             wait_text(page, "#sdconcepts_create_ti_result", "Created")
             created = load_embedding(tmp / "embeddings" / "xlnew.safetensors")
@@ -245,28 +243,28 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
             phase("embedding created")
 
             # Create hypernetwork: the SDXL model's own widths are offered and ticked.
-            _open_sub_tab(page, "Create hypernetwork")
+            open_sub_tab(page, "Create hypernetwork")
             sizes = page.locator("#sdconcepts_create_hn_sizes label")
             deadline = time.monotonic() + 30
             while [t.strip() for t in sizes.all_inner_texts()] != XL_WIDTHS and time.monotonic() < deadline:
                 page.wait_for_timeout(200)
             assert [t.strip() for t in sizes.all_inner_texts()] == XL_WIDTHS, sizes.all_inner_texts()
             assert page.locator("#sdconcepts_create_hn_sizes input:checked").count() == len(XL_WIDTHS)
-            _fill(page, "#sdconcepts_create_hn_name input", "xlhn")
+            fill(page, "#sdconcepts_create_hn_name input", "xlhn")
             page.locator("#sdconcepts_create_hn_button").click()
             wait_text(page, "#sdconcepts_create_hn_result", "Created")
             assert sorted(load_hypernetwork(tmp / "hypernetworks" / "xlhn.pt").layers) == [64, 80, 96]
             phase("hypernetwork created")
 
             # Train each for 4 steps at 64 px on the raw dataset (resized on load), saving every 2 steps.
-            _open_sub_tab(page, "Train")
+            open_sub_tab(page, "Train")
             for selector, value in (("#sdconcepts_train_dataset input", str(tmp / "dataset")),
                                     ("#sdconcepts_train_width input[type=number]", "64"),
                                     ("#sdconcepts_train_height input[type=number]", "64"),
                                     ("#sdconcepts_train_max_steps input", "4"),
                                     ("#sdconcepts_train_preview_every input", "0"),
                                     ("#sdconcepts_train_save_every input", "2")):
-                _fill(page, selector, value)
+                fill(page, selector, value)
             assert page.locator("#sdconcepts_train_embedding input").first.input_value() == "xlnew"
             phase("train form filled")
             before = created.vectors["clip_g"].clone()  # type: ignore[index]
@@ -283,17 +281,17 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
             phase("hypernetwork trained")
             hypernetwork = load_hypernetwork(tmp / "hypernetworks" / "xlhn.pt")
             assert hypernetwork.step == 4 and sorted(hypernetwork.layers) == [64, 80, 96]
-            _screenshot(page, tb.OUTPUT / "sdxl-train-tab.png")
+            screenshot(page, kit.OUTPUT / "sdxl-train-tab.png")
             phase("screenshot")
 
             # The trained embedding is a card on this SDXL model, without a restart.
-            tb._open_tab(page, "Textual Inversion")
+            kit.open_tab(page, "Textual Inversion")
             _wait_cards(page, ["xlnew", "xlstyle"])
-            tb._open_tab(page, "Hypernetworks")
+            kit.open_tab(page, "Hypernetworks")
             page.locator('#sdconcepts_hn_cards .sdconcepts-card[data-name="xlhn"]').wait_for(state="visible")
             phase("cards")
         except Exception:
-            _screenshot(page, tb.OUTPUT / "sdxl-train-failure.png")
+            screenshot(page, kit.OUTPUT / "sdxl-train-failure.png")
             raise
         finally:
             browser.close()

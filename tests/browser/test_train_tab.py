@@ -11,29 +11,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import browser_kit as kit
 import pytest
-import test_browser as tb
+from browser_kit import choose, fill, open_sub_tab, screenshot
 from page_waits import wait_text
-from test_browser import _choose, _fill, _open_sub_tab, _screenshot
 
 from sdconcepts.toyworld.concept import write_concept
 
-playwright_api = tb.playwright_api
 
-
-@pytest.fixture(scope="module", params=tb.MODES)
+@pytest.fixture(scope="module", params=kit.MODES)
 def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, Path]]:
     mode = request.param
     tmp = tmp_path_factory.mktemp(f"browser-train-{mode}")
-    model, _width = tb._model_for_test(tmp)
+    model, _width = kit.model_for_test(tmp)
     dataset = tmp / "dataset"
     write_concept(dataset, count=3, seed=3, shape="triangle", colour="yellow")
     for folder in ("embeddings", "hypernetworks"):
         (tmp / folder).mkdir()
-    port = tb._free_port()
-    command = tb.app_command(mode, port, model, tmp / "embeddings", tmp / "hypernetworks", tmp / "outputs",
+    port = kit.free_port()
+    command = kit.app_command(mode, port, model, tmp / "embeddings", tmp / "hypernetworks", tmp / "outputs",
                              "--no-examples")
-    with tb.serve_app(command, port=port, cwd=tmp, log=tb.OUTPUT / f"train-{mode}-server.log") as url:
+    with kit.serve_app(command, port=port, cwd=tmp, log=kit.OUTPUT / f"train-{mode}-server.log") as url:
         yield mode, url, dataset
 
 
@@ -46,51 +44,51 @@ def _open_our_page(page, mode: str) -> None:  # type: ignore[no-untyped-def]
 
 def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, str, Path]) -> None:
     mode, url, dataset = app
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(tb.CHROMIUM), args=tb.WEBGL_CHROMIUM_ARGS)
+    with kit.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(kit.CHROMIUM), args=kit.WEBGL_CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(tb.TIMEOUT_MS)
+            page.set_default_timeout(kit.TIMEOUT_MS)
             page.goto(url)
             _open_our_page(page, mode)
             # Previews use the txt2img settings: few sampling steps keep them quick.
-            _fill(page, "#sdconcepts_steps input[type=number]", "3")
-            tb._open_tab(page, "Train")
+            fill(page, "#sdconcepts_steps input[type=number]", "3")
+            kit.open_tab(page, "Train")
 
             # Preprocess the dataset: 3 images at the training size, each with a flipped copy, captions copied.
             prepared = dataset.parent / "prepared"
-            _open_sub_tab(page, "Preprocess images")
-            _fill(page, "#sdconcepts_preprocess_source input", str(dataset))
-            _fill(page, "#sdconcepts_preprocess_destination input", str(prepared))
-            _fill(page, "#sdconcepts_preprocess_width input[type=number]", "64")
-            _fill(page, "#sdconcepts_preprocess_height input[type=number]", "64")
+            open_sub_tab(page, "Preprocess images")
+            fill(page, "#sdconcepts_preprocess_source input", str(dataset))
+            fill(page, "#sdconcepts_preprocess_destination input", str(prepared))
+            fill(page, "#sdconcepts_preprocess_width input[type=number]", "64")
+            fill(page, "#sdconcepts_preprocess_height input[type=number]", "64")
             page.locator("#sdconcepts_preprocess_flip input").check()
-            _choose(page, "#sdconcepts_preprocess_caption_action", "copy")
+            choose(page, "#sdconcepts_preprocess_caption_action", "copy")
             page.locator("#sdconcepts_preprocess_button").click()
             wait_text(page, "#sdconcepts_preprocess_result", "Preprocessing finished: 6 images")
             assert len(list(prepared.glob("*.png"))) == 6 and len(list(prepared.glob("*.txt"))) == 6
 
             # Create embedding: the new name is chosen in the Train sub-tab's dropdown.
-            _open_sub_tab(page, "Create embedding")
-            _fill(page, "#sdconcepts_create_ti_name input", "uitoy")
-            _fill(page, "#sdconcepts_create_ti_init input", "triangle")
+            open_sub_tab(page, "Create embedding")
+            fill(page, "#sdconcepts_create_ti_name input", "uitoy")
+            fill(page, "#sdconcepts_create_ti_init input", "triangle")
             page.locator("#sdconcepts_create_ti_button").click()
             wait_text(page, "#sdconcepts_create_ti_result", "Created")
 
-            _open_sub_tab(page, "Train")
+            open_sub_tab(page, "Train")
             # A missing dataset is refused next to its field and nothing starts.
-            _fill(page, "#sdconcepts_train_dataset input", str(dataset / "missing"))
+            fill(page, "#sdconcepts_train_dataset input", str(dataset / "missing"))
             page.locator("#sdconcepts_train_ti_button").click()
             wait_text(page, "#sdconcepts_train_err_dataset", "does not exist")
             assert "No training" in page.locator("#sdconcepts_train_status").first.inner_text()
 
-            _fill(page, "#sdconcepts_train_dataset input", str(prepared))
+            fill(page, "#sdconcepts_train_dataset input", str(prepared))
             for selector, value in (("#sdconcepts_train_width input[type=number]", "64"),
                                     ("#sdconcepts_train_height input[type=number]", "64"),
                                     ("#sdconcepts_train_max_steps input", "2000"),
                                     ("#sdconcepts_train_preview_every input", "2"),
                                     ("#sdconcepts_train_save_every input", "2")):
-                _fill(page, selector, value)
+                fill(page, selector, value)
             page.locator("#sdconcepts_train_read_txt2img input").check()
             page.locator("#sdconcepts_train_ti_button").click()
             status = wait_text(page, "#sdconcepts_train_status", "loss:")
@@ -104,15 +102,15 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
 
             # A second Train click while one runs is refused with a message. gradio 3.41's front end (A1111's stack)
             # holds a click on an event that is still streaming until it ends, so the refusal is seen on 4+ only.
-            if tb.app_gradio_major() >= 4:
+            if kit.app_gradio_major() >= 4:
                 page.locator("#sdconcepts_train_ti_button").click()
                 wait_text(page, "#sdconcepts_train_message", "is training already")
 
             # Reload: the page shows the running job again, still stepping.
             page.reload()
             _open_our_page(page, mode)
-            tb._open_tab(page, "Train")
-            _open_sub_tab(page, "Train")
+            kit.open_tab(page, "Train")
+            open_sub_tab(page, "Train")
             first = wait_text(page, "#sdconcepts_train_status", "loss:")
             assert "Training" in first and "uitoy" in first
             # Gradio's images load lazily: an image below the fold has no size until it is scrolled to.
@@ -123,13 +121,13 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
             end = wait_text(page, "#sdconcepts_train_status", "Training interrupted", timeout=120)
             assert "saved to" in end and "uitoy.pt" in end
             page.locator("#sdconcepts_train_previews img").first.wait_for(state="visible")
-            _screenshot(page, tb.OUTPUT / f"train-tab-{mode}.png")
+            screenshot(page, kit.OUTPUT / f"train-tab-{mode}.png")
 
             # The trained file is among the Textual Inversion cards without a restart.
-            tb._open_tab(page, "Textual Inversion")
+            kit.open_tab(page, "Textual Inversion")
             page.locator('#sdconcepts_ti_cards .sdconcepts-card[data-name="uitoy"]').wait_for(state="visible")
         except Exception:
-            _screenshot(page, tb.OUTPUT / f"train-tab-{mode}-failure.png")
+            screenshot(page, kit.OUTPUT / f"train-tab-{mode}-failure.png")
             raise
         finally:
             browser.close()

@@ -21,16 +21,12 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# page_waits: the page waits the browser tests use too
+# browser_kit, page_waits: chromium and the page waits the browser tests use too
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "browser"))
 
 import host_harness as hh  # noqa: E402
+from browser_kit import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-    "--no-first-run", "--disable-component-update", "--disable-sync",
-]
 HERE = Path(__file__).resolve().parent
 _REQUIRED = os.environ.get(hh.ENV_REQUIRED) == "1"
 
@@ -40,12 +36,13 @@ def _host_dirs() -> dict[str, Path]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _host_dirs():
-        return
+    prepared = bool(_host_dirs())
     skip = pytest.mark.skip(reason="real hosts not prepared: run tools/host_tests.sh")
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(skip)
+            item.add_marker(pytest.mark.hosts)
+            if not prepared:
+                item.add_marker(skip)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -19,6 +19,7 @@ Bump a family's recipe whenever anything here changes its file's content.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -58,9 +59,28 @@ def build_checkpoint(target: Path, family: str = "sd1") -> Path:
     return save_single_file(components, target, dtype=torch.float16)
 
 
+def is_intact(path: Path) -> bool:
+    """Whether ``path`` is a whole safetensors file: its header parses and its tensors end exactly at the file's end
+    (a truncated or overwritten cache file is built again)."""
+    try:
+        with open(path, "rb") as file:
+            size = int.from_bytes(file.read(8), "little")
+            if not 0 < size < 100_000_000:
+                return False
+            header = json.loads(file.read(size))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        return bool(ends) and path.stat().st_size == 8 + size + max(ends)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
 def ensure_checkpoint(cache_dir: str | os.PathLike[str], family: str = "sd1") -> Path:
-    """The checkpoint in ``cache_dir`` for this family's recipe, built first when missing (the writer is atomic)."""
+    """The checkpoint in ``cache_dir`` for this family's recipe, built first when missing or damaged (the writer is
+    atomic)."""
     target = checkpoint_path(cache_dir, family)
+    if target.is_file() and not is_intact(target):
+        print(f"{target} is damaged; building it again", file=sys.stderr)
+        target.unlink()
     if not target.is_file():
         build_checkpoint(target, family)
         target.chmod(0o644)  # the writer's temporary file was private; hosts may run as another user
