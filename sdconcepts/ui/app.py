@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from sdconcepts.ui import handlers, img2img_tab, train
+from sdconcepts.ui import handlers, img2img_tab, train_handlers
 from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.compat import (
     QUEUE_KWARGS,
@@ -36,8 +36,8 @@ from sdconcepts.ui.controls import (
 from sdconcepts.ui.embedding_tools_tab import build_embedding_tools
 from sdconcepts.ui.img2img_tab import build_img2img_tab
 from sdconcepts.ui.png_info_tab import FIELDS, IMG2IMG_FIELDS, build_png_info_tab, paste_updates
-from sdconcepts.ui.session import UiError, UiSession
 from sdconcepts.ui.train_tab import build_train_tab
+from sdconcepts.ui.ui_session import UiError, UiSession
 
 __all__ = ["ROOT_ID", "build_ui", "launch_app", "read_css", "read_js"]
 
@@ -69,7 +69,7 @@ def read_js() -> str:
         return ""
 
 
-def build_ui(session: UiSession, *, css: str | None = None, jobs: train.TrainingJobs | None = None,
+def build_ui(session: UiSession, *, css: str | None = None, jobs: train_handlers.TrainingJobs | None = None,
              standalone: bool = True) -> gr.Blocks:
     """The whole UI: model picker, prompts, and the txt2img / Textual Inversion / Hypernetworks / Train tabs.
 
@@ -77,7 +77,7 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train.Training
     left out, since the host has its own. ``jobs`` holds the training job; pages loaded later (reloads) show the one
     that runs.
     """
-    jobs = jobs or train.TrainingJobs(session.generate_lock)
+    jobs = jobs or train_handlers.TrainingJobs(session.generate_lock)
     choices = list(session.model_choices())
     initial_model = session.default_choice()
     ti_view = handlers.embedding_cards_view(session, model_label=initial_model)

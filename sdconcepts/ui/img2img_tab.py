@@ -17,7 +17,7 @@ from sdconcepts.ui import handlers
 from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.compat import make, mask_editor
 from sdconcepts.ui.controls import GENERATION_INPUTS, card_tab, generation_controls, guard, wire_seed_buttons
-from sdconcepts.ui.session import UiSession
+from sdconcepts.ui.ui_session import UiSession
 
 __all__ = ["PREFIX", "ROOT_ID", "build_img2img_tab"]
 

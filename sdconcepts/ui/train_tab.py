@@ -1,6 +1,6 @@
-"""Lays out the Train tab (Create embedding, Create hypernetwork, Preprocess images, Train) and wires it to ``ui.train``.
+"""Lays out the Train tab (Create embedding, Create hypernetwork, Preprocess images, Train) and wires it to ``ui.train_handlers``.
 
-Nothing here decides anything: validation, the job and the views live in ``ui.train``. Messages about a field are
+Nothing here decides anything: validation, the job and the views live in ``ui.train_handlers``. Messages about a field are
 shown in a small HTML element right under it (``sdconcepts_train_err_<field>``).
 """
 
@@ -15,10 +15,10 @@ import gradio as gr
 from sdconcepts.hypernetwork import ACTIVATIONS, WEIGHT_INITS
 from sdconcepts.limits import MAX_IMAGE_SIDE
 from sdconcepts.training.templates import available_templates
-from sdconcepts.ui import train
+from sdconcepts.ui import train_handlers
 from sdconcepts.ui.compat import GRADIO_MAJOR, make, update
-from sdconcepts.ui.session import UiError, UiSession
 from sdconcepts.ui.train_preprocess import CAPTION_ACTIONS, PreprocessSettings
+from sdconcepts.ui.ui_session import UiError, UiSession
 
 __all__ = ["TxtToImg", "build_train_tab", "chain_after"]
 
@@ -41,12 +41,12 @@ def _field_error(key: str) -> Any:
     return gr.HTML("", elem_id=f"sdconcepts_train_err_{key}")
 
 
-def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJobs, model: Any, txt2img: TxtToImg,
+def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train_handlers.TrainingJobs, model: Any, txt2img: TxtToImg,
                     after_change: Sequence[tuple[Callable[..., Any], list[Any], list[Any]]]) -> dict[str, Any]:
     """Build the tab inside the current layout context; ``after_change`` re-renders the card tabs."""
     templates = list(available_templates())
     # The forms fit the model chosen when the page is built, and follow the model dropdown (model_change below).
-    fit = train.form_defaults(session, session.default_choice())
+    fit = train_handlers.form_defaults(session, session.default_choice())
     with gr.Tabs(elem_id="sdconcepts_train_tabs"):
         with gr.Tab("Create embedding", id="sdconcepts_create_ti", elem_id="sdconcepts_tab_create_ti"):
             ti_name = gr.Textbox(label="Name", elem_id="sdconcepts_create_ti_name", max_lines=1)
@@ -87,9 +87,9 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
             pre_destination = gr.Textbox(label="Destination directory", elem_id="sdconcepts_preprocess_destination",
                                          max_lines=1)
             with gr.Row():
-                pre_width = gr.Slider(train.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step, label="Width",
+                pre_width = gr.Slider(train_handlers.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step, label="Width",
                                       elem_id="sdconcepts_preprocess_width")
-                pre_height = gr.Slider(train.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step,
+                pre_height = gr.Slider(train_handlers.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step,
                                        label="Height", elem_id="sdconcepts_preprocess_height")
             pre_caption_action = gr.Dropdown(list(CAPTION_ACTIONS), value="ignore",
                                              label="Existing Caption txt Action",
@@ -112,9 +112,9 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
             gr.HTML('<div class="sdconcepts-train-help">Train an embedding or hypernetwork; you must specify a '
                     "directory with a set of 1:1 ratio images.</div>", elem_id="sdconcepts_train_help")
             with gr.Row():
-                embedding = gr.Dropdown(train.embedding_names(session), label="Embedding",
+                embedding = gr.Dropdown(train_handlers.embedding_names(session), label="Embedding",
                                         elem_id="sdconcepts_train_embedding", scale=4)
-                hypernetwork = gr.Dropdown(train.hypernetwork_names(session), label="Hypernetwork",
+                hypernetwork = gr.Dropdown(train_handlers.hypernetwork_names(session), label="Hypernetwork",
                                            elem_id="sdconcepts_train_hypernetwork", scale=4)
                 names_refresh = gr.Button("Refresh", elem_id="sdconcepts_train_names_refresh", scale=1)
             err_name = _field_error("name")
@@ -146,9 +146,9 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                                    elem_id="sdconcepts_train_template")
             err_template = _field_error("template")
             with gr.Row():
-                width = gr.Slider(train.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step, label="Width",
+                width = gr.Slider(train_handlers.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step, label="Width",
                                   elem_id="sdconcepts_train_width")
-                height = gr.Slider(train.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step, label="Height",
+                height = gr.Slider(train_handlers.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step, label="Height",
                                    elem_id="sdconcepts_train_height")
             keep_size = gr.Checkbox(value=False, label="Do not resize images", elem_id="sdconcepts_train_keep_size")
             err_size = _field_error("size")
@@ -180,7 +180,7 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                 train_hn = gr.Button("Train Hypernetwork", variant="primary", elem_id="sdconcepts_train_hn_button")
                 train_ti = gr.Button("Train Embedding", variant="primary", elem_id="sdconcepts_train_ti_button")
             message = gr.HTML("", elem_id="sdconcepts_train_message")
-            status = gr.HTML(train.train_view(jobs.current).status_html, elem_id="sdconcepts_train_status")
+            status = gr.HTML(train_handlers.train_view(jobs.current).status_html, elem_id="sdconcepts_train_status")
             # A fixed height: gradio 6 lays an image out at zero height when its first value arrives in a hidden tab.
             plot = make(gr.Image, label="Loss", type="filepath", interactive=False, elem_id="sdconcepts_train_plot",
                         optional={"height": 380, "show_download_button": True})
@@ -192,28 +192,28 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
               "gradient_accumulation": err_accumulation, "dataset": err_dataset, "log_directory": err_log,
               "template": err_template, "size": err_size, "max_steps": err_steps, "intervals": err_intervals,
               "tag_dropout": err_dropout}
-    error_outputs = [errors[key] for key in train.ERROR_FIELDS]
+    error_outputs = [errors[key] for key in train_handlers.ERROR_FIELDS]
     view_outputs = [status, plot, previews, saves]
 
     # -- create --
     def on_create_ti(model_label: str, name: str, init: str, vectors: float, overwrite: bool):
         try:
-            path = train.create_embedding(session, model_label, name, init, vectors, overwrite)
+            path = train_handlers.create_embedding(session, model_label, name, init, vectors, overwrite)
         except UiError as exc:
             return _message(str(exc)), update()
         return (_message(f"Created {path}", "sdconcepts-field-ok"),
-                update(choices=train.embedding_names(session), value=path.stem))
+                update(choices=train_handlers.embedding_names(session), value=path.stem))
 
     def on_create_hn(name: str, sizes: list[str], extra: str, layers: str, activation: str, init: str, norm: bool,
                      dropout: bool, dropout_structure: str, overwrite: bool):
         chosen = [*sizes, *[part for part in str(extra).split(",") if part.strip()]]
         try:
-            path = train.create_hypernetwork(session, name, chosen, layers, activation, init, norm, dropout,
+            path = train_handlers.create_hypernetwork(session, name, chosen, layers, activation, init, norm, dropout,
                                              dropout_structure if dropout else "", overwrite)
         except UiError as exc:
             return _message(str(exc)), update()
         return (_message(f"Created {path}", "sdconcepts-field-ok"),
-                update(choices=train.hypernetwork_names(session), value=path.stem))
+                update(choices=train_handlers.hypernetwork_names(session), value=path.stem))
 
     created_ti = ti_create.click(on_create_ti, inputs=[model, ti_name, ti_init, ti_vectors, ti_overwrite],
                                  outputs=[ti_result, embedding])
@@ -228,7 +228,7 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                                       split_threshold=float(threshold), overlap_ratio=float(overlap),
                                       caption_from_name=bool(name_caption))
         try:
-            return _message(train.preprocess(session, source or "", destination or "", settings), "sdconcepts-field-ok")
+            return _message(train_handlers.preprocess(session, source or "", destination or "", settings), "sdconcepts-field-ok")
         except UiError as exc:
             return _message(str(exc))
 
@@ -237,7 +237,7 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                   outputs=[pre_result])
 
     def on_names_refresh(current_ti: str, current_hn: str):
-        ti_names, hn_names = train.embedding_names(session), train.hypernetwork_names(session)
+        ti_names, hn_names = train_handlers.embedding_names(session), train_handlers.hypernetwork_names(session)
         return (update(choices=ti_names, value=current_ti if current_ti in ti_names else None),
                 update(choices=hn_names, value=current_hn if current_hn in hn_names else None))
 
@@ -251,7 +251,7 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                 read_txt2img, shuffle_tags, tag_dropout, latent_sampling]
     preview_inputs = [txt2img[k] for k in ("prompt", "negative", "steps", "sampler", "cfg_scale", "seed")]
 
-    def view_values(view: train.TrainView) -> list[Any]:
+    def view_values(view: train_handlers.TrainView) -> list[Any]:
         return [view.status_html, view.plot, view.previews, view.saves]
 
     def start(kind: str, model_label: str, name: str, *values: Any):
@@ -271,19 +271,19 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
             fields.update(preview_prompt=prompt_v or "", preview_negative_prompt=negative_v or "",
                           preview_steps=p_steps_v, preview_sampler=sampler_v, preview_cfg_scale=float(cfg_v),
                           preview_seed=seed_v)
-        config, problems = train.training_config(kind, name, fields, roots=session.train_roots())
-        error_values = [_message(problems.get(key, "")) for key in train.ERROR_FIELDS]
+        config, problems = train_handlers.training_config(kind, name, fields, roots=session.train_roots())
+        error_values = [_message(problems.get(key, "")) for key in train_handlers.ERROR_FIELDS]
         if config is None:
             yield [_message("Fix the settings marked below; nothing was started."), *error_values,
-                   *view_values(train.train_view(jobs.current))]
+                   *view_values(train_handlers.train_view(jobs.current))]
             return
         try:
-            job = train.start_training(session, jobs, kind, model_label, name, config)
+            job = train_handlers.start_training(session, jobs, kind, model_label, name, config)
         except UiError as exc:
-            yield [_message(str(exc)), *error_values, *view_values(train.train_view(jobs.current))]
+            yield [_message(str(exc)), *error_values, *view_values(train_handlers.train_view(jobs.current))]
             return
         keep = [update() for _ in error_values]
-        for index, view in enumerate(train.follow(jobs, job=job)):
+        for index, view in enumerate(train_handlers.follow(jobs, job=job)):
             # Only the first update clears the messages: a refusal shown meanwhile must stay.
             yield ["", *error_values, *view_values(view)] if index == 0 else [update(), *keep, *view_values(view)]
 
@@ -308,7 +308,7 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
 
     def on_model_change(model_label: str):
         # Another model has other widths and another size: offer its own (A1111 offers SD's whatever is loaded).
-        chosen = train.form_defaults(session, model_label)
+        chosen = train_handlers.form_defaults(session, model_label)
         size = update(value=chosen.size, step=chosen.size_step)
         return [update(choices=chosen.width_choices, value=chosen.widths_ticked), size, size, size, size]
 
@@ -316,7 +316,7 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train.TrainingJ
                  show_progress="hidden")
 
     def on_load():
-        for view in train.follow(jobs):
+        for view in train_handlers.follow(jobs):
             yield view_values(view)
 
     # A page that loads (or reloads) while a job runs follows it again, then shows the new files among the cards.

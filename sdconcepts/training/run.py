@@ -291,7 +291,7 @@ def _train_embedding(
     stop: threading.Event | None,
     distributed: Distributed | None,
 ) -> Iterator[TrainingEvent]:
-    from sdconcepts.training.backend import TrainingModel
+    from sdconcepts.training.training_model import TrainingModel
 
     try:
         loaded = load_embedding(path)
@@ -343,7 +343,7 @@ def train_hypernetwork(
     distributed: Distributed | None = None,
 ) -> Iterator[TrainingEvent]:
     """Train an A1111 hypernetwork (a name in ``hypernetworks_dir`` or a path) on a LoadedModel."""
-    from sdconcepts.training.backend import TrainingModel
+    from sdconcepts.training.training_model import TrainingModel
 
     config.validated(int(model.size_multiple))
     path = _find_hypernetwork_file(hypernetwork, hypernetworks_dir)

@@ -30,7 +30,7 @@ from sdconcepts.training.config import (
 from sdconcepts.training.loop import TrainingEvent
 from sdconcepts.training.outputs import draw_loss_plot
 from sdconcepts.training.templates import available_templates
-from sdconcepts.ui.session import UiError, UiSession, contained_path
+from sdconcepts.ui.ui_session import UiError, UiSession, contained_path
 
 __all__ = [
     "ERROR_FIELDS",
@@ -136,9 +136,9 @@ def form_defaults(session: UiSession, model_label: str | None = None) -> FormDef
 def create_embedding(session: UiSession, model_label: str, name: str, init_text: str, vectors: float,
                      overwrite: bool) -> Path:
     """A1111's Create embedding on the chosen model's token embeddings; raises UiError naming the problem."""
-    from sdconcepts.training.backend import TrainingModel
     from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file
     from sdconcepts.training.names import InvalidNameError, target_path
+    from sdconcepts.training.training_model import TrainingModel
 
     count = int(vectors or 0)
     if not str(name).strip():
@@ -448,7 +448,7 @@ def train_view(job: TrainingJob | None) -> TrainView:
 def start_training(session: UiSession, jobs: TrainingJobs, kind: str, model_label: str, name: str,
                    config: TrainingConfig) -> TrainingJob:
     """Start training ``name`` on the chosen model (loaded in the job's thread); UiError while another job runs."""
-    from sdconcepts.training.session import train_embedding, train_hypernetwork
+    from sdconcepts.training.run import train_embedding, train_hypernetwork
 
     def run(stop: threading.Event) -> Iterator[TrainingEvent]:
         model = session.model(model_label)
