@@ -142,7 +142,7 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
     host: Any, tiny_model_dir: Path, dataset: Path, tmp_path: Path
 ) -> None:
     from sdconcepts.model_shape import shape_of_loaded
-    from sdconcepts.ui import train_handlers
+    from sdconcepts.ui import train_handlers, train_jobs
     from sdconcepts.ui.ui_session import DEFAULT_MODEL_LABEL, HOST_MODEL_LABEL, XL_MODEL_LABEL, UiConfig, UiSession
 
     models = tmp_path / "models"
@@ -174,7 +174,7 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
         "save_image_with_embedding": False, "preview_steps": 2, "preview_seed": 1,
     })
     assert config is not None
-    jobs = train_handlers.TrainingJobs(session.generate_lock)
+    jobs = train_jobs.TrainingJobs(session.generate_lock)
     job = train_handlers.start_training(session, jobs, "embedding", HOST_MODEL_LABEL, "hostemb", config)
     assert job.wait(300) and job.error is None, job.error
     assert changed == ["embedding"] * 2  # the saves at steps 1 and 2: each time the host reloads (once per save)

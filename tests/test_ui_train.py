@@ -15,7 +15,7 @@ from sdconcepts.hypernetwork_files import load_hypernetwork
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig
 from sdconcepts.training.loop import TrainingEvent
-from sdconcepts.ui import handlers, train_handlers
+from sdconcepts.ui import handlers, train_handlers, train_jobs
 from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
 SIZE = 32  # a size the tiny model trains at quickly
@@ -113,10 +113,10 @@ def test_training_streams_steps_plot_previews_and_saves(session: UiSession, tiny
     train_handlers.create_embedding(session, label, "toytri", "triangle", 2, False)
     config, _ = train_handlers.training_config("embedding", "toytri", _fields(dataset, tmp_path))
     assert config is not None
-    jobs = train_handlers.TrainingJobs(session.generate_lock)
-    assert "No training" in train_handlers.train_view(jobs.current).status_html
+    jobs = train_jobs.TrainingJobs(session.generate_lock)
+    assert "No training" in train_jobs.train_view(jobs.current).status_html
     job = train_handlers.start_training(session, jobs, "embedding", label, "toytri", config)
-    views = list(train_handlers.follow(jobs, poll=0.05, job=job))
+    views = list(train_jobs.follow(jobs, poll=0.05, job=job))
     last = views[-1]
     assert not last.running and job.error is None, job.error
     assert "step 4/4" in last.status_html and "loss:" in last.status_html and "it/s" in last.status_html
@@ -130,8 +130,8 @@ def test_training_streams_steps_plot_previews_and_saves(session: UiSession, tiny
     assert last.saves.splitlines() == [f"step 2: {path}", f"step 4: {path}"]
     assert load_embedding(session.config.embeddings_dirs[0] / "toytri.pt").step == 4
     # A page loaded afterwards (a reload) shows the same job.
-    assert train_handlers.train_view(jobs.current).status_html == last.status_html
-    assert [v.status_html for v in train_handlers.follow(jobs)][-1] == last.status_html
+    assert train_jobs.train_view(jobs.current).status_html == last.status_html
+    assert [v.status_html for v in train_jobs.follow(jobs)][-1] == last.status_html
 
 
 def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
@@ -142,7 +142,7 @@ def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
     config, _ = train_handlers.training_config("embedding", "toytri",
                                       _fields(dataset, tmp_path, max_steps=100000, preview_every=0, save_every=0))
     assert config is not None
-    jobs = train_handlers.TrainingJobs(session.generate_lock)
+    jobs = train_jobs.TrainingJobs(session.generate_lock)
     assert jobs.interrupt() == "Nothing is training."
     job = train_handlers.start_training(session, jobs, "embedding", label, "toytri", config)
     deadline = time.monotonic() + 60
@@ -163,8 +163,8 @@ def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
     # Within one step of the interrupt (the step running when it came finishes), and that step is saved.
     assert job.steps()[-1].step <= steps_at_interrupt + 2
     assert load_embedding(session.config.embeddings_dirs[0] / "toytri.pt").step == job.steps()[-1].step
-    assert "<b>Interrupted</b>" in train_handlers.train_view(job).status_html
-    assert "Training interrupted" in train_handlers.train_view(job).status_html
+    assert "<b>Interrupted</b>" in train_jobs.train_view(job).status_html
+    assert "Training interrupted" in train_jobs.train_view(job).status_html
     # Once it ended, a new job may start.
     config2, _ = train_handlers.training_config("embedding", "toytri", _fields(dataset, tmp_path, max_steps=job.steps()[-1].step + 1,
                                                                       preview_every=0, save_every=0))
@@ -177,28 +177,28 @@ def test_the_view_between_the_end_event_and_done_already_shows_the_end() -> None
     """The training thread appends its end event (or sets the error) and flips ``done`` a moment later; a page that
     polls in between must already read the end (a host test once saw "Training … interrupting…" beside the end
     message), and ``follow`` must still give one more view once ``done`` flips."""
-    job = train_handlers.TrainingJob("embedding", "toytri", 100)
+    job = train_jobs.TrainingJob("embedding", "toytri", 100)
     job.events.append(TrainingEvent(1, 0.5, 0.005))
     job.times.append(job.started + 1)
     job.stop.set()
-    assert "<b>Training</b>" in train_handlers.train_view(job).status_html
-    assert "interrupting…" in train_handlers.train_view(job).status_html
+    assert "<b>Training</b>" in train_jobs.train_view(job).status_html
+    assert "interrupting…" in train_jobs.train_view(job).status_html
     job.events.append(TrainingEvent(1, math.nan, 0.005, kind="interrupted", message="Training interrupted at 1 steps."))
     job.times.append(job.started + 2)
-    between = train_handlers.train_view(job)
+    between = train_jobs.train_view(job)
     assert job.running and between.running
     assert "<b>Interrupted</b>" in between.status_html and "interrupting…" not in between.status_html
     assert "Training interrupted at 1 steps." in between.status_html
-    views = train_handlers.follow(train_handlers.TrainingJobs(threading.Lock()), poll=0.01, job=job)
+    views = train_jobs.follow(train_jobs.TrainingJobs(threading.Lock()), poll=0.01, job=job)
     assert next(views).running
     job.done = True
     last = next(views)
     assert not last.running and "<b>Interrupted</b>" in last.status_html
     assert next(views, None) is None
 
-    failing = train_handlers.TrainingJob("embedding", "toytri", 100)
+    failing = train_jobs.TrainingJob("embedding", "toytri", 100)
     failing.error = "out of memory"
-    view = train_handlers.train_view(failing)
+    view = train_jobs.train_view(failing)
     assert failing.running and "<b>Stopped</b>" in view.status_html and "sdconcepts-train-error" in view.status_html
 
 
@@ -206,10 +206,10 @@ def test_a_failing_run_reports_its_error(session: UiSession, tiny_model_dir: Pat
                                          tmp_path: Path) -> None:
     config, _ = train_handlers.training_config("embedding", "missing", _fields(dataset, tmp_path))
     assert config is not None
-    jobs = train_handlers.TrainingJobs(threading.Lock())
+    jobs = train_jobs.TrainingJobs(threading.Lock())
     job = train_handlers.start_training(session, jobs, "embedding", str(tiny_model_dir), "missing", config)
     assert job.wait(60) and not job.running
-    view = train_handlers.train_view(job)
+    view = train_jobs.train_view(job)
     assert "no embedding &#x27;missing&#x27;" in view.status_html and "sdconcepts-train-error" in view.status_html
 
 
@@ -221,7 +221,7 @@ def test_hypernetwork_training_holds_the_model_for_the_whole_run(session: UiSess
                                       _fields(dataset, tmp_path, template="hypernetwork", learn_rate="0.001",
                                               max_steps=2, preview_every=0, save_every=0))
     assert config is not None
-    jobs = train_handlers.TrainingJobs(session.generate_lock)
+    jobs = train_jobs.TrainingJobs(session.generate_lock)
     job = train_handlers.start_training(session, jobs, "hypernetwork", str(tiny_model_dir), "toy-hn", config)
     deadline = time.monotonic() + 30
     while job.running and not session.generate_lock.locked() and time.monotonic() < deadline:

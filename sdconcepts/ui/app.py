@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from sdconcepts.ui import handlers, img2img_tab, train_handlers
+from sdconcepts.ui import handlers, img2img_tab, train_jobs
 from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.compat import (
     QUEUE_KWARGS,
@@ -69,7 +69,7 @@ def read_js() -> str:
         return ""
 
 
-def build_ui(session: UiSession, *, css: str | None = None, jobs: train_handlers.TrainingJobs | None = None,
+def build_ui(session: UiSession, *, css: str | None = None, jobs: train_jobs.TrainingJobs | None = None,
              standalone: bool = True) -> gr.Blocks:
     """The whole UI: model picker, prompts, and the txt2img / Textual Inversion / Hypernetworks / Train tabs.
 
@@ -77,7 +77,7 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train_handlers
     left out, since the host has its own. ``jobs`` holds the training job; pages loaded later (reloads) show the one
     that runs.
     """
-    jobs = jobs or train_handlers.TrainingJobs(session.generate_lock)
+    jobs = jobs or train_jobs.TrainingJobs(session.generate_lock)
     choices = list(session.model_choices())
     initial_model = session.default_choice()
     ti_view = handlers.embedding_cards_view(session, model_label=initial_model)

@@ -174,7 +174,7 @@ def test_cli_refuses_while_the_web_ui_trains_the_same_file(tiny_model_dir: Path,
 
 
 def test_web_ui_job_refused_while_another_process_trains(tiny_model_dir: Path, dataset: Path, tmp_path: Path) -> None:
-    from sdconcepts.ui import train_handlers
+    from sdconcepts.ui import train_handlers, train_jobs
     from sdconcepts.ui.ui_session import UiConfig, UiSession
 
     session = UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[tmp_path / "embeddings"],
@@ -191,7 +191,7 @@ def test_web_ui_job_refused_while_another_process_trains(tiny_model_dir: Path, d
     assert config is not None, errors
     holder = _holder(path)
     try:
-        jobs = train_handlers.TrainingJobs(session.generate_lock)
+        jobs = train_jobs.TrainingJobs(session.generate_lock)
         job = train_handlers.start_training(session, jobs, "embedding", str(tiny_model_dir), "toytri", config)
         assert job.wait(120)
         assert job.error is not None and f"already being trained by another run (pid {holder.pid}" in job.error
