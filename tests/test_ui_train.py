@@ -81,6 +81,44 @@ def test_bad_settings_name_their_field_and_start_nothing(dataset: Path, tmp_path
 # -- create -------------------------------------------------------------------------------------------------------
 
 
+def _form(data: Path, tmp_path: Path, **changes: Any) -> train_handlers.TrainForm:
+    values: dict[str, Any] = {
+        "embedding_learn_rate": "0.01", "hypernetwork_learn_rate": "0.00001", "clip_grad_mode": "disabled",
+        "clip_grad_value": "0.1", "batch_size": 1, "gradient_accumulation": 1, "dataset": str(data),
+        "log_directory": str(tmp_path / "log"), "template": "subject", "width": SIZE, "height": SIZE,
+        "keep_size": False, "max_steps": 4, "preview_every": 2, "save_every": 2, "use_alpha_weight": False,
+        "save_image_with_embedding": True, "read_txt2img": False, "shuffle_tags": False, "tag_dropout": None,
+        "latent_sampling": "once", "preview_prompt": "a txt2img prompt", "preview_negative_prompt": None,
+        "preview_steps": 3, "preview_sampler": "Euler a", "preview_cfg_scale": 7, "preview_seed": 5,
+    }
+    values.update(changes)
+    return train_handlers.TrainForm.from_values(values)
+
+
+def test_the_train_form_gives_the_kinds_rate_and_txt2img_previews_only_when_asked(dataset: Path,
+                                                                                   tmp_path: Path) -> None:
+    form = _form(dataset, tmp_path)
+    assert train_handlers.TrainForm.keys()[:2] == ("embedding_learn_rate", "hypernetwork_learn_rate")
+    embedding = form.config_values("embedding")
+    assert embedding["learn_rate"] == "0.01" and embedding["tag_dropout"] == 0.0
+    assert not any(key.startswith("preview_") and key != "preview_every" for key in embedding)
+    assert form.config_values("hypernetwork")["learn_rate"] == "0.00001"
+    asked = _form(dataset, tmp_path, read_txt2img=True).config_values("embedding")
+    assert (asked["preview_prompt"], asked["preview_negative_prompt"], asked["preview_cfg_scale"]) == (
+        "a txt2img prompt", "", 7.0)
+    config, errors = train_handlers.training_config("embedding", "toy", asked)
+    assert errors == {} and isinstance(config, EmbeddingTrainingConfig) and config.preview_steps == 3
+
+
+def test_a_train_click_with_folders_outside_the_uis_starts_nothing(session: UiSession, dataset: Path,
+                                                                    tmp_path: Path) -> None:
+    jobs = train_jobs.TrainingJobs(session.generate_lock)
+    started = train_handlers.start_from_form(session, jobs, "embedding", "", "toy", _form(dataset, tmp_path))
+    assert started.job is None and jobs.current is None
+    assert started.message == "Fix the settings marked below; nothing was started."
+    assert set(started.problems) == {"dataset", "log_directory"}
+
+
 def test_create_embedding_and_hypernetwork_with_a1111_semantics(session: UiSession, tiny_model_dir: Path) -> None:
     label = str(tiny_model_dir)
     path = train_handlers.create_embedding(session, label, "toy thing", "triangle", 3, False)

@@ -80,6 +80,13 @@ PREVIEW_FROM_TXT2IMG = {"prompt": "prompt", "negative_prompt": "negative", "step
                         "cfg_scale": "cfg_scale", "seed": "seed"}
 
 
+def _size_row(fit: FormDefaults, id_prefix: str) -> dict[str, Any]:
+    """Width and height sliders side by side, at the model's native size and step (``width``, ``height``)."""
+    with gr.Row():
+        return {side: gr.Slider(train_handlers.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step,
+                                label=side.capitalize(), elem_id=f"{id_prefix}{side}") for side in ("width", "height")}
+
+
 def _create_embedding_form() -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["name"] = gr.Textbox(label="Name", elem_id="sdconcepts_create_ti_name", max_lines=1)
@@ -124,11 +131,7 @@ def _preprocess_form(fit: FormDefaults) -> dict[str, Any]:
     c["source"] = gr.Textbox(label="Source directory", elem_id="sdconcepts_preprocess_source", max_lines=1)
     c["destination"] = gr.Textbox(label="Destination directory", elem_id="sdconcepts_preprocess_destination",
                                   max_lines=1)
-    with gr.Row():
-        c["width"] = gr.Slider(train_handlers.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step,
-                               label="Width", elem_id="sdconcepts_preprocess_width")
-        c["height"] = gr.Slider(train_handlers.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step,
-                                label="Height", elem_id="sdconcepts_preprocess_height")
+    c.update(_size_row(fit, "sdconcepts_preprocess_"))
     c["caption_action"] = gr.Dropdown(list(CAPTION_ACTIONS), value="ignore", label="Existing Caption txt Action",
                                       elem_id="sdconcepts_preprocess_caption_action")
     with gr.Row():
@@ -186,11 +189,7 @@ def _train_form(session: UiSession, fit: FormDefaults, templates: list[str]) -> 
     c["template"] = gr.Dropdown(templates, value="style_filewords", label="Prompt template",
                                 elem_id="sdconcepts_train_template")
     c["err_template"] = _field_error("template")
-    with gr.Row():
-        c["width"] = gr.Slider(train_handlers.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step,
-                               label="Width", elem_id="sdconcepts_train_width")
-        c["height"] = gr.Slider(train_handlers.MIN_SIDE, MAX_IMAGE_SIDE, value=fit.size, step=fit.size_step,
-                                label="Height", elem_id="sdconcepts_train_height")
+    c.update(_size_row(fit, "sdconcepts_train_"))
     c["keep_size"] = gr.Checkbox(value=False, label="Do not resize images", elem_id="sdconcepts_train_keep_size")
     c["err_size"] = _field_error("size")
     c["max_steps"] = gr.Number(label="Max steps", value=100000, precision=0, elem_id="sdconcepts_train_max_steps")
