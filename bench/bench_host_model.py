@@ -52,9 +52,9 @@ def _host_view(path: Path) -> Any:
 
 
 def _stepper(model: Any, size: int) -> Any:
-    from sdconcepts.training.backend import TrainingModel
     from sdconcepts.training.dataset import TrainingBatch
     from sdconcepts.training.objective import diffusion_loss
+    from sdconcepts.training.training_model import TrainingModel
 
     vectors = TrainingModel(model).token_rows("cat toy", 2).clone().requires_grad_(True)
     training = TrainingModel(model, {"benchtoy": vectors})

@@ -44,7 +44,7 @@ GOALS = {"first view s": 2.0, "later view s": 0.3, "memory MB": 200.0}
 
 
 def _width() -> int:
-    from sdconcepts.ui.session import UiConfig, UiSession
+    from sdconcepts.ui.ui_session import UiConfig, UiSession
 
     return UiSession(UiConfig()).context_width() or 768
 
@@ -105,7 +105,7 @@ def _rss_mb() -> float:
 def measure(embeddings: Path, hypernetworks: Path, repeats: int) -> dict[str, Any]:
     """Run in a fresh process: the UI handlers over one library (imports done before the memory baseline)."""
     from sdconcepts.ui import handlers
-    from sdconcepts.ui.session import UiConfig, UiSession
+    from sdconcepts.ui.ui_session import UiConfig, UiSession
 
     # The app imports the model code at startup anyway (the first context_width() does): not a library cost.
     UiSession(UiConfig()).context_width()

@@ -170,7 +170,7 @@ def example_stepper(model: Any, data: Path, size: int, batch: int) -> Callable[[
 
 def ours_stepper(model: Any, data: Path, size: int, batch: int, work: Path) -> Callable[[], None]:
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
-    from sdconcepts.training.backend import TrainingModel
+    from sdconcepts.training.training_model import TrainingModel
 
     rows = TrainingModel(model).token_rows("toy", VECTORS)
     create_embedding_file(work / "embeddings", "cattoy", rows, vectors=VECTORS, overwrite=True)

@@ -209,7 +209,7 @@ def _default_dirs(given: list[Path] | None, default: Path) -> list[Path]:
 def run_web_ui(args: argparse.Namespace) -> int:
     try:
         from sdconcepts.ui.app import launch_app
-        from sdconcepts.ui.session import UiSession
+        from sdconcepts.ui.ui_session import UiSession
     except ImportError as exc:
         raise CommandError(f"the web UI needs gradio ({exc}); install it with: pip install gradio") from exc
     host = "0.0.0.0" if args.ui_listen else "127.0.0.1"
@@ -220,7 +220,7 @@ def run_web_ui(args: argparse.Namespace) -> int:
 def web_ui_config(args: argparse.Namespace) -> Any:
     """The ``ui.session.UiConfig`` that ``python -m sdconcepts`` serves with these options."""
     from sdconcepts.examples import EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR
-    from sdconcepts.ui.session import UiConfig
+    from sdconcepts.ui.ui_session import UiConfig
 
     models = args.ui_models_dir
     if models is None and (Path("models") / "Stable-diffusion").is_dir():

@@ -166,9 +166,9 @@ def _load_model(args: argparse.Namespace, device: Any = None) -> Any:
 
 
 def run_create_embedding(args: argparse.Namespace) -> int:
-    from sdconcepts.training.backend import TrainingModel
     from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file
     from sdconcepts.training.names import InvalidNameError, target_path
+    from sdconcepts.training.training_model import TrainingModel
 
     if args.vectors > MAX_VECTORS:
         raise CommandError(f"--vectors must be between 1 and {MAX_VECTORS}, got {args.vectors}")
@@ -252,8 +252,8 @@ def run_train(args: argparse.Namespace) -> int:
     from sdconcepts.training.config import ConfigError, EmbeddingTrainingConfig, HypernetworkTrainingConfig
     from sdconcepts.training.dataset import DatasetError
     from sdconcepts.training.distributed import Distributed
+    from sdconcepts.training.run import TrainingError, train_embedding, train_hypernetwork
     from sdconcepts.training.schedule import ScheduleError
-    from sdconcepts.training.session import TrainingError, train_embedding, train_hypernetwork
     from sdconcepts.training.templates import TemplateError
 
     fields: dict[str, Any] = {

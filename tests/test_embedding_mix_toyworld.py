@@ -45,7 +45,7 @@ def train_and_mix(work: Path) -> dict[str, Any]:
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.toyworld.probe import classify
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
-    from sdconcepts.training.backend import TrainingModel
+    from sdconcepts.training.training_model import TrainingModel
 
     model = load_model(None, device="cpu")
     folder = work / "embeddings"

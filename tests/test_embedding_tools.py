@@ -143,25 +143,25 @@ def test_cli_embedding_inspect_mix_edit(tiny_model_dir: Path, tiny_model: Any, t
 
 
 def test_ui_tools_write_files_the_cards_show(tiny_model_dir: Path, tiny_model: Any, tmp_path: Path) -> None:
-    from sdconcepts.ui import embedding_tools, handlers
-    from sdconcepts.ui.session import UiConfig, UiError, UiSession
+    from sdconcepts.ui import embedding_tools_handlers, handlers
+    from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
     session = UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[tmp_path / "embeddings"], device="cpu"))
     label = str(tiny_model_dir)
     rows = vocabulary_of(tiny_model).words("yellow triangle")
     save_embedding(Embedding("tri", rows), tmp_path / "embeddings" / "tri.pt")
-    report = embedding_tools.inspect_html(session, label, "TRI", 3)
+    report = embedding_tools_handlers.inspect_html(session, label, "TRI", 3)
     assert "yellow" in report and "triangle" in report and "norm" in report
-    path = embedding_tools.mix_embedding(session, label, "mixed", 'tri | "red"')
+    path = embedding_tools_handlers.mix_embedding(session, label, "mixed", 'tri | "red"')
     assert load_embedding(path).vector_count == 3
-    edited = embedding_tools.edit_embedding(session, label, "mixed", "two", "", "0")
+    edited = embedding_tools_handlers.edit_embedding(session, label, "mixed", "two", "", "0")
     assert load_embedding(edited).vector_count == 2
     cards = handlers.embedding_cards_view(session, model_label=label)
     assert "mixed" in cards.cards_html and "two" in cards.cards_html
     with pytest.raises(UiError, match="expression: cannot add"):
-        embedding_tools.mix_embedding(session, label, "bad", 'tri + "red"')
+        embedding_tools_handlers.mix_embedding(session, label, "bad", 'tri + "red"')
     with pytest.raises(UiError, match="no usable embedding 'nope'"):
-        embedding_tools.inspect_html(session, label, "nope", 3)
+        embedding_tools_handlers.inspect_html(session, label, "nope", 3)
 
     from sdconcepts.ui.app import build_ui
 

@@ -16,7 +16,7 @@ from sdconcepts.examples import EMBEDDING, EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPER
 from sdconcepts.hypernetwork_files import load_hypernetwork
 from sdconcepts.model_shape import EMBEDDED_MODEL_DIR
 from sdconcepts.ui import handlers
-from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, UiSession
+from sdconcepts.ui.ui_session import DEFAULT_MODEL_LABEL, UiSession
 
 EMBEDDING_FILE = EXAMPLE_EMBEDDINGS_DIR / f"{EMBEDDING}.pt"
 HYPERNETWORK_FILE = EXAMPLE_HYPERNETWORKS_DIR / f"{HYPERNETWORK}.pt"
@@ -50,7 +50,7 @@ def test_the_app_lists_the_examples_by_default(tmp_path: Path, monkeypatch: pyte
     assert f"{HYPERNETWORK}" in hn.cards_html and "sdconcepts-card-preview" in hn.cards_html, hn.summary
     assert not ti.skipped_html.count("example") and not hn.skipped_html.count("example")
     # Training and the tools write to the user's folder, never into the package.
-    from sdconcepts.ui.train import embedding_names, embeddings_folder, hypernetworks_folder
+    from sdconcepts.ui.train_handlers import embedding_names, embeddings_folder, hypernetworks_folder
 
     assert embeddings_folder(session) == Path("embeddings") and hypernetworks_folder(session) == Path(
         "models/hypernetworks")

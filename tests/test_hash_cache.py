@@ -16,7 +16,7 @@ from sdconcepts.hash_cache import HashCache
 from sdconcepts.library import EmbeddingLibrary, Library
 from sdconcepts.safe_load import file_sha256
 from sdconcepts.ui import handlers
-from sdconcepts.ui.session import UiConfig, UiSession
+from sdconcepts.ui.ui_session import UiConfig, UiSession
 
 WIDTH = 48
 

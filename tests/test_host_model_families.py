@@ -24,7 +24,7 @@ from sdconcepts.backends.tiny import build_tiny_sdxl
 from sdconcepts.generation import GenerationParams
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
-from sdconcepts.training.backend import TrainingModel
+from sdconcepts.training.training_model import TrainingModel
 
 
 @pytest.fixture(scope="module")

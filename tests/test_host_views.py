@@ -22,7 +22,7 @@ from sdconcepts import checkpoint_files as cf
 from sdconcepts.backends.diffusers import load_model, model_sharing_weights
 from sdconcepts.backends.tiny import build_tiny_sdxl
 from sdconcepts.host import views
-from sdconcepts.training.backend import TrainingModel
+from sdconcepts.training.training_model import TrainingModel
 
 FORGE_NAMES = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}
 
@@ -132,7 +132,7 @@ def test_the_train_tab_knows_an_sdxl_host_model_once_its_view_exists(tmp_path: P
     """SDXL embeddings are clip_l + clip_g pairs: the Textual Inversion cards must know the host's model is SDXL
     (not only its 2 x width) as soon as our view of it exists, without loading it just to draw the page."""
     from sdconcepts.backends.diffusers import model_from_components
-    from sdconcepts.ui.session import HOST_MODEL_LABEL, UiConfig, UiSession
+    from sdconcepts.ui.ui_session import HOST_MODEL_LABEL, UiConfig, UiSession
 
     view = model_from_components(build_tiny_sdxl(seed=1), family="sdxl")
     source = SimpleNamespace(model=None)

@@ -80,7 +80,7 @@ def train_word(model: Any, work: Path) -> torch.Tensor:
     from sdconcepts.embedding_files import load_embedding
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
-    from sdconcepts.training.backend import TrainingModel
+    from sdconcepts.training.training_model import TrainingModel
 
     write_concept(work / "concept", count=WORD["images"], seed=99, colour=WORD["colour"])
     rows = TrainingModel(model).token_rows(WORD["init"], WORD["vectors"])

@@ -28,7 +28,7 @@ from sdconcepts.training import (  # noqa: E402
     train_embedding,
     train_hypernetwork,
 )
-from sdconcepts.training.backend import TrainingModel  # noqa: E402
+from sdconcepts.training.training_model import TrainingModel  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from sdconcepts import Embedding, save_embedding
 from sdconcepts.backends.single_file import save_single_file
 from sdconcepts.ui import handlers
-from sdconcepts.ui.session import UiConfig, UiSession
+from sdconcepts.ui.ui_session import UiConfig, UiSession
 
 
 def _sdxl_library(tiny_sdxl, tiny_sdxl_dir: Path, tmp_path: Path) -> tuple[Path, Path, torch.Generator]:  # type: ignore[no-untyped-def]
@@ -54,13 +54,13 @@ def test_ui_lists_and_generates_with_sdxl_models(tiny_sdxl, tiny_sdxl_dir: Path,
 
 def test_ui_create_embedding_on_an_sdxl_model_writes_the_pair(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
     from sdconcepts.embedding_files import load_embedding
-    from sdconcepts.ui import train
+    from sdconcepts.ui import train_handlers
 
     session = UiSession(UiConfig(ckpt=tiny_sdxl_dir, embeddings_dirs=[tmp_path / "emb"], device="cpu"))
-    path = train.create_embedding(session, str(tiny_sdxl_dir), "xlnew", "yellow triangle", 2, False)
+    path = train_handlers.create_embedding(session, str(tiny_sdxl_dir), "xlnew", "yellow triangle", 2, False)
     emb = load_embedding(path)
     assert path.suffix == ".safetensors" and emb.is_sdxl and emb.width == 80 and emb.vector_count == 2
-    assert "xlnew" in train.embedding_names(session)
+    assert "xlnew" in train_handlers.embedding_names(session)
 
 
 def test_cards_follow_the_chosen_model_kind_before_it_loads(tiny_sdxl, tiny_sdxl_dir: Path, tiny_model_dir: Path,  # type: ignore[no-untyped-def]

@@ -27,7 +27,7 @@ from sdconcepts.training import (
     train_embedding,
     train_hypernetwork,
 )
-from sdconcepts.training.backend import TrainingModel
+from sdconcepts.training.training_model import TrainingModel
 
 
 def _ldm_view(host: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -142,8 +142,8 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
     host: Any, tiny_model_dir: Path, dataset: Path, tmp_path: Path
 ) -> None:
     from sdconcepts.model_shape import shape_of_loaded
-    from sdconcepts.ui import train
-    from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, HOST_MODEL_LABEL, XL_MODEL_LABEL, UiConfig, UiSession
+    from sdconcepts.ui import train_handlers, train_jobs
+    from sdconcepts.ui.ui_session import DEFAULT_MODEL_LABEL, HOST_MODEL_LABEL, XL_MODEL_LABEL, UiConfig, UiSession
 
     models = tmp_path / "models"
     models.mkdir()
@@ -158,15 +158,15 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
     assert session.context_width() is None  # nothing loaded just to draw the page
     # The Create hypernetwork form: A1111's defaults until the host's model is seen, never the embedded toy model's
     # widths (48/32/64; a hypernetwork created with them cannot train on the host's model).
-    before = train.form_defaults(session, HOST_MODEL_LABEL)
+    before = train_handlers.form_defaults(session, HOST_MODEL_LABEL)
     assert (before.widths_ticked, before.size) == (["768", "320", "640", "1280"], 512) and source.model is None
     assert session.model(HOST_MODEL_LABEL) is source.load()
     assert session.context_width() == 48
-    after = train.form_defaults(session, HOST_MODEL_LABEL)
+    after = train_handlers.form_defaults(session, HOST_MODEL_LABEL)
     assert after.widths_ticked == [str(w) for w in shape_of_loaded(source.load()).widths]
 
-    train.create_embedding(session, HOST_MODEL_LABEL, "hostemb", "circle", 1, False)
-    config, _ = train.training_config("embedding", "hostemb", {
+    train_handlers.create_embedding(session, HOST_MODEL_LABEL, "hostemb", "circle", 1, False)
+    config, _ = train_handlers.training_config("embedding", "hostemb", {
         "dataset": str(dataset), "learn_rate": "0.01", "batch_size": 1, "gradient_accumulation": 1,
         "log_directory": str(tmp_path / "log"), "template": "subject", "width": 32, "height": 32, "keep_size": False,
         "max_steps": 2, "preview_every": 0, "save_every": 1, "use_alpha_weight": False, "shuffle_tags": False,
@@ -174,8 +174,8 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
         "save_image_with_embedding": False, "preview_steps": 2, "preview_seed": 1,
     })
     assert config is not None
-    jobs = train.TrainingJobs(session.generate_lock)
-    job = train.start_training(session, jobs, "embedding", HOST_MODEL_LABEL, "hostemb", config)
+    jobs = train_jobs.TrainingJobs(session.generate_lock)
+    job = train_handlers.start_training(session, jobs, "embedding", HOST_MODEL_LABEL, "hostemb", config)
     assert job.wait(300) and job.error is None, job.error
     assert changed == ["embedding"] * 2  # the saves at steps 1 and 2: each time the host reloads (once per save)
     assert load_embedding(tmp_path / "emb" / "hostemb.pt").sd_checkpoint == "0123456789"

@@ -82,7 +82,7 @@ def test_unknown_family_is_refused(tmp_path: Path) -> None:
 
 def test_toyworld_xl_is_selectable_by_name() -> None:
     from sdconcepts.cli import _existing_path
-    from sdconcepts.ui.session import XL_MODEL_LABEL, UiConfig, UiSession
+    from sdconcepts.ui.ui_session import XL_MODEL_LABEL, UiConfig, UiSession
 
     assert _existing_path("toyworld-xl") == SHIPPED
     if (SHIPPED / "model_index.json").is_file():

@@ -73,7 +73,7 @@ def train_ti(work: Path, *, short_prompt: bool = False, embedded: str = "toyworl
     from sdconcepts.embedding_files import load_embedding
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
-    from sdconcepts.training.backend import TrainingModel
+    from sdconcepts.training.training_model import TrainingModel
 
     model = load_model(MODELS[embedded][0], device="cpu")
     write_concept(work / "concept", count=5, seed=4242, shape=TI["shape"], colour=TI["colour"],

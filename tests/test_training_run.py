@@ -33,7 +33,7 @@ from sdconcepts.training import (
     train_embedding,
     train_hypernetwork,
 )
-from sdconcepts.training.backend import TrainingModel
+from sdconcepts.training.training_model import TrainingModel
 
 
 @pytest.fixture(scope="module")

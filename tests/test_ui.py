@@ -18,7 +18,7 @@ from sdconcepts.generation import MAX_SEED
 from sdconcepts.images import read_infotext
 from sdconcepts.ui import handlers
 from sdconcepts.ui.cards import format_multiplier, hypernetwork_tag
-from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, XL_MODEL_LABEL, UiConfig, UiError, UiSession, scan_models
+from sdconcepts.ui.ui_session import DEFAULT_MODEL_LABEL, XL_MODEL_LABEL, UiConfig, UiError, UiSession, scan_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "browser"))
 from library_files import write_library  # noqa: E402

@@ -15,7 +15,7 @@ from sdconcepts.images import read_infotext
 from sdconcepts.img2img import Img2ImgOptions
 from sdconcepts.ui import handlers
 from sdconcepts.ui import img2img_handlers as i2i
-from sdconcepts.ui.session import UiConfig, UiError, UiSession
+from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "browser"))
 from library_files import write_library  # noqa: E402

@@ -15,8 +15,8 @@ from sdconcepts.hypernetwork_files import load_hypernetwork
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig
 from sdconcepts.training.loop import TrainingEvent
-from sdconcepts.ui import handlers, train
-from sdconcepts.ui.session import UiConfig, UiError, UiSession
+from sdconcepts.ui import handlers, train_handlers, train_jobs
+from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
 SIZE = 32  # a size the tiny model trains at quickly
 
@@ -51,7 +51,7 @@ def _fields(data: Path, tmp_path: Path, **changes: Any) -> dict[str, Any]:
 
 
 def test_bad_settings_name_their_field_and_start_nothing(dataset: Path, tmp_path: Path) -> None:
-    config, errors = train.training_config("embedding", "toy", _fields(dataset, tmp_path))
+    config, errors = train_handlers.training_config("embedding", "toy", _fields(dataset, tmp_path))
     assert isinstance(config, EmbeddingTrainingConfig) and errors == {}
     assert config.max_steps == 4 and config.preview_every == 2
 
@@ -67,41 +67,79 @@ def test_bad_settings_name_their_field_and_start_nothing(dataset: Path, tmp_path
         "clip_grad_value": {"clip_grad_mode": "value", "clip_grad_value": "abc"},
     }
     for key, change in cases.items():
-        config, errors = train.training_config("embedding", "toy", _fields(dataset, tmp_path, **change))
+        config, errors = train_handlers.training_config("embedding", "toy", _fields(dataset, tmp_path, **change))
         assert config is None and list(errors) == [key], (key, errors)
-        assert key in train.ERROR_FIELDS
+        assert key in train_handlers.ERROR_FIELDS
 
-    config, errors = train.training_config("hypernetwork", "", _fields(dataset, tmp_path))
+    config, errors = train_handlers.training_config("hypernetwork", "", _fields(dataset, tmp_path))
     assert config is None and "name" in errors
     # A hypernetwork has no "save images with embedding" field; the rest is the same form.
-    config, errors = train.training_config("hypernetwork", "h", _fields(dataset, tmp_path, template="hypernetwork"))
+    config, errors = train_handlers.training_config("hypernetwork", "h", _fields(dataset, tmp_path, template="hypernetwork"))
     assert isinstance(config, HypernetworkTrainingConfig) and errors == {}
 
 
 # -- create -------------------------------------------------------------------------------------------------------
 
 
+def _form(data: Path, tmp_path: Path, **changes: Any) -> train_handlers.TrainForm:
+    values: dict[str, Any] = {
+        "embedding_learn_rate": "0.01", "hypernetwork_learn_rate": "0.00001", "clip_grad_mode": "disabled",
+        "clip_grad_value": "0.1", "batch_size": 1, "gradient_accumulation": 1, "dataset": str(data),
+        "log_directory": str(tmp_path / "log"), "template": "subject", "width": SIZE, "height": SIZE,
+        "keep_size": False, "max_steps": 4, "preview_every": 2, "save_every": 2, "use_alpha_weight": False,
+        "save_image_with_embedding": True, "read_txt2img": False, "shuffle_tags": False, "tag_dropout": None,
+        "latent_sampling": "once", "preview_prompt": "a txt2img prompt", "preview_negative_prompt": None,
+        "preview_steps": 3, "preview_sampler": "Euler a", "preview_cfg_scale": 7, "preview_seed": 5,
+    }
+    values.update(changes)
+    return train_handlers.TrainForm.from_values(values)
+
+
+def test_the_train_form_gives_the_kinds_rate_and_txt2img_previews_only_when_asked(dataset: Path,
+                                                                                   tmp_path: Path) -> None:
+    form = _form(dataset, tmp_path)
+    assert train_handlers.TrainForm.keys()[:2] == ("embedding_learn_rate", "hypernetwork_learn_rate")
+    embedding = form.config_values("embedding")
+    assert embedding["learn_rate"] == "0.01" and embedding["tag_dropout"] == 0.0
+    assert not any(key.startswith("preview_") and key != "preview_every" for key in embedding)
+    assert form.config_values("hypernetwork")["learn_rate"] == "0.00001"
+    asked = _form(dataset, tmp_path, read_txt2img=True).config_values("embedding")
+    assert (asked["preview_prompt"], asked["preview_negative_prompt"], asked["preview_cfg_scale"]) == (
+        "a txt2img prompt", "", 7.0)
+    config, errors = train_handlers.training_config("embedding", "toy", asked)
+    assert errors == {} and isinstance(config, EmbeddingTrainingConfig) and config.preview_steps == 3
+
+
+def test_a_train_click_with_folders_outside_the_uis_starts_nothing(session: UiSession, dataset: Path,
+                                                                    tmp_path: Path) -> None:
+    jobs = train_jobs.TrainingJobs(session.generate_lock)
+    started = train_handlers.start_from_form(session, jobs, "embedding", "", "toy", _form(dataset, tmp_path))
+    assert started.job is None and jobs.current is None
+    assert started.message == "Fix the settings marked below; nothing was started."
+    assert set(started.problems) == {"dataset", "log_directory"}
+
+
 def test_create_embedding_and_hypernetwork_with_a1111_semantics(session: UiSession, tiny_model_dir: Path) -> None:
     label = str(tiny_model_dir)
-    path = train.create_embedding(session, label, "toy thing", "triangle", 3, False)
+    path = train_handlers.create_embedding(session, label, "toy thing", "triangle", 3, False)
     embedding = load_embedding(path)
     assert path.parent == session.config.embeddings_dirs[0] and embedding.step == 0
     assert tuple(embedding.vectors.shape) == (3, 48)
-    assert train.embedding_names(session) == ["toy thing"]
+    assert train_handlers.embedding_names(session) == ["toy thing"]
     with pytest.raises(UiError, match="^name: .*already exists"):
-        train.create_embedding(session, label, "toy thing", "triangle", 1, False)
-    assert load_embedding(train.create_embedding(session, label, "toy thing", "", 1, True)).vectors.abs().sum() == 0
+        train_handlers.create_embedding(session, label, "toy thing", "triangle", 1, False)
+    assert load_embedding(train_handlers.create_embedding(session, label, "toy thing", "", 1, True)).vectors.abs().sum() == 0
     with pytest.raises(UiError, match="^name"):
-        train.create_embedding(session, label, "  ", "*", 1, False)
+        train_handlers.create_embedding(session, label, "  ", "*", 1, False)
 
-    path = train.create_hypernetwork(session, "toy-hn", ["48", "32", "64"], "1, 2, 1", "relu", "Normal", True, False,
+    path = train_handlers.create_hypernetwork(session, "toy-hn", ["48", "32", "64"], "1, 2, 1", "relu", "Normal", True, False,
                                      "", False)
     hypernetwork = load_hypernetwork(path)
-    assert sorted(hypernetwork.widths) == [32, 48, 64] and train.hypernetwork_names(session) == ["toy-hn"]
+    assert sorted(hypernetwork.widths) == [32, 48, 64] and train_handlers.hypernetwork_names(session) == ["toy-hn"]
     with pytest.raises(UiError, match="^layer structure"):
-        train.create_hypernetwork(session, "bad", ["48"], "2, 2, 1", "relu", "Normal", False, False, "", False)
+        train_handlers.create_hypernetwork(session, "bad", ["48"], "2, 2, 1", "relu", "Normal", False, False, "", False)
     with pytest.raises(UiError, match="^modules"):
-        train.create_hypernetwork(session, "none", [], "1, 2, 1", "relu", "Normal", False, False, "", False)
+        train_handlers.create_hypernetwork(session, "none", [], "1, 2, 1", "relu", "Normal", False, False, "", False)
 
 
 # -- the job ------------------------------------------------------------------------------------------------------
@@ -110,13 +148,13 @@ def test_create_embedding_and_hypernetwork_with_a1111_semantics(session: UiSessi
 def test_training_streams_steps_plot_previews_and_saves(session: UiSession, tiny_model_dir: Path, dataset: Path,
                                                        tmp_path: Path) -> None:
     label = str(tiny_model_dir)
-    train.create_embedding(session, label, "toytri", "triangle", 2, False)
-    config, _ = train.training_config("embedding", "toytri", _fields(dataset, tmp_path))
+    train_handlers.create_embedding(session, label, "toytri", "triangle", 2, False)
+    config, _ = train_handlers.training_config("embedding", "toytri", _fields(dataset, tmp_path))
     assert config is not None
-    jobs = train.TrainingJobs(session.generate_lock)
-    assert "No training" in train.train_view(jobs.current).status_html
-    job = train.start_training(session, jobs, "embedding", label, "toytri", config)
-    views = list(train.follow(jobs, poll=0.05, job=job))
+    jobs = train_jobs.TrainingJobs(session.generate_lock)
+    assert "No training" in train_jobs.train_view(jobs.current).status_html
+    job = train_handlers.start_training(session, jobs, "embedding", label, "toytri", config)
+    views = list(train_jobs.follow(jobs, poll=0.05, job=job))
     last = views[-1]
     assert not last.running and job.error is None, job.error
     assert "step 4/4" in last.status_html and "loss:" in last.status_html and "it/s" in last.status_html
@@ -130,27 +168,27 @@ def test_training_streams_steps_plot_previews_and_saves(session: UiSession, tiny
     assert last.saves.splitlines() == [f"step 2: {path}", f"step 4: {path}"]
     assert load_embedding(session.config.embeddings_dirs[0] / "toytri.pt").step == 4
     # A page loaded afterwards (a reload) shows the same job.
-    assert train.train_view(jobs.current).status_html == last.status_html
-    assert [v.status_html for v in train.follow(jobs)][-1] == last.status_html
+    assert train_jobs.train_view(jobs.current).status_html == last.status_html
+    assert [v.status_html for v in train_jobs.follow(jobs)][-1] == last.status_html
 
 
 def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
     session: UiSession, tiny_model_dir: Path, dataset: Path, tmp_path: Path
 ) -> None:
     label = str(tiny_model_dir)
-    train.create_embedding(session, label, "toytri", "triangle", 1, False)
-    config, _ = train.training_config("embedding", "toytri",
+    train_handlers.create_embedding(session, label, "toytri", "triangle", 1, False)
+    config, _ = train_handlers.training_config("embedding", "toytri",
                                       _fields(dataset, tmp_path, max_steps=100000, preview_every=0, save_every=0))
     assert config is not None
-    jobs = train.TrainingJobs(session.generate_lock)
+    jobs = train_jobs.TrainingJobs(session.generate_lock)
     assert jobs.interrupt() == "Nothing is training."
-    job = train.start_training(session, jobs, "embedding", label, "toytri", config)
+    job = train_handlers.start_training(session, jobs, "embedding", label, "toytri", config)
     deadline = time.monotonic() + 60
     while not job.steps() and time.monotonic() < deadline and job.running:
         time.sleep(0.02)
     assert job.steps(), job.error
     with pytest.raises(UiError, match="is training already"):
-        train.start_training(session, jobs, "embedding", label, "toytri", config)
+        train_handlers.start_training(session, jobs, "embedding", label, "toytri", config)
     # Generation takes turns with the training steps on the shared model.
     params = handlers.generation_params("a toytri", "", "Euler a", 2, 7.0, 1, SIZE, SIZE, 1, 1)
     out = handlers.generate(session, label, params)
@@ -163,13 +201,13 @@ def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
     # Within one step of the interrupt (the step running when it came finishes), and that step is saved.
     assert job.steps()[-1].step <= steps_at_interrupt + 2
     assert load_embedding(session.config.embeddings_dirs[0] / "toytri.pt").step == job.steps()[-1].step
-    assert "<b>Interrupted</b>" in train.train_view(job).status_html
-    assert "Training interrupted" in train.train_view(job).status_html
+    assert "<b>Interrupted</b>" in train_jobs.train_view(job).status_html
+    assert "Training interrupted" in train_jobs.train_view(job).status_html
     # Once it ended, a new job may start.
-    config2, _ = train.training_config("embedding", "toytri", _fields(dataset, tmp_path, max_steps=job.steps()[-1].step + 1,
+    config2, _ = train_handlers.training_config("embedding", "toytri", _fields(dataset, tmp_path, max_steps=job.steps()[-1].step + 1,
                                                                       preview_every=0, save_every=0))
     assert config2 is not None
-    again = train.start_training(session, jobs, "embedding", label, "toytri", config2)
+    again = train_handlers.start_training(session, jobs, "embedding", label, "toytri", config2)
     assert again.wait(60) and again.error is None and again is jobs.current
 
 
@@ -177,52 +215,52 @@ def test_the_view_between_the_end_event_and_done_already_shows_the_end() -> None
     """The training thread appends its end event (or sets the error) and flips ``done`` a moment later; a page that
     polls in between must already read the end (a host test once saw "Training … interrupting…" beside the end
     message), and ``follow`` must still give one more view once ``done`` flips."""
-    job = train.TrainingJob("embedding", "toytri", 100)
+    job = train_jobs.TrainingJob("embedding", "toytri", 100)
     job.events.append(TrainingEvent(1, 0.5, 0.005))
     job.times.append(job.started + 1)
     job.stop.set()
-    assert "<b>Training</b>" in train.train_view(job).status_html
-    assert "interrupting…" in train.train_view(job).status_html
+    assert "<b>Training</b>" in train_jobs.train_view(job).status_html
+    assert "interrupting…" in train_jobs.train_view(job).status_html
     job.events.append(TrainingEvent(1, math.nan, 0.005, kind="interrupted", message="Training interrupted at 1 steps."))
     job.times.append(job.started + 2)
-    between = train.train_view(job)
+    between = train_jobs.train_view(job)
     assert job.running and between.running
     assert "<b>Interrupted</b>" in between.status_html and "interrupting…" not in between.status_html
     assert "Training interrupted at 1 steps." in between.status_html
-    views = train.follow(train.TrainingJobs(threading.Lock()), poll=0.01, job=job)
+    views = train_jobs.follow(train_jobs.TrainingJobs(threading.Lock()), poll=0.01, job=job)
     assert next(views).running
     job.done = True
     last = next(views)
     assert not last.running and "<b>Interrupted</b>" in last.status_html
     assert next(views, None) is None
 
-    failing = train.TrainingJob("embedding", "toytri", 100)
+    failing = train_jobs.TrainingJob("embedding", "toytri", 100)
     failing.error = "out of memory"
-    view = train.train_view(failing)
+    view = train_jobs.train_view(failing)
     assert failing.running and "<b>Stopped</b>" in view.status_html and "sdconcepts-train-error" in view.status_html
 
 
 def test_a_failing_run_reports_its_error(session: UiSession, tiny_model_dir: Path, dataset: Path,
                                          tmp_path: Path) -> None:
-    config, _ = train.training_config("embedding", "missing", _fields(dataset, tmp_path))
+    config, _ = train_handlers.training_config("embedding", "missing", _fields(dataset, tmp_path))
     assert config is not None
-    jobs = train.TrainingJobs(threading.Lock())
-    job = train.start_training(session, jobs, "embedding", str(tiny_model_dir), "missing", config)
+    jobs = train_jobs.TrainingJobs(threading.Lock())
+    job = train_handlers.start_training(session, jobs, "embedding", str(tiny_model_dir), "missing", config)
     assert job.wait(60) and not job.running
-    view = train.train_view(job)
+    view = train_jobs.train_view(job)
     assert "no embedding &#x27;missing&#x27;" in view.status_html and "sdconcepts-train-error" in view.status_html
 
 
 def test_hypernetwork_training_holds_the_model_for_the_whole_run(session: UiSession, tiny_model_dir: Path,
                                                                  dataset: Path, tmp_path: Path) -> None:
-    train.create_hypernetwork(session, "toy-hn", ["48", "32", "64"], "1, 2, 1", "linear", "Normal", False, False,
+    train_handlers.create_hypernetwork(session, "toy-hn", ["48", "32", "64"], "1, 2, 1", "linear", "Normal", False, False,
                               "", False)
-    config, _ = train.training_config("hypernetwork", "toy-hn",
+    config, _ = train_handlers.training_config("hypernetwork", "toy-hn",
                                       _fields(dataset, tmp_path, template="hypernetwork", learn_rate="0.001",
                                               max_steps=2, preview_every=0, save_every=0))
     assert config is not None
-    jobs = train.TrainingJobs(session.generate_lock)
-    job = train.start_training(session, jobs, "hypernetwork", str(tiny_model_dir), "toy-hn", config)
+    jobs = train_jobs.TrainingJobs(session.generate_lock)
+    job = train_handlers.start_training(session, jobs, "hypernetwork", str(tiny_model_dir), "toy-hn", config)
     deadline = time.monotonic() + 30
     while job.running and not session.generate_lock.locked() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -258,16 +296,16 @@ def test_forms_fit_the_model(session: UiSession, tiny_model_dir: Path, tmp_path:
                 "sdconcepts_preprocess_height"):
         assert props[key]["value"] == 32 and props[key]["minimum"] <= 32, (key, props[key])
     # What the form offers creates a hypernetwork that the model accepts and trains at its own size.
-    fit = train.form_defaults(session, str(tiny_model_dir))
-    path = train.create_hypernetwork(session, "fit", fit.widths_ticked, "1, 2, 1", "linear", "Normal", False, False,
+    fit = train_handlers.form_defaults(session, str(tiny_model_dir))
+    path = train_handlers.create_hypernetwork(session, "fit", fit.widths_ticked, "1, 2, 1", "linear", "Normal", False, False,
                                      "", False)
     assert sorted(load_hypernetwork(path).widths) == [32, 48, 64]
     # A model whose shape cannot be read cheaply (a .ckpt) gets A1111's choices.
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "big.ckpt").write_bytes(b"not read")
     other = UiSession(UiConfig(models_dir=tmp_path / "models"))
-    assert train.form_defaults(other, "big.ckpt").widths_ticked == ["768", "320", "640", "1280"]
-    assert train.form_defaults(other, "big.ckpt").size == 512
+    assert train_handlers.form_defaults(other, "big.ckpt").widths_ticked == ["768", "320", "640", "1280"]
+    assert train_handlers.form_defaults(other, "big.ckpt").size == 512
 
 
 def test_model_shape_from_files_and_from_the_loaded_model(tiny_model_dir: Path, tiny_model: Any,

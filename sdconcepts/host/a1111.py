@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.ui.session import UiConfig, UiSession
+from sdconcepts.ui.ui_session import UiConfig, UiSession
 
 __all__ = ["TAB_ID", "TAB_TITLE", "build_tabs", "host_config", "register", "unregister"]
 

@@ -1,8 +1,15 @@
 """Training embeddings and hypernetworks: A1111's fields and files, a resumable loop, safe saves.
 
-Entry points: ``train_embedding`` / ``train_hypernetwork`` (generators of ``TrainingEvent``), ``create_embedding_file``
-/ ``create_hypernetwork_file``, the config dataclasses, and the pure pieces (``diffusion_loss``, ``training_loop``,
-``LearnRateSchedule``, ``TrainingDataset``, templates).
+What lives here: ``run`` (``train_embedding`` / ``train_hypernetwork``, generators of ``TrainingEvent``: a run from
+files to files, the loop's events consumed by the loss log, the saves and the previews), ``loop`` (the pure training
+loop) and ``objective`` (the pure diffusion loss), ``training_model`` (the port over a loaded model's components),
+``create`` (``create_embedding_file`` / ``create_hypernetwork_file``), ``config`` (the config dataclasses),
+``dataset``, ``templates``, ``schedule``, ``outputs`` (log folder, loss CSV and plot), ``names``, ``lock`` and
+``distributed``.
+
+Who may import it: the command line (``cli``, ``cli_training``), the web UI (``ui``), the embedding tools (file
+names), tests, bench and tools. It imports none of those, nor gradio, diffusers or transformers: a loaded model is
+reached through ``training_model``, which drives ``sdconcepts.backends``.
 """
 
 from __future__ import annotations
@@ -18,8 +25,8 @@ from sdconcepts.training.dataset import DatasetError, TrainingBatch, TrainingDat
 from sdconcepts.training.loop import GradientClip, TrainingEvent, training_loop
 from sdconcepts.training.names import InvalidNameError, sanitize_name
 from sdconcepts.training.objective import DiffusionModel, diffusion_loss
+from sdconcepts.training.run import TrainingError, train_embedding, train_hypernetwork
 from sdconcepts.training.schedule import LearnRateSchedule, ScheduleError, parse_schedule
-from sdconcepts.training.session import TrainingError, train_embedding, train_hypernetwork
 from sdconcepts.training.templates import TemplateError, available_templates, read_template
 
 __all__ = [

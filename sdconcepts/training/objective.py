@@ -19,7 +19,7 @@ __all__ = ["DiffusionModel", "diffusion_loss"]
 
 
 class DiffusionModel(Protocol):
-    """The port the objective needs; ``sdconcepts.training.backend`` adapts the diffusers backend to it."""
+    """The port the objective needs; ``sdconcepts.training.training_model`` adapts the diffusers backend to it."""
 
     @property
     def alphas_cumprod(self) -> Tensor:

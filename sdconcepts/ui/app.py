@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from sdconcepts.ui import handlers, img2img_tab, train
+from sdconcepts.ui import handlers, img2img_tab, train_jobs
 from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.compat import (
     QUEUE_KWARGS,
@@ -36,8 +36,8 @@ from sdconcepts.ui.controls import (
 from sdconcepts.ui.embedding_tools_tab import build_embedding_tools
 from sdconcepts.ui.img2img_tab import build_img2img_tab
 from sdconcepts.ui.png_info_tab import FIELDS, IMG2IMG_FIELDS, build_png_info_tab, paste_updates
-from sdconcepts.ui.session import UiError, UiSession
 from sdconcepts.ui.train_tab import build_train_tab
+from sdconcepts.ui.ui_session import UiError, UiSession
 
 __all__ = ["ROOT_ID", "build_ui", "launch_app", "read_css", "read_js"]
 
@@ -69,7 +69,7 @@ def read_js() -> str:
         return ""
 
 
-def build_ui(session: UiSession, *, css: str | None = None, jobs: train.TrainingJobs | None = None,
+def build_ui(session: UiSession, *, css: str | None = None, jobs: train_jobs.TrainingJobs | None = None,
              standalone: bool = True) -> gr.Blocks:
     """The whole UI: model picker, prompts, and the txt2img / Textual Inversion / Hypernetworks / Train tabs.
 
@@ -77,164 +77,191 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train.Training
     left out, since the host has its own. ``jobs`` holds the training job; pages loaded later (reloads) show the one
     that runs.
     """
-    jobs = jobs or train.TrainingJobs(session.generate_lock)
+    jobs = jobs or train_jobs.TrainingJobs(session.generate_lock)
     choices = list(session.model_choices())
     initial_model = session.default_choice()
     ti_view = handlers.embedding_cards_view(session, model_label=initial_model)
     hn_view = handlers.hypernetwork_cards_view(session)
 
     with gr.Blocks(analytics_enabled=False, title=TITLE, **blocks_kwargs(css)) as blocks:
-        # -- cards (each card tab, txt2img's and img2img's, is wired by wire_cards) --
-        # Refresh, a model change and the train tab's events rescan the folders; typing in the search box, sorting
-        # and paging only filter the cards already listed (a rescan of 10,000 files costs more than a keystroke may).
-        def ti_render(query: str, sort: str, descending: bool, page: Any, model_label: str, rescan: bool = True):
-            view = handlers.embedding_cards_view(session, query or "", sort or "Name", bool(descending),
-                                                 model_label=model_label, refresh=rescan, page=page)
-            return card_outputs(view)
-
-        def hn_render(query: str, sort: str, descending: bool, page: Any, rescan: bool = True):
-            view = handlers.hypernetwork_cards_view(session, query or "", sort or "Name", bool(descending),
-                                                    refresh=rescan, page=page)
-            return card_outputs(view)
-
-        def ti_filter(query: str, sort: str, descending: bool, page: Any, model_label: str):
-            return ti_render(query, sort, descending, page, model_label, rescan=False)
-
-        def hn_filter(query: str, sort: str, descending: bool, page: Any):
-            return hn_render(query, sort, descending, page, rescan=False)
-
-        card_renderers: list[tuple[Any, list[Any], list[Any]]] = []
-
-        def wire_cards(ti: dict[str, Any], hn: dict[str, Any]) -> None:
-            ti_inputs = [ti["search"], ti["sort"], ti["descending"], ti["page"], model]
-            ti_outputs = [ti["cards"], ti["skipped"], ti["summary"]]
-            hn_inputs = [hn["search"], hn["sort"], hn["descending"], hn["page"]]
-            hn_outputs = [hn["cards"], hn["skipped"], hn["summary"]]
-            for trigger in (ti["refresh"].click, model.change):
-                trigger(guard(ti_render), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
-            # The search box asks the server only through search_go (clicked by the page script when typing
-            # pauses) and Enter: the page filters the shown cards on each keystroke, and a server search per
-            # keystroke would only queue answers the next keystroke makes stale.
-            for trigger in (ti["search"].submit, ti["sort"].change, ti["descending"].change, ti["page"].change,
-                            ti["search_go"].click):
-                trigger(guard(ti_filter), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
-            hn["refresh"].click(guard(hn_render), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
-            for trigger in (hn["search"].submit, hn["sort"].change, hn["descending"].change, hn["page"].change,
-                            hn["search_go"].click):
-                trigger(guard(hn_filter), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
-            wire_metadata_editor(session, ti["editor"], (guard(ti_render), ti_inputs, ti_outputs))
-            wire_metadata_editor(session, hn["editor"], (guard(hn_render), hn_inputs, hn_outputs))
-            card_renderers.extend([(guard(ti_render), ti_inputs, ti_outputs), (guard(hn_render), hn_inputs, hn_outputs)])
-
         with gr.Column(elem_id=ROOT_ID, elem_classes=["sdconcepts"]):
             with gr.Row(elem_classes=["sdconcepts-model-row"]):
                 model = gr.Dropdown(choices, value=initial_model, label="Model", elem_id="sdconcepts_model", scale=4)
                 model_refresh = gr.Button("Refresh models", elem_id="sdconcepts_model_refresh", scale=1)
-            with ExitStack() as main_tabs_context, ExitStack() as txt2img_tab:
-                if standalone:
-                    main_tabs = main_tabs_context.enter_context(gr.Tabs(elem_id="sdconcepts_main_tabs"))
-                    txt2img_tab.enter_context(gr.Tab("txt2img", id=MAIN_TAB_IDS["txt2img"],
-                                                     elem_id="sdconcepts_main_tab_txt2img"))
-                with gr.Row():
-                    with gr.Column(scale=5):
-                        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="sdconcepts_prompt",
-                                            placeholder="Prompt (click a card below to insert it)")
-                        negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="sdconcepts_neg_prompt",
-                                              placeholder="Negative prompt")
-                    with gr.Column(scale=1, min_width=160):
-                        generate = gr.Button("Generate", variant="primary", elem_id="sdconcepts_generate")
-                with gr.Row():
-                    with gr.Column(scale=1):
-                        with gr.Tabs(elem_id="sdconcepts_tabs"):
-                            with gr.Tab("txt2img", id="sdconcepts_txt2img", elem_id="sdconcepts_tab_txt2img"):
-                                controls = generation_controls("sdconcepts_")
-                            with gr.Tab("Textual Inversion", id="sdconcepts_ti", elem_id="sdconcepts_tab_ti"):
-                                ti = card_tab("ti", "Textual Inversion", ti_view)
-                                ti_tools = gr.Column(elem_id="sdconcepts_ti_tools_root")
-                            with gr.Tab("Hypernetworks", id="sdconcepts_hn", elem_id="sdconcepts_tab_hn"):
-                                hn = card_tab("hn", "Hypernetworks", hn_view)
-                            with gr.Tab("Train", id="sdconcepts_train_tab", elem_id="sdconcepts_tab_train_root"):
-                                train_tab = gr.Column(elem_id="sdconcepts_train_root")
-                    with gr.Column(scale=1):
-                        gallery = make(
-                            gr.Gallery, label="Images", elem_id="sdconcepts_gallery", columns=4, height="auto",
-                            optional={"format": "png", "object_fit": "contain", "preview": True},
-                        )
-                        if standalone:
-                            with gr.Row():
-                                send_img2img = gr.Button("Send to img2img", elem_id="sdconcepts_send_to_img2img")
-                                send_inpaint = gr.Button("Send to inpaint", elem_id="sdconcepts_send_to_inpaint")
-                        warnings = gr.HTML("", elem_id="sdconcepts_warnings")
-                        infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
-                                              elem_id="sdconcepts_infotext")
-                txt2img_tab.close()
-                if standalone:
-                    with gr.Tab("img2img", id=MAIN_TAB_IDS["img2img"], elem_id="sdconcepts_main_tab_img2img"):
-                        img2img = build_img2img_tab(session, model, ti_view, hn_view, wire_cards)
-                    with gr.Tab("PNG Info", id=MAIN_TAB_IDS["png_info"], elem_id="sdconcepts_main_tab_png_info"):
-                        png_info = build_png_info_tab()
-        infotexts = gr.State([])
-        seeds = gr.State([])
-        selected = gr.State(None)
-        images = gr.State([])
-        sampler, steps, cfg_scale, seed = (controls[k] for k in ("sampler", "steps", "cfg_scale", "seed"))
+            cards = _CardTabs(session, model)
+            page = _lay_out_pages(session, model, ti_view, hn_view, cards, standalone)
+        page.update(infotexts=gr.State([]), seeds=gr.State([]), selected=gr.State(None), images=gr.State([]))
+        controls = page["controls"]
 
-        # -- txt2img --
-        # gradio finds the progress tracker through this default value (its documented idiom).
-        def on_generate(model_label, prompt_text, negative_text, *settings, progress=gr.Progress()):  # noqa: B008
-            params = handlers.generation_params(prompt_text, negative_text, *settings)
-            progress(0, desc="Loading model")
-
-            def report(done: int, total: int) -> None:
-                progress((done, total), desc="Sampling", unit="steps")
-
-            out = handlers.generate(session, model_label, params, progress=report)
-            return out.gallery, out.first_infotext, out.warnings_html, out.infotexts, out.seeds, 0, out.images
-
-        generate.click(
-            guard(on_generate),
-            inputs=[model, prompt, negative, *(controls[name] for name in GENERATION_INPUTS)],
-            outputs=[gallery, infotext, warnings, infotexts, seeds, selected, images],
-            api_name="generate",
-        )
-
-        def on_select(texts: list[str], evt: gr.SelectData):
-            index = evt.index if isinstance(evt.index, int) else None
-            return handlers.selected_infotext(texts, index), index
-
-        gallery.select(on_select, inputs=[infotexts], outputs=[infotext, selected])
-        wire_seed_buttons(controls, seeds, selected)
-
-        # -- models --
-        def on_model_refresh(current: str):
-            labels = list(session.model_choices())
-            return update(choices=labels, value=current if current in labels else session.default_choice())
-
-        model_refresh.click(on_model_refresh, inputs=[model], outputs=[model])
-
-        wire_cards(ti, hn)
-        with ti_tools:
-            # A file the tools write shows on every Textual Inversion tab (txt2img's and img2img's): wire_cards adds
+        _wire_txt2img(session, model, page)
+        _wire_model_refresh(session, model, model_refresh)
+        cards.wire(page["ti"], page["hn"])
+        with page["ti_tools"]:
+            # A file the tools write shows on every Textual Inversion tab (txt2img's and img2img's): cards.wire adds
             # each tab's (embedding, hypernetwork) renderers in that order.
-            build_embedding_tools(session, model, card_renderers[::2])
+            build_embedding_tools(session, model, cards.renderers[::2])
 
         # -- send buttons (standalone only) --
         if standalone:
             _wire_send_buttons(
-                main_tabs, img2img, png_info,
-                {"prompt": prompt, "negative": negative, **controls},
-                (send_img2img, send_inpaint, images, infotexts, selected),
+                page["main_tabs"], page["img2img"], page["png_info"],
+                {"prompt": page["prompt"], "negative": page["negative"], **controls},
+                (page["send_img2img"], page["send_inpaint"], page["images"], page["infotexts"], page["selected"]),
             )
 
         # -- train --
-        with train_tab:
+        with page["train_tab"]:
             build_train_tab(
                 blocks, session, jobs, model,
-                {"prompt": prompt, "negative": negative, "steps": steps, "sampler": sampler, "cfg_scale": cfg_scale,
-                 "seed": seed},
-                card_renderers,
+                {"prompt": page["prompt"], "negative": page["negative"],
+                 **{key: controls[key] for key in ("steps", "sampler", "cfg_scale", "seed")}},
+                cards.renderers,
             )
     return blocks
+
+
+class _CardTabs:
+    """The card tabs' renderers and their wiring (each card tab, txt2img's and img2img's, is wired by ``wire``).
+
+    Refresh, a model change and the train tab's events rescan the folders; typing in the search box, sorting and
+    paging only filter the cards already listed (a rescan of 10,000 files costs more than a keystroke may).
+    """
+
+    def __init__(self, session: UiSession, model: Any) -> None:
+        self.session = session
+        self.model = model
+        # (render, inputs, outputs) of every card tab wired so far, (embedding, hypernetwork) per wire call.
+        self.renderers: list[tuple[Any, list[Any], list[Any]]] = []
+
+    def ti_render(self, query: str, sort: str, descending: bool, page: Any, model_label: str, rescan: bool = True):
+        view = handlers.embedding_cards_view(self.session, query or "", sort or "Name", bool(descending),
+                                             model_label=model_label, refresh=rescan, page=page)
+        return card_outputs(view)
+
+    def hn_render(self, query: str, sort: str, descending: bool, page: Any, rescan: bool = True):
+        view = handlers.hypernetwork_cards_view(self.session, query or "", sort or "Name", bool(descending),
+                                                refresh=rescan, page=page)
+        return card_outputs(view)
+
+    def ti_filter(self, query: str, sort: str, descending: bool, page: Any, model_label: str):
+        return self.ti_render(query, sort, descending, page, model_label, rescan=False)
+
+    def hn_filter(self, query: str, sort: str, descending: bool, page: Any):
+        return self.hn_render(query, sort, descending, page, rescan=False)
+
+    def wire(self, ti: dict[str, Any], hn: dict[str, Any]) -> None:
+        ti_inputs = [ti["search"], ti["sort"], ti["descending"], ti["page"], self.model]
+        ti_outputs = [ti["cards"], ti["skipped"], ti["summary"]]
+        hn_inputs = [hn["search"], hn["sort"], hn["descending"], hn["page"]]
+        hn_outputs = [hn["cards"], hn["skipped"], hn["summary"]]
+        for trigger in (ti["refresh"].click, self.model.change):
+            trigger(guard(self.ti_render), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
+        # The search box asks the server only through search_go (clicked by the page script when typing pauses) and
+        # Enter: the page filters the shown cards on each keystroke, and a server search per keystroke would only
+        # queue answers the next keystroke makes stale.
+        for trigger in (ti["search"].submit, ti["sort"].change, ti["descending"].change, ti["page"].change,
+                        ti["search_go"].click):
+            trigger(guard(self.ti_filter), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
+        hn["refresh"].click(guard(self.hn_render), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
+        for trigger in (hn["search"].submit, hn["sort"].change, hn["descending"].change, hn["page"].change,
+                        hn["search_go"].click):
+            trigger(guard(self.hn_filter), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
+        wire_metadata_editor(self.session, ti["editor"], (guard(self.ti_render), ti_inputs, ti_outputs))
+        wire_metadata_editor(self.session, hn["editor"], (guard(self.hn_render), hn_inputs, hn_outputs))
+        self.renderers.extend([(guard(self.ti_render), ti_inputs, ti_outputs),
+                               (guard(self.hn_render), hn_inputs, hn_outputs)])
+
+
+def _lay_out_pages(session: UiSession, model: Any, ti_view: handlers.CardsView, hn_view: handlers.CardsView,
+                   cards: _CardTabs, standalone: bool) -> dict[str, Any]:
+    """txt2img's prompts, settings, card tabs and gallery; standalone, inside main tabs beside img2img and PNG Info.
+
+    Returns the components the wiring needs by name; the Train tab and the embedding tools are left as empty
+    columns (``train_tab``, ``ti_tools``), filled once the rest is wired.
+    """
+    c: dict[str, Any] = {}
+    with ExitStack() as main_tabs_context, ExitStack() as txt2img_tab:
+        if standalone:
+            c["main_tabs"] = main_tabs_context.enter_context(gr.Tabs(elem_id="sdconcepts_main_tabs"))
+            txt2img_tab.enter_context(gr.Tab("txt2img", id=MAIN_TAB_IDS["txt2img"],
+                                             elem_id="sdconcepts_main_tab_txt2img"))
+        with gr.Row():
+            with gr.Column(scale=5):
+                c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="sdconcepts_prompt",
+                                         placeholder="Prompt (click a card below to insert it)")
+                c["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="sdconcepts_neg_prompt",
+                                           placeholder="Negative prompt")
+            with gr.Column(scale=1, min_width=160):
+                c["generate"] = gr.Button("Generate", variant="primary", elem_id="sdconcepts_generate")
+        with gr.Row():
+            with gr.Column(scale=1):
+                with gr.Tabs(elem_id="sdconcepts_tabs"):
+                    with gr.Tab("txt2img", id="sdconcepts_txt2img", elem_id="sdconcepts_tab_txt2img"):
+                        c["controls"] = generation_controls("sdconcepts_")
+                    with gr.Tab("Textual Inversion", id="sdconcepts_ti", elem_id="sdconcepts_tab_ti"):
+                        c["ti"] = card_tab("ti", "Textual Inversion", ti_view)
+                        c["ti_tools"] = gr.Column(elem_id="sdconcepts_ti_tools_root")
+                    with gr.Tab("Hypernetworks", id="sdconcepts_hn", elem_id="sdconcepts_tab_hn"):
+                        c["hn"] = card_tab("hn", "Hypernetworks", hn_view)
+                    with gr.Tab("Train", id="sdconcepts_train_tab", elem_id="sdconcepts_tab_train_root"):
+                        c["train_tab"] = gr.Column(elem_id="sdconcepts_train_root")
+            with gr.Column(scale=1):
+                c["gallery"] = make(
+                    gr.Gallery, label="Images", elem_id="sdconcepts_gallery", columns=4, height="auto",
+                    optional={"format": "png", "object_fit": "contain", "preview": True},
+                )
+                if standalone:
+                    with gr.Row():
+                        c["send_img2img"] = gr.Button("Send to img2img", elem_id="sdconcepts_send_to_img2img")
+                        c["send_inpaint"] = gr.Button("Send to inpaint", elem_id="sdconcepts_send_to_inpaint")
+                c["warnings"] = gr.HTML("", elem_id="sdconcepts_warnings")
+                c["infotext"] = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                                           elem_id="sdconcepts_infotext")
+        txt2img_tab.close()
+        if standalone:
+            with gr.Tab("img2img", id=MAIN_TAB_IDS["img2img"], elem_id="sdconcepts_main_tab_img2img"):
+                c["img2img"] = build_img2img_tab(session, model, ti_view, hn_view, cards.wire)
+            with gr.Tab("PNG Info", id=MAIN_TAB_IDS["png_info"], elem_id="sdconcepts_main_tab_png_info"):
+                c["png_info"] = build_png_info_tab()
+    return c
+
+
+def _wire_txt2img(session: UiSession, model: Any, page: dict[str, Any]) -> None:
+    """Generate, the gallery's selection and the seed buttons."""
+    controls = page["controls"]
+
+    # gradio finds the progress tracker through this default value (its documented idiom).
+    def on_generate(model_label, prompt_text, negative_text, *settings, progress=gr.Progress()):  # noqa: B008
+        params = handlers.generation_params(prompt_text, negative_text, *settings)
+        progress(0, desc="Loading model")
+
+        def report(done: int, total: int) -> None:
+            progress((done, total), desc="Sampling", unit="steps")
+
+        out = handlers.generate(session, model_label, params, progress=report)
+        return out.gallery, out.first_infotext, out.warnings_html, out.infotexts, out.seeds, 0, out.images
+
+    page["generate"].click(
+        guard(on_generate),
+        inputs=[model, page["prompt"], page["negative"], *(controls[name] for name in GENERATION_INPUTS)],
+        outputs=[page[key] for key in ("gallery", "infotext", "warnings", "infotexts", "seeds", "selected", "images")],
+        api_name="generate",
+    )
+
+    def on_select(texts: list[str], evt: gr.SelectData):
+        index = evt.index if isinstance(evt.index, int) else None
+        return handlers.selected_infotext(texts, index), index
+
+    page["gallery"].select(on_select, inputs=[page["infotexts"]], outputs=[page["infotext"], page["selected"]])
+    wire_seed_buttons(controls, page["seeds"], page["selected"])
+
+
+def _wire_model_refresh(session: UiSession, model: Any, model_refresh: Any) -> None:
+    def on_model_refresh(current: str):
+        labels = list(session.model_choices())
+        return update(choices=labels, value=current if current in labels else session.default_choice())
+
+    model_refresh.click(on_model_refresh, inputs=[model], outputs=[model])
 
 
 def _wire_send_buttons(main_tabs: Any, img2img: dict[str, Any], png_info: dict[str, Any], txt2img: dict[str, Any],

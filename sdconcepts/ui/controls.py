@@ -15,7 +15,7 @@ from sdconcepts.generation import SAMPLERS
 from sdconcepts.ui import handlers
 from sdconcepts.ui.cards import SORT_KEYS
 from sdconcepts.ui.compat import update
-from sdconcepts.ui.session import UiError, UiSession
+from sdconcepts.ui.ui_session import UiError, UiSession
 from sdconcepts.user_metadata import SD_VERSIONS
 
 __all__ = ["GENERATION_INPUTS", "card_outputs", "card_tab", "generation_controls", "guard", "wire_seed_buttons"]

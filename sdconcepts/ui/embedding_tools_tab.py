@@ -8,9 +8,9 @@ from typing import Any
 
 import gradio as gr
 
-from sdconcepts.ui import embedding_tools
-from sdconcepts.ui.session import UiError, UiSession
+from sdconcepts.ui import embedding_tools_handlers
 from sdconcepts.ui.train_tab import chain_after
+from sdconcepts.ui.ui_session import UiError, UiSession
 
 __all__ = ["build_embedding_tools"]
 
@@ -49,7 +49,7 @@ def build_embedding_tools(session: UiSession, model: Any,
             drop = gr.Textbox(label="or drop vectors (e.g. 1 or -1)", elem_id="sdconcepts_ti_tools_drop", max_lines=1)
             edit = gr.Button("Write edited copy", elem_id="sdconcepts_ti_tools_edit")
         with gr.Row():
-            file_format = gr.Dropdown(list(embedding_tools.FORMATS), value=".pt", label="File format",
+            file_format = gr.Dropdown(list(embedding_tools_handlers.FORMATS), value=".pt", label="File format",
                                       elem_id="sdconcepts_ti_tools_format")
             overwrite = gr.Checkbox(value=False, label="Overwrite an existing file",
                                     elem_id="sdconcepts_ti_tools_overwrite")
@@ -57,20 +57,20 @@ def build_embedding_tools(session: UiSession, model: Any,
 
     def on_inspect(model_label: str, name: str, k: float) -> str:
         try:
-            return embedding_tools.inspect_html(session, model_label, name, k)
+            return embedding_tools_handlers.inspect_html(session, model_label, name, k)
         except UiError as exc:
             return _message(str(exc), "sdconcepts-field-error")
 
     def on_mix(model_label: str, name: str, text: str, fmt: str, replace: bool) -> str:
         try:
-            path = embedding_tools.mix_embedding(session, model_label, name, text, fmt, bool(replace))
+            path = embedding_tools_handlers.mix_embedding(session, model_label, name, text, fmt, bool(replace))
         except UiError as exc:
             return _message(str(exc), "sdconcepts-field-error")
         return _message(f"Wrote {path}", "sdconcepts-field-ok")
 
     def on_edit(model_label: str, source: str, name: str, keep_v: str, drop_v: str, fmt: str, replace: bool) -> str:
         try:
-            path = embedding_tools.edit_embedding(session, model_label, source, name, keep_v, drop_v, fmt,
+            path = embedding_tools_handlers.edit_embedding(session, model_label, source, name, keep_v, drop_v, fmt,
                                                   bool(replace))
         except UiError as exc:
             return _message(str(exc), "sdconcepts-field-error")

@@ -28,7 +28,7 @@ from sdconcepts.ui.cards import (
     render_skipped,
     sort_cards,
 )
-from sdconcepts.ui.session import UiError, UiSession
+from sdconcepts.ui.ui_session import UiError, UiSession
 from sdconcepts.user_metadata import (
     SD_VERSIONS,
     UserMetadata,

@@ -19,7 +19,7 @@ from PIL import Image, ImageChops, UnidentifiedImageError
 
 from sdconcepts.generation import SAMPLERS, GenerationError, parse_infotext
 from sdconcepts.img2img import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES, Img2ImgOptions
-from sdconcepts.ui.session import UiError
+from sdconcepts.ui.ui_session import UiError
 
 __all__ = [
     "MODES",

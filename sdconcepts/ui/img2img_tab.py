@@ -17,7 +17,7 @@ from sdconcepts.ui import handlers
 from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.compat import make, mask_editor
 from sdconcepts.ui.controls import GENERATION_INPUTS, card_tab, generation_controls, guard, wire_seed_buttons
-from sdconcepts.ui.session import UiSession
+from sdconcepts.ui.ui_session import UiSession
 
 __all__ = ["PREFIX", "ROOT_ID", "build_img2img_tab"]
 
@@ -31,6 +31,16 @@ CardWiring = Callable[[dict[str, Any], dict[str, Any]], None]
 def build_img2img_tab(session: UiSession, model: Any, ti_view: handlers.CardsView, hn_view: handlers.CardsView,
                       wire_cards: CardWiring) -> dict[str, Any]:
     """Build the tab's components and events; returns those the send buttons fill (``prompt``, ``init_image``...)."""
+    c, shown = _lay_out(ti_view, hn_view)
+    for mode, tab in shown["mode_tabs"].items():
+        tab.select(lambda mode=mode: mode, inputs=None, outputs=[c["mode"]])
+    _wire_generate(session, model, c, shown)
+    wire_cards(shown["ti"], shown["hn"])
+    return c
+
+
+def _lay_out(ti_view: handlers.CardsView, hn_view: handlers.CardsView) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tab's components: those the send buttons fill, and the rest (mode tabs, card tabs, gallery, states)."""
     c: dict[str, Any] = {}
     with gr.Column(elem_id=ROOT_ID, elem_classes=["sdconcepts"]):
         with gr.Row():
@@ -44,7 +54,7 @@ def build_img2img_tab(session: UiSession, model: Any, ti_view: handlers.CardsVie
         with gr.Row():
             with gr.Column(scale=1):
                 with gr.Tabs(elem_id=f"{PREFIX}modes") as c["mode_tabs"]:
-                    mode_tabs = {}
+                    mode_tabs: dict[str, Any] = {}
                     with gr.Tab("img2img", id=MODE_TAB_IDS["img2img"]) as mode_tabs["img2img"]:
                         c["init_image"] = gr.Image(label="Image for img2img", type="pil",
                                                    elem_id=f"{PREFIX}init_image")
@@ -93,9 +103,15 @@ def build_img2img_tab(session: UiSession, model: Any, ti_view: handlers.CardsVie
     infotexts = gr.State([])
     seeds = gr.State([])
     selected = gr.State(None)
+    shown = {"mode_tabs": mode_tabs, "ti": ti, "hn": hn, "generate": generate, "gallery": gallery,
+             "warnings": warnings, "infotext": infotext, "infotexts": infotexts, "seeds": seeds, "selected": selected}
+    return c, shown
 
-    for mode, tab in mode_tabs.items():
-        tab.select(lambda mode=mode: mode, inputs=None, outputs=[c["mode"]])
+
+def _wire_generate(session: UiSession, model: Any, c: dict[str, Any], shown: dict[str, Any]) -> None:
+    """Generate (the form becomes an ``ImageSource`` and txt2img's request), the gallery's selection, the seeds."""
+    gallery, infotext, warnings = shown["gallery"], shown["infotext"], shown["warnings"]
+    infotexts, seeds, selected = shown["infotexts"], shown["seeds"], shown["selected"]
 
     def on_generate(model_label, mode, init_image, editor, upload_image, upload_mask, resize_mode, denoising,
                     mask_blur, mask_mode, masked_content, inpaint_area, padding, prompt_text, negative_text,
@@ -113,7 +129,7 @@ def build_img2img_tab(session: UiSession, model: Any, ti_view: handlers.CardsVie
         out = handlers.generate(session, model_label, params, progress=report, source=source)
         return out.gallery, out.first_infotext, out.warnings_html, out.infotexts, out.seeds, 0
 
-    generate.click(
+    shown["generate"].click(
         guard(on_generate),
         inputs=[model, c["mode"], c["init_image"], c["editor"], c["upload_image"], c["upload_mask"],
                 c["resize_mode"], c["denoising"], c["mask_blur"], c["mask_mode"], c["masked_content"],
@@ -129,5 +145,3 @@ def build_img2img_tab(session: UiSession, model: Any, ti_view: handlers.CardsVie
 
     gallery.select(on_select, inputs=[infotexts], outputs=[infotext, selected])
     wire_seed_buttons(c, seeds, selected)
-    wire_cards(ti, hn)
-    return c

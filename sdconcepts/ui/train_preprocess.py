@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from sdconcepts.limits import MAX_IMAGE_SIDE, MAX_SOURCE_PIXELS
 from sdconcepts.training.dataset import ImageProblem, open_image, read_caption
-from sdconcepts.ui.session import UiError
+from sdconcepts.ui.ui_session import UiError
 
 __all__ = ["CAPTION_ACTIONS", "PreprocessReport", "PreprocessSettings", "caption_from_name", "preprocess_images",
            "run_preprocess", "split_image"]

@@ -20,7 +20,7 @@ import gradio as gr  # noqa: E402
 from sdconcepts.host.a1111 import build_tabs  # noqa: E402
 from sdconcepts.ui.app import install_js, read_css  # noqa: E402
 from sdconcepts.ui.compat import QUEUE_KWARGS, blocks_kwargs, launch_kwargs  # noqa: E402
-from sdconcepts.ui.session import UiConfig, UiSession  # noqa: E402
+from sdconcepts.ui.ui_session import UiConfig, UiSession  # noqa: E402
 
 
 def main() -> None:

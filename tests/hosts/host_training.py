@@ -33,7 +33,7 @@ from page_waits import wait_text
 from sdconcepts.embedding_files import load_embedding
 from sdconcepts.toyworld.concept import write_concept
 
-HOST_MODEL_LABEL = "the web UI's loaded model"  # sdconcepts.ui.session.HOST_MODEL_LABEL
+HOST_MODEL_LABEL = "the web UI's loaded model"  # sdconcepts.ui.ui_session.HOST_MODEL_LABEL
 KINDS = {"embedding": "ti", "hypernetwork": "hn"}  # the Train tab's element ids per kind
 TRAIN_TIMEOUT_S = 1500
 # An SD 1.5 copy in fp32 is ~4.1 GB (UNet 3.4, text encoder 0.5, VAE 0.3); our views must add none of that.

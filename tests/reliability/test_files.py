@@ -92,7 +92,7 @@ def test_embedding_scan_skips_fifo_and_socket_without_hanging(tmp_path: Path) ->
 
 
 def test_hypernetwork_scan_skips_fifo_and_socket_without_hanging(tmp_path: Path) -> None:
-    from sdconcepts.ui.session import UiConfig, UiSession
+    from sdconcepts.ui.ui_session import UiConfig, UiSession
 
     folder = tmp_path / "models" / "hypernetworks"
     folder.mkdir(parents=True)
@@ -215,7 +215,7 @@ def _read_bytes() -> int | None:
 
 
 def _hypernetwork_library(folder: Path) -> Library[Any]:
-    from sdconcepts.ui.session import UiConfig, UiSession
+    from sdconcepts.ui.ui_session import UiConfig, UiSession
 
     return UiSession(UiConfig(hypernetworks_dirs=[folder])).hypernetworks
 
@@ -271,7 +271,7 @@ def _save_big_hypernetwork(path: Path, name: str, hidden: float) -> None:
 def test_hypernetwork_cards_list_from_metadata_and_load_only_when_a_prompt_uses_it(tmp_path: Path) -> None:
     from sdconcepts.hypernetwork_files import HypernetworkFileError, load_hypernetwork
     from sdconcepts.ui import handlers
-    from sdconcepts.ui.session import UiConfig, UiSession
+    from sdconcepts.ui.ui_session import UiConfig, UiSession
 
     folder = tmp_path / "hypernetworks"
     folder.mkdir()
@@ -303,7 +303,7 @@ _PEAK_SCRIPT = """
 import sys
 from pathlib import Path
 from sdconcepts.ui import handlers
-from sdconcepts.ui.session import UiConfig, UiSession
+from sdconcepts.ui.ui_session import UiConfig, UiSession
 
 def status(field):
     for line in Path("/proc/self/status").read_text().splitlines():

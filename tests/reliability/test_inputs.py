@@ -18,9 +18,9 @@ from PIL import Image
 from sdconcepts.generation import GenerationError, GenerationParams
 from sdconcepts.limits import MAX_SOURCE_PIXELS, available_memory, hypernetwork_parameters
 from sdconcepts.prompts import hypernetwork_tags, parse_extra_network_tags
-from sdconcepts.ui import handlers, train
-from sdconcepts.ui.session import UiConfig, UiError, UiSession
+from sdconcepts.ui import handlers, train_handlers
 from sdconcepts.ui.train_preprocess import PreprocessSettings
+from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
 MEMORY_KNOWN = available_memory("cpu") is not None
 
@@ -140,17 +140,17 @@ def test_create_hypernetwork_with_a_huge_layer_is_refused_without_a_file(tmp_pat
         assert "needs at least" in one_line_error(proc)
     assert not folder.exists() or not any(folder.iterdir())
 
-    ui_folder = train.hypernetworks_folder(session)
+    ui_folder = train_handlers.hypernetworks_folder(session)
     before = set(ui_folder.iterdir())
     with pytest.raises(UiError, match="layer structure: .*factor over 16"):
-        train.create_hypernetwork(session, "big", ["768"], "1, 100000, 1", "linear", "Normal", False, False, "",
+        train_handlers.create_hypernetwork(session, "big", ["768"], "1, 100000, 1", "linear", "Normal", False, False, "",
                                   False)
     # Within the factor limit but over the file size limit: the size is in the message.
     with pytest.raises(UiError, match=r"layer structure: .* makes a [0-9.]+ GiB file, over the limit of 1\.0 GiB"):
-        train.create_hypernetwork(session, "big", ["1280", "1024"], "1, 16, 16, 1", "linear", "Normal", False, False,
+        train_handlers.create_hypernetwork(session, "big", ["1280", "1024"], "1, 16, 16, 1", "linear", "Normal", False, False,
                                   "", False)
     assert set(ui_folder.iterdir()) == before
-    created = train.create_hypernetwork(session, "fine", ["32"], "1, 16, 1", "linear", "Normal", False, False, "",
+    created = train_handlers.create_hypernetwork(session, "fine", ["32"], "1, 16, 1", "linear", "Normal", False, False, "",
                                         False)
     assert created.is_file()
 
@@ -172,7 +172,7 @@ def test_training_sizes_get_the_same_limits(tmp_path: Path, session: UiSession) 
     for field, value, key in (("batch_size", 10000, "batch_size"), ("gradient_accumulation", 100000,
                                                                        "gradient_accumulation"),
                               ("width", 100000, "size"), ("height", 4096, "size")):
-        config, errors = train.training_config("embedding", "x", {**base, field: value})
+        config, errors = train_handlers.training_config("embedding", "x", {**base, field: value})
         assert config is None and "at most" in errors[key], (field, errors)
     from sdconcepts.training.config import EmbeddingTrainingConfig
 
@@ -182,8 +182,8 @@ def test_training_sizes_get_the_same_limits(tmp_path: Path, session: UiSession) 
 @pytest.mark.skipif(not MEMORY_KNOWN, reason="this platform does not say how much memory is available")
 def test_training_that_cannot_fit_is_refused_before_reading_images(tiny_model: Any, tmp_path: Path) -> None:
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
-    from sdconcepts.training.backend import TrainingModel
-    from sdconcepts.training.session import TrainingError
+    from sdconcepts.training.run import TrainingError
+    from sdconcepts.training.training_model import TrainingModel
 
     dataset = tmp_path / "data"
     dataset.mkdir()
@@ -218,7 +218,7 @@ def test_preprocess_skips_bad_files_with_reasons_and_keeps_going(session: UiSess
     source = _mixed_source(root / "mixed")
     assert (source / "c_huge.png").stat().st_size < 200_000  # a real PNG whose header says 20000 x 20000
     settings = PreprocessSettings(width=32, height=32, caption_action="copy")
-    message = train.preprocess(session, str(source), str(root / "mixed-out"), settings)
+    message = train_handlers.preprocess(session, str(source), str(root / "mixed-out"), settings)
     assert message.startswith("Preprocessing finished: 2 images from 2 files")
     assert "skipped 3:" in message
     assert "c_huge.png (image too large: 400000000 pixels" in message
@@ -261,19 +261,19 @@ def test_web_form_paths_stay_inside_the_server_folders(session: UiSession, tmp_p
                      (str(source), "/tmp/sdconcepts-escape"), (str(source), str(root / "link" / "out")),
                      (str(source), str(root / ".." / "escape"))):
         with pytest.raises(UiError, match="is outside the folders this server may use .*--train-root"):
-            train.preprocess(session, src, dst, settings)
+            train_handlers.preprocess(session, src, dst, settings)
     assert not Path("/tmp/sdconcepts-escape").exists() and not (outside / "out").exists()
     assert not any((root / name).exists() for name in ("o1", "o2", "o3"))
-    assert train.preprocess(session, str(source), str(root / "ok"), settings).startswith(
+    assert train_handlers.preprocess(session, str(source), str(root / "ok"), settings).startswith(
         "Preprocessing finished: 1 images")
 
     dataset = root / "inside"
     good = {"dataset": str(dataset), "template": "subject", "log_directory": str(root / "logs")}
-    config, errors = train.training_config("embedding", "x", good, roots=session.train_roots())
+    config, errors = train_handlers.training_config("embedding", "x", good, roots=session.train_roots())
     assert config is not None and not errors
     for field, value in (("dataset", "/etc"), ("dataset", str(root / "link")), ("log_directory", "../logs"),
                          ("log_directory", "/tmp/logs"), ("template", "/etc/passwd")):
-        config, errors = train.training_config("embedding", "x", {**good, field: value}, roots=session.train_roots())
+        config, errors = train_handlers.training_config("embedding", "x", {**good, field: value}, roots=session.train_roots())
         assert config is None and "is outside the folders" in errors[field], (field, value, errors)
 
 
@@ -305,11 +305,11 @@ def test_preprocess_sizes_and_extreme_strips_are_bounded(session: UiSession) -> 
     source.mkdir()
     Image.new("RGB", (1, 4000)).save(source / "strip.png")  # covering 512x512 would mean 512 x 2048000 pixels
     Image.new("RGB", (40, 40)).save(source / "square.png")
-    message = train.preprocess(session, str(source), str(root / "strips-out"), PreprocessSettings(width=512, height=512))
+    message = train_handlers.preprocess(session, str(source), str(root / "strips-out"), PreprocessSettings(width=512, height=512))
     assert message.startswith("Preprocessing finished: 1 images from 1 files")
     assert "strip.png (aspect ratio too extreme: resizing to 512×2048000" in message
     with pytest.raises(UiError, match="width must be between 8 and 2048, got 100000"):
-        train.preprocess(session, str(source), str(root / "strips-big"), PreprocessSettings(width=100000, height=64))
+        train_handlers.preprocess(session, str(source), str(root / "strips-big"), PreprocessSettings(width=100000, height=64))
     assert not (root / "strips-big").exists()
 
 

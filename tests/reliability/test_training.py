@@ -33,10 +33,10 @@ from sdconcepts.training import (
     train_embedding,
     train_hypernetwork,
 )
-from sdconcepts.training.backend import TrainingModel
 from sdconcepts.training.lock import TrainingLock, lock_path
 from sdconcepts.training.names import InvalidNameError, name_max
-from sdconcepts.training.session import TrainingError
+from sdconcepts.training.run import TrainingError
+from sdconcepts.training.training_model import TrainingModel
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="kills, umasks and flock are POSIX")
 
@@ -174,14 +174,14 @@ def test_cli_refuses_while_the_web_ui_trains_the_same_file(tiny_model_dir: Path,
 
 
 def test_web_ui_job_refused_while_another_process_trains(tiny_model_dir: Path, dataset: Path, tmp_path: Path) -> None:
-    from sdconcepts.ui import train
-    from sdconcepts.ui.session import UiConfig, UiSession
+    from sdconcepts.ui import train_handlers, train_jobs
+    from sdconcepts.ui.ui_session import UiConfig, UiSession
 
     session = UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[tmp_path / "embeddings"],
                                  hypernetworks_dirs=[tmp_path / "hypernetworks"], outputs_dir=tmp_path / "outputs",
                                  device="cpu"))
-    path = train.create_embedding(session, str(tiny_model_dir), "toytri", "triangle", 1, False)
-    config, errors = train.training_config("embedding", "toytri", {
+    path = train_handlers.create_embedding(session, str(tiny_model_dir), "toytri", "triangle", 1, False)
+    config, errors = train_handlers.training_config("embedding", "toytri", {
         "dataset": str(dataset), "learn_rate": "0.01", "batch_size": 1, "gradient_accumulation": 1,
         "log_directory": str(tmp_path / "log"), "template": "subject", "width": 32, "height": 32,
         "keep_size": False, "max_steps": 2, "preview_every": 0, "save_every": 0, "use_alpha_weight": False,
@@ -191,8 +191,8 @@ def test_web_ui_job_refused_while_another_process_trains(tiny_model_dir: Path, d
     assert config is not None, errors
     holder = _holder(path)
     try:
-        jobs = train.TrainingJobs(session.generate_lock)
-        job = train.start_training(session, jobs, "embedding", str(tiny_model_dir), "toytri", config)
+        jobs = train_jobs.TrainingJobs(session.generate_lock)
+        job = train_handlers.start_training(session, jobs, "embedding", str(tiny_model_dir), "toytri", config)
         assert job.wait(120)
         assert job.error is not None and f"already being trained by another run (pid {holder.pid}" in job.error
         assert load_embedding(path).step == 0
@@ -408,17 +408,17 @@ def test_cli_too_long_name_is_one_line(command: str, tiny_model_dir: Path, tmp_p
 
 
 def test_web_ui_too_long_name_is_a_field_error(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from sdconcepts.ui import train
-    from sdconcepts.ui.session import UiConfig, UiError, UiSession
+    from sdconcepts.ui import train_handlers
+    from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
     session = UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[tmp_path / "embeddings"],
                                  hypernetworks_dirs=[tmp_path / "hypernetworks"], outputs_dir=tmp_path / "outputs",
                                  device="cpu"))
     with pytest.raises(UiError, match="^name: name too long: 300 bytes, at most"):
-        train.create_embedding(session, str(tiny_model_dir), "x" * 300, "*", 1, False)
+        train_handlers.create_embedding(session, str(tiny_model_dir), "x" * 300, "*", 1, False)
     with pytest.raises(UiError, match="^name: name too long: 300 bytes, at most"):
-        train.create_hypernetwork(session, "x" * 300, ["48"], "1, 2, 1", "relu", "Normal", False, False, "", False)
-    assert train.create_embedding(session, str(tiny_model_dir), "y" * 245, "*", 1, False).is_file()
+        train_handlers.create_hypernetwork(session, "x" * 300, ["48"], "1, 2, 1", "relu", "Normal", False, False, "", False)
+    assert train_handlers.create_embedding(session, str(tiny_model_dir), "y" * 245, "*", 1, False).is_file()
 
 
 def test_lock_is_per_file(tmp_path: Path) -> None:

@@ -1,21 +1,16 @@
-"""The Train tab's logic without gradio: create forms, settings validation per field, and the one training job.
+"""The Train tab's decisions without gradio: what the forms offer, creating files, preprocessing, reading the
+Train form (``TrainForm``) into a validated config with a message per field, and starting the run.
 
-``TrainingJobs`` runs at most one job in a background thread and keeps its event history, so a page that loads
-later (a reload) shows the running job again; ``train_view`` turns a job into what the tab shows. Generation and
-training share the loaded model through ``UiSession.generate_lock``: an embedding run takes it for each step (txt2img
-slips in between steps), a hypernetwork run for the whole run (its modules stay attached to the UNet meanwhile, so
-txt2img waits until the run ends).
+The running job and its views live in ``ui.train_jobs``. Generation and training share the loaded model through
+``UiSession.generate_lock``: an embedding run takes it for each step (txt2img slips in between steps), a hypernetwork
+run for the whole run (its modules stay attached to the UNet meanwhile, so txt2img waits until the run ends).
 """
 
 from __future__ import annotations
 
-import html
-import math
-import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,25 +23,28 @@ from sdconcepts.training.config import (
     TrainingConfig,
 )
 from sdconcepts.training.loop import TrainingEvent
-from sdconcepts.training.outputs import draw_loss_plot
 from sdconcepts.training.templates import available_templates
-from sdconcepts.ui.session import UiError, UiSession, contained_path
+from sdconcepts.ui.train_jobs import TrainingJob, TrainingJobs
+from sdconcepts.ui.ui_session import UiError, UiSession, contained_path
 
 __all__ = [
     "ERROR_FIELDS",
-    "TrainView",
-    "TrainingJob",
-    "TrainingJobs",
+    "MIN_SIDE",
+    "FormDefaults",
+    "TrainForm",
+    "TrainStart",
     "create_embedding",
     "create_hypernetwork",
+    "create_hypernetwork_from_form",
     "embedding_names",
     "hypernetwork_names",
-    "follow",
     "form_defaults",
     "preprocess",
+    "preprocess_form",
+    "start_from_form",
     "start_training",
+    "still_listed",
     "training_config",
-    "train_view",
 ]
 
 # Where a settings message is shown: the key of the field (group) it is about.
@@ -136,9 +134,9 @@ def form_defaults(session: UiSession, model_label: str | None = None) -> FormDef
 def create_embedding(session: UiSession, model_label: str, name: str, init_text: str, vectors: float,
                      overwrite: bool) -> Path:
     """A1111's Create embedding on the chosen model's token embeddings; raises UiError naming the problem."""
-    from sdconcepts.training.backend import TrainingModel
     from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file
     from sdconcepts.training.names import InvalidNameError, target_path
+    from sdconcepts.training.training_model import TrainingModel
 
     count = int(vectors or 0)
     if not str(name).strip():
@@ -194,6 +192,20 @@ def create_hypernetwork(session: UiSession, name: str, sizes: Sequence[str] | st
         raise UiError(f"layer structure: {exc}") from exc
 
 
+def create_hypernetwork_from_form(session: UiSession, name: str, sizes: Sequence[str], extra: str, layer_structure: str,
+                                  activation: str, weight_init: str, layer_norm: bool, use_dropout: bool,
+                                  dropout_structure: str, overwrite: bool) -> Path:
+    """The Create hypernetwork form: the ticked widths and the typed ones; the dropout structure only with dropout."""
+    chosen = [*sizes, *[part for part in str(extra).split(",") if part.strip()]]
+    return create_hypernetwork(session, name, chosen, layer_structure, activation, weight_init, layer_norm,
+                               use_dropout, dropout_structure if use_dropout else "", overwrite)
+
+
+def still_listed(current: str | None, names: Sequence[str]) -> str | None:
+    """A dropdown's choice after its names were listed again: kept while its file is still there."""
+    return current if current in names else None
+
+
 # -- preprocess --------------------------------------------------------------------------------------------------
 
 
@@ -209,6 +221,19 @@ def preprocess(session: UiSession, source: str, destination: str, settings: Any)
         contained_path(destination, roots, "destination directory")
     report = run_preprocess(source or "", destination or "", settings)
     return f"Preprocessing finished: {report.summary(destination)}"
+
+
+def preprocess_form(session: UiSession, form: Mapping[str, Any]) -> str:
+    """The Preprocess images form, by field name (``PreprocessSettings``' fields, ``source``, ``destination``)."""
+    from sdconcepts.ui.train_preprocess import PreprocessSettings
+
+    settings = PreprocessSettings(width=int(form["width"]), height=int(form["height"]),
+                                  caption_action=form["caption_action"], keep_size=bool(form["keep_size"]),
+                                  flip=bool(form["flip"]), split=bool(form["split"]),
+                                  split_threshold=float(form["split_threshold"]),
+                                  overlap_ratio=float(form["overlap_ratio"]),
+                                  caption_from_name=bool(form["caption_from_name"]))
+    return preprocess(session, form["source"] or "", form["destination"] or "", settings)
 
 
 # -- settings ----------------------------------------------------------------------------------------------------
@@ -251,204 +276,10 @@ def training_config(kind: str, name: str, values: dict[str, Any], *, roots: Sequ
     return (None if errors else config), errors
 
 
-# -- the job -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingJob:
-    """One run: its events as they came (with arrival times), its end message or error, and its stop switch."""
-
-    kind: str
-    name: str
-    max_steps: int
-    stop: threading.Event = field(default_factory=threading.Event)
-    events: list[TrainingEvent] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    error: str | None = None
-    done: bool = False
-    started: float = field(default_factory=time.monotonic)
-    thread: threading.Thread | None = None
-
-    @property
-    def running(self) -> bool:
-        return not self.done
-
-    def steps(self) -> list[TrainingEvent]:
-        return [e for e in self.events if e.kind == "step"]
-
-    def end(self) -> TrainingEvent | None:
-        return next((e for e in reversed(self.events) if e.kind != "step"), None)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self.thread is not None:
-            self.thread.join(timeout)
-        return self.done
-
-
-Run = Callable[[threading.Event], Iterator[TrainingEvent]]
-
-
-class TrainingJobs:
-    """At most one training job at a time, run in a background thread; the last job stays for pages that load later."""
-
-    def __init__(self, model_lock: threading.Lock) -> None:
-        self.model_lock = model_lock
-        self._lock = threading.Lock()
-        self.current: TrainingJob | None = None
-
-    def start(self, kind: str, name: str, max_steps: int, run: Run, *, lock_whole_run: bool = False) -> TrainingJob:
-        """Start ``run(stop)`` in a thread; refuse with a UiError while another job runs."""
-        with self._lock:
-            if self.current is not None and self.current.running:
-                job = self.current
-                raise UiError(f"a {job.kind} ({job.name}) is training already; interrupt it or wait for it to end")
-            job = TrainingJob(kind, name, max_steps)
-            job.thread = threading.Thread(target=self._work, args=(job, run, lock_whole_run),
-                                          name=f"sdconcepts-train-{name}", daemon=True)
-            self.current = job
-        job.thread.start()
-        return job
-
-    def _work(self, job: TrainingJob, run: Run, lock_whole_run: bool) -> None:
-        try:
-            if lock_whole_run:
-                with self.model_lock:
-                    self._drive(job, run, step_lock=None)
-            else:
-                self._drive(job, run, step_lock=self.model_lock)
-        except Exception as exc:  # noqa: BLE001 - whatever stops the run is shown to the user, not lost in a thread
-            job.error = str(exc) or type(exc).__name__
-        finally:
-            job.done = True
-
-    @staticmethod
-    def _drive(job: TrainingJob, run: Run, step_lock: threading.Lock | None) -> None:
-        if step_lock is not None:
-            with step_lock:
-                events = run(job.stop)
-        else:
-            events = run(job.stop)
-        while True:
-            if step_lock is not None:
-                with step_lock:
-                    event = next(events, None)
-            else:
-                event = next(events, None)
-            if event is None:
-                return
-            job.times.append(time.monotonic())
-            job.events.append(event)
-
-    def interrupt(self) -> str:
-        job = self.current
-        if job is None or not job.running:
-            return "Nothing is training."
-        job.stop.set()
-        return f"Interrupting {job.name}: it stops after the current step and saves."
-
-
-# -- what the tab shows ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainView:
-    """The Train tab's live outputs: status line, loss plot (a PNG path), previews and saved files."""
-
-    status_html: str
-    plot: str | None
-    previews: list[str]
-    saves: str
-    running: bool
-    version: tuple[int, bool]
-
-
-SHOWN = 12  # the newest previews and saves the tab lists (all of them stay in the log folder)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
-
-
-def _rate(started: float, arrivals: list[float], events: list[TrainingEvent]) -> float | None:
-    times = [t for t, e in zip(arrivals, events, strict=False) if e.kind == "step"]
-    recent = times[-11:]
-    if len(recent) >= 2 and recent[-1] > recent[0]:
-        return (len(recent) - 1) / (recent[-1] - recent[0])
-    if times and times[0] > started:
-        return 1.0 / (times[0] - started)
-    return None
-
-
-_plot_dir: Path | None = None
-
-
-def _plot(job: TrainingJob, steps: list[TrainingEvent]) -> str | None:
-    global _plot_dir
-    if not steps:
-        return None
-    if _plot_dir is None:
-        _plot_dir = Path(tempfile.mkdtemp(prefix="sdconcepts-loss-"))
-    # A new name per step: browsers and gradio's file cache key on the path.
-    path = _plot_dir / f"{id(job)}-{steps[-1].step}.png"
-    if not path.is_file():
-        draw_loss_plot([(e.step, e.loss) for e in steps], path, title=f"{job.name} loss")
-    return str(path)
-
-
-def train_view(job: TrainingJob | None) -> TrainView:
-    if job is None:
-        return TrainView('<div class="sdconcepts-train-status">No training has run yet.</div>', None, [], "", False,
-                         (0, False))
-    # One consistent snapshot: the thread appends events and then flips ``done`` while we read.
-    running = job.running
-    events = list(job.events)
-    times = list(job.times)[: len(events)]
-    steps = [e for e in events if e.kind == "step"]
-    end = next((e for e in reversed(events) if e.kind != "step"), None)
-    error = job.error
-    parts: list[str] = []
-    # The thread appends the end event (or sets the error) and flips ``done`` a moment later: a snapshot between the
-    # two shows the end already; ``running`` stays as read, so ``follow`` still waits for ``done`` and yields again.
-    ended = not running or end is not None or error is not None
-    if not ended:
-        state = "Training"
-    elif error or (end and end.kind == "nan"):
-        state = "Stopped"
-    else:
-        state = "Interrupted" if end and end.kind == "interrupted" else "Done"
-    parts.append(f"<b>{state}</b> {html.escape(job.kind)} <b>{html.escape(job.name)}</b>")
-    if steps:
-        last = steps[-1]
-        rate = _rate(job.started, times, events)
-        parts.append(f"step {last.step}/{job.max_steps}")
-        parts.append(f"[Epoch {last.epoch}: {last.epoch_step + 1}]")
-        parts.append(f"loss: {last.loss:.7f}")
-        parts.append(f"lr: {last.lr:g}")
-        parts.append(f"{rate:.2f} it/s" if rate else "- it/s")
-        parts.append(f"ETA {_duration(last.eta_s)}")
-    elif not ended:
-        parts.append("loading the model and the dataset…")
-    if job.stop.is_set() and not ended:
-        parts.append("interrupting…")
-    status = '<div class="sdconcepts-train-status">' + " · ".join(parts)
-    message = error or (end.message if end else "")
-    if message:
-        css = "sdconcepts-train-error" if error or (end and end.kind == "nan") else "sdconcepts-train-end"
-        status += f'<div class="{css}">{html.escape(message)}</div>'
-    status += "</div>"
-    previews = [e.preview for e in steps if e.preview][-SHOWN:]
-    saves = [f"step {e.step}: {e.saved}" for e in events if e.saved][-SHOWN:]
-    return TrainView(status, _plot(job, steps), previews, "\n".join(saves), running, (len(events), running))
-
-
 def start_training(session: UiSession, jobs: TrainingJobs, kind: str, model_label: str, name: str,
                    config: TrainingConfig) -> TrainingJob:
     """Start training ``name`` on the chosen model (loaded in the job's thread); UiError while another job runs."""
-    from sdconcepts.training.session import train_embedding, train_hypernetwork
+    from sdconcepts.training.run import train_embedding, train_hypernetwork
 
     def run(stop: threading.Event) -> Iterator[TrainingEvent]:
         model = session.model(model_label)
@@ -471,14 +302,95 @@ def _announcing_saves(session: UiSession, kind: str, events: Iterator[TrainingEv
         yield event
 
 
-def follow(jobs: TrainingJobs, poll: float = 0.25, job: TrainingJob | None = None) -> Iterator[TrainView]:
-    """Views of the job (the current one when not given) each time it changes, until it ends (then one last view)."""
-    job = job or jobs.current
-    view = train_view(job)
-    yield view
-    while job is not None and view.running:
-        time.sleep(poll)
-        latest = train_view(job)
-        if latest.version != view.version:
-            view = latest
-            yield view
+# -- the Train form ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainForm:
+    """The Train form's settings as the page sends them, one value per field (validated by ``training_config``).
+
+    The field order is the order the tab sends them in; the ``preview_*`` fields are txt2img's components, used
+    only when ``read_txt2img`` is ticked.
+    """
+
+    embedding_learn_rate: str | None
+    hypernetwork_learn_rate: str | None
+    clip_grad_mode: str
+    clip_grad_value: str | None
+    batch_size: float | None
+    gradient_accumulation: float | None
+    dataset: str | None
+    log_directory: str | None
+    template: str | None
+    width: float
+    height: float
+    keep_size: bool
+    max_steps: float | None
+    preview_every: float | None
+    save_every: float | None
+    use_alpha_weight: bool
+    save_image_with_embedding: bool
+    read_txt2img: bool
+    shuffle_tags: bool
+    tag_dropout: float | None
+    latent_sampling: str
+    preview_prompt: str | None
+    preview_negative_prompt: str | None
+    preview_steps: float | None
+    preview_sampler: str | None
+    preview_cfg_scale: float
+    preview_seed: float | None
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> TrainForm:
+        """The form from its values by field name (every field present)."""
+        return cls(**{key: values[key] for key in cls.keys()})
+
+    def config_values(self, kind: str) -> dict[str, Any]:
+        """The values ``training_config`` takes for a run of ``kind``: its own learning rate, the previews' settings
+        from txt2img when asked."""
+        values: dict[str, Any] = {
+            "dataset": self.dataset or "",
+            "learn_rate": self.embedding_learn_rate if kind == "embedding" else self.hypernetwork_learn_rate,
+            "batch_size": self.batch_size, "gradient_accumulation": self.gradient_accumulation,
+            "log_directory": self.log_directory or "", "template": self.template or "", "width": self.width,
+            "height": self.height, "keep_size": bool(self.keep_size), "max_steps": self.max_steps,
+            "preview_every": self.preview_every, "save_every": self.save_every,
+            "use_alpha_weight": bool(self.use_alpha_weight), "shuffle_tags": bool(self.shuffle_tags),
+            "tag_dropout": float(self.tag_dropout or 0), "latent_sampling": self.latent_sampling,
+            "clip_grad_mode": self.clip_grad_mode, "clip_grad_value": self.clip_grad_value or "",
+            "save_image_with_embedding": bool(self.save_image_with_embedding),
+        }
+        if self.read_txt2img:
+            values.update(
+                preview_prompt=self.preview_prompt or "", preview_negative_prompt=self.preview_negative_prompt or "",
+                preview_steps=self.preview_steps, preview_sampler=self.preview_sampler,
+                preview_cfg_scale=float(self.preview_cfg_scale), preview_seed=self.preview_seed,
+            )
+        return values
+
+
+@dataclass(frozen=True)
+class TrainStart:
+    """What a Train click did: the job it started, or why nothing started (a message, the fields' problems)."""
+
+    job: TrainingJob | None
+    message: str = ""
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+def start_from_form(session: UiSession, jobs: TrainingJobs, kind: str, model_label: str, name: str,
+                    form: TrainForm) -> TrainStart:
+    """Validate the form for a run of ``kind`` on ``name`` and start it unless a field or another job prevents it."""
+    config, problems = training_config(kind, name, form.config_values(kind), roots=session.train_roots())
+    if config is None:
+        return TrainStart(None, "Fix the settings marked below; nothing was started.", problems)
+    try:
+        job = start_training(session, jobs, kind, model_label, name, config)
+    except UiError as exc:
+        return TrainStart(None, str(exc), problems)
+    return TrainStart(job, "", problems)

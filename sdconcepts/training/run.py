@@ -75,6 +75,7 @@ class _Job:
     parameters: list[Tensor]
     optimizer: torch.optim.Optimizer
     prompt_word: str
+    model: Any  # the TrainingModel the job trains in
 
     def save(self, path: Path, *, file_name: str | None = None, optimizer: bool = True) -> Path:
         raise NotImplementedError
@@ -280,18 +281,45 @@ def train_embedding(
     """Train a textual inversion embedding (a name in ``embeddings_dir`` or a path) on a LoadedModel."""
     config.validated(int(model.size_multiple))
     path = find_embedding_file(embedding, embeddings_dir)
-    with _locked(path, "embedding", distributed):
-        yield from _train_embedding(model, path, config, stop, distributed)
+    yield from _train(path, "embedding", _open_embedding, model, config, stop, distributed)
 
 
-def _train_embedding(
+def train_hypernetwork(
     model: Any,
+    hypernetwork: str | Path,
+    config: HypernetworkTrainingConfig,
+    *,
+    hypernetworks_dir: str | Path | None = "models/hypernetworks",
+    stop: threading.Event | None = None,
+    distributed: Distributed | None = None,
+) -> Iterator[TrainingEvent]:
+    """Train an A1111 hypernetwork (a name in ``hypernetworks_dir`` or a path) on a LoadedModel."""
+    config.validated(int(model.size_multiple))
+    path = _find_hypernetwork_file(hypernetwork, hypernetworks_dir)
+    yield from _train(path, "hypernetwork", _open_hypernetwork, model, config, stop, distributed)
+
+
+def _train(
     path: Path,
-    config: EmbeddingTrainingConfig,
+    kind: str,
+    open_job: Callable[[Path, Any, Any], _Job],
+    model: Any,
+    config: TrainingConfig,
     stop: threading.Event | None,
     distributed: Distributed | None,
 ) -> Iterator[TrainingEvent]:
-    from sdconcepts.training.backend import TrainingModel
+    """The path both kinds share: lock the file, open what trains in it, run, and undo what the job did."""
+    with _locked(path, kind, distributed):
+        job = open_job(path, model, config)
+        try:
+            yield from _run(job, job.model, config, stop or threading.Event(), distributed or Distributed())
+        finally:
+            job.close()
+
+
+def _open_embedding(path: Path, model: Any, config: EmbeddingTrainingConfig) -> _Job:
+    """The embedding in ``path`` as trainable vectors, placed in a TrainingModel over ``model``."""
+    from sdconcepts.training.training_model import TrainingModel
 
     try:
         loaded = load_embedding(path)
@@ -305,9 +333,16 @@ def _train_embedding(
             f"{path}: the embedding's width {loaded.width} does not fit this model's text width {model.context_width}"
         )
     job = _EmbeddingJob(path, loaded, torch.device(model.device), config.save_optimizer_state)
-    training_model = TrainingModel(model, {job.name: job.vectors})
-    job.model = training_model
-    yield from _run(job, training_model, config, stop or threading.Event(), distributed or Distributed())
+    job.model = TrainingModel(model, {job.name: job.vectors})
+    return job
+
+
+def _open_hypernetwork(path: Path, model: Any, config: HypernetworkTrainingConfig) -> _Job:
+    """The hypernetwork in ``path`` with its modules attached to a TrainingModel over ``model``."""
+    from sdconcepts.training.training_model import TrainingModel
+
+    training_model = TrainingModel(model)
+    return _HypernetworkJob(path, load_hypernetwork(path), training_model, config.save_optimizer_state)
 
 
 @contextlib.contextmanager
@@ -333,29 +368,6 @@ def _locked(path: Path, kind: str, distributed: Distributed | None) -> Iterator[
         lock.release()
 
 
-def train_hypernetwork(
-    model: Any,
-    hypernetwork: str | Path,
-    config: HypernetworkTrainingConfig,
-    *,
-    hypernetworks_dir: str | Path | None = "models/hypernetworks",
-    stop: threading.Event | None = None,
-    distributed: Distributed | None = None,
-) -> Iterator[TrainingEvent]:
-    """Train an A1111 hypernetwork (a name in ``hypernetworks_dir`` or a path) on a LoadedModel."""
-    from sdconcepts.training.backend import TrainingModel
-
-    config.validated(int(model.size_multiple))
-    path = _find_hypernetwork_file(hypernetwork, hypernetworks_dir)
-    with _locked(path, "hypernetwork", distributed):
-        training_model = TrainingModel(model)
-        job = _HypernetworkJob(path, load_hypernetwork(path), training_model, config.save_optimizer_state)
-        try:
-            yield from _run(job, training_model, config, stop or threading.Event(), distributed or Distributed())
-        finally:
-            job.close()
-
-
 def _check_memory(model: Any, config: TrainingConfig) -> None:
     """Refuse a run whose dataset and first micro-batch cannot fit, before any image is read (a lower bound: see
     ``sdconcepts.limits.training_bytes``)."""
@@ -377,9 +389,66 @@ def _check_memory(model: Any, config: TrainingConfig) -> None:
         raise TrainingError(problem)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The run: the loop's events, and what consumes them (loss log, saves with their non-finite check, previews)
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def _run(
     job: _Job, model: Any, config: TrainingConfig, stop: threading.Event, distributed: Distributed
 ) -> Iterator[TrainingEvent]:
+    dataset = _dataset(job, model, config)
+    main = distributed.is_main
+    folder = run_folder(config.log_directory, job.name)
+    copies = folder / ("embeddings" if job.kind == "embedding" else "hypernetworks")
+    if main:
+        _prepare_folder(folder, copies, job, model, config, len(dataset))
+    start_step = job.step
+    schedule = LearnRateSchedule(config.learn_rate, config.max_steps, start_step)
+    clip = None
+    if config.clip_grad_mode != "disabled":
+        clip = GradientClip(config.clip_grad_mode, LearnRateSchedule(config.clip_grad_value, config.max_steps, start_step))
+    losses = _LossRecord(job, config, folder, dataset.steps_per_epoch, main)
+    eta = EtaClock(start_step, config.max_steps)
+    batches = _Batches(dataset, model, config.seed, distributed)
+    saves = _Saves(job, model, config, copies, losses, batches, main)
+    previews = _Previews(job, model, config, folder, main)
+    sync: Callable[[Sequence[Tensor]], None] | None = (
+        distributed.average_gradients if distributed.world_size > 1 else None
+    )
+    events = training_loop(
+        job.parameters,
+        job.optimizer,
+        batches.loss,
+        start_step=start_step,
+        accumulation=dataset.gradient_accumulation,
+        learn_rate=schedule,
+        stop=stop,
+        clip=clip,
+        sync_gradients=sync,
+    )
+    for event in events:
+        if event.kind == "step":
+            job.step = event.step
+            epoch, epoch_step = losses.add(event)
+            saved = saves.on_step(event.step)
+            preview = previews.on_step(event.step, batches.texts)
+            yield dataclasses.replace(
+                event,
+                epoch=epoch,
+                epoch_step=epoch_step,
+                texts=tuple(batches.texts),
+                saved=saved,
+                preview=preview,
+                eta_s=eta.eta(event.step),
+            )
+            continue
+        yield saves.on_nan(event) if event.kind == "nan" else saves.on_end(event)
+        return
+
+
+def _dataset(job: _Job, model: Any, config: TrainingConfig) -> TrainingDataset:
+    """The run's dataset: the template read, the memory checked, then the images read and encoded."""
     lines = read_template(config.template, require_name=job.kind == "embedding")
     _check_memory(model.model, config)
     records = read_images(
@@ -392,7 +461,7 @@ def _run(
         filename_regex=config.filename_regex,
         join_string=config.filename_join,
     )
-    dataset = TrainingDataset(
+    return TrainingDataset(
         records,
         model.encode_images,
         name=job.prompt_word,
@@ -405,45 +474,85 @@ def _run(
         use_alpha=config.use_alpha_weight,
         seed=config.seed,
     )
-    main = distributed.is_main
-    folder = run_folder(config.log_directory, job.name)
-    copies = folder / ("embeddings" if job.kind == "embedding" else "hypernetworks")
-    if main:
-        for place in (folder, copies, folder / "images", folder / "image_embeddings"):
-            remove_stale_temporaries(place)
-    if main and config.save_settings:
+
+
+def _prepare_folder(folder: Path, copies: Path, job: _Job, model: Any, config: TrainingConfig, images: int) -> None:
+    """The main rank's log folder: temporaries a killed run left are deleted, the settings written when asked."""
+    for place in (folder, copies, folder / "images", folder / "image_embeddings"):
+        remove_stale_temporaries(place)
+    if config.save_settings:
         write_settings(
             folder,
             {
                 **config.as_dict(),
                 "name": job.name,
                 "initial_step": job.step,
-                "num_of_dataset_images": len(dataset),
+                "num_of_dataset_images": images,
                 "model_name": model.name,
                 "model_hash": model.short_hash,
                 "optimizer_restored": getattr(job, "restored", False),
             },
         )
-    start_step = job.step
-    schedule = LearnRateSchedule(config.learn_rate, config.max_steps, start_step)
-    clip = None
-    if config.clip_grad_mode != "disabled":
-        clip = GradientClip(config.clip_grad_mode, LearnRateSchedule(config.clip_grad_value, config.max_steps, start_step))
-    loss_log = LossLog(folder / CSV_NAMES[job.kind], config.write_csv_every if main else 0, resume_step=start_step)
-    eta = EtaClock(start_step, config.max_steps)
-    per_step = dataset.gradient_accumulation * distributed.world_size
-    last_texts: list[str] = []
-    last_good = (job.path, start_step)
 
-    def loss_of(step: int, micro: int, texts: list[str] | None = last_texts) -> Tensor:
-        index = micro * distributed.world_size + distributed.rank
-        batch = dataset.batch(step, index, per_step)
-        if micro == 0 and texts is not None:
-            texts[:] = batch.texts
-        generator = torch.Generator().manual_seed(_seeded(config.seed, "noise", step, index))
-        return diffusion_loss(model, batch, generator)
 
-    def gives_finite_loss() -> bool:
+class _Batches:
+    """This rank's micro-batches and their loss, with noise seeded by step and batch index; ``texts`` holds the
+    prompts of the latest step's first micro-batch (for previews and the step events)."""
+
+    def __init__(self, dataset: TrainingDataset, model: Any, seed: Any, distributed: Distributed) -> None:
+        self.dataset = dataset
+        self.model = model
+        self.seed = seed
+        self.distributed = distributed
+        self.per_step = dataset.gradient_accumulation * distributed.world_size
+        self.texts: list[str] = []
+
+    def loss(self, step: int, micro: int, remember: bool = True) -> Tensor:
+        index = micro * self.distributed.world_size + self.distributed.rank
+        batch = self.dataset.batch(step, index, self.per_step)
+        if micro == 0 and remember:
+            self.texts[:] = batch.texts
+        generator = torch.Generator().manual_seed(_seeded(self.seed, "noise", step, index))
+        return diffusion_loss(self.model, batch, generator)
+
+
+class _LossRecord:
+    """The loss log: a CSV row per step (every ``write_csv_every`` steps, on the main rank only) and its plot."""
+
+    def __init__(self, job: _Job, config: TrainingConfig, folder: Path, steps_per_epoch: int, main: bool) -> None:
+        self.log = LossLog(folder / CSV_NAMES[job.kind], config.write_csv_every if main else 0, resume_step=job.step)
+        self.steps_per_epoch = steps_per_epoch
+        self.plot_path = folder / "loss.png"
+        self.title = f"{job.name} loss"
+
+    def add(self, event: TrainingEvent) -> tuple[int, int]:
+        """Log a step; its epoch and step within the epoch."""
+        epoch, epoch_step = (event.step - 1) // self.steps_per_epoch, (event.step - 1) % self.steps_per_epoch
+        self.log.add(event.step, epoch, epoch_step, event.loss, event.lr)
+        return epoch, epoch_step
+
+    def plot(self) -> None:
+        self.log.plot(self.plot_path, title=self.title)
+
+
+class _Saves:
+    """Checkpoint saving: every ``save_every`` steps a copy in the log folder and the file itself, and the file at the
+    end, each only when the weights give a finite loss (on the main rank); ``last_good`` is the file and step that
+    hold the last weights saved, for the messages of a run that ends on bad weights."""
+
+    def __init__(self, job: _Job, model: Any, config: TrainingConfig, copies: Path, losses: _LossRecord,
+                 batches: _Batches, main: bool) -> None:
+        self.job = job
+        self.model = model
+        self.config = config
+        self.copies = copies
+        self.losses = losses
+        self.batches = batches
+        self.main = main
+        self.start_step = job.step
+        self.last_good = (job.path, job.step)
+
+    def gives_finite_loss(self) -> bool:
         """Whether the current weights are worth keeping: finite, and their own forward pass is finite.
 
         Finite but absurd weights (|v| = 1e30 after a huge rate) pass the first test and break everything that uses
@@ -452,82 +561,74 @@ def _run(
         that loss itself (the next step's first micro-batch, same batch and noise, no gradients: one forward pass
         per save), with the random state untouched so that saving does not change the run.
         """
+        job = self.job
         if not job.finite():
             return False
-        cuda = torch.device(model.device).type == "cuda"
+        cuda = torch.device(self.model.device).type == "cuda"
         with torch.no_grad(), torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
-            value = float(loss_of(job.step, 0, None).detach())
+            value = float(self.batches.loss(job.step, 0, remember=False).detach())
         if not math.isfinite(value):
             log.warning("not saving step %d: its weights give a loss of %s", job.step, value)
             return False
         return True
 
-    sync: Callable[[Sequence[Tensor]], None] | None = (
-        distributed.average_gradients if distributed.world_size > 1 else None
-    )
-    events = training_loop(
-        job.parameters,
-        job.optimizer,
-        loss_of,
-        start_step=start_step,
-        accumulation=dataset.gradient_accumulation,
-        learn_rate=schedule,
-        stop=stop,
-        clip=clip,
-        sync_gradients=sync,
-    )
-    for event in events:
-        if event.kind == "step":
-            job.step = event.step
-            epoch, epoch_step = (event.step - 1) // dataset.steps_per_epoch, (event.step - 1) % dataset.steps_per_epoch
-            loss_log.add(event.step, epoch, epoch_step, event.loss, event.lr)
-            saved = preview = None
-            if main and config.save_every and event.step % config.save_every == 0 and gives_finite_loss():
-                copy = fit_file_name(copies, job.name, f"-{event.step}{_suffix(job)}", reserve=len(".optim"))
-                job.save(copies / copy, file_name=f"{job.name}-{event.step}")
-                saved = str(job.save(job.path, optimizer=config.save_optimizer_state))
-                last_good = (job.path, event.step)
-                loss_log.plot(folder / "loss.png", title=f"{job.name} loss")
-            if main and config.preview_every and event.step % config.preview_every == 0:
-                preview = str(_preview(job, model, config, folder, last_texts))
-            yield dataclasses.replace(
-                event,
-                epoch=epoch,
-                epoch_step=epoch_step,
-                texts=tuple(last_texts),
-                saved=saved,
-                preview=preview,
-                eta_s=eta.eta(event.step),
-            )
-            continue
-        if event.kind == "nan":
-            message = (
-                f"{event.message}; training stopped and {last_good[0]} keeps the weights of step {last_good[1]}"
-            )
-            yield dataclasses.replace(event, message=message)
-            return
+    def on_step(self, step: int) -> str | None:
+        """The file saved at this step, if it is a save step and its weights are good."""
+        job, config = self.job, self.config
+        if not (self.main and config.save_every and step % config.save_every == 0 and self.gives_finite_loss()):
+            return None
+        copy = fit_file_name(self.copies, job.name, f"-{step}{_suffix(job)}", reserve=len(".optim"))
+        job.save(self.copies / copy, file_name=f"{job.name}-{step}")
+        saved = str(job.save(job.path, optimizer=config.save_optimizer_state))
+        self.last_good = (job.path, step)
+        self.losses.plot()
+        return saved
+
+    def on_nan(self, event: TrainingEvent) -> TrainingEvent:
+        """The loop stopped on a non-finite loss: say which file keeps which step."""
+        path, step = self.last_good
+        message = f"{event.message}; training stopped and {path} keeps the weights of step {step}"
+        return dataclasses.replace(event, message=message)
+
+    def on_end(self, event: TrainingEvent) -> TrainingEvent:
+        """The run finished or was interrupted: save the last weights unless saved already, and say where they are."""
+        job, config = self.job, self.config
         saved = None
         kept = True
         # When the last step's own save wrote these very weights (save_every reached it), the file and its optimizer
         # state are current: writing them again made the host reload its files twice and listed the save twice.
-        if main and job.step != start_step and last_good[1] != job.step:
-            kept = gives_finite_loss()
+        if self.main and job.step != self.start_step and self.last_good[1] != job.step:
+            kept = self.gives_finite_loss()
             if kept:
                 saved = str(job.save(job.path, optimizer=config.save_optimizer_state))
-                loss_log.plot(folder / "loss.png", title=f"{job.name} loss")
-        if event.kind == "finished" and job.step == start_step:
+                self.losses.plot()
+        what = "finished" if event.kind == "finished" else "interrupted"
+        if event.kind == "finished" and job.step == self.start_step:
             message = f"{job.path} is already trained to step {job.step}; raise max steps above it to train more"
         elif not kept:
-            what = "finished" if event.kind == "finished" else "interrupted"
             message = (
                 f"Training {what} at {job.step} steps, but those weights give a non-finite loss; not saved, "
-                f"{last_good[0]} keeps the weights of step {last_good[1]}"
+                f"{self.last_good[0]} keeps the weights of step {self.last_good[1]}"
             )
         else:
-            what = "finished" if event.kind == "finished" else "interrupted"
             message = f"Training {what} at {job.step} steps. {job.kind.capitalize()} saved to {saved or job.path}"
-        yield dataclasses.replace(event, saved=saved, message=message)
-        return
+        return dataclasses.replace(event, saved=saved, message=message)
+
+
+class _Previews:
+    """A preview image (and, for an SD-1 embedding, its picture carrier) every ``preview_every`` steps, main rank."""
+
+    def __init__(self, job: _Job, model: Any, config: TrainingConfig, folder: Path, main: bool) -> None:
+        self.job = job
+        self.model = model
+        self.config = config
+        self.folder = folder
+        self.main = main
+
+    def on_step(self, step: int, texts: Sequence[str]) -> str | None:
+        if self.main and self.config.preview_every and step % self.config.preview_every == 0:
+            return str(_preview(self.job, self.model, self.config, self.folder, texts))
+        return None
 
 
 def _suffix(job: _Job) -> str:

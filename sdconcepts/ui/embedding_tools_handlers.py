@@ -1,7 +1,7 @@
 """The Textual Inversion tab's embedding tools without gradio: inspect (nearest tokens, norms), mix and edit.
 
 Embeddings are named as in prompts (the session's library, at the chosen model's width); new files go to the
-folder training writes to (``ui.train.embeddings_folder``), so the cards list them on the next render.
+folder training writes to (``ui.train_handlers.embeddings_folder``), so the cards list them on the next render.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sdconcepts.embedding_tools import (
     vocabulary_of,
     write_embedding,
 )
-from sdconcepts.ui.session import UiError, UiSession
+from sdconcepts.ui.ui_session import UiError, UiSession
 
 __all__ = ["FORMATS", "edit_embedding", "inspect_html", "mix_embedding"]
 
@@ -72,7 +72,7 @@ def inspect_html(session: UiSession, model_label: str, name: str, top_k: float) 
 
 
 def _write(session: UiSession, model: Any | None, name: str, vectors: Any, file_format: str, overwrite: bool) -> Path:
-    from sdconcepts.ui.train import embeddings_folder
+    from sdconcepts.ui.train_handlers import embeddings_folder
 
     if not str(name or "").strip():
         raise UiError("name: enter a name for the new embedding")
