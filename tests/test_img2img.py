@@ -87,8 +87,8 @@ def test_mask_binarisation_blur_and_crop_region() -> None:
     drawn = Image.new("RGBA", (4, 1), (0, 0, 0, 0))
     drawn.putpixel((1, 0), (0, 0, 0, 128))
     drawn.putpixel((2, 0), (0, 0, 0, 129))
-    assert list(binary_mask(drawn).getdata()) == [0, 0, 255, 0]
-    assert list(binary_mask(Image.new("RGB", (2, 1), (100, 100, 100))).getdata()) == [100, 100]
+    assert np.asarray(binary_mask(drawn)).ravel().tolist() == [0, 0, 255, 0]
+    assert np.asarray(binary_mask(Image.new("RGB", (2, 1), (100, 100, 100)))).ravel().tolist() == [100, 100]
     # OpenCV's kernel: size 2 * int(2.5 * sigma + 0.5) + 1.
     assert len(gaussian_kernel(4)) == 21 and len(gaussian_kernel(1)) == 7
     assert gaussian_kernel(1)[3] == pytest.approx(1 / np.sum(np.exp(-(np.arange(-3, 4) ** 2) / 2)))

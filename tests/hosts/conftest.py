@@ -35,8 +35,22 @@ def _host_dirs() -> dict[str, Path]:
     return {kind: Path(os.environ[var]) for kind, var in hh.ENV_DIRS.items() if os.environ.get(var)}
 
 
+def _launch_order(item: pytest.Item) -> int:
+    """Tests that need the same host configuration run together, so that each is launched once: A1111 (its file order
+    starts with the test that launches it without our extension, then with it), Forge, then Forge on the SD 2 file."""
+    fixtures = getattr(item, "fixturenames", ())
+    if "forge_sd2" in fixtures:
+        return 2
+    return 1 if "forge" in Path(str(item.fspath)).name else 0
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     prepared = bool(_host_dirs())
+    ours = [item for item in items if HERE in Path(str(item.fspath)).resolve().parents]
+    if ours:
+        first = items.index(ours[0])
+        rest = [item for item in items if item not in ours]
+        items[:] = rest[:first] + sorted(ours, key=_launch_order) + rest[first:]
     skip = pytest.mark.skip(reason="real hosts not prepared: run tools/host_tests.sh")
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:

@@ -37,6 +37,42 @@ def _hypernetwork_page_state(host: hh.Host) -> dict[str, Any]:
     return {"tabs": tabs, "listed": listed, "card": card.get("html") if isinstance(card, dict) else card}
 
 
+def test_a1111_hypernetworks_unchanged_by_our_extension(host_manager: hh.HostManager) -> None:
+    # Without the extension first: the host launched with it then stays up for the next A1111 tests (one launch per
+    # configuration; tests/hosts/conftest.py orders the tests so).
+    host = host_manager.get("a1111", extension=False)
+    assert "sdconcepts" not in hh.config_labels(host), "--disable-extra-extensions did not disable our extension"
+    without_ext = _run_all(host)
+    page_without_ext = _hypernetwork_page_state(host)
+
+    host = host_manager.get("a1111", extension=True)
+    assert "sdconcepts" in hh.config_labels(host), "our tab is missing: the extension did not load"
+    with_ext = _run_all(host)
+    page_with_ext = _hypernetwork_page_state(host)
+
+    for image, _info in with_ext.values():
+        hh.assert_finite_picture(image)
+    # The test can fail: the hypernetworks visibly change A1111's picture...
+    plain = with_ext["no tag"][0]
+    assert hh.mean_abs_diff(plain, with_ext["hn_a:1"][0]) > 2.0
+    assert hh.mean_abs_diff(plain, with_ext["hn_b:0.6 then hn_a:-0.5"][0]) > 2.0
+    # ...and A1111 parsed the tags (its infotext drops nothing and records the stripped prompt).
+    assert "<hypernet:hn_a:1>" in with_ext["hn_a:1"][1]
+    assert page_with_ext["listed"] == ["hn_768", "hn_a", "hn_b"]
+    # one Hypernetworks card page per generation tab, A1111's own ids
+    assert page_with_ext["tabs"] == [("Hypernetworks", "txt2img_hypernetworks"), ("Hypernetworks", "img2img_hypernetworks")]
+    assert "hn_a" in page_with_ext["card"]
+
+    for name in REQUESTS:
+        image_with, info_with = with_ext[name]
+        image_without, info_without = without_ext[name]
+        assert np.array_equal(image_with, image_without), (
+            f"{name}: A1111's image differs with our extension (mean |diff| {hh.mean_abs_diff(image_with, image_without):.3f})"
+        )
+        assert info_with == info_without, f"{name}: infotext differs:\n{info_with}\n{info_without}"
+    assert page_with_ext == page_without_ext, json.dumps([page_with_ext, page_without_ext], indent=1)[:3000]
+
+
 def test_a1111_hypernetworks_page_with_our_extension(a1111: hh.Host, page: Any) -> None:
     """A1111's own Hypernetworks card page under txt2img lists the files, and a click inserts A1111's tag."""
     page.goto(a1111.url, wait_until="domcontentloaded")
@@ -61,37 +97,3 @@ def test_a1111_hypernetworks_page_with_our_extension(a1111: hh.Host, page: Any) 
     assert not [m for m in page.console_messages if "403" in m], page.console_messages
     # our own tab is there too, with its own ids only
     assert page.locator("#sdconcepts_root").count() == 1
-
-
-def test_a1111_hypernetworks_unchanged_by_our_extension(host_manager: hh.HostManager) -> None:
-    host = host_manager.get("a1111", extension=True)
-    assert "sdconcepts" in hh.config_labels(host), "our tab is missing: the extension did not load"
-    with_ext = _run_all(host)
-    page_with_ext = _hypernetwork_page_state(host)
-
-    for image, _info in with_ext.values():
-        hh.assert_finite_picture(image)
-    # The test can fail: the hypernetworks visibly change A1111's picture...
-    plain = with_ext["no tag"][0]
-    assert hh.mean_abs_diff(plain, with_ext["hn_a:1"][0]) > 2.0
-    assert hh.mean_abs_diff(plain, with_ext["hn_b:0.6 then hn_a:-0.5"][0]) > 2.0
-    # ...and A1111 parsed the tags (its infotext drops nothing and records the stripped prompt).
-    assert "<hypernet:hn_a:1>" in with_ext["hn_a:1"][1]
-    assert page_with_ext["listed"] == ["hn_768", "hn_a", "hn_b"]
-    # one Hypernetworks card page per generation tab, A1111's own ids
-    assert page_with_ext["tabs"] == [("Hypernetworks", "txt2img_hypernetworks"), ("Hypernetworks", "img2img_hypernetworks")]
-    assert "hn_a" in page_with_ext["card"]
-
-    host = host_manager.get("a1111", extension=False)
-    assert "sdconcepts" not in hh.config_labels(host), "--disable-extra-extensions did not disable our extension"
-    without_ext = _run_all(host)
-    page_without_ext = _hypernetwork_page_state(host)
-
-    for name in REQUESTS:
-        image_with, info_with = with_ext[name]
-        image_without, info_without = without_ext[name]
-        assert np.array_equal(image_with, image_without), (
-            f"{name}: A1111's image differs with our extension (mean |diff| {hh.mean_abs_diff(image_with, image_without):.3f})"
-        )
-        assert info_with == info_without, f"{name}: infotext differs:\n{info_with}\n{info_without}"
-    assert page_with_ext == page_without_ext, json.dumps([page_with_ext, page_without_ext], indent=1)[:3000]
