@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdconcepts.embedding import Embedding
-from sdconcepts.embedding_files import save_embedding
+from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.files import save_embedding
 from sdconcepts.hash_cache import CACHE_DIR_ENV
 from sdconcepts.hypernetwork import create_hypernetwork
 from sdconcepts.hypernetwork_files import save_hypernetwork

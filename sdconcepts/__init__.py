@@ -8,9 +8,9 @@ __version__ = "0.1.0"
 
 # Public names, imported on first use so that ``import sdconcepts`` stays light (no torch, no diffusers).
 _LAZY = {
-    "Embedding": "sdconcepts.embedding",
-    "load_embedding": "sdconcepts.embedding_files",
-    "save_embedding": "sdconcepts.embedding_files",
+    "Embedding": "sdconcepts.embeddings.embedding",
+    "load_embedding": "sdconcepts.embeddings.files",
+    "save_embedding": "sdconcepts.embeddings.files",
     "Hypernetwork": "sdconcepts.hypernetwork",
     "create_hypernetwork": "sdconcepts.hypernetwork",
     "apply_hypernetworks": "sdconcepts.hypernetwork",
@@ -34,8 +34,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from sdconcepts.attach import attach_hypernetworks
-    from sdconcepts.embedding import Embedding
-    from sdconcepts.embedding_files import load_embedding, save_embedding
+    from sdconcepts.embeddings.embedding import Embedding
+    from sdconcepts.embeddings.files import load_embedding, save_embedding
     from sdconcepts.hypernetwork import Hypernetwork, apply_hypernetworks, create_hypernetwork
     from sdconcepts.hypernetwork_files import load_hypernetwork, save_hypernetwork
 

@@ -1,4 +1,4 @@
-"""Command line for the embedding tools: ``embedding inspect|mix|edit`` (logic in ``sdconcepts.embedding_tools``)."""
+"""Command line for the embedding tools: ``embedding inspect|mix|edit`` (logic in ``sdconcepts.embeddings.tools``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.cli import CommandError, _existing_dir, _existing_path, int_at_least
-from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding
-from sdconcepts.embedding_tools import (
+from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding
+from sdconcepts.embeddings.tools import (
     EmbeddingToolError,
     describe_vectors,
     format_report,
@@ -95,7 +95,7 @@ def _folders(args: argparse.Namespace) -> list[Path]:
 
 def _library(args: argparse.Namespace) -> dict[str, Any]:
     """Name -> single-encoder vectors of every usable embedding under the folders."""
-    from sdconcepts.library import EmbeddingLibrary
+    from sdconcepts.embeddings.library import EmbeddingLibrary
 
     library = EmbeddingLibrary(_folders(args))
     library.refresh()

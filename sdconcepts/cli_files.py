@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.cli import CommandError
-from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, EmbeddingFileError, describe_embedding, load_embedding
+from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, describe_embedding, load_embedding
 
 log = logging.getLogger("sdconcepts")
 
@@ -116,7 +116,7 @@ def _is_hypernetwork(path: Path) -> bool:
 def _inspect_folder(folder: Path, width: int | None, *, as_json: bool) -> int:
     """Every file in the folder described by what it is: embeddings (checked against ``width``) and hypernetworks
     (read from their metadata, not loaded), with the files that are neither and why."""
-    from sdconcepts.library import EmbeddingLibrary
+    from sdconcepts.embeddings.library import EmbeddingLibrary
 
     library = EmbeddingLibrary([folder])
     library.refresh()
@@ -157,7 +157,7 @@ def _hypernetwork_row(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     module = _hypernetwork_module()
     if module is None or not _is_hypernetwork(path):
         return row
-    from sdconcepts.embedding_files import file_sha256
+    from sdconcepts.embeddings.files import file_sha256
 
     hyper: dict[str, Any] = {
         "kind": "hypernetwork", "name": path.stem, "path": row["path"], "preview": row["preview"],
@@ -178,7 +178,7 @@ def _hypernetwork_row(path: Path, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from sdconcepts.embedding_files import save_embedding
+    from sdconcepts.embeddings.files import save_embedding
 
     dst: Path = args.dst
     try:
@@ -197,8 +197,7 @@ def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = 
     Embeddings that fit the model's ``width`` are passed with their hashes (for the infotext); the others are
     passed as skipped, so that a prompt naming one gets a warning, and are counted on stderr (listed with -v).
     """
-    from sdconcepts.embedding import usable_embeddings
-    from sdconcepts.library import EmbeddingLibrary
+    from sdconcepts.embeddings.library import EmbeddingLibrary, usable_embeddings
 
     if folders is None:
         default = Path("embeddings")

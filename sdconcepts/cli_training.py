@@ -246,7 +246,7 @@ def run_create_hypernetwork(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from sdconcepts.embedding_files import EmbeddingFileError
+    from sdconcepts.embeddings.files import EmbeddingFileError
     from sdconcepts.generation import GenerationError
     from sdconcepts.hypernetwork import HypernetworkError
     from sdconcepts.training.config import ConfigError, EmbeddingTrainingConfig, HypernetworkTrainingConfig

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from sdconcepts import Embedding, load_embedding, save_embedding
-from sdconcepts.embedding_files import EmbeddingFileError, NoEmbeddedData, describe_embedding, file_sha256
+from sdconcepts.embeddings.files import EmbeddingFileError, NoEmbeddedData, describe_embedding, file_sha256
 
 WIDTH = 48
 

@@ -77,7 +77,7 @@ def shape_mask(image: Image.Image, padding: int, *, box: bool = True) -> Image.I
 
 
 def train_word(model: Any, work: Path) -> torch.Tensor:
-    from sdconcepts.embedding_files import load_embedding
+    from sdconcepts.embeddings.files import load_embedding
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
     from sdconcepts.training.backend import TrainingModel

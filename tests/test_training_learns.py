@@ -70,7 +70,7 @@ def rates(images: Sequence[Any], expect: Mapping[str, str]) -> dict[str, float]:
 
 def train_ti(work: Path, *, short_prompt: bool = False, embedded: str = "toyworld") -> dict[str, Any]:
     from sdconcepts.backends.diffusers import load_model
-    from sdconcepts.embedding_files import load_embedding
+    from sdconcepts.embeddings.files import load_embedding
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
     from sdconcepts.training.backend import TrainingModel

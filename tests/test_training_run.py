@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from sdconcepts.attach import attention_layers
-from sdconcepts.embedding_files import load_embedding
+from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.hypernetwork_files import load_hypernetwork
 from sdconcepts.safe_load import load_torch_file
 from sdconcepts.toyworld.concept import write_concept

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sdconcepts.embedding_files import load_embedding
+from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.hypernetwork_files import load_hypernetwork
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig

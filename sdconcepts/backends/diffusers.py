@@ -19,7 +19,7 @@ from PIL import Image
 
 from sdconcepts.attach import attach_hypernetworks, attention_widths
 from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
-from sdconcepts.embedding import names_in_prompt
+from sdconcepts.embeddings.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
 from sdconcepts.hypernetwork import Hypernetwork, width_mismatch
 from sdconcepts.limits import generation_bytes, memory_problem

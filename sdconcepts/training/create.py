@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdconcepts.embedding import Embedding
-from sdconcepts.embedding_files import save_embedding
+from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.files import save_embedding
 from sdconcepts.hypernetwork import (
     DEFAULT_LAYER_STRUCTURE,
     DEFAULT_WIDTHS,

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from sdconcepts.embedding import Embedding, kind_mismatch
-from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding, save_embedding
+from sdconcepts.embeddings.embedding import Embedding, kind_mismatch
+from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding, save_embedding
 from sdconcepts.hypernetwork import Hypernetwork
 from sdconcepts.hypernetwork_files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
 from sdconcepts.images import save_png

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from sdconcepts.embedding import usable_embeddings
+from sdconcepts.embeddings.library import usable_embeddings
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.prompts import parse_extra_network_tags
 from sdconcepts.ui.cards import (

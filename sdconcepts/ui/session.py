@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sdconcepts.embeddings.library import EmbeddingLibrary, Library, is_preview_image
 from sdconcepts.hash_cache import HashCache
-from sdconcepts.library import EmbeddingLibrary, Library, is_preview_image
 
 __all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConfig", "UiError", "UiSession",
            "contained_path", "scan_models"]

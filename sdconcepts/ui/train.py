@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.embedding_files import EMBEDDING_SUFFIXES
-from sdconcepts.library import is_preview_image
+from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES
+from sdconcepts.embeddings.library import is_preview_image
 from sdconcepts.training.config import (
     ConfigError,
     EmbeddingTrainingConfig,

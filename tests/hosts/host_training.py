@@ -30,7 +30,7 @@ import host_harness as hh
 import numpy as np
 from page_waits import wait_text
 
-from sdconcepts.embedding_files import load_embedding
+from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.toyworld.concept import write_concept
 
 HOST_MODEL_LABEL = "the web UI's loaded model"  # sdconcepts.ui.session.HOST_MODEL_LABEL

@@ -13,7 +13,7 @@ from typing import Any
 import host_harness as hh
 import host_training as ht
 
-from sdconcepts.embedding_files import load_embedding
+from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.hypernetwork_files import load_hypernetwork
 
 SD2_WIDTH = 1024

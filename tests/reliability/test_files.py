@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-from sdconcepts.embedding import Embedding
-from sdconcepts.embedding_files import EmbeddingFileError, load_embedding, save_embedding
-from sdconcepts.library import EmbeddingLibrary, Library
+from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.files import EmbeddingFileError, load_embedding, save_embedding
+from sdconcepts.embeddings.library import EmbeddingLibrary, Library
 from sdconcepts.safe_load import UnsafeFileError, load_torch_file
 
 T = TypeVar("T")

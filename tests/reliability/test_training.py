@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from sdconcepts.embedding_files import load_embedding
+from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.hypernetwork_files import load_hypernetwork
 from sdconcepts.safe_load import atomic_path
 from sdconcepts.toyworld.concept import write_concept
@@ -345,7 +345,7 @@ def umask(request: pytest.FixtureRequest) -> Iterator[int]:
 def test_every_file_written_follows_the_umask(umask: int, tiny_model: Any, dataset: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from sdconcepts.embedding_files import save_embedding
+    from sdconcepts.embeddings.files import save_embedding
     from sdconcepts.images import save_png
 
     folder = tmp_path / "emb"

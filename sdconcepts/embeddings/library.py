@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from sdconcepts.embedding import Embedding, kind_mismatch_reason
-from sdconcepts.embedding_files import (
+from sdconcepts.embeddings.embedding import Embedding, kind_mismatch, kind_mismatch_reason
+from sdconcepts.embeddings.files import (
     EMBEDDING_SUFFIXES,
     HASH_AT_LISTING_BYTES,
     IMAGE_SUFFIXES,
@@ -47,6 +47,7 @@ __all__ = [
     "Library",
     "LibraryChanges",
     "is_preview_image",
+    "usable_embeddings",
 ]
 
 T = TypeVar("T")
@@ -608,3 +609,24 @@ def _read_info_unhashed(path: Path) -> EmbeddingInfo:
 
 def _replace_skip(record: EmbeddingRecord, reason: str) -> EmbeddingRecord:
     return replace(record, skipped=reason)
+
+
+def usable_embeddings(
+    library: EmbeddingLibrary, width: int, *, sdxl: bool, used_in: str | None = None
+) -> tuple[dict[str, Embedding], dict[str, str]]:
+    """``(usable, skipped)`` of a library for a model of context ``width`` (SDXL: ``sdxl``): name -> embedding,
+    and name -> reason for files that cannot apply (wrong width, wrong kind, unreadable). A name that some file
+    provides is not reported as skipped because another file lost it. With ``used_in`` (prompt and negative
+    prompt), only the embeddings named there are read (``EmbeddingLibrary.usable``)."""
+    usable: dict[str, Embedding] = {}
+    # ``usable`` reads the files still pending (a lazy listing) first, so that their skip reasons are known.
+    found = library.usable(width, used_in=used_in)
+    skipped = dict(library.skipped(width))
+    for name, emb in found.items():
+        reason = kind_mismatch(emb, sdxl=sdxl)
+        if reason is None:
+            usable[name] = emb
+        else:
+            skipped[name] = reason
+    taken = {name.lower() for name in usable}
+    return usable, {name: reason for name, reason in skipped.items() if name.lower() not in taken}

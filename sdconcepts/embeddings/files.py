@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
-from sdconcepts.embedding import SDXL_ENCODERS, Embedding, EmbeddingError
+from sdconcepts.embeddings.embedding import SDXL_ENCODERS, Embedding, EmbeddingError
 from sdconcepts.safe_load import (
     TensorInfo,
     UnsafeFileError,
