@@ -11,12 +11,12 @@ _LAZY = {
     "Embedding": "sdconcepts.embeddings.embedding",
     "load_embedding": "sdconcepts.embeddings.files",
     "save_embedding": "sdconcepts.embeddings.files",
-    "Hypernetwork": "sdconcepts.hypernetwork",
-    "create_hypernetwork": "sdconcepts.hypernetwork",
-    "apply_hypernetworks": "sdconcepts.hypernetwork",
-    "load_hypernetwork": "sdconcepts.hypernetwork_files",
-    "save_hypernetwork": "sdconcepts.hypernetwork_files",
-    "attach_hypernetworks": "sdconcepts.attach",
+    "Hypernetwork": "sdconcepts.hypernetworks.hypernetwork",
+    "create_hypernetwork": "sdconcepts.hypernetworks.hypernetwork",
+    "apply_hypernetworks": "sdconcepts.hypernetworks.hypernetwork",
+    "load_hypernetwork": "sdconcepts.hypernetworks.files",
+    "save_hypernetwork": "sdconcepts.hypernetworks.files",
+    "attach_hypernetworks": "sdconcepts.hypernetworks.attach",
 }
 
 __all__ = [
@@ -33,11 +33,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from sdconcepts.attach import attach_hypernetworks
     from sdconcepts.embeddings.embedding import Embedding
     from sdconcepts.embeddings.files import load_embedding, save_embedding
-    from sdconcepts.hypernetwork import Hypernetwork, apply_hypernetworks, create_hypernetwork
-    from sdconcepts.hypernetwork_files import load_hypernetwork, save_hypernetwork
+    from sdconcepts.hypernetworks.attach import attach_hypernetworks
+    from sdconcepts.hypernetworks.files import load_hypernetwork, save_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, apply_hypernetworks, create_hypernetwork
 
 
 def __getattr__(name: str) -> Any:

@@ -152,13 +152,15 @@ def hypernetwork_arguments(folders: list[Path] | None, prompt: str) -> dict[str,
     Every ``.pt`` under ``folders`` (default ``./models/hypernetworks`` if present) is a known name; a named file
     that fails to load is reported on stderr and the generation warns that its tag had no effect.
     """
-    from sdconcepts.hypernetwork_files import HypernetworkFileError, find_hypernetworks, load_hypernetwork
+    from sdconcepts.hypernetworks.files import HypernetworkFileError
+    from sdconcepts.hypernetworks.library import LoadedHypernetworks, find_hypernetworks
     from sdconcepts.prompts import parse_extra_network_tags
 
     if folders is None:
         default = Path("models") / "hypernetworks"
         folders = [default] if default.is_dir() else []
     paths = find_hypernetworks(folders)
+    files = LoadedHypernetworks()
     loaded = {}
     _, tags = parse_extra_network_tags(prompt)
     for tag in tags:
@@ -166,7 +168,7 @@ def hypernetwork_arguments(folders: list[Path] | None, prompt: str) -> dict[str,
         if tag.name != "hypernet" or name not in paths or name in loaded:
             continue
         try:
-            loaded[name] = load_hypernetwork(paths[name])
+            loaded[name] = files.load(paths[name])
         except HypernetworkFileError as exc:
             print(f"warning: skipped hypernetwork {name}: {exc}", file=sys.stderr)
     return {"hypernetworks": loaded, "known_networks": {"hypernet": list(paths)}}

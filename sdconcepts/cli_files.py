@@ -94,9 +94,9 @@ def describe_file(path: Path) -> dict[str, Any]:
 
 
 def _hypernetwork_module() -> Any:
-    if importlib.util.find_spec("sdconcepts.hypernetwork_files") is None:
+    if importlib.util.find_spec("sdconcepts.hypernetworks.files") is None:
         return None
-    return importlib.import_module("sdconcepts.hypernetwork_files")
+    return importlib.import_module("sdconcepts.hypernetworks.files")
 
 
 def _is_hypernetwork(path: Path) -> bool:

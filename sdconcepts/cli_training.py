@@ -199,13 +199,13 @@ def _floats(text: str, label: str) -> list[float]:
 
 
 def run_create_hypernetwork(args: argparse.Namespace) -> int:
-    from sdconcepts.hypernetwork import HypernetworkError
+    from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
     from sdconcepts.training.create import CreateError, create_hypernetwork_file
     from sdconcepts.training.names import InvalidNameError
 
     preset = args.sizes.strip().lower()
     if preset == "model":
-        from sdconcepts.attach import attention_widths
+        from sdconcepts.hypernetworks.attach import attention_widths
 
         model = _load_model(args, "cpu")
         # The context width first, then the self-attention widths (A1111's order of the create form's sizes).
@@ -248,7 +248,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from sdconcepts.embeddings.files import EmbeddingFileError
     from sdconcepts.generation import GenerationError
-    from sdconcepts.hypernetwork import HypernetworkError
+    from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
     from sdconcepts.training.config import ConfigError, EmbeddingTrainingConfig, HypernetworkTrainingConfig
     from sdconcepts.training.dataset import DatasetError
     from sdconcepts.training.distributed import Distributed

@@ -13,7 +13,7 @@ from sdconcepts.cli import build_parser, web_ui_config
 from sdconcepts.embeddings.embedding import Embedding
 from sdconcepts.embeddings.files import load_embedding, save_embedding
 from sdconcepts.examples import EMBEDDING, EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR, EXAMPLES_DIR, HYPERNETWORK
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.model_shape import EMBEDDED_MODEL_DIR
 from sdconcepts.ui import handlers
 from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, UiSession

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdconcepts.attach import AttentionPatch
 from sdconcepts.host import forge
-from sdconcepts.hypernetwork import apply_hypernetworks, create_hypernetwork, width_mismatch
-from sdconcepts.hypernetwork_files import save_hypernetwork
+from sdconcepts.hypernetworks.attach import AttentionPatch
+from sdconcepts.hypernetworks.files import save_hypernetwork
+from sdconcepts.hypernetworks.hypernetwork import apply_hypernetworks, create_hypernetwork, width_mismatch
 
 
 def _chain() -> list[tuple[Any, float]]:

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdconcepts.attach import attach_hypernetworks, attention_layers
-from sdconcepts.hypernetwork import HypernetworkError, apply_hypernetworks, create_hypernetwork
+from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers
+from sdconcepts.hypernetworks.hypernetwork import HypernetworkError, apply_hypernetworks, create_hypernetwork
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def test_cli_generate_uses_the_hypernetworks_folder(
     tiny_model_dir: Path, tmp_path: Path, capsys: Any, monkeypatch: Any
 ) -> None:
     from sdconcepts.cli import main
-    from sdconcepts.hypernetwork_files import save_hypernetwork
+    from sdconcepts.hypernetworks.files import save_hypernetwork
     from sdconcepts.images import read_infotext
 
     folder = tmp_path / "models" / "hypernetworks"

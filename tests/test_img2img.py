@@ -251,7 +251,7 @@ def test_a_mask_of_another_size_is_resized(tiny_model: Any) -> None:
 
 
 def test_embeddings_and_hypernetworks_apply_in_img2img(tiny_model: Any) -> None:
-    from sdconcepts.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     image, mask = _noise_image(), _box_mask(32, (8, 8, 24, 24))
     vectors = {name: torch.randn(2, 48, generator=torch.Generator().manual_seed(i)) * 0.02

@@ -93,7 +93,7 @@ def train_word(model: Any, work: Path) -> torch.Tensor:
 
 
 def train_style(model: Any, work: Path) -> Any:
-    from sdconcepts.hypernetwork_files import load_hypernetwork
+    from sdconcepts.hypernetworks.files import load_hypernetwork
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import HypernetworkTrainingConfig, create_hypernetwork_file, train_hypernetwork
 

@@ -17,7 +17,7 @@ from sdconcepts import checkpoint_files as cf
 from sdconcepts.backends.diffusers import ModelLoadError, load_model, model_sharing_weights, txt2img
 from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.generation import GenerationParams
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (
     EmbeddingTrainingConfig,

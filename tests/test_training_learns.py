@@ -106,7 +106,7 @@ def train_ti(work: Path, *, short_prompt: bool = False, embedded: str = "toyworl
 
 def train_hn(work: Path, *, embedded: str = "toyworld") -> dict[str, Any]:
     from sdconcepts.backends.diffusers import load_model
-    from sdconcepts.hypernetwork_files import load_hypernetwork
+    from sdconcepts.hypernetworks.files import load_hypernetwork
     from sdconcepts.toyworld import world
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import HypernetworkTrainingConfig, create_hypernetwork_file, train_hypernetwork

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdconcepts.attach import attention_layers
 from sdconcepts.embeddings.files import load_embedding
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.hypernetworks.attach import attention_layers
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.safe_load import load_torch_file
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (

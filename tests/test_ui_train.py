@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sdconcepts.embeddings.files import load_embedding
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig
 from sdconcepts.training.loop import TrainingEvent

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdconcepts.attach import attach_hypernetworks, attention_widths
 from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
 from sdconcepts.embeddings.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
-from sdconcepts.hypernetwork import Hypernetwork, width_mismatch
+from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_widths
+from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, width_mismatch
 from sdconcepts.limits import generation_bytes, memory_problem
 from sdconcepts.model_shape import EMBEDDED_MODEL_DIR, EMBEDDED_XL_MODEL_DIR
 from sdconcepts.prompts import (

@@ -4,7 +4,7 @@ Forge parses the tag but its UNet never reads loaded hypernetworks. Here the ``h
 registry name, replacing Forge's no-op) resolves the tags of each pass and keeps them on the processing object; an
 always-visible script then, before every sampling, puts a clone of Forge's UNet patcher carrying our ``attn1``/``attn2``
 patches into ``p.sd_model.forge_objects`` (Forge rebuilds that from its LoRA-applied copy before each sampling, so
-nothing leaks into the next one). The math is ``sdconcepts.attach.AttentionPatch`` (the engine's chains).
+nothing leaks into the next one). The math is ``sdconcepts.hypernetworks.attach.AttentionPatch`` (the engine's chains).
 
 A1111 has hypernetworks natively: nothing here registers unless the host is Forge (``is_forge``). Host ``modules.*``
 are imported inside functions only, so this file imports without a host.
@@ -15,16 +15,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdconcepts.attach import AttentionPatch
-from sdconcepts.hypernetwork import Hypernetwork, width_mismatch
-from sdconcepts.hypernetwork_files import HypernetworkFileError, find_hypernetworks, load_hypernetwork, shorthash
+from sdconcepts.hypernetworks.attach import AttentionPatch
+from sdconcepts.hypernetworks.files import HypernetworkFileError, shorthash
+from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, width_mismatch
+from sdconcepts.hypernetworks.library import LoadedHypernetworks, find_hypernetworks
 from sdconcepts.prompts import ExtraNetworkTag, hypernetwork_tags
 
 __all__ = [
@@ -72,19 +71,11 @@ def infotext_hashes(used: list[tuple[str, str]]) -> str:
     return ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in used)
 
 
-@dataclass(frozen=True)
-class _Cached:
-    mtime_ns: int
-    size: int
-    hypernetwork: Hypernetwork
-
-
 class ForgeHypernetworks:
-    """The files of the hypernetwork folder and the loaded ones, cached by path and modification time."""
+    """The files of Forge's hypernetwork folder (``hypernetworks.library``'s listing rules) and the loaded ones."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loaded: dict[tuple[str, str], _Cached] = {}
+        self._loaded = LoadedHypernetworks()
         self._names: dict[str, Path] = {}
 
     def refresh(self) -> dict[str, Path]:
@@ -100,18 +91,7 @@ class ForgeHypernetworks:
         return self._names.get(name)
 
     def load(self, path: Path, device: torch.device) -> Hypernetwork:
-        stat = path.stat()
-        key = (str(path), str(device))
-        with self._lock:
-            cached = self._loaded.get(key)
-            if cached is not None and (cached.mtime_ns, cached.size) == (stat.st_mtime_ns, stat.st_size):
-                return cached.hypernetwork
-            # As A1111, the modules run on the model's device and stay float32 (inputs are cast for them).
-            # Forge activates extra networks under torch.inference_mode; cached modules must stay ordinary tensors.
-            with torch.inference_mode(False):
-                hypernetwork = load_hypernetwork(path).to(device).eval()
-            self._loaded[key] = _Cached(stat.st_mtime_ns, stat.st_size, hypernetwork)
-            return hypernetwork
+        return self._loaded.load(path, device)
 
 
 _FILES = ForgeHypernetworks()
@@ -136,7 +116,7 @@ def _unet_of(p: Any) -> Any:
 
 
 def _model_widths(unet: Any) -> set[int]:
-    from sdconcepts.attach import attention_widths
+    from sdconcepts.hypernetworks.attach import attention_widths
 
     model = getattr(getattr(unet, "model", None), "diffusion_model", None)
     if isinstance(model, torch.nn.Module):

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from sdconcepts.embeddings.embedding import Embedding, kind_mismatch
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding, save_embedding
-from sdconcepts.hypernetwork import Hypernetwork
-from sdconcepts.hypernetwork_files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
+from sdconcepts.hypernetworks.files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
+from sdconcepts.hypernetworks.hypernetwork import Hypernetwork
 from sdconcepts.images import save_png
 from sdconcepts.limits import MAX_IMAGE_SIDE, memory_problem, training_bytes
 from sdconcepts.safe_load import (
@@ -170,7 +170,7 @@ class _HypernetworkJob(_Job):
     kind = "hypernetwork"
 
     def __init__(self, path: Path, hypernetwork: Hypernetwork, model: Any, restore_optimizer: bool) -> None:
-        from sdconcepts.attach import attach_hypernetworks, attention_layers
+        from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers
 
         self.path = path
         self.hypernetwork = hypernetwork

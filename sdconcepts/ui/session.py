@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from sdconcepts.embeddings.library import EmbeddingLibrary, Library, is_preview_image
+from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.hash_cache import HashCache
+from sdconcepts.hypernetworks.files import HypernetworkFileError
+from sdconcepts.hypernetworks.library import LoadedHypernetworks, hypernetwork_library
 
 __all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConfig", "UiError", "UiSession",
            "contained_path", "scan_models"]
@@ -123,18 +125,6 @@ def _size_text(path: Path) -> str:
     return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.0f} MB"
 
 
-def _hypernetwork_ignored(path: Path) -> bool:
-    # A1111 never lists ``None.pt`` (its "no hypernetwork" choice); pictures are card previews.
-    return is_preview_image(path) or path.stem == "None"
-
-
-def _hypernetwork_info(path: Path) -> Any:
-    # Cards need only the metadata and widths: no module is built and no weight is read until a prompt uses it.
-    from sdconcepts.hypernetwork_files import read_hypernetwork_info
-
-    return read_hypernetwork_info(path)
-
-
 def _without_path(message: str, path: Path) -> str:
     prefix = f"{path}: "
     return message[len(prefix) :] if message.startswith(prefix) else message
@@ -149,17 +139,14 @@ class UiSession:
         self.hashes = hashes = (HashCache(config.hash_cache) if config.hash_cache is not None
                                 else HashCache.default())
         self.embeddings = EmbeddingLibrary([*config.extra_embeddings_dirs, *config.embeddings_dirs], hashes=hashes)
-        self.hypernetworks: Library[Any] = Library(
-            folders=[*config.extra_hypernetworks_dirs, *config.hypernetworks_dirs], load=_hypernetwork_info,
-            suffixes=(".pt",),
-            ignore=_hypernetwork_ignored,
-            hashes=hashes,
+        self.hypernetworks = hypernetwork_library(
+            [*config.extra_hypernetworks_dirs, *config.hypernetworks_dirs], hashes=hashes
         )
         # The card tabs' cards per kind, rebuilt when the library or a setting they depend on changes.
         self.card_lists: dict[str, Any] = {}
         self.card_cache: dict[Any, Any] = {}  # per kind: the cards of unchanged files, reused by the next rebuild
-        # The hypernetworks the last generation used, fully loaded: (path, mtime, size) -> Hypernetwork.
-        self._loaded_hypernetworks: dict[tuple[str, float, int], Any] = {}
+        # The hypernetworks the last generation used, fully loaded.
+        self.loaded_hypernetworks = LoadedHypernetworks()
         self._reader: threading.Thread | None = None
         self._last_view = 0.0
         self._reader_lock = threading.Lock()
@@ -221,26 +208,21 @@ class UiSession:
         Those the previous generation used are reused while their file is unchanged; the others are dropped, so
         only what the current prompt uses stays in memory.
         """
-        from sdconcepts.hypernetwork_files import HypernetworkFileError, load_hypernetwork
-
         wanted = set(names)
         loaded: dict[str, Any] = {}
-        kept: dict[tuple[str, float, int], Any] = {}
+        used: list[Path] = []
         warnings: list[str] = []
         for record in records:
             if record.name not in wanted or record.item is None:
                 continue
-            key = (str(record.path), record.mtime, record.size)
-            hypernetwork = self._loaded_hypernetworks.get(key)
-            if hypernetwork is None:
-                try:
-                    hypernetwork = load_hypernetwork(record.path)
-                except HypernetworkFileError as exc:
-                    warnings.append(f"hypernetwork file {record.path} was skipped: {_without_path(str(exc), record.path)}")
-                    continue
-            kept[key] = hypernetwork
+            try:
+                hypernetwork = self.loaded_hypernetworks.load(record.path)
+            except HypernetworkFileError as exc:
+                warnings.append(f"hypernetwork file {record.path} was skipped: {_without_path(str(exc), record.path)}")
+                continue
+            used.append(record.path)
             loaded[record.name] = hypernetwork
-        self._loaded_hypernetworks = kept
+        self.loaded_hypernetworks.keep_only(used)
         return loaded, warnings
 
     # -- models -----------------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def create_hypernetwork(session: UiSession, name: str, sizes: Sequence[str] | st
                         activation: str, weight_init: str, layer_norm: bool, use_dropout: bool,
                         dropout_structure: str, overwrite: bool) -> Path:
     """A1111's Create hypernetwork; raises UiError naming the field that cannot work."""
-    from sdconcepts.hypernetwork import HypernetworkError
+    from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
     from sdconcepts.training.create import CreateError, create_hypernetwork_file
     from sdconcepts.training.names import InvalidNameError
 

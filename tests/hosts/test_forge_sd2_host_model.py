@@ -14,7 +14,7 @@ import host_harness as hh
 import host_training as ht
 
 from sdconcepts.embeddings.files import load_embedding
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.hypernetworks.files import load_hypernetwork
 
 SD2_WIDTH = 1024
 

@@ -261,15 +261,15 @@ def test_cli_prompt_naming_a_too_long_embedding_warns_instead_of_a_traceback(
 
 
 def _save_big_hypernetwork(path: Path, name: str, hidden: float) -> None:
-    from sdconcepts.hypernetwork import create_hypernetwork
-    from sdconcepts.hypernetwork_files import save_hypernetwork
+    from sdconcepts.hypernetworks.files import save_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     save_hypernetwork(create_hypernetwork(name, (768,), layer_structure=(1.0, hidden, 1.0), activation="relu",
                                           generator_seed=0), path)
 
 
 def test_hypernetwork_cards_list_from_metadata_and_load_only_when_a_prompt_uses_it(tmp_path: Path) -> None:
-    from sdconcepts.hypernetwork_files import HypernetworkFileError, load_hypernetwork
+    from sdconcepts.hypernetworks.files import HypernetworkFileError, load_hypernetwork
     from sdconcepts.ui import handlers
     from sdconcepts.ui.session import UiConfig, UiSession
 
@@ -339,8 +339,8 @@ def test_hypernetwork_card_listing_does_not_hold_the_weights_in_memory(tmp_path:
 
 
 def test_inspect_folder_describes_hypernetworks_as_hypernetworks(tmp_path: Path) -> None:
-    from sdconcepts.hypernetwork import create_hypernetwork
-    from sdconcepts.hypernetwork_files import hypernetwork_to_dict, save_hypernetwork
+    from sdconcepts.hypernetworks.files import hypernetwork_to_dict, save_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     folder = tmp_path / "models" / "hypernetworks"
     folder.mkdir(parents=True)

@@ -156,7 +156,7 @@ def test_create_hypernetwork_with_a_huge_layer_is_refused_without_a_file(tmp_pat
 
 
 def test_hypernetwork_size_counts_every_parameter() -> None:
-    from sdconcepts.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     for structure, layer_norm in (((1, 2, 1), False), ((1, 1.5, 3, 1), True)):
         built = create_hypernetwork("x", [32, 48], layer_structure=structure, layer_norm=layer_norm)
@@ -288,7 +288,7 @@ def test_the_default_roots_are_the_working_folder_and_the_data_folders(tmp_path:
 @pytest.mark.parametrize("strength", ["inf", "nan", "-inf", "1e999"])
 def test_non_finite_hypernetwork_strength_is_named(strength: str, tiny_model: Any) -> None:
     from sdconcepts.backends.diffusers import txt2img
-    from sdconcepts.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     tag = f"<hypernet:toy:{strength}>"
     with pytest.raises(ValueError, match=f"{tag} has strength '{strength}'; expected a finite number"):

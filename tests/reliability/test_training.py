@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from sdconcepts.embeddings.files import load_embedding
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.safe_load import atomic_path
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (
@@ -260,7 +260,7 @@ def test_a_kill_at_any_rename_of_a_save_keeps_file_and_optimizer_state_paired(
 def test_a_kill_between_the_renames_of_a_hypernetwork_save_keeps_the_pair(
     tiny_model: Any, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sdconcepts.hypernetwork_files import OptimizerState, load_optimizer_state, save_hypernetwork
+    from sdconcepts.hypernetworks.files import OptimizerState, load_optimizer_state, save_hypernetwork
 
     path = create_hypernetwork_file(tmp_path, "hn", widths=(48,), seed=1)
     hypernetwork = load_hypernetwork(path)
