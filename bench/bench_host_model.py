@@ -43,8 +43,8 @@ def _tiny_checkpoint(folder: Path) -> Path:
 
 
 def _host_view(path: Path) -> Any:
-    from sdconcepts import checkpoint_files as cf
     from sdconcepts.backends.diffusers import model_sharing_weights
+    from sdconcepts.checkpoints import files as cf
 
     state, metadata = cf.read_checkpoint_with_metadata(path)
     held = {k: (v.to(torch.float32).clone() if v.is_floating_point() else v.clone()) for k, v in state.items()}

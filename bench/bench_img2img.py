@@ -33,7 +33,7 @@ def _model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
 
     from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR, load_model, model_from_components
     from sdconcepts.backends.tokenizer import load_clip_tokenizer
-    from sdconcepts.checkpoint_files import reference_configs
+    from sdconcepts.checkpoints.configs import reference_configs
 
     in_channels = 9 if args.inpainting_model else 4
     if args.sd15_random:

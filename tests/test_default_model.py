@@ -32,7 +32,7 @@ def test_embedded_model_round_trips_through_a1111_single_file(default_model, tmp
     from diffusers import DDIMScheduler
 
     from sdconcepts.backends.single_file import save_single_file
-    from sdconcepts.checkpoint_files import read_checkpoint
+    from sdconcepts.checkpoints.files import read_checkpoint
 
     components = {"unet": default_model.unet, "vae": default_model.vae, "text_encoder": default_model.text_encoder,
                   "scheduler": DDIMScheduler.from_config(default_model.scheduler_config)}

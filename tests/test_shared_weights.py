@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdconcepts import checkpoint_files as cf
 from sdconcepts.backends.diffusers import ModelLoadError, load_model, model_sharing_weights, txt2img
+from sdconcepts.checkpoints import files as cf
 from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.generation import GenerationParams
 from sdconcepts.hypernetworks.files import load_hypernetwork

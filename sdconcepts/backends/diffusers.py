@@ -196,7 +196,7 @@ def model_sharing_weights(
     them (see ``components_sharing_weights``).
     """
     from sdconcepts.backends.single_file import components_sharing_weights
-    from sdconcepts.checkpoint_files import CheckpointError
+    from sdconcepts.checkpoints.files import CheckpointError
 
     try:
         parts = components_sharing_weights(state_dict, text_encoders=text_encoders, family=family,
@@ -305,7 +305,7 @@ def _load_text_encoder(folder: Path, dtype: torch.dtype, *, projection: bool = F
     from safetensors.torch import load_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdconcepts.checkpoint_files import match_text_encoder_keys
+    from sdconcepts.checkpoints.files import match_text_encoder_keys
     from sdconcepts.safe_load import load_torch_file
 
     config = CLIPTextConfig.from_pretrained(folder, local_files_only=True)
@@ -330,7 +330,7 @@ def _load_text_encoder(folder: Path, dtype: torch.dtype, *, projection: bool = F
 
 def _load_single_file(path: Path, dtype: torch.dtype) -> LoadedModel:
     from sdconcepts.backends.single_file import load_single_file
-    from sdconcepts.checkpoint_files import CheckpointError
+    from sdconcepts.checkpoints.files import CheckpointError
 
     try:
         parts = load_single_file(path, dtype=dtype)

@@ -204,7 +204,7 @@ def build_reference_random(family: str = "sd1", seed: int = 0, dtype: torch.dtyp
 
     Built from the reference configs shipped in the package; about 1 B parameters, so only for benchmarks.
     """
-    from sdconcepts.checkpoint_files import reference_configs
+    from sdconcepts.checkpoints.configs import reference_configs
 
     configs = reference_configs(family)
     torch.manual_seed(seed)

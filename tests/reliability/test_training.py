@@ -357,7 +357,7 @@ def test_every_file_written_follows_the_umask(umask: int, tiny_model: Any, datas
     create_hypernetwork_file(tmp_path / "hn", "hn", widths=(48, 32, 64), seed=1)
     list(train_hypernetwork(tiny_model, "hn", _hn_config(dataset, tmp_path, max_steps=1), hypernetworks_dir=tmp_path / "hn"))
     save_png(Image.new("RGB", (8, 8)), tmp_path / "outputs" / "00000-1.png", "a prompt")  # what generation saves
-    from sdconcepts.checkpoint_files import write_checkpoint
+    from sdconcepts.checkpoints.files import write_checkpoint
 
     write_checkpoint(tmp_path / "models" / "model.safetensors", {"w": torch.zeros(2)})  # a single-file checkpoint
 
