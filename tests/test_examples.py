@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from sdconcepts.cli import build_parser, web_ui_config
+from sdconcepts.cli.main import build_parser
+from sdconcepts.cli.web_ui_command import web_ui_config
 from sdconcepts.embeddings.embedding import Embedding
 from sdconcepts.embeddings.files import load_embedding, save_embedding
 from sdconcepts.examples import EMBEDDING, EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR, EXAMPLES_DIR, HYPERNETWORK

@@ -81,10 +81,10 @@ def test_unknown_family_is_refused(tmp_path: Path) -> None:
 
 
 def test_toyworld_xl_is_selectable_by_name() -> None:
-    from sdconcepts.cli import _existing_path
+    from sdconcepts.cli.arguments import existing_path
     from sdconcepts.ui.session import XL_MODEL_LABEL, UiConfig, UiSession
 
-    assert _existing_path("toyworld-xl") == SHIPPED
+    assert existing_path("toyworld-xl") == SHIPPED
     if (SHIPPED / "model_index.json").is_file():
         assert UiSession(UiConfig()).model_choices()[XL_MODEL_LABEL] == SHIPPED
 

@@ -104,7 +104,7 @@ def test_hypernetwork_scan_skips_fifo_and_socket_without_hanging(tmp_path: Path)
 
 
 def test_cli_names_a_fifo_hypernetwork_with_its_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from sdconcepts.cli import hypernetwork_arguments
+    from sdconcepts.cli.generate_command import hypernetwork_arguments
 
     folder = tmp_path / "models" / "hypernetworks"
     folder.mkdir(parents=True)
