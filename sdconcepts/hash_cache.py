@@ -17,7 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from sdconcepts.safe_load import atomic_path, file_sha256
+from sdconcepts.atomic_files import atomic_path
+from sdconcepts.safe_load import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sdconcepts.atomic_files import atomic_path
 from sdconcepts.checkpoints import sd, sdxl
 from sdconcepts.checkpoints.configs import (
     FAMILIES,
@@ -44,7 +45,7 @@ from sdconcepts.checkpoints.layout import (
     match_text_encoder_keys,
 )
 from sdconcepts.checkpoints.sd import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, sd1_text_prefix
-from sdconcepts.safe_load import UnsafeFileError, atomic_path, load_torch_file
+from sdconcepts.safe_load import UnsafeFileError, load_torch_file
 
 __all__ = [
     "CheckpointError",

@@ -22,17 +22,16 @@ import torch
 from PIL import Image, ImageDraw, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
 
+from sdconcepts.atomic_files import atomic_path, save_torch_file
 from sdconcepts.embeddings.embedding import SDXL_ENCODERS, Embedding, EmbeddingError
 from sdconcepts.safe_load import (
     TensorInfo,
     UnsafeFileError,
-    atomic_path,
     describe_foreign,
     file_sha256,
     load_torch_file,
     open_regular,
     read_metadata,
-    save_torch_file,
 )
 
 __all__ = [

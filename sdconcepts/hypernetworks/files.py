@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sdconcepts.atomic_files import commit_with_sidecar, sidecar_candidates
 from sdconcepts.hypernetworks.hypernetwork import (
     Hypernetwork,
     HypernetworkError,
@@ -27,11 +28,9 @@ from sdconcepts.hypernetworks.hypernetwork import (
 from sdconcepts.safe_load import (
     TensorInfo,
     UnsafeFileError,
-    commit_with_sidecar,
     file_sha256,
     load_torch_file,
     read_metadata,
-    sidecar_candidates,
     write_torch_file,
 )
 
@@ -391,7 +390,7 @@ def save_hypernetwork(
 def load_optimizer_state(path: str | os.PathLike[str]) -> OptimizerState | None:
     """The sidecar's optimizer state for ``path`` when its ``hash`` matches the file's shorthash (A1111's rule).
 
-    A sidecar that a kill left under its pending name (see ``safe_load.commit_with_sidecar``) is found too.
+    A sidecar that a kill left under its pending name (see ``atomic_files.commit_with_sidecar``) is found too.
     """
     try:
         candidates = sidecar_candidates(path)

@@ -25,19 +25,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from sdconcepts.atomic_files import commit_with_sidecar, remove_stale_temporaries, settle_sidecar, sidecar_candidates
 from sdconcepts.embeddings.embedding import Embedding, kind_mismatch
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding, save_embedding
 from sdconcepts.hypernetworks.files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
 from sdconcepts.hypernetworks.hypernetwork import Hypernetwork
 from sdconcepts.images import save_png
 from sdconcepts.limits import MAX_IMAGE_SIDE, memory_problem, training_bytes
-from sdconcepts.safe_load import (
-    UnsafeFileError,
-    commit_with_sidecar,
-    remove_stale_temporaries,
-    settle_sidecar,
-    sidecar_candidates,
-)
+from sdconcepts.safe_load import UnsafeFileError
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig, TrainingConfig
 from sdconcepts.training.dataset import TrainingDataset, read_images
 from sdconcepts.training.distributed import Distributed
@@ -108,7 +103,7 @@ class _EmbeddingJob(_Job):
         self.restored = restore_optimizer and self._restore(embedding)
 
     def _restore(self, embedding: Embedding) -> bool:
-        # <file>.optim, or the sidecar a kill left under its pending name (safe_load.commit_with_sidecar).
+        # <file>.optim, or the sidecar a kill left under its pending name (atomic_files.commit_with_sidecar).
         try:
             candidates = sidecar_candidates(self.path)
         except UnsafeFileError as exc:

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import torch
 
+from sdconcepts.atomic_files import atomic_path
 from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.hypernetworks.files import load_hypernetwork
-from sdconcepts.safe_load import atomic_path
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (
     EmbeddingTrainingConfig,
@@ -292,7 +292,7 @@ def test_temporaries_of_a_killed_writer_are_removed_at_the_next_start(tiny_model
     run = _run_dir(tmp_path, "toytri")
     kill_mid_write = (
         "import os, signal, sys\n"
-        "from sdconcepts.safe_load import atomic_path\n"
+        "from sdconcepts.atomic_files import atomic_path\n"
         "for target in sys.argv[1:]:\n"
         "    atomic_path(target).__enter__().write_bytes(b'half a file')\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
