@@ -60,8 +60,8 @@ def _model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
 def main() -> None:
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
-    from sdconcepts.backends.diffusers import make_scheduler
-    from sdconcepts.backends.img2img import img2img, is_inpainting_model
+    from sdconcepts.backends.diffusers import img2img, make_scheduler
+    from sdconcepts.backends.sampler_start import is_inpainting_model
     from sdconcepts.generation import GenerationParams
     from sdconcepts.img2img import Img2ImgOptions, img2img_steps
 

@@ -100,7 +100,7 @@ def read_model_shape(path: Path | None) -> ModelShape | None:
 
 
 def shape_of_loaded(model: Any) -> ModelShape:
-    """The shape of a loaded model (``backends.diffusers.LoadedModel``), from its modules."""
+    """The shape of a loaded model (``backends.loaded_model.LoadedModel``), from its modules."""
     context = int(model.context_width)
     channel_widths = {int(module.in_features) for name, module in model.unet.named_modules()
                       if name.endswith("attn1.to_k")}

@@ -11,17 +11,27 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sdconcepts.backends.loaded_model import LoadedModel
+from sdconcepts.backends.sampler_start import (
+    ImageSource,
+    InitLatents,
+    initial_noise,
+    keep_denoised,
+    noised_init,
+    unet_extra_input,
+)
 from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
 from sdconcepts.embeddings.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
 from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_widths
 from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, width_mismatch
+from sdconcepts.img2img import Img2ImgOptions
 from sdconcepts.limits import generation_bytes, memory_problem
 from sdconcepts.model_shape import EMBEDDED_MODEL_DIR, EMBEDDED_XL_MODEL_DIR
 from sdconcepts.prompts import (
@@ -34,9 +44,6 @@ from sdconcepts.prompts import (
     parse_extra_network_tags,
     text_at_step,
 )
-
-if TYPE_CHECKING:
-    from sdconcepts.backends.img2img import ImageSource, InitLatents
 
 log = logging.getLogger(__name__)
 
@@ -66,65 +73,6 @@ ProgressCallback = Callable[[int, int], None]
 
 class ModelLoadError(ValueError):
     """A model path that cannot be loaded; the message names the path and the reason."""
-
-
-@dataclass
-class LoadedModel:
-    """A loaded text-to-image model and what the engine needs to know about it."""
-
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler_config: dict[str, Any]
-    family: str
-    prediction_type: str
-    name: str
-    path: Path | None
-    device: torch.device
-    dtype: torch.dtype
-    _hash: str | None = field(default=None, repr=False)
-    # SDXL: OpenCLIP ViT-bigG with its projection (CLIPTextModelWithProjection) and its tokenizer (pads with 0).
-    text_encoder_2: Any = None
-    tokenizer_2: Any = None
-
-    @property
-    def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
-
-    @property
-    def text_encoders(self) -> list[Any]:
-        return [self.text_encoder] if self.text_encoder_2 is None else [self.text_encoder, self.text_encoder_2]
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def default_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
-
-    @property
-    def size_multiple(self) -> int:
-        """Width and height must be multiples of this: the UNet halves the latent once per down block but the last."""
-        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    @property
-    def context_width(self) -> int:
-        """The cross-attention input's width; SDXL concatenates its encoders' hidden states (768 + 1280)."""
-        return sum(int(te.config.hidden_size) for te in self.text_encoders)
-
-    @property
-    def text_encoder_layers(self) -> int:
-        """The text encoder's layer count: clip skip runs from 1 (the last layer) to this (the first)."""
-        return int(self.text_encoder.config.num_hidden_layers)
-
-    @property
-    def short_hash(self) -> str | None:
-        """A1111's 10-hex-digit model hash (SHA-256 of the weights file); None for in-memory models."""
-        if self._hash is None and self.path is not None:
-            self._hash = weights_hash(self.path)[:10]
-        return self._hash
 
 
 def default_device() -> torch.device:
@@ -369,26 +317,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def weights_hash(path: Path) -> str:
-    """SHA-256 of a checkpoint file (A1111's hash), or of a diffusers folder's UNet weights file."""
-    target = path
-    if path.is_dir():
-        candidates = sorted((path / "unet").glob("*.safetensors")) or sorted((path / "unet").glob("*.bin"))
-        if not candidates:
-            return "0" * 64
-        target = candidates[0]
-    stat = target.stat()
-    key = (str(target.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        from sdconcepts.safe_load import file_sha256
-
-        _HASH_CACHE[key] = file_sha256(target)
-    return _HASH_CACHE[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -721,7 +649,7 @@ def txt2img(
     applied in prompt order to the UNet's attention key/value inputs during sampling, and detached afterwards.
     ``size_limits`` False lifts the web UI's size and batch limits; a request that cannot fit in the device's
     memory is refused either way, before anything is allocated.
-    With ``source`` (`sdconcepts.backends.img2img.img2img`), sampling starts from an init image instead of noise.
+    With ``source`` (an ``ImageSource``; see ``img2img``), sampling starts from an init image instead of noise.
     """
     params = params.validated(size_limits=size_limits)
     width = params.width or model.default_size
@@ -835,6 +763,28 @@ def txt2img(
     return GenerationResult(images=images, infotexts=infotexts, seeds=all_seeds, params=params, warnings=warnings)
 
 
+def img2img(
+    model: LoadedModel,
+    params: GenerationParams,
+    image: Image.Image,
+    *,
+    mask: Image.Image | None = None,
+    options: Img2ImgOptions | None = None,
+    **txt2img_options: Any,
+) -> GenerationResult:
+    """img2img from ``image`` (inpainting where ``mask`` is white), with txt2img's prompts, seeds and samplers.
+
+    ``txt2img_options`` are txt2img's keyword arguments (embeddings, hypernetworks, progress, size_limits, ...).
+
+    ``params.width``/``height`` are the processing size (default: the model's); the result has that size, except
+    "Only masked" inpainting, which pastes its result back into an image of the init image's size.
+    """
+    if not isinstance(image, Image.Image):
+        raise GenerationError("img2img needs an init image")
+    source = ImageSource(image, mask, options or Img2ImgOptions())
+    return txt2img(model, params, source=source, **txt2img_options)
+
+
 def generation_memory(model: LoadedModel, params: GenerationParams, width: int, height: int) -> tuple[int, int]:
     """Lower bounds of the bytes ``txt2img`` needs at its peak on the model's device and on the CPU
     (``sdconcepts.limits.generation_bytes``)."""
@@ -882,17 +832,6 @@ def _ti_hashes_field(
     return {"TI hashes": ", ".join(entries)} if entries else {}
 
 
-def initial_noise(
-    model: LoadedModel, generators: Sequence[torch.Generator], width: int, height: int
-) -> torch.Tensor:
-    """A1111's seeding: each image's noise comes from a CPU generator seeded with its own seed."""
-    # The latent's channels: an inpainting UNet takes 5 more (mask and masked image) than it denoises.
-    channels = int(model.unet.config.out_channels)
-    shape = (channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
-    noise = [torch.randn(shape, generator=g) for g in generators]
-    return torch.stack(noise).to(device=model.device, dtype=model.dtype)
-
-
 @torch.no_grad()
 def sample_latents(
     model: LoadedModel,
@@ -926,8 +865,6 @@ def sample_latents(
     With ``init`` (img2img), the last steps of the ``steps`` schedule run from the init latents noised to the first
     one's level; for inpainting, the kept region of each step's denoised estimate is the init latents' (A1111).
     """
-    from sdconcepts.backends import img2img
-
     scheduler = make_scheduler(model, sampler)
     scheduler.set_timesteps(steps, device=model.device)
     # Each image's generator goes on to give the sampler's own noise (ancestral samplers), as A1111's ImageRNG does.
@@ -937,8 +874,8 @@ def sample_latents(
     if init is None:
         latents = noise * scheduler.init_noise_sigma
     else:
-        latents, timesteps = img2img.noised_init(scheduler, init, noise)
-    image_conditioning = img2img.unet_extra_input(model, init, len(seeds), width, height)
+        latents, timesteps = noised_init(scheduler, init, noise)
+    image_conditioning = unet_extra_input(model, init, len(seeds), width, height)
     batch = len(seeds)
     guided = cfg_scale != 1.0
     context_cache: dict[tuple[str, str], tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = {}
@@ -977,7 +914,7 @@ def sample_latents(
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + cfg_scale * (cond - uncond)
         if init is not None and init.keep is not None:
-            noise_pred = img2img.keep_denoised(scheduler, t, latents, noise_pred, init, model.prediction_type)
+            noise_pred = keep_denoised(scheduler, t, latents, noise_pred, init, model.prediction_type)
         kwargs = {"generator": generators} if accepts_generator else {}
         latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
         if on_step is not None:

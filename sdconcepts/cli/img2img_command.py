@@ -82,7 +82,7 @@ def add_img2img_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def run_img2img(args: argparse.Namespace) -> int:
-    from sdconcepts.backends.img2img import ImageSource  # lazy: diffusers
+    from sdconcepts.backends.sampler_start import ImageSource  # lazy: diffusers
 
     options = Img2ImgOptions(
         denoising_strength=args.denoising_strength,

@@ -91,7 +91,7 @@ class Vocabulary:
 
 
 def vocabulary_of(model: Any) -> Vocabulary:
-    """The vocabulary of a loaded model (``backends.diffusers.LoadedModel``): its CLIP tokenizer and the text
+    """The vocabulary of a loaded model (``backends.loaded_model.LoadedModel``): its CLIP tokenizer and the text
     encoder's input embeddings."""
     tokenizer = model.tokenizer
     table = model.text_encoder.get_input_embeddings().weight.detach().float().cpu()

@@ -102,7 +102,7 @@ def img2img_options(
 def image_source(mode: str, init_image: Any, editor: Any, upload_image: Any, upload_mask: Any,
                  options: Img2ImgOptions) -> Any:
     """The ``ImageSource`` the chosen sub-tab describes, or ``UiError`` saying what is missing."""
-    from sdconcepts.backends.img2img import ImageSource
+    from sdconcepts.backends.sampler_start import ImageSource
 
     if mode == "img2img":
         image, mask = _as_image(init_image), None
