@@ -13,9 +13,15 @@ from sdconcepts.cli.main import build_parser
 from sdconcepts.cli.web_ui_command import web_ui_config
 from sdconcepts.embeddings.embedding import Embedding
 from sdconcepts.embeddings.files import load_embedding, save_embedding
-from sdconcepts.examples import EMBEDDING, EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR, EXAMPLES_DIR, HYPERNETWORK
 from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.model_shape import EMBEDDED_MODEL_DIR
+from sdconcepts.toyworld.examples import (
+    EMBEDDING,
+    EXAMPLE_EMBEDDINGS_DIR,
+    EXAMPLE_HYPERNETWORKS_DIR,
+    EXAMPLES_DIR,
+    HYPERNETWORK,
+)
 from sdconcepts.ui import handlers
 from sdconcepts.ui.session import DEFAULT_MODEL_LABEL, UiSession
 

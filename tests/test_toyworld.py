@@ -192,7 +192,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(argv, message, capsys):
 
 @pytest.mark.slow
 def test_training_is_deterministic_and_snapshots_equal_shorter_runs(tmp_path: Path):
-    from sdconcepts.toyworld.train import TrainConfig, train
+    from sdconcepts.toyworld.model_training import TrainConfig, train
 
     small = {"seed": 3, "vae_steps": 2, "vae_batch": 4, "batch": 4, "threads": 1}
     train(TrainConfig(steps=4, save_every=2, **small), tmp_path / "long")

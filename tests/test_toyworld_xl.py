@@ -20,7 +20,7 @@ def test_training_conditioning_is_diffusers_sdxl_encode_prompt() -> None:
     """What the model is trained on is what diffusers (and so the engine, tested equal to it) feeds it."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sdconcepts.toyworld.train import Conditioning
+    from sdconcepts.toyworld.model_training import Conditioning
 
     torch.manual_seed(0)
     encoders = {name: module.eval() for name, module in models.build_text_encoders("sdxl").items()}
@@ -50,7 +50,7 @@ def test_training_conditioning_is_diffusers_sdxl_encode_prompt() -> None:
 def test_sdxl_toy_training_is_deterministic_distils_and_loads(tmp_path: Path) -> None:
     """The recipe at tiny size: VAE reused, teacher distillation, snapshots equal shorter runs, folder loads as SDXL."""
     from sdconcepts.backends.diffusers import load_model
-    from sdconcepts.toyworld.train import TrainConfig, train
+    from sdconcepts.toyworld.model_training import TrainConfig, train
 
     small = {"family": "sdxl", "seed": 3, "batch": 2, "threads": 1, "vae": str(models.MODEL_DIR)}
     train(TrainConfig(steps=2, save_every=1, teacher=str(models.MODEL_DIR), **small), tmp_path / "long")
@@ -74,7 +74,7 @@ def test_sdxl_toy_training_is_deterministic_distils_and_loads(tmp_path: Path) ->
 
 
 def test_unknown_family_is_refused(tmp_path: Path) -> None:
-    from sdconcepts.toyworld.train import TrainConfig, train
+    from sdconcepts.toyworld.model_training import TrainConfig, train
 
     with pytest.raises(ValueError, match="unknown family"):
         train(TrainConfig(family="sd3", steps=1, batch=2, vae=str(models.MODEL_DIR)), tmp_path / "x")

@@ -66,7 +66,7 @@ def parse_expect(text: str) -> dict[str, str]:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the toy-world model from scratch and write a diffusers folder."""
     from sdconcepts.toyworld import models  # lazy: diffusers loads on first use
-    from sdconcepts.toyworld.train import TrainConfig, train  # lazy: diffusers loads on first use
+    from sdconcepts.toyworld.model_training import TrainConfig, train  # lazy: diffusers loads on first use
 
     config = TrainConfig(
         seed=args.seed,

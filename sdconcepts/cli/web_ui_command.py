@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, positive_int
-from sdconcepts.examples import EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR
+from sdconcepts.toyworld.examples import EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR
 from sdconcepts.ui.session import UiConfig, UiSession
 
 

@@ -74,7 +74,7 @@ class UiConfig:
     # Folders that paths typed into the Train tab (preprocess source/destination, dataset, log directory, template
     # file) must lie in. None: the working folder when the session starts, plus the folders above.
     train_roots: Sequence[Path] | None = None
-    # Read-only sources listed before the folders above (the shipped examples, ``sdconcepts.examples``): a file of
+    # Read-only sources listed before the folders above (the shipped examples, ``sdconcepts.toyworld.examples``): a file of
     # the same name in a user folder wins, and nothing is ever written here (training writes to the first user folder).
     extra_embeddings_dirs: Sequence[Path] = ()
     extra_hypernetworks_dirs: Sequence[Path] = ()
