@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 __all__ = ["A1111_WIDTHS", "ModelShape", "read_model_shape", "shape_of_loaded"]
 
 # A1111's Create hypernetwork offers these (SD 1.x context 768, SD 2.x 1024, and the UNet's channel widths).
@@ -61,8 +63,6 @@ def _folder_shape(folder: Path) -> ModelShape | None:
 
 
 def _single_file_shape(path: Path) -> ModelShape | None:
-    from safetensors import safe_open
-
     try:
         context: int | None = None
         channel_widths: set[int] = set()

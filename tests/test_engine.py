@@ -174,13 +174,13 @@ def test_prompt_editing_variants_share_emphasis_as_in_a1111() -> None:
 
 
 def test_original_emphasis_of_zero_mean_vectors_is_not_nan(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    from sdconcepts.backends.diffusers import _apply_emphasis
+    from sdconcepts.backends.diffusers import apply_emphasis
 
     # Token vectors whose mean is exactly 0 (a layer norm without bias), also after weighting by 1.5: A1111's
     # rescale is 0/0 here.
     z = torch.tensor([[1.0, -1.0, 2.0, -2.0]] * 5)
     multipliers = torch.tensor([1.0, 1.5, 1.0, 1.0, 1.0])
-    out = _apply_emphasis(z, multipliers, normalize=True)
+    out = apply_emphasis(z, multipliers, normalize=True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, z * multipliers.unsqueeze(-1), rtol=0, atol=0)
     # The tiny model has no layer norm bias either: the rescale is skipped, nothing blows up.

@@ -25,7 +25,7 @@ def test_training_conditioning_is_diffusers_sdxl_encode_prompt() -> None:
     torch.manual_seed(0)
     encoders = {name: module.eval() for name, module in models.build_text_encoders("sdxl").items()}
     pipe = StableDiffusionXLPipeline(
-        **models._as_pipeline({"unet": models.build_unet("sdxl"), "vae": models.build_vae(), **encoders}).components,
+        **models.as_pipeline({"unet": models.build_unet("sdxl"), "vae": models.build_vae(), **encoders}).components,
         add_watermarker=False,
     )
     condition = Conditioning("sdxl", encoders, torch.device("cpu"))

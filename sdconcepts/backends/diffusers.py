@@ -6,6 +6,8 @@ infotext are pure functions in the core; here they meet the UNet, the VAE and th
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from sdconcepts.backends.loaded_model import LoadedModel
 from sdconcepts.backends.sampler_start import (
@@ -27,6 +30,7 @@ from sdconcepts.backends.sampler_start import (
     unet_extra_input,
 )
 from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID, load_clip_tokenizer
+from sdconcepts.checkpoints.files import CheckpointError, match_text_encoder_keys
 from sdconcepts.embeddings.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
 from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_widths
@@ -44,6 +48,7 @@ from sdconcepts.prompts import (
     parse_extra_network_tags,
     text_at_step,
 )
+from sdconcepts.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +148,7 @@ def model_sharing_weights(
     (transformers layout) and ``family``: text encoders given apart from the LDM-layout UNet and VAE, as Forge holds
     them (see ``components_sharing_weights``).
     """
-    from sdconcepts.backends.single_file import components_sharing_weights
-    from sdconcepts.checkpoints.files import CheckpointError
+    from sdconcepts.backends.single_file import components_sharing_weights  # lazy: diffusers
 
     try:
         parts = components_sharing_weights(state_dict, text_encoders=text_encoders, family=family,
@@ -198,10 +202,10 @@ def _upcast_vae(model: LoadedModel, dtype: torch.dtype | None = None) -> bool:
 
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # lazy: diffusers
+    from transformers import CLIPTokenizer  # lazy: transformers' models
 
-    from sdconcepts.backends.single_file import own_weights
+    from sdconcepts.backends.single_file import own_weights  # lazy: diffusers
 
     missing = [sub for sub in ("unet", "vae", "text_encoder", "scheduler") if not (path / sub).is_dir()]
     if missing:
@@ -250,11 +254,12 @@ def _load_text_encoder(folder: Path, dtype: torch.dtype, *, projection: bool = F
     transformers 5 saves the weights without the ``text_model.`` level that transformers 4 expects, and
     ``from_pretrained`` in 4.x would silently leave such weights random; so the keys are matched here.
     """
-    from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import (  # lazy: transformers' models
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
 
-    from sdconcepts.checkpoints.files import match_text_encoder_keys
-    from sdconcepts.safe_load import load_torch_file
 
     config = CLIPTextConfig.from_pretrained(folder, local_files_only=True)
     model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
@@ -277,8 +282,7 @@ def _load_text_encoder(folder: Path, dtype: torch.dtype, *, projection: bool = F
 
 
 def _load_single_file(path: Path, dtype: torch.dtype) -> LoadedModel:
-    from sdconcepts.backends.single_file import load_single_file
-    from sdconcepts.checkpoints.files import CheckpointError
+    from sdconcepts.backends.single_file import load_single_file  # lazy: diffusers
 
     try:
         parts = load_single_file(path, dtype=dtype)
@@ -303,8 +307,6 @@ def _load_single_file(path: Path, dtype: torch.dtype) -> LoadedModel:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -446,7 +448,7 @@ class PromptEncoder:
             normalize = self.emphasis == "Original"
             # Chunk by chunk, each chunk's batch as one tensor (A1111's process_tokens for chunk i of every text).
             parts = [
-                torch.stack([_apply_emphasis(z[:, i], multipliers[:, i], normalize=normalize) for i in range(longest)],
+                torch.stack([apply_emphasis(z[:, i], multipliers[:, i], normalize=normalize) for i in range(longest)],
                             dim=1)
                 for z in parts
             ]
@@ -515,7 +517,8 @@ def _pad_after_end(tokens: torch.Tensor, pad_id: int) -> None:
             row[int(eos_at[0]) + 1 :] = pad_id
 
 
-def _apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, *, normalize: bool) -> torch.Tensor:
+def apply_emphasis(z: torch.Tensor, multipliers: torch.Tensor, *, normalize: bool) -> torch.Tensor:
+    """A1111's emphasis: hidden states scaled by their token's multiplier (``normalize``: the mean restored)."""
     if bool((multipliers == 1).all()):
         return z
     weighted = z * multipliers.unsqueeze(-1)
@@ -614,7 +617,7 @@ class GenerationResult:
 
 
 def make_scheduler(model: LoadedModel, sampler: str) -> Any:
-    import diffusers
+    import diffusers  # lazy: diffusers
 
     if sampler not in SCHEDULERS:
         raise GenerationError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SCHEDULERS)}")
@@ -928,8 +931,6 @@ _STEP_PARAMS: dict[type, frozenset[str]] = {}
 
 
 def _step_parameters(scheduler: Any) -> frozenset[str]:
-    import inspect
-
     cls = type(scheduler)
     if cls not in _STEP_PARAMS:
         _STEP_PARAMS[cls] = frozenset(inspect.signature(scheduler.step).parameters)

@@ -120,7 +120,7 @@ def _source(args: argparse.Namespace, reference: str) -> tuple[str, Any]:
 
 
 def _model(args: argparse.Namespace) -> Any:
-    from sdconcepts.backends.diffusers import (  # lazy: transformers and diffusers load on first use
+    from sdconcepts.backends.diffusers import (  # lazy: transformers, diffusers
         ModelLoadError,
         load_model,
     )

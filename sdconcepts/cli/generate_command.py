@@ -61,7 +61,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from sdconcepts.backends.diffusers import (  # lazy: transformers and diffusers load on first use
+    from sdconcepts.backends.diffusers import (  # lazy: transformers, diffusers
         ModelLoadError,
         load_model,
         txt2img,

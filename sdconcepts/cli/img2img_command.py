@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from sdconcepts.backends.sampler_start import ImageSource
 from sdconcepts.cli.arguments import CommandError, int_at_least
 from sdconcepts.cli.generate_command import run_generate
 from sdconcepts.img2img import MASKED_CONTENT, RESIZE_MODES, Img2ImgOptions
@@ -82,8 +83,6 @@ def add_img2img_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def run_img2img(args: argparse.Namespace) -> int:
-    from sdconcepts.backends.sampler_start import ImageSource  # lazy: diffusers
-
     options = Img2ImgOptions(
         denoising_strength=args.denoising_strength,
         resize_mode=args.resize_mode,

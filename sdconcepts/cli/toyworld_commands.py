@@ -65,8 +65,8 @@ def parse_expect(text: str) -> dict[str, str]:
 @_guard
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the toy-world model from scratch and write a diffusers folder."""
-    from sdconcepts.toyworld import models  # lazy: diffusers loads on first use
-    from sdconcepts.toyworld.model_training import TrainConfig, train  # lazy: diffusers loads on first use
+    from sdconcepts.toyworld import models  # lazy: diffusers
+    from sdconcepts.toyworld.model_training import TrainConfig, train  # lazy: diffusers
 
     config = TrainConfig(
         seed=args.seed,
@@ -99,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Generate from random prompts and score colour, shape and background through the probe."""
     model = Path(args.model) if args.model else None
     if args.model == "toyworld-xl" and model is not None and not model.exists():
-        from sdconcepts.toyworld.models import XL_MODEL_DIR  # lazy: diffusers loads on first use
+        from sdconcepts.toyworld.models import XL_MODEL_DIR  # lazy: diffusers
 
         model = XL_MODEL_DIR
     if model is not None and not (model / "model_index.json").is_file():

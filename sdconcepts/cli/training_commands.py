@@ -182,7 +182,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _load_model(args: argparse.Namespace, device: Any = None) -> Any:
-    from sdconcepts.backends.diffusers import (  # lazy: transformers and diffusers load on first use
+    from sdconcepts.backends.diffusers import (  # lazy: transformers, diffusers
         ModelLoadError,
         load_model,
     )

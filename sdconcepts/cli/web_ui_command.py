@@ -47,7 +47,7 @@ def _default_dirs(given: list[Path] | None, default: Path) -> list[Path]:
 
 def run_web_ui(args: argparse.Namespace) -> int:
     try:
-        from sdconcepts.ui.app import launch_app  # lazy: gradio loads only for the web UI
+        from sdconcepts.ui.app import launch_app  # lazy: gradio
     except ImportError as exc:
         raise CommandError(f"the web UI needs gradio ({exc}); install it with: pip install gradio") from exc
     host = "0.0.0.0" if args.ui_listen else "127.0.0.1"

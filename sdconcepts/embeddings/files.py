@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor
 
 from sdconcepts.atomic_files import atomic_path, save_torch_file
@@ -272,8 +274,6 @@ def _read(path: Path) -> _Parsed:
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
     try:
         with open_regular(path) as opened:
             _check_safetensors_header(opened, path)
@@ -625,8 +625,6 @@ def _single_key_data(embedding: Embedding) -> dict[str, Tensor]:
 
 
 def _save_safetensors(embedding: Embedding, target: Path) -> None:
-    from safetensors.torch import save
-
     metadata = {"format": "pt"}
     for key in ("step", "sd_checkpoint", "sd_checkpoint_name"):
         value = getattr(embedding, key)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sdconcepts.hypernetworks.attach import AttentionPatch
+from sdconcepts.hypernetworks.attach import AttentionPatch, attention_widths
 from sdconcepts.hypernetworks.files import HypernetworkFileError, shorthash
 from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, width_mismatch
 from sdconcepts.hypernetworks.library import LoadedHypernetworks, find_hypernetworks
@@ -57,7 +57,7 @@ def is_forge() -> bool:
 
 def hypernetwork_folder() -> Path:
     """``--hypernetwork-dir``; Forge-Classic and reForge lack the option: ``models/hypernetworks`` there."""
-    from modules import paths, shared
+    from modules import paths, shared  # lazy: host only
 
     folder = getattr(getattr(shared, "cmd_opts", None), "hypernetwork_dir", None)
     if folder:
@@ -100,7 +100,7 @@ _FILES = ForgeHypernetworks()
 def _file_hash(path: Path, name: str) -> str:
     """A1111's 10-digit shorthash through the host's hash cache (shared with its pages), else computed here."""
     try:
-        from modules import hashes
+        from modules import hashes  # lazy: host only
 
         digest = hashes.sha256(str(path), f"hypernet/{name}")
         if digest:
@@ -116,8 +116,6 @@ def _unet_of(p: Any) -> Any:
 
 
 def _model_widths(unet: Any) -> set[int]:
-    from sdconcepts.hypernetworks.attach import attention_widths
-
     model = getattr(getattr(unet, "model", None), "diffusion_model", None)
     if isinstance(model, torch.nn.Module):
         return attention_widths(model)
@@ -144,7 +142,7 @@ class ExtraNetworkHypernet:
         self.files = files
 
     def activate(self, p: Any, params_list: list[Any]) -> None:
-        from modules import shared
+        from modules import shared  # lazy: host only
 
         items = [list(getattr(params, "items", []) or []) for params in params_list]
         # A1111's "Add hypernetwork to prompt" setting, when Forge still has it.
@@ -227,7 +225,7 @@ def script_class() -> type | None:
     outside Forge. ``scripts/`` exposes it at module level, where the host looks for Script classes."""
     if not is_forge():
         return None
-    from modules import scripts
+    from modules import scripts  # lazy: host only
 
     class SdconceptsHypernetworks(scripts.Script):  # type: ignore[misc,name-defined]
         sorting_priority = 0
@@ -248,7 +246,7 @@ def script_class() -> type | None:
 
 
 def _page() -> Any:
-    from modules import shared, ui_extra_networks
+    from modules import shared, ui_extra_networks  # lazy: host only
 
     files = _FILES
 
@@ -269,7 +267,7 @@ def _page() -> Any:
             stem, ext = os.path.splitext(str(full_path))
             digest = None
             try:
-                from modules.hashes import sha256_from_cache
+                from modules.hashes import sha256_from_cache  # lazy: host only
 
                 digest = sha256_from_cache(str(full_path), f"hypernet/{name}")
             except Exception:
@@ -304,7 +302,7 @@ def _page() -> Any:
 
 
 def _before_ui() -> None:
-    from modules import extra_networks, ui_extra_networks
+    from modules import extra_networks, ui_extra_networks  # lazy: host only
 
     extra_networks.register_extra_network(ExtraNetworkHypernet())
     pages = getattr(ui_extra_networks, "extra_pages", [])
@@ -319,7 +317,7 @@ def register() -> bool:
     """
     if not is_forge():
         return False
-    from modules import script_callbacks
+    from modules import script_callbacks  # lazy: host only
 
     remove = getattr(script_callbacks, "remove_callbacks_for_function", None)
     if remove is not None:

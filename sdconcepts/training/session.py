@@ -28,11 +28,13 @@ from torch import Tensor
 from sdconcepts.atomic_files import commit_with_sidecar, remove_stale_temporaries, settle_sidecar, sidecar_candidates
 from sdconcepts.embeddings.embedding import Embedding, kind_mismatch
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding, save_embedding
+from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers
 from sdconcepts.hypernetworks.files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
 from sdconcepts.hypernetworks.hypernetwork import Hypernetwork
 from sdconcepts.images import save_png
 from sdconcepts.limits import MAX_IMAGE_SIDE, memory_problem, training_bytes
 from sdconcepts.safe_load import UnsafeFileError
+from sdconcepts.training.backend import TrainingModel
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig, TrainingConfig
 from sdconcepts.training.dataset import TrainingDataset, read_images
 from sdconcepts.training.distributed import Distributed
@@ -165,8 +167,6 @@ class _HypernetworkJob(_Job):
     kind = "hypernetwork"
 
     def __init__(self, path: Path, hypernetwork: Hypernetwork, model: Any, restore_optimizer: bool) -> None:
-        from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers
-
         self.path = path
         self.hypernetwork = hypernetwork
         self.name = hypernetwork.name
@@ -286,8 +286,6 @@ def _train_embedding(
     stop: threading.Event | None,
     distributed: Distributed | None,
 ) -> Iterator[TrainingEvent]:
-    from sdconcepts.training.backend import TrainingModel
-
     try:
         loaded = load_embedding(path)
     except EmbeddingFileError as exc:
@@ -338,8 +336,6 @@ def train_hypernetwork(
     distributed: Distributed | None = None,
 ) -> Iterator[TrainingEvent]:
     """Train an A1111 hypernetwork (a name in ``hypernetworks_dir`` or a path) on a LoadedModel."""
-    from sdconcepts.training.backend import TrainingModel
-
     config.validated(int(model.size_multiple))
     path = _find_hypernetwork_file(hypernetwork, hypernetworks_dir)
     with _locked(path, "hypernetwork", distributed):

@@ -22,6 +22,7 @@ from sdconcepts.embeddings.tools import (
     write_embedding,
 )
 from sdconcepts.ui.session import UiError, UiSession
+from sdconcepts.ui.train import embeddings_folder
 
 __all__ = ["FORMATS", "edit_embedding", "inspect_html", "mix_embedding"]
 
@@ -72,8 +73,6 @@ def inspect_html(session: UiSession, model_label: str, name: str, top_k: float) 
 
 
 def _write(session: UiSession, model: Any | None, name: str, vectors: Any, file_format: str, overwrite: bool) -> Path:
-    from sdconcepts.ui.train import embeddings_folder
-
     if not str(name or "").strip():
         raise UiError("name: enter a name for the new embedding")
     if file_format not in FORMATS:

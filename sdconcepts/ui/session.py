@@ -18,6 +18,7 @@ from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.hash_cache import HashCache
 from sdconcepts.hypernetworks.files import HypernetworkFileError
 from sdconcepts.hypernetworks.library import LoadedHypernetworks, hypernetwork_library
+from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, read_model_shape, shape_of_loaded
 
 __all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConfig", "UiError", "UiSession",
            "contained_path", "scan_models"]
@@ -236,7 +237,6 @@ class UiSession:
         host = self.config.host_model is not None
         choices: dict[str, Path | None] = {HOST_MODEL_LABEL: None} if host else {}
         choices[DEFAULT_MODEL_LABEL] = None
-        from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR
 
         if (EMBEDDED_XL_MODEL_DIR / "model_index.json").is_file():
             choices[XL_MODEL_LABEL] = EMBEDDED_XL_MODEL_DIR
@@ -277,7 +277,10 @@ class UiSession:
                     raise UiError(str(exc)) from exc
             if self._model is not None and self._model_label == label:
                 return self._model
-            from sdconcepts.backends.diffusers import ModelLoadError, load_model
+            from sdconcepts.backends.diffusers import (  # lazy: transformers, diffusers
+                ModelLoadError,
+                load_model,
+            )
 
             self._model = None
             try:
@@ -298,8 +301,6 @@ class UiSession:
     def model_shape(self, label: str | None = None) -> Any:
         """The ``model_shape.ModelShape`` of a model (its hypernetwork widths, native size), without loading it when
         its files say; None when only loading would tell (a ``.ckpt`` not loaded yet)."""
-        from sdconcepts.model_shape import read_model_shape, shape_of_loaded
-
         label = label or self._model_label or self.default_choice()
         if label == HOST_MODEL_LABEL and self.config.host_model is not None:
             # The host's model (its None path would name the embedded toy model): known once our view of it exists,
@@ -322,7 +323,7 @@ class UiSession:
             return int(self._model.context_width)
         path = self.model_choices().get(label)
         if path is None and label == DEFAULT_MODEL_LABEL:
-            from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR
+            from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR  # lazy: transformers, diffusers
 
             path = DEFAULT_MODEL_DIR
         if path is not None and path.is_dir():

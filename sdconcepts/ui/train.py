@@ -21,16 +21,22 @@ from typing import Any
 
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES
 from sdconcepts.embeddings.library import is_preview_image
+from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
+from sdconcepts.training.backend import TrainingModel
 from sdconcepts.training.config import (
     ConfigError,
     EmbeddingTrainingConfig,
     HypernetworkTrainingConfig,
     TrainingConfig,
 )
+from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
 from sdconcepts.training.loop import TrainingEvent
+from sdconcepts.training.names import InvalidNameError, target_path
 from sdconcepts.training.outputs import draw_loss_plot
+from sdconcepts.training.session import train_embedding, train_hypernetwork
 from sdconcepts.training.templates import available_templates
 from sdconcepts.ui.session import UiError, UiSession, contained_path
+from sdconcepts.ui.train_preprocess import run_preprocess
 
 __all__ = [
     "ERROR_FIELDS",
@@ -136,10 +142,6 @@ def form_defaults(session: UiSession, model_label: str | None = None) -> FormDef
 def create_embedding(session: UiSession, model_label: str, name: str, init_text: str, vectors: float,
                      overwrite: bool) -> Path:
     """A1111's Create embedding on the chosen model's token embeddings; raises UiError naming the problem."""
-    from sdconcepts.training.backend import TrainingModel
-    from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file
-    from sdconcepts.training.names import InvalidNameError, target_path
-
     count = int(vectors or 0)
     if not str(name).strip():
         raise UiError("name: enter a name for the embedding")
@@ -171,10 +173,6 @@ def create_hypernetwork(session: UiSession, name: str, sizes: Sequence[str] | st
                         activation: str, weight_init: str, layer_norm: bool, use_dropout: bool,
                         dropout_structure: str, overwrite: bool) -> Path:
     """A1111's Create hypernetwork; raises UiError naming the field that cannot work."""
-    from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
-    from sdconcepts.training.create import CreateError, create_hypernetwork_file
-    from sdconcepts.training.names import InvalidNameError
-
     if not str(name).strip():
         raise UiError("name: enter a name for the hypernetwork")
     text = sizes if isinstance(sizes, str) else ",".join(str(s) for s in sizes)
@@ -200,8 +198,6 @@ def create_hypernetwork(session: UiSession, name: str, sizes: Sequence[str] | st
 def preprocess(session: UiSession, source: str, destination: str, settings: Any) -> str:
     """The Preprocess images button: both folders must lie in the server's folders; returns the one-line summary
     (written, read, skipped with reasons). Raises UiError when nothing can run."""
-    from sdconcepts.ui.train_preprocess import run_preprocess
-
     roots = session.train_roots()
     if str(source or "").strip():
         contained_path(source, roots, "source directory")
@@ -448,8 +444,6 @@ def train_view(job: TrainingJob | None) -> TrainView:
 def start_training(session: UiSession, jobs: TrainingJobs, kind: str, model_label: str, name: str,
                    config: TrainingConfig) -> TrainingJob:
     """Start training ``name`` on the chosen model (loaded in the job's thread); UiError while another job runs."""
-    from sdconcepts.training.session import train_embedding, train_hypernetwork
-
     def run(stop: threading.Event) -> Iterator[TrainingEvent]:
         model = session.model(model_label)
         if kind == "embedding":
