@@ -32,7 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from sdconcepts.backends.diffusers import model_from_components, txt2img
+    from sdconcepts.backends.model_loading import model_from_components
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.backends.tiny import build_reference_random, build_tiny_sd1
     from sdconcepts.generation import GenerationParams
     from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers

@@ -20,7 +20,7 @@ __all__ = ["A1111_WIDTHS", "ModelShape", "read_model_shape", "shape_of_loaded"]
 A1111_WIDTHS = (768, 1024, 320, 640, 1280)
 
 # Single-file (LDM) key of an attention block's key projection; A1111 keys a hypernetwork layer by its input width.
-# The embedded toy-world model (``backends.diffusers.DEFAULT_MODEL_DIR``, named here without importing diffusers).
+# The embedded toy-world model (``backends.model_loading.DEFAULT_MODEL_DIR``, named here without importing diffusers).
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "toyworld" / "model"
 # The embedded SDXL-layout toy-world model, and the name that selects it wherever a model path is asked for.
 EMBEDDED_XL_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "toyworld-xl" / "model"

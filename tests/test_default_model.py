@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from closeness import assert_images_close, assert_owned_weights, pixels
 
-from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR, load_model, txt2img
+from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR, load_model
+from sdconcepts.backends.sampling import txt2img
 from sdconcepts.generation import GenerationParams
 from sdconcepts.toyworld.probe import classify
 

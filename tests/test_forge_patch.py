@@ -98,7 +98,7 @@ def test_width_mismatch_warning() -> None:
 
 
 def test_engine_warns_about_a_file_whose_widths_fit_no_layer(tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
 
     params = GenerationParams(prompt="a cat", steps=2, seed=5, sampler="Euler", cfg_scale=5.0)

@@ -17,7 +17,8 @@ import pytest
 import torch
 from closeness import assert_images_close, assert_outputs_close, pixels
 
-from sdconcepts.backends.diffusers import load_model, model_from_components, model_sharing_weights, txt2img
+from sdconcepts.backends.model_loading import load_model, model_from_components, model_sharing_weights
+from sdconcepts.backends.sampling import txt2img
 from sdconcepts.backends.single_file import save_single_file
 from sdconcepts.backends.tiny import build_tiny_sdxl
 from sdconcepts.checkpoints import files as cf
@@ -167,7 +168,7 @@ def test_an_sdxl_vae_held_in_float16_runs_in_float32_on_a_copy(tmp_path: Path, c
     state, metadata = cf.read_checkpoint_with_metadata(path)
     held = {k: v.to(torch.float16) if v.is_floating_point() else v.clone() for k, v in state.items()}
     before = {k: v.clone() for k, v in held.items() if k.startswith(VAE_PREFIX)}
-    with caplog.at_level("INFO", logger="sdconcepts.backends.diffusers"):
+    with caplog.at_level("INFO", logger="sdconcepts.backends.model_loading"):
         view = model_sharing_weights(held, name="xl16", metadata=metadata)
     assert {p.dtype for p in view.vae.parameters()} == {torch.float32}
     assert "the SDXL VAE held in float16 runs in float32 here" in caplog.text

@@ -18,7 +18,7 @@ import pytest
 import torch
 from closeness import assert_outputs_close
 
-from sdconcepts.backends.diffusers import load_model, model_sharing_weights
+from sdconcepts.backends.model_loading import load_model, model_sharing_weights
 from sdconcepts.backends.tiny import build_tiny_sdxl
 from sdconcepts.checkpoints import files as cf
 from sdconcepts.checkpoints.layout import VAE_PREFIX
@@ -132,7 +132,7 @@ def test_a1111_sdxl_is_read_once_under_its_sgm_names() -> None:
 def test_the_train_tab_knows_an_sdxl_host_model_once_its_view_exists(tmp_path: Path) -> None:
     """SDXL embeddings are clip_l + clip_g pairs: the Textual Inversion cards must know the host's model is SDXL
     (not only its 2 x width) as soon as our view of it exists, without loading it just to draw the page."""
-    from sdconcepts.backends.diffusers import model_from_components
+    from sdconcepts.backends.model_loading import model_from_components
     from sdconcepts.ui.session import HOST_MODEL_LABEL, UiConfig, UiSession
 
     view = model_from_components(build_tiny_sdxl(seed=1), family="sdxl")

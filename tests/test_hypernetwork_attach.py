@@ -188,7 +188,7 @@ def _pixels(result: Any) -> np.ndarray:
 
 
 def test_txt2img_applies_tags_and_detaches(tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
 
     hypernetworks = {"style": _visible("style", activation="relu")}

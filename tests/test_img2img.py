@@ -11,8 +11,9 @@ import torch
 from closeness import assert_images_close, pixels
 from PIL import Image
 
-from sdconcepts.backends.diffusers import img2img, load_model, make_scheduler, txt2img
+from sdconcepts.backends.model_loading import load_model
 from sdconcepts.backends.sampler_start import InitLatents, is_inpainting_model, keep_denoised
+from sdconcepts.backends.sampling import img2img, make_scheduler, txt2img
 from sdconcepts.generation import GenerationError, GenerationParams, parse_infotext
 from sdconcepts.img2img import (
     Img2ImgOptions,
@@ -148,8 +149,8 @@ def test_bad_options_are_one_line_errors(bad: dict[str, Any], message: str) -> N
 
 
 def test_strength_sets_the_steps_run_and_how_far_from_the_init(tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import decode_latents
     from sdconcepts.backends.sampler_start import encode_pixels, image_pixels
+    from sdconcepts.backends.sampling import decode_latents
 
     image = _noise_image()
     calls: list[int] = []

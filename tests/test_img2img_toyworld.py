@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR
+from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR
 
 pytestmark = [
     pytest.mark.slow,
@@ -108,7 +108,7 @@ def train_style(model: Any, work: Path) -> Any:
 
 def _inpaint_all(model: Any, cases: Sequence[tuple[Image.Image, Image.Image]], prompts: Sequence[str], *,
                  invert: bool, **kwargs: Any) -> list[Image.Image]:
-    from sdconcepts.backends.diffusers import img2img
+    from sdconcepts.backends.sampling import img2img
     from sdconcepts.generation import GenerationParams
     from sdconcepts.img2img import Img2ImgOptions
 
@@ -134,7 +134,8 @@ def _unchanged_outside(results: Sequence[Image.Image], cases: Sequence[tuple[Ima
 
 
 def measure(work: Path) -> dict[str, Any]:
-    from sdconcepts.backends.diffusers import img2img, load_model
+    from sdconcepts.backends.model_loading import load_model
+    from sdconcepts.backends.sampling import img2img
     from sdconcepts.generation import GenerationParams
     from sdconcepts.img2img import Img2ImgOptions
     from sdconcepts.toyworld.probe import classify

@@ -151,7 +151,7 @@ def test_sdxl_refiner_and_partial_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_load_model_reads_sdxl_folders_and_files(tiny_sdxl, tiny_sdxl_dir: Path, tmp_path: Path) -> None:
-    from sdconcepts.backends.diffusers import load_model
+    from sdconcepts.backends.model_loading import load_model
 
     assert tiny_sdxl.family == "sdxl" and tiny_sdxl.is_sdxl
     assert tiny_sdxl.context_width == 32 + 48

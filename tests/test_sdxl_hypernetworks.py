@@ -32,7 +32,7 @@ def _pixels(result: Any) -> np.ndarray:
 
 @pytest.mark.parametrize("widths", [(80,), (64, 96)])
 def test_sdxl_txt2img_applies_hypernetworks(tiny_sdxl: Any, widths: tuple[int, ...]) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
 
     style = create_hypernetwork("style", widths, activation="relu", weight_init="XavierNormal", generator_seed=3)

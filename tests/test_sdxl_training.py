@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from closeness import assert_outputs_close  # noqa: E402
 
-from sdconcepts.backends.diffusers import PromptEncoder  # noqa: E402
+from sdconcepts.backends.prompt_encoder import PromptEncoder  # noqa: E402
 from sdconcepts.embeddings.files import load_embedding  # noqa: E402
 from sdconcepts.hypernetworks.attach import attention_layers  # noqa: E402
 from sdconcepts.hypernetworks.files import load_hypernetwork  # noqa: E402

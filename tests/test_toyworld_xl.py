@@ -49,7 +49,7 @@ def test_training_conditioning_is_diffusers_sdxl_encode_prompt() -> None:
 
 def test_sdxl_toy_training_is_deterministic_distils_and_loads(tmp_path: Path) -> None:
     """The recipe at tiny size: VAE reused, teacher distillation, snapshots equal shorter runs, folder loads as SDXL."""
-    from sdconcepts.backends.diffusers import load_model
+    from sdconcepts.backends.model_loading import load_model
     from sdconcepts.toyworld.model_training import TrainConfig, train
 
     small = {"family": "sdxl", "seed": 3, "batch": 2, "threads": 1, "vae": str(models.MODEL_DIR)}
@@ -91,7 +91,8 @@ def test_toyworld_xl_is_selectable_by_name() -> None:
 
 @needs_shipped
 def test_shipped_toyworld_xl_generates_what_the_prompt_names_in_the_engine() -> None:
-    from sdconcepts.backends.diffusers import load_model, txt2img
+    from sdconcepts.backends.model_loading import load_model
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
     from sdconcepts.toyworld.probe import classify
 

@@ -164,7 +164,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_file(tiny_model: Any, dataset: P
 
 
 def test_previews_come_from_the_live_weights(tiny_model: Any, dataset: Path, tmp_path: Path) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
 
     _new_embedding(tiny_model, tmp_path / "emb")

@@ -1,6 +1,6 @@
 """A loaded text-to-image model (UNet, VAE, text encoders and tokenizers on one device) and its A1111 hash.
 
-Loading one is `sdconcepts.backends.diffusers.load_model`; this module is what every backend module and the host
+Loading one is `sdconcepts.backends.model_loading.load_model`; this module is what every backend module and the host
 adapter share about the result.
 """
 

@@ -1,7 +1,7 @@
 """Where the sampler starts: A1111's seeded noise, or (img2img and inpainting) an init image's latents and the mask.
 
 The pure preparation (resize, mask, paste-back) is `sdconcepts.img2img`; the prompt, embeddings, hypernetworks,
-seeds and the sampler loop are txt2img's (`sdconcepts.backends.diffusers`, whose ``img2img`` hands txt2img an
+seeds and the sampler loop are txt2img's (`sdconcepts.backends.sampling`, whose ``img2img`` hands txt2img an
 `ImageSource`). Here the VAE encodes the init image, inpainting checkpoints (UNets with 5 extra input channels) get
 A1111's image conditioning, and each step's denoised estimate keeps the unmasked region, as A1111 1.10 does.
 """

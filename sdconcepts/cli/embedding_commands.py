@@ -120,10 +120,7 @@ def _source(args: argparse.Namespace, reference: str) -> tuple[str, Any]:
 
 
 def _model(args: argparse.Namespace) -> Any:
-    from sdconcepts.backends.diffusers import (  # lazy: transformers, diffusers
-        ModelLoadError,
-        load_model,
-    )
+    from sdconcepts.backends.model_loading import ModelLoadError, load_model  # lazy: transformers, diffusers
 
     try:
         return load_model(args.ckpt, device=args.device)

@@ -61,11 +61,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from sdconcepts.backends.diffusers import (  # lazy: transformers, diffusers
-        ModelLoadError,
-        load_model,
-        txt2img,
-    )
+    from sdconcepts.backends.model_loading import ModelLoadError, load_model  # lazy: transformers, diffusers
+    from sdconcepts.backends.sampling import txt2img  # lazy: transformers, diffusers
 
     params = GenerationParams(
         prompt=args.prompt,

@@ -182,10 +182,7 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _load_model(args: argparse.Namespace, device: Any = None) -> Any:
-    from sdconcepts.backends.diffusers import (  # lazy: transformers, diffusers
-        ModelLoadError,
-        load_model,
-    )
+    from sdconcepts.backends.model_loading import ModelLoadError, load_model  # lazy: transformers, diffusers
 
     try:
         return load_model(args.ckpt, device=device or args.device)

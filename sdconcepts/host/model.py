@@ -2,7 +2,7 @@
 
 Our tab trains and generates on the checkpoint the web UI already holds (SD 1.x, 2.x, XL): the host's tensors are
 seen under their LDM key names (Forge's text encoders under their transformers names: `sdconcepts.host.views`) and
-``backends.diffusers.model_sharing_weights`` builds our modules over that same memory (new
+``backends.model_loading.model_sharing_weights`` builds our modules over that same memory (new
 ``Parameter`` objects, ``requires_grad`` False; the host's modules, flags and hooks are never touched, so its own
 images stay bit-identical). Forge loads its patchers through its own memory manager first, as its sampling does.
 
@@ -86,7 +86,7 @@ class HostModel:
         self._model: Any = None
 
     def load(self) -> Any:
-        from sdconcepts.backends.diffusers import (  # lazy: transformers, diffusers
+        from sdconcepts.backends.model_loading import (  # lazy: transformers, diffusers
             ModelLoadError,
             model_sharing_weights,
         )

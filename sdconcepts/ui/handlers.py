@@ -392,7 +392,7 @@ def generate(
 
     Bad values raise ``UiError`` with a one-line message; nothing is generated then.
     """
-    from sdconcepts.backends.diffusers import txt2img  # lazy: transformers, diffusers
+    from sdconcepts.backends.sampling import txt2img  # lazy: transformers, diffusers
 
     with session.generate_lock:
         model = session.model(model_label)

@@ -277,10 +277,7 @@ class UiSession:
                     raise UiError(str(exc)) from exc
             if self._model is not None and self._model_label == label:
                 return self._model
-            from sdconcepts.backends.diffusers import (  # lazy: transformers, diffusers
-                ModelLoadError,
-                load_model,
-            )
+            from sdconcepts.backends.model_loading import ModelLoadError, load_model  # lazy: transformers, diffusers
 
             self._model = None
             try:
@@ -323,7 +320,7 @@ class UiSession:
             return int(self._model.context_width)
         path = self.model_choices().get(label)
         if path is None and label == DEFAULT_MODEL_LABEL:
-            from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR  # lazy: transformers, diffusers
+            from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR  # lazy: transformers, diffusers
 
             path = DEFAULT_MODEL_DIR
         if path is not None and path.is_dir():

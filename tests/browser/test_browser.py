@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 def _model_for_test(tmp: Path) -> tuple[str, int]:
     """The embedded default model when it is installed; otherwise the tiny test model (and say so)."""
-    from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR
+    from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR
 
     if (DEFAULT_MODEL_DIR / "model_index.json").is_file():
         import json

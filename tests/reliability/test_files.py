@@ -236,7 +236,7 @@ def test_embedding_longer_than_a_chunk_is_skipped_at_scan(tmp_path: Path) -> Non
 
 
 def test_embedding_longer_than_a_chunk_reaching_the_encoder_is_a_one_line_error(tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationError, GenerationParams
 
     long = torch.randn(76, tiny_model.context_width)
