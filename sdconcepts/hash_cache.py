@@ -32,7 +32,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # it saves, so unforced saves wait this long after the previous one (the last batch forces one).
 SAVE_INTERVAL_S = 5.0
 
-Stamp = tuple[int, int, int]  # (mtime_ns, size, inode), as library.Library stamps files
+Stamp = tuple[int, int, int]  # (mtime_ns, size, inode), as folder_scan.Library stamps files
 
 
 def default_cache_dir() -> Path:

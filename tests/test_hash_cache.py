@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from sdconcepts import Embedding, save_embedding
-from sdconcepts.embeddings.library import EmbeddingLibrary, Library
+from sdconcepts.embeddings.folder_scan import Library
+from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.hash_cache import HashCache
 from sdconcepts.safe_load import file_sha256
 from sdconcepts.ui import handlers

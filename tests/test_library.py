@@ -12,7 +12,8 @@ from PIL import Image
 from test_embedding_files import write_bad_files, write_hostile_files
 
 from sdconcepts import Embedding, save_embedding
-from sdconcepts.embeddings.library import EmbeddingLibrary, Library
+from sdconcepts.embeddings.folder_scan import Library
+from sdconcepts.embeddings.library import EmbeddingLibrary
 
 WIDTH = 48
 

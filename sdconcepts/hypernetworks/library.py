@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from sdconcepts.embeddings.library import Library, is_preview_image
+from sdconcepts.embeddings.folder_scan import Library, is_preview_image
 from sdconcepts.hash_cache import HashCache
 from sdconcepts.hypernetworks.files import (
     HypernetworkFileError,

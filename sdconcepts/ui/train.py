@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES
-from sdconcepts.embeddings.library import is_preview_image
+from sdconcepts.embeddings.folder_scan import is_preview_image
 from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
 from sdconcepts.training.backend import TrainingModel
 from sdconcepts.training.config import (

@@ -19,7 +19,8 @@ import torch
 
 from sdconcepts.embeddings.embedding import Embedding
 from sdconcepts.embeddings.files import EmbeddingFileError, load_embedding, save_embedding
-from sdconcepts.embeddings.library import EmbeddingLibrary, Library
+from sdconcepts.embeddings.folder_scan import Library
+from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.safe_load import UnsafeFileError, load_torch_file
 
 T = TypeVar("T")
