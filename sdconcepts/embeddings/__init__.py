@@ -1,4 +1,4 @@
-"""Textual inversion embeddings: the value (`embedding`), its file formats (`files`), the library of embedding
+"""Textual inversion embeddings: the value (`embedding`), its file formats (`files`, with `image_codec` for embeddings inside pictures), the library of embedding
 folders with A1111's listing rules (`library`), the generic folder scan it is built on (`folder_scan`, which the
 hypernetwork library reuses) and the embedding tools (`tools`: nearest tokens, the mix language, keep/drop).
 
