@@ -14,12 +14,7 @@ import torch
 from sdconcepts.backends.loaded_model import LoadedModel
 from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID
 from sdconcepts.generation import GenerationError
-from sdconcepts.prompts import (
-    EmbeddingEntry,
-    PromptChunk,
-    build_chunks,
-    build_embedding_index,
-)
+from sdconcepts.prompts.chunks import EmbeddingEntry, PromptChunk, build_chunks, build_embedding_index
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prompt encoding (A1111 semantics: 75-token chunks, emphasis, embeddings placed at their token positions)

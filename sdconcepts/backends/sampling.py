@@ -32,12 +32,8 @@ from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_widt
 from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, width_mismatch
 from sdconcepts.img2img import Img2ImgOptions
 from sdconcepts.limits import generation_bytes, memory_problem
-from sdconcepts.prompts import (
-    get_prompt_schedule,
-    hypernetwork_tags,
-    parse_extra_network_tags,
-    text_at_step,
-)
+from sdconcepts.prompts.editing import get_prompt_schedule, text_at_step
+from sdconcepts.prompts.network_tags import hypernetwork_tags, parse_extra_network_tags
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config). A1111 runs these through k-diffusion, whose
 # sigmas come from timesteps spaced evenly from the last training step down to 0: diffusers' "linspace" spacing.

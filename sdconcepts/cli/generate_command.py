@@ -17,7 +17,7 @@ from sdconcepts.hypernetworks.files import HypernetworkFileError
 from sdconcepts.hypernetworks.library import LoadedHypernetworks, find_hypernetworks
 from sdconcepts.images import next_image_path, save_png
 from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE
-from sdconcepts.prompts import parse_extra_network_tags
+from sdconcepts.prompts.network_tags import parse_extra_network_tags
 
 log = logging.getLogger("sdconcepts")
 

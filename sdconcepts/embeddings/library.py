@@ -25,7 +25,7 @@ from sdconcepts.embeddings.files import (
 )
 from sdconcepts.embeddings.folder_scan import Library, LibraryChanges, error_line
 from sdconcepts.hash_cache import HashCache
-from sdconcepts.prompts import CHUNK_LENGTH
+from sdconcepts.prompts.chunks import CHUNK_LENGTH
 from sdconcepts.user_metadata import UserMetadata
 
 log = logging.getLogger(__name__)

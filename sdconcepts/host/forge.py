@@ -24,7 +24,7 @@ from sdconcepts.hypernetworks.attach import AttentionPatch, attention_widths
 from sdconcepts.hypernetworks.files import HypernetworkFileError, shorthash
 from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, width_mismatch
 from sdconcepts.hypernetworks.library import LoadedHypernetworks, find_hypernetworks
-from sdconcepts.prompts import ExtraNetworkTag, hypernetwork_tags
+from sdconcepts.prompts.network_tags import ExtraNetworkTag, hypernetwork_tags
 
 __all__ = [
     "ForgeHypernetworks",

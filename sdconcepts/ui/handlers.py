@@ -16,7 +16,7 @@ from PIL import Image
 from sdconcepts.embeddings.library import usable_embeddings
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.images import next_image_path, save_png
-from sdconcepts.prompts import parse_extra_network_tags
+from sdconcepts.prompts.network_tags import parse_extra_network_tags
 from sdconcepts.ui.cards import (
     PAGE_SIZE,
     Card,

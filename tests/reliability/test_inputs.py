@@ -17,7 +17,7 @@ from PIL import Image
 
 from sdconcepts.generation import GenerationError, GenerationParams
 from sdconcepts.limits import MAX_SOURCE_PIXELS, available_memory, hypernetwork_parameters
-from sdconcepts.prompts import hypernetwork_tags, parse_extra_network_tags
+from sdconcepts.prompts.network_tags import hypernetwork_tags, parse_extra_network_tags
 from sdconcepts.ui import handlers, train
 from sdconcepts.ui.session import UiConfig, UiError, UiSession
 from sdconcepts.ui.train_preprocess import PreprocessSettings
