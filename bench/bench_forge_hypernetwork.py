@@ -56,8 +56,8 @@ def patch_work(path: Path, size: int, repeats: int) -> float:
     """CPU seconds our patches take in one SD 1.5 step (see the module docstring)."""
     import torch
 
-    from sdconcepts.attach import AttentionPatch
-    from sdconcepts.hypernetwork_files import load_hypernetwork
+    from sdconcepts.hypernetworks.attach import AttentionPatch
+    from sdconcepts.hypernetworks.files import load_hypernetwork
 
     hypernetwork = load_hypernetwork(path).eval()
     side = size // 8

@@ -23,13 +23,8 @@ from timing import interleaved_medians  # noqa: E402
 def main() -> None:
     from diffusers import StableDiffusionPipeline
 
-    from sdconcepts.backends.diffusers import (
-        DEFAULT_MODEL_DIR,
-        load_model,
-        make_scheduler,
-        model_from_components,
-        txt2img,
-    )
+    from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR, load_model, model_from_components
+    from sdconcepts.backends.sampling import make_scheduler, txt2img
     from sdconcepts.generation import GenerationParams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _tiny_checkpoint(folder: Path) -> Path:
-    from sdconcepts.backends.diffusers import load_model
+    from sdconcepts.backends.model_loading import load_model
     from sdconcepts.backends.single_file import save_single_file
     from sdconcepts.backends.tiny import save_tiny_sd1
 
@@ -43,8 +43,8 @@ def _tiny_checkpoint(folder: Path) -> Path:
 
 
 def _host_view(path: Path) -> Any:
-    from sdconcepts import checkpoint_files as cf
-    from sdconcepts.backends.diffusers import model_sharing_weights
+    from sdconcepts.backends.model_loading import model_sharing_weights
+    from sdconcepts.checkpoints import files as cf
 
     state, metadata = cf.read_checkpoint_with_metadata(path)
     held = {k: (v.to(torch.float32).clone() if v.is_floating_point() else v.clone()) for k, v in state.items()}
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from sdconcepts.backends.diffusers import load_model
+    from sdconcepts.backends.model_loading import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.ckpt or _tiny_checkpoint(Path(tmp))

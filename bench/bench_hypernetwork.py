@@ -32,11 +32,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from sdconcepts.attach import attach_hypernetworks, attention_layers
-    from sdconcepts.backends.diffusers import model_from_components, txt2img
+    from sdconcepts.backends.model_loading import model_from_components
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.backends.tiny import build_reference_random, build_tiny_sd1
     from sdconcepts.generation import GenerationParams
-    from sdconcepts.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
@@ -130,7 +131,7 @@ def main() -> None:
 
 
 def _work(model: Any, hypernetworks: dict[str, Any], args: argparse.Namespace, text_width: int) -> None:
-    from sdconcepts.attach import attach_hypernetworks, attention_layers
+    from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers
 
     size = args.size or (512 if args.model == "sd15" else model.default_size)
     latent = size // model.vae_scale_factor

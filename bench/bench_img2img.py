@@ -31,9 +31,9 @@ def _model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR, load_model, model_from_components
+    from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR, load_model, model_from_components
     from sdconcepts.backends.tokenizer import load_clip_tokenizer
-    from sdconcepts.checkpoint_files import reference_configs
+    from sdconcepts.checkpoints.configs import reference_configs
 
     in_channels = 9 if args.inpainting_model else 4
     if args.sd15_random:
@@ -60,8 +60,8 @@ def _model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -
 def main() -> None:
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
-    from sdconcepts.backends.diffusers import make_scheduler
-    from sdconcepts.backends.img2img import img2img, is_inpainting_model
+    from sdconcepts.backends.sampler_start import is_inpainting_model
+    from sdconcepts.backends.sampling import img2img, make_scheduler
     from sdconcepts.generation import GenerationParams
     from sdconcepts.img2img import Img2ImgOptions, img2img_steps
 

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdconcepts.embedding import Embedding
-from sdconcepts.embedding_files import save_embedding
+from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.files import save_embedding
 from sdconcepts.hash_cache import CACHE_DIR_ENV
-from sdconcepts.hypernetwork import create_hypernetwork
-from sdconcepts.hypernetwork_files import save_hypernetwork
+from sdconcepts.hypernetworks.files import save_hypernetwork
+from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 from sdconcepts.safe_load import write_torch_file
 
 GOALS = {"first view s": 2.0, "later view s": 0.3, "memory MB": 200.0}

@@ -25,7 +25,7 @@ def main() -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR, load_model
+    from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR, load_model
     from sdconcepts.backends.single_file import own_weights
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -24,7 +24,8 @@ from timing import interleaved_medians  # noqa: E402
 def main() -> None:
     from diffusers import StableDiffusionXLPipeline
 
-    from sdconcepts.backends.diffusers import load_model, make_scheduler, txt2img
+    from sdconcepts.backends.model_loading import load_model
+    from sdconcepts.backends.sampling import make_scheduler, txt2img
     from sdconcepts.generation import GenerationParams
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

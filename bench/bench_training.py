@@ -69,7 +69,7 @@ SD15 = False  # --sd15-random: an SD-1.5-shaped model with random weights, fp16 
 def build_model(device: str) -> Any:
     import torch
 
-    from sdconcepts.backends.diffusers import model_from_components
+    from sdconcepts.backends.model_loading import model_from_components
     from sdconcepts.backends.tiny import build_reference_random, build_tiny_sd1
 
     if SD15:

@@ -166,7 +166,7 @@ def floor_stepper(model: Any, size: int, batch: int) -> Callable[[], None]:
 
 
 def main() -> None:
-    from sdconcepts.backends.diffusers import model_from_components
+    from sdconcepts.backends.model_loading import model_from_components
     from sdconcepts.backends.tiny import build_tiny_sdxl
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 # Public names, imported on first use so that ``import sdconcepts`` stays light (no torch, no diffusers).
 _LAZY = {
-    "Embedding": "sdconcepts.embedding",
-    "load_embedding": "sdconcepts.embedding_files",
-    "save_embedding": "sdconcepts.embedding_files",
-    "Hypernetwork": "sdconcepts.hypernetwork",
-    "create_hypernetwork": "sdconcepts.hypernetwork",
-    "apply_hypernetworks": "sdconcepts.hypernetwork",
-    "load_hypernetwork": "sdconcepts.hypernetwork_files",
-    "save_hypernetwork": "sdconcepts.hypernetwork_files",
-    "attach_hypernetworks": "sdconcepts.attach",
+    "Embedding": "sdconcepts.embeddings.embedding",
+    "load_embedding": "sdconcepts.embeddings.files",
+    "save_embedding": "sdconcepts.embeddings.files",
+    "Hypernetwork": "sdconcepts.hypernetworks.hypernetwork",
+    "create_hypernetwork": "sdconcepts.hypernetworks.hypernetwork",
+    "apply_hypernetworks": "sdconcepts.hypernetworks.hypernetwork",
+    "load_hypernetwork": "sdconcepts.hypernetworks.files",
+    "save_hypernetwork": "sdconcepts.hypernetworks.files",
+    "attach_hypernetworks": "sdconcepts.hypernetworks.attach",
 }
 
 __all__ = [
@@ -33,16 +34,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from sdconcepts.attach import attach_hypernetworks
-    from sdconcepts.embedding import Embedding
-    from sdconcepts.embedding_files import load_embedding, save_embedding
-    from sdconcepts.hypernetwork import Hypernetwork, apply_hypernetworks, create_hypernetwork
-    from sdconcepts.hypernetwork_files import load_hypernetwork, save_hypernetwork
+    from sdconcepts.embeddings.embedding import Embedding
+    from sdconcepts.embeddings.files import load_embedding, save_embedding
+    from sdconcepts.hypernetworks.attach import attach_hypernetworks
+    from sdconcepts.hypernetworks.files import load_hypernetwork, save_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, apply_hypernetworks, create_hypernetwork
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'sdconcepts' has no attribute {name!r}")

@@ -17,7 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from sdconcepts.safe_load import atomic_path, file_sha256
+from sdconcepts.atomic_files import atomic_path
+from sdconcepts.safe_load import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # it saves, so unforced saves wait this long after the previous one (the last batch forces one).
 SAVE_INTERVAL_S = 5.0
 
-Stamp = tuple[int, int, int]  # (mtime_ns, size, inode), as library.Library stamps files
+Stamp = tuple[int, int, int]  # (mtime_ns, size, inode), as folder_scan.Library stamps files
 
 
 def default_cache_dir() -> Path:

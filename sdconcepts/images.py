@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from sdconcepts.safe_load import atomic_path
+from sdconcepts.atomic_files import atomic_path
 
 _NUMBERED = re.compile(r"^(\d+)-")
 

@@ -3,7 +3,7 @@
 Everything here works on PIL images and numpy arrays: resizing the init image (A1111's three resize modes), turning
 an uploaded mask into the mask the sampler and the final paste-back use (binarise, invert, blur, "only masked"
 crop), filling the masked area, and pasting the generated pixels back over the untouched original. The backend
-(`sdconcepts.backends.img2img`) adds the VAE and the sampler. Facts are from A1111 1.10 (`modules/processing.py`
+(`sdconcepts.backends.sampler_start`) adds the VAE and the sampler. Facts are from A1111 1.10 (`modules/processing.py`
 StableDiffusionProcessingImg2Img.init, `modules/images.py` resize_image, `modules/masking.py`).
 """
 

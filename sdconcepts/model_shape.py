@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 __all__ = ["A1111_WIDTHS", "ModelShape", "read_model_shape", "shape_of_loaded"]
 
 # A1111's Create hypernetwork offers these (SD 1.x context 768, SD 2.x 1024, and the UNet's channel widths).
 A1111_WIDTHS = (768, 1024, 320, 640, 1280)
 
 # Single-file (LDM) key of an attention block's key projection; A1111 keys a hypernetwork layer by its input width.
-# The embedded toy-world model (``backends.diffusers.DEFAULT_MODEL_DIR``, named here without importing diffusers).
+# The embedded toy-world model (``backends.model_loading.DEFAULT_MODEL_DIR``, named here without importing diffusers).
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "toyworld" / "model"
 # The embedded SDXL-layout toy-world model, and the name that selects it wherever a model path is asked for.
 EMBEDDED_XL_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "toyworld-xl" / "model"
@@ -61,8 +63,6 @@ def _folder_shape(folder: Path) -> ModelShape | None:
 
 
 def _single_file_shape(path: Path) -> ModelShape | None:
-    from safetensors import safe_open
-
     try:
         context: int | None = None
         channel_widths: set[int] = set()
@@ -100,7 +100,7 @@ def read_model_shape(path: Path | None) -> ModelShape | None:
 
 
 def shape_of_loaded(model: Any) -> ModelShape:
-    """The shape of a loaded model (``backends.diffusers.LoadedModel``), from its modules."""
+    """The shape of a loaded model (``backends.loaded_model.LoadedModel``), from its modules."""
     context = int(model.context_width)
     channel_widths = {int(module.in_features) for name, module in model.unet.named_modules()
                       if name.endswith("attn1.to_k")}

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.safe_load import UnsafeFileError, atomic_path, open_regular
+from sdconcepts.atomic_files import atomic_path
+from sdconcepts.safe_load import UnsafeFileError, open_regular
 
 __all__ = [
     "SD_VERSIONS",

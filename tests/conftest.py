@@ -34,7 +34,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from sdconcepts.backends.diffusers import load_model
+    from sdconcepts.backends.model_loading import load_model
 
     return load_model(tiny_model_dir, device="cpu")
 
@@ -50,7 +50,7 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_sdxl_dir: Path):  # type: ignore[no-untyped-def]
     """The tiny SDXL model loaded by the engine (both text encoders, float32, CPU)."""
-    from sdconcepts.backends.diffusers import load_model
+    from sdconcepts.backends.model_loading import load_model
 
     return load_model(tiny_sdxl_dir, device="cpu")
 

@@ -19,9 +19,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from sdconcepts import checkpoint_files as cf  # noqa: E402
 from sdconcepts.backends.single_file import load_single_file, probe_v_prediction, save_single_file  # noqa: E402
 from sdconcepts.backends.tiny import build_tiny_sd1, build_tiny_sd2  # noqa: E402
+from sdconcepts.checkpoints import files as cf  # noqa: E402
+from sdconcepts.checkpoints.configs import reference_configs  # noqa: E402
 
 CASES = {
     "sd1": ("sd1", "epsilon"),
@@ -272,7 +273,7 @@ def test_match_text_encoder_keys_both_forms() -> None:
 
 
 def _meta_components(family: str) -> dict[str, object]:
-    ref = cf.reference_configs(family)
+    ref = reference_configs(family)
     with torch.device("meta"):
         return {
             "unet": UNet2DConditionModel.from_config(ref["unet"]),
@@ -305,7 +306,7 @@ def test_real_size_configs_are_recovered(family: str, prediction: str) -> None:
         assert tuple(ldm[key].shape) == shape, key
 
     configs = cf.infer_configs(ldm, prediction_type=prediction)
-    ref = cf.reference_configs(family)
+    ref = reference_configs(family)
     for name in ("unet", "vae", "text_encoder", "scheduler"):
         got = getattr(configs, name)
         for key, value in ref[name].items():

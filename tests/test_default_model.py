@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from closeness import assert_images_close, assert_owned_weights, pixels
 
-from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR, load_model, txt2img
+from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR, load_model
+from sdconcepts.backends.sampling import txt2img
 from sdconcepts.generation import GenerationParams
 from sdconcepts.toyworld.probe import classify
 
@@ -32,7 +33,7 @@ def test_embedded_model_round_trips_through_a1111_single_file(default_model, tmp
     from diffusers import DDIMScheduler
 
     from sdconcepts.backends.single_file import save_single_file
-    from sdconcepts.checkpoint_files import read_checkpoint
+    from sdconcepts.checkpoints.files import read_checkpoint
 
     components = {"unet": default_model.unet, "vae": default_model.vae, "text_encoder": default_model.text_encoder,
                   "scheduler": DDIMScheduler.from_config(default_model.scheduler_config)}

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from sdconcepts import Embedding, load_embedding, save_embedding
-from sdconcepts.embedding_files import EmbeddingFileError, NoEmbeddedData, describe_embedding, file_sha256
+from sdconcepts.embeddings.files import EmbeddingFileError, NoEmbeddedData, describe_embedding, file_sha256
 
 WIDTH = 48
 
@@ -460,8 +460,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_cli_inspect_describes_a_hypernetwork(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    hypernetwork = pytest.importorskip("sdconcepts.hypernetwork")
-    files = pytest.importorskip("sdconcepts.hypernetwork_files")
+    hypernetwork = pytest.importorskip("sdconcepts.hypernetworks.hypernetwork")
+    files = pytest.importorskip("sdconcepts.hypernetworks.files")
     from sdconcepts.cli import main
 
     files.save_hypernetwork(hypernetwork.create_hypernetwork("hn", [WIDTH], generator_seed=0), tmp_path / "hn.pt")

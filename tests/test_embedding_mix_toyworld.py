@@ -38,9 +38,10 @@ MIXES = {"concatenated": "greenish | triangular", "summed": "greenish + triangul
 
 
 def train_and_mix(work: Path) -> dict[str, Any]:
-    from sdconcepts.backends.diffusers import load_model, txt2img
-    from sdconcepts.embedding_files import load_embedding
-    from sdconcepts.embedding_tools import mix_vectors, write_embedding
+    from sdconcepts.backends.model_loading import load_model
+    from sdconcepts.backends.sampling import txt2img
+    from sdconcepts.embeddings.files import load_embedding
+    from sdconcepts.embeddings.tools import mix_vectors, write_embedding
     from sdconcepts.generation import GenerationParams
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.toyworld.probe import classify

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from sdconcepts.cli import main
-from sdconcepts.embedding import Embedding
-from sdconcepts.embedding_files import load_embedding, save_embedding
-from sdconcepts.embedding_tools import (
+from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.files import load_embedding, save_embedding
+from sdconcepts.embeddings.library import EmbeddingLibrary
+from sdconcepts.embeddings.tools import (
     EmbeddingToolError,
     MixTerm,
     describe_vectors,
@@ -24,7 +25,6 @@ from sdconcepts.embedding_tools import (
     vocabulary_of,
     write_embedding,
 )
-from sdconcepts.library import EmbeddingLibrary
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from sdconcepts import Embedding, load_embedding, save_embedding
-from sdconcepts.backends.diffusers import PromptEncoder, txt2img
+from sdconcepts.backends.prompt_encoder import PromptEncoder
+from sdconcepts.backends.sampling import txt2img
+from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.generation import GenerationParams, parse_infotext
-from sdconcepts.library import EmbeddingLibrary
 
 WIDTH = 48
 

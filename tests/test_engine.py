@@ -9,14 +9,9 @@ import pytest
 import torch
 from closeness import assert_images_close, assert_owned_weights, pixels
 
-from sdconcepts.backends.diffusers import (
-    SCHEDULERS,
-    ModelLoadError,
-    PromptEncoder,
-    load_model,
-    model_from_components,
-    txt2img,
-)
+from sdconcepts.backends.model_loading import ModelLoadError, load_model, model_from_components
+from sdconcepts.backends.prompt_encoder import PromptEncoder
+from sdconcepts.backends.sampling import SCHEDULERS, txt2img
 from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams, parse_infotext
 from sdconcepts.images import read_infotext, save_png
 
@@ -174,13 +169,13 @@ def test_prompt_editing_variants_share_emphasis_as_in_a1111() -> None:
 
 
 def test_original_emphasis_of_zero_mean_vectors_is_not_nan(tiny_model) -> None:  # type: ignore[no-untyped-def]
-    from sdconcepts.backends.diffusers import _apply_emphasis
+    from sdconcepts.backends.prompt_encoder import apply_emphasis
 
     # Token vectors whose mean is exactly 0 (a layer norm without bias), also after weighting by 1.5: A1111's
     # rescale is 0/0 here.
     z = torch.tensor([[1.0, -1.0, 2.0, -2.0]] * 5)
     multipliers = torch.tensor([1.0, 1.5, 1.0, 1.0, 1.0])
-    out = _apply_emphasis(z, multipliers, normalize=True)
+    out = apply_emphasis(z, multipliers, normalize=True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, z * multipliers.unsqueeze(-1), rtol=0, atol=0)
     # The tiny model has no layer norm bias either: the rescale is skipped, nothing blows up.

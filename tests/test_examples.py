@@ -9,12 +9,19 @@ from typing import Any
 import pytest
 import torch
 
-from sdconcepts.cli import build_parser, web_ui_config
-from sdconcepts.embedding import Embedding
-from sdconcepts.embedding_files import load_embedding, save_embedding
-from sdconcepts.examples import EMBEDDING, EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR, EXAMPLES_DIR, HYPERNETWORK
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.cli.main import build_parser
+from sdconcepts.cli.web_ui_command import web_ui_config
+from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.files import load_embedding, save_embedding
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.model_shape import EMBEDDED_MODEL_DIR
+from sdconcepts.toyworld.examples import (
+    EMBEDDING,
+    EXAMPLE_EMBEDDINGS_DIR,
+    EXAMPLE_HYPERNETWORKS_DIR,
+    EXAMPLES_DIR,
+    HYPERNETWORK,
+)
 from sdconcepts.ui import handlers
 from sdconcepts.ui.ui_session import DEFAULT_MODEL_LABEL, UiSession
 

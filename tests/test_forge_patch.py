@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdconcepts.attach import AttentionPatch
 from sdconcepts.host import forge
-from sdconcepts.hypernetwork import apply_hypernetworks, create_hypernetwork, width_mismatch
-from sdconcepts.hypernetwork_files import save_hypernetwork
+from sdconcepts.hypernetworks.attach import AttentionPatch
+from sdconcepts.hypernetworks.files import save_hypernetwork
+from sdconcepts.hypernetworks.hypernetwork import apply_hypernetworks, create_hypernetwork, width_mismatch
 
 
 def _chain() -> list[tuple[Any, float]]:
@@ -98,7 +98,7 @@ def test_width_mismatch_warning() -> None:
 
 
 def test_engine_warns_about_a_file_whose_widths_fit_no_layer(tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
 
     params = GenerationParams(prompt="a cat", steps=2, seed=5, sampler="Euler", cfg_scale=5.0)

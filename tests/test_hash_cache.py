@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from sdconcepts import Embedding, save_embedding
+from sdconcepts.embeddings.folder_scan import Library
+from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.hash_cache import HashCache
-from sdconcepts.library import EmbeddingLibrary, Library
 from sdconcepts.safe_load import file_sha256
 from sdconcepts.ui import handlers
 from sdconcepts.ui.ui_session import UiConfig, UiSession

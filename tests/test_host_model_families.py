@@ -17,10 +17,12 @@ import pytest
 import torch
 from closeness import assert_images_close, assert_outputs_close, pixels
 
-from sdconcepts import checkpoint_files as cf
-from sdconcepts.backends.diffusers import load_model, model_from_components, model_sharing_weights, txt2img
+from sdconcepts.backends.model_loading import load_model, model_from_components, model_sharing_weights
+from sdconcepts.backends.sampling import txt2img
 from sdconcepts.backends.single_file import save_single_file
 from sdconcepts.backends.tiny import build_tiny_sdxl
+from sdconcepts.checkpoints import files as cf
+from sdconcepts.checkpoints.layout import VAE_PREFIX
 from sdconcepts.generation import GenerationParams
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
@@ -49,7 +51,7 @@ def _forge_held(path: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, tor
     loader slices q/k/v and transposes SDXL's projection into its CLIPTextModels, then they are separate tensors)."""
     state, metadata = cf.read_checkpoint_with_metadata(path)
     parts, _ = cf.split_checkpoint(state, cf.infer_configs(state, metadata=metadata))
-    held = {k: _owned(v) for k, v in state.items() if k.startswith((cf.UNET_PREFIX, cf.VAE_PREFIX))}
+    held = {k: _owned(v) for k, v in state.items() if k.startswith((cf.UNET_PREFIX, VAE_PREFIX))}
     encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if "text_encoder_2" in parts else [])
     return held, [{k: _owned(v.contiguous()) for k, v in te.items()} for te in encoders]
 
@@ -165,8 +167,8 @@ def test_an_sdxl_vae_held_in_float16_runs_in_float32_on_a_copy(tmp_path: Path, c
     save_single_file({**build_tiny_sdxl(seed=3), "family": "sdxl"}, path)
     state, metadata = cf.read_checkpoint_with_metadata(path)
     held = {k: v.to(torch.float16) if v.is_floating_point() else v.clone() for k, v in state.items()}
-    before = {k: v.clone() for k, v in held.items() if k.startswith(cf.VAE_PREFIX)}
-    with caplog.at_level("INFO", logger="sdconcepts.backends.diffusers"):
+    before = {k: v.clone() for k, v in held.items() if k.startswith(VAE_PREFIX)}
+    with caplog.at_level("INFO", logger="sdconcepts.backends.model_loading"):
         view = model_sharing_weights(held, name="xl16", metadata=metadata)
     assert {p.dtype for p in view.vae.parameters()} == {torch.float32}
     assert "the SDXL VAE held in float16 runs in float32 here" in caplog.text

@@ -18,9 +18,10 @@ import pytest
 import torch
 from closeness import assert_outputs_close
 
-from sdconcepts import checkpoint_files as cf
-from sdconcepts.backends.diffusers import load_model, model_sharing_weights
+from sdconcepts.backends.model_loading import load_model, model_sharing_weights
 from sdconcepts.backends.tiny import build_tiny_sdxl
+from sdconcepts.checkpoints import files as cf
+from sdconcepts.checkpoints.layout import VAE_PREFIX
 from sdconcepts.host import views
 from sdconcepts.training.training_model import TrainingModel
 
@@ -65,7 +66,7 @@ def _forge_objects(path: Path) -> Any:
     for name, (part, config) in zip(FORGE_NAMES[configs.family], encoders, strict=False):
         joint.add_module(name, _forge_clip({k: v.clone() for k, v in parts[part].items()}, config))
     unet = {k[len(cf.UNET_PREFIX):]: v.clone() for k, v in state.items() if k.startswith(cf.UNET_PREFIX)}
-    vae = {k[len(cf.VAE_PREFIX):]: v.clone() for k, v in state.items() if k.startswith(cf.VAE_PREFIX)}
+    vae = {k[len(VAE_PREFIX):]: v.clone() for k, v in state.items() if k.startswith(VAE_PREFIX)}
     return SimpleNamespace(
         unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=_Held(unet), predictor=SimpleNamespace(
             prediction_type="epsilon"))),
@@ -131,7 +132,7 @@ def test_a1111_sdxl_is_read_once_under_its_sgm_names() -> None:
 def test_the_train_tab_knows_an_sdxl_host_model_once_its_view_exists(tmp_path: Path) -> None:
     """SDXL embeddings are clip_l + clip_g pairs: the Textual Inversion cards must know the host's model is SDXL
     (not only its 2 x width) as soon as our view of it exists, without loading it just to draw the page."""
-    from sdconcepts.backends.diffusers import model_from_components
+    from sdconcepts.backends.model_loading import model_from_components
     from sdconcepts.ui.ui_session import HOST_MODEL_LABEL, UiConfig, UiSession
 
     view = model_from_components(build_tiny_sdxl(seed=1), family="sdxl")

@@ -16,14 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdconcepts.hypernetwork import (
+from sdconcepts.hypernetworks.files import HypernetworkFileError, load_hypernetwork
+from sdconcepts.hypernetworks.hypernetwork import (
     HypernetworkError,
     HypernetworkModule,
     apply_hypernetworks,
     create_hypernetwork,
     parse_dropout_structure,
 )
-from sdconcepts.hypernetwork_files import HypernetworkFileError, load_hypernetwork
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -199,7 +199,7 @@ def test_legacy_two_layer_file_without_metadata(tmp_path: Path) -> None:
 
 def test_name_key_overrides_stem_and_metadata_defaults(tmp_path: Path) -> None:
     hypernetwork = create_hypernetwork("inner", (8,))
-    from sdconcepts.hypernetwork_files import hypernetwork_to_dict
+    from sdconcepts.hypernetworks.files import hypernetwork_to_dict
 
     data = hypernetwork_to_dict(hypernetwork)
     data["step"] = 1234
@@ -309,7 +309,7 @@ def test_parse_dropout_structure_matches_spec_examples() -> None:
 
 
 def test_activation_table_follows_a1111() -> None:
-    from sdconcepts.hypernetwork import ACTIVATIONS
+    from sdconcepts.hypernetworks.hypernetwork import ACTIVATIONS
 
     assert ACTIVATIONS["swish"] is torch.nn.Hardswish and ACTIVATIONS["linear"] is None
     for name, cls in SPEC_ACTIVATIONS.items():
@@ -319,7 +319,7 @@ def test_activation_table_follows_a1111() -> None:
 
 def test_unrunnable_activation_in_a_file_is_a_file_error(tmp_path: Path) -> None:
     hypernetwork = create_hypernetwork("g", (8,))
-    from sdconcepts.hypernetwork_files import hypernetwork_to_dict
+    from sdconcepts.hypernetworks.files import hypernetwork_to_dict
 
     data = hypernetwork_to_dict(hypernetwork)
     data["activation_func"] = "glu"  # halves the width: the next Linear cannot take it

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdconcepts.attach import attach_hypernetworks, attention_layers
-from sdconcepts.hypernetwork import HypernetworkError, apply_hypernetworks, create_hypernetwork
+from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers
+from sdconcepts.hypernetworks.hypernetwork import HypernetworkError, apply_hypernetworks, create_hypernetwork
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def _pixels(result: Any) -> np.ndarray:
 
 
 def test_txt2img_applies_tags_and_detaches(tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
 
     hypernetworks = {"style": _visible("style", activation="relu")}
@@ -222,7 +222,7 @@ def test_cli_generate_uses_the_hypernetworks_folder(
     tiny_model_dir: Path, tmp_path: Path, capsys: Any, monkeypatch: Any
 ) -> None:
     from sdconcepts.cli import main
-    from sdconcepts.hypernetwork_files import save_hypernetwork
+    from sdconcepts.hypernetworks.files import save_hypernetwork
     from sdconcepts.images import read_infotext
 
     folder = tmp_path / "models" / "hypernetworks"

@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from sdconcepts.hypernetwork import create_hypernetwork
-from sdconcepts.hypernetwork_files import (
+from sdconcepts.hypernetworks.files import (
     HypernetworkFileError,
     OptimizerState,
     describe_hypernetwork,
@@ -24,6 +23,7 @@ from sdconcepts.hypernetwork_files import (
     optimizer_path,
     save_hypernetwork,
 )
+from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
 # ---- A1111's modules/safe.py check, written out from a1111-compat §1.9 (allowed globals and zip entry names) ----
 _ALLOWED = {
@@ -113,7 +113,7 @@ def test_round_trip_in_a1111_layout_passes_its_safe_unpickler(tmp_path: Path, kw
     back = load_hypernetwork(path)
     _assert_same(made, back)
     x = torch.randn(2, 3, 7)
-    from sdconcepts.hypernetwork import apply_hypernetworks
+    from sdconcepts.hypernetworks.hypernetwork import apply_hypernetworks
 
     for a, b in zip(apply_hypernetworks(x, [(made, 0.8)]), apply_hypernetworks(x, [(back, 0.8)]), strict=True):
         assert torch.equal(a, b)
@@ -158,7 +158,7 @@ class _Hostile:
 
 
 def _valid_dict() -> dict[Any, Any]:
-    from sdconcepts.hypernetwork_files import hypernetwork_to_dict
+    from sdconcepts.hypernetworks.files import hypernetwork_to_dict
 
     return hypernetwork_to_dict(create_hypernetwork("v", (8,), generator_seed=0))
 
@@ -214,7 +214,7 @@ def test_any_integer_width_and_fp16_tensors_load(tmp_path: Path) -> None:
     width = 8
     data[width] = [module_sd, dict(module_sd)]
     made = create_hypernetwork("odd", (13,), generator_seed=1)
-    from sdconcepts.hypernetwork_files import hypernetwork_to_dict
+    from sdconcepts.hypernetworks.files import hypernetwork_to_dict
 
     data[13] = hypernetwork_to_dict(made)[13]
     path = tmp_path / "mixed.pt"
@@ -239,7 +239,7 @@ def test_describe_reports_metadata(tmp_path: Path) -> None:
 
 
 def test_find_hypernetworks_follows_a1111_listing(tmp_path: Path) -> None:
-    from sdconcepts.hypernetwork_files import find_hypernetworks
+    from sdconcepts.hypernetworks.library import find_hypernetworks
 
     for relative in ("b/Style.pt", "a/Style.pt", "A/deep/other.pt", "None.pt", "notes.txt", "x.safetensors"):
         path = tmp_path / relative
@@ -251,7 +251,7 @@ def test_find_hypernetworks_follows_a1111_listing(tmp_path: Path) -> None:
 
 
 def test_context_dtype_is_kept() -> None:
-    from sdconcepts.hypernetwork import apply_hypernetworks
+    from sdconcepts.hypernetworks.hypernetwork import apply_hypernetworks
 
     made = create_hypernetwork("half", (8,), weight_init="XavierNormal", generator_seed=0)
     context = torch.randn(1, 3, 8).half()
@@ -261,7 +261,8 @@ def test_context_dtype_is_kept() -> None:
 
 
 def test_folder_load_skips_bad_files_and_loads_the_rest(tmp_path: Path) -> None:
-    from sdconcepts.hypernetwork_files import hypernetwork_to_dict, load_hypernetwork_folders
+    from sdconcepts.hypernetworks.files import hypernetwork_to_dict
+    from sdconcepts.hypernetworks.library import load_hypernetwork_folders
 
     save_hypernetwork(create_hypernetwork("inner", (8,), generator_seed=0), tmp_path / "deep" / "good.pt")
     data = hypernetwork_to_dict(create_hypernetwork("x", (8,), generator_seed=0))

@@ -11,8 +11,9 @@ import torch
 from closeness import assert_images_close, pixels
 from PIL import Image
 
-from sdconcepts.backends.diffusers import load_model, make_scheduler, txt2img
-from sdconcepts.backends.img2img import InitLatents, img2img, is_inpainting_model, keep_denoised
+from sdconcepts.backends.model_loading import load_model
+from sdconcepts.backends.sampler_start import InitLatents, is_inpainting_model, keep_denoised
+from sdconcepts.backends.sampling import img2img, make_scheduler, txt2img
 from sdconcepts.generation import GenerationError, GenerationParams, parse_infotext
 from sdconcepts.img2img import (
     Img2ImgOptions,
@@ -148,8 +149,8 @@ def test_bad_options_are_one_line_errors(bad: dict[str, Any], message: str) -> N
 
 
 def test_strength_sets_the_steps_run_and_how_far_from_the_init(tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import decode_latents
-    from sdconcepts.backends.img2img import _pixels, encode_pixels
+    from sdconcepts.backends.sampler_start import encode_pixels, image_pixels
+    from sdconcepts.backends.sampling import decode_latents
 
     image = _noise_image()
     calls: list[int] = []
@@ -160,7 +161,7 @@ def test_strength_sets_the_steps_run_and_how_far_from_the_init(tiny_model: Any) 
     assert parse_infotext(result.infotexts[0])[2]["Steps"] == "20"
     # Strength 0 runs one step at the smallest noise level: much nearer the VAE round trip of the init image than
     # strength 1 (the tiny VAE's latents are small, so even the smallest noise level shows).
-    round_trip = np.asarray(decode_latents(tiny_model, encode_pixels(tiny_model, _pixels(image, tiny_model)))[0],
+    round_trip = np.asarray(decode_latents(tiny_model, encode_pixels(tiny_model, image_pixels(image, tiny_model)))[0],
                             dtype=np.int16)
     distance = {}
     for strength in (0.0, 1.0):
@@ -192,7 +193,7 @@ def test_each_step_keeps_the_init_latents_outside_the_mask(tiny_model: Any, samp
     keep = torch.zeros(1, 1, 8, 8)
     keep[..., :4] = 1
     init = InitLatents(init_latents, first_step=3, keep=keep)
-    from sdconcepts.backends.img2img import noised_init
+    from sdconcepts.backends.sampler_start import noised_init
 
     latents, timesteps = noised_init(scheduler, init, torch.randn(1, 4, 8, 8))
     t = timesteps[0]
@@ -251,7 +252,7 @@ def test_a_mask_of_another_size_is_resized(tiny_model: Any) -> None:
 
 
 def test_embeddings_and_hypernetworks_apply_in_img2img(tiny_model: Any) -> None:
-    from sdconcepts.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     image, mask = _noise_image(), _box_mask(32, (8, 8, 24, 24))
     vectors = {name: torch.randn(2, 48, generator=torch.Generator().manual_seed(i)) * 0.02

@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR
+from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR
 
 pytestmark = [
     pytest.mark.slow,
@@ -77,7 +77,7 @@ def shape_mask(image: Image.Image, padding: int, *, box: bool = True) -> Image.I
 
 
 def train_word(model: Any, work: Path) -> torch.Tensor:
-    from sdconcepts.embedding_files import load_embedding
+    from sdconcepts.embeddings.files import load_embedding
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
     from sdconcepts.training.training_model import TrainingModel
@@ -93,7 +93,7 @@ def train_word(model: Any, work: Path) -> torch.Tensor:
 
 
 def train_style(model: Any, work: Path) -> Any:
-    from sdconcepts.hypernetwork_files import load_hypernetwork
+    from sdconcepts.hypernetworks.files import load_hypernetwork
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import HypernetworkTrainingConfig, create_hypernetwork_file, train_hypernetwork
 
@@ -108,7 +108,7 @@ def train_style(model: Any, work: Path) -> Any:
 
 def _inpaint_all(model: Any, cases: Sequence[tuple[Image.Image, Image.Image]], prompts: Sequence[str], *,
                  invert: bool, **kwargs: Any) -> list[Image.Image]:
-    from sdconcepts.backends.img2img import img2img
+    from sdconcepts.backends.sampling import img2img
     from sdconcepts.generation import GenerationParams
     from sdconcepts.img2img import Img2ImgOptions
 
@@ -134,8 +134,8 @@ def _unchanged_outside(results: Sequence[Image.Image], cases: Sequence[tuple[Ima
 
 
 def measure(work: Path) -> dict[str, Any]:
-    from sdconcepts.backends.diffusers import load_model
-    from sdconcepts.backends.img2img import img2img
+    from sdconcepts.backends.model_loading import load_model
+    from sdconcepts.backends.sampling import img2img
     from sdconcepts.generation import GenerationParams
     from sdconcepts.img2img import Img2ImgOptions
     from sdconcepts.toyworld.probe import classify

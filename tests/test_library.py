@@ -12,7 +12,8 @@ from PIL import Image
 from test_embedding_files import write_bad_files, write_hostile_files
 
 from sdconcepts import Embedding, save_embedding
-from sdconcepts.library import EmbeddingLibrary, Library
+from sdconcepts.embeddings.folder_scan import Library
+from sdconcepts.embeddings.library import EmbeddingLibrary
 
 WIDTH = 48
 
@@ -187,7 +188,7 @@ def test_preview_images_are_never_read_and_added_folders_join(tmp_path: Path) ->
 
 
 def test_header_info_matches_the_full_read_for_every_layout(tmp_path: Path) -> None:
-    from sdconcepts.embedding_files import load_embedding, read_embedding_info
+    from sdconcepts.embeddings.files import load_embedding, read_embedding_info
     from sdconcepts.safe_load import write_torch_file
 
     save_embedding(_emb("a1111", 3), tmp_path / "a1111.pt")

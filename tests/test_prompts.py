@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from sdconcepts.prompts import (
-    EmbeddingEntry,
-    EmbeddingFix,
+from sdconcepts.prompts.chunks import EmbeddingEntry, EmbeddingFix, build_chunks, build_embedding_index, count_tokens
+from sdconcepts.prompts.editing import get_prompt_schedule, get_prompt_schedules, text_at_step
+from sdconcepts.prompts.emphasis import parse_prompt_attention
+from sdconcepts.prompts.network_tags import (
     ExtraNetworkTag,
     HypernetworkTag,
-    build_chunks,
-    build_embedding_index,
-    count_tokens,
-    get_prompt_schedule,
-    get_prompt_schedules,
     hypernetwork_tags,
     parse_extra_network_tags,
     parse_hypernetwork_tags,
-    parse_prompt_attention,
-    text_at_step,
 )
 
 # --- emphasis -------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdconcepts.safe_load import UnsafeFileError, atomic_path, load_torch_file, save_torch_file
+from sdconcepts.atomic_files import atomic_path, save_torch_file
+from sdconcepts.safe_load import UnsafeFileError, load_torch_file
 
 
 class _Hostile:

@@ -14,9 +14,10 @@ from closeness import assert_outputs_close, assert_owned_weights  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from sdconcepts import checkpoint_files as cf  # noqa: E402
 from sdconcepts.backends.single_file import load_single_file, save_single_file  # noqa: E402
 from sdconcepts.backends.tiny import build_tiny_sdxl  # noqa: E402
+from sdconcepts.checkpoints import files as cf  # noqa: E402
+from sdconcepts.checkpoints.configs import reference_configs  # noqa: E402
 
 NAMES = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -99,7 +100,7 @@ def test_sdxl_layout_matches_diffusers_own_converter(sdxl) -> None:
 
 
 def test_sdxl_real_size_configs_are_recovered() -> None:
-    ref = cf.reference_configs("sdxl")
+    ref = reference_configs("sdxl")
     with torch.device("meta"):
         components = {
             "unet": UNet2DConditionModel(**ref["unet"]),
@@ -150,7 +151,7 @@ def test_sdxl_refiner_and_partial_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_load_model_reads_sdxl_folders_and_files(tiny_sdxl, tiny_sdxl_dir: Path, tmp_path: Path) -> None:
-    from sdconcepts.backends.diffusers import load_model
+    from sdconcepts.backends.model_loading import load_model
 
     assert tiny_sdxl.family == "sdxl" and tiny_sdxl.is_sdxl
     assert tiny_sdxl.context_width == 32 + 48

@@ -15,10 +15,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from closeness import assert_outputs_close  # noqa: E402
 
 from sdconcepts import Embedding, load_embedding, save_embedding  # noqa: E402
-from sdconcepts.backends.diffusers import PromptEncoder, make_scheduler, txt2img  # noqa: E402
-from sdconcepts.embedding import usable_embeddings  # noqa: E402
+from sdconcepts.backends.prompt_encoder import PromptEncoder  # noqa: E402
+from sdconcepts.backends.sampling import make_scheduler, txt2img  # noqa: E402
+from sdconcepts.embeddings.library import (
+    EmbeddingLibrary,  # noqa: E402
+    usable_embeddings,  # noqa: E402
+)
 from sdconcepts.generation import GenerationParams, parse_infotext  # noqa: E402
-from sdconcepts.library import EmbeddingLibrary  # noqa: E402
 
 
 def _sdxl_embedding(name: str, n: int, seed: int = 0) -> Embedding:

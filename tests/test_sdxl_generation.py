@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from closeness import assert_outputs_close  # noqa: E402
 
-from sdconcepts.backends.diffusers import PromptEncoder, make_scheduler, txt2img  # noqa: E402
+from sdconcepts.backends.prompt_encoder import PromptEncoder  # noqa: E402
+from sdconcepts.backends.sampling import make_scheduler, txt2img  # noqa: E402
 from sdconcepts.generation import GenerationParams  # noqa: E402
 
 PROMPT = "a red cube on green grass, studio light"
@@ -100,7 +101,7 @@ def test_sdxl_empty_negative_prompt_is_zeroed(tiny_sdxl, pipe) -> None:
 def test_sdxl_img2img_and_inpainting_run(tiny_sdxl) -> None:
     from PIL import Image
 
-    from sdconcepts.backends.img2img import img2img
+    from sdconcepts.backends.sampling import img2img
 
     init = Image.new("RGB", (64, 64), (200, 40, 40))
     mask = Image.new("L", (64, 64), 0)
@@ -138,8 +139,8 @@ def test_cli_generate_on_an_sdxl_single_file_with_an_sdxl_embedding(tiny_sdxl, t
 def test_sdxl_half_precision_keeps_the_vae_in_float32(tiny_sdxl_dir: Path) -> None:
     from PIL import Image
 
-    from sdconcepts.backends.diffusers import load_model
-    from sdconcepts.backends.img2img import img2img
+    from sdconcepts.backends.model_loading import load_model
+    from sdconcepts.backends.sampling import img2img
 
     model = load_model(tiny_sdxl_dir, device="cpu", dtype=torch.float16)
     assert model.unet.dtype == torch.float16 and model.text_encoder_2.dtype == torch.float16

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sdconcepts.attach import attach_hypernetworks, attention_layers
-from sdconcepts.hypernetwork import create_hypernetwork
+from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers
+from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
 
 def test_sdxl_attention_widths_and_width_keyed_modules(tiny_sdxl: Any) -> None:
@@ -32,7 +32,7 @@ def _pixels(result: Any) -> np.ndarray:
 
 @pytest.mark.parametrize("widths", [(80,), (64, 96)])
 def test_sdxl_txt2img_applies_hypernetworks(tiny_sdxl: Any, widths: tuple[int, ...]) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
 
     style = create_hypernetwork("style", widths, activation="relu", weight_init="XavierNormal", generator_seed=3)
@@ -51,7 +51,7 @@ def test_sdxl_txt2img_applies_hypernetworks(tiny_sdxl: Any, widths: tuple[int, .
 
 def test_create_hypernetwork_offers_the_models_widths(tiny_sdxl_dir: Path, tmp_path: Path, capsys: Any) -> None:
     from sdconcepts.cli import main
-    from sdconcepts.hypernetwork_files import load_hypernetwork
+    from sdconcepts.hypernetworks.files import load_hypernetwork
 
     folder = tmp_path / "hn"
     assert main(["create-hypernetwork", "xlstyle", "--sizes", "model", "--ckpt", str(tiny_sdxl_dir),

@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from closeness import assert_outputs_close  # noqa: E402
 
-from sdconcepts.attach import attention_layers  # noqa: E402
-from sdconcepts.backends.diffusers import PromptEncoder  # noqa: E402
-from sdconcepts.embedding_files import load_embedding  # noqa: E402
-from sdconcepts.hypernetwork_files import load_hypernetwork  # noqa: E402
+from sdconcepts.backends.prompt_encoder import PromptEncoder  # noqa: E402
+from sdconcepts.embeddings.files import load_embedding  # noqa: E402
+from sdconcepts.hypernetworks.attach import attention_layers  # noqa: E402
+from sdconcepts.hypernetworks.files import load_hypernetwork  # noqa: E402
 from sdconcepts.toyworld.concept import write_concept  # noqa: E402
 from sdconcepts.training import (  # noqa: E402
     EmbeddingTrainingConfig,

@@ -54,7 +54,7 @@ def test_ui_lists_and_generates_with_sdxl_models(tiny_sdxl, tiny_sdxl_dir: Path,
 
 
 def test_ui_create_embedding_on_an_sdxl_model_writes_the_pair(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
-    from sdconcepts.embedding_files import load_embedding
+    from sdconcepts.embeddings.files import load_embedding
     from sdconcepts.ui import train_handlers
 
     session = UiSession(UiConfig(ckpt=tiny_sdxl_dir, embeddings_dirs=[tmp_path / "emb"], device="cpu"))

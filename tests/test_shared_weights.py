@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from sdconcepts import checkpoint_files as cf
-from sdconcepts.backends.diffusers import ModelLoadError, load_model, model_sharing_weights, txt2img
-from sdconcepts.embedding_files import load_embedding
+from sdconcepts.backends.model_loading import ModelLoadError, load_model, model_sharing_weights
+from sdconcepts.backends.sampling import txt2img
+from sdconcepts.checkpoints import files as cf
+from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.generation import GenerationParams
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (
     EmbeddingTrainingConfig,
@@ -183,7 +184,7 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
 
 def test_sd2_host_weights_are_shared_too() -> None:
     """SD 2.x as A1111 holds it: OpenCLIP's fused q/k/v ``in_proj_weight`` is split into views, not copies."""
-    from sdconcepts.backends.diffusers import model_from_components
+    from sdconcepts.backends.model_loading import model_from_components
     from sdconcepts.backends.tiny import build_tiny_sd2
 
     reference = model_from_components(build_tiny_sd2(seed=4), name="tiny-sd2", family="sd2")

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sdconcepts.toyworld import cli, concept, models, probe, world
+from sdconcepts.cli import toyworld_commands
+from sdconcepts.toyworld import concept, models, probe, world
 
 ATTRS = ("shape", "colour", "background")
 
@@ -118,7 +119,7 @@ def test_shipped_model_loads_and_draws_the_prompted_colour_and_shape():
 
 
 def test_eval_json_on_a_small_sample(capsys):
-    assert cli.main(["eval", "--samples", "12", "--json"]) == 0
+    assert toyworld_commands.main(["eval", "--samples", "12", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     for key in (
         "samples",
@@ -139,7 +140,7 @@ def test_eval_json_on_a_small_sample(capsys):
 def test_concept_kit_and_score(tmp_path: Path, capsys):
     out = tmp_path / "kit"
     assert (
-        cli.main(
+        toyworld_commands.main(
             [
                 "concept",
                 "--shape",
@@ -162,7 +163,7 @@ def test_concept_kit_and_score(tmp_path: Path, capsys):
         caption = png.with_suffix(".txt").read_text()
         assert not {"triangle", "yellow", "navy"} & set(caption.split())
     capsys.readouterr()
-    assert cli.main(["score", str(out), "--expect", "shape=triangle,colour=yellow,background=navy", "--json"]) == 0
+    assert toyworld_commands.main(["score", str(out), "--expect", "shape=triangle,colour=yellow,background=navy", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["hit_rate"] == {"shape": 1.0, "colour": 1.0, "background": 1.0}
 
@@ -184,14 +185,14 @@ def test_concept_kit_and_score(tmp_path: Path, capsys):
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code_2(argv, message, capsys):
-    assert cli.main(argv) == 2
+    assert toyworld_commands.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
 
 
 @pytest.mark.slow
 def test_training_is_deterministic_and_snapshots_equal_shorter_runs(tmp_path: Path):
-    from sdconcepts.toyworld.train import TrainConfig, train
+    from sdconcepts.toyworld.model_training import TrainConfig, train
 
     small = {"seed": 3, "vae_steps": 2, "vae_batch": 4, "batch": 4, "threads": 1}
     train(TrainConfig(steps=4, save_every=2, **small), tmp_path / "long")

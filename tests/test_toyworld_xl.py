@@ -20,12 +20,12 @@ def test_training_conditioning_is_diffusers_sdxl_encode_prompt() -> None:
     """What the model is trained on is what diffusers (and so the engine, tested equal to it) feeds it."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sdconcepts.toyworld.train import Conditioning
+    from sdconcepts.toyworld.model_training import Conditioning
 
     torch.manual_seed(0)
     encoders = {name: module.eval() for name, module in models.build_text_encoders("sdxl").items()}
     pipe = StableDiffusionXLPipeline(
-        **models._as_pipeline({"unet": models.build_unet("sdxl"), "vae": models.build_vae(), **encoders}).components,
+        **models.as_pipeline({"unet": models.build_unet("sdxl"), "vae": models.build_vae(), **encoders}).components,
         add_watermarker=False,
     )
     condition = Conditioning("sdxl", encoders, torch.device("cpu"))
@@ -49,8 +49,8 @@ def test_training_conditioning_is_diffusers_sdxl_encode_prompt() -> None:
 
 def test_sdxl_toy_training_is_deterministic_distils_and_loads(tmp_path: Path) -> None:
     """The recipe at tiny size: VAE reused, teacher distillation, snapshots equal shorter runs, folder loads as SDXL."""
-    from sdconcepts.backends.diffusers import load_model
-    from sdconcepts.toyworld.train import TrainConfig, train
+    from sdconcepts.backends.model_loading import load_model
+    from sdconcepts.toyworld.model_training import TrainConfig, train
 
     small = {"family": "sdxl", "seed": 3, "batch": 2, "threads": 1, "vae": str(models.MODEL_DIR)}
     train(TrainConfig(steps=2, save_every=1, teacher=str(models.MODEL_DIR), **small), tmp_path / "long")
@@ -74,24 +74,25 @@ def test_sdxl_toy_training_is_deterministic_distils_and_loads(tmp_path: Path) ->
 
 
 def test_unknown_family_is_refused(tmp_path: Path) -> None:
-    from sdconcepts.toyworld.train import TrainConfig, train
+    from sdconcepts.toyworld.model_training import TrainConfig, train
 
     with pytest.raises(ValueError, match="unknown family"):
         train(TrainConfig(family="sd3", steps=1, batch=2, vae=str(models.MODEL_DIR)), tmp_path / "x")
 
 
 def test_toyworld_xl_is_selectable_by_name() -> None:
-    from sdconcepts.cli import _existing_path
+    from sdconcepts.cli.arguments import existing_path
     from sdconcepts.ui.ui_session import XL_MODEL_LABEL, UiConfig, UiSession
 
-    assert _existing_path("toyworld-xl") == SHIPPED
+    assert existing_path("toyworld-xl") == SHIPPED
     if (SHIPPED / "model_index.json").is_file():
         assert UiSession(UiConfig()).model_choices()[XL_MODEL_LABEL] == SHIPPED
 
 
 @needs_shipped
 def test_shipped_toyworld_xl_generates_what_the_prompt_names_in_the_engine() -> None:
-    from sdconcepts.backends.diffusers import load_model, txt2img
+    from sdconcepts.backends.model_loading import load_model
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
     from sdconcepts.toyworld.probe import classify
 

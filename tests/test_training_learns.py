@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR, XL_MODEL_DIR
+from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR, XL_MODEL_DIR
 
 pytestmark = [pytest.mark.slow]
 
@@ -49,7 +49,7 @@ SAMPLES = 60
 
 def generate(model: Any, prompt: str, count: int, *, embeddings: Mapping[str, torch.Tensor] | None = None,
              hypernetworks: Mapping[str, Any] | None = None, seed: int = 1000) -> list[Any]:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
 
     batch = min(20, count)
@@ -69,8 +69,8 @@ def rates(images: Sequence[Any], expect: Mapping[str, str]) -> dict[str, float]:
 
 
 def train_ti(work: Path, *, short_prompt: bool = False, embedded: str = "toyworld") -> dict[str, Any]:
-    from sdconcepts.backends.diffusers import load_model
-    from sdconcepts.embedding_files import load_embedding
+    from sdconcepts.backends.model_loading import load_model
+    from sdconcepts.embeddings.files import load_embedding
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
     from sdconcepts.training.training_model import TrainingModel
@@ -105,8 +105,8 @@ def train_ti(work: Path, *, short_prompt: bool = False, embedded: str = "toyworl
 
 
 def train_hn(work: Path, *, embedded: str = "toyworld") -> dict[str, Any]:
-    from sdconcepts.backends.diffusers import load_model
-    from sdconcepts.hypernetwork_files import load_hypernetwork
+    from sdconcepts.backends.model_loading import load_model
+    from sdconcepts.hypernetworks.files import load_hypernetwork
     from sdconcepts.toyworld import world
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import HypernetworkTrainingConfig, create_hypernetwork_file, train_hypernetwork

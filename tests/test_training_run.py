@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdconcepts.attach import attention_layers
-from sdconcepts.embedding_files import load_embedding
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.embeddings.files import load_embedding
+from sdconcepts.hypernetworks.attach import attention_layers
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.safe_load import load_torch_file
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (
@@ -164,7 +164,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_file(tiny_model: Any, dataset: P
 
 
 def test_previews_come_from_the_live_weights(tiny_model: Any, dataset: Path, tmp_path: Path) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
 
     _new_embedding(tiny_model, tmp_path / "emb")

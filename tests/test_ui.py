@@ -288,7 +288,8 @@ def test_launch_waits_for_a_page_slower_than_gradios_three_second_check() -> Non
 
 
 def test_command_line_without_a_command_configures_the_web_ui(tmp_path: Path) -> None:
-    from sdconcepts.cli import build_parser, main
+    from sdconcepts.cli import main
+    from sdconcepts.cli.main import build_parser
 
     args = build_parser().parse_args(["--port", "7999", "--listen", "--embeddings-dir", str(tmp_path)])
     assert (args.ui_port, args.ui_listen, args.ui_embeddings_dir) == (7999, True, [tmp_path])

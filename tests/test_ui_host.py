@@ -91,7 +91,7 @@ def host(tmp_path: Path) -> Iterator[dict[str, Any]]:
     finally:
         from sdconcepts.host import a1111
 
-        a1111._Registration.session = None
+        a1111.Registration.session = None
         sys.path.remove(str(package.parent))
         for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
             del sys.modules[name]

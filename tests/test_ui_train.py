@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from sdconcepts.embedding_files import load_embedding
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.embeddings.files import load_embedding
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig
 from sdconcepts.training.loop import TrainingEvent

@@ -1,6 +1,6 @@
 """Build diffusers/transformers models from A1111-style single-file checkpoints, and write models back as one.
 
-The file format (reading, key names, config inference) is `sdconcepts.checkpoint_files`; this module only turns
+The file format (reading, key names, config inference) is `sdconcepts.checkpoints.files`; this module only turns
 its plain state dicts and config dicts into UNet2DConditionModel, AutoencoderKL, CLIPTextModel and a scheduler.
 """
 
@@ -16,8 +16,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from sdconcepts import checkpoint_files as cf
 from sdconcepts.backends.tokenizer import load_clip_tokenizer
+from sdconcepts.checkpoints import files as cf
+from sdconcepts.checkpoints.configs import ModelConfigs
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ def save_single_file(
     if scheduler_config is not None:
         configs["scheduler"] = _plain(scheduler_config)
     metadata = cf.make_metadata(configs, family=family, prediction_type=prediction)
-    model_configs = cf.ModelConfigs(
+    model_configs = ModelConfigs(
         unet=configs["unet"],
         vae=configs["vae"],
         text_encoder=configs["text_encoder"],

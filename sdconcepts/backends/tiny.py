@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sdconcepts.backends.tokenizer import load_clip_tokenizer
+from sdconcepts.checkpoints.configs import reference_configs
 
 SD1_SCHEDULER = {
     "num_train_timesteps": 1000,
@@ -95,8 +102,6 @@ def build_tiny_sd1(seed: int = 0, *, in_channels: int = 4) -> dict[str, object]:
 
 def save_tiny_sd1(path: Path, seed: int = 0, *, in_channels: int = 4) -> Path:
     """Write a tiny SD-1.x model as a diffusers folder (model_index.json and one folder per component)."""
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline(
         **build_tiny_sd1(seed, in_channels=in_channels),  # type: ignore[arg-type]
         safety_checker=None,
@@ -150,8 +155,6 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, object]:
     padding 0, with a 40-wide pooled projection). Context 80 and attention widths 64/96 are all distinct, so
     hypernetwork modules keyed by width are never ambiguous.
     """
-    from transformers import CLIPTextModelWithProjection
-
     torch.manual_seed(seed)
     time_dim = 8
     pooled = 40
@@ -192,8 +195,6 @@ def build_tiny_sdxl(seed: int = 0) -> dict[str, object]:
 
 def save_tiny_sdxl(path: Path, seed: int = 0) -> Path:
     """Write a tiny SDXL model as a diffusers folder (StableDiffusionXLPipeline's layout)."""
-    from diffusers import StableDiffusionXLPipeline
-
     pipe = StableDiffusionXLPipeline(**build_tiny_sdxl(seed))  # type: ignore[arg-type]
     pipe.save_pretrained(path, safe_serialization=True)
     return path
@@ -204,8 +205,6 @@ def build_reference_random(family: str = "sd1", seed: int = 0, dtype: torch.dtyp
 
     Built from the reference configs shipped in the package; about 1 B parameters, so only for benchmarks.
     """
-    from sdconcepts.checkpoint_files import reference_configs
-
     configs = reference_configs(family)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**configs["unet"]).eval()

@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
-class _UNetLayout:
+class UNetLayout:
     blocks: int
     layers: int  # resnets per down block; up blocks have one more
     down_attention: tuple[bool, ...]
@@ -38,13 +38,13 @@ class _UNetLayout:
 
 
 @dataclass(frozen=True)
-class _VAELayout:
+class VAELayout:
     blocks: int
     layers: int
 
 
 # (ldm module, diffusers module, renames of the leading part of what follows the module, ldm name first)
-_Module = tuple[str, str, tuple[tuple[str, str], ...]]
+ModuleMap = tuple[str, str, tuple[tuple[str, str], ...]]
 
 _UNET_RESNET = (
     ("in_layers.0", "norm1"),
@@ -59,7 +59,7 @@ _VAE_ATTENTION = (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "t
 _VAE_ATTENTION_LINEAR = ("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight")
 
 
-def _indices(keys: Iterable[str], prefix: str) -> set[int]:
+def key_indices(keys: Iterable[str], prefix: str) -> set[int]:
     found = set()
     for k in keys:
         if k.startswith(prefix):
@@ -69,9 +69,9 @@ def _indices(keys: Iterable[str], prefix: str) -> set[int]:
     return found
 
 
-def _ldm_unet_layout(sd: Mapping[str, Tensor]) -> _UNetLayout:
+def ldm_unet_layout(sd: Mapping[str, Tensor]) -> UNetLayout:
     p = UNET_PREFIX
-    inputs = _indices(sd, p + "input_blocks.")
+    inputs = key_indices(sd, p + "input_blocks.")
     if not inputs:
         raise CheckpointError(f"no UNet input blocks ({p}input_blocks.*)")
     downs = sorted(i for i in inputs if f"{p}input_blocks.{i}.0.op.weight" in sd)
@@ -81,7 +81,7 @@ def _ldm_unet_layout(sd: Mapping[str, Tensor]) -> _UNetLayout:
     if layers < 1 or downs != expected_downs or max(inputs) != blocks * (layers + 1) - 1:
         raise CheckpointError("UNet input blocks are not in the SD layout (resnets, then one downsampler per block)")
     step = layers + 1
-    return _UNetLayout(
+    return UNetLayout(
         blocks=blocks,
         layers=layers,
         down_attention=tuple(f"{p}input_blocks.{1 + i * step}.1.proj_in.weight" in sd for i in range(blocks)),
@@ -90,12 +90,12 @@ def _ldm_unet_layout(sd: Mapping[str, Tensor]) -> _UNetLayout:
     )
 
 
-def _diffusers_unet_layout(sd: Mapping[str, Tensor]) -> _UNetLayout:
-    blocks = len(_indices(sd, "down_blocks."))
-    layers = len(_indices(sd, "down_blocks.0.resnets."))
+def diffusers_unet_layout(sd: Mapping[str, Tensor]) -> UNetLayout:
+    blocks = len(key_indices(sd, "down_blocks."))
+    layers = len(key_indices(sd, "down_blocks.0.resnets."))
     if blocks < 1 or layers < 1:
         raise CheckpointError("UNet state dict has no down_blocks.*.resnets.*")
-    return _UNetLayout(
+    return UNetLayout(
         blocks=blocks,
         layers=layers,
         down_attention=tuple(f"down_blocks.{i}.attentions.0.proj_in.weight" in sd for i in range(blocks)),
@@ -104,9 +104,9 @@ def _diffusers_unet_layout(sd: Mapping[str, Tensor]) -> _UNetLayout:
     )
 
 
-def _unet_modules(layout: _UNetLayout) -> list[_Module]:
+def unet_modules(layout: UNetLayout) -> list[ModuleMap]:
     step = layout.layers + 1
-    mods: list[_Module] = [
+    mods: list[ModuleMap] = [
         ("time_embed.0", "time_embedding.linear_1", ()),
         ("time_embed.2", "time_embedding.linear_2", ()),
         ("input_blocks.0.0", "conv_in", ()),
@@ -140,24 +140,24 @@ def _unet_modules(layout: _UNetLayout) -> list[_Module]:
     return mods
 
 
-def _ldm_vae_layout(sd: Mapping[str, Tensor]) -> _VAELayout:
-    blocks = len(_indices(sd, VAE_PREFIX + "encoder.down."))
-    layers = len(_indices(sd, VAE_PREFIX + "encoder.down.0.block."))
+def ldm_vae_layout(sd: Mapping[str, Tensor]) -> VAELayout:
+    blocks = len(key_indices(sd, VAE_PREFIX + "encoder.down."))
+    layers = len(key_indices(sd, VAE_PREFIX + "encoder.down.0.block."))
     if blocks < 1 or layers < 1:
         raise CheckpointError(f"no VAE encoder blocks ({VAE_PREFIX}encoder.down.*.block.*)")
-    return _VAELayout(blocks, layers)
+    return VAELayout(blocks, layers)
 
 
-def _diffusers_vae_layout(sd: Mapping[str, Tensor]) -> _VAELayout:
-    blocks = len(_indices(sd, "encoder.down_blocks."))
-    layers = len(_indices(sd, "encoder.down_blocks.0.resnets."))
+def _diffusers_vae_layout(sd: Mapping[str, Tensor]) -> VAELayout:
+    blocks = len(key_indices(sd, "encoder.down_blocks."))
+    layers = len(key_indices(sd, "encoder.down_blocks.0.resnets."))
     if blocks < 1 or layers < 1:
         raise CheckpointError("VAE state dict has no encoder.down_blocks.*.resnets.*")
-    return _VAELayout(blocks, layers)
+    return VAELayout(blocks, layers)
 
 
-def _vae_modules(layout: _VAELayout) -> list[_Module]:
-    mods: list[_Module] = [("quant_conv", "quant_conv", ()), ("post_quant_conv", "post_quant_conv", ())]
+def _vae_modules(layout: VAELayout) -> list[ModuleMap]:
+    mods: list[ModuleMap] = [("quant_conv", "quant_conv", ()), ("post_quant_conv", "post_quant_conv", ())]
     for part in ("encoder", "decoder"):
         mods += [
             (f"{part}.conv_in", f"{part}.conv_in", ()),
@@ -181,8 +181,8 @@ def _vae_modules(layout: _VAELayout) -> list[_Module]:
     return mods
 
 
-def _rename(
-    sd: Mapping[str, Tensor], prefix: str, modules: list[_Module], *, to_diffusers: bool, what: str
+def rename_keys(
+    sd: Mapping[str, Tensor], prefix: str, modules: list[ModuleMap], *, to_diffusers: bool, what: str
 ) -> dict[str, Tensor]:
     """Rename every key of `sd` under `prefix` by the module table; a key no module claims is an error."""
     table: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {}
@@ -220,7 +220,7 @@ def _rename(
 # ------------------------------------------------------------------------------------------------- text encoders
 
 
-def _strip_text_model(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def strip_text_model(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {(k[len(TEXT_MODEL) :] if k.startswith(TEXT_MODEL) else k): v for k, v in sd.items()}
 
 
@@ -341,7 +341,7 @@ def match_text_encoder_keys(sd: Mapping[str, Tensor], model_keys: Iterable[str])
     wanted = set(keys)
     # Keys outside the text tower (CLIPTextModelWithProjection's text_projection) never take the level.
     out = {
-        (k if k in wanted or not with_level else TEXT_MODEL + k): v for k, v in _strip_text_model(sd).items()
+        (k if k in wanted or not with_level else TEXT_MODEL + k): v for k, v in strip_text_model(sd).items()
     }
     for k in [k for k in out if k.endswith("position_ids") and k not in wanted]:
         del out[k]
@@ -359,7 +359,7 @@ def match_text_encoder_keys(sd: Mapping[str, Tensor], model_keys: Iterable[str])
 def split_vae(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, StateDict]:
     """The diffusers-layout VAE state dict of an LDM/SGM file, and the file's VAE tensors it came from."""
     vae_sd = {k: v for k, v in state_dict.items() if not k.startswith(VAE_PREFIX + "loss.")}
-    vae = _rename(vae_sd, VAE_PREFIX, _vae_modules(_ldm_vae_layout(state_dict)), to_diffusers=True, what="VAE")
+    vae = rename_keys(vae_sd, VAE_PREFIX, _vae_modules(ldm_vae_layout(state_dict)), to_diffusers=True, what="VAE")
     for key in list(vae):
         if key.endswith(_VAE_ATTENTION_LINEAR) and vae[key].ndim == 4:
             w = vae[key]
@@ -374,4 +374,4 @@ def join_vae(vae_sd: Mapping[str, Tensor]) -> StateDict:
         if key.endswith(_VAE_ATTENTION_LINEAR) and value.ndim == 2:
             value = value.reshape(*value.shape, 1, 1)
         vae[key] = value
-    return _rename(vae, "", _vae_modules(_diffusers_vae_layout(vae_sd)), to_diffusers=False, what="VAE")
+    return rename_keys(vae, "", _vae_modules(_diffusers_vae_layout(vae_sd)), to_diffusers=False, what="VAE")

@@ -15,30 +15,30 @@ from sdconcepts.checkpoints.layout import (
     CheckpointError,
     StateDict,
     Tensor,
-    _diffusers_unet_layout,
-    _indices,
-    _ldm_unet_layout,
-    _rename,
-    _strip_text_model,
-    _unet_modules,
+    diffusers_unet_layout,
     hf_to_openclip,
     join_vae,
+    key_indices,
+    ldm_unet_layout,
     openclip_to_hf,
+    rename_keys,
     split_vae,
+    strip_text_model,
+    unet_modules,
 )
 
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 
 
-def _sd1_text_prefix(sd: Mapping[str, Tensor]) -> str:
+def sd1_text_prefix(sd: Mapping[str, Tensor]) -> str:
     # Some older SD1 files lack the "text_model." level (A1111 rewrites them the same way on load).
     with_level = SD1_TEXT_PREFIX + TEXT_MODEL
     return with_level if any(k.startswith(with_level) for k in sd) else SD1_TEXT_PREFIX
 
 
 def _sd1_text_to_hf(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
-    prefix = _sd1_text_prefix(sd)
+    prefix = sd1_text_prefix(sd)
     out: dict[str, Tensor] = {}
     used: set[str] = set()
     for key, value in sd.items():
@@ -49,7 +49,7 @@ def _sd1_text_to_hf(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[st
 
 
 def _sd2_text_to_hf(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], set[str]]:
-    blocks = _indices(sd, SD2_TEXT_PREFIX + "transformer.resblocks.")
+    blocks = key_indices(sd, SD2_TEXT_PREFIX + "transformer.resblocks.")
     # SD2 conditions on the penultimate layer: diffusers' text encoder stops one resblock short of the file.
     layers = len(blocks) - 1
     if layers < 1 or max(blocks) != layers:
@@ -80,8 +80,8 @@ def _sd2_unused_last_layer(ldm: Mapping[str, Tensor], layers: int) -> dict[str, 
 def split_checkpoint(state_dict: Mapping[str, Tensor], family: str) -> tuple[dict[str, StateDict], StateDict]:
     """Diffusers-layout "unet", "vae", "text_encoder" state dicts of a SD 1.x (``sd1``) or 2.x (``sd2``) file, and
     every tensor no component uses (schedule buffers, EMA copies, SD2's unused last text layer, ...)."""
-    unet_layout = _ldm_unet_layout(state_dict)
-    unet = _rename(state_dict, UNET_PREFIX, _unet_modules(unet_layout), to_diffusers=True, what="UNet")
+    unet_layout = ldm_unet_layout(state_dict)
+    unet = rename_keys(state_dict, UNET_PREFIX, unet_modules(unet_layout), to_diffusers=True, what="UNet")
     vae, vae_sd = split_vae(state_dict)
     if family == "sd1":
         text, text_used = _sd1_text_to_hf(state_dict)
@@ -101,7 +101,7 @@ def join_text(text_encoder_sd: Mapping[str, Tensor], family: str) -> tuple[State
 
     SD2's q/k/v are fused into OpenCLIP's ``in_proj`` (a new tensor): call it on meta tensors where only the
     shapes matter."""
-    te = _strip_text_model(text_encoder_sd)
+    te = strip_text_model(text_encoder_sd)
     placeholders: StateDict = {}
     if family == "sd1":
         table = te.get("embeddings.position_embedding.weight")
@@ -110,7 +110,7 @@ def join_text(text_encoder_sd: Mapping[str, Tensor], family: str) -> tuple[State
             placeholders[SD1_TEXT_PREFIX + TEXT_MODEL + "embeddings.position_ids"] = ids
         return _hf_text_to_sd1(te), placeholders
     text = _hf_text_to_sd2(te)
-    return text, _sd2_unused_last_layer(text, len(_indices(te, "encoder.layers.")))
+    return text, _sd2_unused_last_layer(text, len(key_indices(te, "encoder.layers.")))
 
 
 def join_checkpoint(
@@ -121,8 +121,8 @@ def join_checkpoint(
     *,
     extra: Mapping[str, Tensor] | None = None,
 ) -> StateDict:
-    """One LDM-layout state dict of a SD 1.x/2.x model; see `sdconcepts.checkpoint_files.diffusers_to_ldm`."""
-    unet = _rename(unet_sd, "", _unet_modules(_diffusers_unet_layout(unet_sd)), to_diffusers=False, what="UNet")
+    """One LDM-layout state dict of a SD 1.x/2.x model; see `sdconcepts.checkpoints.files.diffusers_to_ldm`."""
+    unet = rename_keys(unet_sd, "", unet_modules(diffusers_unet_layout(unet_sd)), to_diffusers=False, what="UNet")
     vae = join_vae(vae_sd)
     text, placeholders = join_text(text_encoder_sd, family)
     # Converted weights win over leftovers; leftovers win only over the placeholders made up here.

@@ -1,7 +1,7 @@
 """SDXL single-file checkpoints in the original SGM key layout (A1111/Forge `.safetensors`), read and written.
 
 The UNet (``model.diffusion_model.*``, plus ``label_emb``: the text/time added conditioning) and the VAE
-(``first_stage_model.*``) use the LDM names of SD 1/2 (`sdconcepts.checkpoint_files`); the text encoders live under
+(``first_stage_model.*``) use the LDM names of SD 1/2 (`sdconcepts.checkpoints.files`); the text encoders live under
 ``conditioner.embedders.0.transformer.*`` (CLIP ViT-L, Hugging Face names) and ``conditioner.embedders.1.model.*``
 (OpenCLIP ViT-bigG: fused ``in_proj`` q/k/v, ``text_projection`` used as ``x @ P``). Pure core: torch only.
 """
@@ -15,8 +15,16 @@ from typing import Any
 
 import torch
 
-from sdconcepts import checkpoint_files as cf
 from sdconcepts.checkpoints import layout as lk
+from sdconcepts.checkpoints.configs import (
+    ModelConfigs,
+    infer_unet_shapes,
+    infer_vae_shapes,
+    metadata_configs,
+    need_tensor,
+    norm_groups,
+    reference_configs,
+)
 
 Tensor = torch.Tensor
 StateDict = dict[str, Tensor]
@@ -24,7 +32,7 @@ StateDict = dict[str, Tensor]
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 CLIP_G_PREFIX = "conditioner.embedders.1.model."
 # The added-conditioning MLP: LDM's label_emb.0.{0,2} is diffusers' add_embedding.linear_{1,2}.
-_LABEL_EMB: list[lk._Module] = [
+_LABEL_EMB: list[lk.ModuleMap] = [
     ("label_emb.0.0", "add_embedding.linear_1", ()),
     ("label_emb.0.2", "add_embedding.linear_2", ()),
 ]
@@ -45,8 +53,8 @@ def check_layout(state_dict: Mapping[str, Tensor]) -> None:
         raise lk.CheckpointError(f"SDXL checkpoint without its text encoder keys {missing}*")
 
 
-def _unet_modules(layout: lk._UNetLayout, label_emb: bool) -> list[lk._Module]:
-    return lk._unet_modules(layout) + (_LABEL_EMB if label_emb else [])
+def _unet_modules(layout: lk.UNetLayout, label_emb: bool) -> list[lk.ModuleMap]:
+    return lk.unet_modules(layout) + (_LABEL_EMB if label_emb else [])
 
 
 def _clip_l_to_hf(sd: Mapping[str, Tensor]) -> tuple[StateDict, set[str]]:
@@ -62,7 +70,7 @@ def _clip_l_to_hf(sd: Mapping[str, Tensor]) -> tuple[StateDict, set[str]]:
 
 
 def _clip_g_layers(sd: Mapping[str, Tensor]) -> int:
-    blocks = lk._indices(sd, CLIP_G_PREFIX + "transformer.resblocks.")
+    blocks = lk.key_indices(sd, CLIP_G_PREFIX + "transformer.resblocks.")
     if not blocks or max(blocks) != len(blocks) - 1:
         raise lk.CheckpointError("SDXL OpenCLIP text encoder resblocks are not numbered 0..n-1")
     return len(blocks)
@@ -72,9 +80,9 @@ def split_checkpoint(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, StateD
     """Diffusers-layout "unet", "vae", "text_encoder" (CLIPTextModel) and "text_encoder_2"
     (CLIPTextModelWithProjection) state dicts of an SGM-layout file, and the tensors no component uses."""
     check_layout(state_dict)
-    layout = lk._ldm_unet_layout(state_dict)
+    layout = lk.ldm_unet_layout(state_dict)
     label_emb = lk.UNET_PREFIX + "label_emb.0.0.weight" in state_dict
-    unet = lk._rename(state_dict, lk.UNET_PREFIX, _unet_modules(layout, label_emb), to_diffusers=True, what="UNet")
+    unet = lk.rename_keys(state_dict, lk.UNET_PREFIX, _unet_modules(layout, label_emb), to_diffusers=True, what="UNet")
     vae, vae_used = lk.split_vae(state_dict)
     text_l, used_l = _clip_l_to_hf(state_dict)
     # SDXL runs every OpenCLIP layer: the pooled output comes from the last one (the context from the penultimate).
@@ -105,9 +113,9 @@ def join_checkpoint(
     `extra` (leftovers of the file the model came from) is written too and wins over the placeholders made here:
     CLIP-L's ``position_ids`` (0..n-1) and OpenCLIP's ``logit_scale``, which A1111's model holds but never uses.
     """
-    layout = lk._diffusers_unet_layout(unet_sd)
+    layout = lk.diffusers_unet_layout(unet_sd)
     label_emb = "add_embedding.linear_1.weight" in unet_sd
-    unet = lk._rename(unet_sd, "", _unet_modules(layout, label_emb), to_diffusers=False, what="UNet")
+    unet = lk.rename_keys(unet_sd, "", _unet_modules(layout, label_emb), to_diffusers=False, what="UNet")
     vae = lk.join_vae(vae_sd)
     text, placeholders = join_text(text_encoder_sd, text_encoder_2_sd)
     out: StateDict = {**placeholders, **(extra or {})}
@@ -127,10 +135,10 @@ def join_text(
     matter."""
     text_l = {
         CLIP_L_PREFIX + lk.TEXT_MODEL + k: v
-        for k, v in lk._strip_text_model(text_encoder_sd).items()
+        for k, v in lk.strip_text_model(text_encoder_sd).items()
         if not k.endswith("position_ids")
     }
-    te_g = lk._strip_text_model(text_encoder_2_sd)
+    te_g = lk.strip_text_model(text_encoder_2_sd)
     projection = te_g.pop("text_projection.weight", None)
     if projection is None:
         raise lk.CheckpointError("the SDXL second text encoder has no text_projection (CLIPTextModelWithProjection)")
@@ -147,12 +155,12 @@ def join_text(
 
 def _unet_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
     p = lk.UNET_PREFIX
-    shapes = cf._unet_shapes(sd)
-    layout = lk._ldm_unet_layout(sd)
+    shapes = infer_unet_shapes(sd)
+    layout = lk.ldm_unet_layout(sd)
     step = layout.layers + 1
     # Depths differ per level in SDXL (1/2/10 there; a level without attention counts 1, as diffusers' config does).
     shapes["transformer_layers_per_block"] = [
-        len(lk._indices(sd, f"{p}input_blocks.{1 + i * step}.1.transformer_blocks.")) or 1
+        len(lk.key_indices(sd, f"{p}input_blocks.{1 + i * step}.1.transformer_blocks.")) or 1
         for i in range(layout.blocks)
     ]
     label = sd.get(p + "label_emb.0.0.weight")
@@ -164,51 +172,51 @@ def _unet_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
 
 def _text_l_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
     p = CLIP_L_PREFIX + (lk.TEXT_MODEL if any(k.startswith(CLIP_L_PREFIX + lk.TEXT_MODEL) for k in sd) else "")
-    tokens = cf._need(sd, p + "embeddings.token_embedding.weight")
+    tokens = need_tensor(sd, p + "embeddings.token_embedding.weight")
     return {
         "vocab_size": int(tokens.shape[0]),
         "hidden_size": int(tokens.shape[1]),
-        "max_position_embeddings": int(cf._need(sd, p + "embeddings.position_embedding.weight").shape[0]),
-        "num_hidden_layers": len(lk._indices(sd, p + "encoder.layers.")),
-        "intermediate_size": int(cf._need(sd, p + "encoder.layers.0.mlp.fc1.weight").shape[0]),
+        "max_position_embeddings": int(need_tensor(sd, p + "embeddings.position_embedding.weight").shape[0]),
+        "num_hidden_layers": len(lk.key_indices(sd, p + "encoder.layers.")),
+        "intermediate_size": int(need_tensor(sd, p + "encoder.layers.0.mlp.fc1.weight").shape[0]),
     }
 
 
 def _text_g_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
     p = CLIP_G_PREFIX
-    tokens = cf._need(sd, p + "token_embedding.weight")
+    tokens = need_tensor(sd, p + "token_embedding.weight")
     return {
         "vocab_size": int(tokens.shape[0]),
         "hidden_size": int(tokens.shape[1]),
-        "max_position_embeddings": int(cf._need(sd, p + "positional_embedding").shape[0]),
+        "max_position_embeddings": int(need_tensor(sd, p + "positional_embedding").shape[0]),
         "num_hidden_layers": _clip_g_layers(sd),
-        "intermediate_size": int(cf._need(sd, p + "transformer.resblocks.0.mlp.c_fc.weight").shape[0]),
-        "projection_dim": int(cf._need(sd, p + _PROJECTION).shape[1]),
+        "intermediate_size": int(need_tensor(sd, p + "transformer.resblocks.0.mlp.c_fc.weight").shape[0]),
+        "projection_dim": int(need_tensor(sd, p + _PROJECTION).shape[1]),
     }
 
 
 def infer_configs(
     state_dict: Mapping[str, Tensor], *, prediction_type: str, metadata: Mapping[str, str] | None
-) -> cf.ModelConfigs:
+) -> ModelConfigs:
     """The component configs of an SGM-layout file: tensor shapes first, then our metadata, then SDXL's rules
     (64-wide heads everywhere, 32 GroupNorm groups), then the SDXL base 1.0 configs in ``assets/configs/sdxl``."""
-    ref = cf.reference_configs("sdxl")
-    meta = cf._metadata_configs(metadata)
+    ref = reference_configs("sdxl")
+    meta = metadata_configs(metadata)
 
     unet_shapes = _unet_shapes(state_dict)
     widths = unet_shapes["block_out_channels"]
     unet_guesses: dict[str, Any] = {
-        "norm_num_groups": cf._norm_groups(widths),
+        "norm_num_groups": norm_groups(widths),
         "attention_head_dim": [max(1, w // 64) for w in widths],
     }
-    pooled = int(cf._need(state_dict, CLIP_G_PREFIX + _PROJECTION).shape[1])
+    pooled = int(need_tensor(state_dict, CLIP_G_PREFIX + _PROJECTION).shape[1])
     if "projection_class_embeddings_input_dim" in unet_shapes:
         # The added conditioning is the pooled text (projection width) and six Fourier-embedded size numbers.
         unet_guesses["addition_time_embed_dim"] = (unet_shapes["projection_class_embeddings_input_dim"] - pooled) // 6
     unet = {**ref["unet"], **unet_guesses, **meta.get("unet", {}), **unet_shapes}
 
-    vae_shapes = cf._vae_shapes(state_dict)
-    vae_guesses = {"norm_num_groups": cf._norm_groups(vae_shapes["block_out_channels"])}
+    vae_shapes = infer_vae_shapes(state_dict)
+    vae_guesses = {"norm_num_groups": norm_groups(vae_shapes["block_out_channels"])}
     vae = {**ref["vae"], **vae_guesses, **meta.get("vae", {}), **vae_shapes}
 
     text_shapes = _text_l_shapes(state_dict)
@@ -220,7 +228,7 @@ def infer_configs(
     text2 = {**ref["text_encoder_2"], **text2_guesses, **meta.get("text_encoder_2", {}), **text2_shapes}
 
     scheduler = {**ref["scheduler"], **meta.get("scheduler", {}), "prediction_type": prediction_type}
-    return cf.ModelConfigs(
+    return ModelConfigs(
         unet=copy.deepcopy(unet),
         vae=copy.deepcopy(vae),
         text_encoder=copy.deepcopy(text),

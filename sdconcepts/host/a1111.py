@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sdconcepts.host.model import HostModel, reload_host_files
 from sdconcepts.ui.ui_session import UiConfig, UiSession
 
 __all__ = ["TAB_ID", "TAB_TITLE", "build_tabs", "host_config", "register", "unregister"]
@@ -21,7 +22,7 @@ TAB_TITLE = "sdconcepts"
 TAB_ID = "sdconcepts"
 
 
-class _Registration:
+class Registration:
     """The one session a host process serves; dropped (with its model) when the host unloads scripts."""
 
     session: UiSession | None = None
@@ -32,7 +33,7 @@ class _Registration:
 def host_config() -> UiConfig:
     """Our folders from the host's settings: ``--embeddings-dir``, ``--hypernetwork-dir`` (Forge-Classic lacks it:
     fall back to ``models/hypernetworks``), ``--ckpt-dir``, and the default-multiplier setting for hypernet tags."""
-    from modules import paths, shared
+    from modules import paths, shared  # lazy: host only
 
     cmd_opts = getattr(shared, "cmd_opts", None)
     data_path = Path(getattr(paths, "data_path", "."))
@@ -52,15 +53,14 @@ def host_config() -> UiConfig:
     checkpoints = option("ckpt_dir") or models_path / "Stable-diffusion"
     device = None
     try:
-        from modules import devices
+        from modules import devices  # lazy: host only
 
         device = str(devices.device) if getattr(devices, "device", None) is not None else None
     except ImportError:
         pass
-    from sdconcepts.host.model import HostModel, reload_host_files
 
-    if _Registration.host_model is None:
-        _Registration.host_model = HostModel()
+    if Registration.host_model is None:
+        Registration.host_model = HostModel()
     return UiConfig(
         models_dir=Path(checkpoints),
         embeddings_dirs=[Path(embeddings)],
@@ -68,7 +68,7 @@ def host_config() -> UiConfig:
         outputs_dir=data_path / "outputs" / "sdconcepts",
         device=device,
         multiplier=multiplier,
-        host_model=_Registration.host_model,
+        host_model=Registration.host_model,
         files_changed=reload_host_files,
     )
 
@@ -78,35 +78,35 @@ def build_tabs(session: UiSession) -> list[tuple[Any, str, str]]:
 
     Built without our img2img and PNG Info tabs: the host has its own, and nothing here duplicates them.
     """
-    from sdconcepts.ui.app import build_ui
+    from sdconcepts.ui.app import build_ui  # lazy: gradio
 
     return [(build_ui(session, standalone=False), TAB_TITLE, TAB_ID)]
 
 
 def on_ui_tabs() -> list[tuple[Any, str, str]]:
-    if _Registration.session is None:
-        _Registration.session = UiSession(host_config())
-    tabs = build_tabs(_Registration.session)
-    _Registration.blocks = tabs[0][0]
+    if Registration.session is None:
+        Registration.session = UiSession(host_config())
+    tabs = build_tabs(Registration.session)
+    Registration.blocks = tabs[0][0]
     return tabs
 
 
 def on_app_started(demo: Any, app: Any) -> None:
     """Forge's gradio 4 page: describe our events so its client does not warn about their arguments."""
-    from sdconcepts.ui.compat import describe_events_for_the_page
+    from sdconcepts.ui.compat import describe_events_for_the_page  # lazy: gradio
 
-    describe_events_for_the_page(demo, app, _Registration.blocks)
+    describe_events_for_the_page(demo, app, Registration.blocks)
 
 
 def on_model_loaded(_sd_model: Any) -> None:
     """The host loaded another model: drop our view of the old one, which would keep its weights in memory."""
-    if _Registration.host_model is not None:
-        _Registration.host_model.forget()
+    if Registration.host_model is not None:
+        Registration.host_model.forget()
 
 
 def unregister() -> None:
     """Forget our callbacks and the loaded model; the host calls this before it reloads scripts."""
-    from modules import script_callbacks
+    from modules import script_callbacks  # lazy: host only
 
     remove = getattr(script_callbacks, "remove_callbacks_for_function", None)
     if remove is not None:
@@ -114,12 +114,12 @@ def unregister() -> None:
         remove(on_app_started)
         remove(on_model_loaded)
         remove(unregister)
-    if _Registration.host_model is not None:
-        _Registration.host_model.forget()
-    if _Registration.session is not None:
-        _Registration.session.unload()
-    _Registration.session = None
-    _Registration.blocks = None
+    if Registration.host_model is not None:
+        Registration.host_model.forget()
+    if Registration.session is not None:
+        Registration.session.unload()
+    Registration.session = None
+    Registration.blocks = None
 
 
 def register() -> bool:
@@ -129,7 +129,7 @@ def register() -> bool:
     duplicates the tab even on hosts that do not clear callbacks.
     """
     try:
-        from modules import script_callbacks
+        from modules import script_callbacks  # lazy: host only
     except ImportError:
         return False
     remove = getattr(script_callbacks, "remove_callbacks_for_function", None)

@@ -4,7 +4,7 @@ Forge parses the tag but its UNet never reads loaded hypernetworks. Here the ``h
 registry name, replacing Forge's no-op) resolves the tags of each pass and keeps them on the processing object; an
 always-visible script then, before every sampling, puts a clone of Forge's UNet patcher carrying our ``attn1``/``attn2``
 patches into ``p.sd_model.forge_objects`` (Forge rebuilds that from its LoRA-applied copy before each sampling, so
-nothing leaks into the next one). The math is ``sdconcepts.attach.AttentionPatch`` (the engine's chains).
+nothing leaks into the next one). The math is ``sdconcepts.hypernetworks.attach.AttentionPatch`` (the engine's chains).
 
 A1111 has hypernetworks natively: nothing here registers unless the host is Forge (``is_forge``). Host ``modules.*``
 are imported inside functions only, so this file imports without a host.
@@ -15,17 +15,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdconcepts.attach import AttentionPatch
-from sdconcepts.hypernetwork import Hypernetwork, width_mismatch
-from sdconcepts.hypernetwork_files import HypernetworkFileError, find_hypernetworks, load_hypernetwork, shorthash
-from sdconcepts.prompts import ExtraNetworkTag, hypernetwork_tags
+from sdconcepts.hypernetworks.attach import AttentionPatch, attention_widths
+from sdconcepts.hypernetworks.files import HypernetworkFileError, shorthash
+from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, width_mismatch
+from sdconcepts.hypernetworks.library import LoadedHypernetworks, find_hypernetworks
+from sdconcepts.prompts.network_tags import ExtraNetworkTag, hypernetwork_tags
 
 __all__ = [
     "ForgeHypernetworks",
@@ -58,7 +57,7 @@ def is_forge() -> bool:
 
 def hypernetwork_folder() -> Path:
     """``--hypernetwork-dir``; Forge-Classic and reForge lack the option: ``models/hypernetworks`` there."""
-    from modules import paths, shared
+    from modules import paths, shared  # lazy: host only
 
     folder = getattr(getattr(shared, "cmd_opts", None), "hypernetwork_dir", None)
     if folder:
@@ -72,19 +71,11 @@ def infotext_hashes(used: list[tuple[str, str]]) -> str:
     return ", ".join(f"{name.replace(':', '').replace(',', '')}: {digest}" for name, digest in used)
 
 
-@dataclass(frozen=True)
-class _Cached:
-    mtime_ns: int
-    size: int
-    hypernetwork: Hypernetwork
-
-
 class ForgeHypernetworks:
-    """The files of the hypernetwork folder and the loaded ones, cached by path and modification time."""
+    """The files of Forge's hypernetwork folder (``hypernetworks.library``'s listing rules) and the loaded ones."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loaded: dict[tuple[str, str], _Cached] = {}
+        self._loaded = LoadedHypernetworks()
         self._names: dict[str, Path] = {}
 
     def refresh(self) -> dict[str, Path]:
@@ -100,18 +91,7 @@ class ForgeHypernetworks:
         return self._names.get(name)
 
     def load(self, path: Path, device: torch.device) -> Hypernetwork:
-        stat = path.stat()
-        key = (str(path), str(device))
-        with self._lock:
-            cached = self._loaded.get(key)
-            if cached is not None and (cached.mtime_ns, cached.size) == (stat.st_mtime_ns, stat.st_size):
-                return cached.hypernetwork
-            # As A1111, the modules run on the model's device and stay float32 (inputs are cast for them).
-            # Forge activates extra networks under torch.inference_mode; cached modules must stay ordinary tensors.
-            with torch.inference_mode(False):
-                hypernetwork = load_hypernetwork(path).to(device).eval()
-            self._loaded[key] = _Cached(stat.st_mtime_ns, stat.st_size, hypernetwork)
-            return hypernetwork
+        return self._loaded.load(path, device)
 
 
 _FILES = ForgeHypernetworks()
@@ -120,7 +100,7 @@ _FILES = ForgeHypernetworks()
 def _file_hash(path: Path, name: str) -> str:
     """A1111's 10-digit shorthash through the host's hash cache (shared with its pages), else computed here."""
     try:
-        from modules import hashes
+        from modules import hashes  # lazy: host only
 
         digest = hashes.sha256(str(path), f"hypernet/{name}")
         if digest:
@@ -136,8 +116,6 @@ def _unet_of(p: Any) -> Any:
 
 
 def _model_widths(unet: Any) -> set[int]:
-    from sdconcepts.attach import attention_widths
-
     model = getattr(getattr(unet, "model", None), "diffusion_model", None)
     if isinstance(model, torch.nn.Module):
         return attention_widths(model)
@@ -164,7 +142,7 @@ class ExtraNetworkHypernet:
         self.files = files
 
     def activate(self, p: Any, params_list: list[Any]) -> None:
-        from modules import shared
+        from modules import shared  # lazy: host only
 
         items = [list(getattr(params, "items", []) or []) for params in params_list]
         # A1111's "Add hypernetwork to prompt" setting, when Forge still has it.
@@ -247,7 +225,7 @@ def script_class() -> type | None:
     outside Forge. ``scripts/`` exposes it at module level, where the host looks for Script classes."""
     if not is_forge():
         return None
-    from modules import scripts
+    from modules import scripts  # lazy: host only
 
     class SdconceptsHypernetworks(scripts.Script):  # type: ignore[misc,name-defined]
         sorting_priority = 0
@@ -268,7 +246,7 @@ def script_class() -> type | None:
 
 
 def _page() -> Any:
-    from modules import shared, ui_extra_networks
+    from modules import shared, ui_extra_networks  # lazy: host only
 
     files = _FILES
 
@@ -289,7 +267,7 @@ def _page() -> Any:
             stem, ext = os.path.splitext(str(full_path))
             digest = None
             try:
-                from modules.hashes import sha256_from_cache
+                from modules.hashes import sha256_from_cache  # lazy: host only
 
                 digest = sha256_from_cache(str(full_path), f"hypernet/{name}")
             except Exception:
@@ -324,7 +302,7 @@ def _page() -> Any:
 
 
 def _before_ui() -> None:
-    from modules import extra_networks, ui_extra_networks
+    from modules import extra_networks, ui_extra_networks  # lazy: host only
 
     extra_networks.register_extra_network(ExtraNetworkHypernet())
     pages = getattr(ui_extra_networks, "extra_pages", [])
@@ -339,7 +317,7 @@ def register() -> bool:
     """
     if not is_forge():
         return False
-    from modules import script_callbacks
+    from modules import script_callbacks  # lazy: host only
 
     remove = getattr(script_callbacks, "remove_callbacks_for_function", None)
     if remove is not None:

@@ -2,7 +2,7 @@
 
 Our tab trains and generates on the checkpoint the web UI already holds (SD 1.x, 2.x, XL): the host's tensors are
 seen under their LDM key names (Forge's text encoders under their transformers names: `sdconcepts.host.views`) and
-``backends.diffusers.model_sharing_weights`` builds our modules over that same memory (new
+``backends.model_loading.model_sharing_weights`` builds our modules over that same memory (new
 ``Parameter`` objects, ``requires_grad`` False; the host's modules, flags and hooks are never touched, so its own
 images stay bit-identical). Forge loads its patchers through its own memory manager first, as its sampling does.
 
@@ -33,7 +33,7 @@ _View = tuple[views.HostWeights, str, str | None, str, Any]
 
 
 def _a1111_view() -> _View:
-    from modules import shared
+    from modules import shared  # lazy: host only
 
     model = shared.sd_model  # A1111 loads its selected checkpoint here when none is loaded yet
     if model is None:
@@ -43,7 +43,7 @@ def _a1111_view() -> _View:
 
 
 def _forge_view() -> _View:
-    from modules import sd_models
+    from modules import sd_models  # lazy: host only
 
     try:
         # Forge's own entry before each generation: loads the selected checkpoint unless it is loaded already.
@@ -57,7 +57,7 @@ def _forge_view() -> _View:
         views.forge_family(getattr(objects.clip, "cond_stage_model", None))
     except views.UnsupportedHostModel as exc:
         raise HostModelError(str(exc)) from None
-    from backend import memory_management
+    from backend import memory_management  # lazy: Forge only
 
     # As Forge's own sampling does: its memory manager puts the patchers where they compute (and applies LoRAs).
     memory_management.load_models_gpu([objects.unet, objects.clip.patcher, objects.vae.patcher])
@@ -86,7 +86,10 @@ class HostModel:
         self._model: Any = None
 
     def load(self) -> Any:
-        from sdconcepts.backends.diffusers import ModelLoadError, model_sharing_weights
+        from sdconcepts.backends.model_loading import (  # lazy: transformers, diffusers
+            ModelLoadError,
+            model_sharing_weights,
+        )
 
         with self._lock:
             weights, name, short_hash, prediction, owner = _forge_view() if is_forge() else _a1111_view()
@@ -128,7 +131,7 @@ def reload_host_files(kind: str) -> None:
         if kind == "embedding":
             _reload_embeddings()
         elif kind == "hypernetwork" and not is_forge():
-            from modules import shared
+            from modules import shared  # lazy: host only
 
             shared.reload_hypernetworks()
         # Forge: our own Hypernetworks page and tag resolver (host/forge.py) read the folder on every refresh/use.
@@ -138,11 +141,11 @@ def reload_host_files(kind: str) -> None:
 
 def _reload_embeddings() -> None:
     if not is_forge():
-        from modules import sd_hijack
+        from modules import sd_hijack  # lazy: host only
 
         sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
         return
-    from modules import shared
+    from modules import shared  # lazy: host only
 
     model = shared.sd_model
     # Forge: each text engine of the loaded model has its own database (read once, when the model was built).
@@ -152,7 +155,7 @@ def _reload_embeddings() -> None:
             if database is not None:
                 database.load_textual_inversion_embeddings()
     try:
-        from modules import ui_extra_networks_textual_inversion as cards
+        from modules import ui_extra_networks_textual_inversion as cards  # lazy: host only
     except ImportError:
         return
     cards.embedding_db.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)

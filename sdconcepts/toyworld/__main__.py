@@ -1,5 +1,5 @@
 """``python -m sdconcepts.toyworld``: the toy-world command on its own."""
 
-from sdconcepts.toyworld.cli import main
+from sdconcepts.cli.toyworld_commands import main
 
 raise SystemExit(main())

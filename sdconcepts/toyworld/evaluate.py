@@ -35,7 +35,7 @@ def evaluate(
     sampler: str = "DDIM",
 ) -> dict[str, Any]:
     """Generate one image per random prompt (fixed seeds) and report probe accuracies against the bars."""
-    from sdconcepts.toyworld.models import generate
+    from sdconcepts.toyworld.models import generate  # lazy: diffusers
 
     prompts = eval_prompts(samples, seed)
     seeds = [seed * 1_000_003 + i for i in range(samples)]

@@ -276,7 +276,8 @@ def _load_pipeline(path: str) -> DiffusionPipeline:
     return pipe
 
 
-def _as_pipeline(model: str | Path | DiffusionPipeline | dict | None) -> DiffusionPipeline:
+def as_pipeline(model: str | Path | DiffusionPipeline | dict | None) -> DiffusionPipeline:
+    """The model as a pipeline: given as one, as a components dict, or as what ``load_pipeline`` takes."""
     if isinstance(model, DiffusionPipeline):
         return model
     if isinstance(model, dict):
@@ -318,7 +319,7 @@ def generate(
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    pipe = _as_pipeline(model)
+    pipe = as_pipeline(model)
     scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
     if isinstance(pipe, StableDiffusionXLPipeline):
         pipe = StableDiffusionXLPipeline(**{**pipe.components, "scheduler": scheduler}, add_watermarker=False)

@@ -8,16 +8,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdconcepts.embedding import Embedding
-from sdconcepts.embedding_files import save_embedding
-from sdconcepts.hypernetwork import (
+from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.files import save_embedding
+from sdconcepts.hypernetworks.files import save_hypernetwork
+from sdconcepts.hypernetworks.hypernetwork import (
     DEFAULT_LAYER_STRUCTURE,
     DEFAULT_WIDTHS,
     HypernetworkError,
     check_structure,
     create_hypernetwork,
 )
-from sdconcepts.hypernetwork_files import save_hypernetwork
 from sdconcepts.limits import (
     MAX_HYPERNETWORK_BYTES,
     MAX_LAYER_FACTOR,

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["Distributed"]
@@ -32,7 +33,6 @@ class Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        import torch.distributed as dist
 
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -47,7 +47,6 @@ class Distributed:
     def average_gradients(self, parameters: Sequence[Tensor]) -> None:
         if self.world_size <= 1:
             return
-        import torch.distributed as dist
 
         for parameter in parameters:
             if parameter.grad is None:
@@ -57,6 +56,4 @@ class Distributed:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            import torch.distributed as dist
-
             dist.barrier()

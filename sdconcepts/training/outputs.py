@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from sdconcepts.safe_load import atomic_path
+from sdconcepts.atomic_files import atomic_path
 
 __all__ = ["EtaClock", "LossLog", "draw_loss_plot", "run_folder", "write_settings"]
 

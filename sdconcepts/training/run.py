@@ -25,19 +25,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from sdconcepts.embedding import Embedding, kind_mismatch
-from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding, save_embedding
-from sdconcepts.hypernetwork import Hypernetwork
-from sdconcepts.hypernetwork_files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
+from sdconcepts.atomic_files import commit_with_sidecar, remove_stale_temporaries, settle_sidecar, sidecar_candidates
+from sdconcepts.embeddings.embedding import Embedding, kind_mismatch
+from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding, save_embedding
+from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers
+from sdconcepts.hypernetworks.files import OptimizerState, load_hypernetwork, load_optimizer_state, save_hypernetwork
+from sdconcepts.hypernetworks.hypernetwork import Hypernetwork
 from sdconcepts.images import save_png
 from sdconcepts.limits import MAX_IMAGE_SIDE, memory_problem, training_bytes
-from sdconcepts.safe_load import (
-    UnsafeFileError,
-    commit_with_sidecar,
-    remove_stale_temporaries,
-    settle_sidecar,
-    sidecar_candidates,
-)
+from sdconcepts.safe_load import UnsafeFileError
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig, TrainingConfig
 from sdconcepts.training.dataset import TrainingDataset, read_images
 from sdconcepts.training.distributed import Distributed
@@ -48,6 +44,7 @@ from sdconcepts.training.objective import diffusion_loss
 from sdconcepts.training.outputs import CSV_NAMES, EtaClock, LossLog, run_folder, write_settings
 from sdconcepts.training.schedule import LearnRateSchedule
 from sdconcepts.training.templates import read_template
+from sdconcepts.training.training_model import TrainingModel
 
 __all__ = ["TrainingError", "find_embedding_file", "train_embedding", "train_hypernetwork"]
 
@@ -109,7 +106,7 @@ class _EmbeddingJob(_Job):
         self.restored = restore_optimizer and self._restore(embedding)
 
     def _restore(self, embedding: Embedding) -> bool:
-        # <file>.optim, or the sidecar a kill left under its pending name (safe_load.commit_with_sidecar).
+        # <file>.optim, or the sidecar a kill left under its pending name (atomic_files.commit_with_sidecar).
         try:
             candidates = sidecar_candidates(self.path)
         except UnsafeFileError as exc:
@@ -171,8 +168,6 @@ class _HypernetworkJob(_Job):
     kind = "hypernetwork"
 
     def __init__(self, path: Path, hypernetwork: Hypernetwork, model: Any, restore_optimizer: bool) -> None:
-        from sdconcepts.attach import attach_hypernetworks, attention_layers
-
         self.path = path
         self.hypernetwork = hypernetwork
         self.name = hypernetwork.name
@@ -319,7 +314,6 @@ def _train(
 
 def _open_embedding(path: Path, model: Any, config: EmbeddingTrainingConfig) -> _Job:
     """The embedding in ``path`` as trainable vectors, placed in a TrainingModel over ``model``."""
-    from sdconcepts.training.training_model import TrainingModel
 
     try:
         loaded = load_embedding(path)
@@ -339,7 +333,6 @@ def _open_embedding(path: Path, model: Any, config: EmbeddingTrainingConfig) -> 
 
 def _open_hypernetwork(path: Path, model: Any, config: HypernetworkTrainingConfig) -> _Job:
     """The hypernetwork in ``path`` with its modules attached to a TrainingModel over ``model``."""
-    from sdconcepts.training.training_model import TrainingModel
 
     training_model = TrainingModel(model)
     return _HypernetworkJob(path, load_hypernetwork(path), training_model, config.save_optimizer_state)

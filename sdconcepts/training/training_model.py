@@ -1,8 +1,8 @@
 """The training port over the diffusers backend: conditioning with gradients, the UNet, VAE latents, previews.
 
 The only training module that touches a loaded model's components; it drives them through
-``sdconcepts.backends.diffusers`` (prompt encoding with A1111's embedding placement, txt2img for previews) and never
-imports diffusers or transformers itself. Which tensors train is decided by the caller (ARCHITECTURE principle 7):
+``sdconcepts.backends.prompt_encoder`` (A1111's embedding placement) and ``sdconcepts.backends.sampling`` (txt2img
+for previews) and never imports diffusers or transformers itself. Which tensors train is decided by the caller (ARCHITECTURE principle 7):
 ``trainable_embeddings`` are placed with gradients, everything in the model stays frozen.
 """
 
@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
+
+from sdconcepts.generation import GenerationParams
 
 __all__ = ["TrainingModel", "alphas_cumprod_from_config"]
 
@@ -54,7 +56,7 @@ class TrainingModel:
     """A LoadedModel seen by the objective (``DiffusionModel``) and by the training session."""
 
     def __init__(self, model: Any, trainable_embeddings: Mapping[str, Tensor] | None = None) -> None:
-        from sdconcepts.backends.diffusers import PromptEncoder
+        from sdconcepts.backends.prompt_encoder import PromptEncoder  # lazy: transformers, diffusers
 
         self.model = model
         self.trainable = dict(trainable_embeddings or {})
@@ -77,7 +79,7 @@ class TrainingModel:
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         """The context ``[batch, 77 * chunks, width]``; on SDXL with the pooled outputs packed after it (`predict`
         unpacks them), so that the objective sees one tensor for every family."""
-        from sdconcepts.backends.diffusers import stack_conds
+        from sdconcepts.backends.prompt_encoder import stack_conds  # lazy: transformers, diffusers
 
         pooled: Tensor | None
         if self.trainable:
@@ -162,8 +164,7 @@ class TrainingModel:
         hypernetworks: Mapping[str, Any] | None = None,
     ) -> tuple[Image.Image, str]:
         """One image from the live weights through txt2img, the same sampling code as generation."""
-        from sdconcepts.backends.diffusers import txt2img
-        from sdconcepts.generation import GenerationParams
+        from sdconcepts.backends.sampling import txt2img  # lazy: transformers, diffusers
 
         params = GenerationParams(
             prompt=prompt,

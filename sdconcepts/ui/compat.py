@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
+from gradio import networking
 
 __all__ = [
     "GRADIO_MAJOR", "blocks_kwargs", "describe_events_for_the_page", "js_kwargs", "launch_kwargs", "make",
@@ -147,8 +148,6 @@ def patient_localhost_check(seconds: float = 120.0) -> Iterator[None]:
     is asked again until it answers yes or ``seconds`` have passed; a server that really cannot be reached still
     fails, after that time.
     """
-    from gradio import networking
-
     original = networking.url_ok
 
     def url_ok(url: str) -> bool:

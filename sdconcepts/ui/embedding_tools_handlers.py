@@ -10,8 +10,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.embedding_files import EmbeddingFileError
-from sdconcepts.embedding_tools import (
+from sdconcepts.embeddings.files import EmbeddingFileError
+from sdconcepts.embeddings.tools import (
     EmbeddingToolError,
     Vocabulary,
     describe_vectors,

@@ -13,9 +13,10 @@ from typing import Any
 
 from PIL import Image
 
-from sdconcepts.embedding import usable_embeddings
+from sdconcepts.embeddings.library import usable_embeddings
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
-from sdconcepts.prompts import parse_extra_network_tags
+from sdconcepts.images import next_image_path, save_png
+from sdconcepts.prompts.network_tags import parse_extra_network_tags
 from sdconcepts.ui.cards import (
     PAGE_SIZE,
     Card,
@@ -391,8 +392,7 @@ def generate(
 
     Bad values raise ``UiError`` with a one-line message; nothing is generated then.
     """
-    from sdconcepts.backends.diffusers import txt2img
-    from sdconcepts.images import next_image_path, save_png
+    from sdconcepts.backends.sampling import txt2img  # lazy: transformers, diffusers
 
     with session.generate_lock:
         model = session.model(model_label)

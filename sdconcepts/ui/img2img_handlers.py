@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image, ImageChops, UnidentifiedImageError
 
+from sdconcepts.backends.sampler_start import ImageSource
 from sdconcepts.generation import SAMPLERS, GenerationError, parse_infotext
 from sdconcepts.img2img import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES, Img2ImgOptions
 from sdconcepts.ui.ui_session import UiError
@@ -102,8 +103,6 @@ def img2img_options(
 def image_source(mode: str, init_image: Any, editor: Any, upload_image: Any, upload_mask: Any,
                  options: Img2ImgOptions) -> Any:
     """The ``ImageSource`` the chosen sub-tab describes, or ``UiError`` saying what is missing."""
-    from sdconcepts.backends.img2img import ImageSource
-
     if mode == "img2img":
         image, mask = _as_image(init_image), None
     elif mode == "Inpaint":

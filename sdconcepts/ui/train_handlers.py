@@ -14,17 +14,22 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.embedding_files import EMBEDDING_SUFFIXES
-from sdconcepts.library import is_preview_image
+from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES
+from sdconcepts.embeddings.folder_scan import is_preview_image
+from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
 from sdconcepts.training.config import (
     ConfigError,
     EmbeddingTrainingConfig,
     HypernetworkTrainingConfig,
     TrainingConfig,
 )
+from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
 from sdconcepts.training.loop import TrainingEvent
+from sdconcepts.training.names import InvalidNameError
 from sdconcepts.training.templates import available_templates
+from sdconcepts.training.training_model import TrainingModel
 from sdconcepts.ui.train_jobs import TrainingJob, TrainingJobs
+from sdconcepts.ui.train_preprocess import run_preprocess
 from sdconcepts.ui.ui_session import UiError, UiSession, contained_path
 
 __all__ = [
@@ -134,9 +139,8 @@ def form_defaults(session: UiSession, model_label: str | None = None) -> FormDef
 def create_embedding(session: UiSession, model_label: str, name: str, init_text: str, vectors: float,
                      overwrite: bool) -> Path:
     """A1111's Create embedding on the chosen model's token embeddings; raises UiError naming the problem."""
-    from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file
+    from sdconcepts.training.create import CreateError
     from sdconcepts.training.names import InvalidNameError, target_path
-    from sdconcepts.training.training_model import TrainingModel
 
     count = int(vectors or 0)
     if not str(name).strip():
@@ -169,10 +173,6 @@ def create_hypernetwork(session: UiSession, name: str, sizes: Sequence[str] | st
                         activation: str, weight_init: str, layer_norm: bool, use_dropout: bool,
                         dropout_structure: str, overwrite: bool) -> Path:
     """A1111's Create hypernetwork; raises UiError naming the field that cannot work."""
-    from sdconcepts.hypernetwork import HypernetworkError
-    from sdconcepts.training.create import CreateError, create_hypernetwork_file
-    from sdconcepts.training.names import InvalidNameError
-
     if not str(name).strip():
         raise UiError("name: enter a name for the hypernetwork")
     text = sizes if isinstance(sizes, str) else ",".join(str(s) for s in sizes)
@@ -212,8 +212,6 @@ def still_listed(current: str | None, names: Sequence[str]) -> str | None:
 def preprocess(session: UiSession, source: str, destination: str, settings: Any) -> str:
     """The Preprocess images button: both folders must lie in the server's folders; returns the one-line summary
     (written, read, skipped with reasons). Raises UiError when nothing can run."""
-    from sdconcepts.ui.train_preprocess import run_preprocess
-
     roots = session.train_roots()
     if str(source or "").strip():
         contained_path(source, roots, "source directory")

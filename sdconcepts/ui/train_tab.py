@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from sdconcepts.hypernetwork import ACTIVATIONS, WEIGHT_INITS
+from sdconcepts.hypernetworks.hypernetwork import ACTIVATIONS, WEIGHT_INITS
 from sdconcepts.limits import MAX_IMAGE_SIDE
 from sdconcepts.training.templates import available_templates
 from sdconcepts.ui import train_handlers, train_jobs

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.hash_cache import HashCache
-from sdconcepts.library import EmbeddingLibrary, Library, is_preview_image
+from sdconcepts.hypernetworks.files import HypernetworkFileError
+from sdconcepts.hypernetworks.library import LoadedHypernetworks, hypernetwork_library
+from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, read_model_shape, shape_of_loaded
 
 __all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConfig", "UiError", "UiSession",
            "contained_path", "scan_models"]
@@ -72,7 +75,7 @@ class UiConfig:
     # Folders that paths typed into the Train tab (preprocess source/destination, dataset, log directory, template
     # file) must lie in. None: the working folder when the session starts, plus the folders above.
     train_roots: Sequence[Path] | None = None
-    # Read-only sources listed before the folders above (the shipped examples, ``sdconcepts.examples``): a file of
+    # Read-only sources listed before the folders above (the shipped examples, ``sdconcepts.toyworld.examples``): a file of
     # the same name in a user folder wins, and nothing is ever written here (training writes to the first user folder).
     extra_embeddings_dirs: Sequence[Path] = ()
     extra_hypernetworks_dirs: Sequence[Path] = ()
@@ -123,18 +126,6 @@ def _size_text(path: Path) -> str:
     return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.0f} MB"
 
 
-def _hypernetwork_ignored(path: Path) -> bool:
-    # A1111 never lists ``None.pt`` (its "no hypernetwork" choice); pictures are card previews.
-    return is_preview_image(path) or path.stem == "None"
-
-
-def _hypernetwork_info(path: Path) -> Any:
-    # Cards need only the metadata and widths: no module is built and no weight is read until a prompt uses it.
-    from sdconcepts.hypernetwork_files import read_hypernetwork_info
-
-    return read_hypernetwork_info(path)
-
-
 def _without_path(message: str, path: Path) -> str:
     prefix = f"{path}: "
     return message[len(prefix) :] if message.startswith(prefix) else message
@@ -149,17 +140,14 @@ class UiSession:
         self.hashes = hashes = (HashCache(config.hash_cache) if config.hash_cache is not None
                                 else HashCache.default())
         self.embeddings = EmbeddingLibrary([*config.extra_embeddings_dirs, *config.embeddings_dirs], hashes=hashes)
-        self.hypernetworks: Library[Any] = Library(
-            folders=[*config.extra_hypernetworks_dirs, *config.hypernetworks_dirs], load=_hypernetwork_info,
-            suffixes=(".pt",),
-            ignore=_hypernetwork_ignored,
-            hashes=hashes,
+        self.hypernetworks = hypernetwork_library(
+            [*config.extra_hypernetworks_dirs, *config.hypernetworks_dirs], hashes=hashes
         )
         # The card tabs' cards per kind, rebuilt when the library or a setting they depend on changes.
         self.card_lists: dict[str, Any] = {}
         self.card_cache: dict[Any, Any] = {}  # per kind: the cards of unchanged files, reused by the next rebuild
-        # The hypernetworks the last generation used, fully loaded: (path, mtime, size) -> Hypernetwork.
-        self._loaded_hypernetworks: dict[tuple[str, float, int], Any] = {}
+        # The hypernetworks the last generation used, fully loaded.
+        self.loaded_hypernetworks = LoadedHypernetworks()
         self._reader: threading.Thread | None = None
         self._last_view = 0.0
         self._reader_lock = threading.Lock()
@@ -221,26 +209,21 @@ class UiSession:
         Those the previous generation used are reused while their file is unchanged; the others are dropped, so
         only what the current prompt uses stays in memory.
         """
-        from sdconcepts.hypernetwork_files import HypernetworkFileError, load_hypernetwork
-
         wanted = set(names)
         loaded: dict[str, Any] = {}
-        kept: dict[tuple[str, float, int], Any] = {}
+        used: list[Path] = []
         warnings: list[str] = []
         for record in records:
             if record.name not in wanted or record.item is None:
                 continue
-            key = (str(record.path), record.mtime, record.size)
-            hypernetwork = self._loaded_hypernetworks.get(key)
-            if hypernetwork is None:
-                try:
-                    hypernetwork = load_hypernetwork(record.path)
-                except HypernetworkFileError as exc:
-                    warnings.append(f"hypernetwork file {record.path} was skipped: {_without_path(str(exc), record.path)}")
-                    continue
-            kept[key] = hypernetwork
+            try:
+                hypernetwork = self.loaded_hypernetworks.load(record.path)
+            except HypernetworkFileError as exc:
+                warnings.append(f"hypernetwork file {record.path} was skipped: {_without_path(str(exc), record.path)}")
+                continue
+            used.append(record.path)
             loaded[record.name] = hypernetwork
-        self._loaded_hypernetworks = kept
+        self.loaded_hypernetworks.keep_only(used)
         return loaded, warnings
 
     # -- models -----------------------------------------------------------------------------------------------
@@ -254,7 +237,6 @@ class UiSession:
         host = self.config.host_model is not None
         choices: dict[str, Path | None] = {HOST_MODEL_LABEL: None} if host else {}
         choices[DEFAULT_MODEL_LABEL] = None
-        from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR
 
         if (EMBEDDED_XL_MODEL_DIR / "model_index.json").is_file():
             choices[XL_MODEL_LABEL] = EMBEDDED_XL_MODEL_DIR
@@ -295,7 +277,7 @@ class UiSession:
                     raise UiError(str(exc)) from exc
             if self._model is not None and self._model_label == label:
                 return self._model
-            from sdconcepts.backends.diffusers import ModelLoadError, load_model
+            from sdconcepts.backends.model_loading import ModelLoadError, load_model  # lazy: transformers, diffusers
 
             self._model = None
             try:
@@ -316,8 +298,6 @@ class UiSession:
     def model_shape(self, label: str | None = None) -> Any:
         """The ``model_shape.ModelShape`` of a model (its hypernetwork widths, native size), without loading it when
         its files say; None when only loading would tell (a ``.ckpt`` not loaded yet)."""
-        from sdconcepts.model_shape import read_model_shape, shape_of_loaded
-
         label = label or self._model_label or self.default_choice()
         if label == HOST_MODEL_LABEL and self.config.host_model is not None:
             # The host's model (its None path would name the embedded toy model): known once our view of it exists,
@@ -340,7 +320,7 @@ class UiSession:
             return int(self._model.context_width)
         path = self.model_choices().get(label)
         if path is None and label == DEFAULT_MODEL_LABEL:
-            from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR
+            from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR  # lazy: transformers, diffusers
 
             path = DEFAULT_MODEL_DIR
         if path is not None and path.is_dir():

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from sdconcepts import Embedding, save_embedding
-from sdconcepts.hypernetwork import create_hypernetwork
-from sdconcepts.hypernetwork_files import save_hypernetwork
+from sdconcepts.hypernetworks.files import save_hypernetwork
+from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
 EMBEDDINGS = ("toy-style", "lineart")
 HYPERNETWORKS = ("toy-hypernet", "anime-hypernet")

@@ -52,7 +52,7 @@ def _default_size(model: Path | None) -> int:
     """The model's own image size, from its config files (the app under test runs elsewhere)."""
     import json
 
-    from sdconcepts.backends.diffusers import DEFAULT_MODEL_DIR
+    from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR
 
     folder = model or DEFAULT_MODEL_DIR
     sample = json.loads((folder / "unet" / "config.json").read_text())["sample_size"]

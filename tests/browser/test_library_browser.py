@@ -34,8 +34,8 @@ from browser_kit import (
 )
 
 from sdconcepts import Embedding, save_embedding
-from sdconcepts.hypernetwork import create_hypernetwork
-from sdconcepts.hypernetwork_files import save_hypernetwork
+from sdconcepts.hypernetworks.files import save_hypernetwork
+from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 from sdconcepts.ui.cards import PAGE_SIZE
 
 EMBEDDINGS = int(os.environ.get("SDCONCEPTS_BROWSER_LIBRARY", "3000"))

@@ -217,8 +217,8 @@ def _train(page, kind: str, name: str) -> str:  # type: ignore[no-untyped-def]
 
 
 def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tuple[str, Path]) -> None:
-    from sdconcepts.embedding_files import load_embedding
-    from sdconcepts.hypernetwork_files import load_hypernetwork
+    from sdconcepts.embeddings.files import load_embedding
+    from sdconcepts.hypernetworks.files import load_hypernetwork
 
     url, tmp = app
     phase = _Phases()

@@ -45,10 +45,11 @@ from diffusers import DDIMScheduler  # noqa: E402
 from huggingface_guess import detection, model_list  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, modeling_utils  # noqa: E402
 
-from sdconcepts import checkpoint_files as cf  # noqa: E402
-from sdconcepts.backends.diffusers import PromptEncoder, model_sharing_weights  # noqa: E402
+from sdconcepts.backends.model_loading import model_sharing_weights  # noqa: E402
+from sdconcepts.backends.prompt_encoder import PromptEncoder  # noqa: E402
 from sdconcepts.backends.single_file import save_single_file  # noqa: E402
 from sdconcepts.backends.tiny import build_tiny_sd1, build_tiny_sd2, build_tiny_sdxl  # noqa: E402
+from sdconcepts.checkpoints import files as cf  # noqa: E402
 from sdconcepts.host import views  # noqa: E402
 
 ENGINES = {"sd1": (StableDiffusion, model_list.SD15), "sd2": (StableDiffusion2, model_list.SD20),

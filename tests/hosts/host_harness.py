@@ -83,8 +83,8 @@ def write_hypernetwork(folder: str | os.PathLike[str], spec: HypernetworkSpec) -
     """Write ``spec`` as ``folder/<name>.pt`` with the project's own create/save API (deterministic bytes)."""
     import torch
 
-    from sdconcepts.hypernetwork import create_hypernetwork
-    from sdconcepts.hypernetwork_files import save_hypernetwork
+    from sdconcepts.hypernetworks.files import save_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     hypernetwork = create_hypernetwork(
         spec.name,

@@ -30,7 +30,7 @@ import host_harness as hh
 import numpy as np
 from page_waits import wait_text
 
-from sdconcepts.embedding_files import load_embedding
+from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.toyworld.concept import write_concept
 
 HOST_MODEL_LABEL = "the web UI's loaded model"  # sdconcepts.ui.ui_session.HOST_MODEL_LABEL
@@ -212,7 +212,7 @@ LONG_RUN = 100000  # max steps of the run that is interrupted: far more than it 
 
 
 def _temporaries(folder: Path) -> list[str]:
-    # sdconcepts.safe_load's writers: ".sdc-<pid>-<hex>.tmp", pending sidecars ".sdc-<hash>.optim"
+    # sdconcepts.atomic_files' writers: ".sdc-<pid>-<hex>.tmp", pending sidecars ".sdc-<hash>.optim"
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".sdc-"))
 
 
@@ -220,7 +220,8 @@ def _optimizer_step(path: Path) -> tuple[int, str]:
     """The AdamW step count in ``path``'s ``.optim`` sidecar, and the vectors' checksum the sidecar names."""
     import torch
 
-    from sdconcepts.safe_load import SIDECAR_SHA_KEY, file_sha256, load_torch_file, sidecar_path
+    from sdconcepts.atomic_files import SIDECAR_SHA_KEY, sidecar_path
+    from sdconcepts.safe_load import file_sha256, load_torch_file
 
     data: dict[str, Any] = load_torch_file(sidecar_path(path))  # type: ignore[assignment]
     assert data[SIDECAR_SHA_KEY] == file_sha256(path), "the .optim sidecar belongs to another version of the file"

@@ -41,7 +41,7 @@ def build_checkpoint(target: Path, family: str = "sd1") -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdconcepts.backends.single_file import save_single_file
-    from sdconcepts.checkpoint_files import reference_configs
+    from sdconcepts.checkpoints.configs import reference_configs
 
     configs = reference_configs(family)
     torch.manual_seed(SEED)

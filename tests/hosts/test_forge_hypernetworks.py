@@ -88,7 +88,7 @@ def test_forge_warns_about_unknown_names_and_files_that_fit_no_layer(forge: hh.H
 
 
 def _shorthash(path: Path) -> str:
-    from sdconcepts.hypernetwork_files import shorthash
+    from sdconcepts.hypernetworks.files import shorthash
 
     return shorthash(path)
 

@@ -13,8 +13,8 @@ from typing import Any
 import host_harness as hh
 import host_training as ht
 
-from sdconcepts.embedding_files import load_embedding
-from sdconcepts.hypernetwork_files import load_hypernetwork
+from sdconcepts.embeddings.files import load_embedding
+from sdconcepts.hypernetworks.files import load_hypernetwork
 
 SD2_WIDTH = 1024
 

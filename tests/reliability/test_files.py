@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-from sdconcepts.embedding import Embedding
-from sdconcepts.embedding_files import EmbeddingFileError, load_embedding, save_embedding
-from sdconcepts.library import EmbeddingLibrary, Library
+from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.files import EmbeddingFileError, load_embedding, save_embedding
+from sdconcepts.embeddings.folder_scan import Library
+from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.safe_load import UnsafeFileError, load_torch_file
 
 T = TypeVar("T")
@@ -104,7 +105,7 @@ def test_hypernetwork_scan_skips_fifo_and_socket_without_hanging(tmp_path: Path)
 
 
 def test_cli_names_a_fifo_hypernetwork_with_its_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from sdconcepts.cli import hypernetwork_arguments
+    from sdconcepts.cli.generate_command import hypernetwork_arguments
 
     folder = tmp_path / "models" / "hypernetworks"
     folder.mkdir(parents=True)
@@ -236,7 +237,7 @@ def test_embedding_longer_than_a_chunk_is_skipped_at_scan(tmp_path: Path) -> Non
 
 
 def test_embedding_longer_than_a_chunk_reaching_the_encoder_is_a_one_line_error(tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationError, GenerationParams
 
     long = torch.randn(76, tiny_model.context_width)
@@ -261,15 +262,15 @@ def test_cli_prompt_naming_a_too_long_embedding_warns_instead_of_a_traceback(
 
 
 def _save_big_hypernetwork(path: Path, name: str, hidden: float) -> None:
-    from sdconcepts.hypernetwork import create_hypernetwork
-    from sdconcepts.hypernetwork_files import save_hypernetwork
+    from sdconcepts.hypernetworks.files import save_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     save_hypernetwork(create_hypernetwork(name, (768,), layer_structure=(1.0, hidden, 1.0), activation="relu",
                                           generator_seed=0), path)
 
 
 def test_hypernetwork_cards_list_from_metadata_and_load_only_when_a_prompt_uses_it(tmp_path: Path) -> None:
-    from sdconcepts.hypernetwork_files import HypernetworkFileError, load_hypernetwork
+    from sdconcepts.hypernetworks.files import HypernetworkFileError, load_hypernetwork
     from sdconcepts.ui import handlers
     from sdconcepts.ui.ui_session import UiConfig, UiSession
 
@@ -339,8 +340,8 @@ def test_hypernetwork_card_listing_does_not_hold_the_weights_in_memory(tmp_path:
 
 
 def test_inspect_folder_describes_hypernetworks_as_hypernetworks(tmp_path: Path) -> None:
-    from sdconcepts.hypernetwork import create_hypernetwork
-    from sdconcepts.hypernetwork_files import hypernetwork_to_dict, save_hypernetwork
+    from sdconcepts.hypernetworks.files import hypernetwork_to_dict, save_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     folder = tmp_path / "models" / "hypernetworks"
     folder.mkdir(parents=True)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from sdconcepts.generation import GenerationError, GenerationParams
 from sdconcepts.limits import MAX_SOURCE_PIXELS, available_memory, hypernetwork_parameters
-from sdconcepts.prompts import hypernetwork_tags, parse_extra_network_tags
+from sdconcepts.prompts.network_tags import hypernetwork_tags, parse_extra_network_tags
 from sdconcepts.ui import handlers, train_handlers
 from sdconcepts.ui.train_preprocess import PreprocessSettings
 from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
@@ -72,7 +72,7 @@ def session(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> U
 
 
 def test_clip_skip_past_the_text_encoder_is_refused_with_its_range(tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
 
     layers = tiny_model.text_encoder_layers
     with pytest.raises(GenerationError, match=f"clip skip must be between 1 and {layers} .*got 99"):
@@ -116,7 +116,7 @@ def test_ui_generate_over_the_limits_is_refused(session: UiSession) -> None:
 
 @pytest.mark.skipif(not MEMORY_KNOWN, reason="this platform does not say how much memory is available")
 def test_without_limits_a_request_that_cannot_fit_is_refused_before_allocating(tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import txt2img
+    from sdconcepts.backends.sampling import txt2img
 
     side = tiny_model.size_multiple * 2000  # 1.3 TiB of activations at the least for the tiny model
     params = GenerationParams(prompt="x", steps=1, width=side, height=side)
@@ -156,7 +156,7 @@ def test_create_hypernetwork_with_a_huge_layer_is_refused_without_a_file(tmp_pat
 
 
 def test_hypernetwork_size_counts_every_parameter() -> None:
-    from sdconcepts.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     for structure, layer_norm in (((1, 2, 1), False), ((1, 1.5, 3, 1), True)):
         built = create_hypernetwork("x", [32, 48], layer_structure=structure, layer_norm=layer_norm)
@@ -287,8 +287,8 @@ def test_the_default_roots_are_the_working_folder_and_the_data_folders(tmp_path:
 
 @pytest.mark.parametrize("strength", ["inf", "nan", "-inf", "1e999"])
 def test_non_finite_hypernetwork_strength_is_named(strength: str, tiny_model: Any) -> None:
-    from sdconcepts.backends.diffusers import txt2img
-    from sdconcepts.hypernetwork import create_hypernetwork
+    from sdconcepts.backends.sampling import txt2img
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
 
     tag = f"<hypernet:toy:{strength}>"
     with pytest.raises(ValueError, match=f"{tag} has strength '{strength}'; expected a finite number"):

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import torch
 
-from sdconcepts.embedding_files import load_embedding
-from sdconcepts.hypernetwork_files import load_hypernetwork
-from sdconcepts.safe_load import atomic_path
+from sdconcepts.atomic_files import atomic_path
+from sdconcepts.embeddings.files import load_embedding
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (
     EmbeddingTrainingConfig,
@@ -260,7 +260,7 @@ def test_a_kill_at_any_rename_of_a_save_keeps_file_and_optimizer_state_paired(
 def test_a_kill_between_the_renames_of_a_hypernetwork_save_keeps_the_pair(
     tiny_model: Any, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sdconcepts.hypernetwork_files import OptimizerState, load_optimizer_state, save_hypernetwork
+    from sdconcepts.hypernetworks.files import OptimizerState, load_optimizer_state, save_hypernetwork
 
     path = create_hypernetwork_file(tmp_path, "hn", widths=(48,), seed=1)
     hypernetwork = load_hypernetwork(path)
@@ -292,7 +292,7 @@ def test_temporaries_of_a_killed_writer_are_removed_at_the_next_start(tiny_model
     run = _run_dir(tmp_path, "toytri")
     kill_mid_write = (
         "import os, signal, sys\n"
-        "from sdconcepts.safe_load import atomic_path\n"
+        "from sdconcepts.atomic_files import atomic_path\n"
         "for target in sys.argv[1:]:\n"
         "    atomic_path(target).__enter__().write_bytes(b'half a file')\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -345,7 +345,7 @@ def umask(request: pytest.FixtureRequest) -> Iterator[int]:
 def test_every_file_written_follows_the_umask(umask: int, tiny_model: Any, dataset: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    from sdconcepts.embedding_files import save_embedding
+    from sdconcepts.embeddings.files import save_embedding
     from sdconcepts.images import save_png
 
     folder = tmp_path / "emb"
@@ -357,7 +357,7 @@ def test_every_file_written_follows_the_umask(umask: int, tiny_model: Any, datas
     create_hypernetwork_file(tmp_path / "hn", "hn", widths=(48, 32, 64), seed=1)
     list(train_hypernetwork(tiny_model, "hn", _hn_config(dataset, tmp_path, max_steps=1), hypernetworks_dir=tmp_path / "hn"))
     save_png(Image.new("RGB", (8, 8)), tmp_path / "outputs" / "00000-1.png", "a prompt")  # what generation saves
-    from sdconcepts.checkpoint_files import write_checkpoint
+    from sdconcepts.checkpoints.files import write_checkpoint
 
     write_checkpoint(tmp_path / "models" / "model.safetensors", {"w": torch.zeros(2)})  # a single-file checkpoint
 

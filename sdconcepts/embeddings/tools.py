@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdconcepts.embedding import Embedding
-from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, save_embedding
+from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, save_embedding
 from sdconcepts.training.names import InvalidNameError, sanitize_name, target_path
 
 __all__ = [
@@ -49,7 +49,7 @@ __all__ = [
     "write_embedding",
 ]
 
-# The prompt chunk holds 75 tokens; A1111 cannot use an embedding with more vectors (library.py refuses them too).
+# The prompt chunk holds 75 tokens; A1111 cannot use an embedding with more vectors (embeddings.library refuses them too).
 MAX_VECTORS = 75
 
 
@@ -91,7 +91,7 @@ class Vocabulary:
 
 
 def vocabulary_of(model: Any) -> Vocabulary:
-    """The vocabulary of a loaded model (``backends.diffusers.LoadedModel``): its CLIP tokenizer and the text
+    """The vocabulary of a loaded model (``backends.loaded_model.LoadedModel``): its CLIP tokenizer and the text
     encoder's input embeddings."""
     tokenizer = model.tokenizer
     table = model.text_encoder.get_input_embeddings().weight.detach().float().cpu()

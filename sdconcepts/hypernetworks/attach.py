@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sdconcepts.hypernetwork import Hypernetwork, HypernetworkError, HypernetworkModule
+from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, HypernetworkError, HypernetworkModule
 
 __all__ = ["AttentionPatch", "HypernetworkHandle", "attach_hypernetworks", "attention_layers", "attention_widths"]
 

@@ -3,8 +3,9 @@ SDXL (SGM layout).
 
 This module owns the file format: reading `.safetensors`/`.ckpt` without unrestricted unpickling, telling the model
 family and prediction type apart, inferring model configs from tensor shapes, and converting whole files between the
-LDM layout and diffusers' layout in both directions. The key maps live by family in `sdconcepts.checkpoints`:
-`layout` (UNet, VAE, OpenCLIP tower: shared), `sd` (SD 1.x/2.x text encoders), `sdxl`. Pure core: torch,
+LDM layout and diffusers' layout in both directions. The key maps live by family beside it: `layout` (UNet, VAE,
+OpenCLIP tower: shared), `sd` (SD 1.x/2.x text encoders), `sdxl`; the reference configs and shape readers in
+`configs`. Pure core: torch,
 safetensors and the standard library only; building models from the result is `sdconcepts.backends.single_file`.
 """
 
@@ -15,8 +16,6 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +23,32 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdconcepts.checkpoints import sd
+from sdconcepts.atomic_files import atomic_path
+from sdconcepts.checkpoints import sd, sdxl
+from sdconcepts.checkpoints.configs import (
+    FAMILIES,
+    METADATA_CONFIGS,
+    ModelConfigs,
+    infer_unet_shapes,
+    infer_vae_shapes,
+    metadata_configs,
+    need_tensor,
+    norm_groups,
+    reference_configs,
+)
 from sdconcepts.checkpoints.layout import (
     UNET_PREFIX,
-    VAE_PREFIX,
     CheckpointError,
     StateDict,
     Tensor,
-    _indices,
-    _ldm_unet_layout,
-    _ldm_vae_layout,
+    key_indices,
     match_text_encoder_keys,
 )
-from sdconcepts.checkpoints.sd import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, _sd1_text_prefix
-from sdconcepts.safe_load import UnsafeFileError, atomic_path, load_torch_file
+from sdconcepts.checkpoints.sd import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, sd1_text_prefix
+from sdconcepts.safe_load import UnsafeFileError, load_torch_file
 
 __all__ = [
     "CheckpointError",
-    "ModelConfigs",
     "detect_family",
     "detect_prediction_type",
     "diffusers_to_ldm",
@@ -54,28 +61,24 @@ __all__ = [
     "match_text_encoder_keys",
     "read_checkpoint",
     "read_checkpoint_with_metadata",
-    "reference_configs",
     "sidecar_yaml_path",
     "split_checkpoint",
     "text_encoders_to_ldm",
     "write_checkpoint",
 ]
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 SDXL_PREFIX = "conditioner.embedders."
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # Our own record of the configs, so that hyperparameters no tensor shape reveals (attention heads, GroupNorm
 # groups) survive a round trip: safetensors header metadata, or a top-level entry beside "state_dict" in a .ckpt.
 # A1111 and diffusers ignore both.
-METADATA_CONFIGS = "sdconcepts.configs"
 METADATA_FAMILY = "sdconcepts.family"
 METADATA_PREDICTION = "sdconcepts.prediction_type"
 CKPT_METADATA_KEY = "sdconcepts_metadata"
 SIDECAR_MARKER = "# written by sdconcepts"
 
 _TORCH_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
-_CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "configs"
 
 # A1111 reads `parameterization: "v"` from the LDM config YAML beside the checkpoint (modules/sd_models_config.py).
 _V_PARAMETERIZATION = re.compile(r"""^\s*parameterization\s*:\s*["']?v["']?\s*(?:#.*)?$""", re.MULTILINE)
@@ -83,20 +86,6 @@ _V_PARAMETERIZATION = re.compile(r"""^\s*parameterization\s*:\s*["']?v["']?\s*(?
 # Non-tensor globals that Lightning-era .ckpt files pickle beside their weights (training-callback state keyed by
 # the callback class, numpy scalars of logged metrics). The same set A1111's restricted unpickler accepts. They are
 # replaced by an inert stand-in: their values are never used, and nothing from those libraries is imported or run.
-
-
-@dataclass(frozen=True)
-class ModelConfigs:
-    """Constructor kwargs for UNet2DConditionModel, AutoencoderKL, CLIPTextConfig and a diffusers scheduler."""
-
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    text_encoder: dict[str, Any]
-    scheduler: dict[str, Any]
-    family: str
-    prediction_type: str
-    # SDXL's second text encoder (OpenCLIP ViT-bigG with its projection); None for SD 1.x/2.x.
-    text_encoder_2: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------------------- reading
@@ -177,8 +166,6 @@ def detect_family(state_dict: Mapping[str, Tensor]) -> str:
     sd1 = sd2 = False
     for k in state_dict:
         if k.startswith(SDXL_PREFIX):
-            from sdconcepts.checkpoints import sdxl
-
             sdxl.check_layout(state_dict)
             return "sdxl"
         if k.startswith(SD2_TEXT_PREFIX + "transformer.resblocks."):
@@ -245,8 +232,6 @@ def split_checkpoint(
     """
     family = configs.family if configs is not None else detect_family(state_dict)
     if family == "sdxl":
-        from sdconcepts.checkpoints import sdxl
-
         return sdxl.split_checkpoint(state_dict)
     return sd.split_checkpoint(state_dict, family)
 
@@ -274,8 +259,6 @@ def diffusers_to_ldm(
     if family not in FAMILIES:
         raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
     if family == "sdxl":
-        from sdconcepts.checkpoints import sdxl
-
         if text_encoder_2_sd is None:
             raise CheckpointError("an SDXL checkpoint needs both text encoders")
         return sdxl.join_checkpoint(unet_sd, vae_sd, text_encoder_sd, text_encoder_2_sd, extra=extra)
@@ -295,8 +278,6 @@ def text_encoders_to_ldm(text_encoders: Sequence[Mapping[str, Tensor]], family: 
     if len(text_encoders) != wanted:
         raise CheckpointError(f"a {family} model has {wanted} text encoder(s), not {len(text_encoders)}")
     if family == "sdxl":
-        from sdconcepts.checkpoints import sdxl
-
         return sdxl.join_text(text_encoders[0], text_encoders[1])
     return sd.join_text(text_encoders[0], family)
 
@@ -304,68 +285,9 @@ def text_encoders_to_ldm(text_encoders: Sequence[Mapping[str, Tensor]], family: 
 # ------------------------------------------------------------------------------------------------ config inference
 
 
-@lru_cache(maxsize=3)
-def _reference_configs(family: str) -> dict[str, dict[str, Any]]:
-    folder = _CONFIG_DIR / family
-    return {
-        name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
-        if name != "text_encoder_2" or family == "sdxl"
-    }
-
-
-def reference_configs(family: str) -> dict[str, dict[str, Any]]:
-    """The released SD 1.5 (``sd1``), SD 2.1 768-v (``sd2``) or SDXL base 1.0 (``sdxl``) configs shipped in the
-    package assets (a copy)."""
-    if family not in FAMILIES:
-        raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
-    return copy.deepcopy(_reference_configs(family))
-
-
-def _need(sd: Mapping[str, Tensor], key: str) -> Tensor:
-    value = sd.get(key)
-    if value is None:
-        raise CheckpointError(f"missing key {key}")
-    return value
-
-
-def _norm_groups(widths: Iterable[int]) -> int:
-    """GroupNorm groups when the file does not say: 32 as in every released SD model, else the most that fit."""
-    ws = list(widths)
-    return next(g for g in (32, 16, 8, 4, 2, 1) if all(w % g == 0 for w in ws))
-
-
-def _unet_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
-    p = UNET_PREFIX
-    layout = _ldm_unet_layout(sd)
-    step = layout.layers + 1
-    widths = [
-        int(_need(sd, f"{p}input_blocks.{1 + i * step}.0.out_layers.3.weight").shape[0]) for i in range(layout.blocks)
-    ]
-    cfg: dict[str, Any] = {
-        "in_channels": int(_need(sd, p + "input_blocks.0.0.weight").shape[1]),
-        "out_channels": int(_need(sd, p + "out.2.weight").shape[0]),
-        "block_out_channels": widths,
-        "layers_per_block": layout.layers,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in layout.down_attention],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in layout.up_attention],
-        "mid_block_type": "UNetMidBlock2DCrossAttn" if layout.mid_attention else "UNetMidBlock2D",
-    }
-    attention = [f"{p}input_blocks.{1 + i * step}.1." for i in range(layout.blocks) if layout.down_attention[i]]
-    if layout.mid_attention:
-        attention.append(p + "middle_block.1.")
-    if attention:
-        cfg["use_linear_projection"] = _need(sd, attention[0] + "proj_in.weight").ndim == 2
-        cfg["cross_attention_dim"] = int(_need(sd, attention[0] + "transformer_blocks.0.attn2.to_k.weight").shape[1])
-        depths = {len(_indices(sd, a + "transformer_blocks.")) for a in attention}
-        if len(depths) == 1:
-            cfg["transformer_layers_per_block"] = depths.pop()
-    return cfg
-
-
 def _unet_guesses(shapes: Mapping[str, Any], family: str, prediction_type: str) -> dict[str, Any]:
     widths = shapes["block_out_channels"]
-    guesses: dict[str, Any] = {"norm_num_groups": _norm_groups(widths)}
+    guesses: dict[str, Any] = {"norm_num_groups": norm_groups(widths)}
     if family == "sd2":
         # SD2's LDM config fixes the head width (num_head_channels: 64), so the head count follows the width.
         guesses["attention_head_dim"] = [max(1, w // 64) for w in widths]
@@ -373,42 +295,19 @@ def _unet_guesses(shapes: Mapping[str, Any], family: str, prediction_type: str) 
     return guesses
 
 
-def _vae_shapes(sd: Mapping[str, Tensor]) -> dict[str, Any]:
-    p = VAE_PREFIX
-    layout = _ldm_vae_layout(sd)
-    widths = [int(_need(sd, f"{p}encoder.down.{i}.block.0.conv1.weight").shape[0]) for i in range(layout.blocks)]
-    cfg: dict[str, Any] = {
-        "in_channels": int(_need(sd, p + "encoder.conv_in.weight").shape[1]),
-        "out_channels": int(_need(sd, p + "decoder.conv_out.weight").shape[0]),
-        "latent_channels": int(_need(sd, p + "decoder.conv_in.weight").shape[1]),
-        "block_out_channels": widths,
-        "layers_per_block": layout.layers,
-        "down_block_types": ["DownEncoderBlock2D"] * layout.blocks,
-        "up_block_types": ["UpDecoderBlock2D"] * layout.blocks,
-    }
-    # Only stated when they depart from the SD layout, so configs stay readable by older diffusers.
-    if p + "quant_conv.weight" not in sd:
-        cfg["use_quant_conv"] = False
-    if p + "post_quant_conv.weight" not in sd:
-        cfg["use_post_quant_conv"] = False
-    if p + "encoder.mid.attn_1.q.weight" not in sd:
-        cfg["mid_block_add_attention"] = False
-    return cfg
-
-
 def _text_shapes(sd: Mapping[str, Tensor], family: str) -> dict[str, Any]:
     if family == "sd1":
-        p = _sd1_text_prefix(sd)
-        tokens = _need(sd, p + "embeddings.token_embedding.weight")
-        positions = _need(sd, p + "embeddings.position_embedding.weight")
-        layers = len(_indices(sd, p + "encoder.layers."))
-        fc1 = _need(sd, p + "encoder.layers.0.mlp.fc1.weight")
+        p = sd1_text_prefix(sd)
+        tokens = need_tensor(sd, p + "embeddings.token_embedding.weight")
+        positions = need_tensor(sd, p + "embeddings.position_embedding.weight")
+        layers = len(key_indices(sd, p + "encoder.layers."))
+        fc1 = need_tensor(sd, p + "encoder.layers.0.mlp.fc1.weight")
     else:
         p = SD2_TEXT_PREFIX
-        tokens = _need(sd, p + "token_embedding.weight")
-        positions = _need(sd, p + "positional_embedding")
-        layers = len(_indices(sd, p + "transformer.resblocks.")) - 1
-        fc1 = _need(sd, p + "transformer.resblocks.0.mlp.c_fc.weight")
+        tokens = need_tensor(sd, p + "token_embedding.weight")
+        positions = need_tensor(sd, p + "positional_embedding")
+        layers = len(key_indices(sd, p + "transformer.resblocks.")) - 1
+        fc1 = need_tensor(sd, p + "transformer.resblocks.0.mlp.c_fc.weight")
     return {
         "vocab_size": int(tokens.shape[0]),
         "hidden_size": int(tokens.shape[1]),
@@ -425,19 +324,6 @@ def _text_guesses(shapes: Mapping[str, Any], family: str) -> dict[str, Any]:
     if family == "sd1":
         guesses["projection_dim"] = hidden
     return guesses
-
-
-def _metadata_configs(metadata: Mapping[str, str] | None) -> dict[str, dict[str, Any]]:
-    raw = (metadata or {}).get(METADATA_CONFIGS)
-    if not raw:
-        return {}
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        return {}
-    if not isinstance(parsed, dict):
-        return {}
-    return {k: v for k, v in parsed.items() if isinstance(k, str) and isinstance(v, dict)}
 
 
 def infer_configs(
@@ -460,17 +346,15 @@ def infer_configs(
     if prediction_type not in PREDICTION_TYPES:
         raise CheckpointError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
     if family == "sdxl":
-        from sdconcepts.checkpoints import sdxl
-
         return sdxl.infer_configs(state_dict, prediction_type=prediction_type, metadata=metadata)
-    ref = _reference_configs(family)
-    meta = _metadata_configs(metadata)
+    ref = reference_configs(family)
+    meta = metadata_configs(metadata)
 
-    unet_shapes = _unet_shapes(state_dict)
+    unet_shapes = infer_unet_shapes(state_dict)
     unet = {**ref["unet"], **_unet_guesses(unet_shapes, family, prediction_type), **meta.get("unet", {}), **unet_shapes}
 
-    vae_shapes = _vae_shapes(state_dict)
-    vae_guesses: dict[str, Any] = {"norm_num_groups": _norm_groups(vae_shapes["block_out_channels"])}
+    vae_shapes = infer_vae_shapes(state_dict)
+    vae_guesses: dict[str, Any] = {"norm_num_groups": norm_groups(vae_shapes["block_out_channels"])}
     if family == "sd2":
         vae_guesses["sample_size"] = 768 if prediction_type == "v_prediction" else 512
     vae = {**ref["vae"], **vae_guesses, **meta.get("vae", {}), **vae_shapes}

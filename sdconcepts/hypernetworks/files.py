@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdconcepts.hypernetwork import (
+from sdconcepts.atomic_files import commit_with_sidecar, sidecar_candidates
+from sdconcepts.hypernetworks.hypernetwork import (
     Hypernetwork,
     HypernetworkError,
     HypernetworkModule,
@@ -27,11 +28,9 @@ from sdconcepts.hypernetwork import (
 from sdconcepts.safe_load import (
     TensorInfo,
     UnsafeFileError,
-    commit_with_sidecar,
     file_sha256,
     load_torch_file,
     read_metadata,
-    sidecar_candidates,
     write_torch_file,
 )
 
@@ -40,8 +39,6 @@ __all__ = [
     "HypernetworkInfo",
     "OptimizerState",
     "describe_hypernetwork",
-    "find_hypernetworks",
-    "load_hypernetwork_folders",
     "hypernetwork_from_dict",
     "hypernetwork_to_dict",
     "load_hypernetwork",
@@ -87,45 +84,6 @@ def optimizer_path(path: str | os.PathLike[str]) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def find_hypernetworks(folders: Iterable[str | os.PathLike[str]]) -> dict[str, Path]:
-    """Name -> path of every ``.pt`` under ``folders``, recursively, with A1111's listing rules.
-
-    The name is the file stem (no folder); paths are visited sorted by their lower-cased text and a later duplicate
-    wins; ``None.pt`` is ignored; a folder named ``x.pt`` is searched, not listed. Nothing is opened: A1111 loads a
-    hypernetwork only when a prompt names it.
-    """
-    found: list[Path] = []
-    for folder in folders:
-        root = Path(folder)
-        if root.is_dir():
-            # Every non-folder entry, FIFOs and sockets too: loading one gives its reason ("not a regular file")
-            # instead of an "unknown hypernet" that hides the file. Nothing here opens it.
-            found.extend(p for p in root.glob("**/*.pt") if not p.is_dir())
-    names: dict[str, Path] = {}
-    for path in sorted(found, key=lambda p: str(p).lower()):
-        if path.stem != "None":
-            names[path.stem] = path
-    return names
-
-
-def load_hypernetwork_folders(
-    folders: Iterable[str | os.PathLike[str]],
-) -> tuple[dict[str, Hypernetwork], dict[str, str]]:
-    """Load every hypernetwork ``find_hypernetworks`` lists: (name -> hypernetwork, name -> why it was skipped).
-
-    One bad file (hostile, corrupt, unknown activation, wrong shapes) is skipped with its one-line reason, which
-    names the file; the others load.
-    """
-    loaded: dict[str, Hypernetwork] = {}
-    skipped: dict[str, str] = {}
-    for name, path in find_hypernetworks(folders).items():
-        try:
-            loaded[name] = load_hypernetwork(path)
-        except HypernetworkFileError as exc:
-            skipped[name] = str(exc)
-    return loaded, skipped
 
 
 def load_hypernetwork(path: str | os.PathLike[str]) -> Hypernetwork:
@@ -432,7 +390,7 @@ def save_hypernetwork(
 def load_optimizer_state(path: str | os.PathLike[str]) -> OptimizerState | None:
     """The sidecar's optimizer state for ``path`` when its ``hash`` matches the file's shorthash (A1111's rule).
 
-    A sidecar that a kill left under its pending name (see ``safe_load.commit_with_sidecar``) is found too.
+    A sidecar that a kill left under its pending name (see ``atomic_files.commit_with_sidecar``) is found too.
     """
     try:
         candidates = sidecar_candidates(path)

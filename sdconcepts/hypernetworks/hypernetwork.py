@@ -2,7 +2,7 @@
 
 Each module is ``x + mlp(x) * strength`` where ``mlp`` is a Sequential rebuilt in exactly A1111's order (Linear,
 activation, LayerNorm, Dropout per step), so module indices and state-dict keys match its files. A hypernetwork
-holds one (key, value) module pair per context width. File keys and defaults live in ``hypernetwork_files``.
+holds one (key, value) module pair per context width. File keys and defaults live in ``hypernetworks.files``.
 """
 
 from __future__ import annotations

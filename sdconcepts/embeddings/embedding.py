@@ -1,6 +1,6 @@
 """A textual inversion embedding as a value: its prompt word, its vectors and the facts A1111 keeps beside them.
 
-File layouts live in ``embedding_files.py``; this module knows nothing about disk.
+File layouts live in ``embeddings.files``; this module knows nothing about disk.
 """
 
 from __future__ import annotations
@@ -10,13 +10,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from sdconcepts.library import EmbeddingLibrary
 
 __all__ = [
     "SDXL_ENCODERS",
@@ -26,7 +22,6 @@ __all__ = [
     "kind_mismatch_reason",
     "names_in_prompt",
     "sdxl_width",
-    "usable_embeddings",
 ]
 
 # SDXL files carry one tensor per text encoder; A1111's width for them is the sum (768 + 1280 = 2048).
@@ -146,27 +141,6 @@ def kind_mismatch_reason(embedding_sdxl: bool, width: int, *, sdxl: bool) -> str
     if sdxl and not embedding_sdxl:
         return f"a single-encoder embedding (width {width}, SD 1.x/2.x) does not fit an SDXL model"
     return None
-
-
-def usable_embeddings(
-    library: EmbeddingLibrary, width: int, *, sdxl: bool, used_in: str | None = None
-) -> tuple[dict[str, Embedding], dict[str, str]]:
-    """``(usable, skipped)`` of a library for a model of context ``width`` (SDXL: ``sdxl``): name -> embedding,
-    and name -> reason for files that cannot apply (wrong width, wrong kind, unreadable). A name that some file
-    provides is not reported as skipped because another file lost it. With ``used_in`` (prompt and negative
-    prompt), only the embeddings named there are read (``EmbeddingLibrary.usable``)."""
-    usable: dict[str, Embedding] = {}
-    # ``usable`` reads the files still pending (a lazy listing) first, so that their skip reasons are known.
-    found = library.usable(width, used_in=used_in)
-    skipped = dict(library.skipped(width))
-    for name, emb in found.items():
-        reason = kind_mismatch(emb, sdxl=sdxl)
-        if reason is None:
-            usable[name] = emb
-        else:
-            skipped[name] = reason
-    taken = {name.lower() for name in usable}
-    return usable, {name: reason for name, reason in skipped.items() if name.lower() not in taken}
 
 
 def names_in_prompt(prompt: str, names: Iterable[str]) -> list[str]:

@@ -14,7 +14,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.cli import CommandError, _existing_path, _positive_int, int_at_least
+from tqdm import tqdm
+
+from sdconcepts.cli.arguments import CommandError, existing_path, int_at_least, positive_int
+from sdconcepts.embeddings.files import EmbeddingFileError
+from sdconcepts.generation import GenerationError
+from sdconcepts.hypernetworks.attach import attention_widths
+from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
 from sdconcepts.limits import (
     MAX_GRADIENT_ACCUMULATION,
     MAX_HYPERNETWORK_BYTES,
@@ -23,6 +29,15 @@ from sdconcepts.limits import (
     MAX_TRAIN_BATCH_SIZE,
     format_bytes,
 )
+from sdconcepts.training.config import ConfigError, EmbeddingTrainingConfig, HypernetworkTrainingConfig
+from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
+from sdconcepts.training.dataset import DatasetError
+from sdconcepts.training.distributed import Distributed
+from sdconcepts.training.names import InvalidNameError, target_path
+from sdconcepts.training.run import TrainingError, train_embedding, train_hypernetwork
+from sdconcepts.training.schedule import ScheduleError
+from sdconcepts.training.templates import TemplateError
+from sdconcepts.training.training_model import TrainingModel
 
 DEFAULT_EMBEDDINGS_DIR = Path("embeddings")
 DEFAULT_HYPERNETWORKS_DIR = Path("models") / "hypernetworks"
@@ -37,13 +52,20 @@ FAMILY_SIZES = {"sd1": (768, 320, 640, 1280), "sd2": (1024, 320, 640, 1280), "sd
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", type=_existing_path, default=None,
+    p.add_argument("--ckpt", type=existing_path, default=None,
                    help="model: a diffusers folder, an A1111 .safetensors/.ckpt file or toyworld-xl (the embedded SDXL "
                    "toy-world model) (default: the embedded toy-world model)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
 def add_training_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _add_create_embedding_parser(subparsers)
+    _add_create_hypernetwork_parser(subparsers)
+    for kind in ("embedding", "hypernetwork"):
+        _add_train_parser(subparsers, kind)
+
+
+def _add_create_embedding_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "create-embedding",
         help="create a textual inversion embedding file (A1111's Create embedding)",
@@ -54,13 +76,15 @@ def add_training_parsers(subparsers: argparse._SubParsersAction[argparse.Argumen
     )
     p.add_argument("name", metavar="NAME", help="the embedding's name (its prompt word); letters, digits, ._- and spaces")
     p.add_argument("--init-text", default="*", help="initialization text (default: *)")
-    p.add_argument("--vectors", type=_positive_int, default=1, help="number of vectors per token, 1-75 (default: 1)")
+    p.add_argument("--vectors", type=positive_int, default=1, help="number of vectors per token, 1-75 (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file of that name")
     p.add_argument("--embeddings-dir", type=Path, default=DEFAULT_EMBEDDINGS_DIR, metavar="D",
                    help="folder to write to (default: ./embeddings)")
     _model_arguments(p)
     p.set_defaults(func=run_create_embedding)
 
+
+def _add_create_hypernetwork_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "create-hypernetwork",
         help="create a hypernetwork file (A1111's Create hypernetwork)",
@@ -90,74 +114,75 @@ def add_training_parsers(subparsers: argparse._SubParsersAction[argparse.Argumen
     _model_arguments(p)
     p.set_defaults(func=run_create_hypernetwork)
 
-    for kind in ("embedding", "hypernetwork"):
-        p = subparsers.add_parser(
-            f"train-{kind}",
-            help=f"train a {'textual inversion embedding' if kind == 'embedding' else 'hypernetwork'} on a folder of images",
-            description=f"Train NAME (a file in --{kind}s-dir, or a path) with A1111's Train-tab options. Max steps "
-            "is the total: rerun with a larger --max-steps to resume from the step saved in the file.",
-        )
-        p.add_argument("name", metavar="NAME", help=f"the {kind}'s name or file")
-        p.add_argument("--dataset", required=True, type=Path, help="dataset directory: images, optional same-name .txt captions")
-        if kind == "embedding":
-            p.add_argument("--embeddings-dir", type=Path, default=DEFAULT_EMBEDDINGS_DIR, metavar="D",
-                           help="folder holding the embedding (default: ./embeddings)")
-            p.add_argument("--learn-rate", default="0.005", metavar="S",
-                           help='learning rate or schedule, e.g. "0.005:100, 1e-3:1000, 1e-5" (default: 0.005)')
-            p.add_argument("--no-save-image-with-embedding", dest="save_image_with_embedding", action="store_false",
-                           help="do not also save previews with the embedding in PNG chunks")
-        else:
-            p.add_argument("--hypernetworks-dir", type=Path, default=DEFAULT_HYPERNETWORKS_DIR, metavar="D",
-                           help="folder holding the hypernetwork (default: ./models/hypernetworks)")
-            p.add_argument("--learn-rate", default="0.00001", metavar="S",
-                           help="learning rate or schedule (default: 0.00001)")
-        p.add_argument("--log-dir", default="textual_inversion", metavar="D",
-                       help="log directory; the run writes to D/YYYY-MM-DD/NAME (default: textual_inversion)")
-        p.add_argument("--batch-size", type=_positive_int, default=1, metavar="B", help="batch size (default: 1)")
-        p.add_argument("--gradient-accumulation", type=_positive_int, default=1, metavar="G",
-                       help="gradient accumulation steps (default: 1)")
-        p.add_argument("--width", type=_positive_int, default=None, metavar="W",
-                       help="training width (default: the model's size, 512 for SD 1.5)")
-        p.add_argument("--height", type=_positive_int, default=None, metavar="H", help="training height (default: the model's size)")
-        p.add_argument("--keep-size", action="store_true",
-                       help="do not resize images (batches are grouped by image size)")
-        p.add_argument("--max-steps", type=_positive_int, default=100000, metavar="N", help="max steps, in total (default: 100000)")
-        p.add_argument("--save-every", type=_non_negative_int, default=500, metavar="N",
-                       help="save the file and a copy in the log directory every N steps; 0 = only at the end (default: 500)")
-        p.add_argument("--preview-every", type=_non_negative_int, default=500, metavar="N",
-                       help="save a preview image to the log directory every N steps; 0 = off (default: 500)")
-        p.add_argument("--template", default="style_filewords", metavar="T",
-                       help="prompt template: a shipped name (subject, subject_filewords, style, style_filewords, "
-                       "hypernetwork, none, filewords) or a .txt file (default: style_filewords)")
-        p.add_argument("--latent-sampling", choices=("once", "deterministic", "random"), default="once",
-                       help="latent sampling method (default: once)")
-        p.add_argument("--clip-grad-mode", choices=("disabled", "value", "norm"), default="disabled",
-                       help="gradient clipping (default: disabled)")
-        p.add_argument("--clip-grad-value", default="0.1", metavar="S", help="clip value or schedule (default: 0.1)")
-        p.add_argument("--use-alpha-weight", action="store_true", help="use the PNG alpha channel as loss weight")
-        p.add_argument("--shuffle-tags", action="store_true", help="shuffle tags by ',' when creating prompts")
-        p.add_argument("--tag-dropout", type=float, default=0.0, metavar="P", help="drop out tags when creating prompts (0-1)")
-        p.add_argument("--filename-regex", default="", help="regex for the file words of images without a .txt caption")
-        p.add_argument("--filename-join", default=" ", help="join string for the regex's matches (default: a space)")
-        p.add_argument("--no-optimizer-state", dest="save_optimizer_state", action="store_false",
-                       help="neither save nor restore the optimizer state (.optim)")
-        p.add_argument("--seed", type=int, default=0, help="seed for batches, noise and timesteps (default: 0)")
-        p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
-                       help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_TRAIN_BATCH_SIZE} and "
-                       f"gradient accumulation over {MAX_GRADIENT_ACCUMULATION} (the web UI's limits); a run that "
-                       "cannot fit in memory is still refused")
-        p.add_argument("--preview-prompt", default="", help="preview prompt (default: the first prompt of the batch)")
-        p.add_argument("--preview-negative-prompt", default="", help="preview negative prompt")
-        p.add_argument("--preview-steps", type=_positive_int, default=20, help="preview sampling steps (default: 20)")
-        p.add_argument("--preview-sampler", default="Euler a", help="preview sampler (default: Euler a)")
-        p.add_argument("--preview-cfg-scale", type=float, default=7.0, help="preview CFG scale (default: 7)")
-        p.add_argument("--preview-seed", type=int, default=-1, help="preview seed; -1 = random (default: -1)")
-        _model_arguments(p)
-        p.set_defaults(func=run_train, kind=kind)
+
+def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], kind: str) -> None:
+    p = subparsers.add_parser(
+        f"train-{kind}",
+        help=f"train a {'textual inversion embedding' if kind == 'embedding' else 'hypernetwork'} on a folder of images",
+        description=f"Train NAME (a file in --{kind}s-dir, or a path) with A1111's Train-tab options. Max steps "
+        "is the total: rerun with a larger --max-steps to resume from the step saved in the file.",
+    )
+    p.add_argument("name", metavar="NAME", help=f"the {kind}'s name or file")
+    p.add_argument("--dataset", required=True, type=Path, help="dataset directory: images, optional same-name .txt captions")
+    if kind == "embedding":
+        p.add_argument("--embeddings-dir", type=Path, default=DEFAULT_EMBEDDINGS_DIR, metavar="D",
+                       help="folder holding the embedding (default: ./embeddings)")
+        p.add_argument("--learn-rate", default="0.005", metavar="S",
+                       help='learning rate or schedule, e.g. "0.005:100, 1e-3:1000, 1e-5" (default: 0.005)')
+        p.add_argument("--no-save-image-with-embedding", dest="save_image_with_embedding", action="store_false",
+                       help="do not also save previews with the embedding in PNG chunks")
+    else:
+        p.add_argument("--hypernetworks-dir", type=Path, default=DEFAULT_HYPERNETWORKS_DIR, metavar="D",
+                       help="folder holding the hypernetwork (default: ./models/hypernetworks)")
+        p.add_argument("--learn-rate", default="0.00001", metavar="S",
+                       help="learning rate or schedule (default: 0.00001)")
+    p.add_argument("--log-dir", default="textual_inversion", metavar="D",
+                   help="log directory; the run writes to D/YYYY-MM-DD/NAME (default: textual_inversion)")
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="batch size (default: 1)")
+    p.add_argument("--gradient-accumulation", type=positive_int, default=1, metavar="G",
+                   help="gradient accumulation steps (default: 1)")
+    p.add_argument("--width", type=positive_int, default=None, metavar="W",
+                   help="training width (default: the model's size, 512 for SD 1.5)")
+    p.add_argument("--height", type=positive_int, default=None, metavar="H", help="training height (default: the model's size)")
+    p.add_argument("--keep-size", action="store_true",
+                   help="do not resize images (batches are grouped by image size)")
+    p.add_argument("--max-steps", type=positive_int, default=100000, metavar="N", help="max steps, in total (default: 100000)")
+    p.add_argument("--save-every", type=_non_negative_int, default=500, metavar="N",
+                   help="save the file and a copy in the log directory every N steps; 0 = only at the end (default: 500)")
+    p.add_argument("--preview-every", type=_non_negative_int, default=500, metavar="N",
+                   help="save a preview image to the log directory every N steps; 0 = off (default: 500)")
+    p.add_argument("--template", default="style_filewords", metavar="T",
+                   help="prompt template: a shipped name (subject, subject_filewords, style, style_filewords, "
+                   "hypernetwork, none, filewords) or a .txt file (default: style_filewords)")
+    p.add_argument("--latent-sampling", choices=("once", "deterministic", "random"), default="once",
+                   help="latent sampling method (default: once)")
+    p.add_argument("--clip-grad-mode", choices=("disabled", "value", "norm"), default="disabled",
+                   help="gradient clipping (default: disabled)")
+    p.add_argument("--clip-grad-value", default="0.1", metavar="S", help="clip value or schedule (default: 0.1)")
+    p.add_argument("--use-alpha-weight", action="store_true", help="use the PNG alpha channel as loss weight")
+    p.add_argument("--shuffle-tags", action="store_true", help="shuffle tags by ',' when creating prompts")
+    p.add_argument("--tag-dropout", type=float, default=0.0, metavar="P", help="drop out tags when creating prompts (0-1)")
+    p.add_argument("--filename-regex", default="", help="regex for the file words of images without a .txt caption")
+    p.add_argument("--filename-join", default=" ", help="join string for the regex's matches (default: a space)")
+    p.add_argument("--no-optimizer-state", dest="save_optimizer_state", action="store_false",
+                   help="neither save nor restore the optimizer state (.optim)")
+    p.add_argument("--seed", type=int, default=0, help="seed for batches, noise and timesteps (default: 0)")
+    p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
+                   help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_TRAIN_BATCH_SIZE} and "
+                   f"gradient accumulation over {MAX_GRADIENT_ACCUMULATION} (the web UI's limits); a run that "
+                   "cannot fit in memory is still refused")
+    p.add_argument("--preview-prompt", default="", help="preview prompt (default: the first prompt of the batch)")
+    p.add_argument("--preview-negative-prompt", default="", help="preview negative prompt")
+    p.add_argument("--preview-steps", type=positive_int, default=20, help="preview sampling steps (default: 20)")
+    p.add_argument("--preview-sampler", default="Euler a", help="preview sampler (default: Euler a)")
+    p.add_argument("--preview-cfg-scale", type=float, default=7.0, help="preview CFG scale (default: 7)")
+    p.add_argument("--preview-seed", type=int, default=-1, help="preview seed; -1 = random (default: -1)")
+    _model_arguments(p)
+    p.set_defaults(func=run_train, kind=kind)
 
 
 def _load_model(args: argparse.Namespace, device: Any = None) -> Any:
-    from sdconcepts.backends.diffusers import ModelLoadError, load_model
+    from sdconcepts.backends.model_loading import ModelLoadError, load_model  # lazy: transformers, diffusers
 
     try:
         return load_model(args.ckpt, device=device or args.device)
@@ -166,10 +191,6 @@ def _load_model(args: argparse.Namespace, device: Any = None) -> Any:
 
 
 def run_create_embedding(args: argparse.Namespace) -> int:
-    from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file
-    from sdconcepts.training.names import InvalidNameError, target_path
-    from sdconcepts.training.training_model import TrainingModel
-
     if args.vectors > MAX_VECTORS:
         raise CommandError(f"--vectors must be between 1 and {MAX_VECTORS}, got {args.vectors}")
     try:
@@ -199,14 +220,8 @@ def _floats(text: str, label: str) -> list[float]:
 
 
 def run_create_hypernetwork(args: argparse.Namespace) -> int:
-    from sdconcepts.hypernetwork import HypernetworkError
-    from sdconcepts.training.create import CreateError, create_hypernetwork_file
-    from sdconcepts.training.names import InvalidNameError
-
     preset = args.sizes.strip().lower()
     if preset == "model":
-        from sdconcepts.attach import attention_widths
-
         model = _load_model(args, "cpu")
         # The context width first, then the self-attention widths (A1111's order of the create form's sizes).
         sizes = [model.context_width, *sorted(attention_widths(model.unet) - {model.context_width})]
@@ -244,18 +259,6 @@ def run_create_hypernetwork(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from sdconcepts.embedding_files import EmbeddingFileError
-    from sdconcepts.generation import GenerationError
-    from sdconcepts.hypernetwork import HypernetworkError
-    from sdconcepts.training.config import ConfigError, EmbeddingTrainingConfig, HypernetworkTrainingConfig
-    from sdconcepts.training.dataset import DatasetError
-    from sdconcepts.training.distributed import Distributed
-    from sdconcepts.training.run import TrainingError, train_embedding, train_hypernetwork
-    from sdconcepts.training.schedule import ScheduleError
-    from sdconcepts.training.templates import TemplateError
-
     fields: dict[str, Any] = {
         "dataset": str(args.dataset),
         "learn_rate": args.learn_rate,

@@ -11,28 +11,33 @@ import base64
 import io
 import json
 import os
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor
 
-from sdconcepts.embedding import SDXL_ENCODERS, Embedding, EmbeddingError
+from sdconcepts.atomic_files import atomic_path, save_torch_file
+from sdconcepts.embeddings.embedding import SDXL_ENCODERS, Embedding, EmbeddingError
+from sdconcepts.embeddings.image_codec import (
+    decode_json,
+    default_picture,
+    embed_in_pixels,
+    encode_json,
+    extract_from_pixels,
+)
 from sdconcepts.safe_load import (
     TensorInfo,
     UnsafeFileError,
-    atomic_path,
     describe_foreign,
     file_sha256,
     load_torch_file,
     open_regular,
     read_metadata,
-    save_torch_file,
 )
 
 __all__ = [
@@ -43,9 +48,7 @@ __all__ = [
     "NoEmbeddedData",
     "a1111_data",
     "describe_embedding",
-    "embed_in_pixels",
     "embedding_from_data",
-    "extract_from_pixels",
     "file_sha256",
     "load_embedding",
     "read_embedding_info",
@@ -57,12 +60,8 @@ IMAGE_SUFFIXES = (".png", ".webp")
 EMBEDDING_SUFFIXES = (*PICKLE_SUFFIXES, ".safetensors", *IMAGE_SUFFIXES)
 
 TEXT_CHUNK_KEY = "sd-ti-embedding"
-TENSOR_KEY = "TORCHTENSOR"
 # A1111 writes CLIP's id for "*" as the (unused) token of its one term.
 _STAR_TOKEN_ID = 265
-# An embedding's JSON is at most a few MB (75 vectors of 1280 floats); refuse a zlib stream that inflates past this.
-_MAX_JSON_BYTES = 64 << 20
-_DEFAULT_PICTURE_SIZE = 256
 
 
 class EmbeddingFileError(ValueError):
@@ -273,8 +272,6 @@ def _read(path: Path) -> _Parsed:
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
     try:
         with open_regular(path) as opened:
             _check_safetensors_header(opened, path)
@@ -401,7 +398,7 @@ def _read_image(path: Path) -> tuple[dict[str, Any], str]:
             # A1111 tries the text chunk first, and only on images that have text chunks (PNG).
             if isinstance(text, Mapping) and TEXT_CHUNK_KEY in text:
                 try:
-                    return _decode_json(base64.b64decode(text[TEXT_CHUNK_KEY])), "text chunk"
+                    return decode_json(base64.b64decode(text[TEXT_CHUNK_KEY])), "text chunk"
                 except (ValueError, TypeError) as exc:
                     raise EmbeddingFileError(f"{path}: bad {TEXT_CHUNK_KEY} text chunk ({_first_line(exc)})") from None
             data = extract_from_pixels(image)
@@ -431,137 +428,6 @@ def _not_an_image(path: Path) -> str:
     if foreign.endswith("image, not a torch file"):
         return f"a damaged {foreign.removesuffix(', not a torch file').removeprefix('a ')}"
     return foreign.replace("not a torch file", "not an image")
-
-
-def _encode_json(data: Mapping[str, Any]) -> bytes:
-    def default(obj: object) -> object:
-        if isinstance(obj, Tensor):
-            return {TENSOR_KEY: obj.detach().cpu().numpy().tolist()}
-        raise TypeError(f"cannot store {type(obj).__name__} in an embedding image")
-
-    return json.dumps(data, default=default).encode()
-
-
-def _decode_json(raw: bytes) -> dict[str, Any]:
-    def hook(obj: dict[str, Any]) -> object:
-        if TENSOR_KEY in obj:
-            array = np.asarray(obj[TENSOR_KEY], dtype=np.float64)
-            return torch.from_numpy(array)
-        return obj
-
-    data = json.loads(raw, object_hook=hook)
-    if not isinstance(data, dict):
-        raise ValueError("the embedded JSON is not an object")
-    return data
-
-
-def _keystream(count: int) -> np.ndarray:
-    """A1111's xor_block key: LCG (a=1664525, c=1013904223, m=2^32, seed 0), each state ``% 255``, masked to 4 bits."""
-    a, c, mask = 1664525, 1013904223, 0xFFFFFFFF
-    block = 4096
-    states = np.empty(block, dtype=np.uint64)
-    state = 0
-    for i in range(block):
-        state = (a * state + c) & mask
-        states[i] = state
-    # Jump a whole block at once: s[k + block] = A * s[k] + C (mod 2^32), with A, C the block-fold of (a, c).
-    jump_a, jump_c = 1, 0
-    for _ in range(block):
-        jump_a, jump_c = (a * jump_a) & mask, (a * jump_c + c) & mask
-    blocks = [states]
-    total = block
-    while total < count:
-        states = (np.uint64(jump_a) * states + np.uint64(jump_c)) & np.uint64(mask)
-        blocks.append(states)
-        total += block
-    stream = np.concatenate(blocks)[:count]
-    return np.asarray((stream % np.uint64(255)).astype(np.uint8) & np.uint8(0x0F), dtype=np.uint8)
-
-
-def _xor(block: np.ndarray) -> np.ndarray:
-    key = _keystream(int(block.size)).reshape(block.shape)
-    return np.asarray(np.bitwise_xor(block.astype(np.uint8), key), dtype=np.uint8)
-
-
-def _dot_pattern(block: np.ndarray, shades: np.ndarray) -> np.ndarray:
-    """Grey 6-px dots on an 8-px grid (alternate rows shifted 4 px), XOR-ed into the high nibble only (A1111's style_block)."""
-    height, width = block.shape[:2]
-    canvas = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(canvas)
-    index = 0
-    for x in range(-6, width, 8):
-        for row, y in enumerate(range(-6, height, 8)):
-            shift = 4 if row % 2 == 0 else 0
-            shade = int(shades[index % len(shades)])
-            index += 1
-            draw.ellipse((x + shift, y, x + 6 + shift, y + 6), fill=(shade, shade, shade))
-    return np.asarray(block ^ (np.asarray(canvas, dtype=np.uint8) & 0xF0), dtype=np.uint8)
-
-
-def embed_in_pixels(picture: Image.Image, data: Mapping[str, Any]) -> Image.Image:
-    """Return ``picture`` with the data's two nibble strips beside it, as A1111's ``insert_image_data_embed`` lays out."""
-    params = data.get("string_to_param")
-    if not isinstance(params, Mapping) or not params:
-        raise EmbeddingError("only string_to_param embeddings can be stored in images (as in A1111)")
-    payload = np.frombuffer(zlib.compress(_encode_json(data), level=9), dtype=np.uint8)
-    height, depth = picture.size[1], 3
-    # A1111 rounds up to a multiple of h, then of h*3, adding a whole h (h*3) when already exact.
-    size = len(payload) + (height - len(payload) % height)
-    size += height * depth - size % (height * depth)
-    # np.resize repeats the bytes cyclically; zlib stops at its end marker and ignores the rest.
-    low = np.resize(payload & 0x0F, size).reshape(height, -1, depth)
-    high = np.resize(payload >> 4, size).reshape(height, -1, depth)
-
-    first = next(iter(params.values()))
-    sample = np.abs(np.asarray(first.detach().cpu().reshape(first.shape[0], -1)[0].tolist()[:1024], dtype=np.float64))
-    peak = float(sample.max()) if sample.size else 0.0
-    shades = (sample / peak * 255).astype(np.uint8) if peak > 0 else np.zeros(max(sample.size, 1), dtype=np.uint8)
-
-    low_strip = Image.fromarray(_xor(_dot_pattern(low, shades)), mode="RGB")
-    high_strip = Image.fromarray(_xor(_dot_pattern(high, shades[::-1])), mode="RGB")
-    canvas = Image.new("RGB", (low_strip.size[0] + 1 + picture.size[0] + 1 + high_strip.size[0], height), (0, 0, 0))
-    canvas.paste(low_strip, (0, 0))
-    canvas.paste(picture.convert("RGB"), (low_strip.size[0] + 1, 0))
-    canvas.paste(high_strip, (low_strip.size[0] + 1 + picture.size[0] + 1, 0))
-    return canvas
-
-
-def extract_from_pixels(image: Image.Image) -> dict[str, Any] | None:
-    """Decode the pixel strips (A1111's ``extract_image_data_embed``); ``None`` when the image carries none."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    lit = np.all(pixels > 0, axis=2)
-    if not bool(np.any(lit)):
-        return None
-    cols, rows = np.flatnonzero(np.any(lit, axis=0)), np.flatnonzero(np.any(lit, axis=1))
-    nibbles = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] & 0x0F
-    dark = np.flatnonzero(nibbles.sum(axis=(0, 2)) == 0)
-    if len(dark) < 2:
-        return None
-    lower = _xor(nibbles[:, : dark[0]])
-    upper = _xor(nibbles[:, dark[-1] + 1 :])
-    if lower.shape != upper.shape or lower.size == 0:
-        return None
-    stream = ((upper << 4) | lower).astype(np.uint8).tobytes()
-    inflate = zlib.decompressobj()
-    try:
-        raw = inflate.decompress(stream, _MAX_JSON_BYTES)
-        if inflate.unconsumed_tail or not inflate.eof:
-            return None
-        return _decode_json(raw)
-    except (zlib.error, ValueError):
-        return None
-
-
-def _default_picture(embedding: Embedding) -> Image.Image:
-    """A plain picture for an image carrier when none is given: a soft gradient tinted by the vectors."""
-    vec = embedding.tensor()[0]
-    tint = (vec[:3].abs() / (vec.abs().max() + 1e-12) * 127).tolist() + [0.0] * 3
-    size = _DEFAULT_PICTURE_SIZE
-    ramp = np.linspace(64, 192, size, dtype=np.float64)
-    pixels = np.empty((size, size, 3), dtype=np.uint8)
-    for channel in range(3):
-        pixels[:, :, channel] = np.clip(ramp[:, None] * 0.5 + ramp[None, :] * 0.5 + tint[channel] - 32, 1, 255)
-    return Image.fromarray(pixels, mode="RGB")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -626,8 +492,6 @@ def _single_key_data(embedding: Embedding) -> dict[str, Tensor]:
 
 
 def _save_safetensors(embedding: Embedding, target: Path) -> None:
-    from safetensors.torch import save
-
     metadata = {"format": "pt"}
     for key in ("step", "sd_checkpoint", "sd_checkpoint_name"):
         value = getattr(embedding, key)
@@ -644,11 +508,11 @@ def _save_image(embedding: Embedding, target: Path, picture: Image.Image | None,
     if target.name.lower().endswith(tuple(f".preview{s}" for s in IMAGE_SUFFIXES)):
         raise EmbeddingError("A1111 treats *.preview images as preview pictures and never reads an embedding from them")
     data = a1111_data(embedding)
-    canvas = embed_in_pixels(picture if picture is not None else _default_picture(embedding), data)
+    canvas = embed_in_pixels(picture if picture is not None else default_picture(embedding), data)
     buffer = io.BytesIO()
     if suffix == ".png":
         info = PngImagePlugin.PngInfo()
-        info.add_text(TEXT_CHUNK_KEY, base64.b64encode(_encode_json(data)).decode("ascii"))
+        info.add_text(TEXT_CHUNK_KEY, base64.b64encode(encode_json(data)).decode("ascii"))
         canvas.save(buffer, format="PNG", pnginfo=info)
     else:
         canvas.save(buffer, format="WEBP", lossless=True, quality=100, method=1, exact=True)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from sdconcepts.backends.sampler_start import ImageSource
+from sdconcepts.cli.arguments import CommandError, int_at_least
+from sdconcepts.cli.generate_command import run_generate
 from sdconcepts.img2img import MASKED_CONTENT, RESIZE_MODES, Img2ImgOptions
 
 
@@ -44,8 +47,6 @@ def _image_file(value: str) -> Path:
 
 def add_img2img_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``img2img`` after ``generate``: it takes every ``generate`` option, then its own."""
-    from sdconcepts.cli import int_at_least
-
     generate = subparsers.choices["generate"]
     p = subparsers.add_parser(
         "img2img",
@@ -82,9 +83,6 @@ def add_img2img_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentP
 
 
 def run_img2img(args: argparse.Namespace) -> int:
-    from sdconcepts.backends.img2img import ImageSource
-    from sdconcepts.cli import run_generate
-
     options = Img2ImgOptions(
         denoising_strength=args.denoising_strength,
         resize_mode=args.resize_mode,
@@ -103,10 +101,6 @@ def run_img2img(args: argparse.Namespace) -> int:
 
 def read_image(path: Path) -> Image.Image:
     """The decoded image at ``path``, or a one-line CommandError naming it."""
-    from PIL import UnidentifiedImageError
-
-    from sdconcepts.cli import CommandError
-
     try:
         with Image.open(path) as opened:
             opened.load()

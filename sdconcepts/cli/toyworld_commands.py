@@ -1,6 +1,6 @@
 """The ``toyworld`` command: train, eval, concept, score (and train-probe), wired into an argparse parser.
 
-Heavy imports (torch, diffusers) happen inside the handlers so that building the parser stays cheap.
+The toy-world model code (diffusers) is imported inside the handlers so that building the parser stays cheap.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from sdconcepts.toyworld import probe, world
+from sdconcepts.toyworld.concept import load_images, write_concept
+from sdconcepts.toyworld.evaluate import evaluate, format_report
+from sdconcepts.toyworld.probe import score
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +40,6 @@ def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 def parse_expect(text: str) -> dict[str, str]:
     """Parse ``shape=triangle,colour=yellow`` into a dict, validating names and values."""
-    from sdconcepts.toyworld import world
-
     expect: dict[str, str] = {}
     for part in text.split(","):
         if not part.strip():
@@ -62,8 +65,8 @@ def parse_expect(text: str) -> dict[str, str]:
 @_guard
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the toy-world model from scratch and write a diffusers folder."""
-    from sdconcepts.toyworld import models
-    from sdconcepts.toyworld.train import TrainConfig, train
+    from sdconcepts.toyworld import models  # lazy: diffusers
+    from sdconcepts.toyworld.model_training import TrainConfig, train  # lazy: diffusers
 
     config = TrainConfig(
         seed=args.seed,
@@ -86,8 +89,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 @_guard
 def cmd_train_probe(args: argparse.Namespace) -> int:
     """Train the probe classifier and write it to the package assets."""
-    from sdconcepts.toyworld import probe
-
     accuracy = probe.main(steps=args.steps, seed=args.seed, threads=args.threads)
     print(json.dumps({"held_out_accuracy": accuracy}, indent=2))
     return 0
@@ -96,11 +97,9 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
 @_guard
 def cmd_eval(args: argparse.Namespace) -> int:
     """Generate from random prompts and score colour, shape and background through the probe."""
-    from sdconcepts.toyworld.evaluate import evaluate, format_report
-
     model = Path(args.model) if args.model else None
     if args.model == "toyworld-xl" and model is not None and not model.exists():
-        from sdconcepts.toyworld.models import XL_MODEL_DIR
+        from sdconcepts.toyworld.models import XL_MODEL_DIR  # lazy: diffusers
 
         model = XL_MODEL_DIR
     if model is not None and not (model / "model_index.json").is_file():
@@ -117,8 +116,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 @_guard
 def cmd_concept(args: argparse.Namespace) -> int:
     """Write concept training images with captions that never name the fixed attributes."""
-    from sdconcepts.toyworld.concept import write_concept
-
     fixed = {"shape": args.shape, "colour": args.colour, "background": args.background}
     if args.count < 1:
         raise UsageError("--count must be at least 1")
@@ -130,9 +127,6 @@ def cmd_concept(args: argparse.Namespace) -> int:
 @_guard
 def cmd_score(args: argparse.Namespace) -> int:
     """Report the hit rate of each expected attribute over a folder of images."""
-    from sdconcepts.toyworld.concept import load_images
-    from sdconcepts.toyworld.probe import score
-
     expect = parse_expect(args.expect)
     folder = Path(args.dir)
     if not folder.is_dir():
@@ -152,8 +146,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def add_toyworld_parser(subparsers: Any) -> None:
     """Add the ``toyworld`` command and its sub-commands to an argparse ``subparsers`` object."""
-    from sdconcepts.toyworld import world
-
     toy = subparsers.add_parser("toyworld", help="the embedded toy-world model: train, evaluate, concept images")
     sub = toy.add_subparsers(dest="toyworld_command", required=True)
 

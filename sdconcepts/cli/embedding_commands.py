@@ -1,4 +1,4 @@
-"""Command line for the embedding tools: ``embedding inspect|mix|edit`` (logic in ``sdconcepts.embedding_tools``)."""
+"""Command line for the embedding tools: ``embedding inspect|mix|edit`` (logic in ``sdconcepts.embeddings.tools``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.cli import CommandError, _existing_dir, _existing_path, int_at_least
-from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding
-from sdconcepts.embedding_tools import (
+from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, int_at_least
+from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding
+from sdconcepts.embeddings.library import EmbeddingLibrary
+from sdconcepts.embeddings.tools import (
     EmbeddingToolError,
     describe_vectors,
     format_report,
@@ -34,9 +35,9 @@ def add_embedding_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
     commands = group.add_subparsers(dest="embedding_command", metavar="TOOL", required=True)
 
     def common(p: argparse.ArgumentParser, *, writes: bool) -> None:
-        p.add_argument("--embeddings-dir", type=_existing_dir, action="append", default=None, metavar="D",
+        p.add_argument("--embeddings-dir", type=existing_dir, action="append", default=None, metavar="D",
                        help="where embeddings are found by name, recursively; repeatable (default: ./embeddings)")
-        p.add_argument("--ckpt", type=_existing_path, default=None,
+        p.add_argument("--ckpt", type=existing_path, default=None,
                        help="the model whose vocabulary words and nearest tokens come from (default: the embedded "
                        "toy-world model)")
         p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
@@ -95,8 +96,6 @@ def _folders(args: argparse.Namespace) -> list[Path]:
 
 def _library(args: argparse.Namespace) -> dict[str, Any]:
     """Name -> single-encoder vectors of every usable embedding under the folders."""
-    from sdconcepts.library import EmbeddingLibrary
-
     library = EmbeddingLibrary(_folders(args))
     library.refresh()
     return {name: emb.tensor() for name, emb in library.usable().items() if not emb.is_sdxl}
@@ -121,7 +120,7 @@ def _source(args: argparse.Namespace, reference: str) -> tuple[str, Any]:
 
 
 def _model(args: argparse.Namespace) -> Any:
-    from sdconcepts.backends.diffusers import ModelLoadError, load_model
+    from sdconcepts.backends.model_loading import ModelLoadError, load_model  # lazy: transformers, diffusers
 
     try:
         return load_model(args.ckpt, device=args.device)

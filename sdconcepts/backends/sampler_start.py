@@ -1,8 +1,8 @@
-"""img2img and inpainting on the diffusers backend: the init image's latents, the sampler's start and the mask.
+"""Where the sampler starts: A1111's seeded noise, or (img2img and inpainting) an init image's latents and the mask.
 
 The pure preparation (resize, mask, paste-back) is `sdconcepts.img2img`; the prompt, embeddings, hypernetworks,
-seeds and the sampler loop are txt2img's (`sdconcepts.backends.diffusers`), which this module hands an
-`ImageSource`. Here the VAE encodes the init image, inpainting checkpoints (UNets with 5 extra input channels) get
+seeds and the sampler loop are txt2img's (`sdconcepts.backends.sampling`, whose ``img2img`` hands txt2img an
+`ImageSource`). Here the VAE encodes the init image, inpainting checkpoints (UNets with 5 extra input channels) get
 A1111's image conditioning, and each step's denoised estimate keeps the unmasked region, as A1111 1.10 does.
 """
 
@@ -10,17 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sdconcepts.generation import GenerationError, GenerationParams
+from sdconcepts.backends.loaded_model import LoadedModel
 from sdconcepts.img2img import Img2ImgOptions, PreparedInit, img2img_steps, latent_mask, prepare_init
 
-if TYPE_CHECKING:
-    from sdconcepts.backends.diffusers import GenerationResult, LoadedModel
+
+def initial_noise(
+    model: LoadedModel, generators: Sequence[torch.Generator], width: int, height: int
+) -> torch.Tensor:
+    """A1111's seeding: each image's noise comes from a CPU generator seeded with its own seed."""
+    # The latent's channels: an inpainting UNet takes 5 more (mask and masked image) than it denoises.
+    channels = int(model.unet.config.out_channels)
+    shape = (channels, height // model.vae_scale_factor, width // model.vae_scale_factor)
+    noise = [torch.randn(shape, generator=g) for g in generators]
+    return torch.stack(noise).to(device=model.device, dtype=model.dtype)
 
 
 @dataclass
@@ -59,7 +67,7 @@ class ImageSource:
         options = self.options.validated()
         prepared = prepare_init(self.image, self.mask, width, height, options)
         first_step, sampled_steps = img2img_steps(steps, options.denoising_strength)
-        pixels = _pixels(prepared.image, model)
+        pixels = image_pixels(prepared.image, model)
         latents = encode_pixels(model, pixels)
         keep = None
         if prepared.mask is not None:
@@ -68,8 +76,6 @@ class ImageSource:
             keep = 1 - regenerate
             if options.inpainting_fill == "latent noise":
                 # A1111 draws this noise once, from the first batch's seeds, and reuses it for every batch.
-                from sdconcepts.backends.diffusers import initial_noise
-
                 generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[0]]
                 latents = latents * keep + initial_noise(model, generators, width, height) * regenerate
             elif options.inpainting_fill == "latent nothing":
@@ -114,36 +120,12 @@ class Img2ImgStart:
         return self.prepared.finish(image)
 
 
-def img2img(
-    model: LoadedModel,
-    params: GenerationParams,
-    image: Image.Image,
-    *,
-    mask: Image.Image | None = None,
-    options: Img2ImgOptions | None = None,
-    **txt2img_options: Any,
-) -> GenerationResult:
-    """img2img from ``image`` (inpainting where ``mask`` is white), with txt2img's prompts, seeds and samplers.
-
-    ``txt2img_options`` are txt2img's keyword arguments (embeddings, hypernetworks, progress, size_limits, ...).
-
-    ``params.width``/``height`` are the processing size (default: the model's); the result has that size, except
-    "Only masked" inpainting, which pastes its result back into an image of the init image's size.
-    """
-    from sdconcepts.backends.diffusers import txt2img
-
-    if not isinstance(image, Image.Image):
-        raise GenerationError("img2img needs an init image")
-    source = ImageSource(image, mask, options or Img2ImgOptions())
-    return txt2img(model, params, source=source, **txt2img_options)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Latents and the inpainting UNet's conditioning
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _pixels(image: Image.Image, model: LoadedModel) -> torch.Tensor:
+def image_pixels(image: Image.Image, model: LoadedModel) -> torch.Tensor:
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
     tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
     return (tensor * 2 - 1).to(model.device, model.dtype)

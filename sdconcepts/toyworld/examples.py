@@ -12,7 +12,7 @@ from pathlib import Path
 
 __all__ = ["EMBEDDING", "EXAMPLES_DIR", "EXAMPLE_EMBEDDINGS_DIR", "EXAMPLE_HYPERNETWORKS_DIR", "HYPERNETWORK"]
 
-EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 EXAMPLE_EMBEDDINGS_DIR = EXAMPLES_DIR / "embeddings"
 EXAMPLE_HYPERNETWORKS_DIR = EXAMPLES_DIR / "hypernetworks"
 EMBEDDING = "example_triangle"  # a yellow triangle on a brown background

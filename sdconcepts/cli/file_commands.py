@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import sys
@@ -12,8 +10,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.cli import CommandError
-from sdconcepts.embedding_files import EMBEDDING_SUFFIXES, EmbeddingFileError, describe_embedding, load_embedding
+from sdconcepts.cli.arguments import CommandError
+from sdconcepts.embeddings.files import (
+    EMBEDDING_SUFFIXES,
+    EmbeddingFileError,
+    describe_embedding,
+    file_sha256,
+    load_embedding,
+    save_embedding,
+)
+from sdconcepts.embeddings.library import EmbeddingLibrary
+from sdconcepts.hypernetworks.files import describe_hypernetwork, looks_like_hypernetwork, read_hypernetwork_info
+from sdconcepts.safe_load import UnsafeFileError, open_regular, read_metadata
 
 log = logging.getLogger("sdconcepts")
 
@@ -64,16 +72,13 @@ def run_inspect(args: argparse.Namespace) -> int:
 def describe_file(path: Path) -> dict[str, Any]:
     """A description of the file by what it is: a hypernetwork ``.pt`` (integer width keys or A1111's hypernetwork
     metadata) is described as one, anything else as an embedding; a CommandError says why neither works."""
-    from sdconcepts.safe_load import UnsafeFileError, open_regular
-
     try:
         open_regular(path).close()  # a FIFO, socket or device is refused here, before any reader opens it
     except UnsafeFileError as exc:
         raise CommandError(str(exc)) from None
-    hypernetwork_files = _hypernetwork_module()
-    if path.suffix.lower() == ".pt" and hypernetwork_files is not None and _is_hypernetwork(path):
+    if path.suffix.lower() == ".pt" and _is_hypernetwork(path):
         try:
-            info: dict[str, Any] = hypernetwork_files.describe_hypernetwork(path)
+            info: dict[str, Any] = describe_hypernetwork(path)
         except (ValueError, OSError) as exc:
             raise CommandError(f"{path}: a hypernetwork that cannot be loaded ({_reason(str(exc), path)})") from None
         return {"kind": "hypernetwork", **info} if "kind" not in info else info
@@ -82,10 +87,10 @@ def describe_file(path: Path) -> dict[str, Any]:
     except EmbeddingFileError as exc:
         embedding_error = _reason(str(exc), path)
     # A1111 reads hypernetworks only from .pt files.
-    if path.suffix.lower() != ".pt" or hypernetwork_files is None:
+    if path.suffix.lower() != ".pt":
         raise CommandError(f"{path}: not an embedding ({embedding_error})")
     try:
-        info = hypernetwork_files.describe_hypernetwork(path)
+        info = describe_hypernetwork(path)
     except (ValueError, OSError) as exc:
         raise CommandError(
             f"{path}: neither an embedding ({embedding_error}) nor a hypernetwork ({_reason(str(exc), path)})"
@@ -93,31 +98,18 @@ def describe_file(path: Path) -> dict[str, Any]:
     return {"kind": "hypernetwork", **info} if "kind" not in info else info
 
 
-def _hypernetwork_module() -> Any:
-    if importlib.util.find_spec("sdconcepts.hypernetwork_files") is None:
-        return None
-    return importlib.import_module("sdconcepts.hypernetwork_files")
-
-
 def _is_hypernetwork(path: Path) -> bool:
     """Whether the file's pickle (read without its tensor data) has a hypernetwork's keys."""
-    module = _hypernetwork_module()
-    if module is None:
-        return False
-    from sdconcepts.safe_load import UnsafeFileError, read_metadata
-
     try:
         data = read_metadata(path)
     except UnsafeFileError:
         return False
-    return bool(module.looks_like_hypernetwork(data))
+    return bool(looks_like_hypernetwork(data))
 
 
 def _inspect_folder(folder: Path, width: int | None, *, as_json: bool) -> int:
     """Every file in the folder described by what it is: embeddings (checked against ``width``) and hypernetworks
     (read from their metadata, not loaded), with the files that are neither and why."""
-    from sdconcepts.library import EmbeddingLibrary
-
     library = EmbeddingLibrary([folder])
     library.refresh()
     rows: list[dict[str, Any]] = []
@@ -154,10 +146,8 @@ def _inspect_folder(folder: Path, width: int | None, *, as_json: bool) -> int:
 def _hypernetwork_row(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     """The row of a ``.pt`` that did not load as an embedding: a hypernetwork's when it is one, else unchanged
     (a file whose pickle cannot be read stays an embedding row with the embedding reader's reason)."""
-    module = _hypernetwork_module()
-    if module is None or not _is_hypernetwork(path):
+    if not _is_hypernetwork(path):
         return row
-    from sdconcepts.embedding_files import file_sha256
 
     hyper: dict[str, Any] = {
         "kind": "hypernetwork", "name": path.stem, "path": row["path"], "preview": row["preview"],
@@ -165,7 +155,7 @@ def _hypernetwork_row(path: Path, row: dict[str, Any]) -> dict[str, Any]:
         "parameters": None, "sha256": None, "short_hash": None, "skipped": None,
     }
     try:
-        info = module.read_hypernetwork_info(path)
+        info = read_hypernetwork_info(path)
     except (ValueError, OSError) as exc:
         hyper["skipped"] = _reason(str(exc), path)
         return hyper
@@ -178,8 +168,6 @@ def _hypernetwork_row(path: Path, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from sdconcepts.embedding_files import save_embedding
-
     dst: Path = args.dst
     try:
         embedding = load_embedding(args.src)
@@ -189,34 +177,6 @@ def run_convert(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     print(written)
     return 0
-
-
-def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False) -> dict[str, Any]:
-    """``txt2img`` keyword arguments for the embeddings under ``folders`` (default ``./embeddings`` if present).
-
-    Embeddings that fit the model's ``width`` are passed with their hashes (for the infotext); the others are
-    passed as skipped, so that a prompt naming one gets a warning, and are counted on stderr (listed with -v).
-    """
-    from sdconcepts.embedding import usable_embeddings
-    from sdconcepts.library import EmbeddingLibrary
-
-    if folders is None:
-        default = Path("embeddings")
-        folders = [default] if default.is_dir() else []
-    if not folders:
-        return {}
-    library = EmbeddingLibrary(folders)
-    library.refresh()
-    usable, skipped = usable_embeddings(library, width, sdxl=sdxl)
-    if skipped:
-        print(f"note: {len(skipped)} embedding file(s) skipped (-v lists them)", file=sys.stderr)
-        for name, reason in skipped.items():
-            log.info("skipped embedding %s: %s", name, reason)
-    return {
-        "embeddings": {name: emb.joined() for name, emb in usable.items()},
-        "embedding_hashes": {name: emb.hash for name, emb in usable.items() if emb.hash},
-        "skipped_embeddings": skipped,
-    }
 
 
 def _reason(message: str, path: Path) -> str:

@@ -1,0 +1,52 @@
+"""What every command's arguments share: the one-line error a command reports, and argparse types."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, EMBEDDED_XL_NAME
+
+__all__ = ["CommandError", "existing_dir", "existing_path", "int_at_least", "positive_int"]
+
+
+class CommandError(Exception):
+    """An error the CLI reports as one line and exit code 2."""
+
+
+def existing_dir(value: str) -> Path:
+    """An argparse type: a folder that exists."""
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: no such folder")
+    return path
+
+
+def existing_path(value: str) -> Path:
+    """An argparse type: a file or folder that exists, or ``toyworld-xl`` (the embedded SDXL-layout model)."""
+    path = Path(value)
+    if value == EMBEDDED_XL_NAME and not path.exists():
+        # The embedded SDXL-layout toy-world model, by name (a file or folder of that name wins).
+        return EMBEDDED_XL_MODEL_DIR
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{value}: no such file or folder")
+    return path
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number no smaller than ``minimum``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return number
+
+    return parse
+
+
+positive_int = int_at_least(1)

@@ -1,0 +1,158 @@
+"""``python -m sdconcepts generate``: txt2img from a prompt, with the embeddings and hypernetworks of the folders given."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, positive_int
+from sdconcepts.embeddings.library import EmbeddingLibrary, usable_embeddings
+from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams
+from sdconcepts.hypernetworks.files import HypernetworkFileError
+from sdconcepts.hypernetworks.library import LoadedHypernetworks, find_hypernetworks
+from sdconcepts.images import next_image_path, save_png
+from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE
+from sdconcepts.prompts.network_tags import parse_extra_network_tags
+
+log = logging.getLogger("sdconcepts")
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="txt2img: generate images from a prompt",
+        description="Generate images with A1111's prompt language (emphasis, BREAK, [from:to:when], [a|b]). "
+        "Each PNG carries A1111's 'parameters' infotext.",
+    )
+    p.add_argument("--prompt", required=True, help="the prompt")
+    p.add_argument("--negative-prompt", default="", help="the negative prompt (default: empty)")
+    p.add_argument("--steps", type=positive_int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="Euler a", metavar="NAME",
+                   help=f"sampler, one of: {', '.join(SAMPLERS)} (default: Euler a)")
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance scale (default: 7)")
+    p.add_argument("--seed", type=int, default=-1, help="seed; -1 picks a random one (default: -1)")
+    p.add_argument("--width", type=positive_int, default=None, help="width in pixels (default: the model's size)")
+    p.add_argument("--height", type=positive_int, default=None, help="height in pixels (default: the model's size)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per batch (default: 1)")
+    p.add_argument("--batch-count", type=positive_int, default=1, help="number of batches (default: 1)")
+    p.add_argument("--clip-skip", type=positive_int, default=1,
+                   help="stop at the N-th last CLIP layer, 1 to the text encoder's layer count (12 for SD 1.x; default: 1)")
+    p.add_argument("--ckpt", type=existing_path, default=None,
+                   help="model: a diffusers folder, an A1111 .safetensors/.ckpt file, or toyworld-xl (the embedded SDXL "
+                   "toy-world model) (default: the embedded toy-world model)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--embeddings-dir", type=existing_dir, action="append", default=None, metavar="D",
+                   help="textual inversion embeddings folder, scanned recursively; repeatable "
+                   "(default: ./embeddings when it exists)")
+    p.add_argument("--hypernetworks-dir", type=existing_dir, action="append", default=None, metavar="D",
+                   help="hypernetworks folder for <hypernet:name:strength> tags, scanned recursively; repeatable "
+                   "(default: ./models/hypernetworks when it exists)")
+    p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
+                   help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_BATCH_SIZE} and batch count "
+                   f"over {MAX_BATCH_COUNT} (the web UI's limits); a request that cannot fit in memory is still refused")
+    p.add_argument("--output", required=True, type=Path,
+                   help="a folder (files named like A1111's NNNNN-SEED.png) or a .png path")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from sdconcepts.backends.model_loading import ModelLoadError, load_model  # lazy: transformers, diffusers
+    from sdconcepts.backends.sampling import txt2img  # lazy: transformers, diffusers
+
+    params = GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        sampler=args.sampler,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        batch_size=args.batch_size,
+        batch_count=args.batch_count,
+        clip_skip=args.clip_skip,
+    )
+    try:
+        params = params.validated(size_limits=args.size_limits)
+        model = load_model(args.ckpt, device=args.device)
+        embeddings = embedding_arguments(args.embeddings_dir, model.context_width, sdxl=model.is_sdxl)
+        hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt)
+        source = getattr(args, "source", None)  # img2img's init image (sdconcepts.cli.img2img_command)
+        with tqdm(total=params.steps * params.batch_count, unit="step", desc=args.command, file=sys.stderr) as bar:
+            result = txt2img(
+                model, params, progress=lambda done, total: _advance(bar, done, total), size_limits=args.size_limits,
+                source=source, **embeddings, **hypernetworks
+            )
+    except (GenerationError, ModelLoadError) as exc:
+        raise CommandError(str(exc)) from exc
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    output: Path = args.output
+    single_file = output.suffix.lower() == ".png"
+    for index, (image, infotext, seed) in enumerate(zip(result.images, result.infotexts, result.seeds, strict=True)):
+        if single_file:
+            path = output if len(result.images) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+        else:
+            path = next_image_path(output, seed)
+        save_png(image, path, infotext)
+        print(path)
+    return 0
+
+
+def _advance(bar: Any, done: int, total: int) -> None:
+    bar.total = total  # img2img runs fewer steps than it was asked for (its denoising strength)
+    bar.update(done - bar.n)
+
+
+def hypernetwork_arguments(folders: list[Path] | None, prompt: str) -> dict[str, Any]:
+    """``txt2img`` keyword arguments for the hypernetworks the prompt's tags name (A1111 loads only those).
+
+    Every ``.pt`` under ``folders`` (default ``./models/hypernetworks`` if present) is a known name; a named file
+    that fails to load is reported on stderr and the generation warns that its tag had no effect.
+    """
+    if folders is None:
+        default = Path("models") / "hypernetworks"
+        folders = [default] if default.is_dir() else []
+    paths = find_hypernetworks(folders)
+    files = LoadedHypernetworks()
+    loaded = {}
+    _, tags = parse_extra_network_tags(prompt)
+    for tag in tags:
+        name = tag.args[0] if tag.args else ""
+        if tag.name != "hypernet" or name not in paths or name in loaded:
+            continue
+        try:
+            loaded[name] = files.load(paths[name])
+        except HypernetworkFileError as exc:
+            print(f"warning: skipped hypernetwork {name}: {exc}", file=sys.stderr)
+    return {"hypernetworks": loaded, "known_networks": {"hypernet": list(paths)}}
+
+
+def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False) -> dict[str, Any]:
+    """``txt2img`` keyword arguments for the embeddings under ``folders`` (default ``./embeddings`` if present).
+
+    Embeddings that fit the model's ``width`` are passed with their hashes (for the infotext); the others are
+    passed as skipped, so that a prompt naming one gets a warning, and are counted on stderr (listed with -v).
+    """
+    if folders is None:
+        default = Path("embeddings")
+        folders = [default] if default.is_dir() else []
+    if not folders:
+        return {}
+    library = EmbeddingLibrary(folders)
+    library.refresh()
+    usable, skipped = usable_embeddings(library, width, sdxl=sdxl)
+    if skipped:
+        print(f"note: {len(skipped)} embedding file(s) skipped (-v lists them)", file=sys.stderr)
+        for name, reason in skipped.items():
+            log.info("skipped embedding %s: %s", name, reason)
+    return {
+        "embeddings": {name: emb.joined() for name, emb in usable.items()},
+        "embedding_hashes": {name: emb.hash for name, emb in usable.items() if emb.hash},
+        "skipped_embeddings": skipped,
+    }

@@ -1,0 +1,54 @@
+"""Command line: ``python -m sdconcepts [COMMAND]``, every command's parser in one; errors are one line, never tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from sdconcepts.cli.arguments import CommandError
+from sdconcepts.cli.embedding_commands import add_embedding_parser
+from sdconcepts.cli.file_commands import add_file_parsers
+from sdconcepts.cli.generate_command import add_generate_parser
+from sdconcepts.cli.img2img_command import add_img2img_parser
+from sdconcepts.cli.toyworld_commands import add_toyworld_parser
+from sdconcepts.cli.training_commands import add_training_parsers
+from sdconcepts.cli.web_ui_command import add_web_ui_arguments, run_web_ui
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sdconcepts",
+        description="sdconcepts: textual inversion embeddings and hypernetworks for Stable Diffusion. "
+        "Without a COMMAND it serves the web UI on http://127.0.0.1:7860/.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    add_web_ui_arguments(parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_generate_parser(subparsers)
+    add_img2img_parser(subparsers)
+    add_file_parsers(subparsers)
+    add_embedding_parser(subparsers)
+    add_toyworld_parser(subparsers)
+    add_training_parsers(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not hasattr(args, "func"):
+        args.func = run_web_ui  # no command: serve the web UI
+    try:
+        return int(args.func(args))
+    except CommandError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
