@@ -34,9 +34,10 @@ from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embeddin
 from sdconcepts.training.dataset import DatasetError
 from sdconcepts.training.distributed import Distributed
 from sdconcepts.training.names import InvalidNameError, target_path
-from sdconcepts.training.run import TrainingError, train_embedding, train_hypernetwork
+from sdconcepts.training.run import train_embedding, train_hypernetwork
 from sdconcepts.training.schedule import ScheduleError
 from sdconcepts.training.templates import TemplateError
+from sdconcepts.training.trainables import TrainingError
 from sdconcepts.training.training_model import TrainingModel
 
 DEFAULT_EMBEDDINGS_DIR = Path("embeddings")

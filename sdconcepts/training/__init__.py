@@ -25,9 +25,10 @@ from sdconcepts.training.dataset import DatasetError, TrainingBatch, TrainingDat
 from sdconcepts.training.loop import GradientClip, TrainingEvent, training_loop
 from sdconcepts.training.names import InvalidNameError, sanitize_name
 from sdconcepts.training.objective import DiffusionModel, diffusion_loss
-from sdconcepts.training.run import TrainingError, train_embedding, train_hypernetwork
+from sdconcepts.training.run import train_embedding, train_hypernetwork
 from sdconcepts.training.schedule import LearnRateSchedule, ScheduleError, parse_schedule
 from sdconcepts.training.templates import TemplateError, available_templates, read_template
+from sdconcepts.training.trainables import TrainingError
 
 __all__ = [
     "ConfigError",

@@ -182,7 +182,7 @@ def test_training_sizes_get_the_same_limits(tmp_path: Path, session: UiSession) 
 @pytest.mark.skipif(not MEMORY_KNOWN, reason="this platform does not say how much memory is available")
 def test_training_that_cannot_fit_is_refused_before_reading_images(tiny_model: Any, tmp_path: Path) -> None:
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
-    from sdconcepts.training.run import TrainingError
+    from sdconcepts.training.trainables import TrainingError
     from sdconcepts.training.training_model import TrainingModel
 
     dataset = tmp_path / "data"

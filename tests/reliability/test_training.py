@@ -35,7 +35,7 @@ from sdconcepts.training import (
 )
 from sdconcepts.training.lock import TrainingLock, lock_path
 from sdconcepts.training.names import InvalidNameError, name_max
-from sdconcepts.training.run import TrainingError
+from sdconcepts.training.trainables import TrainingError
 from sdconcepts.training.training_model import TrainingModel
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="kills, umasks and flock are POSIX")
