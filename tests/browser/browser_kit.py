@@ -36,7 +36,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 OUTPUT = Path(os.environ.get("SDCONCEPTS_BROWSER_OUTPUT", HERE / "output"))
 APP_PYTHON = os.environ.get("SDCONCEPTS_APP_PYTHON", sys.executable)
-TIMEOUT_MS = 60_000
+# The default ceiling of every page wait: waits end as soon as the page shows what they wait for, so a generous
+# ceiling costs nothing on an idle machine and keeps the tests green on a busy one (load 3-5x the cores).
+TIMEOUT_MS = 240_000
 
 
 def sync_playwright() -> Any:
@@ -134,7 +136,7 @@ def value(page, selector: str) -> str:  # type: ignore[no-untyped-def]
     return str(page.locator(selector).first.input_value())
 
 
-def wait_for_images(page, timeout: float = 180, expected_error: str = "") -> None:  # type: ignore[no-untyped-def]
+def wait_for_images(page, timeout: float = 300, expected_error: str = "") -> None:  # type: ignore[no-untyped-def]
     """Until the gallery shows an image; fail at once with the message when gradio shows an error instead."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ def toasts(page: Any) -> list[str]:
     return [str(t) for t in page.locator(".toast-body").all_inner_texts()]
 
 
-def wait_text(page: Any, selector: str, text: str, timeout: float = 120, *, fail_on: tuple[str, ...] = (),
+def wait_text(page: Any, selector: str, text: str, timeout: float = 240, *, fail_on: tuple[str, ...] = (),
               error_boxes: str = "", poll_ms: int = 250) -> str:
     """The element's text once it contains ``text``. Fails at once when gradio shows an error toast, when the
     element shows one of ``fail_on``, or when an element matching ``error_boxes`` (a CSS selector of the page's own

@@ -67,7 +67,7 @@ def _tab(page, label: str, within: str = "") -> None:  # type: ignore[no-untyped
     buttons.filter(has_text=re.compile(f"^\\s*{re.escape(label)}\\s*$")).filter(visible=True).first.click()
 
 
-def _wait_value(page, selector: str, expected: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+def _wait_value(page, selector: str, expected: str, timeout: float = 240) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     seen = ""
     while time.monotonic() < deadline:
@@ -81,7 +81,7 @@ def _wait_value(page, selector: str, expected: str, timeout: float = 60) -> None
     raise AssertionError(f"{selector} is {seen!r}, not {expected!r}")
 
 
-def _wait_image(page, selector: str, timeout: float = 180) -> Image.Image:  # type: ignore[no-untyped-def]
+def _wait_image(page, selector: str, timeout: float = 300) -> Image.Image:  # type: ignore[no-untyped-def]
     """The first image under ``selector`` once it is there, fetched as the browser shows it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -149,7 +149,7 @@ def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, i
             # Send to img2img: the image and its parameters land in the img2img tab, which opens.
             page.locator("#sdconcepts_send_to_img2img").click()
             _wait_value(page, "#sdconcepts_img2img_prompt textarea", "a red circle on teal")
-            page.locator("#sdconcepts_img2img_prompt textarea").wait_for(state="visible", timeout=10_000)
+            page.locator("#sdconcepts_img2img_prompt textarea").wait_for(state="visible", timeout=240_000)
             assert kit.value(page, "#sdconcepts_img2img_neg_prompt textarea") == "blurry"
             assert kit.value(page, "#sdconcepts_img2img_seed input") == "42"
             assert kit.value(page, "#sdconcepts_img2img_steps input[type=number]") == "3"
@@ -161,7 +161,7 @@ def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, i
             _tab(page, "txt2img", "#sdconcepts_main_tabs")
             page.locator("#sdconcepts_send_to_inpaint").click()
             editor = page.locator("#sdconcepts_img2img_inpaint_editor").first
-            editor.wait_for(state="visible", timeout=20_000)
+            editor.wait_for(state="visible", timeout=240_000)
             # The page script opens the tab at once; the image and the Inpaint mode come with the server's answer.
             # Generate clicked before that answer (seen on A1111's stack in CI) runs with the form as it was.
             deadline = time.monotonic() + 60
@@ -190,7 +190,7 @@ def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, i
             page.screenshot(path=str(kit.OUTPUT / "png-info.png"), full_page=True)
             page.locator("#sdconcepts_png_info_to_txt2img").click()
             _wait_value(page, "#sdconcepts_prompt textarea", "a red circle on teal")
-            page.locator("#sdconcepts_prompt textarea").wait_for(state="visible", timeout=10_000)  # txt2img opened
+            page.locator("#sdconcepts_prompt textarea").wait_for(state="visible", timeout=240_000)  # txt2img opened
             assert kit.value(page, "#sdconcepts_neg_prompt textarea") == "blurry"
             assert kit.value(page, "#sdconcepts_seed input") == "42"
             assert kit.value(page, "#sdconcepts_steps input[type=number]") == "3"
@@ -226,7 +226,7 @@ def _inpaint(page, url: str, init_path: Path) -> tuple[Image.Image, str]:  # typ
     editor = "#sdconcepts_img2img_inpaint_editor"
     # The editor may not take a file while its tab is still being drawn: wait for its empty-state text ("Upload an
     # image", gradio 6; "Drop Image Here", 3 and 4), then upload until that text has gone.
-    page.locator(editor).filter(has_text=re.compile("Upload an image|Drop Image Here")).first.wait_for(timeout=30_000)
+    page.locator(editor).filter(has_text=re.compile("Upload an image|Drop Image Here")).first.wait_for(timeout=240_000)
     page.wait_for_timeout(1000)
     loaded = False
     for _attempt in range(4):

@@ -287,7 +287,7 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
             editor.locator("#sdconcepts_ti_meta_save").click()
             editor.wait_for(state="hidden")
             sidecar = embeddings / "toy-style.json"
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120
             while not sidecar.exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
             saved = json.loads(sidecar.read_text(encoding="utf-8"))

@@ -110,7 +110,7 @@ def _card_names(page) -> list[str]:  # type: ignore[no-untyped-def]
         "cards => cards.map(c => c.dataset.name)"))
 
 
-def _wait_cards(page, names: list[str], timeout: float = 60) -> str:  # type: ignore[no-untyped-def]
+def _wait_cards(page, names: list[str], timeout: float = 240) -> str:  # type: ignore[no-untyped-def]
     """Until the Textual Inversion tab shows exactly ``names`` as cards; returns the skipped list's text."""
     deadline = time.monotonic() + timeout
     seen: list[str] = []
@@ -271,7 +271,7 @@ def test_train_tab_creates_and_trains_an_sdxl_embedding_and_hypernetwork(app: tu
             _train(page, "embedding", "xlnew")
             phase("embedding trained")
             page.locator("#sdconcepts_train_plot").first.scroll_into_view_if_needed()
-            page.locator("#sdconcepts_train_plot img").first.wait_for(state="visible", timeout=60_000)
+            page.locator("#sdconcepts_train_plot img").first.wait_for(state="visible", timeout=240_000)
             trained = load_embedding(tmp / "embeddings" / "xlnew.safetensors")
             assert trained.is_sdxl and trained.step == 4, trained.step
             assert not torch.equal(trained.vectors["clip_g"], before)  # type: ignore[index]

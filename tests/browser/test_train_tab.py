@@ -115,7 +115,7 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
             assert "Training" in first and "uitoy" in first
             # Gradio's images load lazily: an image below the fold has no size until it is scrolled to.
             page.locator("#sdconcepts_train_plot").first.scroll_into_view_if_needed()
-            page.locator("#sdconcepts_train_plot img").first.wait_for(state="visible", timeout=60_000)
+            page.locator("#sdconcepts_train_plot img").first.wait_for(state="visible", timeout=240_000)
 
             page.locator("#sdconcepts_train_interrupt").click()
             end = wait_text(page, "#sdconcepts_train_status", "Training interrupted", timeout=120)
