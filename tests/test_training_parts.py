@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sdconcepts.file_names import target_path
 from sdconcepts.training import (
     ConfigError,
     EmbeddingTrainingConfig,
@@ -31,7 +32,6 @@ from sdconcepts.training import (
     training_loop,
 )
 from sdconcepts.training.dataset import filewords_for
-from sdconcepts.training.names import target_path
 from sdconcepts.training.outputs import LossLog, draw_loss_plot
 from sdconcepts.training.templates import fill_template
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from sdconcepts.cli.arguments import CommandError, existing_path, int_at_least, positive_int
 from sdconcepts.embeddings.files import EmbeddingFileError
+from sdconcepts.file_names import InvalidNameError, target_path
 from sdconcepts.generation import GenerationError
 from sdconcepts.hypernetworks.attach import attention_widths
 from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
@@ -33,7 +34,6 @@ from sdconcepts.training.config import ConfigError, EmbeddingTrainingConfig, Hyp
 from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
 from sdconcepts.training.dataset import DatasetError
 from sdconcepts.training.distributed import Distributed
-from sdconcepts.training.names import InvalidNameError, target_path
 from sdconcepts.training.run import train_embedding, train_hypernetwork
 from sdconcepts.training.schedule import ScheduleError
 from sdconcepts.training.templates import TemplateError

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sdconcepts.embeddings.embedding import Embedding
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, save_embedding
-from sdconcepts.training.names import InvalidNameError, sanitize_name, target_path
+from sdconcepts.file_names import InvalidNameError, sanitize_name, target_path
 
 __all__ = [
     "EmbeddingToolError",

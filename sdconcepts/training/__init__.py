@@ -14,6 +14,7 @@ reached through ``training_model``, which drives ``sdconcepts.backends``.
 
 from __future__ import annotations
 
+from sdconcepts.file_names import InvalidNameError, sanitize_name
 from sdconcepts.training.config import (
     ConfigError,
     EmbeddingTrainingConfig,
@@ -23,7 +24,6 @@ from sdconcepts.training.config import (
 from sdconcepts.training.create import CreateError, create_embedding_file, create_hypernetwork_file, initial_vectors
 from sdconcepts.training.dataset import DatasetError, TrainingBatch, TrainingDataset, read_images
 from sdconcepts.training.loop import GradientClip, TrainingEvent, training_loop
-from sdconcepts.training.names import InvalidNameError, sanitize_name
 from sdconcepts.training.objective import DiffusionModel, diffusion_loss
 from sdconcepts.training.run import train_embedding, train_hypernetwork
 from sdconcepts.training.schedule import LearnRateSchedule, ScheduleError, parse_schedule

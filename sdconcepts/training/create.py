@@ -10,6 +10,7 @@ from torch import Tensor
 
 from sdconcepts.embeddings.embedding import Embedding
 from sdconcepts.embeddings.files import save_embedding
+from sdconcepts.file_names import sanitize_name, target_path
 from sdconcepts.hypernetworks.files import save_hypernetwork
 from sdconcepts.hypernetworks.hypernetwork import (
     DEFAULT_LAYER_STRUCTURE,
@@ -25,7 +26,6 @@ from sdconcepts.limits import (
     hypernetwork_parameters,
     memory_problem,
 )
-from sdconcepts.training.names import sanitize_name, target_path
 
 __all__ = ["MAX_VECTORS", "check_hypernetwork_size", "create_embedding_file", "create_hypernetwork_file",
            "initial_vectors"]

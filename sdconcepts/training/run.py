@@ -25,6 +25,7 @@ from torch import Tensor
 
 from sdconcepts.atomic_files import remove_stale_temporaries, settle_sidecar
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, save_embedding
+from sdconcepts.file_names import fit_file_name
 from sdconcepts.images import save_png
 from sdconcepts.limits import MAX_IMAGE_SIDE, memory_problem, training_bytes
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig, TrainingConfig
@@ -32,7 +33,6 @@ from sdconcepts.training.dataset import TrainingDataset, read_images
 from sdconcepts.training.distributed import Distributed
 from sdconcepts.training.lock import TrainingBusyError, TrainingLock
 from sdconcepts.training.loop import GradientClip, TrainingEvent, training_loop
-from sdconcepts.training.names import fit_file_name
 from sdconcepts.training.objective import diffusion_loss
 from sdconcepts.training.outputs import CSV_NAMES, EtaClock, LossLog, run_folder, write_settings
 from sdconcepts.training.schedule import LearnRateSchedule

@@ -16,6 +16,7 @@ from typing import Any
 
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES
 from sdconcepts.embeddings.folder_scan import is_preview_image
+from sdconcepts.file_names import InvalidNameError
 from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
 from sdconcepts.training.config import (
     ConfigError,
@@ -25,7 +26,6 @@ from sdconcepts.training.config import (
 )
 from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
 from sdconcepts.training.loop import TrainingEvent
-from sdconcepts.training.names import InvalidNameError
 from sdconcepts.training.templates import available_templates
 from sdconcepts.training.training_model import TrainingModel
 from sdconcepts.ui.train_jobs import TrainingJob, TrainingJobs
@@ -139,8 +139,8 @@ def form_defaults(session: UiSession, model_label: str | None = None) -> FormDef
 def create_embedding(session: UiSession, model_label: str, name: str, init_text: str, vectors: float,
                      overwrite: bool) -> Path:
     """A1111's Create embedding on the chosen model's token embeddings; raises UiError naming the problem."""
+    from sdconcepts.file_names import InvalidNameError, target_path
     from sdconcepts.training.create import CreateError
-    from sdconcepts.training.names import InvalidNameError, target_path
 
     count = int(vectors or 0)
     if not str(name).strip():

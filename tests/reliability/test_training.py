@@ -23,6 +23,7 @@ import torch
 
 from sdconcepts.atomic_files import atomic_path
 from sdconcepts.embeddings.files import load_embedding
+from sdconcepts.file_names import InvalidNameError, name_max
 from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (
@@ -34,7 +35,6 @@ from sdconcepts.training import (
     train_hypernetwork,
 )
 from sdconcepts.training.lock import TrainingLock, lock_path
-from sdconcepts.training.names import InvalidNameError, name_max
 from sdconcepts.training.trainables import TrainingError
 from sdconcepts.training.training_model import TrainingModel
 
