@@ -55,6 +55,23 @@ def tiny_sdxl(tiny_sdxl_dir: Path):  # type: ignore[no-untyped-def]
     return load_model(tiny_sdxl_dir, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The training tests' dataset: 4 toy-world pictures of a yellow triangle on varied backgrounds (seed 3), each
+    with a caption that names the background only. Read-only: runs write their logs and files elsewhere.
+
+    One fixture for every package's training tests (tests/training, tests/host, tests/ui, tests/reliability). They
+    used to write their own copy: 2 or 3 of these same pictures (a prefix of this seed's sequence), or 2 red circles
+    (seed 5) in the host tests, whose runs check the host's weights and the saved files, never what was learned.
+    tests/training/test_training_run.py counts its 4 pictures in the run's settings file.
+    """
+    from sdconcepts.toyworld.concept import write_concept
+
+    folder = tmp_path_factory.mktemp("concept")
+    write_concept(folder, count=4, seed=3, shape="triangle", colour="yellow")
+    return folder
+
+
 @pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
 def tiny_family_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """(family, path) of a tiny SD 1.x / SD 2.x / SDXL single file written by our writer (A1111's LDM/SGM layout)."""

@@ -14,7 +14,7 @@ on an idle CPU thread (18 minutes on the busy shared 2-core machine they were ma
 - ``example_teal`` (hypernetwork, 1-2-1 linear, widths 48/32/64): turns backgrounds teal, from 40 images of every
   shape and colour on teal captioned without the background (``filewords`` template, 400 steps).
 
-The settings are those of ``tests/test_training_learns.py``, whose figures are in ``docs/training.md``.
+The settings are those of ``tests/training/test_training_learns.py``, whose figures are in ``docs/training.md``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Draw a mask with the mouse on the Inpaint canvas (gradio 3.41's sketch tool, or 
 mask blur 0 and "original" masked content, and check that the result came back with the pixels outside the stroke
 unchanged; generate in txt2img, send the image to img2img, load the saved PNG in PNG Info and send its parameters
 to txt2img; click a card in the img2img tab. Standalone only: inside a host these tabs are not built (the host has
-its own; tests/test_ui_img2img.py checks the hosted layout). ``tools/host_stacks.sh`` runs this file under the
+its own; tests/ui/test_ui_img2img.py checks the hosted layout). ``tools/host_stacks.sh`` runs this file under the
 A1111 and Forge gradio versions through ``SDCONCEPTS_APP_PYTHON``.
 """
 

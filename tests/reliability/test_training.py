@@ -25,7 +25,6 @@ from sdconcepts.atomic_files import atomic_path
 from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.file_names import InvalidNameError, name_max
 from sdconcepts.hypernetworks.files import load_hypernetwork
-from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (
     EmbeddingTrainingConfig,
     HypernetworkTrainingConfig,
@@ -41,13 +40,6 @@ from sdconcepts.training.training_model import TrainingModel
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="kills, umasks and flock are POSIX")
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("concept")
-    write_concept(folder, count=4, seed=3, shape="triangle", colour="yellow")
-    return folder
 
 
 def _new_embedding(tiny_model: Any, folder: Path, name: str = "toytri") -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from closeness import assert_outputs_close, assert_owned_weights  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402

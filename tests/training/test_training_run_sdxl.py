@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from closeness import assert_outputs_close  # noqa: E402
 
@@ -19,7 +18,6 @@ from sdconcepts.backends.prompt_encoder import PromptEncoder  # noqa: E402
 from sdconcepts.embeddings.files import load_embedding  # noqa: E402
 from sdconcepts.hypernetworks.attach import attention_layers  # noqa: E402
 from sdconcepts.hypernetworks.files import load_hypernetwork  # noqa: E402
-from sdconcepts.toyworld.concept import write_concept  # noqa: E402
 from sdconcepts.training import (  # noqa: E402
     EmbeddingTrainingConfig,
     HypernetworkTrainingConfig,
@@ -29,13 +27,6 @@ from sdconcepts.training import (  # noqa: E402
     train_hypernetwork,
 )
 from sdconcepts.training.training_model import TrainingModel  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("concept")
-    write_concept(folder, count=2, seed=3, shape="triangle", colour="yellow")
-    return folder
 
 
 def test_create_sdxl_embedding_initialises_each_half_from_its_own_table(tiny_sdxl: Any, tmp_path: Path) -> None:

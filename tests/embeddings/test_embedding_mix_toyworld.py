@@ -10,7 +10,7 @@ Measured (2026-11-30, busy shared 2-core machine, one thread; 300 steps each, 19
 in 0 % of 40 generations from either embedding alone (each gives its own attribute in 100 %), 100 % from the
 concatenation and 80 % from the sum (the others 100 % green, 80 % triangles).
 
-Slow (a few minutes on 2 CPU cores); CI runs it. ``python tests/test_embedding_mix_toyworld.py`` prints the figures.
+Slow (a few minutes on 2 CPU cores); CI runs it. ``python tests/embeddings/test_embedding_mix_toyworld.py`` prints the figures.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def _a1111_emphasis_original() -> type:
     import os
     import tarfile
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     candidates = [os.environ.get("SDCONCEPTS_HOST_KIT", ""), str(root.parent / "shared" / "hosts"), "/work/shared/hosts"]
     for kit in filter(None, candidates):
         tarball = Path(kit) / "a1111-v1.10.1.tar.xz"

@@ -11,7 +11,7 @@
   keeps the init's colour). With the shape left open ("a <word> shape") the shape survives far less often on the
   toy model (reported, not asserted).
 
-Slow (a few minutes on one thread); CI runs them. ``python tests/test_img2img_toyworld.py`` prints the figures.
+Slow (a few minutes on one thread); CI runs them. ``python tests/backends/test_img2img_toyworld.py`` prints the figures.
 """
 
 from __future__ import annotations

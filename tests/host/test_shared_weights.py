@@ -19,7 +19,6 @@ from sdconcepts.checkpoints import files as cf
 from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.generation import GenerationParams
 from sdconcepts.hypernetworks.files import load_hypernetwork
-from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (
     EmbeddingTrainingConfig,
     HypernetworkTrainingConfig,
@@ -50,13 +49,6 @@ def host(tiny_model_dir: Path) -> Any:
     for module in (model.unet, model.vae, model.text_encoder):
         module.requires_grad_(True)
     return model
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("concept")
-    write_concept(folder, count=2, seed=5, shape="circle", colour="red")
-    return folder
 
 
 def test_shared_model_copies_no_weight_and_generates_as_the_host(host: Any) -> None:

@@ -12,20 +12,12 @@ import pytest
 
 from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.hypernetworks.files import load_hypernetwork
-from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig
 from sdconcepts.training.loop import TrainingEvent
 from sdconcepts.ui import handlers, train_handlers, train_jobs
 from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
 SIZE = 32  # a size the tiny model trains at quickly
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("concept")
-    write_concept(folder, count=3, seed=3, shape="triangle", colour="yellow")
-    return folder
 
 
 @pytest.fixture()

@@ -322,7 +322,7 @@ def test_inpainting_checkpoint_is_detected_and_conditioned(inpainting_dir: Path,
 
 
 def test_cli_img2img_inpaints_and_writes_infotext(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from test_cli import run_cli
+    from cli_process import run_cli
 
     from sdconcepts.images import read_infotext
 
@@ -350,7 +350,7 @@ def test_cli_img2img_inpaints_and_writes_infotext(tiny_model_dir: Path, tmp_path
 
 
 def test_cli_img2img_help_and_one_line_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from test_cli import run_cli
+    from cli_process import run_cli
 
     proc = run_cli("img2img", "--help")
     for option in ("--prompt", "--steps", "--sampler", "--clip-skip", "--hypernetworks-dir", "--init-image", "--mask",

@@ -17,7 +17,7 @@ from sdconcepts.ui import handlers
 from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "browser"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "browser"))
 from library_files import write_library  # noqa: E402
 
 WIDTH = 48  # the tiny test model's text width

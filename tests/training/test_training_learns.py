@@ -11,7 +11,7 @@ have a ``clip_l`` and a ``clip_g`` half).
   circle", shipped ``filewords`` template); at strengths 0, 0.5 and 1 the background rate must rise monotonically to
   >= 3x its rate at 0 while shape and colour stay >= 95 %.
 
-Slow (a few minutes each on 2 CPU cores); CI runs them. ``python tests/test_training_learns.py`` prints the figures.
+Slow (a few minutes each on 2 CPU cores); CI runs them. ``python tests/training/test_training_learns.py`` prints the figures.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def test_hypernetwork_shifts_the_style_with_strength(tmp_path: Path, embedded: s
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    # python tests/test_training_learns.py [ti|hn ...] [toyworld|toyworld-xl]
+    # python tests/training/test_training_learns.py [ti|hn ...] [toyworld|toyworld-xl]
     chosen = next((a for a in sys.argv[1:] if a in MODELS), "toyworld")
     which = [a for a in sys.argv[1:] if a not in MODELS] or ["ti", "hn"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,10 +21,10 @@ from sdconcepts.ui import handlers
 from sdconcepts.ui.cards import format_multiplier, hypernetwork_tag
 from sdconcepts.ui.ui_session import DEFAULT_MODEL_LABEL, XL_MODEL_LABEL, UiConfig, UiError, UiSession, scan_models
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "browser"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "browser"))
 from library_files import write_library  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WIDTH = 48  # the tiny test model's text width
 
 

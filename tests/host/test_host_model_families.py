@@ -24,16 +24,8 @@ from sdconcepts.backends.tiny import build_tiny_sdxl
 from sdconcepts.checkpoints import files as cf
 from sdconcepts.checkpoints.layout import VAE_PREFIX
 from sdconcepts.generation import GenerationParams
-from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
 from sdconcepts.training.training_model import TrainingModel
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("concept")
-    write_concept(folder, count=2, seed=5, shape="circle", colour="red")
-    return folder
 
 
 def _owned(tensor: torch.Tensor) -> torch.Tensor:

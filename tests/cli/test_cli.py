@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
+
+from cli_process import run_cli
 
 from sdconcepts.generation import parse_infotext
 from sdconcepts.images import read_infotext
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "sdconcepts", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=300)
 
 
 def test_generate_writes_pngs_with_infotext(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -24,7 +24,6 @@ from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.hypernetworks.attach import attention_layers
 from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.safe_load import load_torch_file
-from sdconcepts.toyworld.concept import write_concept
 from sdconcepts.training import (
     EmbeddingTrainingConfig,
     HypernetworkTrainingConfig,
@@ -34,13 +33,6 @@ from sdconcepts.training import (
     train_hypernetwork,
 )
 from sdconcepts.training.training_model import TrainingModel
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("concept")
-    write_concept(folder, count=4, seed=3, shape="triangle", colour="yellow")
-    return folder
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
