@@ -38,6 +38,7 @@ def main() -> None:
     from sdconcepts.generation import GenerationParams
     from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_layers
     from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetworks.tags import resolve_in_memory
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
@@ -93,7 +94,8 @@ def main() -> None:
             torch.cuda.synchronize()
         start = clock()
         with context:
-            txt2img(model, params.__class__(**{**params.__dict__, "prompt": prompt}), hypernetworks=hypernetworks)
+            txt2img(model, params.__class__(**{**params.__dict__, "prompt": prompt}),
+                    hypernetworks=resolve_in_memory(prompt, hypernetworks, model.unet))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return clock() - start

@@ -8,7 +8,7 @@ pure functions in the core; the prompt's conditioning is `prompt_encoder`'s, the
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +28,12 @@ from sdconcepts.backends.sampler_start import (
 )
 from sdconcepts.embeddings.embedding import names_in_prompt
 from sdconcepts.generation import GenerationError, GenerationParams, format_infotext
-from sdconcepts.hypernetworks.attach import attach_hypernetworks, attention_widths
-from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, width_mismatch
+from sdconcepts.hypernetworks.attach import attach_hypernetworks
+from sdconcepts.hypernetworks.tags import ResolvedHypernetworks, resolve_hypernetworks
 from sdconcepts.img2img import Img2ImgOptions
 from sdconcepts.limits import generation_bytes, memory_problem
 from sdconcepts.prompts.editing import get_prompt_schedule, text_at_step
-from sdconcepts.prompts.network_tags import hypernetwork_tags, parse_extra_network_tags
+from sdconcepts.prompts.network_tags import ExtraNetworkTag, parse_extra_network_tags
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config). A1111 runs these through k-diffusion, whose
 # sigmas come from timesteps spaced evenly from the last training step down to 0: diffusers' "linspace" spacing.
@@ -86,21 +86,22 @@ def txt2img(
     embeddings: Mapping[str, torch.Tensor] | None = None,
     progress: ProgressCallback | None = None,
     emphasis: str = "Original",
-    known_networks: Mapping[str, Iterable[str]] | None = None,
     embedding_hashes: Mapping[str, str] | None = None,
     skipped_embeddings: Mapping[str, str] | None = None,
-    hypernetworks: Mapping[str, Hypernetwork] | None = None,
+    hypernetworks: ResolvedHypernetworks[Any] | None = None,
     size_limits: bool = True,
     source: ImageSource | None = None,
 ) -> GenerationResult:
     """Generate ``batch_count`` batches of ``batch_size`` images with A1111's prompt semantics and seeds.
 
     Extra-network tags (``<hypernet:name:1>``) are removed from the positive prompt before encoding and kept in the
-    infotext; a tag naming a network that ``known_networks`` does not list comes back as a warning.
+    infotext.
     ``embedding_hashes`` (name -> SHA-256) gives the infotext's ``TI hashes`` for the embeddings the prompts use;
     a prompt word naming one of ``skipped_embeddings`` (name -> reason) comes back as a warning.
-    ``hypernetworks`` (name -> loaded) are known hypernet names; the prompt's ``<hypernet:name:strength>`` tags are
-    applied in prompt order to the UNet's attention key/value inputs during sampling, and detached afterwards.
+    ``hypernetworks`` is what the caller resolved the prompt's tags to (``hypernetworks.tags.resolve_hypernetworks``):
+    its chain is applied in prompt order to the UNet's attention key/value inputs during sampling, and detached
+    afterwards; its warnings come after img2img's, its error refuses the generation. None: no network is known, so
+    every tag is warned about and has no effect.
     ``size_limits`` False lifts the web UI's size and batch limits; a request that cannot fit in the device's
     memory is refused either way, before anything is allocated.
     With ``source`` (an ``ImageSource``; see ``img2img``), sampling starts from an init image instead of noise.
@@ -122,27 +123,13 @@ def txt2img(
     start = source.prepare(model, width=width, height=height, steps=params.steps, seeds=params.image_seeds()) \
         if source is not None else None
 
-    prompt_text, tags = parse_extra_network_tags(params.prompt)
+    prompt_text, tags = parse_extra_network_tags(params.prompt)  # tags: resolved by the caller (hypernetworks)
     warnings = list(start.warnings) if start is not None else []
-    networks = {kind: set(names) for kind, names in (known_networks or {}).items()}
-    available = dict(hypernetworks or {})
-    networks.setdefault("hypernet", set()).update(available)
-    for tag in tags:
-        name = tag.args[0] if tag.args else ""
-        if name not in networks.get(tag.name, ()):
-            warnings.append(f"unknown {tag.name} {name!r}: the tag was removed from the prompt and has no effect")
-        elif tag.name == "hypernet" and name not in available:
-            warnings.append(f"hypernet {name!r} could not be loaded: the tag was removed from the prompt and has no effect")
-    try:
-        chain = [(available[t.name], t.strength) for t in hypernetwork_tags(tags) if t.name in available]
-    except ValueError as exc:
-        raise GenerationError(str(exc)) from None
-    if chain:
-        widths = attention_widths(model.unet)
-        for used in hypernetwork_tags(tags):
-            mismatch = width_mismatch(used.name, available[used.name], widths) if used.name in available else None
-            if mismatch is not None and mismatch not in warnings:
-                warnings.append(mismatch)
+    resolved = hypernetworks if hypernetworks is not None else _nothing_known(tags)
+    warnings += resolved.warnings
+    if resolved.error is not None:
+        raise GenerationError(resolved.error)
+    chain = resolved.chain
     for hypernetwork, _strength in chain:
         hypernetwork.to(model.device)  # as A1111, the modules run on the model's device and stay float32
 
@@ -237,6 +224,18 @@ def img2img(
         raise GenerationError("img2img needs an init image")
     source = ImageSource(image, mask, options or Img2ImgOptions())
     return txt2img(model, params, source=source, **txt2img_options)
+
+
+def _nothing_known(tags: Sequence[ExtraNetworkTag]) -> ResolvedHypernetworks[Any]:
+    """The tags resolved with no hypernetwork known: each one is warned about."""
+
+    def nothing(_name: str) -> None:
+        return None
+
+    def unreachable(_file: Any) -> Any:
+        raise AssertionError("nothing is known, so nothing is loaded")
+
+    return resolve_hypernetworks(tags, nothing, unreachable)
 
 
 def generation_memory(model: LoadedModel, params: GenerationParams, width: int, height: int) -> tuple[int, int]:

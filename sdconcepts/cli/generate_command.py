@@ -13,8 +13,9 @@ from tqdm import tqdm
 from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, positive_int
 from sdconcepts.embeddings.library import EmbeddingLibrary, usable_embeddings
 from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams
-from sdconcepts.hypernetworks.files import HypernetworkFileError
+from sdconcepts.hypernetworks.attach import attention_widths
 from sdconcepts.hypernetworks.library import LoadedHypernetworks, find_hypernetworks
+from sdconcepts.hypernetworks.tags import resolve_hypernetworks
 from sdconcepts.images import next_image_path, save_png
 from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE
 from sdconcepts.prompts.network_tags import parse_extra_network_tags
@@ -81,7 +82,7 @@ def run_generate(args: argparse.Namespace) -> int:
         params = params.validated(size_limits=args.size_limits)
         model = load_model(args.ckpt, device=args.device)
         embeddings = embedding_arguments(args.embeddings_dir, model.context_width, sdxl=model.is_sdxl)
-        hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt)
+        hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt, model.unet)
         source = getattr(args, "source", None)  # img2img's init image (sdconcepts.cli.img2img_command)
         with tqdm(total=params.steps * params.batch_count, unit="step", desc=args.command, file=sys.stderr) as bar:
             result = txt2img(
@@ -109,28 +110,27 @@ def _advance(bar: Any, done: int, total: int) -> None:
     bar.update(done - bar.n)
 
 
-def hypernetwork_arguments(folders: list[Path] | None, prompt: str) -> dict[str, Any]:
+def hypernetwork_arguments(folders: list[Path] | None, prompt: str, unet: Any = None) -> dict[str, Any]:
     """``txt2img`` keyword arguments for the hypernetworks the prompt's tags name (A1111 loads only those).
 
     Every ``.pt`` under ``folders`` (default ``./models/hypernetworks`` if present) is a known name; a named file
-    that fails to load is reported on stderr and the generation warns that its tag had no effect.
+    that fails to load is reported on stderr and the generation warns that its tag had no effect. ``unet`` (None:
+    no check) gives the attention widths a hypernetwork must fit.
     """
     if folders is None:
         default = Path("models") / "hypernetworks"
         folders = [default] if default.is_dir() else []
     paths = find_hypernetworks(folders)
     files = LoadedHypernetworks()
-    loaded = {}
     _, tags = parse_extra_network_tags(prompt)
-    for tag in tags:
-        name = tag.args[0] if tag.args else ""
-        if tag.name != "hypernet" or name not in paths or name in loaded:
-            continue
-        try:
-            loaded[name] = files.load(paths[name])
-        except HypernetworkFileError as exc:
-            print(f"warning: skipped hypernetwork {name}: {exc}", file=sys.stderr)
-    return {"hypernetworks": loaded, "known_networks": {"hypernet": list(paths)}}
+    resolved = resolve_hypernetworks(
+        tags, paths.get, files.load, widths=None if unet is None else (lambda: attention_widths(unet))
+    )
+    skipped = {file.name: file for file in resolved.skipped}
+    for tag in tags:  # as each tag naming it tried the file again: once per such tag
+        if tag.name == "hypernet" and tag.args[0] in skipped:
+            print(skipped[tag.args[0]].cli_warning(), file=sys.stderr)
+    return {"hypernetworks": resolved}
 
 
 def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False) -> dict[str, Any]:

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from sdconcepts.hypernetworks.attach import AttentionPatch, attention_widths
-from sdconcepts.hypernetworks.files import HypernetworkFileError, shorthash
-from sdconcepts.hypernetworks.hypernetwork import Hypernetwork, width_mismatch
+from sdconcepts.hypernetworks.files import shorthash
+from sdconcepts.hypernetworks.hypernetwork import Hypernetwork
 from sdconcepts.hypernetworks.library import LoadedHypernetworks, find_hypernetworks
-from sdconcepts.prompts.network_tags import ExtraNetworkTag, hypernetwork_tags
+from sdconcepts.hypernetworks.tags import resolve_hypernetworks
+from sdconcepts.prompts.network_tags import ExtraNetworkTag
 
 __all__ = [
     "ForgeHypernetworks",
@@ -153,35 +154,17 @@ class ExtraNetworkHypernet:
                 p.all_prompts = [f"{prompt}<hypernet:{additional}:{multiplier}>" for prompt in p.all_prompts]
                 items.append([additional, str(multiplier)])
 
-        chain: list[tuple[Hypernetwork, float]] = []
-        used: list[tuple[str, str]] = []
         unet = _unet_of(p)
         device = getattr(unet, "load_device", None) or torch.device("cpu")
-        widths = _model_widths(unet) if items else set()
-        for entry in items:
-            if not entry:
-                continue
-            try:
-                (tag,) = hypernetwork_tags([ExtraNetworkTag("hypernet", tuple(str(item) for item in entry))])
-            except ValueError as exc:
-                _warn(p, f"{exc}; the tag has no effect")
-                continue
-            path = self.files.path(tag.name)
-            if path is None:
-                _warn(p, f"unknown hypernet {tag.name!r}: no such file in {hypernetwork_folder()}; the tag has no effect")
-                continue
-            try:
-                hypernetwork = self.files.load(path, device)
-            except (HypernetworkFileError, OSError) as exc:
-                _warn(p, f"hypernet {tag.name!r} could not be loaded ({exc}); the tag has no effect")
-                continue
-            mismatch = width_mismatch(tag.name, hypernetwork, widths)
-            if mismatch is not None:
-                _warn(p, mismatch)
-                continue
-            chain.append((hypernetwork, tag.strength))
-            if tag.name not in [n for n, _ in used]:
-                used.append((tag.name, _file_hash(path, tag.name)))
+        tags = [ExtraNetworkTag("hypernet", tuple(str(item) for item in entry)) for entry in items if entry]
+        resolved = resolve_hypernetworks(
+            tags, self.files.path, lambda path: self.files.load(path, device), widths=lambda: _model_widths(unet),
+            forge_folder=hypernetwork_folder,
+        )
+        for warning in resolved.warnings:
+            _warn(p, warning)
+        chain = resolved.chain
+        used = [(name, _file_hash(path, name)) for name, path in resolved.used]
         setattr(p, STATE_ATTRIBUTE, chain)
         if used:
             p.extra_generation_params[INFOTEXT_FIELD] = infotext_hashes(used)

@@ -3,6 +3,7 @@
 The web UI lists the folders as cards (``hypernetwork_library``: headers only, read lazily), the CLI and the Forge
 adapter list them by name (``find_hypernetworks``), and all three load what a prompt names through
 ``LoadedHypernetworks``, which keeps a loaded hypernetwork while its file's modification time and size stay the same.
+A prompt's tags become the chain sampling applies through ``hypernetworks.tags.resolve_hypernetworks``.
 """
 
 from __future__ import annotations

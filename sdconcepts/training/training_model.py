@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from sdconcepts.generation import GenerationParams
+from sdconcepts.hypernetworks.tags import resolve_in_memory
 
 __all__ = ["TrainingModel", "alphas_cumprod_from_config"]
 
@@ -177,7 +178,8 @@ class TrainingModel:
             height=height,
         )
         frozen = {name: vectors.detach().clone() for name, vectors in (embeddings or {}).items()}
-        result = txt2img(self.model, params, embeddings=frozen, hypernetworks=dict(hypernetworks or {}))
+        resolved = resolve_in_memory(prompt, dict(hypernetworks or {}), self.model.unet)
+        result = txt2img(self.model, params, embeddings=frozen, hypernetworks=resolved)
         return result.images[0], result.infotexts[0]
 
     @property

@@ -16,7 +16,6 @@ from PIL import Image
 from sdconcepts.embeddings.library import usable_embeddings
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.images import next_image_path, save_png
-from sdconcepts.prompts.network_tags import parse_extra_network_tags
 from sdconcepts.ui.cards import (
     PAGE_SIZE,
     Card,
@@ -404,19 +403,7 @@ def generate(
             session.embeddings, width, sdxl=model.is_sdxl, used_in=used_in
         )
         session.hypernetworks.refresh(lazy=True)
-        _, tags = parse_extra_network_tags(params.prompt)
-        named = [t.args[0] for t in tags if t.name == "hypernet" and t.args]
-        session.hypernetworks.read(r.path for r in session.hypernetworks.records() if r.pending and r.name in named)
-        records = session.hypernetworks.records()
-        # A skipped file's name is known (the backend says it "could not be loaded"); say why, as the tab does.
-        warnings = [
-            f"hypernetwork file {r.path} was skipped: {r.error}"
-            for r in records
-            if r.item is None and f"<hypernet:{r.name}:" in params.prompt
-        ]
-        # The records hold metadata only; the hypernetworks the prompt names are loaded now (as A1111 does).
-        loaded, load_warnings = session.load_hypernetworks(records, named)
-        warnings += load_warnings
+        resolved, warnings = session.resolve_hypernetworks(params.prompt, model.unet)
         try:
             result = txt2img(
                 model,
@@ -424,8 +411,7 @@ def generate(
                 embeddings={n: e.joined() for n, e in usable.items()},
                 embedding_hashes={n: e.hash for n, e in usable.items() if e.hash},
                 skipped_embeddings=skipped_embeddings,
-                known_networks={"hypernet": [r.name for r in records]},
-                hypernetworks=loaded,
+                hypernetworks=resolved,
                 progress=progress,
                 source=source,
             )

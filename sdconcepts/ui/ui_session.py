@@ -16,9 +16,13 @@ from typing import Any, Protocol
 
 from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.hash_cache import HashCache
+from sdconcepts.hypernetworks.attach import attention_widths
 from sdconcepts.hypernetworks.files import HypernetworkFileError
+from sdconcepts.hypernetworks.hypernetwork import Hypernetwork
 from sdconcepts.hypernetworks.library import LoadedHypernetworks, hypernetwork_library
+from sdconcepts.hypernetworks.tags import ResolvedHypernetworks, resolve_hypernetworks
 from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, read_model_shape, shape_of_loaded
+from sdconcepts.prompts.network_tags import parse_extra_network_tags
 
 __all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConfig", "UiError", "UiSession",
            "contained_path", "scan_models"]
@@ -126,11 +130,6 @@ def _size_text(path: Path) -> str:
     return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{size / 2**20:.0f} MB"
 
 
-def _without_path(message: str, path: Path) -> str:
-    prefix = f"{path}: "
-    return message[len(prefix) :] if message.startswith(prefix) else message
-
-
 class UiSession:
     """Libraries are scanned again (cheaply) whenever the UI asks; one model is kept loaded at a time."""
 
@@ -203,28 +202,41 @@ class UiSession:
         """The folders Train-tab paths must lie in (``UiConfig.train_roots``)."""
         return list(self._train_roots)
 
-    def load_hypernetworks(self, records: Sequence[Any], names: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-        """Fully load the hypernetworks a prompt names (A1111 loads only those): (name -> loaded, warnings).
+    def resolve_hypernetworks(self, prompt: str, unet: Any) -> tuple[ResolvedHypernetworks[Path], list[str]]:
+        """Resolve the prompt's hypernet tags through the library (``hypernetworks.tags.resolve_hypernetworks``):
+        (what sampling takes, the warnings about files that were skipped, said before the generation's own).
 
-        Those the previous generation used are reused while their file is unchanged; the others are dropped, so
-        only what the current prompt uses stays in memory.
+        Only the hypernetworks the prompt names are loaded (as A1111 does); those the previous generation used are
+        reused while their file is unchanged, the others dropped, so only what the current prompt uses stays in
+        memory. ``unet`` (None: no width check) gives the attention widths a hypernetwork must fit.
         """
-        wanted = set(names)
-        loaded: dict[str, Any] = {}
-        used: list[Path] = []
-        warnings: list[str] = []
-        for record in records:
-            if record.name not in wanted or record.item is None:
-                continue
-            try:
-                hypernetwork = self.loaded_hypernetworks.load(record.path)
-            except HypernetworkFileError as exc:
-                warnings.append(f"hypernetwork file {record.path} was skipped: {_without_path(str(exc), record.path)}")
-                continue
-            used.append(record.path)
-            loaded[record.name] = hypernetwork
-        self.loaded_hypernetworks.keep_only(used)
-        return loaded, warnings
+        _, tags = parse_extra_network_tags(prompt)
+        named = {t.args[0] for t in tags if t.name == "hypernet" and t.args}
+        self.hypernetworks.read(r.path for r in self.hypernetworks.records() if r.pending and r.name in named)
+        records = self.hypernetworks.records()
+        # A skipped file's name is known (its tag "could not be loaded"); say why, as the tab does, for the tags
+        # written with a strength (``<hypernet:name:...>``).
+        with_strength = {t.args[0] for t in tags if t.name == "hypernet" and len(t.args) > 1}
+        warnings = [f"hypernetwork file {r.path} was skipped: {r.error}" for r in records
+                    if r.item is None and r.name in with_strength]
+        files: dict[str, Path] = {}
+        for record in records:  # a later duplicate wins, unless only an earlier one could be read
+            if record.item is not None or record.name not in files:
+                files[record.name] = record.path
+        errors = {r.path: r.error for r in records if r.item is None}
+
+        def load(path: Path) -> Hypernetwork:
+            if path in errors:  # said above
+                raise HypernetworkFileError(str(errors[path]))
+            return self.loaded_hypernetworks.load(path)
+
+        resolved = resolve_hypernetworks(
+            tags, files.get, load, widths=None if unet is None else (lambda: attention_widths(unet))
+        )
+        self.loaded_hypernetworks.keep_only(path for _, path in resolved.used)
+        order = {r.path: i for i, r in enumerate(records)}
+        failed = sorted((s for s in resolved.skipped if s.file not in errors), key=lambda s: order[s.file])
+        return resolved, [*warnings, *(s.ui_warning() for s in failed)]
 
     # -- models -----------------------------------------------------------------------------------------------
 

@@ -253,6 +253,7 @@ def test_a_mask_of_another_size_is_resized(tiny_model: Any) -> None:
 
 def test_embeddings_and_hypernetworks_apply_in_img2img(tiny_model: Any) -> None:
     from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetworks.tags import resolve_in_memory
 
     image, mask = _noise_image(), _box_mask(32, (8, 8, 24, 24))
     vectors = {name: torch.randn(2, 48, generator=torch.Generator().manual_seed(i)) * 0.02
@@ -261,7 +262,8 @@ def test_embeddings_and_hypernetworks_apply_in_img2img(tiny_model: Any) -> None:
 
     def run(prompt: str, embeddings: dict[str, torch.Tensor]) -> Any:
         return img2img(tiny_model, _params(prompt=prompt), image, mask=mask, options=Img2ImgOptions(mask_blur=0),
-                       embeddings={"myword": embeddings["myword"]}, hypernetworks=hypernetworks)
+                       embeddings={"myword": embeddings["myword"]},
+                       hypernetworks=resolve_in_memory(prompt, hypernetworks, tiny_model.unet))
 
     one = run("a myword circle", {"myword": vectors["glowword"]})
     two = run("a myword circle", {"myword": vectors["darkword"]})

@@ -107,9 +107,10 @@ def train_style(model: Any, work: Path) -> Any:
 
 
 def _inpaint_all(model: Any, cases: Sequence[tuple[Image.Image, Image.Image]], prompts: Sequence[str], *,
-                 invert: bool, **kwargs: Any) -> list[Image.Image]:
+                 invert: bool, hypernetworks: Mapping[str, Any] | None = None, **kwargs: Any) -> list[Image.Image]:
     from sdconcepts.backends.sampling import img2img
     from sdconcepts.generation import GenerationParams
+    from sdconcepts.hypernetworks.tags import resolve_in_memory
     from sdconcepts.img2img import Img2ImgOptions
 
     options = Img2ImgOptions(denoising_strength=INPAINT["strength"], mask_blur=0, inpainting_fill="original",
@@ -118,7 +119,8 @@ def _inpaint_all(model: Any, cases: Sequence[tuple[Image.Image, Image.Image]], p
     for i, ((image, mask), prompt) in enumerate(zip(cases, prompts, strict=True)):
         params = GenerationParams(prompt=prompt, steps=INPAINT["steps"], sampler=INPAINT["sampler"],
                                   cfg_scale=INPAINT["cfg_scale"], seed=300 + 10 * i, batch_size=INPAINT["seeds"])
-        out += img2img(model, params, image, mask=mask, options=options, **kwargs).images
+        resolved = {"hypernetworks": resolve_in_memory(prompt, hypernetworks, model.unet)} if hypernetworks else {}
+        out += img2img(model, params, image, mask=mask, options=options, **resolved, **kwargs).images
     return out
 
 

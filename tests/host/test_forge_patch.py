@@ -100,12 +100,14 @@ def test_width_mismatch_warning() -> None:
 def test_engine_warns_about_a_file_whose_widths_fit_no_layer(tiny_model: Any) -> None:
     from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
+    from sdconcepts.hypernetworks.tags import resolve_in_memory
 
     params = GenerationParams(prompt="a cat", steps=2, seed=5, sampler="Euler", cfg_scale=5.0)
     hypernetworks = {"sd1": create_hypernetwork("sd1", (768,), weight_init="XavierNormal", generator_seed=3)}
-    plain = txt2img(tiny_model, params, hypernetworks=hypernetworks)
+    plain = txt2img(tiny_model, params, hypernetworks=resolve_in_memory("a cat", hypernetworks, tiny_model.unet))
     tagged = txt2img(
-        tiny_model, GenerationParams(**{**params.__dict__, "prompt": "a cat <hypernet:sd1:1>"}), hypernetworks=hypernetworks
+        tiny_model, GenerationParams(**{**params.__dict__, "prompt": "a cat <hypernet:sd1:1>"}),
+        hypernetworks=resolve_in_memory("a cat <hypernet:sd1:1>", hypernetworks, tiny_model.unet),
     )
     assert any("'sd1'" in w and "none of which fits" in w for w in tagged.warnings)
     assert np.array_equal(np.asarray(tagged.images[0]), np.asarray(plain.images[0]))

@@ -190,12 +190,19 @@ def _pixels(result: Any) -> np.ndarray:
 def test_txt2img_applies_tags_and_detaches(tiny_model: Any) -> None:
     from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
+    from sdconcepts.hypernetworks.files import HypernetworkFileError
+    from sdconcepts.hypernetworks.tags import resolve_hypernetworks, resolve_in_memory
+    from sdconcepts.prompts.network_tags import parse_extra_network_tags
 
     hypernetworks = {"style": _visible("style", activation="relu")}
 
-    def run(prompt: str, **kwargs: Any) -> Any:
+    def run(prompt: str, resolved: Any = None, **kwargs: Any) -> Any:
         params = GenerationParams(prompt=prompt, steps=3, seed=5, sampler="Euler", cfg_scale=5.0)
-        return txt2img(tiny_model, params, hypernetworks=hypernetworks, **kwargs)
+        resolved = resolved or resolve_in_memory(prompt, hypernetworks, tiny_model.unet)
+        return txt2img(tiny_model, params, hypernetworks=resolved, **kwargs)
+
+    def unreadable(name: str) -> Any:
+        raise HypernetworkFileError(f"{name}: not a hypernetwork")
 
     plain = run("a cat")
     tagged = run("a cat <hypernet:style:0.8>")
@@ -205,7 +212,8 @@ def test_txt2img_applies_tags_and_detaches(tiny_model: Any) -> None:
     unknown = run("a cat <hypernet:missing:1>")
     assert np.array_equal(_pixels(unknown), _pixels(plain))
     assert any("missing" in w for w in unknown.warnings)
-    listed = run("a cat <hypernet:broken>", known_networks={"hypernet": ["broken"]})
+    listed = run("a cat <hypernet:broken>", resolve_hypernetworks(
+        parse_extra_network_tags("a cat <hypernet:broken>")[1], {"broken": "broken"}.get, unreadable))
     assert any("could not be loaded" in w for w in listed.warnings)
 
     def fail(done: int, _total: int) -> None:

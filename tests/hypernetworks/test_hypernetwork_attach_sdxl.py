@@ -34,13 +34,14 @@ def _pixels(result: Any) -> np.ndarray:
 def test_sdxl_txt2img_applies_hypernetworks(tiny_sdxl: Any, widths: tuple[int, ...]) -> None:
     from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
+    from sdconcepts.hypernetworks.tags import resolve_in_memory
 
     style = create_hypernetwork("style", widths, activation="relu", weight_init="XavierNormal", generator_seed=3)
 
     def run(prompt: str) -> Any:
         params = GenerationParams(prompt=prompt, negative_prompt="blurry", steps=3, seed=5, sampler="Euler",
                                   cfg_scale=5.0, width=64, height=64)
-        return txt2img(tiny_sdxl, params, hypernetworks={"style": style})
+        return txt2img(tiny_sdxl, params, hypernetworks=resolve_in_memory(prompt, {"style": style}, tiny_sdxl.unet))
 
     plain = run("a cat")
     tagged = run("a cat <hypernet:style:1>")

@@ -112,7 +112,9 @@ def test_cli_names_a_fifo_hypernetwork_with_its_reason(tmp_path: Path, capsys: p
     with _special_files(folder):
         found = _within(SCAN_TIMEOUT_S, lambda: hypernetwork_arguments([folder], "a cat <hypernet:fifo:1>"))
     # Listed (not an "unknown hypernet"), not loaded, and the reason is said.
-    assert "fifo" in found["known_networks"]["hypernet"] and found["hypernetworks"] == {}
+    resolved = found["hypernetworks"]
+    assert resolved.chain == [] and [s.name for s in resolved.skipped] == ["fifo"]
+    assert resolved.warnings == ["hypernet 'fifo' could not be loaded: the tag was removed from the prompt and has no effect"]
     err = capsys.readouterr().err
     assert "skipped hypernetwork fifo: " in err and "not a regular file: FIFO" in err, err
 
@@ -294,8 +296,9 @@ def test_hypernetwork_cards_list_from_metadata_and_load_only_when_a_prompt_uses_
     assert all(not isinstance(r.item, torch.nn.Module) for r in session.hypernetworks.records())
 
     # The file is read for real only when a prompt uses it: then the damage is reported, and the good one loads.
-    loaded, warnings = session.load_hypernetworks(session.hypernetworks.records(), ["cut", "whole"])
-    assert list(loaded) == ["whole"] and isinstance(loaded["whole"], torch.nn.Module)
+    resolved, warnings = session.resolve_hypernetworks("<hypernet:cut> <hypernet:whole>", None)
+    assert [name for name, _ in resolved.used] == ["whole"] and len(resolved.chain) == 1
+    assert isinstance(resolved.chain[0][0], torch.nn.Module)
     assert len(warnings) == 1 and warnings[0].startswith(f"hypernetwork file {cut} was skipped: ")
     assert "weights_only" not in warnings[0]
 

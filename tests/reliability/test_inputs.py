@@ -289,13 +289,15 @@ def test_the_default_roots_are_the_working_folder_and_the_data_folders(tmp_path:
 def test_non_finite_hypernetwork_strength_is_named(strength: str, tiny_model: Any) -> None:
     from sdconcepts.backends.sampling import txt2img
     from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
+    from sdconcepts.hypernetworks.tags import resolve_in_memory
 
     tag = f"<hypernet:toy:{strength}>"
     with pytest.raises(ValueError, match=f"{tag} has strength '{strength}'; expected a finite number"):
         hypernetwork_tags(parse_extra_network_tags(f"a {tag}")[1])
     hypernetwork = create_hypernetwork("toy", [tiny_model.context_width])
     with pytest.raises(GenerationError, match="expected a finite number") as caught:
-        txt2img(tiny_model, GenerationParams(prompt=f"a {tag}", steps=1), hypernetworks={"toy": hypernetwork})
+        txt2img(tiny_model, GenerationParams(prompt=f"a {tag}", steps=1),
+                hypernetworks=resolve_in_memory(f"a {tag}", {"toy": hypernetwork}, tiny_model.unet))
     assert "sampler" not in str(caught.value)
 
 

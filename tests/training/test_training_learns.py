@@ -51,12 +51,14 @@ def generate(model: Any, prompt: str, count: int, *, embeddings: Mapping[str, to
              hypernetworks: Mapping[str, Any] | None = None, seed: int = 1000) -> list[Any]:
     from sdconcepts.backends.sampling import txt2img
     from sdconcepts.generation import GenerationParams
+    from sdconcepts.hypernetworks.tags import resolve_in_memory
 
     batch = min(20, count)
     params = GenerationParams(prompt=prompt, steps=20, sampler="DDIM", cfg_scale=5.0, seed=seed, batch_size=batch,
                               batch_count=count // batch)
     # Batches of 20 (over the web UI's 8) keep the evaluation fast; asked for explicitly, as an API caller can.
-    return txt2img(model, params, embeddings=embeddings, hypernetworks=hypernetworks, size_limits=False).images
+    resolved = resolve_in_memory(prompt, hypernetworks or {}, model.unet)
+    return txt2img(model, params, embeddings=embeddings, hypernetworks=resolved, size_limits=False).images
 
 
 def rates(images: Sequence[Any], expect: Mapping[str, str]) -> dict[str, float]:
