@@ -107,17 +107,7 @@ def txt2img(
     With ``source`` (an ``ImageSource``; see ``img2img``), sampling starts from an init image instead of noise.
     """
     params = params.validated(size_limits=size_limits)
-    width = params.width or model.default_size
-    height = params.height or model.default_size
-    multiple = model.size_multiple
-    if width % multiple or height % multiple or width <= 0 or height <= 0:
-        raise GenerationError(f"width and height must be positive multiples of {multiple} for this model")
-    check_clip_skip(model, params.clip_skip)
-    on_device, on_host = generation_memory(model, params, width, height)
-    problem = memory_problem(on_device, model.device, f"generating {params.batch_size} image(s) of {width}x{height} "
-                             "per batch", host_bytes=on_host)
-    if problem:
-        raise GenerationError(problem)
+    width, height = _checked_size(model, params)
 
     # img2img prepares its image before anything costly, so that a bad image or mask fails fast.
     start = source.prepare(model, width=width, height=height, steps=params.steps, seeds=params.image_seeds()) \
@@ -168,40 +158,37 @@ def txt2img(
         # Hooks live only while sampling: the handle detaches them even when sampling raises.
         with attach_hypernetworks(model.unet, chain):
             latents = sample_latents(
-                model,
-                sampler=params.sampler,
-                steps=steps,
-                cfg_scale=params.cfg_scale,
-                seeds=batch_seeds,
-                width=width,
-                height=height,
-                cond_at=lambda i: text_at_step(cond_schedule, i),
-                uncond_at=lambda i: text_at_step(uncond_schedule, i),
-                conds=conds,
-                unconds=unconds,
-                empty=empty,
-                on_step=step_progress,
-                init=start.init_latents(batch_seeds) if start is not None else None,
-                pooled=pooled,
-                zero_uncond=model.is_sdxl and all(text == "" for _, text in uncond_schedule),
+                model, sampler=params.sampler, steps=steps, cfg_scale=params.cfg_scale, seeds=batch_seeds,
+                width=width, height=height, cond_at=lambda i: text_at_step(cond_schedule, i),
+                uncond_at=lambda i: text_at_step(uncond_schedule, i), conds=conds, unconds=unconds, empty=empty,
+                on_step=step_progress, init=start.init_latents(batch_seeds) if start is not None else None,
+                pooled=pooled, zero_uncond=model.is_sdxl and all(text == "" for _, text in uncond_schedule),
             )
         for image, seed in zip(decode_latents(model, latents), batch_seeds, strict=True):
             images.append(start.finish(image) if start is not None else image)
             all_seeds.append(seed)
-            infotexts.append(
-                format_infotext(
-                    params,
-                    prompt=params.prompt,
-                    negative_prompt=params.negative_prompt,
-                    seed=seed,
-                    width=width,
-                    height=height,
-                    model_name=model.name,
-                    model_hash=model.short_hash,
-                    extra=extra,
-                )
-            )
+            infotexts.append(format_infotext(
+                params, prompt=params.prompt, negative_prompt=params.negative_prompt, seed=seed, width=width,
+                height=height, model_name=model.name, model_hash=model.short_hash, extra=extra,
+            ))
     return GenerationResult(images=images, infotexts=infotexts, seeds=all_seeds, params=params, warnings=warnings)
+
+
+def _checked_size(model: LoadedModel, params: GenerationParams) -> tuple[int, int]:
+    """The generation's width and height; refuses a size the model cannot make, a clip skip it does not have, and a
+    request whose memory the device cannot hold (before anything is allocated)."""
+    width = params.width or model.default_size
+    height = params.height or model.default_size
+    multiple = model.size_multiple
+    if width % multiple or height % multiple or width <= 0 or height <= 0:
+        raise GenerationError(f"width and height must be positive multiples of {multiple} for this model")
+    check_clip_skip(model, params.clip_skip)
+    on_device, on_host = generation_memory(model, params, width, height)
+    problem = memory_problem(on_device, model.device, f"generating {params.batch_size} image(s) of {width}x{height} "
+                             "per batch", host_bytes=on_host)
+    if problem:
+        raise GenerationError(problem)
+    return width, height
 
 
 def img2img(
