@@ -91,7 +91,6 @@ def tiny_family_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 # the pytest processes and the programs they ran), not wall time: a busy machine stretches wall time without the suite
 # getting any bigger. SDCONCEPTS_FAST_TIER_BUDGET_S=0 turns the check off.
 FAST_TIER_BUDGET_S = 12 * 60
-FAST_TIER_MARKEXPR = "not slow and not browser and not hosts"
 _durations: dict[str, float] = {}
 _sessions: list[pytest.Session] = []
 _START = pytest.StashKey[float]()
@@ -107,9 +106,15 @@ def _cpu_seconds(*, children: bool = True) -> float:
     return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
+def _default_markexpr(config: pytest.Config) -> str:
+    """The marker expression pyproject.toml's addopts give the default run (the fast tier): one definition."""
+    addopts = list(config.getini("addopts"))
+    return addopts[addopts.index("-m") + 1] if "-m" in addopts else ""
+
+
 def _is_fast_tier(config: pytest.Config) -> bool:
-    return (config.option.markexpr == FAST_TIER_MARKEXPR and config.args_source == pytest.Config.ArgsSource.TESTPATHS
-            and not config.option.keyword and not config.option.collectonly and not getattr(config.option, "lf", False))
+    return (config.option.markexpr == _default_markexpr(config)
+            and config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.keyword and not config.option.collectonly and not getattr(config.option, "lf", False))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
