@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Run the real-host tests (tests/hosts/) against the real AUTOMATIC1111 1.10.1 and Forge, prepared offline with the
-# host kit (prepare.sh / launch.sh / stop.sh, ../shared/hosts/README.md).
+# Run the real-host tests (tests/hosts/) against the real AUTOMATIC1111 1.10.1, Forge, reForge and Forge-Classic,
+# prepared offline with the host kit (prepare.sh / launch.sh / stop.sh, ../shared/hosts/README.md).
 #
 #   tools/host_tests.sh [prepare|test|all] [pytest args...]     (default: all)
 #
-#   prepare  prepare (or reuse) both hosts in the cache, install the current checkout as extensions/sdconcepts,
+#   prepare  prepare (or reuse) the hosts in the cache, install the current checkout as extensions/sdconcepts,
 #            clean earlier runs' state, build (or reuse) the random-weight SD 1.5 and SD 2.1 test checkpoints
 #   test     prepare, then run pytest tests/hosts (extra arguments go to pytest, e.g. -k a1111)
 #   all      same as test
@@ -67,14 +67,28 @@ if ! flock -n 9; then
 fi
 
 # The cache key: everything of the kit that prepare.sh reads, and the interpreter version.
+# A1111 and Forge share one key (both tarballs: prepare.sh reads the A1111 tarball's repositories/ for every host);
+# reForge and Forge-Classic add their own tarball, so a new fork tarball re-prepares only that fork.
 kit_key() {
+  local own=()
+  case $1 in
+    reforge) own=(reforge-3b56b268.tar.xz) ;;
+    classic) own=(forge-classic-1f95d717.tar.xz) ;;
+  esac
   {
     (cd "$KIT" && sha256sum a1111-v1.10.1.tar.xz forge-dfdcbab6.tar.xz prepare.sh && find tvstub -type f -print0 |
       sort -z | xargs -0 sha256sum)
     "$PYTHON" -c 'import sys; print(sys.version)'
+    ((${#own[@]} == 0)) || (cd "$KIT" && sha256sum "${own[@]}")
   } | sha256sum | cut -c1-16
 }
-KEY=$(kit_key) || die "cannot hash the kit in $KIT or run $PYTHON"
+# The hosts to prepare and test (SDCONCEPTS_HOSTS narrows it, e.g. "a1111 forge")
+HOSTS=(${SDCONCEPTS_HOSTS:-a1111 forge reforge classic})
+declare -A KEYS=()
+for host in "${HOSTS[@]}"; do
+  case $host in a1111|forge|reforge|classic) ;; *) die "unknown host '$host' in SDCONCEPTS_HOSTS" ;; esac
+  KEYS[$host]=$(kit_key "$host") || die "cannot hash the kit in $KIT or run $PYTHON"
+done
 
 # tree_intact DEST: every path of the pristine tree is still there and the venv's torch and gradio import (a cache
 # damaged by a deleted file, a full disk or a killed run is prepared again); sets DAMAGE to what is wrong.
@@ -92,9 +106,9 @@ tree_intact() {
   fi
 }
 
-# prepare_host HOST -> prepared tree at $CACHE/HOST-$KEY (reused when complete and intact)
+# prepare_host HOST -> prepared tree at $CACHE/HOST-${KEYS[HOST]} (reused when complete and intact)
 prepare_host() {
-  local host=$1 dest=$CACHE/$1-$KEY
+  local host=$1 dest=$CACHE/$1-${KEYS[$1]}
   if [[ -f $dest/.sdconcepts-prepared ]] && ! tree_intact "$dest"; then
     say "$host: $dest is damaged ($DAMAGE); preparing it again"
     rm -f "$dest/.sdconcepts-prepared"
@@ -128,7 +142,7 @@ prepare_host() {
 # clean_host HOST: remove what earlier runs left (outputs, config.json, ui-config.json, cache.json, models, logs,
 # other extensions), keeping the venv and byte-code caches; then install the committed tree of this checkout.
 clean_host() {
-  local host=$1 dest=$CACHE/$1-$KEY
+  local host=$1 dest=$CACHE/$1-${KEYS[$1]}
   if [[ -f $dest/host.pid ]] && kill -0 "$(cat "$dest/host.pid")" 2>/dev/null; then
     say "$host: stopping a host left running by an earlier run"
     "$KIT/stop.sh" "$dest" || true
@@ -159,7 +173,7 @@ PY
   ) >"$dest/install.log" 2>&1 || { tail -n 30 "$dest/install.log" >&2; die "$host: the extension's install.py failed"; }
 }
 
-for host in a1111 forge; do
+for host in "${HOSTS[@]}"; do
   prepare_host "$host"
   clean_host "$host"
 done
@@ -182,7 +196,7 @@ for old in "$CACHE/checkpoints"/*/; do
     { say "removing stale $old"; rm -rf "$old"; }
 done
 
-[[ $action == prepare ]] && { say "prepared: $CACHE/a1111-$KEY $CACHE/forge-$KEY"; exit 0; }
+[[ $action == prepare ]] && { say "prepared: $(for h in "${HOSTS[@]}"; do printf '%s ' "$CACHE/$h-${KEYS[$h]}"; done)"; exit 0; }
 
 # The page tests drive Debian's chromium through playwright (as .ci/run installs it).
 if [[ ! -x /usr/bin/chromium ]]; then
@@ -192,7 +206,11 @@ if [[ ! -x /usr/bin/chromium ]]; then
     die "chromium is missing and could not be installed"
 fi
 
-export SDCONCEPTS_A1111_DIR=$CACHE/a1111-$KEY SDCONCEPTS_FORGE_DIR=$CACHE/forge-$KEY SDCONCEPTS_HOST_KIT=$KIT
+# SDCONCEPTS_<HOST>_DIR for every prepared host (the tests of a host that is not prepared are not run)
+for host in "${HOSTS[@]}"; do
+  export "SDCONCEPTS_${host^^}_DIR=$CACHE/$host-${KEYS[$host]}"
+done
+export SDCONCEPTS_HOST_KIT=$KIT
 export SDCONCEPTS_HOST_CHECKPOINT=$CHECKPOINT SDCONCEPTS_HOST_CHECKPOINT_SD2=${CHECKPOINTS[sd2]}
 export SDCONCEPTS_HOSTS_REQUIRED=1 SDCONCEPTS_HOSTS_CACHE=$CACHE
 export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
