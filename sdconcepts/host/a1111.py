@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.host.model import HostModel, reload_host_files
+from sdconcepts.host.options import TRAIN_ROOT_DEST, TRAIN_ROOT_OPTION
 from sdconcepts.ui.ui_session import UiConfig, UiSession
 
 __all__ = ["TAB_ID", "TAB_TITLE", "build_tabs", "host_config", "register", "unregister"]
@@ -31,8 +32,9 @@ class Registration:
 
 
 def host_config() -> UiConfig:
-    """Our folders from the host's settings: ``--embeddings-dir``, ``--hypernetwork-dir`` (Forge-Classic lacks it:
-    fall back to ``models/hypernetworks``), ``--ckpt-dir``, and the default-multiplier setting for hypernet tags."""
+    """Our folders from the host's settings: ``--embeddings-dir`` (Forge-Classic's default is ``models/embeddings``),
+    ``--hypernetwork-dir`` (Forge-Classic lacks it: ``models/hypernetworks``), ``--ckpt-dir``,
+    ``--sdconcepts-train-root``, and the default-multiplier setting for hypernet tags."""
     from modules import paths, shared  # lazy: host only
 
     cmd_opts = getattr(shared, "cmd_opts", None)
@@ -61,13 +63,19 @@ def host_config() -> UiConfig:
 
     if Registration.host_model is None:
         Registration.host_model = HostModel()
+    outputs = data_path / "outputs" / "sdconcepts"
+    # The Train tab's folders: the host's working folder and its data folders, plus each --sdconcepts-train-root
+    # (registered with the host by preload.py; hosts reject options nobody registered).
+    extra_roots = [Path(root) for root in option(TRAIN_ROOT_DEST) or ()]
     return UiConfig(
         models_dir=Path(checkpoints),
         embeddings_dirs=[Path(embeddings)],
         hypernetworks_dirs=[Path(hypernetworks)],
-        outputs_dir=data_path / "outputs" / "sdconcepts",
+        outputs_dir=outputs,
         device=device,
         multiplier=multiplier,
+        train_roots=[Path.cwd(), Path(embeddings), Path(hypernetworks), outputs, *extra_roots],
+        train_root_option=TRAIN_ROOT_OPTION,
         host_model=Registration.host_model,
         files_changed=reload_host_files,
     )

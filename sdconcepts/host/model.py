@@ -1,4 +1,5 @@
-"""The host's loaded model (A1111's ``shared.sd_model``, Forge's ``forge_objects``) as our LoadedModel, no copy.
+"""The host's loaded model (A1111's ``shared.sd_model``, Forge's and its forks' ``forge_objects``) as our LoadedModel,
+no copy.
 
 Our tab trains and generates on the checkpoint the web UI already holds (SD 1.x, 2.x, XL): the host's tensors are
 seen under their LDM key names (Forge's text encoders under their transformers names: `sdconcepts.host.views`) and
@@ -16,16 +17,13 @@ import logging
 import threading
 from typing import Any
 
-from sdconcepts.host import views
+from sdconcepts.host import capabilities, views
+from sdconcepts.host.capabilities import HostModelError
 from sdconcepts.host.forge import is_forge
 
 __all__ = ["HostModel", "HostModelError", "reload_host_files"]
 
 log = logging.getLogger(__name__)
-
-
-class HostModelError(ValueError):
-    """The host's model cannot be used by our tab (none loaded, Flux, ...); one sentence for the user."""
 
 
 # (host weights for model_sharing_weights, checkpoint name, short hash, prediction type, the host's model object)
@@ -43,25 +41,20 @@ def _a1111_view() -> _View:
 
 
 def _forge_view() -> _View:
-    from modules import sd_models  # lazy: host only
-
-    try:
-        # Forge's own entry before each generation: loads the selected checkpoint unless it is loaded already.
-        model, _ = sd_models.forge_model_reload()
-    except ValueError as exc:  # Forge: "You do not have any model! ..."
-        raise HostModelError(f"the web UI has no model loaded: {exc}") from None
+    """Forge and its forks: the patchers in ``forge_objects``. What loads the model and what places its weights is
+    looked up, as each generation of Forge names it differently (``host.capabilities``)."""
+    model = capabilities.load_forge_model()
     objects = getattr(model, "forge_objects", None)
     if model is None or objects is None:
         raise HostModelError("the web UI has no model loaded; select a checkpoint in its dropdown first")
     try:
         views.forge_family(getattr(objects.clip, "cond_stage_model", None))
+        prediction = views.forge_prediction(objects)
     except views.UnsupportedHostModel as exc:
         raise HostModelError(str(exc)) from None
-    from backend import memory_management  # lazy: Forge only
-
-    # As Forge's own sampling does: its memory manager puts the patchers where they compute (and applies LoRAs).
-    memory_management.load_models_gpu([objects.unet, objects.clip.patcher, objects.vae.patcher])
-    return views.forge_weights(objects), *_checkpoint_names(model), views.forge_prediction(objects), model
+    # As the host's own sampling does: its memory manager puts the patchers where they compute (and applies LoRAs).
+    capabilities.place_forge_patchers([objects.unet, objects.clip.patcher, objects.vae.patcher])
+    return views.forge_weights(objects), *_checkpoint_names(model), prediction, model
 
 
 def _checkpoint_names(model: Any) -> tuple[str, str | None]:
@@ -125,37 +118,18 @@ class HostModel:
             self._key = None
 
 
-def reload_host_files(kind: str) -> None:
-    """Make the host see files we wrote: its embedding databases reload, its hypernetwork list is rescanned."""
+def reload_host_files(kind: str) -> str | None:
+    """Make the host see files we wrote: its embedding databases reload, its hypernetwork list is rescanned.
+
+    Returns None when done, else one line for the page (also logged): the file is saved either way.
+    """
     try:
         if kind == "embedding":
-            _reload_embeddings()
-        elif kind == "hypernetwork" and not is_forge():
-            from modules import shared  # lazy: host only
-
-            shared.reload_hypernetworks()
-        # Forge: our own Hypernetworks page and tag resolver (host/forge.py) read the folder on every refresh/use.
+            return capabilities.reload_embeddings()
+        if kind == "hypernetwork":
+            capabilities.reload_hypernetworks()
     except Exception as exc:  # noqa: BLE001 - the file is saved; a host that cannot reload must not fail the run
-        log.warning("the web UI did not reload its %s files: %s", kind, exc)
-
-
-def _reload_embeddings() -> None:
-    if not is_forge():
-        from modules import sd_hijack  # lazy: host only
-
-        sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
-        return
-    from modules import shared  # lazy: host only
-
-    model = shared.sd_model
-    # Forge: each text engine of the loaded model has its own database (read once, when the model was built).
-    for attribute in dir(model):
-        if attribute.startswith("text_processing_engine"):
-            database = getattr(getattr(model, attribute), "embeddings", None)
-            if database is not None:
-                database.load_textual_inversion_embeddings()
-    try:
-        from modules import ui_extra_networks_textual_inversion as cards  # lazy: host only
-    except ImportError:
-        return
-    cards.embedding_db.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
+        message = f"the web UI did not reload its {kind} files ({type(exc).__name__}: {exc}); press Refresh on its page"
+        log.warning(message)
+        return message
+    return None

@@ -11,6 +11,10 @@ the file has one (loader.py ignores its absence), and only SDXL's OpenCLIP-G use
 transposed into nn.Linear's layout (huggingface_guess utils.clip_text_transformers_convert). The text engines of
 SD 1.x/2.x read the last layer with the final layer norm, SDXL's both encoders the penultimate without it
 (diffusion_engine/sd15.py, sd20.py, sdxl.py): the same meanings as our sd1/sd2/sdxl text encoders.
+
+The old-Forge forks (reForge, Forge-Classic: ``ldm_patched``) hold the same ``forge_objects``: each text encoder an
+``SDClipModel`` whose ``transformer`` is a ``CLIPTextModel`` (clip_l / clip_h / clip_l + clip_g), with OpenCLIP-G's
+projection as a Parameter beside it; the UNet's prediction type is its ``model_type`` enum.
 """
 
 from __future__ import annotations
@@ -88,10 +92,28 @@ def forge_weights(objects: Any) -> HostWeights:
         if name != "clip_g":
             # IntegratedCLIP's added projection: never loaded for CLIP-L, unused for SD2; no CLIPTextModel weight.
             weights.pop("text_projection.weight", None)
+        elif "text_projection.weight" not in weights:
+            # Old Forge (reForge, Forge-Classic): ldm_patched's SDClipModel holds OpenCLIP's projection as a
+            # Parameter beside its transformer, applied as ``pooled @ P``; nn.Linear's layout is its transpose (a view).
+            projection = getattr(getattr(clip, name), "text_projection", None)
+            if isinstance(projection, torch.Tensor):
+                weights["text_projection.weight"] = projection.t()
         encoders.append(weights)
     return state, encoders, family
 
 
 def forge_prediction(objects: Any) -> str:
-    predictor = getattr(objects.unet.model, "predictor", None)
-    return str(getattr(predictor, "prediction_type", "epsilon"))
+    """``epsilon`` or ``v_prediction``: Forge names it on the UNet's ``predictor``; old Forge (ldm_patched) as the
+    model's ``model_type`` enum (``EPS``, ``V_PREDICTION``)."""
+    model = objects.unet.model
+    predictor = getattr(model, "predictor", None)
+    if predictor is not None:
+        return str(getattr(predictor, "prediction_type", "epsilon"))
+    model_type = getattr(getattr(model, "model_type", None), "name", "EPS")
+    if model_type == "EPS":
+        return "epsilon"
+    if model_type == "V_PREDICTION":
+        return "v_prediction"
+    raise UnsupportedHostModel(
+        f"the web UI's model predicts {model_type}; training on it supports epsilon and v-prediction models"
+    )

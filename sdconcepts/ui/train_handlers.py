@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embeddin
 from sdconcepts.training.loop import TrainingEvent
 from sdconcepts.training.templates import available_templates
 from sdconcepts.training.training_model import TrainingModel
-from sdconcepts.ui.train_jobs import TrainingJob, TrainingJobs
+from sdconcepts.ui.train_jobs import HOST_NOTE, TrainingJob, TrainingJobs
 from sdconcepts.ui.train_preprocess import run_preprocess
 from sdconcepts.ui.ui_session import UiError, UiSession, contained_path
 
@@ -212,11 +212,11 @@ def still_listed(current: str | None, names: Sequence[str]) -> str | None:
 def preprocess(session: UiSession, source: str, destination: str, settings: Any) -> str:
     """The Preprocess images button: both folders must lie in the server's folders; returns the one-line summary
     (written, read, skipped with reasons). Raises UiError when nothing can run."""
-    roots = session.train_roots()
+    roots, option = session.train_roots(), session.config.train_root_option
     if str(source or "").strip():
-        contained_path(source, roots, "source directory")
+        contained_path(source, roots, "source directory", option)
     if str(destination or "").strip():
-        contained_path(destination, roots, "destination directory")
+        contained_path(destination, roots, "destination directory", option)
     report = run_preprocess(source or "", destination or "", settings)
     return f"Preprocessing finished: {report.summary(destination)}"
 
@@ -237,12 +237,12 @@ def preprocess_form(session: UiSession, form: Mapping[str, Any]) -> str:
 # -- settings ----------------------------------------------------------------------------------------------------
 
 
-def training_config(kind: str, name: str, values: dict[str, Any], *, roots: Sequence[Path] | None = None
-                    ) -> tuple[TrainingConfig | None, dict[str, str]]:
+def training_config(kind: str, name: str, values: dict[str, Any], *, roots: Sequence[Path] | None = None,
+                    root_option: str = "--train-root") -> tuple[TrainingConfig | None, dict[str, str]]:
     """The run's config from the form's values, or the message for the field that cannot work (nothing starts).
 
     ``roots``: the folders the dataset, log directory and a template file must lie in (``UiSession.train_roots``);
-    None checks nothing (the command line may use any path).
+    None checks nothing (the command line may use any path). ``root_option`` is named in the refusal.
     """
     errors: dict[str, str] = {}
     if not str(name or "").strip():
@@ -254,7 +254,7 @@ def training_config(kind: str, name: str, values: dict[str, Any], *, roots: Sequ
             if not value or (key == "template" and value in available_templates()):
                 continue
             try:
-                contained_path(value, roots, label)
+                contained_path(value, roots, label, root_option)
             except UiError as exc:
                 errors[key] = str(exc)
         if errors.keys() - {"name"}:
@@ -296,7 +296,9 @@ def _announcing_saves(session: UiSession, kind: str, events: Iterator[TrainingEv
     # Inside a host, each save makes the host reload its files: the trained file works in its txt2img at once.
     for event in events:
         if event.saved:
-            session.files_changed(kind)
+            note = session.files_changed(kind)
+            if note:  # shown under the status (train_jobs.train_view): the host could not be told
+                event = replace(event, extra={**event.extra, HOST_NOTE: note})
         yield event
 
 
@@ -384,9 +386,10 @@ class TrainStart:
 def start_from_form(session: UiSession, jobs: TrainingJobs, kind: str, model_label: str, name: str,
                     form: TrainForm) -> TrainStart:
     """Validate the form for a run of ``kind`` on ``name`` and start it unless a field or another job prevents it."""
-    config, problems = training_config(kind, name, form.config_values(kind), roots=session.train_roots())
+    config, problems = training_config(kind, name, form.config_values(kind), roots=session.train_roots(),
+                                       root_option=session.config.train_root_option)
     if config is None:
-        return TrainStart(None, "Fix the settings marked below; nothing was started.", problems)
+        return TrainStart(None, "Fix the marked settings; nothing was started.", problems)
     try:
         job = start_training(session, jobs, kind, model_label, name, config)
     except UiError as exc:

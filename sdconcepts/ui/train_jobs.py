@@ -20,7 +20,12 @@ from sdconcepts.training.loop import TrainingEvent
 from sdconcepts.training.outputs import draw_loss_plot
 from sdconcepts.ui.ui_session import UiError
 
-__all__ = ["SHOWN", "Run", "TrainView", "TrainingJob", "TrainingJobs", "follow", "train_view"]
+__all__ = ["HOST_NOTE", "SHOWN", "Run", "TrainView", "TrainingJob", "TrainingJobs", "follow", "train_view"]
+
+
+# A step's ``extra`` key for one sentence about the host (e.g. it could not reload the file just saved), shown under
+# the status.
+HOST_NOTE = "host_note"
 
 
 # -- the job -----------------------------------------------------------------------------------------------------
@@ -211,6 +216,8 @@ def train_view(job: TrainingJob | None) -> TrainView:
     if message:
         css = "sdconcepts-train-error" if error or (end and end.kind == "nan") else "sdconcepts-train-end"
         status += f'<div class="{css}">{html.escape(message)}</div>'
+    for note in dict.fromkeys(str(e.extra[HOST_NOTE]) for e in events if e.extra.get(HOST_NOTE)):
+        status += f'<div class="sdconcepts-train-note">{html.escape(note)}</div>'
     status += "</div>"
     previews = [e.preview for e in steps if e.preview][-SHOWN:]
     saves = [f"step {e.step}: {e.saved}" for e in events if e.saved][-SHOWN:]

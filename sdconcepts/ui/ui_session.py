@@ -79,13 +79,16 @@ class UiConfig:
     # Folders that paths typed into the Train tab (preprocess source/destination, dataset, log directory, template
     # file) must lie in. None: the working folder when the session starts, plus the folders above.
     train_roots: Sequence[Path] | None = None
+    # How the user adds a folder to those (named in the refusal): our server's option, or the one the extension
+    # registers with its host (``preload.py``).
+    train_root_option: str = "--train-root"
     # Read-only sources listed before the folders above (the shipped examples, ``sdconcepts.toyworld.examples``): a file of
     # the same name in a user folder wins, and nothing is ever written here (training writes to the first user folder).
     extra_embeddings_dirs: Sequence[Path] = ()
     extra_hypernetworks_dirs: Sequence[Path] = ()
     # Inside a host: its loaded model is the default choice, and the host reloads the files we write.
     host_model: HostModelSource | None = None
-    files_changed: Callable[[str], None] | None = None
+    files_changed: Callable[[str], str | None] | None = None
     # The file that keeps file hashes across runs (``sdconcepts.hash_cache``); None: the user cache folder's.
     hash_cache: Path | None = None
 
@@ -106,12 +109,13 @@ def scan_models(folder: Path | None) -> list[Path]:
     return found
 
 
-def contained_path(value: str | Path, roots: Sequence[Path], label: str) -> Path:
+def contained_path(value: str | Path, roots: Sequence[Path], label: str, option: str = "--train-root") -> Path:
     """``value`` resolved (symlinks followed, relative to the working folder), or UiError when it lies outside every
     folder in ``roots``.
 
     A server started with ``--listen`` takes these paths from anyone who can reach the page; A1111 reads and writes
-    wherever they point. Here they stay inside the folders the server was started with (``--train-root``).
+    wherever they point. Here they stay inside the folders the server was started with (``option``: ``--train-root``
+    for our server, ``--sdconcepts-train-root`` inside a host).
     """
     resolved = Path(value).resolve()
     allowed = [Path(root).resolve() for root in roots]
@@ -119,7 +123,7 @@ def contained_path(value: str | Path, roots: Sequence[Path], label: str) -> Path
         return resolved
     folders = ", ".join(str(root) for root in allowed) or "none"
     raise UiError(f"{label}: {str(value)!r} is outside the folders this server may use ({folders}); "
-                  "start it with --train-root DIR to allow another folder")
+                  f"start it with {option} DIR to allow another folder")
 
 
 def _size_text(path: Path) -> str:
@@ -268,10 +272,12 @@ class UiSession:
             return str(self.config.ckpt)
         return HOST_MODEL_LABEL if self.config.host_model is not None else DEFAULT_MODEL_LABEL
 
-    def files_changed(self, kind: str) -> None:
-        """We wrote an ``embedding`` or ``hypernetwork`` file: tell the host (it reloads its lists)."""
+    def files_changed(self, kind: str) -> str | None:
+        """We wrote an ``embedding`` or ``hypernetwork`` file: tell the host (it reloads its lists). None when done,
+        else one sentence for the page (the host could not be told; the file is saved)."""
         if self.config.files_changed is not None:
-            self.config.files_changed(kind)
+            return self.config.files_changed(kind)
+        return None
 
     def model(self, label: str) -> Any:
         """The model behind a dropdown label, loading it (and dropping the previous one) when it changed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -107,8 +108,23 @@ def test_a_train_click_with_folders_outside_the_uis_starts_nothing(session: UiSe
     jobs = train_jobs.TrainingJobs(session.generate_lock)
     started = train_handlers.start_from_form(session, jobs, "embedding", "", "toy", _form(dataset, tmp_path))
     assert started.job is None and jobs.current is None
-    assert started.message == "Fix the settings marked below; nothing was started."
+    assert started.message == "Fix the marked settings; nothing was started."
     assert set(started.problems) == {"dataset", "log_directory"}
+    assert "start it with --train-root DIR" in started.problems["dataset"]
+
+
+def test_inside_a_host_the_refusal_names_the_option_the_extension_registers(session: UiSession, dataset: Path,
+                                                                           tmp_path: Path) -> None:
+    """A host rejects our server's --train-root; the extension registers --sdconcepts-train-root (preload.py)."""
+    hosted = UiSession(dataclasses.replace(session.config, train_root_option="--sdconcepts-train-root"))
+    jobs = train_jobs.TrainingJobs(hosted.generate_lock)
+    started = train_handlers.start_from_form(hosted, jobs, "embedding", "", "toy", _form(dataset, tmp_path))
+    assert started.job is None
+    assert "start it with --sdconcepts-train-root DIR" in started.problems["dataset"], started.problems
+    allowed = UiSession(dataclasses.replace(session.config, train_roots=[dataset.parent, tmp_path]))
+    config, problems = train_handlers.training_config("embedding", "toy", _form(dataset, tmp_path).config_values(
+        "embedding"), roots=allowed.train_roots())
+    assert problems == {} and config is not None
 
 
 def test_create_embedding_and_hypernetwork_with_a1111_semantics(session: UiSession, tiny_model_dir: Path) -> None:
