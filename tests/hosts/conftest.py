@@ -1,10 +1,10 @@
-"""Fixtures for the real-host tests: launched A1111 1.10.1 / Forge trees, and a Playwright page on Debian's chromium.
+"""Fixtures for the real-host tests: launched A1111 1.10.1 / Forge / reForge / Forge-Classic trees, and a Playwright page on Debian's chromium.
 
 The hosts are prepared by ``tools/host_tests.sh`` (which then runs this package with the environment below). In the
 plain ``python -m pytest -q`` run these variables are absent and every test here is skipped; with
 ``SDCONCEPTS_HOSTS_REQUIRED=1`` (set by tools/host_tests.sh) a skip is reported as a failure instead.
 
-    SDCONCEPTS_A1111_DIR / SDCONCEPTS_FORGE_DIR   prepared trees (prepare.sh DEST; extensions/sdconcepts installed)
+    SDCONCEPTS_{A1111,FORGE,REFORGE,CLASSIC}_DIR  prepared trees (prepare.sh DEST; extensions/sdconcepts installed)
     SDCONCEPTS_HOST_KIT                           the kit folder (launch.sh, stop.sh)
     SDCONCEPTS_HOST_CHECKPOINT                    the random SD 1.5 file (default: built into the hosts cache)
     SDCONCEPTS_HOST_CHECKPOINT_SD2                the random SD 2.1 file (default: likewise)
@@ -37,11 +37,17 @@ def _host_dirs() -> dict[str, Path]:
 
 def _launch_order(item: pytest.Item) -> int:
     """Tests that need the same host configuration run together, so that each is launched once: A1111 (its file order
-    starts with the test that launches it without our extension, then with it), Forge, then Forge on the SD 2 file."""
+    starts with the test that launches it without our extension, then with it), Forge, Forge on the SD 2 file,
+    reForge, Forge-Classic."""
     fixtures = getattr(item, "fixturenames", ())
+    name = Path(str(item.fspath)).name
+    if "reforge" in name:
+        return 3
+    if "classic" in name:
+        return 4
     if "forge_sd2" in fixtures:
         return 2
-    return 1 if "forge" in Path(str(item.fspath)).name else 0
+    return 1 if "forge" in name else 0
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -142,6 +148,18 @@ def a1111_without_extension(host_manager: hh.HostManager) -> hh.Host:
 def forge(host_manager: hh.HostManager) -> hh.Host:
     """Forge (dfdcbab6) running with our extension (launched on first use; other hosts are stopped first)."""
     return _host(host_manager, "forge")
+
+
+@pytest.fixture
+def reforge(host_manager: hh.HostManager) -> hh.Host:
+    """reForge (3b56b268, an old-Forge fork) running with our extension."""
+    return _host(host_manager, "reforge")
+
+
+@pytest.fixture
+def classic(host_manager: hh.HostManager) -> hh.Host:
+    """Forge-Classic (1f95d717, an old-Forge fork) running with our extension."""
+    return _host(host_manager, "classic")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Start the real A1111 1.10.1 / Forge trees prepared by tools/host_tests.sh and talk to them (stdlib HTTP only).
+"""Start the real A1111 1.10.1 / Forge / reForge / Forge-Classic trees prepared by tools/host_tests.sh and talk to them (stdlib HTTP only).
 
 The trees come from the host kit (``../shared/hosts``: prepare.sh, launch.sh, stop.sh); this module launches them
 with ``--api`` (never ``--ui-debug-mode``: that mode skips the host's own extra-network pages), with the random
@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-KINDS = ("a1111", "forge")
-ENV_DIRS = {"a1111": "SDCONCEPTS_A1111_DIR", "forge": "SDCONCEPTS_FORGE_DIR"}
+KINDS = ("a1111", "forge", "reforge", "classic")
+ENV_DIRS = {kind: f"SDCONCEPTS_{kind.upper()}_DIR" for kind in KINDS}
+# Forge-Classic's --embeddings-dir default is models/embeddings (the others: embeddings/).
+EMBEDDINGS_DIRS = {"classic": ("models", "embeddings")}
 ENV_KIT = "SDCONCEPTS_HOST_KIT"
 ENV_CHECKPOINT = "SDCONCEPTS_HOST_CHECKPOINT"
 ENV_CHECKPOINT_SD2 = "SDCONCEPTS_HOST_CHECKPOINT_SD2"
@@ -131,6 +133,11 @@ class Host:
     @property
     def hypernetwork_dir(self) -> Path:
         return self.dest / "models" / "hypernetworks"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        """Where the host reads embeddings by default (and our tab, inside it, writes them)."""
+        return self.dest.joinpath(*EMBEDDINGS_DIRS.get(self.kind, ("embeddings",)))
 
     @property
     def log_path(self) -> Path:

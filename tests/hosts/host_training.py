@@ -167,7 +167,7 @@ def check_after_training(host: hh.Host, name: str, figures: Figures, before: byt
     image, _ = hh.txt2img(host)
     assert image.tobytes() == before, "the host's picture changed after training on its model"
 
-    trained = load_embedding(host.dest / "embeddings" / f"{name}.pt")
+    trained = load_embedding(host.embeddings_dir / f"{name}.pt")
     picture, info = hh.txt2img(host, prompt=f"a {name} circle on a teal background")
     # Trained on the host's checkpoint: the file names its hash, as the host's own infotext does.
     assert trained.step == 2 and f"Model hash: {trained.sd_checkpoint}," in info, (trained.sd_checkpoint, info)
@@ -240,7 +240,7 @@ def interrupt_and_resume(host: hh.Host, page: Any, name: str) -> str:
     before, _ = hh.txt2img(host)  # also loads the host's model when this test runs alone
     dataset = open_our_tab(host, page)
     create_in_our_tab(page, "embedding", name)
-    path = host.dest / "embeddings" / f"{name}.pt"
+    path = host.embeddings_dir / f"{name}.pt"
     started = start_in_our_tab(page, "embedding", dataset, max_steps=LONG_RUN)
 
     # Wait for this run's first step (its status counts to LONG_RUN), then interrupt.

@@ -8,8 +8,6 @@ The files are the harness's (``hh.HYPERNETWORKS``: hn_a linear, hn_b relu, hn_76
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import subprocess
 import textwrap
@@ -17,80 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import host_harness as hh
-import numpy as np
+import hypernetwork_checks as checks
 import pytest
 import torch
-from PIL import Image
-
-
-def _answer(host: hh.Host, path: str, **params: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    answer = host.request(path, {**hh.DEFAULT_TXT2IMG, **params})
-    info = json.loads(answer["info"]) if isinstance(answer.get("info"), str) else answer["info"]
-    return hh.decode_image(answer["images"][0]), info
-
-
-def _prompt(tags: str = "") -> str:
-    return f"{hh.DEFAULT_TXT2IMG['prompt']}{tags}"
 
 
 def test_forge_applies_hypernet_tags_with_a1111s_meaning(forge: hh.Host) -> None:
-    plain, plain_info = hh.txt2img(forge)
-    hh.assert_finite_picture(plain)
-    tagged, info = hh.txt2img(forge, prompt=_prompt("<hypernet:hn_a:1>"))
-    zero, _ = hh.txt2img(forge, prompt=_prompt("<hypernet:hn_a:0>"))
-    assert hh.mean_abs_diff(tagged, plain) > 1.0, "<hypernet:hn_a:1> did not change Forge's picture"
-    assert np.array_equal(zero, plain), "<hypernet:hn_a:0> must give the picture without the tag"
-    # The tag stays in the prompt (A1111's infotext); the file's hash comes as "Hypernet hashes" (Lora's format).
-    shorthash = _shorthash(forge.hypernetwork_dir / "hn_a.pt")
-    assert "<hypernet:hn_a:1>" in info and f'Hypernet hashes: "hn_a: {shorthash}"' in info, info
-    assert "Hypernet" not in plain_info
-
-    a_b, _ = hh.txt2img(forge, prompt=_prompt("<hypernet:hn_a:1><hypernet:hn_b:1>"))
-    b_a, _ = hh.txt2img(forge, prompt=_prompt("<hypernet:hn_b:1><hypernet:hn_a:1>"))
-    only_b, _ = hh.txt2img(forge, prompt=_prompt("<hypernet:hn_b:1>"))
-    assert hh.mean_abs_diff(a_b, tagged) > 0.5 and hh.mean_abs_diff(a_b, only_b) > 0.5
-    assert hh.mean_abs_diff(a_b, b_a) > 0.1, "the order of stacked hypernetworks must matter, as in A1111"
-    negative, _ = hh.txt2img(forge, prompt=_prompt("<hypernet:hn_768:-1>"))
-    assert hh.mean_abs_diff(negative, plain) > 0.5
-    # Nothing leaks into the next generation.
-    again, _ = hh.txt2img(forge)
-    assert np.array_equal(again, plain)
+    checks.check_tags_with_a1111s_meaning(forge)
 
 
 def test_forge_hires_pass_and_img2img_apply_the_tag(forge: hh.Host) -> None:
-    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 1,
-             "denoising_strength": 0.6, "hr_additional_modules": ["Use same choices"]}  # Forge API: None fails
-    plain, _ = _answer(forge, "/sdapi/v1/txt2img", **hires)
-    # The tag only in the hires prompt: only the second pass has it.
-    second_only, info = _answer(forge, "/sdapi/v1/txt2img", **hires, hr_prompt=_prompt("<hypernet:hn_a:1>"))
-    assert plain.shape == (96, 96, 3)
-    assert hh.mean_abs_diff(second_only, plain) > 0.5, "the hires pass ignored its <hypernet:> tag"
-
-    buffer = io.BytesIO()
-    Image.fromarray(plain).save(buffer, format="PNG")
-    init = base64.b64encode(buffer.getvalue()).decode()
-    img2img = {"init_images": [init], "denoising_strength": 0.75, "width": 64, "height": 64}
-    base, _ = _answer(forge, "/sdapi/v1/img2img", **img2img)
-    tagged, _ = _answer(forge, "/sdapi/v1/img2img", **img2img, prompt=_prompt("<hypernet:hn_a:1>"))
-    assert hh.mean_abs_diff(tagged, base) > 0.5, "img2img ignored <hypernet:hn_a:1>"
+    checks.check_hires_pass_and_img2img(forge, hr_additional_modules=["Use same choices"])  # Forge API: None fails
 
 
 def test_forge_warns_about_unknown_names_and_files_that_fit_no_layer(forge: hh.Host) -> None:
-    """The API answer carries no comments: the console has the warnings (the page test sees them in the UI)."""
-    hh.write_hypernetwork(forge.hypernetwork_dir, hh.HypernetworkSpec("hn_xl", seed=4, widths=(2048,)))
-    plain, _ = hh.txt2img(forge)
-    image, _ = hh.txt2img(forge, prompt=_prompt("<hypernet:missing:1><hypernet:hn_xl:1>"))
-    assert np.array_equal(image, plain)
-    log = forge.log_text().split("Startup time:", 1)[-1]
-    assert "unknown hypernet 'missing'" in log, forge.log_tail()
-    assert "hypernet 'hn_xl' has modules for widths [2048], none of which fits" in log, forge.log_tail()
-    assert "Traceback" not in log, forge.log_tail()
-
-
-def _shorthash(path: Path) -> str:
-    from sdconcepts.hypernetworks.files import shorthash
-
-    return shorthash(path)
+    checks.check_warnings(forge)
 
 
 _FORGE_SIDE = textwrap.dedent(

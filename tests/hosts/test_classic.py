@@ -1,0 +1,43 @@
+"""Forge-Classic (Haoming02, 1f95d717) with our extension, an old-Forge fork (gradio 3.41, ``ldm_patched`` + ``modules_forge``; issue 22):
+hypernetworks in its own txt2img/img2img/hires pass (it has no hypernetwork code: the Hypernetworks page is ours), and our Train tab training an embedding and a
+hypernetwork on its loaded model (no second copy, its picture unchanged, its txt2img using the files at once),
+interrupted and resumed. See hypernetwork_checks.py and host_training.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import host_harness as hh
+import host_training as ht
+import hypernetwork_checks as checks
+
+
+def test_classic_starts_with_our_extension_and_applies_hypernet_tags(classic: hh.Host) -> None:
+    assert "sdconcepts" in hh.config_labels(classic), "our tab is missing: the extension did not load"
+    logged_before = len(classic.log_text())
+    figures = checks.check_tags_with_a1111s_meaning(classic)
+    checks.check_hires_pass_and_img2img(classic)
+    assert "Traceback" not in classic.log_text()[logged_before:], classic.log_tail()
+    checks.check_warnings(classic)
+    ht.report_figures(f"[classic] hypernet mean |diff|: one {figures['one']:.1f}, order {figures['order']:.1f}, "
+                      f"negative {figures['negative']:.1f}")
+
+
+def test_classic_hypernetworks_page_click_and_warning(classic: hh.Host, page: Any) -> None:
+    checks.check_gradio3_card_page(classic, page)
+
+
+def test_classic_train_embedding_on_the_hosts_model(classic: hh.Host, page: Any) -> None:
+    figures, before = ht.train_in_our_tab(classic, page, "hosttrained")
+    ht.check_after_training(classic, "hosttrained", figures, before, "TI hashes: ")
+
+
+def test_classic_train_hypernetwork_on_the_hosts_model(classic: hh.Host, page: Any) -> None:
+    before, _ = hh.txt2img(classic)
+    seconds = ht.train_hypernetwork_in_our_tab(classic, page, "hosthn")
+    ht.check_hypernetwork_in_host(classic, "hosthn", before)
+    ht.report_figures(f"[classic] hypernetwork: 2 steps + preview + saves {seconds:.0f} s")
+
+
+def test_classic_interrupt_and_resume_training_on_the_hosts_model(classic: hh.Host, page: Any) -> None:
+    ht.report_figures(ht.interrupt_and_resume(classic, page, "hostresumed"))
