@@ -119,6 +119,8 @@ def check_gradio3_card_page(host: hh.Host, page: Any) -> None:
     assert not [m for m in page.console_messages if "403" in m], page.console_messages
 
     prompt.fill("a red circle <hypernet:missing:1>")
+    # The sliders live in the Generation tab (the card pages replaced it).
+    page.locator("#txt2img_extra_tabs > div.tab-nav > button", has_text="Generation").first.click()
     for slider, value in (("width", "64"), ("height", "64"), ("steps", "2")):
         field = page.locator(f"#txt2img_{slider} input[type=number]")
         field.fill(value)
