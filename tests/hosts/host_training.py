@@ -157,8 +157,9 @@ def train_in_our_tab(host: hh.Host, page: Any, name: str) -> tuple[Figures, byte
     return figures, before.tobytes()
 
 
-def check_after_training(host: hh.Host, name: str, figures: Figures, before: bytes, infotext_field: str) -> str:
-    """Steps 3-5; returns the infotext of the host's image with the embedding."""
+def check_after_training(host: hh.Host, name: str, figures: Figures, before: bytes, infotext_field: str, *,
+                         step: int = 2) -> str:
+    """Steps 3-5 (the file trained to ``step``); returns the infotext of the host's image with the embedding."""
     growth = figures.rss_after - figures.rss_loaded
     assert growth < ALLOWED_GROWTH_BYTES, (
         f"the host process grew by {growth / 2**30:.2f} GB while our tab trained (a second model copy is "
@@ -170,7 +171,7 @@ def check_after_training(host: hh.Host, name: str, figures: Figures, before: byt
     trained = load_embedding(host.embeddings_dir / f"{name}.pt")
     picture, info = hh.txt2img(host, prompt=f"a {name} circle on a teal background")
     # Trained on the host's checkpoint: the file names its hash, as the host's own infotext does.
-    assert trained.step == 2 and f"Model hash: {trained.sd_checkpoint}," in info, (trained.sd_checkpoint, info)
+    assert trained.step == step and f"Model hash: {trained.sd_checkpoint}," in info, (trained.sd_checkpoint, info)
     hh.assert_finite_picture(picture)
     assert not np.array_equal(picture, image)
     assert infotext_field in info and name in info.split(infotext_field, 1)[1].split(",")[0], info
@@ -298,3 +299,21 @@ def interrupt_and_resume(host: hh.Host, page: Any, name: str) -> str:
     assert last["initial_step"] == stopped and last["optimizer_restored"] is True, last
     return (f"[{host.kind}] interrupt: {shown} steps in {first_steps:.0f} s, stopped at step {stopped} "
             f"{stop_seconds:.1f} s after the click; resume {stopped} -> {target} in {resume_seconds:.0f} s")
+
+
+def interrupt_resume_and_use(host: hh.Host, page: Any, name: str, infotext_field: str) -> str:
+    """One embedding flow for the forks (each training run on a full-size model costs minutes of CI):
+    ``interrupt_and_resume``, with the host process's memory read before and after, then ``check_after_training``
+    on the resumed file (no second copy, the host's picture unchanged, its txt2img uses the file). Returns the
+    report line."""
+    pid = host_pid(host)
+    before, _ = hh.txt2img(host)  # loads the host's model
+    loaded = _status(pid)["VmRSS"]
+    started = time.monotonic()
+    report = interrupt_and_resume(host, page, name)
+    after = _status(pid)
+    figures = Figures(loaded, after["VmRSS"], after["VmHWM"], time.monotonic() - started)
+    step = load_embedding(host.embeddings_dir / f"{name}.pt").step
+    check_after_training(host, name, figures, before.tobytes(), infotext_field, step=step)
+    return (f"{report}; RSS after model load {figures.rss_loaded / 2**30:.2f} GB, after both runs "
+            f"{figures.rss_after / 2**30:.2f} GB (peak {figures.peak_after / 2**30:.2f} GB)")

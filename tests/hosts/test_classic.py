@@ -27,11 +27,6 @@ def test_classic_hypernetworks_page_click_and_warning(classic: hh.Host, page: An
     checks.check_gradio3_card_page(classic, page)
 
 
-def test_classic_train_embedding_on_the_hosts_model(classic: hh.Host, page: Any) -> None:
-    figures, before = ht.train_in_our_tab(classic, page, "hosttrained")
-    ht.check_after_training(classic, "hosttrained", figures, before, "TI hashes: ")
-
-
 def test_classic_train_hypernetwork_on_the_hosts_model(classic: hh.Host, page: Any) -> None:
     before, _ = hh.txt2img(classic)
     seconds = ht.train_hypernetwork_in_our_tab(classic, page, "hosthn")
@@ -39,5 +34,5 @@ def test_classic_train_hypernetwork_on_the_hosts_model(classic: hh.Host, page: A
     ht.report_figures(f"[classic] hypernetwork: 2 steps + preview + saves {seconds:.0f} s")
 
 
-def test_classic_interrupt_and_resume_training_on_the_hosts_model(classic: hh.Host, page: Any) -> None:
-    ht.report_figures(ht.interrupt_and_resume(classic, page, "hostresumed"))
+def test_classic_train_interrupt_resume_an_embedding_on_the_hosts_model(classic: hh.Host, page: Any) -> None:
+    ht.report_figures(ht.interrupt_resume_and_use(classic, page, "hostresumed", "TI hashes: "))

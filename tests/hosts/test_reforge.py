@@ -27,11 +27,6 @@ def test_reforge_hypernetworks_page_click_and_warning(reforge: hh.Host, page: An
     checks.check_gradio3_card_page(reforge, page)
 
 
-def test_reforge_train_embedding_on_the_hosts_model(reforge: hh.Host, page: Any) -> None:
-    figures, before = ht.train_in_our_tab(reforge, page, "hosttrained")
-    ht.check_after_training(reforge, "hosttrained", figures, before, "TI hashes: ")
-
-
 def test_reforge_train_hypernetwork_on_the_hosts_model(reforge: hh.Host, page: Any) -> None:
     before, _ = hh.txt2img(reforge)
     seconds = ht.train_hypernetwork_in_our_tab(reforge, page, "hosthn")
@@ -39,5 +34,5 @@ def test_reforge_train_hypernetwork_on_the_hosts_model(reforge: hh.Host, page: A
     ht.report_figures(f"[reforge] hypernetwork: 2 steps + preview + saves {seconds:.0f} s")
 
 
-def test_reforge_interrupt_and_resume_training_on_the_hosts_model(reforge: hh.Host, page: Any) -> None:
-    ht.report_figures(ht.interrupt_and_resume(reforge, page, "hostresumed"))
+def test_reforge_train_interrupt_resume_an_embedding_on_the_hosts_model(reforge: hh.Host, page: Any) -> None:
+    ht.report_figures(ht.interrupt_resume_and_use(reforge, page, "hostresumed", "TI hashes: "))
