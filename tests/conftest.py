@@ -72,6 +72,20 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def toyworld_style_hypernetwork(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """The slow tier's teal-background style hypernetwork (``trained_style.STYLE_HYPERNETWORK``), trained once per
+    session on the embedded toy model: the file and the training's seconds. Read-only for its users
+    (tests/training/test_training_learns.py, tests/backends/test_img2img_toyworld.py)."""
+    from trained_style import train_style_hypernetwork
+
+    from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR
+
+    if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+        pytest.skip("the embedded model is missing")
+    return train_style_hypernetwork(tmp_path_factory.mktemp("style-hypernetwork"))
+
+
 @pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
 def tiny_family_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """(family, path) of a tiny SD 1.x / SD 2.x / SDXL single file written by our writer (A1111's LDM/SGM layout)."""

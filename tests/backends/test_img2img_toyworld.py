@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+from trained_style import STYLE_HYPERNETWORK, train_style_hypernetwork
 
 from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR
 
@@ -39,7 +40,7 @@ pytestmark = [
 
 WORD = {"name": "toycol", "colour": "yellow", "vectors": 2, "init": "colour", "images": 10, "batch": 5,
         "steps": 300, "learn_rate": "0.01:150, 0.005"}
-HN = {"name": "bgstyle", "background": "teal", "images": 40, "batch": 20, "steps": 400, "learn_rate": "0.002"}
+HN = {k: STYLE_HYPERNETWORK[k] for k in ("name", "background", "images", "batch", "steps", "learn_rate")}
 INPAINT = {"images": 20, "seeds": 2, "steps": 20, "sampler": "DDIM", "cfg_scale": 5.0, "strength": 1.0,
            "padding": 1}
 VARIATION = {"images": 30, "steps": 20, "sampler": "DDIM", "cfg_scale": 5.0, "strength": 0.5}
@@ -92,20 +93,6 @@ def train_word(model: Any, work: Path) -> torch.Tensor:
     return load_embedding(work / "embeddings" / f"{WORD['name']}.pt").tensor()
 
 
-def train_style(model: Any, work: Path) -> Any:
-    from sdconcepts.hypernetworks.files import load_hypernetwork
-    from sdconcepts.toyworld.concept import write_concept
-    from sdconcepts.training import HypernetworkTrainingConfig, create_hypernetwork_file, train_hypernetwork
-
-    write_concept(work / "style", count=HN["images"], seed=77, background=HN["background"])
-    create_hypernetwork_file(work / "hypernetworks", HN["name"], widths=(48, 32, 64), seed=0)
-    config = HypernetworkTrainingConfig(dataset=str(work / "style"), template="filewords", width=32, height=32,
-                                        batch_size=HN["batch"], max_steps=HN["steps"], learn_rate=HN["learn_rate"],
-                                        save_every=0, preview_every=0, log_directory=str(work / "log"))
-    list(train_hypernetwork(model, HN["name"], config, hypernetworks_dir=work / "hypernetworks"))
-    return load_hypernetwork(work / "hypernetworks" / f"{HN['name']}.pt")
-
-
 def _inpaint_all(model: Any, cases: Sequence[tuple[Image.Image, Image.Image]], prompts: Sequence[str], *,
                  invert: bool, hypernetworks: Mapping[str, Any] | None = None, **kwargs: Any) -> list[Image.Image]:
     from sdconcepts.backends.sampling import img2img
@@ -135,10 +122,12 @@ def _unchanged_outside(results: Sequence[Image.Image], cases: Sequence[tuple[Ima
     return True
 
 
-def measure(work: Path) -> dict[str, Any]:
+def measure(work: Path, style_hypernetwork: tuple[Path, float]) -> dict[str, Any]:
+    """Every figure of this file; ``style_hypernetwork`` is ``trained_style.train_style_hypernetwork``'s result."""
     from sdconcepts.backends.model_loading import load_model
     from sdconcepts.backends.sampling import img2img
     from sdconcepts.generation import GenerationParams
+    from sdconcepts.hypernetworks.files import load_hypernetwork
     from sdconcepts.img2img import Img2ImgOptions
     from sdconcepts.toyworld.probe import classify
 
@@ -164,9 +153,9 @@ def measure(work: Path) -> dict[str, Any]:
     report["inpaint_generations"] = len(learned)
 
     # A hypernetwork through inpainting: everything but the shape's box is regenerated.
-    start = time.perf_counter()
-    style = train_style(model, work / "style")
-    report["hypernetwork_train_seconds"] = round(time.perf_counter() - start, 1)
+    style_path, style_seconds = style_hypernetwork  # the session's, shared with test_training_learns.py
+    style = load_hypernetwork(style_path)
+    report["hypernetwork_train_seconds"] = round(style_seconds, 1)
     bg_sources = init_images(INPAINT["images"], 12, avoid={"background": HN["background"]})
     bg_cases = [(image, shape_mask(image, INPAINT["padding"], box=False)) for image, _ in bg_sources]
     start = time.perf_counter()
@@ -208,8 +197,8 @@ def measure(work: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    result = measure(tmp_path_factory.mktemp("img2img-toyworld"))
+def report(tmp_path_factory: pytest.TempPathFactory, toyworld_style_hypernetwork: tuple[Path, float]) -> dict[str, Any]:
+    result = measure(tmp_path_factory.mktemp("img2img-toyworld"), toyworld_style_hypernetwork)
     print(json.dumps(result, indent=1))
     return result
 
@@ -235,5 +224,6 @@ def test_variation_keeps_the_shape_and_takes_the_words_colour(report: dict[str, 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps(measure(Path(tmp)), indent=1), flush=True)
+        style = train_style_hypernetwork(Path(tmp) / "style")
+        print(json.dumps(measure(Path(tmp), style), indent=1), flush=True)
     sys.exit(0)

@@ -192,8 +192,9 @@ def report_figures(report: str) -> None:
 
 
 def train_hypernetwork_in_our_tab(host: hh.Host, page: Any, name: str) -> float:
-    """Create a hypernetwork (default modules 768/320/640/1280) and train it 2 steps on the host's model."""
-    return train_and_wait(host, page, "hypernetwork", name)
+    """Create a hypernetwork (default modules 768/320/640/1280) and train it 2 steps on the host's model, its
+    preview made with our tab's txt2img settings ("Read parameters from txt2img")."""
+    return train_and_wait(host, page, "hypernetwork", name, read_txt2img=True)
 
 
 def check_hypernetwork_in_host(host: hh.Host, name: str, before: np.ndarray) -> None:
@@ -302,7 +303,7 @@ def interrupt_and_resume(host: hh.Host, page: Any, name: str) -> str:
 
 
 def interrupt_resume_and_use(host: hh.Host, page: Any, name: str, infotext_field: str) -> str:
-    """One embedding flow for the forks (each training run on a full-size model costs minutes of CI):
+    """One embedding flow per host (each training run on a full-size model costs minutes of CI):
     ``interrupt_and_resume``, with the host process's memory read before and after, then ``check_after_training``
     on the resumed file (no second copy, the host's picture unchanged, its txt2img uses the file). Returns the
     report line."""

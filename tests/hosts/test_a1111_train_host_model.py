@@ -1,5 +1,5 @@
-"""A1111 1.10.1: our Train tab trains an embedding and a hypernetwork on A1111's loaded model (issue 12),
-and interrupts and resumes a run; see host_training.py."""
+"""A1111 1.10.1: our Train tab trains a hypernetwork on A1111's loaded model (issue 12), and an embedding that it
+interrupts and resumes, then A1111's txt2img uses (no second copy, its picture unchanged); see host_training.py."""
 
 from __future__ import annotations
 
@@ -8,11 +8,6 @@ from typing import Any
 import host_harness as hh
 import host_training as ht
 import numpy as np
-
-
-def test_a1111_train_embedding_on_the_hosts_model(a1111: hh.Host, page: Any) -> None:
-    figures, before = ht.train_in_our_tab(a1111, page, "hosttrained")
-    ht.check_after_training(a1111, "hosttrained", figures, before, "TI hashes: ")
 
 
 def test_a1111_train_hypernetwork_on_the_hosts_model(a1111: hh.Host, page: Any) -> None:
@@ -28,5 +23,5 @@ def test_a1111_train_hypernetwork_on_the_hosts_model(a1111: hh.Host, page: Any) 
     print(f"[a1111] hypernetwork: 2 steps + preview + saves {seconds:.0f} s")
 
 
-def test_a1111_interrupt_and_resume_training_on_the_hosts_model(a1111: hh.Host, page: Any) -> None:
-    ht.report_figures(ht.interrupt_and_resume(a1111, page, "hostresumed"))
+def test_a1111_train_interrupt_resume_an_embedding_on_the_hosts_model(a1111: hh.Host, page: Any) -> None:
+    ht.report_figures(ht.interrupt_resume_and_use(a1111, page, "hostresumed", "TI hashes: "))

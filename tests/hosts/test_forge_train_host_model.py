@@ -1,5 +1,6 @@
-"""Forge: our Train tab (Forge has none of its own) trains an embedding and a hypernetwork on Forge's loaded model
-(issue 12), and interrupts and resumes a run; see host_training.py."""
+"""Forge: our Train tab (Forge has none of its own) trains a hypernetwork on Forge's loaded model (issue 12), and an
+embedding that it interrupts and resumes, then Forge's txt2img uses (no second copy, its picture unchanged); see
+host_training.py."""
 
 from __future__ import annotations
 
@@ -7,11 +8,6 @@ from typing import Any
 
 import host_harness as hh
 import host_training as ht
-
-
-def test_forge_train_embedding_on_the_hosts_model(forge: hh.Host, page: Any) -> None:
-    figures, before = ht.train_in_our_tab(forge, page, "hosttrained")
-    ht.check_after_training(forge, "hosttrained", figures, before, "TI: ")
 
 
 def test_forge_train_hypernetwork_on_the_hosts_model(forge: hh.Host, page: Any) -> None:
@@ -22,5 +18,5 @@ def test_forge_train_hypernetwork_on_the_hosts_model(forge: hh.Host, page: Any) 
     print(f"[forge] hypernetwork: 2 steps + preview + saves {seconds:.0f} s")
 
 
-def test_forge_interrupt_and_resume_training_on_the_hosts_model(forge: hh.Host, page: Any) -> None:
-    ht.report_figures(ht.interrupt_and_resume(forge, page, "hostresumed"))
+def test_forge_train_interrupt_resume_an_embedding_on_the_hosts_model(forge: hh.Host, page: Any) -> None:
+    ht.report_figures(ht.interrupt_resume_and_use(forge, page, "hostresumed", "TI: "))

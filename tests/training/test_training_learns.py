@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import torch
+from trained_style import STYLE_HYPERNETWORK
 
 from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR, XL_MODEL_DIR
 
@@ -43,7 +44,7 @@ def embedded(request: pytest.FixtureRequest) -> str:
 
 TI = {"shape": "triangle", "colour": "yellow", "background": "brown", "vectors": 4, "steps": 500, "batch": 5,
       "learn_rate": "0.01:200, 0.005", "init": "triangle"}
-HN = {"background": "teal", "images": 40, "batch": 20, "steps": 400, "learn_rate": "0.002"}
+HN = {k: STYLE_HYPERNETWORK[k] for k in ("background", "images", "batch", "steps", "learn_rate")}
 SAMPLES = 60
 
 
@@ -106,7 +107,9 @@ def train_ti(work: Path, *, short_prompt: bool = False, embedded: str = "toyworl
     return report
 
 
-def train_hn(work: Path, *, embedded: str = "toyworld") -> dict[str, Any]:
+def train_hn(work: Path, *, embedded: str = "toyworld", trained: tuple[Path, float] | None = None) -> dict[str, Any]:
+    """Train the style hypernetwork on ``embedded`` (or take ``trained``: the session's toy-model one, the same
+    recipe) and score it at strengths 0, 0.5 and 1."""
     from sdconcepts.backends.model_loading import load_model
     from sdconcepts.hypernetworks.files import load_hypernetwork
     from sdconcepts.toyworld import world
@@ -114,15 +117,18 @@ def train_hn(work: Path, *, embedded: str = "toyworld") -> dict[str, Any]:
     from sdconcepts.training import HypernetworkTrainingConfig, create_hypernetwork_file, train_hypernetwork
 
     model = load_model(MODELS[embedded][0], device="cpu")
-    write_concept(work / "style", count=HN["images"], seed=77, background=HN["background"])
-    create_hypernetwork_file(work / "hypernetworks", "bgstyle", widths=MODELS[embedded][1], seed=0)
-    config = HypernetworkTrainingConfig(dataset=str(work / "style"), template="filewords", width=32, height=32,
-                                        batch_size=HN["batch"], max_steps=HN["steps"], learn_rate=HN["learn_rate"],
-                                        save_every=0, preview_every=0, log_directory=str(work / "log"))
-    start = time.perf_counter()
-    list(train_hypernetwork(model, "bgstyle", config, hypernetworks_dir=work / "hypernetworks"))
-    seconds = time.perf_counter() - start
-    hypernetwork = load_hypernetwork(work / "hypernetworks" / "bgstyle.pt")
+    if trained is None:
+        write_concept(work / "style", count=HN["images"], seed=77, background=HN["background"])
+        create_hypernetwork_file(work / "hypernetworks", "bgstyle", widths=MODELS[embedded][1], seed=0)
+        config = HypernetworkTrainingConfig(dataset=str(work / "style"), template="filewords", width=32, height=32,
+                                            batch_size=HN["batch"], max_steps=HN["steps"],
+                                            learn_rate=HN["learn_rate"], save_every=0, preview_every=0,
+                                            log_directory=str(work / "log"))
+        start = time.perf_counter()
+        list(train_hypernetwork(model, "bgstyle", config, hypernetworks_dir=work / "hypernetworks"))
+        trained = (work / "hypernetworks" / "bgstyle.pt", time.perf_counter() - start)
+    path, seconds = trained
+    hypernetwork = load_hypernetwork(path)
     results: dict[str, Any] = {"train_seconds": round(seconds, 1), "settings": HN}
     shapes, colours = world.SHAPES, tuple(world.COLOURS)
     from sdconcepts.toyworld.probe import classify
@@ -160,8 +166,11 @@ def test_embedding_learns_the_concept(tmp_path: Path, embedded: str) -> None:
 
 
 @pytest.mark.parametrize("embedded", ["toyworld", "toyworld-xl"], indirect=True)
-def test_hypernetwork_shifts_the_style_with_strength(tmp_path: Path, embedded: str) -> None:
-    report = train_hn(tmp_path, embedded=embedded)
+def test_hypernetwork_shifts_the_style_with_strength(tmp_path: Path, embedded: str,
+                                                     request: pytest.FixtureRequest) -> None:
+    # The toy model's file is the session's (the img2img tests use the same one); toyworld-xl's is trained here.
+    trained = request.getfixturevalue("toyworld_style_hypernetwork") if embedded == "toyworld" else None
+    report = train_hn(tmp_path, embedded=embedded, trained=trained)
     print(json.dumps(report, indent=1))
     bg = [report[s]["background"] for s in ("0.0", "0.5", "1.0")]
     assert bg[0] < bg[1] < bg[2] and bg[2] >= 3 * max(bg[0], 1 / SAMPLES), report
