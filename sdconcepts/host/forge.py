@@ -49,7 +49,9 @@ _FALLBACK_WIDTHS = (320, 640, 1280, 768, 1024, 2048)
 
 
 def is_forge() -> bool:
-    """True inside Forge (and its forks Forge-Classic/reForge): they ship ``modules_forge``; A1111 does not."""
+    """True where the UNet runs through Forge's patchers: Forge and the old-Forge forks (reForge, Forge-Classic) ship
+    ``modules_forge``; A1111 does not. What each offers beyond that is looked up where it is used
+    (``host.capabilities``, the checks in ``register`` and ``patch_unet``)."""
     try:
         return importlib.util.find_spec("modules_forge") is not None
     except (ImportError, ValueError):
@@ -195,6 +197,11 @@ def patch_unet(p: Any) -> bool:
     unet = _unet_of(p)
     if not chain or unet is None:
         return False
+    missing = [name for name in ("clone", "set_model_attn1_patch", "set_model_attn2_patch") if not hasattr(unet, name)]
+    if missing:
+        _warn(p, f"hypernetworks: this web UI's UNet patcher has no {', '.join(missing)}; the <hypernet:> tags of "
+                 "this generation had no effect")
+        return False
     patched = unet.clone()
     patch = _ForgePatch(chain)
     patched.set_model_attn1_patch(patch.self_attention)
@@ -300,8 +307,13 @@ def register() -> bool:
     """
     if not is_forge():
         return False
-    from modules import script_callbacks  # lazy: host only
+    from modules import script_callbacks, scripts  # lazy: host only
 
+    if not hasattr(scripts.Script, "process_before_every_sampling"):
+        # Every Forge generation has this hook (Forge, reForge, Forge-Classic); a fork without it cannot be patched.
+        log.warning("sdconcepts: this web UI's scripts have no process_before_every_sampling hook, so <hypernet:> "
+                    "tags cannot be applied here; its own hypernetwork handling is left as it is")
+        return False
     remove = getattr(script_callbacks, "remove_callbacks_for_function", None)
     if remove is not None:
         remove(_before_ui)

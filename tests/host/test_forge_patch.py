@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,33 @@ def test_loaded_files_are_cached_by_path_and_mtime(tmp_path: Path) -> None:
     reloaded = files.load(path, torch.device("cpu"))
     assert reloaded is not first
     assert not torch.equal(reloaded.pair(768)[0].first_linear().weight, first.pair(768)[0].first_linear().weight)
+
+
+class _PatcherWithoutAttentionPatches:
+    """A UNet patcher of a fork that lacks Forge's attn1/attn2 patch setters (only ``clone``)."""
+
+    def clone(self) -> _PatcherWithoutAttentionPatches:
+        return _PatcherWithoutAttentionPatches()
+
+
+def test_a_patcher_without_attention_patches_is_said_under_the_image_not_a_traceback() -> None:
+    comments: list[str] = []
+    unet = _PatcherWithoutAttentionPatches()
+    p = types.SimpleNamespace(sd_model=types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=unet)),
+                              comment=comments.append)
+    setattr(p, forge.STATE_ATTRIBUTE, _chain())
+    assert forge.patch_unet(p) is False
+    assert p.sd_model.forge_objects.unet is unet
+    assert len(comments) == 1 and "set_model_attn1_patch, set_model_attn2_patch" in comments[0], comments
+    assert "had no effect" in comments[0]
+
+
+def test_outside_a_host_the_capabilities_say_what_is_missing_in_one_sentence() -> None:
+    from sdconcepts.host import capabilities
+
+    assert capabilities.memory_manager() is None  # neither Forge's backend nor ldm_patched here
+    message = capabilities.reload_embeddings()
+    assert message is not None and "press Refresh" in message and "\n" not in message
+    with pytest.raises(capabilities.HostModelError, match="no load_models_gpu in backend.memory_management or "
+                                                          "ldm_patched.modules.model_management"):
+        capabilities.place_forge_patchers([])
