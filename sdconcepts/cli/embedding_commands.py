@@ -1,4 +1,5 @@
-"""Command line for the embedding tools: ``embedding inspect|mix|edit`` (logic in ``sdconcepts.embeddings.tools``)."""
+"""Command line for the embedding tools: ``embedding inspect|mix|edit|convert`` (logic in
+``sdconcepts.embeddings.tools`` and ``sdconcepts.embeddings.conversion``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, int_at_least
+from sdconcepts.embeddings.conversion import ConversionError, default_map_cache
+from sdconcepts.embeddings.embedding import Embedding
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding
 from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.embeddings.tools import (
@@ -86,6 +89,22 @@ def add_embedding_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
     common(p, writes=True)
     p.set_defaults(func=run_edit)
 
+    p = commands.add_parser(
+        "convert", help="an SD 1.x embedding as an SDXL one (clip_l + clip_g .safetensors)",
+        description="Write NAME.safetensors with clip_l and clip_g for the SDXL model --ckpt (default: the embedded "
+        "toyworld-xl) from an SD 1.x/2.x embedding. Where the embedding's text encoder is the SDXL model's clip_l "
+        "(real SD 1.x: CLIP ViT-L/14) clip_l is the original vectors; clip_g (otherwise both) comes through a map "
+        "between the two token tables fitted on their shared vocabulary, cached per pair of tables "
+        "(docs/sdxl-conversion.md).",
+    )
+    p.add_argument("source", metavar="SOURCE", help="an SD 1.x/2.x embedding name or file")
+    p.add_argument("name", metavar="NAME", help="the new embedding's name (default: SOURCE's name + _xl)", nargs="?")
+    p.add_argument("--source-ckpt", type=existing_path, default=None, metavar="MODEL",
+                   help="the SD 1.x/2.x model the embedding was trained on (default: the SDXL model's own clip_l when "
+                   "the widths match, else the embedded SD-1 toy model)")
+    common(p, writes=True)
+    p.set_defaults(func=run_convert)
+
 
 def _folders(args: argparse.Namespace) -> list[Path]:
     if args.embeddings_dir is not None:
@@ -94,44 +113,65 @@ def _folders(args: argparse.Namespace) -> list[Path]:
     return [default] if default.is_dir() else []
 
 
-def _library(args: argparse.Namespace) -> dict[str, Any]:
-    """Name -> single-encoder vectors of every usable embedding under the folders."""
+def _scan(args: argparse.Namespace) -> EmbeddingLibrary:
     library = EmbeddingLibrary(_folders(args))
     library.refresh()
-    return {name: emb.tensor() for name, emb in library.usable().items() if not emb.is_sdxl}
+    return library
 
 
-def _source(args: argparse.Namespace, reference: str) -> tuple[str, Any]:
-    """(name, vectors) of an embedding given by name (under the folders) or by file path."""
+def _library(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """Name -> single-encoder vectors of every usable embedding under the folders, and name -> why each other file
+    is not offered (skipped files, SDXL pairs)."""
+    library = _scan(args)
+    usable = library.usable()
+    skipped = {**library.skipped(), **{name: SDXL_PAIR for name, emb in usable.items() if emb.is_sdxl}}
+    return {name: emb.tensor() for name, emb in usable.items() if not emb.is_sdxl}, skipped
+
+
+SDXL_PAIR = "an SDXL embedding (clip_l + clip_g): the embedding tools take single-encoder embeddings"
+
+
+def _embedding(args: argparse.Namespace, reference: str) -> Embedding:
+    """An embedding given by file path or by name (under the folders); a skipped one is refused with its reason."""
     path = Path(reference)
     if path.suffix.lower() in EMBEDDING_SUFFIXES and path.is_file():
         try:
-            embedding = load_embedding(path)
+            return load_embedding(path)
         except EmbeddingFileError as exc:
             raise CommandError(str(exc)) from exc
-        if embedding.is_sdxl:
-            raise CommandError(f"{path}: SDXL per-encoder embeddings are not handled by the embedding tools")
-        return embedding.name, embedding.tensor()
-    found = {name.lower(): (name, vectors) for name, vectors in _library(args).items()}
-    if reference.lower() not in found:
-        where = ", ".join(str(f) for f in _folders(args)) or "no embeddings folder (./embeddings does not exist)"
-        raise CommandError(f"no embedding {reference!r} in {where}, and no such file")
-    return found[reference.lower()]
+    library = _scan(args)
+    found = library.get(reference)
+    if found is not None:
+        return found
+    reasons = {name.lower(): (name, why) for name, why in library.skipped().items()}
+    if reference.lower() in reasons:
+        name, why = reasons[reference.lower()]
+        raise CommandError(f"embedding {name!r} is skipped: {why}")
+    where = ", ".join(str(f) for f in _folders(args)) or "no embeddings folder (./embeddings does not exist)"
+    raise CommandError(f"no embedding {reference!r} in {where}, and no such file")
 
 
-def _model(args: argparse.Namespace) -> Any:
+def _source(args: argparse.Namespace, reference: str) -> tuple[str, Any]:
+    """(name, vectors) of a single-encoder embedding given by name (under the folders) or by file path."""
+    embedding = _embedding(args, reference)
+    if embedding.is_sdxl:
+        raise CommandError(f"{embedding.name}: {SDXL_PAIR}")
+    return embedding.name, embedding.tensor()
+
+
+def _model(args: argparse.Namespace, ref: Any = None) -> Any:
     from sdconcepts.backends.model_loading import ModelLoadError, load_model  # lazy: transformers, diffusers
 
     try:
-        return load_model(args.ckpt, device=args.device)
+        return load_model(ref if ref is not None else args.ckpt, device=args.device)
     except ModelLoadError as exc:
         raise CommandError(str(exc)) from exc
 
 
-def _write(args: argparse.Namespace, vectors: Any, model: Any | None) -> Path:
+def _write(args: argparse.Namespace, vectors: Any, model: Any | None, suffix: str | None = None) -> Path:
     folder = args.out_dir or (_folders(args) or [Path("embeddings")])[0]
     try:
-        return write_embedding(folder, args.name, vectors, suffix=f".{args.format}", overwrite=args.overwrite,
+        return write_embedding(folder, args.name, vectors, suffix=suffix or f".{args.format}", overwrite=args.overwrite,
                                sd_checkpoint=getattr(model, "short_hash", None) if model is not None else None,
                                sd_checkpoint_name=getattr(model, "name", None) if model is not None else None)
     except (EmbeddingToolError, EmbeddingFileError) as exc:
@@ -162,7 +202,9 @@ def run_mix(args: argparse.Namespace) -> int:
         terms = [term for group in parse_mix(args.expression) for term in group]
         # The model is loaded only for words (its vocabulary) and to record which model the words came from.
         model = _model(args) if any(term.words for term in terms) else None
-        vectors = mix_vectors(args.expression, _library(args), vocabulary_of(model) if model is not None else None)
+        usable, skipped = _library(args)
+        vectors = mix_vectors(args.expression, usable, vocabulary_of(model) if model is not None else None,
+                              skipped=skipped)
     except EmbeddingToolError as exc:
         raise CommandError(str(exc)) from exc
     print(_write(args, vectors, model))
@@ -176,4 +218,22 @@ def run_edit(args: argparse.Namespace) -> int:
     except EmbeddingToolError as exc:
         raise CommandError(str(exc)) from exc
     print(_write(args, kept, None))
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from sdconcepts.backends.embedding_conversion import convert_for_model  # lazy: transformers
+    from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR
+
+    if args.format != "pt" and args.format != "safetensors":
+        raise CommandError(f"--format {args.format}: an SDXL embedding is written as .safetensors (clip_l, clip_g)")
+    embedding = _embedding(args, args.source)
+    args.name = args.name or f"{embedding.name}_xl"
+    target = _model(args, args.ckpt or EMBEDDED_XL_MODEL_DIR)
+    source_model = _model(args, args.source_ckpt) if args.source_ckpt is not None else None
+    try:
+        converted = convert_for_model(embedding, target, default_map_cache(), source_model)
+    except ConversionError as exc:
+        raise CommandError(f"{embedding.name}: {exc}") from exc
+    print(_write(args, converted.vectors, target, ".safetensors"))
     return 0

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from sdconcepts.atomic_files import atomic_path
 from sdconcepts.embeddings.embedding import SDXL_ENCODERS, Embedding
+from sdconcepts.hash_cache import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ __all__ = [
     "TokenMap",
     "convert_embedding",
     "convert_vectors",
+    "default_map_cache",
     "fit_token_map",
     "learned_tokens",
     "nearest_token_vectors",
@@ -104,7 +106,8 @@ def learned_tokens(table: Tensor) -> Tensor | None:
     relative = norms / max(median, 1e-12)
     if float(((relative - 1).abs() <= 3 * spread).double().mean()) < 0.9:
         return None
-    return (relative > 1 + 5 * spread).nonzero().flatten()
+    learned: Tensor = (relative > 1 + 5 * spread).nonzero().flatten()
+    return learned
 
 
 def _shared_tokens(source: Tensor, target: Tensor) -> Tensor:
@@ -214,6 +217,11 @@ class MapCache:
                 tmp.write_bytes(save(token_map.tensors(), metadata=meta))
         except OSError as exc:  # a cache that cannot be written costs a refit next time, nothing else
             log.warning("cannot cache the token map in %s: %s", path, exc)
+
+
+def default_map_cache() -> MapCache:
+    """The maps under the cache folder (``hash_cache.default_cache_dir()/token-maps``, beside ``hashes.json``)."""
+    return MapCache(default_cache_dir() / "token-maps")
 
 
 def convert_vectors(vectors: Tensor, source: Tensor, targets: Mapping[str, Tensor], cache: MapCache) -> dict[str, Tensor]:

@@ -283,10 +283,13 @@ def parse_mix(expression: str) -> list[list[MixTerm]]:
     return groups
 
 
-def mix_vectors(expression: str, embeddings: Mapping[str, Tensor], vocabulary: Vocabulary | None) -> Tensor:
+def mix_vectors(expression: str, embeddings: Mapping[str, Tensor], vocabulary: Vocabulary | None,
+                *, skipped: Mapping[str, str] | None = None) -> Tensor:
     """The vectors an expression makes. ``embeddings``: name -> ``[n, width]`` (names match case-insensitively, as
-    prompt words do); ``vocabulary`` turns quoted words into token rows (None: words are refused)."""
+    prompt words do); ``vocabulary`` turns quoted words into token rows (None: words are refused); ``skipped``:
+    name -> why a file of that name cannot be used, for the error naming it."""
     by_name = {name.lower(): vectors for name, vectors in embeddings.items()}
+    reasons = {name.lower(): (name, why) for name, why in (skipped or {}).items()}
     pieces: list[Tensor] = []
     width: int | None = None
     for group in parse_mix(expression):
@@ -299,6 +302,9 @@ def mix_vectors(expression: str, embeddings: Mapping[str, Tensor], vocabulary: V
                 rows = vocabulary.words(term.source)
             else:
                 found = by_name.get(term.source.lower())
+                if found is None and term.source.lower() in reasons:
+                    name, why = reasons[term.source.lower()]
+                    raise EmbeddingToolError(f"embedding {name!r} is skipped: {why}")
                 if found is None:
                     raise EmbeddingToolError(f"unknown embedding {term.source!r} (words are written in quotes: "
                                              f"\"{term.source}\")")
