@@ -8,6 +8,8 @@ toy model's when the embedding is that wide (the toy models: their tables differ
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,10 @@ from safetensors import safe_open
 
 from sdconcepts.embeddings.conversion import ConversionError, MapCache, convert_embedding
 from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.model_shape import EMBEDDED_MODEL_DIR
 
-__all__ = ["convert_for_model", "sdxl_tables", "source_table", "token_table"]
+__all__ = ["convert_for_model", "convert_skipped", "sdxl_tables", "source_table", "token_table"]
 
 _TOKEN_KEY = "embeddings.token_embedding.weight"
 
@@ -72,3 +75,32 @@ def convert_for_model(embedding: Embedding, target: Any, cache: MapCache, source
     clip_l, clip_g = sdxl_tables(target)
     source = source_table(embedding.width, target, source_model)
     return convert_embedding(embedding, source, clip_l, clip_g, cache)
+
+
+def convert_skipped(library: EmbeddingLibrary, model: Any, cache: MapCache, skipped: Mapping[str, str],
+                    used_in: str | None = None) -> tuple[dict[str, Embedding], dict[str, str]]:
+    """On the fly: the SD 1.x/2.x embeddings an SDXL ``model`` skipped (``skipped``: name -> reason, as
+    ``usable_embeddings`` gives it), converted; ``used_in`` (prompt and negative prompt) limits it to the names used
+    there. Returns the converted embeddings by name and the skipped names left, with reasons (a conversion that
+    fails says why)."""
+    if not model.is_sdxl:
+        return {}, dict(skipped)
+    text = used_in.lower() if used_in is not None else None
+    left = dict(skipped)
+    converted: dict[str, Embedding] = {}
+    records = {r.name: r for r in library.records(int(model.context_width), sdxl=True) if r.convertible}
+    for name in skipped:
+        record = records.get(name)
+        if record is None or (text is not None and name.lower() not in text):
+            continue
+        embedding = library.load(record)
+        if embedding is None:
+            continue
+        try:
+            # The infotext's TI hash names the file the words came from.
+            converted[name] = replace(convert_for_model(embedding, model, cache), hash=embedding.hash)
+        except ConversionError as exc:
+            left[name] = f"{skipped[name]}; converting it failed: {exc}"
+            continue
+        del left[name]
+    return converted, left

@@ -53,6 +53,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--hypernetworks-dir", type=existing_dir, action="append", default=None, metavar="D",
                    help="hypernetworks folder for <hypernet:name:strength> tags, scanned recursively; repeatable "
                    "(default: ./models/hypernetworks when it exists)")
+    p.add_argument("--convert-sd1-embeddings", action="store_true",
+                   help="on an SDXL model, use the SD 1.x embeddings the prompt names, converted on the fly (A1111 "
+                   "skips them; the infotext's 'TI converted' says so; docs/sdxl-conversion.md)")
     p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
                    help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_BATCH_SIZE} and batch count "
                    f"over {MAX_BATCH_COUNT} (the web UI's limits); a request that cannot fit in memory is still refused")
@@ -81,7 +84,9 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         params = params.validated(size_limits=args.size_limits)
         model = load_model(args.ckpt, device=args.device)
-        embeddings = embedding_arguments(args.embeddings_dir, model.context_width, sdxl=model.is_sdxl)
+        embeddings = embedding_arguments(args.embeddings_dir, model.context_width, sdxl=model.is_sdxl,
+                                         convert_on=model if getattr(args, "convert_sd1_embeddings", False) else None,
+                                         used_in=f"{params.prompt}\n{params.negative_prompt}")
         hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt, model.unet)
         source = getattr(args, "source", None)  # img2img's init image (sdconcepts.cli.img2img_command)
         with tqdm(total=params.steps * params.batch_count, unit="step", desc=args.command, file=sys.stderr) as bar:
@@ -133,11 +138,13 @@ def hypernetwork_arguments(folders: list[Path] | None, prompt: str, unet: Any = 
     return {"hypernetworks": resolved}
 
 
-def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False) -> dict[str, Any]:
+def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False, convert_on: Any = None,
+                        used_in: str | None = None) -> dict[str, Any]:
     """``txt2img`` keyword arguments for the embeddings under ``folders`` (default ``./embeddings`` if present).
 
     Embeddings that fit the model's ``width`` are passed with their hashes (for the infotext); the others are
     passed as skipped, so that a prompt naming one gets a warning, and are counted on stderr (listed with -v).
+    ``convert_on`` (the loaded SDXL model): SD 1.x embeddings that ``used_in`` names are converted for it on the fly.
     """
     if folders is None:
         default = Path("embeddings")
@@ -147,6 +154,13 @@ def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = 
     library = EmbeddingLibrary(folders)
     library.refresh()
     usable, skipped = usable_embeddings(library, width, sdxl=sdxl)
+    converted: dict[str, Any] = {}
+    if convert_on is not None and skipped:
+        from sdconcepts.backends.embedding_conversion import convert_skipped  # lazy: transformers
+        from sdconcepts.embeddings.conversion import default_map_cache
+
+        converted, skipped = convert_skipped(library, convert_on, default_map_cache(), skipped, used_in)
+        usable = {**usable, **converted}
     if skipped:
         print(f"note: {len(skipped)} embedding file(s) skipped (-v lists them)", file=sys.stderr)
         for name, reason in skipped.items():
@@ -155,4 +169,5 @@ def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = 
         "embeddings": {name: emb.joined() for name, emb in usable.items()},
         "embedding_hashes": {name: emb.hash for name, emb in usable.items() if emb.hash},
         "skipped_embeddings": skipped,
+        "converted_embeddings": set(converted),
     }

@@ -56,6 +56,9 @@ class EmbeddingRecord:
     pending: bool = False
     user_metadata: UserMetadata | None = None
     metadata_error: str | None = None
+    # Skipped only because it is a single-encoder (SD 1.x/2.x) file and the model is SDXL: it can be converted
+    # (``embeddings.conversion``).
+    convertible: bool = False
 
     @property
     def short_hash(self) -> str | None:
@@ -126,6 +129,7 @@ class EmbeddingLibrary:
         for record in self.files.records():
             info = record.item
             skipped = record.error
+            convertible = False
             if record.pending and str(record.path).lower().endswith(IMAGE_SUFFIXES):
                 # Most pictures are card pictures, not embeddings: an unread one is not listed as a word.
                 continue
@@ -140,8 +144,10 @@ class EmbeddingLibrary:
                 )
             elif info is not None and width is not None and info.width != width:
                 skipped = f"width {_describe_width(info.width)} does not fit the model's {_describe_width(width)}"
+                convertible = bool(sdxl) and not info.sdxl
             elif info is not None and sdxl is not None:
                 skipped = kind_mismatch_reason(info.sdxl, info.width, sdxl=sdxl) or skipped
+                convertible = sdxl and not info.sdxl
             if skipped is None:
                 key = record.name.lower()
                 if key in winner:
@@ -162,6 +168,7 @@ class EmbeddingLibrary:
                     pending=record.pending,
                     user_metadata=record.user_metadata,
                     metadata_error=record.metadata_error,
+                    convertible=convertible and skipped is not None,
                 )
             )
         return result

@@ -73,6 +73,8 @@ class Skipped:
 
     path: Path
     reason: str
+    # An SD 1.x/2.x embedding skipped on an SDXL model: the list offers to convert it (the embedding tools' convert).
+    convertible: bool = False
 
 
 def format_multiplier(value: float) -> str:
@@ -131,7 +133,7 @@ def embedding_cards(
     fresh: CardCache = {}
     for record in records:
         if record.skipped is not None:
-            skipped.append(Skipped(record.path, record.skipped))
+            skipped.append(Skipped(record.path, record.skipped, bool(getattr(record, "convertible", False))))
             continue
         metadata = getattr(record, "user_metadata", None)
         key = (record.name, record.mtime, getattr(record, "size", 0), getattr(record, "pending", False), record.hash,
@@ -345,7 +347,11 @@ def render_skipped(skipped: Sequence[Skipped]) -> str:
     if not skipped:
         return ""
     items = "".join(
-        f'<li><code>{html.escape(str(s.path))}</code>: {html.escape(s.reason)}</li>' for s in skipped
+        f'<li><code>{html.escape(str(s.path))}</code>: {html.escape(s.reason)}'
+        + (f' <span class="sdconcepts-skipped-convert" role="button" tabindex="0" '
+           f'data-path="{html.escape(str(s.path), quote=True)}" title="Write an SDXL copy (clip_l + clip_g) of this '
+           'embedding beside it">Convert for SDXL</span>' if s.convertible else "")
+        + "</li>" for s in skipped
     )
     count = len(skipped)
     return (

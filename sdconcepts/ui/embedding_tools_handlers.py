@@ -1,4 +1,5 @@
-"""The Textual Inversion tab's embedding tools without gradio: inspect (nearest tokens, norms), mix and edit.
+"""The Textual Inversion tab's embedding tools without gradio: inspect (nearest tokens, norms), mix, edit, and
+convert (an SD 1.x embedding as an SDXL one for the chosen SDXL model).
 
 Embeddings are named as in prompts (the session's library, at the chosen model's width); new files go to the
 folder training writes to (``ui.train_handlers.embeddings_folder``), so the cards list them on the next render.
@@ -10,7 +11,9 @@ import html
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.embeddings.files import EmbeddingFileError
+from sdconcepts.embeddings.conversion import ConversionError
+from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding
 from sdconcepts.embeddings.tools import (
     EmbeddingToolError,
     Vocabulary,
@@ -21,9 +24,9 @@ from sdconcepts.embeddings.tools import (
     vocabulary_of,
     write_embedding,
 )
-from sdconcepts.ui.ui_session import UiError, UiSession
+from sdconcepts.ui.ui_session import UiError, UiSession, contained_path
 
-__all__ = ["FORMATS", "edit_embedding", "inspect_html", "mix_embedding"]
+__all__ = ["FORMATS", "convert_embedding", "edit_embedding", "inspect_html", "mix_embedding"]
 
 FORMATS = (".pt", ".safetensors", ".bin", ".png", ".webp")
 
@@ -110,3 +113,44 @@ def edit_embedding(session: UiSession, model_label: str, source: str, name: str,
     except EmbeddingToolError as exc:
         raise UiError(f"vectors: {exc}") from exc
     return _write(session, None, name, kept, file_format, overwrite)
+
+
+def _any_embedding(session: UiSession, reference: str) -> Embedding:
+    """An embedding by name or by a path inside the embedding folders, usable with this model or not (converting
+    is for files the SDXL model skips); a file that does not load says why."""
+    wanted = str(reference or "").strip()
+    if not wanted:
+        raise UiError("convert: enter the name of an SD 1.x embedding")
+    session.embeddings.refresh()
+    records = session.embeddings.records()
+    if wanted.lower().endswith(EMBEDDING_SUFFIXES):
+        path = contained_path(wanted, list(session.embeddings.folders), "convert")
+        matches = [r for r in records if r.path.resolve() == path]
+    else:
+        matches = [r for r in records if r.name.lower() == wanted.lower()]
+    if not matches:
+        raise UiError(f"convert: no embedding {wanted!r} in the embedding folders")
+    record = matches[-1]  # later files win a name, as in prompts
+    try:
+        return load_embedding(record.path)
+    except EmbeddingFileError as exc:
+        raise UiError(f"convert: {exc}") from exc
+
+
+def convert_embedding(session: UiSession, model_label: str, source: str, name: str = "",
+                      overwrite: bool = False) -> Path:
+    """Write ``name`` (default: the source's name + ``_xl``) as an SDXL ``.safetensors`` (clip_l, clip_g) for the
+    chosen SDXL model from an SD 1.x/2.x embedding (``embeddings.conversion``); returns the written file."""
+    from sdconcepts.backends.embedding_conversion import convert_for_model  # lazy: transformers
+
+    embedding = _any_embedding(session, source)
+    if session.is_sdxl(model_label) is False:
+        raise UiError("convert: choose an SDXL model; the conversion writes clip_l + clip_g for it")
+    with session.generate_lock:
+        model = session.model(model_label)
+        try:
+            converted = convert_for_model(embedding, model, session.token_maps)
+        except ConversionError as exc:
+            raise UiError(f"convert: {embedding.name}: {exc}") from exc
+    target = str(name or "").strip() or f"{embedding.name}_xl"
+    return _write(session, model, target, converted.vectors, ".safetensors", overwrite)

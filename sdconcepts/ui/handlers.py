@@ -402,6 +402,13 @@ def generate(
         usable, skipped_embeddings = usable_embeddings(
             session.embeddings, width, sdxl=model.is_sdxl, used_in=used_in
         )
+        converted: dict[str, Any] = {}
+        if session.convert_sd1_on_sdxl and model.is_sdxl and skipped_embeddings:
+            from sdconcepts.backends.embedding_conversion import convert_skipped  # lazy: transformers
+
+            converted, skipped_embeddings = convert_skipped(session.embeddings, model, session.token_maps,
+                                                            skipped_embeddings, used_in)
+            usable = {**usable, **converted}
         session.hypernetworks.refresh(lazy=True)
         resolved, warnings = session.resolve_hypernetworks(params.prompt, model.unet)
         try:
@@ -414,6 +421,7 @@ def generate(
                 hypernetworks=resolved,
                 progress=progress,
                 source=source,
+                converted_embeddings=set(converted),
             )
         except GenerationError as exc:
             raise UiError(str(exc)) from exc
