@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor
 
@@ -192,8 +193,6 @@ class MapCache:
         if path is None or not path.is_file():
             return None
         try:
-            from safetensors import safe_open  # lazy: only when a cache file exists
-
             with safe_open(str(path), "pt") as handle:
                 meta = handle.metadata() or {}
             data = load_file(str(path))
@@ -201,7 +200,7 @@ class MapCache:
                 return None
             return TokenMap(data["weight"], data["bias"], int(meta["tokens"]), float(meta["alpha"]),
                             float(meta["heldout_cosine"]), float(meta.get("seconds", 0.0)))
-        except (OSError, KeyError, ValueError, RuntimeError) as exc:  # a damaged file: fit again
+        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:  # a damaged file: fit again
             log.warning("ignoring the damaged token-map cache %s (%s)", path, str(exc).splitlines()[0][:200])
             return None
 
