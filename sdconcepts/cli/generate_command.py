@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ def run_generate(args: argparse.Namespace) -> int:
         params = params.validated(size_limits=args.size_limits)
         model = load_model(args.ckpt, device=args.device)
         embeddings = embedding_arguments(args.embeddings_dir, model.context_width, sdxl=model.is_sdxl,
+                                         encoder_widths=model.encoder_widths,
                                          convert_on=model if getattr(args, "convert_sd1_embeddings", False) else None,
                                          used_in=f"{params.prompt}\n{params.negative_prompt}")
         hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt, model.unet)
@@ -139,7 +141,7 @@ def hypernetwork_arguments(folders: list[Path] | None, prompt: str, unet: Any = 
 
 
 def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False, convert_on: Any = None,
-                        used_in: str | None = None) -> dict[str, Any]:
+                        used_in: str | None = None, encoder_widths: Sequence[int] | None = None) -> dict[str, Any]:
     """``txt2img`` keyword arguments for the embeddings under ``folders`` (default ``./embeddings`` if present).
 
     Embeddings that fit the model's ``width`` are passed with their hashes (for the infotext); the others are
@@ -153,7 +155,7 @@ def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = 
         return {}
     library = EmbeddingLibrary(folders)
     library.refresh()
-    usable, skipped = usable_embeddings(library, width, sdxl=sdxl)
+    usable, skipped = usable_embeddings(library, width, sdxl=sdxl, encoder_widths=encoder_widths)
     converted: dict[str, Any] = {}
     if convert_on is not None and skipped:
         from sdconcepts.backends.embedding_conversion import convert_skipped  # lazy: transformers

@@ -246,18 +246,20 @@ def _replace_skip(record: EmbeddingRecord, reason: str) -> EmbeddingRecord:
 
 
 def usable_embeddings(
-    library: EmbeddingLibrary, width: int, *, sdxl: bool, used_in: str | None = None
+    library: EmbeddingLibrary, width: int, *, sdxl: bool, used_in: str | None = None,
+    encoder_widths: Sequence[int] | None = None,
 ) -> tuple[dict[str, Embedding], dict[str, str]]:
     """``(usable, skipped)`` of a library for a model of context ``width`` (SDXL: ``sdxl``): name -> embedding,
     and name -> reason for files that cannot apply (wrong width, wrong kind, unreadable). A name that some file
     provides is not reported as skipped because another file lost it. With ``used_in`` (prompt and negative
-    prompt), only the embeddings named there are read (``EmbeddingLibrary.usable``)."""
+    prompt), only the embeddings named there are read (``EmbeddingLibrary.usable``). ``encoder_widths``: an SDXL
+    model's clip_l and clip_g widths, which each half of an SDXL embedding must match (``embedding.kind_mismatch``)."""
     usable: dict[str, Embedding] = {}
     # ``usable`` reads the files still pending (a lazy listing) first, so that their skip reasons are known.
     found = library.usable(width, used_in=used_in)
     skipped = dict(library.skipped(width))
     for name, emb in found.items():
-        reason = kind_mismatch(emb, sdxl=sdxl)
+        reason = kind_mismatch(emb, sdxl=sdxl, encoder_widths=encoder_widths)
         if reason is None:
             usable[name] = emb
         else:

@@ -400,7 +400,8 @@ def generate(
         # Only the embeddings the prompts name are read (a scan reads headers only); the rest stay on disk.
         used_in = f"{params.prompt}\n{params.negative_prompt}"
         usable, skipped_embeddings = usable_embeddings(
-            session.embeddings, width, sdxl=model.is_sdxl, used_in=used_in
+            session.embeddings, width, sdxl=model.is_sdxl, used_in=used_in,
+            encoder_widths=getattr(model, "encoder_widths", None),
         )
         converted: dict[str, Any] = {}
         if session.convert_sd1_on_sdxl and model.is_sdxl and skipped_embeddings:
