@@ -31,20 +31,29 @@ __all__ = ["FORMATS", "convert_embedding", "edit_embedding", "inspect_html", "mi
 FORMATS = (".pt", ".safetensors", ".bin", ".png", ".webp")
 
 
-def _usable(session: UiSession, model_label: str) -> dict[str, Any]:
+_SDXL_PAIR = "an SDXL embedding (clip_l + clip_g): the embedding tools take single-encoder embeddings"
+
+
+def _usable_and_skipped(session: UiSession, model_label: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Name -> single-encoder vectors usable with this model, and name -> why each other file is not offered."""
     session.embeddings.refresh()
     width = session.context_width(model_label)
-    return {name: emb.tensor() for name, emb in session.embeddings.usable(width).items() if not emb.is_sdxl}
+    usable = session.embeddings.usable(width)
+    skipped = {**session.embeddings.skipped(width), **{n: _SDXL_PAIR for n, e in usable.items() if e.is_sdxl}}
+    return {name: emb.tensor() for name, emb in usable.items() if not emb.is_sdxl}, skipped
 
 
 def _vectors(session: UiSession, model_label: str, name: str) -> tuple[str, Any]:
-    usable = _usable(session, model_label)
+    usable, skipped = _usable_and_skipped(session, model_label)
     wanted = str(name or "").strip()
     if not wanted:
         raise UiError("embedding: enter the name of an embedding")
     for known, vectors in usable.items():
         if known.lower() == wanted.lower():
             return known, vectors
+    for known, why in skipped.items():
+        if known.lower() == wanted.lower():
+            raise UiError(f"embedding: {known!r} is skipped: {why}")
     raise UiError(f"embedding: no usable embedding {wanted!r} for this model (see the cards and the skipped list)")
 
 
@@ -97,7 +106,8 @@ def mix_embedding(session: UiSession, model_label: str, name: str, expression: s
         terms = [term for group in parse_mix(str(expression or "")) for term in group]
         model, vocabulary = (_model_and_vocabulary(session, model_label) if any(t.words for t in terms)
                              else (None, None))
-        vectors = mix_vectors(str(expression), _usable(session, model_label), vocabulary)
+        usable, skipped = _usable_and_skipped(session, model_label)
+        vectors = mix_vectors(str(expression), usable, vocabulary, skipped=skipped)
     except EmbeddingToolError as exc:
         raise UiError(f"expression: {exc}") from exc
     return _write(session, model, name, vectors, file_format, overwrite)

@@ -167,3 +167,35 @@ def test_ui_tools_write_files_the_cards_show(tiny_model_dir: Path, tiny_model: A
 
     ids = {c.get("props", {}).get("elem_id") for c in build_ui(session).config["components"]}
     assert {"sdconcepts_ti_tools", "sdconcepts_ti_tools_expression", "sdconcepts_ti_tools_mix"} <= ids
+
+
+def test_tools_say_why_a_named_embedding_is_skipped(tiny_model_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+
+    from sdconcepts.ui import embedding_tools_handlers
+    from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    bad = torch.zeros(1, 48)
+    bad[0, 3] = float("nan")
+    save_file({"nanemb": bad}, str(folder / "nanemb.safetensors"))  # written raw: our writer refuses NaN
+    save_embedding(Embedding("pairemb", {"clip_l": torch.zeros(1, 16), "clip_g": torch.zeros(1, 32)}),
+                   folder / "pairemb.safetensors")
+    save_embedding(Embedding("tri", torch.zeros(2, 48)), folder / "tri.pt")
+    common = ["--embeddings-dir", str(folder), "--ckpt", str(tiny_model_dir)]
+    for argv, expected in (
+        (["embedding", "inspect", "nanemb", *common], "embedding 'nanemb' is skipped: .*NaN"),
+        (["embedding", "edit", "pairemb", "x", "--keep", "0", *common], r"SDXL embedding \(clip_l \+ clip_g\)"),
+        (["embedding", "mix", "x", "tri | nanemb", *common], "embedding 'nanemb' is skipped: "),
+        (["embedding", "mix", "x", "tri | pairemb", *common], "'pairemb' is skipped: an SDXL embedding"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.search(expected, err) and err.count("\n") == 0, err
+    session = UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[folder], device="cpu"))
+    with pytest.raises(UiError, match="'nanemb' is skipped: .*NaN"):
+        embedding_tools_handlers.inspect_html(session, str(tiny_model_dir), "nanemb", 3)
+    with pytest.raises(UiError, match="'pairemb' is skipped: an SDXL embedding"):
+        embedding_tools_handlers.mix_embedding(session, str(tiny_model_dir), "x", "tri | pairemb")
