@@ -10,16 +10,20 @@ from typing import Any
 
 from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, int_at_least
 from sdconcepts.embeddings.conversion import ConversionError, default_map_cache
-from sdconcepts.embeddings.embedding import Embedding
+from sdconcepts.embeddings.embedding import SDXL_ENCODERS, Embedding, kind_mismatch
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding
 from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.embeddings.tools import (
     EmbeddingToolError,
     describe_vectors,
     format_report,
+    mix_kind,
+    mix_pair,
     mix_vectors,
     parse_mix,
+    select_pair,
     select_vectors,
+    vocabularies_of,
     vocabulary_of,
     write_embedding,
 )
@@ -47,8 +51,8 @@ def add_embedding_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
         if writes:
             p.add_argument("--out-dir", type=Path, default=None, metavar="D",
                            help="where the new file goes (default: the first --embeddings-dir, else ./embeddings)")
-            p.add_argument("--format", choices=FORMATS, default="pt",
-                           help="file format (default: pt, A1111's layout)")
+            p.add_argument("--format", choices=FORMATS, default=None,
+                           help="file format (default: pt, A1111's layout; safetensors for SDXL pairs)")
             p.add_argument("--overwrite", action="store_true", help="replace an existing file of that name")
 
     p = commands.add_parser(
@@ -69,7 +73,8 @@ def add_embedding_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
         "token embeddings, one vector per token), each optionally followed by a vector selection [0, 2, 1:3]. "
         "w*term weights a term; terms joined by + or ' - ' are summed position by position (weights as given; every "
         "term of a sum needs the same vector count); sums joined by | or , are concatenated. Example: "
-        '0.5*toytri + 0.5*"red triangle"  |  toytri | "red"  |  toytri[0:2] + "red triangle".',
+        '0.5*toytri + 0.5*"red triangle"  |  toytri | "red"  |  toytri[0:2] + "red triangle". SDXL pairs are '
+        "mixed per encoder (words from each encoder's table); 0.3:0.7*name weights clip_l 0.3 and clip_g 0.7.",
     )
     p.add_argument("name", metavar="NAME", help="the new embedding's name (its prompt word and file name)")
     p.add_argument("expression", metavar="EXPRESSION", help="the mix (quote it for the shell)")
@@ -119,16 +124,11 @@ def _scan(args: argparse.Namespace) -> EmbeddingLibrary:
     return library
 
 
-def _library(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
-    """Name -> single-encoder vectors of every usable embedding under the folders, and name -> why each other file
-    is not offered (skipped files, SDXL pairs)."""
+def _library(args: argparse.Namespace) -> tuple[dict[str, Embedding], dict[str, str]]:
+    """Name -> every usable embedding under the folders (SD 1.x/2.x and SDXL), and name -> why each other file is
+    skipped."""
     library = _scan(args)
-    usable = library.usable()
-    skipped = {**library.skipped(), **{name: SDXL_PAIR for name, emb in usable.items() if emb.is_sdxl}}
-    return {name: emb.tensor() for name, emb in usable.items() if not emb.is_sdxl}, skipped
-
-
-SDXL_PAIR = "an SDXL embedding (clip_l + clip_g): the embedding tools take single-encoder embeddings"
+    return library.usable(), library.skipped()
 
 
 def _embedding(args: argparse.Namespace, reference: str) -> Embedding:
@@ -151,14 +151,6 @@ def _embedding(args: argparse.Namespace, reference: str) -> Embedding:
     raise CommandError(f"no embedding {reference!r} in {where}, and no such file")
 
 
-def _source(args: argparse.Namespace, reference: str) -> tuple[str, Any]:
-    """(name, vectors) of a single-encoder embedding given by name (under the folders) or by file path."""
-    embedding = _embedding(args, reference)
-    if embedding.is_sdxl:
-        raise CommandError(f"{embedding.name}: {SDXL_PAIR}")
-    return embedding.name, embedding.tensor()
-
-
 def _model(args: argparse.Namespace, ref: Any = None) -> Any:
     from sdconcepts.backends.model_loading import ModelLoadError, load_model  # lazy: transformers, diffusers
 
@@ -170,30 +162,54 @@ def _model(args: argparse.Namespace, ref: Any = None) -> Any:
 
 def _write(args: argparse.Namespace, vectors: Any, model: Any | None, suffix: str | None = None) -> Path:
     folder = args.out_dir or (_folders(args) or [Path("embeddings")])[0]
+    pair = not hasattr(vectors, "shape")
+    suffix = suffix or (f".{args.format}" if args.format else (".safetensors" if pair else ".pt"))
     try:
-        return write_embedding(folder, args.name, vectors, suffix=suffix or f".{args.format}", overwrite=args.overwrite,
+        return write_embedding(folder, args.name, vectors, suffix=suffix, overwrite=args.overwrite,
                                sd_checkpoint=getattr(model, "short_hash", None) if model is not None else None,
                                sd_checkpoint_name=getattr(model, "name", None) if model is not None else None)
     except (EmbeddingToolError, EmbeddingFileError) as exc:
         raise CommandError(str(exc)) from exc
 
 
+def _reports_json(reports: list[Any]) -> list[dict[str, Any]]:
+    return [{"index": r.index, "norm": round(r.norm, 6),
+             "nearest": [{"token": t, "id": i, "cosine": round(c, 6)} for t, i, c in r.nearest]} for r in reports]
+
+
 def run_inspect(args: argparse.Namespace) -> int:
-    name, vectors = _source(args, args.embedding)
+    embedding = _embedding(args, args.embedding)
+    name = embedding.name
     model = _model(args)
+    mismatch = kind_mismatch(embedding, sdxl=model.is_sdxl, encoder_widths=model.encoder_widths)
+    if mismatch is not None:
+        raise CommandError(f"{name}: {mismatch} (--ckpt chooses the model)")
     try:
-        reports = describe_vectors(vectors, vocabulary_of(model), args.top_k)
+        if embedding.is_sdxl:  # each half through its own encoder's table
+            vocabularies = vocabularies_of(model)
+            per_encoder = {key: describe_vectors(embedding.vectors[key], vocabularies[key], args.top_k)  # type: ignore[index]
+                           for key in SDXL_ENCODERS}
+        else:
+            per_encoder = {"": describe_vectors(embedding.tensor(), vocabulary_of(model), args.top_k)}
     except EmbeddingToolError as exc:
         raise CommandError(f"{name}: {exc}") from exc
     if args.json:
-        print(json.dumps({"name": name, "vectors": [
-            {"index": r.index, "norm": round(r.norm, 6),
-             "nearest": [{"token": t, "id": i, "cosine": round(c, 6)} for t, i, c in r.nearest]}
-            for r in reports]}, indent=2, ensure_ascii=False))
+        if embedding.is_sdxl:
+            print(json.dumps({"name": name, "encoders": {k: _reports_json(r) for k, r in per_encoder.items()}},
+                             indent=2, ensure_ascii=False))
+        else:
+            print(json.dumps({"name": name, "vectors": _reports_json(per_encoder[""])}, indent=2, ensure_ascii=False))
+        return 0
+    if embedding.is_sdxl:
+        widths = ", ".join(f"{k} {embedding.vectors[k].shape[1]}" for k in SDXL_ENCODERS)  # type: ignore[index]
+        print(f"{name}: {embedding.vector_count} vectors, SDXL pair ({widths})")
     else:
-        print(f"{name}: {len(reports)} vectors, width {vectors.shape[1]}")
+        print(f"{name}: {embedding.vector_count} vectors, width {embedding.width}")
+    for key, reports in per_encoder.items():
+        if key:
+            print(f"{key}:")
         for line in format_report(reports):
-            print(line)
+            print(f"  {line}" if key else line)
     return 0
 
 
@@ -203,8 +219,18 @@ def run_mix(args: argparse.Namespace) -> int:
         # The model is loaded only for words (its vocabulary) and to record which model the words came from.
         model = _model(args) if any(term.words for term in terms) else None
         usable, skipped = _library(args)
-        vectors = mix_vectors(args.expression, usable, vocabulary_of(model) if model is not None else None,
-                              skipped=skipped)
+        names = [term.source for term in terms if not term.words]
+        if mix_kind(names, usable, model.is_sdxl if model is not None else None):
+            pairs = {n: e.vectors for n, e in usable.items() if e.is_sdxl}
+            others = {n: "a single-encoder SD 1.x/2.x embedding" for n, e in usable.items() if not e.is_sdxl}
+            vectors: Any = mix_pair(args.expression, pairs,  # type: ignore[arg-type]
+                                    vocabularies_of(model) if model is not None else None,
+                                    skipped={**skipped, **others})
+        else:
+            singles = {n: e.tensor() for n, e in usable.items() if not e.is_sdxl}
+            others = {n: "an SDXL embedding (clip_l + clip_g)" for n, e in usable.items() if e.is_sdxl}
+            vectors = mix_vectors(args.expression, singles, vocabulary_of(model) if model is not None else None,
+                                  skipped={**skipped, **others})
     except EmbeddingToolError as exc:
         raise CommandError(str(exc)) from exc
     print(_write(args, vectors, model))
@@ -212,9 +238,12 @@ def run_mix(args: argparse.Namespace) -> int:
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    _name, vectors = _source(args, args.source)
+    embedding = _embedding(args, args.source)
     try:
-        kept = select_vectors(vectors, keep=args.keep, drop=args.drop)
+        if embedding.is_sdxl:  # the same positions in both halves
+            kept: Any = select_pair(embedding.vectors, keep=args.keep, drop=args.drop)  # type: ignore[arg-type]
+        else:
+            kept = select_vectors(embedding.tensor(), keep=args.keep, drop=args.drop)
     except EmbeddingToolError as exc:
         raise CommandError(str(exc)) from exc
     print(_write(args, kept, None))
@@ -225,7 +254,7 @@ def run_convert(args: argparse.Namespace) -> int:
     from sdconcepts.backends.embedding_conversion import convert_for_model  # lazy: transformers
     from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR
 
-    if args.format != "pt" and args.format != "safetensors":
+    if args.format not in (None, "safetensors"):
         raise CommandError(f"--format {args.format}: an SDXL embedding is written as .safetensors (clip_l, clip_g)")
     embedding = _embedding(args, args.source)
     args.name = args.name or f"{embedding.name}_xl"

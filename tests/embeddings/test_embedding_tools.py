@@ -187,9 +187,9 @@ def test_tools_say_why_a_named_embedding_is_skipped(tiny_model_dir: Path, tmp_pa
     common = ["--embeddings-dir", str(folder), "--ckpt", str(tiny_model_dir)]
     for argv, expected in (
         (["embedding", "inspect", "nanemb", *common], "embedding 'nanemb' is skipped: .*NaN"),
-        (["embedding", "edit", "pairemb", "x", "--keep", "0", *common], r"SDXL embedding \(clip_l \+ clip_g\)"),
+        (["embedding", "inspect", "pairemb", *common], r"an SDXL embedding \(clip_l \+ clip_g\) needs an SDXL model"),
         (["embedding", "mix", "x", "tri | nanemb", *common], "embedding 'nanemb' is skipped: "),
-        (["embedding", "mix", "x", "tri | pairemb", *common], "'pairemb' is skipped: an SDXL embedding"),
+        (["embedding", "mix", "x", "tri | pairemb", *common], r"cannot mix SDXL embeddings \(clip_l \+ clip_g: pairemb\)"),
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
