@@ -7,7 +7,9 @@ the source table's rows to the target's by ridge regression on the shared tokens
 cross-validation on held-out tokens (docs/sdxl-conversion.md has the figures). Rows a text encoder never learned
 keep their random initial values and carry no relation to the other table; a small model (the embedded toy models
 learn about 50 words) has almost only such rows, and they would shrink the map towards zero, so when a table has
-such an untrained bulk (``learned_tokens``) only the tokens both tables learned are fitted.
+such an untrained bulk (``learned_tokens``) only the tokens both tables learned are fitted. A vector is converted
+anchored (``TokenMap.apply``): its nearest fitted token is taken exactly from the target table and only its offset
+from that token goes through the map.
 
 When the source table *is* the target table (a real SD 1.x embedding on SDXL: both use CLIP ViT-L/14), the map is
 the identity and the vectors are copied exactly. ``nearest_token_vectors`` is SD.Next's way (each vector replaced by
@@ -54,6 +56,8 @@ FOLDS = 5
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0, 3.0)
 # Fewer shared learned tokens than this cannot fix a map worth using.
 MIN_TOKENS = 16
+# CLIP's start and end tokens, the same ids in every SD text encoder's vocabulary: never an anchor for a word.
+CLIP_SPECIAL_IDS = (49406, 49407)
 
 
 class ConversionError(ValueError):
@@ -62,28 +66,48 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class TokenMap:
-    """``y = x @ weight + bias`` from a source table's width to a target's; ``identity`` when the tables are equal.
+    """The ridge map ``x @ weight + bias`` from a source table's width to a target's, fitted on ``token_ids``;
+    ``identity`` when the tables are equal.
 
-    ``tokens``: how many shared tokens it was fitted on; ``alpha``: the ridge strength cross-validation chose;
-    ``heldout_cosine``: the mean cosine between mapped and true target rows of held-out tokens (1.0 for identity).
+    ``alpha``: the ridge strength cross-validation chose; ``heldout_cosine``: the mean cosine between mapped and true
+    target rows of held-out tokens (1.0 for identity); ``seconds``: the fitting time.
     """
 
     weight: Tensor
     bias: Tensor
-    tokens: int
+    token_ids: Tensor
     alpha: float
     heldout_cosine: float
     seconds: float = 0.0
     identity: bool = False
 
-    def apply(self, vectors: Tensor) -> Tensor:
+    @property
+    def tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+    def apply(self, vectors: Tensor, source: Tensor | None = None, target: Tensor | None = None) -> Tensor:
+        """``vectors`` mapped. With the two tables, anchored: each vector's nearest fitted token (cosine) is taken
+        exactly from the target table and only the vector's offset from that token goes through the map,
+        ``target[t] + (x - source[t]) @ weight``, so a vector equal to a token's row becomes exactly that token's
+        row in the target (the global map alone misses even the tokens it was fitted on; docs/sdxl-conversion.md
+        measures both). Without the tables: the global map ``x @ weight + bias``."""
         if self.identity:
             return vectors.detach().float().cpu().clone()
-        out = vectors.detach().double().cpu() @ self.weight.double() + self.bias.double()
+        x = vectors.detach().double().cpu()
+        weight = self.weight.double()
+        if source is None or target is None:
+            return (x @ weight + self.bias.double()).float().contiguous()
+        anchors = self.token_ids[~torch.isin(self.token_ids, torch.tensor(CLIP_SPECIAL_IDS))]
+        rows = source.detach().double().cpu()[anchors]
+        cosines = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (
+            rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
+        nearest = anchors[cosines.argmax(dim=1)]
+        out = target.detach().double().cpu()[nearest] + (x - source.detach().double().cpu()[nearest]) @ weight
         return out.float().contiguous()
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"weight": self.weight.float().contiguous(), "bias": self.bias.float().contiguous()}
+        return {"weight": self.weight.float().contiguous(), "bias": self.bias.float().contiguous(),
+                "token_ids": self.token_ids.long().contiguous()}
 
 
 def table_hash(table: Tensor) -> str:
@@ -140,7 +164,8 @@ def fit_token_map(source: Tensor, target: Tensor, *, seed: int = 0) -> TokenMap:
     start = time.perf_counter()
     if source.shape == target.shape and torch.equal(source.detach().cpu(), target.detach().cpu()):
         eye = torch.eye(source.shape[1])
-        return TokenMap(eye, torch.zeros(source.shape[1]), int(source.shape[0]), 0.0, 1.0, 0.0, identity=True)
+        return TokenMap(eye, torch.zeros(source.shape[1]), torch.arange(source.shape[0]), 0.0, 1.0, 0.0,
+                        identity=True)
     tokens = _shared_tokens(source, target)
     x = source.detach().double().cpu()[tokens]
     y = target.detach().double().cpu()[tokens]
@@ -161,7 +186,7 @@ def fit_token_map(source: Tensor, target: Tensor, *, seed: int = 0) -> TokenMap:
             best = (error, alpha, cosine)
     assert best is not None
     weight, bias = _ridge(x, y, best[1])
-    return TokenMap(weight.float(), bias.float(), len(tokens), best[1], round(best[2], 4),
+    return TokenMap(weight.float(), bias.float(), tokens, best[1], round(best[2], 4),
                     round(time.perf_counter() - start, 3))
 
 
@@ -198,7 +223,7 @@ class MapCache:
             data = load_file(str(path))
             if meta.get("source") != source_hash or meta.get("target") != target_hash:
                 return None
-            return TokenMap(data["weight"], data["bias"], int(meta["tokens"]), float(meta["alpha"]),
+            return TokenMap(data["weight"], data["bias"], data["token_ids"], float(meta["alpha"]),
                             float(meta["heldout_cosine"]), float(meta.get("seconds", 0.0)))
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:  # a damaged file: fit again
             log.warning("ignoring the damaged token-map cache %s (%s)", path, str(exc).splitlines()[0][:200])
@@ -208,7 +233,7 @@ class MapCache:
         path = self.path(source_hash, target_hash)
         if path is None:
             return
-        meta = {"source": source_hash, "target": target_hash, "tokens": str(token_map.tokens),
+        meta = {"source": source_hash, "target": target_hash,
                 "alpha": str(token_map.alpha), "heldout_cosine": str(token_map.heldout_cosine),
                 "seconds": str(token_map.seconds)}
         try:
@@ -228,7 +253,7 @@ def convert_vectors(vectors: Tensor, source: Tensor, targets: Mapping[str, Tenso
     if vectors.ndim != 2 or vectors.shape[1] != source.shape[1]:
         raise ConversionError(f"the vectors are {list(vectors.shape)} and the source model's tokens "
                               f"{source.shape[1]} wide: the embedding was not trained on that model")
-    return {key: cache.get(source, table).apply(vectors) for key, table in targets.items()}
+    return {key: cache.get(source, table).apply(vectors, source, table) for key, table in targets.items()}
 
 
 def nearest_token_vectors(vectors: Tensor, source: Tensor, targets: Mapping[str, Tensor],

@@ -156,3 +156,15 @@ def test_converted_file_is_clip_l_clip_g_safetensors_diffusers_reads(tiny_sdxl, 
         theirs = pipe.encode_prompt("a zqxconv", device="cpu", num_images_per_prompt=1,
                                     do_classifier_free_guidance=False)[0]
     assert_outputs_close(PromptEncoder(m, {"zqxconv": emb.joined()}).encode("a zqxconv"), theirs[0])
+
+
+def test_anchored_conversion_maps_a_token_row_to_that_tokens_target_row() -> None:
+    source, target, a, b = _trained_pair(noise=0.2)  # a noisy relation: the global map misses every token a bit
+    token_map = fit_token_map(source, target)
+    rows = source[[5, 77]]
+    assert torch.allclose(token_map.apply(rows, source, target), target[[5, 77]], atol=1e-5)
+    assert not torch.allclose(token_map.apply(rows), target[[5, 77]], atol=1e-2)
+    # Off a token, the offset goes through the map: a small step from token 5 moves the result by the mapped step.
+    step = torch.randn(1, 16, generator=torch.Generator().manual_seed(4)) * 0.01
+    moved = token_map.apply(rows[:1] + step, source, target) - target[[5]]
+    torch.testing.assert_close(moved, step @ token_map.weight, rtol=1e-4, atol=1e-6)
