@@ -98,12 +98,13 @@ class TokenMap:
         if source is None or target is None:
             return (x @ weight + self.bias.double()).float().contiguous()
         anchors = self.token_ids[~torch.isin(self.token_ids, torch.tensor(CLIP_SPECIAL_IDS))]
-        rows = source.detach().double().cpu()[anchors]
-        cosines = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (
+        rows = source.detach().cpu()[anchors].float()
+        query = vectors.detach().float().cpu()
+        cosines = (query / query.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (
             rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
         nearest = anchors[cosines.argmax(dim=1)]
-        out = target.detach().double().cpu()[nearest] + (x - source.detach().double().cpu()[nearest]) @ weight
-        return out.float().contiguous()
+        start, end = source.detach().cpu()[nearest].double(), target.detach().cpu()[nearest].double()
+        return (end + (x - start) @ weight).float().contiguous()
 
     def tensors(self) -> dict[str, Tensor]:
         return {"weight": self.weight.float().contiguous(), "bias": self.bias.float().contiguous(),
@@ -149,13 +150,39 @@ def _shared_tokens(source: Tensor, target: Tensor) -> Tensor:
     return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
-def _ridge(x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    mean_x, mean_y = x.mean(0), y.mean(0)
-    xc, yc = x - mean_x, y - mean_y
-    gram = xc.T @ xc
-    scale = float(gram.diagonal().mean()) or 1.0
-    weight = torch.linalg.solve(gram + alpha * scale * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ yc)
-    return weight, mean_y - mean_x @ weight
+@dataclass(frozen=True)
+class _Sums:
+    """What ridge regression needs of a set of rows: count, sums, and the products xᵀx, xᵀy, Σ|y|²."""
+
+    n: int
+    sx: Tensor
+    sy: Tensor
+    xx: Tensor
+    xy: Tensor
+    yy: float
+
+    @classmethod
+    def of(cls, x: Tensor, y: Tensor) -> _Sums:
+        return cls(len(x), x.sum(0), y.sum(0), x.T @ x, x.T @ y, float((y * y).sum()))
+
+    def __sub__(self, other: _Sums) -> _Sums:
+        return _Sums(self.n - other.n, self.sx - other.sx, self.sy - other.sy, self.xx - other.xx,
+                     self.xy - other.xy, self.yy - other.yy)
+
+    def ridge(self, alpha: float) -> tuple[Tensor, Tensor]:
+        """``(weight, bias)`` minimising the squared error plus ``alpha`` x the mean diagonal of the centred xᵀx
+        times ``|weight|²`` (scale-free; the bias is not penalised)."""
+        mean_x, mean_y = self.sx / self.n, self.sy / self.n
+        gram = self.xx - self.n * torch.outer(mean_x, mean_x)
+        scale = float(gram.diagonal().mean()) or 1.0
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+        weight = torch.linalg.solve(gram + alpha * scale * eye, self.xy - self.n * torch.outer(mean_x, mean_y))
+        return weight, mean_y - mean_x @ weight
+
+    def squared_error(self, weight: Tensor, bias: Tensor) -> float:
+        """Σ|y - (x @ weight + bias)|² over these rows, from the sums alone."""
+        fitted = float(((self.xx @ weight) * weight).sum()) + 2 * float(bias @ (self.sx @ weight)) + self.n * float(bias @ bias)
+        return self.yy - 2 * (float((weight * self.xy).sum()) + float(bias @ self.sy)) + fitted
 
 
 def fit_token_map(source: Tensor, target: Tensor, *, seed: int = 0) -> TokenMap:
@@ -171,22 +198,20 @@ def fit_token_map(source: Tensor, target: Tensor, *, seed: int = 0) -> TokenMap:
     y = target.detach().double().cpu()[tokens]
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))
     folds = [order[i::FOLDS] for i in range(FOLDS)]
-    best: tuple[float, float, float] | None = None  # (error, alpha, cosine)
-    for alpha in ALPHAS:
-        error, cosines = 0.0, []
-        for held in folds:
-            keep = torch.ones(len(tokens), dtype=torch.bool)
-            keep[held] = False
-            weight, bias = _ridge(x[keep], y[keep], alpha)
-            guess = x[held] @ weight + bias
-            error += float(((guess - y[held]) ** 2).sum())
-            cosines.append(torch.nn.functional.cosine_similarity(guess, y[held], dim=1))
-        cosine = float(torch.cat(cosines).mean())
-        if best is None or error < best[0]:
-            best = (error, alpha, cosine)
-    assert best is not None
-    weight, bias = _ridge(x, y, best[1])
-    return TokenMap(weight.float(), bias.float(), tokens, best[1], round(best[2], 4),
+    # Each fold's sums once; a fold's training sums are the total's minus its own.
+    held = [_Sums.of(x[f], y[f]) for f in folds]
+    total = held[0]
+    for part in held[1:]:
+        total = _Sums(total.n + part.n, total.sx + part.sx, total.sy + part.sy, total.xx + part.xx,
+                      total.xy + part.xy, total.yy + part.yy)
+    errors = {alpha: sum(h.squared_error(*(total - h).ridge(alpha)) for h in held) for alpha in ALPHAS}
+    alpha = min(ALPHAS, key=lambda a: errors[a])
+    cosines = []
+    for rows, part in zip(folds, held, strict=True):
+        weight, bias = (total - part).ridge(alpha)
+        cosines.append(torch.nn.functional.cosine_similarity(x[rows] @ weight + bias, y[rows], dim=1))
+    weight, bias = total.ridge(alpha)
+    return TokenMap(weight.float(), bias.float(), tokens, alpha, round(float(torch.cat(cosines).mean()), 4),
                     round(time.perf_counter() - start, 3))
 
 
