@@ -95,6 +95,18 @@ def add_embedding_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
     p.set_defaults(func=run_edit)
 
     p = commands.add_parser(
+        "extract", help="write an embedding bundled in a LoRA file (A1111's bundle_emb keys) as a standalone file",
+        description="List the embeddings bundled in a .safetensors LoRA file (A1111's bundle_emb.<name>.* keys, as "
+        "OneTrainer and invoke-training write them), or write one as a standalone embedding file (named NAME, or "
+        "--name). SDXL pairs are written as .safetensors. A pickle LoRA file is never unpickled.",
+    )
+    p.add_argument("lora", metavar="LORA", type=existing_path, help="the LoRA .safetensors file")
+    p.add_argument("bundled", metavar="NAME", nargs="?", help="the bundled embedding (default: list them)")
+    p.add_argument("--name", dest="name", default=None, help="the new file's name (default: NAME)")
+    common(p, writes=True)
+    p.set_defaults(func=run_extract)
+
+    p = commands.add_parser(
         "convert", help="an SD 1.x embedding as an SDXL one (clip_l + clip_g .safetensors)",
         description="Write NAME.safetensors with clip_l and clip_g for the SDXL model --ckpt (default: the embedded "
         "toyworld-xl) from an SD 1.x/2.x embedding. Where the embedding's text encoder is the SDXL model's clip_l "
@@ -265,4 +277,32 @@ def run_convert(args: argparse.Namespace) -> int:
     except ConversionError as exc:
         raise CommandError(f"{embedding.name}: {exc}") from exc
     print(_write(args, converted.vectors, target, ".safetensors"))
+    return 0
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from sdconcepts.embeddings.bundles import read_bundled_embeddings
+
+    try:
+        found, skipped = read_bundled_embeddings(args.lora)
+    except EmbeddingFileError as exc:
+        raise CommandError(str(exc)) from exc
+    if args.bundled is None:
+        for name, bundled in found.items():
+            emb = bundled.embedding
+            kind = "SDXL pair" if emb.is_sdxl else f"width {emb.width}"
+            print(f"{name}: {emb.vector_count} vectors, {kind}")
+        for name, reason in skipped.items():
+            print(f"{name}: skipped ({reason})")
+        if not found and not skipped:
+            print(f"{args.lora}: no bundled embeddings")
+        return 0
+    wanted = {name.lower(): bundled for name, bundled in found.items()}.get(args.bundled.lower())
+    if wanted is None:
+        why = {n.lower(): r for n, r in skipped.items()}.get(args.bundled.lower())
+        raise CommandError(f"{args.lora}: bundled embedding {args.bundled!r} is skipped: {why}" if why else
+                           f"{args.lora}: no bundled embedding {args.bundled!r} (it has: "
+                           f"{', '.join(found) or 'none'})")
+    args.name = args.name or wanted.embedding.name
+    print(_write(args, wanted.embedding.vectors, None))
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, positive_int
+from sdconcepts.embeddings.bundles import bundled_for_prompt, find_lora_files
 from sdconcepts.embeddings.library import EmbeddingLibrary, usable_embeddings
 from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.hypernetworks.attach import attention_widths
@@ -54,6 +55,10 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--hypernetworks-dir", type=existing_dir, action="append", default=None, metavar="D",
                    help="hypernetworks folder for <hypernet:name:strength> tags, scanned recursively; repeatable "
                    "(default: ./models/hypernetworks when it exists)")
+    p.add_argument("--lora-dir", type=existing_dir, action="append", default=None, metavar="D",
+                   help="LoRA files whose bundled embeddings (A1111's bundle_emb keys) are words while the LoRA is in "
+                   "the prompt as <lora:name:w> (the LoRA's own weights are not applied); repeatable "
+                   "(default: ./models/Lora when it exists)")
     p.add_argument("--convert-sd1-embeddings", action="store_true",
                    help="on an SDXL model, use the SD 1.x embeddings the prompt names, converted on the fly (A1111 "
                    "skips them; the infotext's 'TI converted' says so; docs/sdxl-conversion.md)")
@@ -89,6 +94,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                          encoder_widths=model.encoder_widths,
                                          convert_on=model if getattr(args, "convert_sd1_embeddings", False) else None,
                                          used_in=f"{params.prompt}\n{params.negative_prompt}")
+        embeddings = add_bundled(embeddings, getattr(args, "lora_dir", None), params.prompt, model)
         hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt, model.unet)
         source = getattr(args, "source", None)  # img2img's init image (sdconcepts.cli.img2img_command)
         with tqdm(total=params.steps * params.batch_count, unit="step", desc=args.command, file=sys.stderr) as bar:
@@ -138,6 +144,28 @@ def hypernetwork_arguments(folders: list[Path] | None, prompt: str, unet: Any = 
         if tag.name == "hypernet" and tag.args[0] in skipped:
             print(skipped[tag.args[0]].cli_warning(), file=sys.stderr)
     return {"hypernetworks": resolved}
+
+
+def add_bundled(embeddings: dict[str, Any], folders: list[Path] | None, prompt: str, model: Any) -> dict[str, Any]:
+    """``embedding_arguments`` with the embeddings bundled in the LoRA files the prompt names (A1111's meaning:
+    ``embeddings.bundles``); a folder embedding of the same name wins."""
+    if folders is None:
+        default = Path("models") / "Lora"
+        folders = [default] if default.is_dir() else []
+    if not folders:
+        return embeddings
+    usable = dict(embeddings.get("embeddings", {}))
+    bundled, skipped = bundled_for_prompt(prompt, find_lora_files(folders), usable, width=int(model.context_width),
+                                          sdxl=model.is_sdxl, encoder_widths=model.encoder_widths)
+    for name, reason in skipped.items():
+        print(f"note: skipped bundled embedding {name}: {reason}", file=sys.stderr)
+    return {
+        **embeddings,
+        "embeddings": {**usable, **{n: e.joined() for n, e in bundled.items()}},
+        "embedding_hashes": {**embeddings.get("embedding_hashes", {}),
+                             **{n: e.hash for n, e in bundled.items() if e.hash}},
+        "skipped_embeddings": {**embeddings.get("skipped_embeddings", {}), **skipped},
+    }
 
 
 def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False, convert_on: Any = None,

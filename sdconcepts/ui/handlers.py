@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdconcepts.embeddings.bundles import bundled_for_prompt, find_lora_files
 from sdconcepts.embeddings.library import usable_embeddings
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.images import next_image_path, save_png
@@ -403,6 +404,11 @@ def generate(
             session.embeddings, width, sdxl=model.is_sdxl, used_in=used_in,
             encoder_widths=getattr(model, "encoder_widths", None),
         )
+        if session.config.lora_dirs:  # A1111: a LoRA in the prompt brings its bundled embeddings
+            bundled, bundle_skips = bundled_for_prompt(
+                params.prompt, find_lora_files(session.config.lora_dirs), usable, width=width, sdxl=model.is_sdxl,
+                encoder_widths=getattr(model, "encoder_widths", None))
+            usable, skipped_embeddings = {**usable, **bundled}, {**skipped_embeddings, **bundle_skips}
         converted: dict[str, Any] = {}
         if session.convert_sd1_on_sdxl and model.is_sdxl and skipped_embeddings:
             from sdconcepts.backends.embedding_conversion import convert_skipped  # lazy: transformers

@@ -92,6 +92,8 @@ class UiConfig:
     # SD 1.x embeddings in a prompt on an SDXL model are converted on the fly (``embeddings.conversion``); off by
     # default so that images stay A1111's (which skips them). The Embedding tools panel toggles it.
     convert_sd1_on_sdxl: bool = False
+    # LoRA files whose bundled embeddings are words while the LoRA is in the prompt (``embeddings.bundles``).
+    lora_dirs: Sequence[Path] = ()
 
 
 def scan_models(folder: Path | None) -> list[Path]:
