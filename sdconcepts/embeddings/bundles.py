@@ -27,7 +27,14 @@ from sdconcepts.embeddings.files import (
 )
 from sdconcepts.prompts.network_tags import parse_extra_network_tags
 
-__all__ = ["BUNDLE_PREFIX", "BundledEmbedding", "bundled_for_prompt", "find_lora_files", "read_bundled_embeddings"]
+__all__ = [
+    "BUNDLE_PREFIX",
+    "BundledEmbedding",
+    "bundled_for_prompt",
+    "find_lora_files",
+    "list_bundled",
+    "read_bundled_embeddings",
+]
 
 BUNDLE_PREFIX = "bundle_emb."
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -125,3 +132,34 @@ def bundled_for_prompt(prompt: str, lora_files: Mapping[str, Path], taken: Itera
             else:
                 usable[name] = emb
     return usable, skipped
+
+
+BundleCache = dict[str, tuple[tuple[float, int], dict[str, BundledEmbedding], dict[str, str]]]
+
+
+def list_bundled(lora_files: Mapping[str, Path], cache: BundleCache | None = None,
+                 ) -> tuple[list[BundledEmbedding], dict[Path, str]]:
+    """Every embedding bundled in the LoRA files (for the cards: ``in <lora file>``), and path -> why a file or a
+    bundle could not be read. ``cache`` (path -> what was read at which mtime and size) skips unchanged files."""
+    found: list[BundledEmbedding] = []
+    problems: dict[Path, str] = {}
+    for path in lora_files.values():
+        if path.suffix.lower() != ".safetensors":
+            continue  # a pickle LoRA is never read; it is simply not a bundle carrier here
+        try:
+            stat = path.stat()
+            key = (stat.st_mtime, stat.st_size)
+            known = cache.get(str(path)) if cache is not None else None
+            if known is not None and known[0] == key:
+                bundles, skipped = known[1], known[2]
+            else:
+                bundles, skipped = read_bundled_embeddings(path)
+                if cache is not None:
+                    cache[str(path)] = (key, bundles, skipped)
+        except (OSError, EmbeddingFileError) as exc:
+            problems[path] = str(exc)
+            continue
+        found.extend(bundles.values())
+        for name, reason in skipped.items():
+            problems[path / name] = reason
+    return found, problems

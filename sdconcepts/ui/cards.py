@@ -23,6 +23,7 @@ __all__ = [
     "PAGE_SIZE",
     "SORT_KEYS",
     "Skipped",
+    "bundled_cards",
     "embedding_cards",
     "filter_cards",
     "format_multiplier",
@@ -60,6 +61,8 @@ class Card:
     metadata_error: str | None = None
     # Listed by a lazy scan, header not read yet: the view reads it before showing the card.
     pending: bool = False
+    # False for an embedding bundled in a LoRA file: it has no file of its own to keep metadata beside.
+    editable: bool = True
 
     @property
     def allow_negative(self) -> bool:
@@ -173,6 +176,22 @@ def embedding_cards(
         cache.clear()
         cache.update(fresh)
     return cards, skipped
+
+
+def bundled_cards(bundles: Iterable[Any], roots: Sequence[Path] = ()) -> list[Card]:
+    """Cards for embeddings bundled in LoRA files (``embeddings.bundles.BundledEmbedding``): a click inserts the
+    LoRA's tag with the word, since A1111 makes the word exist only while its LoRA is in the prompt."""
+    cards = []
+    for bundled in bundles:
+        emb, lora = bundled.embedding, bundled.lora
+        kind = "SDXL pair" if emb.is_sdxl else f"width {emb.width}"
+        cards.append(Card(
+            kind="embedding", name=emb.name, prompt=f"<lora:{lora.stem}:1> {emb.name}", path=lora, preview=None,
+            details=(bundled.where, f"{emb.vector_count} vector{'s' if emb.vector_count != 1 else ''}, {kind}"),
+            mtime=lora.stat().st_mtime if lora.exists() else 0.0,
+            search_text=_search_text(emb.name, lora, roots, [bundled.where]), editable=False,
+        ))
+    return cards
 
 
 def hypernetwork_cards(
@@ -334,8 +353,9 @@ def render_cards(
             f' data-search="{html.escape(card.search_text)}"'
             f' data-allow-negative="{1 if card.allow_negative else 0}" title="{html.escape(title)}">'
             f"{picture}"
-            f'<span class="sdconcepts-card-edit" role="button" tabindex="0" title="Edit metadata">&#9998;</span>'
-            f'<div class="sdconcepts-card-text"><span class="sdconcepts-card-name">{html.escape(card.name)}</span>'
+            + ('<span class="sdconcepts-card-edit" role="button" tabindex="0" title="Edit metadata">&#9998;</span>'
+               if card.editable else "")
+            + f'<div class="sdconcepts-card-text"><span class="sdconcepts-card-name">{html.escape(card.name)}</span>'
             f"{details}</div></div>"
         )
     parts.append("</div>")

@@ -13,7 +13,8 @@ from typing import Any
 
 from PIL import Image
 
-from sdconcepts.embeddings.bundles import bundled_for_prompt, find_lora_files
+from sdconcepts.embeddings.bundles import bundled_for_prompt, find_lora_files, list_bundled
+from sdconcepts.embeddings.embedding import kind_mismatch
 from sdconcepts.embeddings.library import usable_embeddings
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.images import next_image_path, save_png
@@ -21,6 +22,7 @@ from sdconcepts.ui.cards import (
     PAGE_SIZE,
     Card,
     Skipped,
+    bundled_cards,
     embedding_cards,
     filter_cards,
     hypernetwork_cards,
@@ -162,14 +164,33 @@ def embedding_cards_view(
     # SDXL or not, as generation decides it (an SD 1.x file as wide as an SDXL pair is still skipped there).
     sdxl = session.is_sdxl(model_label)
 
+    loras = find_lora_files(session.config.lora_dirs) if session.config.lora_dirs else {}
+    lora_state = tuple(sorted((str(p), p.stat().st_mtime) for p in loras.values() if p.exists()))
+
+    def build() -> tuple[list[Card], list[Skipped]]:
+        cards, skipped = embedding_cards(session.embeddings.records(width, sdxl=sdxl), session.embeddings.folders,
+                                         session.card_cache.setdefault(("embedding", width), {}))
+        if loras:
+            bundles, problems = list_bundled(loras, session.card_cache.setdefault("bundles", {}))
+            fit = [b for b in bundles if _bundle_misfit(b.embedding, width, sdxl) is None]
+            cards += bundled_cards(fit, session.config.lora_dirs)
+            skipped += [Skipped(path, reason) for path, reason in problems.items()]
+            skipped += [Skipped(b.lora / b.embedding.name, f"bundled in {b.lora.name}: {why}")
+                        for b in bundles if (why := _bundle_misfit(b.embedding, width, sdxl)) is not None]
+        return cards, skipped
+
     def list_cards() -> _CardList:
-        return _card_list(
-            session, "embedding", (session.embeddings.version, width, sdxl),
-            lambda: embedding_cards(session.embeddings.records(width, sdxl=sdxl), session.embeddings.folders,
-                                    session.card_cache.setdefault(("embedding", width), {})),
-        )
+        return _card_list(session, "embedding", (session.embeddings.version, width, sdxl, lora_state), build)
 
     return _view(session.embeddings.files, list_cards, query, sort, descending, "embedding", page)
+
+
+def _bundle_misfit(embedding: Any, width: int | None, sdxl: bool | None) -> str | None:
+    if sdxl is not None and (reason := kind_mismatch(embedding, sdxl=sdxl)) is not None:
+        return reason
+    if width is not None and embedding.width != width:
+        return f"width {embedding.width} does not fit the model's {width}"
+    return None
 
 
 def hypernetwork_cards_view(

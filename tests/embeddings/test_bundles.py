@@ -113,3 +113,20 @@ def test_cli_generate_uses_a_bundle_only_with_its_lora_and_extract_writes_it(
     common += ["--embeddings-dir", str(own)]
     fields = infotext("a zqxone <lora:style:1>", "c.png")
     assert fields["TI hashes"] == f"zqxone: {file_sha256(own / 'zqxone.pt')[:12]}" != with_lora["TI hashes"]
+
+
+def test_web_ui_lists_bundles_as_cards_and_generates_with_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from sdconcepts.ui import handlers
+    from sdconcepts.ui.ui_session import UiConfig, UiSession
+
+    _lora(tmp_path / "loras" / "style.safetensors")
+    session = UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[tmp_path / "embeddings"], device="cpu",
+                                 lora_dirs=[tmp_path / "loras"]))
+    label = str(tiny_model_dir)
+    view = handlers.embedding_cards_view(session, model_label=label)
+    assert "in style.safetensors" in view.cards_html and 'data-prompt="&lt;lora:style:1&gt; zqxone"' in view.cards_html
+    assert "zqxflat" in view.cards_html and "zqxpair" not in view.cards_html
+    assert "needs an SDXL model" in view.skipped_html and "NaN" in view.skipped_html
+    params = handlers.generation_params("<lora:style:1> zqxone", "", "DDIM", 2, 5, 3, 64, 64, 1, 1)
+    out = handlers.generate(session, label, params)
+    assert re.search(r"TI hashes: \"?zqxone: [0-9a-f]{12}", out.first_infotext)
