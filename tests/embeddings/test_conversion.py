@@ -168,3 +168,38 @@ def test_anchored_conversion_maps_a_token_row_to_that_tokens_target_row() -> Non
     step = torch.randn(1, 16, generator=torch.Generator().manual_seed(4)) * 0.01
     moved = token_map.apply(rows[:1] + step, source, target) - target[[5]]
     torch.testing.assert_close(moved, step @ token_map.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_cli_convert_on_the_embedded_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SD-1 toy words converted for toyworld-xl: both halves derived (the tables differ), and a word's own rows come
+    out as toyworld-xl's rows of that word (the anchor)."""
+    from safetensors.torch import load_file
+
+    from sdconcepts.cli import main
+    from sdconcepts.model_shape import EMBEDDED_MODEL_DIR, EMBEDDED_XL_MODEL_DIR
+
+    def table(folder: Path) -> torch.Tensor:
+        weights = load_file(str(folder / "model.safetensors"))
+        return next(v for k, v in weights.items() if k.endswith("embeddings.token_embedding.weight")).float()
+
+    if not (EMBEDDED_XL_MODEL_DIR / "model_index.json").is_file():
+        pytest.skip("the embedded toyworld-xl is missing")
+    ids = [4481, 14615]  # "yellow", "triangle" in CLIP's vocabulary
+    sd1 = table(EMBEDDED_MODEL_DIR / "text_encoder")
+    folder = tmp_path / "embeddings"
+    save_embedding(Embedding("toyword", sd1[ids]), folder / "toyword.pt")
+    save_embedding(Embedding("narrow", torch.ones(1, 16)), folder / "narrow.pt")
+    assert main(["embedding", "convert", "toyword", "--embeddings-dir", str(folder)]) == 0
+    written = load_file(str(folder / "toyword_xl.safetensors"))
+    assert torch.allclose(written["clip_l"], table(EMBEDDED_XL_MODEL_DIR / "text_encoder")[ids], atol=1e-6)
+    assert torch.allclose(written["clip_g"], table(EMBEDDED_XL_MODEL_DIR / "text_encoder_2")[ids], atol=1e-6)
+    capsys.readouterr()
+    for argv, expected in (
+        (["toyword_xl", "again"], "already an SDXL embedding"),
+        (["narrow"], "a 16-wide embedding: name the SD 1.x/2.x model it was trained on"),
+        (["toyword", "--format", "pt"], "written as .safetensors"),
+        (["toyword"], "already exists"),
+    ):
+        assert main(["embedding", "convert", *argv, "--embeddings-dir", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and err.count("\n") == 0, err
