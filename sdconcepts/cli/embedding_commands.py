@@ -35,7 +35,7 @@ def add_embedding_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
     group = subparsers.add_parser(
         "embedding",
         help="embedding tools: nearest tokens and norms (inspect), mix embeddings and words (mix), keep/drop/reorder "
-        "vectors (edit)",
+        "vectors (edit), SD 1.x -> SDXL (convert), embeddings bundled in LoRA files (extract)",
         description="Tools for textual inversion embeddings. Embeddings are named as in prompts (found under "
         "--embeddings-dir, default ./embeddings) or given as file paths.",
     )
