@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sdconcepts.backends.embedding_conversion import convert_for_model
 from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, int_at_least
 from sdconcepts.embeddings.conversion import ConversionError, default_map_cache
 from sdconcepts.embeddings.embedding import SDXL_ENCODERS, Embedding, kind_mismatch
@@ -263,7 +264,6 @@ def run_edit(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from sdconcepts.backends.embedding_conversion import convert_for_model  # lazy: transformers
     from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR
 
     if args.format not in (None, "safetensors"):

@@ -11,8 +11,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from sdconcepts.backends.embedding_conversion import convert_skipped
 from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, positive_int
 from sdconcepts.embeddings.bundles import bundled_for_prompt, find_lora_files
+from sdconcepts.embeddings.conversion import default_map_cache
 from sdconcepts.embeddings.library import EmbeddingLibrary, usable_embeddings
 from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.hypernetworks.attach import attention_widths
@@ -186,9 +188,6 @@ def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = 
     usable, skipped = usable_embeddings(library, width, sdxl=sdxl, encoder_widths=encoder_widths)
     converted: dict[str, Any] = {}
     if convert_on is not None and skipped:
-        from sdconcepts.backends.embedding_conversion import convert_skipped  # lazy: transformers
-        from sdconcepts.embeddings.conversion import default_map_cache
-
         converted, skipped = convert_skipped(library, convert_on, default_map_cache(), skipped, used_in)
         usable = {**usable, **converted}
     if skipped:

@@ -11,6 +11,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+from sdconcepts.backends.embedding_conversion import convert_for_model
 from sdconcepts.embeddings.conversion import ConversionError
 from sdconcepts.embeddings.embedding import Embedding, kind_mismatch
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding
@@ -184,8 +185,6 @@ def convert_embedding(session: UiSession, model_label: str, source: str, name: s
                       overwrite: bool = False) -> Path:
     """Write ``name`` (default: the source's name + ``_xl``) as an SDXL ``.safetensors`` (clip_l, clip_g) for the
     chosen SDXL model from an SD 1.x/2.x embedding (``embeddings.conversion``); returns the written file."""
-    from sdconcepts.backends.embedding_conversion import convert_for_model  # lazy: transformers
-
     embedding = _any_embedding(session, source)
     if session.is_sdxl(model_label) is False:
         raise UiError("convert: choose an SDXL model; the conversion writes clip_l + clip_g for it")

@@ -13,6 +13,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdconcepts.backends.embedding_conversion import convert_skipped
 from sdconcepts.embeddings.bundles import bundled_for_prompt, find_lora_files, list_bundled
 from sdconcepts.embeddings.embedding import kind_mismatch
 from sdconcepts.embeddings.library import usable_embeddings
@@ -432,8 +433,6 @@ def generate(
             usable, skipped_embeddings = {**usable, **bundled}, {**skipped_embeddings, **bundle_skips}
         converted: dict[str, Any] = {}
         if session.convert_sd1_on_sdxl and model.is_sdxl and skipped_embeddings:
-            from sdconcepts.backends.embedding_conversion import convert_skipped  # lazy: transformers
-
             converted, skipped_embeddings = convert_skipped(session.embeddings, model, session.token_maps,
                                                             skipped_embeddings, used_in)
             usable = {**usable, **converted}
