@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,12 +223,24 @@ class MapCache:
     def __init__(self, folder: str | os.PathLike[str] | None) -> None:
         self.folder = Path(folder) if folder is not None else None
         self._maps: dict[tuple[str, str], TokenMap] = {}
+        # A table's hash while that very tensor lives unchanged (SDXL's clip_g table is 250 MB to hash; on-the-fly
+        # conversion asks for it on every generation).
+        self._hashes: dict[int, tuple[weakref.ref[Tensor], int, str]] = {}
+
+    def _hash(self, table: Tensor) -> str:
+        known = self._hashes.get(id(table))
+        if known is not None and known[0]() is table and known[1] == table._version:
+            return known[2]
+        digest = table_hash(table)
+        self._hashes = {k: v for k, v in self._hashes.items() if v[0]() is not None}
+        self._hashes[id(table)] = (weakref.ref(table), table._version, digest)
+        return digest
 
     def path(self, source_hash: str, target_hash: str) -> Path | None:
         return self.folder / f"{source_hash[:16]}-{target_hash[:16]}.safetensors" if self.folder else None
 
     def get(self, source: Tensor, target: Tensor) -> TokenMap:
-        key = (table_hash(source), table_hash(target))
+        key = (self._hash(source), self._hash(target))
         if key in self._maps:
             return self._maps[key]
         token_map = self._read(*key) if key[0] != key[1] else None

@@ -111,8 +111,12 @@ def test_maps_are_cached_per_pair_of_tables(tmp_path: Path, monkeypatch: pytest.
     files[0].write_bytes(b"not safetensors")  # a damaged cache file is fitted again
     assert torch.allclose(MapCache(tmp_path).get(source, target).weight, first.weight)
     other = _trained_pair(seed=5)[1]
-    MapCache(tmp_path).get(source, other)
+    cache = MapCache(tmp_path)
+    cache.get(source, other)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    other[3] += 1.0  # the same tensor changed in place (a fine-tuned table): its hash is taken again, a new map
+    cache.get(source, other)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
 
 
 def test_nearest_token_takes_the_target_rows_of_the_nearest_source_token() -> None:
