@@ -205,7 +205,36 @@
         return true;
     }
 
+    function isConvertButton(el) {
+        return el.classList.contains("sdconcepts-skipped-convert");
+    }
+
+    // A skipped SD 1.x embedding's "Convert for SDXL": its file goes into the Embedding tools' convert box, then
+    // that panel's button writes the SDXL copy (the server answers in the panel and the cards re-render).
+    function convertSkipped(button) {
+        var root = appRoot();
+        var box = root.querySelector("#sdconcepts_ti_tools_convert_source");
+        var input = box && box.querySelector("textarea, input");
+        var go = root.querySelector("#sdconcepts_ti_tools_convert");
+        if (go && go.tagName !== "BUTTON") {
+            go = go.querySelector("button");
+        }
+        if (!input || !go) {
+            return false;
+        }
+        input.value = button.getAttribute("data-path") || "";
+        notifyGradio(input);
+        go.click();
+        return true;
+    }
+
     document.addEventListener("click", function (event) {
+        var convertButton = findIn(event, isConvertButton);
+        if (convertButton) {
+            event.preventDefault();
+            convertSkipped(convertButton);
+            return;
+        }
         var card = findIn(event, isCard);
         if (!card) {
             return;

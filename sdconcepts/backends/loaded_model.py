@@ -64,6 +64,11 @@ class LoadedModel:
         return sum(int(te.config.hidden_size) for te in self.text_encoders)
 
     @property
+    def encoder_widths(self) -> tuple[int, ...]:
+        """Each text encoder's width (SDXL: clip_l's, then clip_g's), as an SDXL embedding's halves must be."""
+        return tuple(int(te.config.hidden_size) for te in self.text_encoders)
+
+    @property
     def text_encoder_layers(self) -> int:
         """The text encoder's layer count: clip skip runs from 1 (the last layer) to this (the first)."""
         return int(self.text_encoder.config.num_hidden_layers)

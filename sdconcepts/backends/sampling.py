@@ -8,7 +8,7 @@ pure functions in the core; the prompt's conditioning is `prompt_encoder`'s, the
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,7 @@ def txt2img(
     hypernetworks: ResolvedHypernetworks[Any] | None = None,
     size_limits: bool = True,
     source: ImageSource | None = None,
+    converted_embeddings: Collection[str] = (),
 ) -> GenerationResult:
     """Generate ``batch_count`` batches of ``batch_size`` images with A1111's prompt semantics and seeds.
 
@@ -98,6 +99,8 @@ def txt2img(
     infotext.
     ``embedding_hashes`` (name -> SHA-256) gives the infotext's ``TI hashes`` for the embeddings the prompts use;
     a prompt word naming one of ``skipped_embeddings`` (name -> reason) comes back as a warning.
+    ``converted_embeddings``: names of SD 1.x embeddings converted for this SDXL model on the fly
+    (``backends.embedding_conversion``); those the prompts use are named in the infotext's ``TI converted``.
     ``hypernetworks`` is what the caller resolved the prompt's tags to (``hypernetworks.tags.resolve_hypernetworks``):
     its chain is applied in prompt order to the UNet's attention key/value inputs during sampling, and detached
     afterwards; its warnings come after img2img's, its error refuses the generation. None: no network is known, so
@@ -136,6 +139,7 @@ def txt2img(
         raise GenerationError(str(exc)) from None
     pooled = {text: encoder.pooled(text) for text in {*conds, *unconds, ""}} if model.is_sdxl else None
     extra = _ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {})
+    extra.update(_converted_field(encoder, [*cond_schedule, *uncond_schedule], converted_embeddings))
     if start is not None:
         extra = {**start.infotext, **extra}
     skipped = skipped_embeddings or {}
@@ -270,6 +274,16 @@ def _ti_hashes_field(
             if hashes.get(name):
                 entries.append(f"{name.replace(':', '').replace(',', '')}: {hashes[name][:12]}")
     return {"TI hashes": ", ".join(entries)} if entries else {}
+
+
+def _converted_field(encoder: PromptEncoder, schedule: Sequence[tuple[int, str]],
+                     converted: Collection[str]) -> dict[str, str]:
+    """``TI converted: "a, b"``: the embeddings used that were converted from SD 1.x for this SDXL model (ours; an
+    A1111 reading the infotext ignores it, and without the conversion it skips those words)."""
+    if not converted:
+        return {}
+    used = [name for name in encoder.embeddings_in(text for _, text in schedule) if name in converted]
+    return {"TI converted": ", ".join(f"{name} (SD 1.x -> SDXL)" for name in used)} if used else {}
 
 
 @torch.no_grad()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from sdconcepts.backends.embedding_conversion import convert_skipped
 from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, positive_int
+from sdconcepts.embeddings.bundles import bundled_for_prompt, find_lora_files
+from sdconcepts.embeddings.conversion import default_map_cache
 from sdconcepts.embeddings.library import EmbeddingLibrary, usable_embeddings
 from sdconcepts.generation import SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.hypernetworks.attach import attention_widths
@@ -53,6 +57,13 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--hypernetworks-dir", type=existing_dir, action="append", default=None, metavar="D",
                    help="hypernetworks folder for <hypernet:name:strength> tags, scanned recursively; repeatable "
                    "(default: ./models/hypernetworks when it exists)")
+    p.add_argument("--lora-dir", type=existing_dir, action="append", default=None, metavar="D",
+                   help="LoRA files whose bundled embeddings (A1111's bundle_emb keys) are words while the LoRA is in "
+                   "the prompt as <lora:name:w> (the LoRA's own weights are not applied); repeatable "
+                   "(default: ./models/Lora when it exists)")
+    p.add_argument("--convert-sd1-embeddings", action="store_true",
+                   help="on an SDXL model, use the SD 1.x embeddings the prompt names, converted on the fly (A1111 "
+                   "skips them; the infotext's 'TI converted' says so; docs/sdxl-conversion.md)")
     p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
                    help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_BATCH_SIZE} and batch count "
                    f"over {MAX_BATCH_COUNT} (the web UI's limits); a request that cannot fit in memory is still refused")
@@ -81,7 +92,11 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         params = params.validated(size_limits=args.size_limits)
         model = load_model(args.ckpt, device=args.device)
-        embeddings = embedding_arguments(args.embeddings_dir, model.context_width, sdxl=model.is_sdxl)
+        embeddings = embedding_arguments(args.embeddings_dir, model.context_width, sdxl=model.is_sdxl,
+                                         encoder_widths=model.encoder_widths,
+                                         convert_on=model if getattr(args, "convert_sd1_embeddings", False) else None,
+                                         used_in=f"{params.prompt}\n{params.negative_prompt}")
+        embeddings = add_bundled(embeddings, getattr(args, "lora_dir", None), params.prompt, model)
         hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt, model.unet)
         source = getattr(args, "source", None)  # img2img's init image (sdconcepts.cli.img2img_command)
         with tqdm(total=params.steps * params.batch_count, unit="step", desc=args.command, file=sys.stderr) as bar:
@@ -133,11 +148,35 @@ def hypernetwork_arguments(folders: list[Path] | None, prompt: str, unet: Any = 
     return {"hypernetworks": resolved}
 
 
-def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False) -> dict[str, Any]:
+def add_bundled(embeddings: dict[str, Any], folders: list[Path] | None, prompt: str, model: Any) -> dict[str, Any]:
+    """``embedding_arguments`` with the embeddings bundled in the LoRA files the prompt names (A1111's meaning:
+    ``embeddings.bundles``); a folder embedding of the same name wins."""
+    if folders is None:
+        default = Path("models") / "Lora"
+        folders = [default] if default.is_dir() else []
+    if not folders:
+        return embeddings
+    usable = dict(embeddings.get("embeddings", {}))
+    bundled, skipped = bundled_for_prompt(prompt, find_lora_files(folders), usable, width=int(model.context_width),
+                                          sdxl=model.is_sdxl, encoder_widths=model.encoder_widths)
+    for name, reason in skipped.items():
+        print(f"note: skipped bundled embedding {name}: {reason}", file=sys.stderr)
+    return {
+        **embeddings,
+        "embeddings": {**usable, **{n: e.joined() for n, e in bundled.items()}},
+        "embedding_hashes": {**embeddings.get("embedding_hashes", {}),
+                             **{n: e.hash for n, e in bundled.items() if e.hash}},
+        "skipped_embeddings": {**embeddings.get("skipped_embeddings", {}), **skipped},
+    }
+
+
+def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False, convert_on: Any = None,
+                        used_in: str | None = None, encoder_widths: Sequence[int] | None = None) -> dict[str, Any]:
     """``txt2img`` keyword arguments for the embeddings under ``folders`` (default ``./embeddings`` if present).
 
     Embeddings that fit the model's ``width`` are passed with their hashes (for the infotext); the others are
     passed as skipped, so that a prompt naming one gets a warning, and are counted on stderr (listed with -v).
+    ``convert_on`` (the loaded SDXL model): SD 1.x embeddings that ``used_in`` names are converted for it on the fly.
     """
     if folders is None:
         default = Path("embeddings")
@@ -146,7 +185,11 @@ def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = 
         return {}
     library = EmbeddingLibrary(folders)
     library.refresh()
-    usable, skipped = usable_embeddings(library, width, sdxl=sdxl)
+    usable, skipped = usable_embeddings(library, width, sdxl=sdxl, encoder_widths=encoder_widths)
+    converted: dict[str, Any] = {}
+    if convert_on is not None and skipped:
+        converted, skipped = convert_skipped(library, convert_on, default_map_cache(), skipped, used_in)
+        usable = {**usable, **converted}
     if skipped:
         print(f"note: {len(skipped)} embedding file(s) skipped (-v lists them)", file=sys.stderr)
         for name, reason in skipped.items():
@@ -155,4 +198,5 @@ def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = 
         "embeddings": {name: emb.joined() for name, emb in usable.items()},
         "embedding_hashes": {name: emb.hash for name, emb in usable.items() if emb.hash},
         "skipped_embeddings": skipped,
+        "converted_embeddings": set(converted),
     }

@@ -25,6 +25,9 @@ def add_web_ui_arguments(parser: argparse.ArgumentParser) -> None:
                     help="checkpoints offered in the model dropdown (default: ./models/Stable-diffusion when it exists)")
     ui.add_argument("--embeddings-dir", dest="ui_embeddings_dir", type=existing_dir, action="append", default=None,
                     metavar="D", help="textual inversion embeddings folder; repeatable (default: ./embeddings)")
+    ui.add_argument("--lora-dir", dest="ui_lora_dir", type=existing_dir, action="append", default=None, metavar="D",
+                    help="LoRA files whose bundled embeddings (A1111's bundle_emb keys) are words while the LoRA is in "
+                    "the prompt as <lora:name:w>; repeatable (default: ./models/Lora when it exists)")
     ui.add_argument("--hypernetworks-dir", dest="ui_hypernetworks_dir", type=existing_dir, action="append",
                     default=None, metavar="D",
                     help="hypernetworks folder; repeatable (default: ./models/hypernetworks)")
@@ -67,6 +70,7 @@ def web_ui_config(args: argparse.Namespace) -> Any:
         models_dir=models,
         embeddings_dirs=_default_dirs(args.ui_embeddings_dir, Path("embeddings")),
         hypernetworks_dirs=_default_dirs(args.ui_hypernetworks_dir, Path("models") / "hypernetworks"),
+        lora_dirs=_default_dirs(args.ui_lora_dir, Path("models") / "Lora"),
         outputs_dir=args.ui_outputs_dir,
         device=args.ui_device,
         train_roots=args.ui_train_roots,

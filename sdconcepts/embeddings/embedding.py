@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -129,9 +129,20 @@ def _checked(vectors: Tensor, label: str) -> Tensor:
     return out
 
 
-def kind_mismatch(embedding: Embedding, *, sdxl: bool) -> str | None:
-    """Why an embedding cannot apply to an SDXL (``sdxl``) or SD 1/2 model whatever its width, or None."""
-    return kind_mismatch_reason(embedding.is_sdxl, embedding.width, sdxl=sdxl)
+def kind_mismatch(embedding: Embedding, *, sdxl: bool, encoder_widths: Sequence[int] | None = None) -> str | None:
+    """Why an embedding cannot apply to an SDXL (``sdxl``) or SD 1/2 model whatever its width, or None.
+
+    ``encoder_widths`` (an SDXL model's clip_l and clip_g widths): each half must be as wide as its own encoder; a
+    pair whose total fits but whose halves are swapped would give each encoder parts of the other's half.
+    """
+    reason = kind_mismatch_reason(embedding.is_sdxl, embedding.width, sdxl=sdxl)
+    if reason is None and embedding.is_sdxl and encoder_widths is not None and len(encoder_widths) == 2:
+        halves = [int(embedding.vectors[key].shape[-1]) for key in SDXL_ENCODERS]  # type: ignore[index]
+        if halves != [int(w) for w in encoder_widths]:
+            return (f"its halves are clip_l {halves[0]} and clip_g {halves[1]} wide, the model's encoders "
+                    f"{encoder_widths[0]} and {encoder_widths[1]}"
+                    + (" (the halves are swapped)" if halves[::-1] == [int(w) for w in encoder_widths] else ""))
+    return reason
 
 
 def kind_mismatch_reason(embedding_sdxl: bool, width: int, *, sdxl: bool) -> str | None:

@@ -11,7 +11,7 @@ import base64
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ __all__ = [
     "file_sha256",
     "load_embedding",
     "read_embedding_info",
+    "read_safetensors_tensors",
     "save_embedding",
 ]
 
@@ -271,7 +272,13 @@ def _read(path: Path) -> _Parsed:
     return _Parsed(replace(embedding, hash=file_sha256(path)), layout, carrier)
 
 
-def _read_safetensors(path: Path) -> dict[str, Any]:
+def read_safetensors_tensors(path: str | os.PathLike[str], wanted: Callable[[str], bool]) -> dict[str, Tensor]:
+    """The tensors of a safetensors file whose keys ``wanted`` accepts (others are never read), with the checks
+    every embedding read gets (regular file, a real safetensors header); ``EmbeddingFileError`` otherwise."""
+    return {k: v for k, v in _read_safetensors(Path(path), wanted).items() if k != "__metadata__"}
+
+
+def _read_safetensors(path: Path, wanted: Callable[[str], bool] | None = None) -> dict[str, Any]:
     try:
         with open_regular(path) as opened:
             _check_safetensors_header(opened, path)
@@ -280,7 +287,8 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
             proc = f"/proc/self/fd/{opened.fileno()}"
             name = proc if os.path.exists(proc) else str(path)
             with safe_open(name, framework="pt", device="cpu") as handle:  # type: ignore[no-untyped-call]
-                data: dict[str, Any] = {key: handle.get_tensor(key) for key in handle.keys()}
+                data: dict[str, Any] = {key: handle.get_tensor(key) for key in handle.keys()
+                                        if wanted is None or wanted(key)}
                 metadata = handle.metadata() or {}
     except EmbeddingFileError:
         raise

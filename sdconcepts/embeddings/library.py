@@ -56,6 +56,9 @@ class EmbeddingRecord:
     pending: bool = False
     user_metadata: UserMetadata | None = None
     metadata_error: str | None = None
+    # Skipped only because it is a single-encoder (SD 1.x/2.x) file and the model is SDXL: it can be converted
+    # (``embeddings.conversion``).
+    convertible: bool = False
 
     @property
     def short_hash(self) -> str | None:
@@ -126,6 +129,7 @@ class EmbeddingLibrary:
         for record in self.files.records():
             info = record.item
             skipped = record.error
+            convertible = False
             if record.pending and str(record.path).lower().endswith(IMAGE_SUFFIXES):
                 # Most pictures are card pictures, not embeddings: an unread one is not listed as a word.
                 continue
@@ -140,8 +144,10 @@ class EmbeddingLibrary:
                 )
             elif info is not None and width is not None and info.width != width:
                 skipped = f"width {_describe_width(info.width)} does not fit the model's {_describe_width(width)}"
+                convertible = bool(sdxl) and not info.sdxl
             elif info is not None and sdxl is not None:
                 skipped = kind_mismatch_reason(info.sdxl, info.width, sdxl=sdxl) or skipped
+                convertible = sdxl and not info.sdxl
             if skipped is None:
                 key = record.name.lower()
                 if key in winner:
@@ -162,6 +168,7 @@ class EmbeddingLibrary:
                     pending=record.pending,
                     user_metadata=record.user_metadata,
                     metadata_error=record.metadata_error,
+                    convertible=convertible and skipped is not None,
                 )
             )
         return result
@@ -239,18 +246,20 @@ def _replace_skip(record: EmbeddingRecord, reason: str) -> EmbeddingRecord:
 
 
 def usable_embeddings(
-    library: EmbeddingLibrary, width: int, *, sdxl: bool, used_in: str | None = None
+    library: EmbeddingLibrary, width: int, *, sdxl: bool, used_in: str | None = None,
+    encoder_widths: Sequence[int] | None = None,
 ) -> tuple[dict[str, Embedding], dict[str, str]]:
     """``(usable, skipped)`` of a library for a model of context ``width`` (SDXL: ``sdxl``): name -> embedding,
     and name -> reason for files that cannot apply (wrong width, wrong kind, unreadable). A name that some file
     provides is not reported as skipped because another file lost it. With ``used_in`` (prompt and negative
-    prompt), only the embeddings named there are read (``EmbeddingLibrary.usable``)."""
+    prompt), only the embeddings named there are read (``EmbeddingLibrary.usable``). ``encoder_widths``: an SDXL
+    model's clip_l and clip_g widths, which each half of an SDXL embedding must match (``embedding.kind_mismatch``)."""
     usable: dict[str, Embedding] = {}
     # ``usable`` reads the files still pending (a lazy listing) first, so that their skip reasons are known.
     found = library.usable(width, used_in=used_in)
     skipped = dict(library.skipped(width))
     for name, emb in found.items():
-        reason = kind_mismatch(emb, sdxl=sdxl)
+        reason = kind_mismatch(emb, sdxl=sdxl, encoder_widths=encoder_widths)
         if reason is None:
             usable[name] = emb
         else:

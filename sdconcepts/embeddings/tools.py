@@ -15,7 +15,11 @@ The mix language (``parse_mix``), one line:
 
 ``0.5*toytri + 0.5*"red triangle"`` needs ``"red triangle"`` to have as many tokens as ``toytri`` has vectors;
 ``toytri | "red"`` appends one vector; ``toytri[0:2] + "red triangle"`` adds word rows to the first two vectors.
-Only single-encoder embeddings (SD 1.x/2.x) are handled; SDXL pairs are refused with a message.
+
+SDXL pairs (``clip_l`` + ``clip_g``): every tool works on each half through its own encoder's table
+(``vocabularies_of``): nearest tokens per encoder, the same vector positions kept in both halves, and a mix made
+once per encoder, words from that encoder's table. ``0.3:0.7*term`` weights a term 0.3 in clip_l and 0.7 in
+clip_g. A mix of SD 1.x/2.x and SDXL embeddings, or of different widths, is refused.
 """
 
 from __future__ import annotations
@@ -41,10 +45,14 @@ __all__ = [
     "VectorReport",
     "describe_vectors",
     "format_report",
+    "mix_kind",
+    "mix_pair",
     "mix_vectors",
     "parse_mix",
     "parse_selection",
+    "select_pair",
     "select_vectors",
+    "vocabularies_of",
     "vocabulary_of",
     "write_embedding",
 ]
@@ -92,9 +100,18 @@ class Vocabulary:
 
 def vocabulary_of(model: Any) -> Vocabulary:
     """The vocabulary of a loaded model (``backends.loaded_model.LoadedModel``): its CLIP tokenizer and the text
-    encoder's input embeddings."""
-    tokenizer = model.tokenizer
-    table = model.text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    encoder's input embeddings (SDXL: clip_l's; ``vocabularies_of`` gives both)."""
+    return _vocabulary(model.text_encoder, model.tokenizer)
+
+
+def vocabularies_of(model: Any) -> dict[str, Vocabulary]:
+    """An SDXL model's vocabulary per encoder: ``{"clip_l": .., "clip_g": ..}``, each its own tokenizer and table."""
+    return {"clip_l": _vocabulary(model.text_encoder, model.tokenizer),
+            "clip_g": _vocabulary(model.text_encoder_2, model.tokenizer_2)}
+
+
+def _vocabulary(encoder: Any, tokenizer: Any) -> Vocabulary:
+    table = encoder.get_input_embeddings().weight.detach().float().cpu()
 
     def token_ids(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -195,6 +212,12 @@ def select_vectors(vectors: Tensor, *, keep: str | None = None, drop: str | None
     return vectors[kept].clone()
 
 
+def select_pair(vectors: Mapping[str, Tensor], *, keep: str | None = None,
+                drop: str | None = None) -> dict[str, Tensor]:
+    """``select_vectors`` on each half of an SDXL pair: the same positions in clip_l and clip_g."""
+    return {key: select_vectors(half, keep=keep, drop=drop) for key, half in vectors.items()}
+
+
 # -- the mix language --------------------------------------------------------------------------------------------
 
 
@@ -206,6 +229,7 @@ class MixTerm:
     source: str
     words: bool = False
     selection: str | None = None
+    weight_g: float | None = None  # ``w_l:w_g*term``: clip_g's weight (``weight`` is then clip_l's)
 
     def label(self) -> str:
         text = f'"{self.source}"' if self.words else self.source
@@ -219,7 +243,7 @@ _TOKEN = re.compile(r"""
     | (?P<quoted>`[^`]*`)
     | (?P<name>[^\W\d][\w.\-]*)
     | (?P<selection>\[[^\]]*\])
-    | (?P<op>[*+|,-])
+    | (?P<op>[*+|,:-])
     )""", re.VERBOSE)
 
 
@@ -251,7 +275,12 @@ def parse_mix(expression: str) -> list[list[MixTerm]]:
         weight = sign
         if at < len(tokens) and tokens[at][0] == "op" and tokens[at][1] == "-":
             weight, at = -weight, at + 1
+        weight_g: float | None = None
         if at < len(tokens) and tokens[at][0] == "number":
+            if at + 2 < len(tokens) and tokens[at + 1] == ("op", ":") and tokens[at + 2][0] == "number":
+                weight_g = weight * float(tokens[at + 2][1])  # w_l:w_g, SDXL's per-encoder weights
+                tokens.pop(at + 1)
+                tokens.pop(at + 1)
             if at + 1 >= len(tokens) or tokens[at + 1] != ("op", "*"):
                 raise EmbeddingToolError(f"mix expression: a weight is written w*term, as in {tokens[at][1]}*name")
             weight *= float(tokens[at][1])
@@ -264,15 +293,16 @@ def parse_mix(expression: str) -> list[list[MixTerm]]:
         selection = None
         if at < len(tokens) and tokens[at][0] == "selection":
             selection, at = tokens[at][1][1:-1], at + 1
-        if not math.isfinite(weight):
+        if not math.isfinite(weight) or (weight_g is not None and not math.isfinite(weight_g)):
             raise EmbeddingToolError(f"mix expression: weight {weight} is not a finite number")
-        groups[-1].append(MixTerm(weight, text[1:-1] if kind != "name" else text, kind == "words", selection))
+        groups[-1].append(MixTerm(weight, text[1:-1] if kind != "name" else text, kind == "words", selection,
+                                  weight_g))
         return at
 
     expect_term(1.0)
     while at < len(tokens):
         kind, text = tokens[at]
-        if kind != "op" or text == "*":
+        if kind != "op" or text in "*:":
             raise EmbeddingToolError(f"mix expression: expected + - | or , before {text!r}")
         at += 1
         if text in "|,":
@@ -283,22 +313,32 @@ def parse_mix(expression: str) -> list[list[MixTerm]]:
     return groups
 
 
-def mix_vectors(expression: str, embeddings: Mapping[str, Tensor], vocabulary: Vocabulary | None) -> Tensor:
+def mix_vectors(expression: str, embeddings: Mapping[str, Tensor], vocabulary: Vocabulary | None,
+                *, skipped: Mapping[str, str] | None = None, encoder: str | None = None) -> Tensor:
     """The vectors an expression makes. ``embeddings``: name -> ``[n, width]`` (names match case-insensitively, as
-    prompt words do); ``vocabulary`` turns quoted words into token rows (None: words are refused)."""
+    prompt words do); ``vocabulary`` turns quoted words into token rows (None: words are refused); ``skipped``:
+    name -> why a file of that name cannot be used, for the error naming it. ``encoder`` (``clip_l``/``clip_g``):
+    the SDXL half being mixed, which picks a ``w_l:w_g`` weight; None for single-encoder embeddings."""
     by_name = {name.lower(): vectors for name, vectors in embeddings.items()}
+    reasons = {name.lower(): (name, why) for name, why in (skipped or {}).items()}
     pieces: list[Tensor] = []
     width: int | None = None
     for group in parse_mix(expression):
         total: Tensor | None = None
         first: MixTerm | None = None
         for term in group:
+            if term.weight_g is not None and encoder is None:
+                raise EmbeddingToolError(f"{term.label()}: per-encoder weights (w_l:w_g) are for SDXL embeddings")
+            weight = term.weight_g if encoder == "clip_g" and term.weight_g is not None else term.weight
             if term.words:
                 if vocabulary is None:
                     raise EmbeddingToolError(f"{term.label()}: words need the model's vocabulary")
                 rows = vocabulary.words(term.source)
             else:
                 found = by_name.get(term.source.lower())
+                if found is None and term.source.lower() in reasons:
+                    name, why = reasons[term.source.lower()]
+                    raise EmbeddingToolError(f"embedding {name!r} is skipped: {why}")
                 if found is None:
                     raise EmbeddingToolError(f"unknown embedding {term.source!r} (words are written in quotes: "
                                              f"\"{term.source}\")")
@@ -310,14 +350,14 @@ def mix_vectors(expression: str, embeddings: Mapping[str, Tensor], vocabulary: V
                                          "embeddings of different models cannot be mixed")
             width = int(rows.shape[1])
             if total is None or first is None:
-                total, first = term.weight * rows, term
+                total, first = weight * rows, term
             elif rows.shape[0] != total.shape[0]:
                 raise EmbeddingToolError(
                     f"cannot add {term.label()} ({rows.shape[0]} vectors) to {first.label()} "
                     f"({total.shape[0]} vectors): a sum needs equal vector counts; select vectors (name[0:2]) "
                     "or concatenate with |")
             else:
-                total = total + term.weight * rows
+                total = total + weight * rows
         assert total is not None
         pieces.append(total)
     vectors = torch.cat(pieces)
@@ -329,17 +369,51 @@ def mix_vectors(expression: str, embeddings: Mapping[str, Tensor], vocabulary: V
     return vectors.contiguous()
 
 
+def mix_pair(expression: str, embeddings: Mapping[str, Mapping[str, Tensor]],
+             vocabularies: Mapping[str, Vocabulary] | None, *, skipped: Mapping[str, str] | None = None) -> dict[str, Tensor]:
+    """``mix_vectors`` for SDXL pairs: the expression made once per encoder, each from that half of the named pairs
+    and words from that encoder's table (``vocabularies_of``); returns ``{"clip_l": .., "clip_g": ..}``."""
+    out = {}
+    for key in ("clip_l", "clip_g"):
+        halves = {name: pair[key] for name, pair in embeddings.items()}
+        vocabulary = vocabularies[key] if vocabularies is not None else None
+        try:
+            out[key] = mix_vectors(expression, halves, vocabulary, skipped=skipped, encoder=key)
+        except EmbeddingToolError as exc:
+            raise EmbeddingToolError(f"{key}: {exc}") from None
+    return out
+
+
+def mix_kind(names: Sequence[str], usable: Mapping[str, Embedding], model_sdxl: bool | None) -> bool:
+    """Whether a mix of the embeddings ``names`` (and words of a model that is SDXL or not, or None) makes an SDXL
+    pair; a mix of both kinds is refused (``EmbeddingToolError``)."""
+    by_name = {name.lower(): emb for name, emb in usable.items()}
+    kinds = {name: by_name[name.lower()].is_sdxl for name in names if name.lower() in by_name}
+    if model_sdxl is not None:
+        kinds["the words"] = model_sdxl
+    if len(set(kinds.values())) > 1:
+        pairs = ", ".join(n for n, k in kinds.items() if k)
+        singles = ", ".join(n for n, k in kinds.items() if not k)
+        raise EmbeddingToolError(f"cannot mix SDXL embeddings (clip_l + clip_g: {pairs}) with single-encoder SD 1.x/2.x "
+                                 f"ones ({singles})")
+    return any(kinds.values())
+
+
 # -- writing -----------------------------------------------------------------------------------------------------
 
 
-def write_embedding(folder: str | Path, name: str, vectors: Tensor, *, suffix: str = ".pt", overwrite: bool = False,
-                    sd_checkpoint: str | None = None, sd_checkpoint_name: str | None = None) -> Path:
+def write_embedding(folder: str | Path, name: str, vectors: Tensor | Mapping[str, Tensor], *, suffix: str = ".pt",
+                    overwrite: bool = False, sd_checkpoint: str | None = None,
+                    sd_checkpoint_name: str | None = None) -> Path:
     """Write ``folder/<name><suffix>`` as a regular embedding (atomic write; A1111's ``.pt`` layout by default).
 
     The name is checked as training checks it (``training.names``); an existing file is replaced only with
-    ``overwrite``. Step 0: the vectors were made, not trained.
+    ``overwrite``. Step 0: the vectors were made, not trained. An SDXL pair (``{"clip_l", "clip_g"}``) is written
+    as ``.safetensors``, the layout every host reads for SDXL.
     """
     suffix = suffix if suffix.startswith(".") else f".{suffix}"
+    if not isinstance(vectors, Tensor) and suffix.lower() != ".safetensors":
+        raise EmbeddingToolError(f"format {suffix!r}: an SDXL embedding (clip_l + clip_g) is written as .safetensors")
     if suffix.lower() not in EMBEDDING_SUFFIXES:
         raise EmbeddingToolError(f"format {suffix!r}: use one of {', '.join(EMBEDDING_SUFFIXES)}")
     try:

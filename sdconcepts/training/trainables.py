@@ -222,7 +222,8 @@ def open_embedding(path: Path, model: Any, config: EmbeddingTrainingConfig) -> T
         loaded = load_embedding(path)
     except EmbeddingFileError as exc:
         raise TrainingError(str(exc)) from None
-    mismatch = kind_mismatch(loaded, sdxl=bool(getattr(model, "is_sdxl", False)))
+    mismatch = kind_mismatch(loaded, sdxl=bool(getattr(model, "is_sdxl", False)),
+                             encoder_widths=getattr(model, "encoder_widths", None))
     if mismatch is not None:
         raise TrainingError(f"{path}: {mismatch}")
     if loaded.width != int(model.context_width):

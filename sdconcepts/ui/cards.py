@@ -23,6 +23,7 @@ __all__ = [
     "PAGE_SIZE",
     "SORT_KEYS",
     "Skipped",
+    "bundled_cards",
     "embedding_cards",
     "filter_cards",
     "format_multiplier",
@@ -60,6 +61,8 @@ class Card:
     metadata_error: str | None = None
     # Listed by a lazy scan, header not read yet: the view reads it before showing the card.
     pending: bool = False
+    # False for an embedding bundled in a LoRA file: it has no file of its own to keep metadata beside.
+    editable: bool = True
 
     @property
     def allow_negative(self) -> bool:
@@ -73,6 +76,8 @@ class Skipped:
 
     path: Path
     reason: str
+    # An SD 1.x/2.x embedding skipped on an SDXL model: the list offers to convert it (the embedding tools' convert).
+    convertible: bool = False
 
 
 def format_multiplier(value: float) -> str:
@@ -131,7 +136,7 @@ def embedding_cards(
     fresh: CardCache = {}
     for record in records:
         if record.skipped is not None:
-            skipped.append(Skipped(record.path, record.skipped))
+            skipped.append(Skipped(record.path, record.skipped, bool(getattr(record, "convertible", False))))
             continue
         metadata = getattr(record, "user_metadata", None)
         key = (record.name, record.mtime, getattr(record, "size", 0), getattr(record, "pending", False), record.hash,
@@ -171,6 +176,22 @@ def embedding_cards(
         cache.clear()
         cache.update(fresh)
     return cards, skipped
+
+
+def bundled_cards(bundles: Iterable[Any], roots: Sequence[Path] = ()) -> list[Card]:
+    """Cards for embeddings bundled in LoRA files (``embeddings.bundles.BundledEmbedding``): a click inserts the
+    LoRA's tag with the word, since A1111 makes the word exist only while its LoRA is in the prompt."""
+    cards = []
+    for bundled in bundles:
+        emb, lora = bundled.embedding, bundled.lora
+        kind = "SDXL pair" if emb.is_sdxl else f"width {emb.width}"
+        cards.append(Card(
+            kind="embedding", name=emb.name, prompt=f"<lora:{lora.stem}:1> {emb.name}", path=lora, preview=None,
+            details=(bundled.where, f"{emb.vector_count} vector{'s' if emb.vector_count != 1 else ''}, {kind}"),
+            mtime=lora.stat().st_mtime if lora.exists() else 0.0,
+            search_text=_search_text(emb.name, lora, roots, [bundled.where]), editable=False,
+        ))
+    return cards
 
 
 def hypernetwork_cards(
@@ -332,8 +353,9 @@ def render_cards(
             f' data-search="{html.escape(card.search_text)}"'
             f' data-allow-negative="{1 if card.allow_negative else 0}" title="{html.escape(title)}">'
             f"{picture}"
-            f'<span class="sdconcepts-card-edit" role="button" tabindex="0" title="Edit metadata">&#9998;</span>'
-            f'<div class="sdconcepts-card-text"><span class="sdconcepts-card-name">{html.escape(card.name)}</span>'
+            + ('<span class="sdconcepts-card-edit" role="button" tabindex="0" title="Edit metadata">&#9998;</span>'
+               if card.editable else "")
+            + f'<div class="sdconcepts-card-text"><span class="sdconcepts-card-name">{html.escape(card.name)}</span>'
             f"{details}</div></div>"
         )
     parts.append("</div>")
@@ -345,7 +367,11 @@ def render_skipped(skipped: Sequence[Skipped]) -> str:
     if not skipped:
         return ""
     items = "".join(
-        f'<li><code>{html.escape(str(s.path))}</code>: {html.escape(s.reason)}</li>' for s in skipped
+        f'<li><code>{html.escape(str(s.path))}</code>: {html.escape(s.reason)}'
+        + (f' <span class="sdconcepts-skipped-convert" role="button" tabindex="0" '
+           f'data-path="{html.escape(str(s.path), quote=True)}" title="Write an SDXL copy (clip_l + clip_g) of this '
+           'embedding beside it">Convert for SDXL</span>' if s.convertible else "")
+        + "</li>" for s in skipped
     )
     count = len(skipped)
     return (

@@ -49,6 +49,15 @@ def build_embedding_tools(session: UiSession, model: Any,
             drop = gr.Textbox(label="or drop vectors (e.g. 1 or -1)", elem_id="sdconcepts_ti_tools_drop", max_lines=1)
             edit = gr.Button("Write edited copy", elem_id="sdconcepts_ti_tools_edit")
         with gr.Row():
+            convert_source = gr.Textbox(label="Convert for SDXL: SD 1.x embedding",
+                                        elem_id="sdconcepts_ti_tools_convert_source", max_lines=1)
+            convert_name = gr.Textbox(label="New embedding name (default: name_xl)",
+                                      elem_id="sdconcepts_ti_tools_convert_name", max_lines=1)
+            convert = gr.Button("Write SDXL copy", elem_id="sdconcepts_ti_tools_convert")
+        on_the_fly = gr.Checkbox(value=session.convert_sd1_on_sdxl,
+                                 label="Use SD 1.x embeddings on SDXL models, converted on the fly (A1111 skips them; "
+                                 "the infotext says so)", elem_id="sdconcepts_ti_tools_on_the_fly")
+        with gr.Row():
             file_format = gr.Dropdown(list(embedding_tools_handlers.FORMATS), value=".pt", label="File format",
                                       elem_id="sdconcepts_ti_tools_format")
             overwrite = gr.Checkbox(value=False, label="Overwrite an existing file",
@@ -76,10 +85,23 @@ def build_embedding_tools(session: UiSession, model: Any,
             return _message(str(exc), "sdconcepts-field-error")
         return _message(f"Wrote {path}", "sdconcepts-field-ok")
 
+    def on_convert(model_label: str, source: str, name: str, replace: bool) -> str:
+        try:
+            path = embedding_tools_handlers.convert_embedding(session, model_label, source, name, bool(replace))
+        except UiError as exc:
+            return _message(str(exc), "sdconcepts-field-error")
+        return _message(f"Wrote {path}", "sdconcepts-field-ok")
+
+    def on_toggle(value: bool) -> None:
+        session.convert_sd1_on_sdxl = bool(value)
+
+    on_the_fly.change(on_toggle, inputs=[on_the_fly], outputs=None)
     inspect.click(on_inspect, inputs=[model, inspect_name, top_k], outputs=[report])
     mixed = mix.click(on_mix, inputs=[model, mix_name, expression, file_format, overwrite], outputs=[result])
     edited = edit.click(on_edit, inputs=[model, edit_source, edit_name, keep, drop, file_format, overwrite],
                         outputs=[result])
+    # A skipped card's "Convert for SDXL" (javascript/sdconcepts.js) fills the source box and clicks this button.
+    converted = convert.click(on_convert, inputs=[model, convert_source, convert_name, overwrite], outputs=[result])
     # The new file is a card at once (the library rescans on render).
-    chain_after([mixed, edited], after_change)
+    chain_after([mixed, edited, converted], after_change)
     return {"report": report, "result": result}

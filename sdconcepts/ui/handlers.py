@@ -13,6 +13,9 @@ from typing import Any
 
 from PIL import Image
 
+from sdconcepts.backends.embedding_conversion import convert_skipped
+from sdconcepts.embeddings.bundles import bundled_for_prompt, find_lora_files, list_bundled
+from sdconcepts.embeddings.embedding import kind_mismatch
 from sdconcepts.embeddings.library import usable_embeddings
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.images import next_image_path, save_png
@@ -20,6 +23,7 @@ from sdconcepts.ui.cards import (
     PAGE_SIZE,
     Card,
     Skipped,
+    bundled_cards,
     embedding_cards,
     filter_cards,
     hypernetwork_cards,
@@ -161,14 +165,33 @@ def embedding_cards_view(
     # SDXL or not, as generation decides it (an SD 1.x file as wide as an SDXL pair is still skipped there).
     sdxl = session.is_sdxl(model_label)
 
+    loras = find_lora_files(session.config.lora_dirs) if session.config.lora_dirs else {}
+    lora_state = tuple(sorted((str(p), p.stat().st_mtime) for p in loras.values() if p.exists()))
+
+    def build() -> tuple[list[Card], list[Skipped]]:
+        cards, skipped = embedding_cards(session.embeddings.records(width, sdxl=sdxl), session.embeddings.folders,
+                                         session.card_cache.setdefault(("embedding", width), {}))
+        if loras:
+            bundles, problems = list_bundled(loras, session.card_cache.setdefault("bundles", {}))
+            fit = [b for b in bundles if _bundle_misfit(b.embedding, width, sdxl) is None]
+            cards += bundled_cards(fit, session.config.lora_dirs)
+            skipped += [Skipped(path, reason) for path, reason in problems.items()]
+            skipped += [Skipped(b.lora / b.embedding.name, f"bundled in {b.lora.name}: {why}")
+                        for b in bundles if (why := _bundle_misfit(b.embedding, width, sdxl)) is not None]
+        return cards, skipped
+
     def list_cards() -> _CardList:
-        return _card_list(
-            session, "embedding", (session.embeddings.version, width, sdxl),
-            lambda: embedding_cards(session.embeddings.records(width, sdxl=sdxl), session.embeddings.folders,
-                                    session.card_cache.setdefault(("embedding", width), {})),
-        )
+        return _card_list(session, "embedding", (session.embeddings.version, width, sdxl, lora_state), build)
 
     return _view(session.embeddings.files, list_cards, query, sort, descending, "embedding", page)
+
+
+def _bundle_misfit(embedding: Any, width: int | None, sdxl: bool | None) -> str | None:
+    if sdxl is not None and (reason := kind_mismatch(embedding, sdxl=sdxl)) is not None:
+        return reason
+    if width is not None and embedding.width != width:
+        return f"width {embedding.width} does not fit the model's {width}"
+    return None
 
 
 def hypernetwork_cards_view(
@@ -400,8 +423,19 @@ def generate(
         # Only the embeddings the prompts name are read (a scan reads headers only); the rest stay on disk.
         used_in = f"{params.prompt}\n{params.negative_prompt}"
         usable, skipped_embeddings = usable_embeddings(
-            session.embeddings, width, sdxl=model.is_sdxl, used_in=used_in
+            session.embeddings, width, sdxl=model.is_sdxl, used_in=used_in,
+            encoder_widths=getattr(model, "encoder_widths", None),
         )
+        if session.config.lora_dirs:  # A1111: a LoRA in the prompt brings its bundled embeddings
+            bundled, bundle_skips = bundled_for_prompt(
+                params.prompt, find_lora_files(session.config.lora_dirs), usable, width=width, sdxl=model.is_sdxl,
+                encoder_widths=getattr(model, "encoder_widths", None))
+            usable, skipped_embeddings = {**usable, **bundled}, {**skipped_embeddings, **bundle_skips}
+        converted: dict[str, Any] = {}
+        if session.convert_sd1_on_sdxl and model.is_sdxl and skipped_embeddings:
+            converted, skipped_embeddings = convert_skipped(session.embeddings, model, session.token_maps,
+                                                            skipped_embeddings, used_in)
+            usable = {**usable, **converted}
         session.hypernetworks.refresh(lazy=True)
         resolved, warnings = session.resolve_hypernetworks(params.prompt, model.unet)
         try:
@@ -414,6 +448,7 @@ def generate(
                 hypernetworks=resolved,
                 progress=progress,
                 source=source,
+                converted_embeddings=set(converted),
             )
         except GenerationError as exc:
             raise UiError(str(exc)) from exc

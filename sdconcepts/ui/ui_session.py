@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sdconcepts.embeddings.conversion import MapCache, default_map_cache
 from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.hash_cache import HashCache
 from sdconcepts.hypernetworks.attach import attention_widths
@@ -91,6 +92,11 @@ class UiConfig:
     files_changed: Callable[[str], str | None] | None = None
     # The file that keeps file hashes across runs (``sdconcepts.hash_cache``); None: the user cache folder's.
     hash_cache: Path | None = None
+    # SD 1.x embeddings in a prompt on an SDXL model are converted on the fly (``embeddings.conversion``); off by
+    # default so that images stay A1111's (which skips them). The Embedding tools panel toggles it.
+    convert_sd1_on_sdxl: bool = False
+    # LoRA files whose bundled embeddings are words while the LoRA is in the prompt (``embeddings.bundles``).
+    lora_dirs: Sequence[Path] = ()
 
 
 def scan_models(folder: Path | None) -> list[Path]:
@@ -149,6 +155,10 @@ class UiSession:
         # The card tabs' cards per kind, rebuilt when the library or a setting they depend on changes.
         self.card_lists: dict[str, Any] = {}
         self.card_cache: dict[Any, Any] = {}  # per kind: the cards of unchanged files, reused by the next rebuild
+        # Fitted token maps for SD 1.x -> SDXL conversion, per pair of token tables (kept on disk beside the hashes).
+        self.token_maps = (MapCache(Path(config.hash_cache).parent / "token-maps") if config.hash_cache is not None
+                           else default_map_cache())
+        self.convert_sd1_on_sdxl = bool(config.convert_sd1_on_sdxl)
         # The hypernetworks the last generation used, fully loaded.
         self.loaded_hypernetworks = LoadedHypernetworks()
         self._reader: threading.Thread | None = None

@@ -19,6 +19,11 @@ PAGE = """
   <div id="sdconcepts_ti_search_go" class="sdconcepts-hidden"><button>Search</button></div>
   <div id="sdconcepts_ti_summary"><div class="sdconcepts-summary">3 of 3 embeddings</div></div>
   <div id="sdconcepts_ti_cards"><div class="prose"></div></div>
+  <div id="sdconcepts_ti_skipped"><details class="sdconcepts-skipped" open><ul><li><code>emb/old.pt</code>: width 768
+    <span class="sdconcepts-skipped-convert" role="button" tabindex="0" data-path="emb/old.pt">Convert for SDXL</span>
+  </li></ul></details></div>
+  <div id="sdconcepts_ti_tools_convert_source"><label><textarea></textarea></label></div>
+  <div id="sdconcepts_ti_tools_convert"><button onclick="window.converted = (window.converted || 0) + 1">Write SDXL copy</button></div>
 </div>
 <div id="sdconcepts_img2img_root">
   <div id="sdconcepts_img2img_prompt"><label><textarea></textarea></label></div>
@@ -180,3 +185,16 @@ def test_search_filters_shown_cards_at_once_and_a_late_answer_for_older_text_nev
         page.evaluate(ANSWER, ["red", ["red-cat", "red-dog"]])
         page.wait_for_timeout(30)
     assert len(clicks()) == 5 + 3 and page.evaluate(SHOWN) == []
+
+
+def test_a_skipped_cards_convert_button_fills_the_tools_box_and_clicks_convert(page: Any) -> None:
+    page.evaluate("""() => {
+        window.sourceInputs = 0;
+        document.querySelector('#sdconcepts_ti_tools_convert_source textarea')
+            .addEventListener('input', () => window.sourceInputs += 1);
+    }""")
+    prompt_before = page.locator("#sdconcepts_prompt textarea").input_value()
+    page.locator(".sdconcepts-skipped-convert").click()
+    assert page.locator("#sdconcepts_ti_tools_convert_source textarea").input_value() == "emb/old.pt"
+    assert page.evaluate("[window.sourceInputs, window.converted]") == [1, 1]  # gradio told, then the button clicked
+    assert page.locator("#sdconcepts_prompt textarea").input_value() == prompt_before  # not a card click

@@ -167,3 +167,82 @@ def test_ui_tools_write_files_the_cards_show(tiny_model_dir: Path, tiny_model: A
 
     ids = {c.get("props", {}).get("elem_id") for c in build_ui(session).config["components"]}
     assert {"sdconcepts_ti_tools", "sdconcepts_ti_tools_expression", "sdconcepts_ti_tools_mix"} <= ids
+
+
+def test_tools_say_why_a_named_embedding_is_skipped(tiny_model_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+
+    from sdconcepts.ui import embedding_tools_handlers
+    from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    bad = torch.zeros(1, 48)
+    bad[0, 3] = float("nan")
+    save_file({"nanemb": bad}, str(folder / "nanemb.safetensors"))  # written raw: our writer refuses NaN
+    save_embedding(Embedding("pairemb", {"clip_l": torch.zeros(1, 16), "clip_g": torch.zeros(1, 32)}),
+                   folder / "pairemb.safetensors")
+    save_embedding(Embedding("tri", torch.zeros(2, 48)), folder / "tri.pt")
+    common = ["--embeddings-dir", str(folder), "--ckpt", str(tiny_model_dir)]
+    for argv, expected in (
+        (["embedding", "inspect", "nanemb", *common], "embedding 'nanemb' is skipped: .*NaN"),
+        (["embedding", "inspect", "pairemb", *common], r"an SDXL embedding \(clip_l \+ clip_g\) needs an SDXL model"),
+        (["embedding", "mix", "x", "tri | nanemb", *common], "embedding 'nanemb' is skipped: "),
+        (["embedding", "mix", "x", "tri | pairemb", *common], r"cannot mix SDXL embeddings \(clip_l \+ clip_g: pairemb\)"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert re.search(expected, err) and err.count("\n") == 0, err
+    session = UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[folder], device="cpu"))
+    with pytest.raises(UiError, match="'nanemb' is skipped: .*NaN"):
+        embedding_tools_handlers.inspect_html(session, str(tiny_model_dir), "nanemb", 3)
+    with pytest.raises(UiError, match="'pairemb' is skipped: an SDXL embedding"):
+        embedding_tools_handlers.mix_embedding(session, str(tiny_model_dir), "x", "tri | pairemb")
+
+
+def test_sdxl_pairs_per_encoder_in_inspect_mix_edit(tiny_sdxl_dir: Path, tiny_sdxl: Any, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from sdconcepts.embeddings.tools import vocabularies_of
+    from sdconcepts.ui import embedding_tools_handlers
+    from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
+
+    vocab = vocabularies_of(tiny_sdxl)
+    assert (vocab["clip_l"].width, vocab["clip_g"].width) == (32, 48)
+    folder = tmp_path / "embeddings"
+    a = {key: vocab[key].words("yellow triangle") for key in vocab}
+    b = {key: vocab[key].words("red circle") for key in vocab}
+    save_embedding(Embedding("pa", a), folder / "pa.safetensors")
+    save_embedding(Embedding("pb", b), folder / "pb.safetensors")
+    save_embedding(Embedding("single", torch.zeros(2, 32)), folder / "single.pt")
+    common = ["--embeddings-dir", str(folder), "--ckpt", str(tiny_sdxl_dir)]
+    assert main(["embedding", "inspect", "pa", "--top-k", "1", "--json", *common]) == 0
+    report = json.loads(capsys.readouterr().out)["encoders"]
+    for key in ("clip_l", "clip_g"):  # each half's nearest tokens come from its own encoder's table
+        assert [v["nearest"][0]["token"] for v in report[key]] == ["yellow", "triangle"]
+    assert main(["embedding", "mix", "mixed", '0.3:0.7*pa + 0.7:0.3*pb | "red"', *common]) == 0
+    mixed = load_embedding(folder / "mixed.safetensors").vectors
+    assert torch.allclose(mixed["clip_l"], torch.cat([0.3 * a["clip_l"] + 0.7 * b["clip_l"],  # type: ignore[index]
+                                                      vocab["clip_l"].words("red")]))
+    assert torch.allclose(mixed["clip_g"], torch.cat([0.7 * a["clip_g"] + 0.3 * b["clip_g"],  # type: ignore[index]
+                                                      vocab["clip_g"].words("red")]))
+    assert main(["embedding", "edit", "pa", "swapped", "--keep", "1,0", *common]) == 0
+    swapped = load_embedding(folder / "swapped.safetensors").vectors
+    assert all(torch.equal(swapped[k], a[k][[1, 0]]) for k in a)  # type: ignore[index]
+    capsys.readouterr()
+    assert main(["embedding", "mix", "bad", "pa + single", *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot mix SDXL embeddings" in err and "single" in err and err.count("\n") == 0
+    # The web UI's tools, on the SDXL model: the same per-encoder work.
+    session = UiSession(UiConfig(ckpt=tiny_sdxl_dir, embeddings_dirs=[folder], device="cpu"))
+    label = str(tiny_sdxl_dir)
+    html_report = embedding_tools_handlers.inspect_html(session, label, "pa", 1)
+    assert "SDXL pair (clip_l 32, clip_g 48)" in html_report and html_report.count("<table>") == 2
+    path = embedding_tools_handlers.mix_embedding(session, label, "uimix", '0.5:0*pa + "red circle"')
+    assert path.suffix == ".safetensors"
+    made = load_embedding(path).vectors
+    assert torch.allclose(made["clip_g"], vocab["clip_g"].words("red circle"))  # type: ignore[index]
+    edited = embedding_tools_handlers.edit_embedding(session, label, "pa", "uiedit", "", "0")
+    assert load_embedding(edited).vector_count == 1
+    with pytest.raises(UiError, match="'single' is skipped: width 32 does not fit"):
+        embedding_tools_handlers.mix_embedding(session, label, "bad", "pa + single")

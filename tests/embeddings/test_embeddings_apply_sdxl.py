@@ -117,3 +117,21 @@ def test_embedding_kinds_that_cannot_apply_are_skipped_with_the_reason(tiny_sdxl
 
 def skipped_of(library: EmbeddingLibrary, model) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return usable_embeddings(library, model.context_width, sdxl=model.is_sdxl)[1]
+
+
+def test_sdxl_pair_with_swapped_halves_is_skipped_not_split_across_encoders(tiny_sdxl, tmp_path: Path) -> None:
+    # The tiny SDXL's clip_l is 32 wide and clip_g 48: a pair of 48 + 32 has the right total, the wrong halves.
+    save_embedding(Embedding("swapped", {"clip_l": torch.ones(1, 48), "clip_g": torch.ones(1, 32)}),
+                   tmp_path / "swapped.safetensors")
+    save_embedding(_sdxl_embedding("rightway", 1), tmp_path / "rightway.safetensors")
+    library = EmbeddingLibrary([tmp_path])
+    library.refresh()
+    assert tiny_sdxl.encoder_widths == (32, 48)
+    usable, skipped = usable_embeddings(library, tiny_sdxl.context_width, sdxl=True,
+                                        encoder_widths=tiny_sdxl.encoder_widths)
+    assert set(usable) == {"rightway"}
+    assert skipped["swapped"] == ("its halves are clip_l 48 and clip_g 32 wide, the model's encoders 32 and 48 "
+                                  "(the halves are swapped)")
+    params = GenerationParams(prompt="a swapped", steps=2, seed=1, width=64, height=64, sampler="DDIM")
+    result = txt2img(tiny_sdxl, params, skipped_embeddings=skipped)
+    assert any("swapped" in w and "halves" in w for w in result.warnings)

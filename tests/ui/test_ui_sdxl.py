@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from sdconcepts import Embedding, save_embedding
@@ -99,3 +100,75 @@ def test_cards_follow_the_chosen_model_kind_before_it_loads(tiny_sdxl, tiny_sdxl
     # Loaded, the model itself answers: the same lists.
     handlers.generate(session, "xl.safetensors", handlers.generation_params("xlemb", "", "Euler", 1, 7, 1, 64, 64, 1, 1))
     assert listed("xl.safetensors")[0] == ["xlemb"]
+
+
+def _learned_sdxl(tiny_sdxl_dir: Path, folder: Path) -> Path:
+    """The tiny SDXL with 60 tokens 'learned' alike in both token tables (its own are random rows, between which no
+    map can be fitted): clip_l's rows scaled up, clip_g's a linear image of them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_sdxl_dir, folder)
+    learned = torch.arange(1000, 1600, 10)
+    rows = None
+    for encoder in ("text_encoder", "text_encoder_2"):
+        path = folder / encoder / "model.safetensors"
+        weights = load_file(str(path))
+        key = next(k for k in weights if k.endswith("embeddings.token_embedding.weight"))
+        table = weights[key]
+        if rows is None:
+            table[learned] *= 5
+            rows = table[learned].clone()
+        else:
+            table[learned] = rows @ (torch.randn(32, 48, generator=torch.Generator().manual_seed(0)) * 0.3)
+        save_file(weights, str(path))
+    return folder
+
+
+def test_sd1_embedding_converted_for_sdxl_from_card_tools_and_on_the_fly(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    import html
+    import re
+
+    from sdconcepts.embeddings.files import load_embedding
+    from sdconcepts.generation import parse_infotext
+    from sdconcepts.ui import embedding_tools_handlers
+    from sdconcepts.ui.ui_session import UiError
+
+    model = _learned_sdxl(tiny_sdxl_dir, tmp_path / "xl")
+    embeddings = tmp_path / "embeddings"
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(1)) * 0.1  # as wide as the SDXL's clip_l
+    save_embedding(Embedding("oldword", vectors), embeddings / "oldword.pt")
+    session = UiSession(UiConfig(ckpt=model, embeddings_dirs=[embeddings], device="cpu",
+                                 hash_cache=tmp_path / "cache" / "hashes.json"))
+    label = str(model)
+    # The skipped card offers the conversion (the button carries the file for javascript/sdconcepts.js).
+    view = handlers.embedding_cards_view(session, model_label=label)
+    assert "oldword" in view.skipped_html and "sdconcepts-skipped-convert" in view.skipped_html
+    assert re.search(r'data-path="([^"]+)"', view.skipped_html)[1] == html.escape(str(embeddings / "oldword.pt"))  # type: ignore[index]
+
+    def run(prompt: str) -> handlers.GenerateOutput:
+        return handlers.generate(session, label, handlers.generation_params(prompt, "", "DDIM", 2, 5, 3, 64, 64, 1, 1))
+
+    skipped = run("a oldword")
+    assert any("oldword" in w and "skipped" in w for w in skipped.warnings)
+    session.convert_sd1_on_sdxl = True  # the setting (off by default)
+    converted_run = run("a oldword")
+    assert converted_run.warnings == []
+    fields = parse_infotext(converted_run.first_infotext)[2]
+    assert fields["TI converted"] == "oldword (SD 1.x -> SDXL)" and "oldword" in fields["TI hashes"]
+    assert not np.array_equal(np.asarray(skipped.images[0]), np.asarray(converted_run.images[0]))
+    assert list((tmp_path / "cache" / "token-maps").glob("*.safetensors"))  # the fitted map, cached
+    # The tools panel's convert (what the card's button clicks): clip_l is the original vectors exactly.
+    path = embedding_tools_handlers.convert_embedding(session, label, str(embeddings / "oldword.pt"))
+    written = load_embedding(path)
+    assert path.name == "oldword_xl.safetensors" and written.is_sdxl
+    assert torch.equal(written.vectors["clip_l"], vectors)  # type: ignore[index]
+    assert "oldword_xl" in handlers.embedding_cards_view(session, model_label=label).cards_html
+    session.convert_sd1_on_sdxl = False
+    from_file = run("a oldword_xl")
+    assert np.array_equal(np.asarray(from_file.images[0]), np.asarray(converted_run.images[0]))
+    with pytest.raises(UiError, match="already an SDXL embedding"):
+        embedding_tools_handlers.convert_embedding(session, label, "oldword_xl", "again")
+    with pytest.raises(UiError, match="already exists"):
+        embedding_tools_handlers.convert_embedding(session, label, "oldword")
