@@ -71,9 +71,12 @@ run_test() {
 print("python", sys.version.split()[0], "gradio", gradio.__version__, "fastapi", fastapi.__version__,
       "transformers", transformers.__version__, "diffusers", diffusers.__version__, "numpy", numpy.__version__,
       "Pillow", PIL.__version__)')"
+    # Only what a host serves on its gradio: our tab in the hosted layout (txt2img, cards, Train). The standalone
+    # page and its img2img/Inpaint tabs run on this project's own gradio only (the main browser run covers them).
     SDCONCEPTS_APP_PYTHON=$venv/bin/python SDCONCEPTS_BROWSER_OUTPUT=$ROOT/tests/browser/output/$name \
-        SDCONCEPTS_BROWSER_MODES=standalone,hosted \
-        "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider -m browser tests/browser
+        SDCONCEPTS_BROWSER_MODES=hosted \
+        "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider -m browser tests/browser \
+        --ignore=tests/browser/test_img2img_tab.py
 }
 
 status=0
