@@ -10,6 +10,7 @@ embedders are wrapped (``.wrapped.``).
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -38,17 +39,23 @@ class _Held:
         return dict(self.state)
 
 
-def _forge_clip(weights: dict[str, torch.Tensor], config: Any) -> torch.nn.Module:
+def _forge_clip(weights: dict[str, torch.Tensor], config: Any, *, old: bool = False) -> torch.nn.Module:
+    """Forge's IntegratedCLIP (the projection an nn.Linear on the transformer); ``old``: ldm_patched's SDClipModel of
+    reForge/Forge-Classic (the projection a Parameter beside the transformer, applied as ``pooled @ P``; identity
+    where the file has none)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     clip = torch.nn.Module()
     clip.transformer = CLIPTextModel(CLIPTextConfig(**config))
     width = clip.transformer.config.hidden_size
     projection = weights.pop("text_projection.weight", None)
-    clip.transformer.text_projection = torch.nn.Linear(width, width if projection is None else projection.shape[0],
-                                                       bias=False)
+    if old:
+        clip.text_projection = torch.nn.Parameter(torch.eye(width) if projection is None else projection.t().clone())
+    else:
+        clip.transformer.text_projection = torch.nn.Linear(
+            width, width if projection is None else projection.shape[0], bias=False)
     weights = cf.match_text_encoder_keys(weights, clip.transformer.state_dict().keys())
-    if projection is not None:
+    if projection is not None and not old:
         weights["text_projection.weight"] = projection
     missing, unexpected = clip.transformer.load_state_dict(weights, strict=False)
     # Forge loads no projection for CLIP-L (its files have none): that Linear keeps its random initial weights.
@@ -56,43 +63,66 @@ def _forge_clip(weights: dict[str, torch.Tensor], config: Any) -> torch.nn.Modul
     return clip
 
 
-def _forge_objects(path: Path) -> Any:
-    """forge_objects as Forge builds them from the file: LDM UNet and VAE, CLIPTextModels under clip.cond_stage_model."""
+class _ModelType(enum.Enum):
+    """ldm_patched's ``model_base.ModelType`` (the members old Forge's UNet names its prediction with)."""
+
+    EPS = 1
+    V_PREDICTION = 2
+    V_PREDICTION_EDM = 3
+
+
+def _forge_objects(path: Path, *, old: bool = False) -> Any:
+    """forge_objects as Forge builds them from the file: LDM UNet and VAE, CLIPTextModels under clip.cond_stage_model.
+    ``old``: as reForge/Forge-Classic (ldm_patched) hold them."""
     state, metadata = cf.read_checkpoint_with_metadata(path)
     configs = cf.infer_configs(state, metadata=metadata)
     parts, _ = cf.split_checkpoint(state, configs)
     joint = torch.nn.Module()
     encoders = [("text_encoder", configs.text_encoder), ("text_encoder_2", configs.text_encoder_2)]
     for name, (part, config) in zip(FORGE_NAMES[configs.family], encoders, strict=False):
-        joint.add_module(name, _forge_clip({k: v.clone() for k, v in parts[part].items()}, config))
+        joint.add_module(name, _forge_clip({k: v.clone() for k, v in parts[part].items()}, config, old=old))
     unet = {k[len(cf.UNET_PREFIX):]: v.clone() for k, v in state.items() if k.startswith(cf.UNET_PREFIX)}
     vae = {k[len(VAE_PREFIX):]: v.clone() for k, v in state.items() if k.startswith(VAE_PREFIX)}
+    prediction = ({"model_type": _ModelType.EPS} if old
+                  else {"predictor": SimpleNamespace(prediction_type="epsilon")})
     return SimpleNamespace(
-        unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=_Held(unet), predictor=SimpleNamespace(
-            prediction_type="epsilon"))),
+        unet=SimpleNamespace(model=SimpleNamespace(diffusion_model=_Held(unet), **prediction)),
         vae=SimpleNamespace(first_stage_model=_Held(vae)),
         clip=SimpleNamespace(cond_stage_model=joint),
     )
 
 
-def test_forge_objects_give_a_view_that_aliases_them_and_encodes_as_the_file(tiny_family_file: tuple[str, Path]) -> None:
+@pytest.mark.parametrize("old", [False, True], ids=["forge", "old-forge"])
+def test_forge_objects_give_a_view_that_aliases_them_and_encodes_as_the_file(tiny_family_file: tuple[str, Path],
+                                                                            old: bool) -> None:
     family, path = tiny_family_file
-    objects = _forge_objects(path)
+    objects = _forge_objects(path, old=old)
     state, encoders, got = views.forge_weights(objects)
     assert got == family and encoders is not None and len(encoders) == len(FORGE_NAMES[family])
     _, metadata = cf.read_checkpoint_with_metadata(path)
     view = model_sharing_weights(state, name="forge", text_encoders=encoders, family=got, metadata=metadata)
     for name, module in zip(FORGE_NAMES[family], view.text_encoders, strict=True):
-        forge = getattr(objects.clip.cond_stage_model, name).transformer
-        held = {t.untyped_storage().data_ptr() for t in forge.state_dict().values()}
+        forge = getattr(objects.clip.cond_stage_model, name)
+        held = {t.untyped_storage().data_ptr() for t in forge.state_dict().values()}  # old Forge: + its projection
         assert all(p.untyped_storage().data_ptr() in held for p in module.parameters()), name
     if family == "sdxl":
-        forge_g = objects.clip.cond_stage_model.clip_g.transformer
-        assert view.text_encoder_2.text_projection.weight.data_ptr() == forge_g.text_projection.weight.data_ptr()
+        held_g = objects.clip.cond_stage_model.clip_g
+        projection = held_g.text_projection if old else held_g.transformer.text_projection.weight
+        assert view.text_encoder_2.text_projection.weight.data_ptr() == projection.data_ptr()
     reference = load_model(path, device="cpu", dtype=torch.float32)
     prompts = ["a red circle", "a blue square on grass"]
     assert_outputs_close(TrainingModel(view).encode_text(prompts), TrainingModel(reference).encode_text(prompts))
     assert views.forge_prediction(objects) == "epsilon"
+
+
+def test_old_forge_prediction_types_from_ldm_patched_model_type() -> None:
+    def objects(member: _ModelType) -> Any:
+        return SimpleNamespace(unet=SimpleNamespace(model=SimpleNamespace(model_type=member)))
+
+    assert views.forge_prediction(objects(_ModelType.EPS)) == "epsilon"
+    assert views.forge_prediction(objects(_ModelType.V_PREDICTION)) == "v_prediction"
+    with pytest.raises(views.UnsupportedHostModel, match="predicts V_PREDICTION_EDM; training on it supports"):
+        views.forge_prediction(objects(_ModelType.V_PREDICTION_EDM))
 
 
 @pytest.mark.parametrize(("names", "says"), [
