@@ -21,7 +21,11 @@ __all__ = [
     "MAX_GRADIENT_ACCUMULATION",
     "MAX_HYPERNETWORK_BYTES",
     "MAX_IMAGE_SIDE",
+    "MAX_JSON_DEPTH",
     "MAX_LAYER_FACTOR",
+    "MAX_MASK_BLUR",
+    "MAX_PROMPT_CHARS",
+    "MAX_PROMPT_CHUNKS",
     "MAX_SOURCE_PIXELS",
     "MAX_TRAIN_BATCH_SIZE",
     "available_memory",
@@ -48,6 +52,15 @@ MAX_HYPERNETWORK_BYTES = 1 << 30
 # Source images for preprocessing and training are decoded only below PIL's own decompression-bomb threshold
 # (about 89.5 megapixels, a 9459 x 9459 image); the size is read from the file header first.
 MAX_SOURCE_PIXELS = 89_478_485
+# Prompts and captions: A1111 reads any length, but every 75 tokens are one more text-encoder pass and one more
+# 77-token block every attention layer reads at every step. 32768 characters are a few thousand tokens, far beyond
+# any prompt written by hand; 64 chunks (4800 tokens) bound what BREAK can make of them. Checked before tokenizing.
+MAX_PROMPT_CHARS = 32_768
+MAX_PROMPT_CHUNKS = 64
+# A1111's mask blur slider ends at 64; a larger sigma costs time in the kernel's length (5 sigma) per pixel.
+MAX_MASK_BLUR = 64
+# JSON we read (user metadata, the hash cache) is a few levels deep; deeper nesting is refused, never recursed into.
+MAX_JSON_DEPTH = 64
 
 # Live activations per latent pixel, in units of the UNet's first block width (a conv input, its output and the
 # residual: a lower bound), and at full resolution in units of the VAE decoder's last block width.

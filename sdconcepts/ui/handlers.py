@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from sdconcepts.embeddings.library import usable_embeddings
-from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
+from sdconcepts.generation import SAMPLERS, SEED_LIMIT, GenerationError, GenerationParams
 from sdconcepts.images import next_image_path, save_png
 from sdconcepts.ui.cards import (
     PAGE_SIZE,
@@ -328,8 +328,8 @@ def generation_params(
     if sampler not in SAMPLERS:
         raise UiError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     seed_value = _whole(seed if seed not in (None, "") else -1, "Seed")
-    if seed_value > MAX_SEED:
-        raise UiError(f"Seed must be at most {MAX_SEED}, got {seed_value}")
+    if seed_value > SEED_LIMIT:
+        raise UiError(f"Seed must be at most {SEED_LIMIT}, got {seed_value}")
     try:
         cfg = float(cfg_scale)
     except (TypeError, ValueError):
