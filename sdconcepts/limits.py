@@ -21,6 +21,7 @@ __all__ = [
     "MAX_GRADIENT_ACCUMULATION",
     "MAX_HYPERNETWORK_BYTES",
     "MAX_IMAGE_SIDE",
+    "MAX_INFOTEXT_CHARS",
     "MAX_JSON_DEPTH",
     "MAX_LAYER_FACTOR",
     "MAX_MASK_BLUR",
@@ -57,6 +58,8 @@ MAX_SOURCE_PIXELS = 89_478_485
 # any prompt written by hand; 64 chunks (4800 tokens) bound what BREAK can make of them. Checked before tokenizing.
 MAX_PROMPT_CHARS = 32_768
 MAX_PROMPT_CHUNKS = 64
+# An infotext holds two prompts and a line of fields: a longer one (PNG Info reads any file) was not written by us.
+MAX_INFOTEXT_CHARS = 2 * MAX_PROMPT_CHARS + 16_384
 # A1111's mask blur slider ends at 64; a larger sigma costs time in the kernel's length (5 sigma) per pixel.
 MAX_MASK_BLUR = 64
 # JSON we read (user metadata, the hash cache) is a few levels deep; deeper nesting is refused, never recursed into.

@@ -14,30 +14,29 @@ from __future__ import annotations
 import logging
 import random
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from sdconcepts.limits import MAX_IMAGE_SIDE, MAX_SOURCE_PIXELS
+from sdconcepts.images import ImageProblem, open_image
+from sdconcepts.limits import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS
+from sdconcepts.safe_load import UnsafeFileError, open_regular
 from sdconcepts.training.templates import fill_template
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DatasetError",
-    "ImageProblem",
     "ImageRecord",
     "LatentSampling",
     "TrainingBatch",
     "TrainingDataset",
     "filewords_for",
-    "open_image",
     "read_caption",
     "read_images",
 ]
@@ -52,18 +51,22 @@ class DatasetError(ValueError):
     """A dataset folder that cannot be trained on (missing, no images)."""
 
 
-class ImageProblem(ValueError):
-    """One image file that cannot be used; the message is the reason (the caller names the file)."""
-
-
 def read_caption(path: Path) -> tuple[str, str | None]:
     """A caption file's text, and a warning when it is not UTF-8.
 
     A1111 reads captions as UTF-8 and stops the whole run on one that is not. A caption that is not UTF-8 is almost
     always legacy Windows text, so it is read as Windows-1252 (Latin-1 where that leaves a byte undefined): its
-    words reach the prompt intact and the warning says so. A UTF-8 byte-order mark is dropped.
+    words reach the prompt intact and the warning says so. A UTF-8 byte-order mark is dropped. A caption over
+    ``MAX_PROMPT_CHARS`` (a prompt's bound) or a file that is not a regular file is an ImageProblem: its picture is
+    skipped with the reason, before the text is read whole (a 10 MB caption took 6.6 GB to encode).
     """
-    data = path.read_bytes()
+    try:
+        with open_regular(path) as handle:
+            data = handle.read(4 * MAX_PROMPT_CHARS + 4)
+    except UnsafeFileError as exc:
+        raise ImageProblem(f"caption {str(exc).removeprefix(f'{path}: ')}") from None
+    if len(data) > MAX_PROMPT_CHARS and len(data.decode("utf-8", "replace")) > MAX_PROMPT_CHARS:
+        raise ImageProblem(f"caption {path.name} longer than {MAX_PROMPT_CHARS} characters")
     try:
         return data.decode("utf-8-sig"), None
     except UnicodeDecodeError as exc:
@@ -72,37 +75,6 @@ def read_caption(path: Path) -> tuple[str, str | None]:
         except UnicodeDecodeError:
             text = data.decode("latin-1")
         return text, f"{path.name} (caption not UTF-8 at byte {exc.start}; read as Windows-1252/Latin-1)"
-
-
-_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
-
-
-def open_image(path: Path, *, max_pixels: int = MAX_SOURCE_PIXELS) -> Image.Image:
-    """The fully decoded image at ``path``, or ImageProblem with the reason.
-
-    The size is read from the header first: an image over ``max_pixels`` is refused before its pixels are decoded
-    (PIL itself refuses beyond twice its limit with DecompressionBombError, also reported as too large).
-    """
-    try:
-        with warnings.catch_warnings():
-            # Our own limit below decides, with the image's size in the message.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise ImageProblem(f"image too large: {width}×{height} > {max_pixels} pixels")
-                opened.load()
-                return opened.copy()
-    except Image.DecompressionBombError as exc:
-        found = _BOMB_PIXELS.search(str(exc))
-        size = f"{found.group(1)} pixels" if found else "too many pixels"
-        raise ImageProblem(f"image too large: {size} > {max_pixels} pixels") from None
-    except UnidentifiedImageError:
-        raise ImageProblem("not an image PIL can read") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        if isinstance(exc, ImageProblem):
-            raise
-        raise ImageProblem(f"unreadable image: {str(exc).strip() or type(exc).__name__}") from None
 
 
 @dataclass(frozen=True)
@@ -188,6 +160,10 @@ def read_images(
             continue
         try:
             filewords = filewords_for(path, filename_regex=filename_regex, join_string=join_string)
+        except ImageProblem as exc:
+            skipped.append(f"{path.name} ({exc})")
+            log.warning("skipped %s: %s", path, exc)
+            continue
         except OSError as exc:
             skipped.append(f"{path.name} (caption unreadable: {exc.strerror or exc})")
             log.warning("skipped %s: caption unreadable: %s", path, exc)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from sdconcepts.images import ImageProblem, open_image
 from sdconcepts.limits import MAX_IMAGE_SIDE, MAX_SOURCE_PIXELS
-from sdconcepts.training.dataset import ImageProblem, open_image, read_caption
+from sdconcepts.training.dataset import read_caption
 from sdconcepts.ui.ui_session import UiError
 
 __all__ = ["CAPTION_ACTIONS", "PreprocessReport", "PreprocessSettings", "caption_from_name", "preprocess_images",
