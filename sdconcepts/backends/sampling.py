@@ -329,6 +329,13 @@ def sample_latents(
                 uncond = torch.zeros_like(uncond)
             rows = ([uncond] * batch if guided else []) + [conds[key[0]]] * batch
             hidden = stack_conds(rows, empty).to(model.device, model.dtype)
+            if not bool(torch.isfinite(hidden).all()):
+                # Said before sampling: after it, "NaN values" would point at the sampler or the weights' precision.
+                raise GenerationError(
+                    "the prompt's conditioning has NaN or infinite values: an emphasis weight too large for "
+                    f"{str(model.dtype).removeprefix('torch.')} (e.g. many nested brackets), or an embedding with "
+                    "such values"
+                )
             added = None
             if pooled is not None:
                 pooled_uncond = torch.zeros_like(pooled[key[1]]) if zero_uncond else pooled[key[1]]
