@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, int_at_least
+from sdconcepts.cli.arguments import CommandError, check_folder, existing_dir, existing_path, int_at_least
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding
 from sdconcepts.embeddings.library import EmbeddingLibrary
 from sdconcepts.embeddings.tools import (
@@ -128,8 +128,15 @@ def _model(args: argparse.Namespace) -> Any:
         raise CommandError(str(exc)) from exc
 
 
+def _out_dir(args: argparse.Namespace) -> Path:
+    """Where the new file goes, checked before any work (a file there was a traceback after the work)."""
+    folder: Path = args.out_dir or (_folders(args) or [Path("embeddings")])[0]
+    check_folder(folder, "--out-dir" if args.out_dir else "the embeddings folder")
+    return folder
+
+
 def _write(args: argparse.Namespace, vectors: Any, model: Any | None) -> Path:
-    folder = args.out_dir or (_folders(args) or [Path("embeddings")])[0]
+    folder = _out_dir(args)
     try:
         return write_embedding(folder, args.name, vectors, suffix=f".{args.format}", overwrite=args.overwrite,
                                sd_checkpoint=getattr(model, "short_hash", None) if model is not None else None,
@@ -158,6 +165,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_mix(args: argparse.Namespace) -> int:
+    _out_dir(args)
     try:
         terms = [term for group in parse_mix(args.expression) for term in group]
         # The model is loaded only for words (its vocabulary) and to record which model the words came from.
@@ -170,6 +178,7 @@ def run_mix(args: argparse.Namespace) -> int:
 
 
 def run_edit(args: argparse.Namespace) -> int:
+    _out_dir(args)
     _name, vectors = _source(args, args.source)
     try:
         kept = select_vectors(vectors, keep=args.keep, drop=args.drop)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.cli.arguments import CommandError
+from sdconcepts.cli.arguments import CommandError, check_folder
 from sdconcepts.embeddings.files import (
     EMBEDDING_SUFFIXES,
     EmbeddingFileError,
@@ -50,6 +51,7 @@ def add_file_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("src", type=Path, metavar="SRC", help="an embedding file")
     p.add_argument("dst", type=Path, metavar="DST", help=f"the file to write ({', '.join(EMBEDDING_SUFFIXES)})")
     p.add_argument("--name", default=None, help="the name to store (default: DST's file name without extension)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.set_defaults(func=run_convert)
 
 
@@ -168,7 +170,17 @@ def _hypernetwork_row(path: Path, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    src: Path = args.src
     dst: Path = args.dst
+    # As the other writing commands: nothing is replaced silently, and never the file being read.
+    if os.path.lexists(dst):
+        if src.exists() and (os.path.samefile(src, dst) if dst.exists() else False):
+            raise CommandError(f"{dst}: SRC and DST are the same file; write the converted file under another name")
+        if not args.overwrite:
+            raise CommandError(f"{dst} already exists (use --overwrite to replace it)")
+        if dst.is_dir():
+            raise CommandError(f"{dst}: a folder, not a file")
+    check_folder(dst.parent, "DST's folder")
     try:
         embedding = load_embedding(args.src)
         name = args.name if args.name is not None else dst.stem

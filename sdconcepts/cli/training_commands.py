@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sdconcepts.cli.arguments import CommandError, existing_path, int_at_least, positive_int
+from sdconcepts.cli.arguments import CommandError, check_folder, existing_path, int_at_least, positive_int
 from sdconcepts.embeddings.files import EmbeddingFileError
 from sdconcepts.file_names import InvalidNameError, target_path
 from sdconcepts.generation import GenerationError
@@ -260,6 +260,7 @@ def run_create_hypernetwork(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    check_folder(Path(args.log_dir), "--log-dir")
     fields: dict[str, Any] = {
         "dataset": str(args.dataset),
         "learn_rate": args.learn_rate,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdconcepts.atomic_files import describe_os_error
 from sdconcepts.training.loop import TrainingEvent
 from sdconcepts.training.outputs import draw_loss_plot
 from sdconcepts.ui.ui_session import UiError
@@ -88,6 +89,8 @@ class TrainingJobs:
                     self._drive(job, run, step_lock=None)
             else:
                 self._drive(job, run, step_lock=self.model_lock)
+        except OSError as exc:  # a full disk while saving the .pt, the loss CSV or a preview: one line, not errno
+            job.error = describe_os_error(exc)
         except Exception as exc:  # noqa: BLE001 - whatever stops the run is shown to the user, not lost in a thread
             job.error = str(exc) or type(exc).__name__
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig
 from sdconcepts.training.loop import TrainingEvent
+from sdconcepts.training.outputs import LossLog
 from sdconcepts.ui import handlers, train_handlers, train_jobs
 from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
@@ -364,3 +366,15 @@ def test_preprocess_resizes_flips_splits_and_captions(tmp_path: Path) -> None:
         preprocess_images(tmp_path / "missing", out, settings)
     with pytest.raises(UiError, match="^destination directory"):
         preprocess_images(source, source, settings)
+
+
+def test_a_full_disk_ends_a_web_run_with_one_line(tmp_path: Path) -> None:
+    def run(_stop: threading.Event) -> Iterator[TrainingEvent]:
+        # The run's loss CSV on /dev/full: the kernel's own ENOSPC, as a full disk gives it (a raw OSError before).
+        LossLog(Path("/dev/full")).add(1, 0, 1, 0.5, 0.005)
+        yield from ()
+
+    jobs = train_jobs.TrainingJobs(threading.Lock())
+    job = jobs.start("embedding", "toytri", 4, run)
+    assert job.wait(30)
+    assert job.error == "/dev/full: No space left on device (the disk is full); files saved before are kept"
