@@ -27,6 +27,7 @@ __all__ = [
     "MAX_MASK_BLUR",
     "MAX_PROMPT_CHARS",
     "MAX_PROMPT_CHUNKS",
+    "MAX_SCAN_ENTRIES",
     "MAX_SOURCE_PIXELS",
     "MAX_TRAIN_BATCH_SIZE",
     "available_memory",
@@ -62,6 +63,9 @@ MAX_PROMPT_CHUNKS = 64
 MAX_INFOTEXT_CHARS = 2 * MAX_PROMPT_CHARS + 16_384
 # A1111's mask blur slider ends at 64; a larger sigma costs time in the kernel's length (5 sigma) per pixel.
 MAX_MASK_BLUR = 64
+# A library folder scan (embeddings, hypernetworks) stops after this many directory entries: tens of thousands of
+# files are a big library, a million entries are a disk reached through a link.
+MAX_SCAN_ENTRIES = 200_000
 # JSON we read (user metadata, the hash cache) is a few levels deep; deeper nesting is refused, never recursed into.
 MAX_JSON_DEPTH = 64
 
