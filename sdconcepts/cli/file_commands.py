@@ -67,7 +67,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         for key, value in info.items():
             if value is not None:
-                print(f"{key}: {_text(value)}")
+                print(f"{key}: {printable(_text(value))}")
     return 0
 
 
@@ -133,8 +133,8 @@ def _inspect_folder(folder: Path, width: int | None, *, as_json: bool) -> int:
             shape = f"hypernetwork {', '.join(str(w) for w in row['widths'] or ())}".rstrip()
         else:
             shape = f"{row['vectors']}v x {row['width']}" if row["vectors"] is not None else "-"
-        line = f"{row['name']}\t{shape}\t{row['short_hash'] or '-'}\t{row['path']}"
-        print(f"{line}\tSKIPPED: {row['skipped']}" if row["skipped"] else line)
+        line = "\t".join(printable(str(v)) for v in (row["name"], shape, row["short_hash"] or "-", row["path"]))
+        print(f"{line}\tSKIPPED: {printable(row['skipped'])}" if row["skipped"] else line)
     embeddings = sum(1 for row in rows if row["kind"] == "embedding" and row["skipped"] is None)
     hypernetworks = sum(1 for row in rows if row["kind"] == "hypernetwork" and row["skipped"] is None)
     skipped = sum(1 for row in rows if row["skipped"] is not None)
@@ -189,6 +189,13 @@ def run_convert(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     print(written)
     return 0
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (escape sequences, newlines, tabs, ...) written as
+    Python's escape: a file named ``"\x1b]0;pwned\x07"`` or ``"x\nSKIPPED: ..."`` cannot set the terminal's title,
+    clear the screen or forge a row of the listing."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _reason(message: str, path: Path) -> str:

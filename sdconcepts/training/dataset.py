@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import regex  # type: ignore[import-untyped]
 import torch
 from PIL import Image
 from torch import Tensor
@@ -36,6 +37,7 @@ __all__ = [
     "LatentSampling",
     "TrainingBatch",
     "TrainingDataset",
+    "filename_matches",
     "filewords_for",
     "read_caption",
     "read_images",
@@ -111,8 +113,27 @@ def filewords_for(path: Path, *, filename_regex: str = "", join_string: str = " 
         return text
     text = re.sub(r"^[-\d]+\s*", "", path.stem)
     if filename_regex:
-        text = join_string.join(re.findall(filename_regex, text))
+        text = join_string.join(filename_matches(filename_regex, text))
     return text
+
+
+# A1111 runs the user's regex with ``re``, which cannot be stopped: ``(a+)+$`` on a long name backtracks for ever.
+# The ``regex`` module (a dependency of transformers; ``re``'s syntax in its default VERSION0) takes a timeout.
+REGEX_TIMEOUT_S = 1.0
+
+
+def filename_matches(pattern: str, text: str) -> list[str]:
+    """``re.findall(pattern, text)``, or DatasetError when the pattern is invalid or runs over REGEX_TIMEOUT_S."""
+    try:
+        found: list[str] = regex.findall(pattern, text, timeout=REGEX_TIMEOUT_S)
+    except regex.error as exc:
+        raise DatasetError(f"filename regex {pattern!r} is invalid: {exc}") from None
+    except TimeoutError:
+        raise DatasetError(
+            f"filename regex {pattern!r} ran for over {REGEX_TIMEOUT_S:g} s on the name {text[:60]!r} (it backtracks "
+            "without end on some names); simplify it"
+        ) from None
+    return found
 
 
 def read_images(
@@ -138,8 +159,8 @@ def read_images(
         raise DatasetError(f"{root}: the dataset folder does not exist")
     if filename_regex:
         try:
-            re.compile(filename_regex)
-        except re.error as exc:
+            regex.compile(filename_regex)
+        except regex.error as exc:
             raise DatasetError(f"filename regex {filename_regex!r} is invalid: {exc}") from None
     records = []
     skipped: list[str] = []

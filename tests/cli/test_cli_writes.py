@@ -84,3 +84,22 @@ def test_an_error_of_the_system_is_one_line(tmp_path: Path, capsys: pytest.Captu
     assert info.value.errno == errno.ENOSPC
     assert describe_os_error(info.value).endswith("No space left on device (the disk is full); files saved before "
                                                   "are kept")
+
+
+def test_inspect_prints_file_names_without_terminal_control_characters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _embedding(tmp_path / "\x1b]0;pwned\x07.pt")  # sets the terminal's title when printed raw
+    _embedding(tmp_path / "x\nSKIPPED: forged.pt")  # a newline forged a row of the listing
+    _embedding(tmp_path / "clear\x1b[2J.pt")
+    _embedding(tmp_path / "café.pt")
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    rows = out.strip().split("\n")
+    assert len(rows) == 4 and not any("\tSKIPPED: " in row for row in rows)
+    assert any(row.startswith("\\x1b]0;pwned\\x07\t") for row in rows)
+    assert any(row.startswith("x\\nSKIPPED: forged\t") for row in rows)
+    assert any(row.startswith("café\t") for row in rows)  # printable letters stay as they are
+    assert main(["inspect", str(tmp_path / "clear\x1b[2J.pt")]) == 0
+    assert "\x1b" not in capsys.readouterr().out

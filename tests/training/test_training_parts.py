@@ -31,7 +31,7 @@ from sdconcepts.training import (
     sanitize_name,
     training_loop,
 )
-from sdconcepts.training.dataset import filewords_for
+from sdconcepts.training.dataset import DatasetError, filewords_for
 from sdconcepts.training.outputs import LossLog, draw_loss_plot
 from sdconcepts.training.templates import fill_template
 
@@ -189,6 +189,36 @@ def test_read_images_captions_filenames_and_regex(tmp_path: Path) -> None:
     assert filewords_for(tmp_path / "00012-a red circle.png", filename_regex=r"\w+", join_string="_") == "a_red_circle"
     with pytest.raises(ValueError, match="no images"):
         read_images(_empty(tmp_path), width=8, height=8)
+
+
+def test_a_backtracking_filename_regex_is_stopped_with_one_line(tmp_path: Path) -> None:
+    _image(tmp_path / ("a" * 60 + "!.png"), (8, 8), (255, 0, 0))
+    outcome: list[object] = []
+
+    def read(pattern: str) -> object:
+        outcome.clear()
+
+        def run() -> None:
+            try:
+                outcome.append(read_images(tmp_path, width=8, height=8, filename_regex=pattern))
+            except DatasetError as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(20)  # re.findall ran for ever: 2**60 ways to split the name
+        assert not worker.is_alive(), f"the filename regex {pattern} was not stopped"
+        return outcome[0]
+
+    # The issue's pattern: the regex engine finds at once that it cannot match (A1111's words: none).
+    (record,) = read("(a+)+$")  # type: ignore[misc]
+    assert record.filewords == ""
+    # One that backtracks there too is stopped at its timeout, with the run refused in one line.
+    error = read("(a|aa)+$")
+    assert isinstance(error, DatasetError) and "ran for over 1 s on the name 'aaaa" in str(error)
+    assert "simplify it" in str(error) and "\n" not in str(error)
+    with pytest.raises(DatasetError, match="is invalid"):
+        read_images(tmp_path, width=8, height=8, filename_regex="(")
 
 
 def _empty(tmp_path: Path) -> Path:
