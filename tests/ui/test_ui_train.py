@@ -72,6 +72,36 @@ def test_bad_settings_name_their_field_and_start_nothing(dataset: Path, tmp_path
     assert isinstance(config, HypernetworkTrainingConfig) and errors == {}
 
 
+def test_paths_no_system_takes_and_fractional_numbers_are_named_in_one_line(dataset: Path, tmp_path: Path) -> None:
+    roots = [tmp_path, dataset]
+    long = str(tmp_path / ("d" * 200) / ("e" * 6000))
+    for key, value, reason in (
+        ("dataset", str(tmp_path / "a\x00b"), "dataset directory: contains a NUL character"),  # was "embedded null byte"
+        ("log_directory", long, "log directory: 6"),  # was "[Errno 36] File name too long"
+        ("dataset", str(tmp_path / ("n" * 300)), "dataset directory: a name in it is 300 bytes long; names end at 255"),
+    ):
+        config, errors = train_handlers.training_config("embedding", "toy", _fields(dataset, tmp_path, **{key: value}),
+                                                        roots=roots)
+        assert config is None and list(errors) == [key] and errors[key].startswith(reason), errors
+        assert "\n" not in errors[key]
+    for value, message in ((1.5, "batch size must be a whole number, got 1.5"),
+                           (float("nan"), "batch size must be a whole number, got nan")):
+        config, errors = train_handlers.training_config("embedding", "toy",
+                                                        _fields(dataset, tmp_path, batch_size=value))
+        assert config is None and errors == {"batch_size": message}
+
+
+def test_preprocess_and_create_refuse_such_values_too(session: UiSession, tiny_model_dir: Path,
+                                                       tmp_path: Path) -> None:
+    session.train_roots = lambda: [tmp_path]  # type: ignore[method-assign]
+    with pytest.raises(UiError, match="^source directory: contains a NUL character"):
+        train_handlers.preprocess(session, str(tmp_path / "x\x00"), str(tmp_path / "out"), None)
+    for vectors, shown in ((1.5, "1.5"), (float("nan"), "nan")):  # 1.5 became 1 vector, NaN a Python error
+        with pytest.raises(UiError, match=f"^vectors per token must be a whole number, got {shown}$"):
+            train_handlers.create_embedding(session, str(tiny_model_dir), "toy", "", vectors, False)
+    assert not (tmp_path / "embeddings").exists()
+
+
 # -- create -------------------------------------------------------------------------------------------------------
 
 
