@@ -359,7 +359,7 @@ def test_model_shape_from_files_and_from_the_loaded_model(tiny_model_dir: Path, 
 def test_preprocess_resizes_flips_splits_and_captions(tmp_path: Path) -> None:
     from PIL import Image
 
-    from sdconcepts.ui.train_preprocess import PreprocessSettings, caption_from_name, preprocess_images
+    from sdconcepts.ui.train_preprocess import PreprocessSettings, caption_from_name, preprocess_images, run_preprocess
 
     source = tmp_path / "in"
     source.mkdir()
@@ -391,6 +391,16 @@ def test_preprocess_resizes_flips_splits_and_captions(tmp_path: Path) -> None:
     assert [Image.open(p).size for p in kept] == [(128, 32), (40, 40)]
     assert (tmp_path / "kept" / "00000-0-12-wide_blue.txt").read_text() == "a banner\n"
     assert not (tmp_path / "kept" / "00001-0-red_band.txt").exists()
+
+    # A .gif or .tif is read as the dataset reader reads it (they were silently left out); what is not a picture is
+    # listed as skipped with its reason.
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(source / "green.gif")
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(source / "green2.tif")
+    (source / "readme.md").write_text("not a picture")
+    report = run_preprocess(source, tmp_path / "more", PreprocessSettings(width=32, height=32))
+    assert sorted(p.name for p in report.written) == ["00000-0-12-wide_blue.png", "00001-0-green.png",
+                                                      "00002-0-green2.png", "00004-0-red_band.png"]  # numbered by file, as A1111
+    assert report.skipped == ["readme.md (not an image PIL can read)"]
 
     with pytest.raises(UiError, match="^source directory"):
         preprocess_images(tmp_path / "missing", out, settings)
