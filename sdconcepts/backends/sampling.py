@@ -7,6 +7,7 @@ pure functions in the core; the prompt's conditioning is `prompt_encoder`'s, the
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,28 @@ def make_scheduler(model: LoadedModel, sampler: str) -> Any:
     return cls.from_config(config, **extra)
 
 
+def _out_of_memory_is_one_line(generate: Callable[..., GenerationResult]) -> Callable[..., GenerationResult]:
+    """The memory check runs first, but it counts a lower bound: what still fails to allocate is one line, not the
+    allocator's traceback (and what was allocated is freed with the frames that held it)."""
+
+    @functools.wraps(generate)
+    def wrapper(*args: Any, **kwargs: Any) -> GenerationResult:
+        try:
+            return generate(*args, **kwargs)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; so is the CPU allocator's refusal
+            text = str(exc)
+            if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in text \
+                    and "out of memory" not in text.lower():
+                raise
+            raise GenerationError(
+                "out of memory while generating (the device could not allocate what this request needs); "
+                "use a smaller size or batch"
+            ) from None
+
+    return wrapper
+
+
+@_out_of_memory_is_one_line
 def txt2img(
     model: LoadedModel,
     params: GenerationParams,

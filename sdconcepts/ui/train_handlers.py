@@ -142,7 +142,7 @@ def create_embedding(session: UiSession, model_label: str, name: str, init_text:
     from sdconcepts.file_names import InvalidNameError, target_path
     from sdconcepts.training.create import CreateError
 
-    count = whole_number(vectors if vectors not in (None, "") else 0, "vectors per token")
+    count = whole_number(vectors or 0, "vectors per token")
     if not str(name).strip():
         raise UiError("name: enter a name for the embedding")
     if not 1 <= count <= MAX_VECTORS:

@@ -362,6 +362,17 @@ def test_non_finite_cfg_and_conditioning_are_named_before_sampling(tiny_model) -
     assert steps == []  # refused before the first step, not after the whole run
 
 
+def test_an_allocation_that_fails_after_the_memory_check_is_one_line() -> None:
+    from sdconcepts.backends import sampling
+
+    def allocates_too_much() -> object:
+        return torch.empty(1 << 60, dtype=torch.uint8)  # the CPU allocator's real refusal
+
+    with pytest.raises(GenerationError, match="^out of memory while generating .*use a smaller size or batch$"):
+        sampling._out_of_memory_is_one_line(allocates_too_much)()  # type: ignore[arg-type]
+    assert sampling.txt2img.__wrapped__  # type: ignore[attr-defined]  # the generation goes through it
+
+
 def test_nan_output_is_an_error_not_a_black_image() -> None:
     from sdconcepts.backends.tiny import build_tiny_sd1
 
