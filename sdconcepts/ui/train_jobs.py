@@ -74,7 +74,9 @@ class TrainingJobs:
         with self._lock:
             if self.current is not None and self.current.running:
                 job = self.current
-                raise UiError(f"a {job.kind} ({job.name}) is training already; interrupt it or wait for it to end")
+                article = "an" if job.kind[:1] in "aeiou" else "a"  # "an embedding", "a hypernetwork"
+                raise UiError(f"{article} {job.kind} ({job.name}) is training already; interrupt it or wait for it "
+                              "to end")
             job = TrainingJob(kind, name, max_steps)
             job.thread = threading.Thread(target=self._work, args=(job, run, lock_whole_run),
                                           name=f"sdconcepts-train-{name}", daemon=True)

@@ -224,6 +224,13 @@ def test_stylesheet_only_styles_our_root() -> None:
     assert selectors and all(s.startswith("#sdconcepts_root ") for s in selectors), selectors
 
 
+def test_png_info_wraps_long_lines() -> None:
+    css = re.sub(r"/\*.*?\*/", "", (ROOT / "style.css").read_text(), flags=re.S)
+    rules = dict((sel.strip(), body) for sel, body in re.findall(r"([^{}]+)\{([^}]*)\}", css))
+    body = rules["#sdconcepts_root .sdconcepts-png-info pre"]
+    assert "white-space: pre-wrap" in body and "overflow-wrap: anywhere" in body
+
+
 def test_javascript_defines_one_global_and_targets_our_ids() -> None:
     js = (ROOT / "javascript" / "sdconcepts.js").read_text()
     assert set(re.findall(r"window\.(\w+)", js)) == {"sdconcepts"}
