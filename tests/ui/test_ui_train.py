@@ -211,7 +211,7 @@ def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
     while not job.steps() and time.monotonic() < deadline and job.running:
         time.sleep(0.02)
     assert job.steps(), job.error
-    with pytest.raises(UiError, match="^an embedding \(toytri\) is training already"):
+    with pytest.raises(UiError, match=r"^an embedding \(toytri\) is training already"):
         train_handlers.start_training(session, jobs, "embedding", label, "toytri", config)
     # Generation takes turns with the training steps on the shared model.
     params = handlers.generation_params("a toytri", "", "Euler a", 2, 7.0, 1, SIZE, SIZE, 1, 1)
