@@ -309,11 +309,11 @@ def run_train(args: argparse.Namespace) -> int:
         if args.kind == "embedding":
             config = EmbeddingTrainingConfig(**fields, save_image_with_embedding=args.save_image_with_embedding)
             events = train_embedding(model, args.name, config, embeddings_dir=args.embeddings_dir, stop=stop,
-                                     distributed=distributed)
+                                     distributed=distributed, preparing=True)
         else:
             hn_config = HypernetworkTrainingConfig(**fields)
             events = train_hypernetwork(model, args.name, hn_config, hypernetworks_dir=args.hypernetworks_dir,
-                                        stop=stop, distributed=distributed)
+                                        stop=stop, distributed=distributed, preparing=True)
         return _drive(events, stop, args.max_steps, distributed.is_main, tqdm)
     except errors as exc:
         raise CommandError(str(exc)) from exc
@@ -336,6 +336,10 @@ def _drive(events: Any, stop: threading.Event, max_steps: int, show: bool, tqdm:
     status = 0
     try:
         for event in events:
+            if event.kind == "preparing":
+                if show:
+                    print(f"{event.message}", file=sys.stderr)
+                continue
             if bar is None:
                 start = event.step - 1 if event.kind == "step" else event.step
                 bar = tqdm(total=max_steps, initial=start, unit="step", file=sys.stderr, disable=not show,

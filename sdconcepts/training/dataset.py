@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +238,7 @@ class TrainingDataset:
         use_alpha: bool = False,
         seed: int = 0,
         encode_batch_size: int = 1,
+        lazy: bool = False,
     ) -> None:
         if latent_sampling not in LATENT_SAMPLING:
             raise DatasetError(f"latent sampling must be one of {', '.join(LATENT_SAMPLING)}, got {latent_sampling!r}")
@@ -263,37 +264,53 @@ class TrainingDataset:
         self.groups = list(groups.values())
         self._means: list[Tensor] = []
         self._stds: list[Tensor] = []
-        self._encode_all(encode, encode_batch_size)
-        self.weights = (
-            [_alpha_weight(r.alpha, m.shape) for r, m in zip(self.records, self._means, strict=True)] if use_alpha else None
-        )
-        # Without shuffling or dropout A1111 fixes each image's text when the dataset is built.
-        rng = random.Random(_seeded(seed, "texts"))
-        self.fixed_texts = (
-            None
-            if shuffle_tags or tag_dropout
-            else [fill_template(rng.choice(self.lines), name=name, filewords=r.filewords) for r in self.records]
-        )
+        self._use_alpha = use_alpha
+        self._encode = encode
+        self._chunk = encode_batch_size
+        self.weights: list[Tensor] | None = None
+        self.fixed_texts: list[str] | None = None
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        if not lazy:
+            for _ in self.encoding():
+                pass
 
-    def _encode_all(self, encode: EncodeImages, chunk: int) -> None:
+    def encoding(self) -> Iterator[tuple[int, int]]:
+        """Encode every image's latents (once: a dataset built with ``lazy=True`` is usable after this ends),
+        yielding (images encoded, images) before each chunk and at the end: a caller reports progress and may stop
+        before the next chunk (10,000 pictures take a minute, and an interrupt waited for all of them)."""
+        if self._means:
+            return
         # One image at a time by default: the VAE encoder's activations at full resolution are the peak of a run.
         means: dict[int, Tensor] = {}
         stds: dict[int, Tensor] = {}
+        total = len(self.records)
         for group in self.groups:
-            for start in range(0, len(group), chunk):
-                part = group[start : start + chunk]
+            for start in range(0, len(group), self._chunk):
+                yield len(means), total
+                part = group[start : start + self._chunk]
                 with torch.no_grad():
-                    mean, std = encode(torch.stack([self.records[i].pixels for i in part]))
+                    mean, std = self._encode(torch.stack([self.records[i].pixels for i in part]))
                 for i, m, s in zip(part, mean, std, strict=True):
                     means[i], stds[i] = m.detach().float().cpu(), s.detach().float().cpu()
+        yield total, total
         generator = torch.Generator().manual_seed(_seeded(self.seed, "latents"))
-        for i in range(len(self.records)):
+        for i in range(total):
             mean, std = means[i], stds[i]
             if self.latent_sampling == "once":
                 mean = mean + std * torch.randn(mean.shape, generator=generator)
             self._means.append(mean)
             self._stds.append(std)
+        self.weights = (
+            [_alpha_weight(r.alpha, m.shape) for r, m in zip(self.records, self._means, strict=True)]
+            if self._use_alpha else None
+        )
+        # Without shuffling or dropout A1111 fixes each image's text when the dataset is built.
+        rng = random.Random(_seeded(self.seed, "texts"))
+        self.fixed_texts = (
+            None
+            if self.shuffle_tags or self.tag_dropout
+            else [fill_template(rng.choice(self.lines), name=self.name, filewords=r.filewords) for r in self.records]
+        )
 
     def __len__(self) -> int:
         return len(self.records)

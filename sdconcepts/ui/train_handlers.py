@@ -290,10 +290,12 @@ def start_training(session: UiSession, jobs: TrainingJobs, kind: str, model_labe
         model = session.model(model_label)
         if kind == "embedding":
             assert isinstance(config, EmbeddingTrainingConfig)
-            events = train_embedding(model, name, config, embeddings_dir=embeddings_folder(session), stop=stop)
+            events = train_embedding(model, name, config, embeddings_dir=embeddings_folder(session), stop=stop,
+                                     preparing=True)
         else:
             assert isinstance(config, HypernetworkTrainingConfig)
-            events = train_hypernetwork(model, name, config, hypernetworks_dir=hypernetworks_folder(session), stop=stop)
+            events = train_hypernetwork(model, name, config, hypernetworks_dir=hypernetworks_folder(session), stop=stop,
+                                        preparing=True)
         return _announcing_saves(session, kind, events)
 
     return jobs.start(kind, name, config.max_steps, run, lock_whole_run=kind == "hypernetwork")

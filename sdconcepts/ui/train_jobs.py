@@ -50,7 +50,7 @@ class TrainingJob:
         return [e for e in self.events if e.kind == "step"]
 
     def end(self) -> TrainingEvent | None:
-        return next((e for e in reversed(self.events) if e.kind != "step"), None)
+        return next((e for e in reversed(self.events) if e.kind not in ("step", "preparing")), None)
 
     def wait(self, timeout: float | None = None) -> bool:
         if self.thread is not None:
@@ -185,7 +185,8 @@ def train_view(job: TrainingJob | None) -> TrainView:
     events = list(job.events)
     times = list(job.times)[: len(events)]
     steps = [e for e in events if e.kind == "step"]
-    end = next((e for e in reversed(events) if e.kind != "step"), None)
+    end = next((e for e in reversed(events) if e.kind not in ("step", "preparing")), None)
+    preparing = next((e for e in reversed(events) if e.kind == "preparing"), None)
     error = job.error
     parts: list[str] = []
     # The thread appends the end event (or sets the error) and flips ``done`` a moment later: a snapshot between the
@@ -208,7 +209,7 @@ def train_view(job: TrainingJob | None) -> TrainView:
         parts.append(f"{rate:.2f} it/s" if rate else "- it/s")
         parts.append(f"ETA {_duration(last.eta_s)}")
     elif not ended:
-        parts.append("loading the model and the dataset…")
+        parts.append(preparing.message if preparing is not None else "loading the model and the dataset…")
     if job.stop.is_set() and not ended:
         parts.append("interrupting…")
     status = '<div class="sdconcepts-train-status">' + " · ".join(parts)

@@ -235,6 +235,15 @@ def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
     assert again.wait(60) and again.error is None and again is jobs.current
 
 
+def test_the_view_says_how_far_latent_caching_got() -> None:
+    job = train_jobs.TrainingJob("embedding", "toytri", 100)
+    job.events.append(TrainingEvent(0, math.nan, 0.0, kind="preparing", message="caching latents: 1200 of 10000 images"))
+    job.times.append(job.started + 1)
+    view = train_jobs.train_view(job)
+    assert view.running and job.end() is None  # not an end: the run goes on
+    assert "<b>Training</b>" in view.status_html and "caching latents: 1200 of 10000 images" in view.status_html
+
+
 def test_the_view_between_the_end_event_and_done_already_shows_the_end() -> None:
     """The training thread appends its end event (or sets the error) and flips ``done`` a moment later; a page that
     polls in between must already read the end (a host test once saw "Training … interrupting…" beside the end
