@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 import threading
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from forged_images import forged_png
 from PIL import Image
 
 from sdconcepts.images import ImageProblem, open_image, read_infotext, save_png
 from sdconcepts.limits import MAX_SOURCE_PIXELS
 from sdconcepts.ui.cards import THUMBNAILS
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def forged_png(width: int, height: int) -> bytes:
-    """A PNG of a few hundred bytes whose header claims ``width``×``height`` grey pixels (a decompression bomb's
-    header: decoding it would allocate width*height bytes)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + _chunk(b"IEND", b""))
 
 
 def _within(seconds: float, call: Callable[[], object]) -> object:
