@@ -4,6 +4,7 @@ card previews), and saving generated images with A1111's file naming and ``param
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -45,7 +46,8 @@ def opened_image(source: str | Path | bytes, *, max_pixels: int = MAX_SOURCE_PIX
                     raise ImageProblem(f"image too large: {width}×{height} > {max_pixels} pixels")
                 yield opened
     except UnsafeFileError as exc:
-        raise ImageProblem(str(exc).removeprefix(f"{source}: ") if not isinstance(source, bytes) else str(exc)) from None
+        # The caller names the file; the reason alone ("not a regular file: FIFO").
+        raise ImageProblem(str(exc).removeprefix(f"{Path(os.fsdecode(source))}: ")) from None
     except Image.DecompressionBombError as exc:
         found = _BOMB_PIXELS.search(str(exc))
         size = f"{found.group(1)} pixels" if found else "too many pixels"
