@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import threading
 from pathlib import Path
 
@@ -193,30 +194,26 @@ def test_read_images_captions_filenames_and_regex(tmp_path: Path) -> None:
 
 def test_a_backtracking_filename_regex_is_stopped_with_one_line(tmp_path: Path) -> None:
     _image(tmp_path / ("a" * 60 + "!.png"), (8, 8), (255, 0, 0))
-    outcome: list[object] = []
 
-    def read(pattern: str) -> object:
-        outcome.clear()
+    def too_long(_signum: int, _frame: object) -> None:
+        raise AssertionError("the filename regex was not stopped")
 
-        def run() -> None:
-            try:
-                outcome.append(read_images(tmp_path, width=8, height=8, filename_regex=pattern))
-            except DatasetError as exc:
-                outcome.append(exc)
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        worker.join(20)  # re.findall ran for ever: 2**60 ways to split the name
-        assert not worker.is_alive(), f"the filename regex {pattern} was not stopped"
-        return outcome[0]
-
-    # The issue's pattern: the regex engine finds at once that it cannot match (A1111's words: none).
-    (record,) = read("(a+)+$")  # type: ignore[misc]
-    assert record.filewords == ""
-    # One that backtracks there too is stopped at its timeout, with the run refused in one line.
-    error = read("(a|aa)+$")
-    assert isinstance(error, DatasetError) and "ran for over 1 s on the name 'aaaa" in str(error)
-    assert "simplify it" in str(error) and "\n" not in str(error)
+    # A deadline by signal: ``re`` holds the GIL while it backtracks (a watchdog thread never runs), but it checks
+    # for signals, so without the fix this test fails after 20 s instead of hanging (2**60 ways to split the name).
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(20)
+    try:
+        # The issue's pattern: the regex engine finds at once that it cannot match (A1111's words: none).
+        (record,) = read_images(tmp_path, width=8, height=8, filename_regex="(a+)+$")
+        assert record.filewords == ""
+        # One that backtracks there too is stopped at its timeout, with the run refused in one line.
+        with pytest.raises(DatasetError) as info:
+            read_images(tmp_path, width=8, height=8, filename_regex="(a|aa)+$")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert "ran for over 1 s on the name 'aaaa" in str(info.value) and "simplify it" in str(info.value)
+    assert "\n" not in str(info.value)
     with pytest.raises(DatasetError, match="is invalid"):
         read_images(tmp_path, width=8, height=8, filename_regex="(")
 
