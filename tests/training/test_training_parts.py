@@ -192,6 +192,21 @@ def test_read_images_captions_filenames_and_regex(tmp_path: Path) -> None:
         read_images(_empty(tmp_path), width=8, height=8)
 
 
+def test_a_caption_longer_than_a_prompt_skips_its_picture_with_the_reason(tmp_path: Path) -> None:
+    from sdconcepts.limits import MAX_PROMPT_CHARS
+
+    _image(tmp_path / "a.png", (8, 8), (255, 0, 0))
+    _image(tmp_path / "b.png", (8, 8), (0, 255, 0))
+    (tmp_path / "a.txt").write_text("x" * (MAX_PROMPT_CHARS + 1))  # a 10 MB caption used 6.6 GB to encode
+    (tmp_path / "b.txt").write_text("é" * MAX_PROMPT_CHARS)  # as long as a prompt may be (2 bytes a character)
+    (record,) = read_images(tmp_path, width=8, height=8)
+    assert record.path.name == "b.png" and len(record.filewords) == MAX_PROMPT_CHARS
+    (tmp_path / "b.png").unlink()
+    with pytest.raises(DatasetError) as info:
+        read_images(tmp_path, width=8, height=8)
+    assert f"(skipped: a.png (caption a.txt longer than {MAX_PROMPT_CHARS} characters))" in str(info.value)
+
+
 def test_a_backtracking_filename_regex_is_stopped_with_one_line(tmp_path: Path) -> None:
     _image(tmp_path / ("a" * 60 + "!.png"), (8, 8), (255, 0, 0))
 
