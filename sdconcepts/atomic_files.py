@@ -7,6 +7,7 @@ Temporaries get the mode a plain ``open()`` would give (the umask's), never ``mk
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -25,6 +26,7 @@ __all__ = [
     "TEMP_SUFFIX",
     "atomic_path",
     "commit_with_sidecar",
+    "describe_os_error",
     "pending_sidecar_path",
     "remove_stale_temporaries",
     "save_torch_file",
@@ -40,6 +42,24 @@ __all__ = [
 TEMP_PREFIX = ".sdc-"
 TEMP_SUFFIX = ".tmp"
 _TEMP_PATTERN = re.compile(r"\.sdc-(\d+)-[0-9a-z]+\.tmp")
+
+
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.ENOTDIR: "a file is where a folder is expected",
+    errno.EISDIR: "a folder is where a file is expected",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a file operation that failed (a full disk, a file where a folder is expected, ...), naming the
+    file; files written before were written atomically (this module), so the line can say they are kept."""
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    hint = _OS_ERROR_HINTS.get(exc.errno or 0)
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{reason}{f' ({hint})' if hint else ''}; files saved before are kept"
 
 
 def _new_temp(folder: Path) -> Path:
@@ -77,6 +97,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         if stat.S_IMODE(tmp.stat().st_mode) != mode:
             os.chmod(tmp, mode)
         os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno and (exc.filename is None or os.fspath(exc.filename) == str(tmp)):
+            # The user knows the file by its final name, not by our temporary's; a failed write names no file at all.
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["InvalidNameError", "fit_file_name", "name_max", "sanitize_name", "target_path"]
+__all__ = ["InvalidNameError", "fit_file_name", "name_max", "path_problem", "sanitize_name", "target_path"]
 
 # Training writes ``<file>.optim`` beside the file (A1111's sidecar), so a name must leave room for it too.
 SIDECAR_SUFFIX = ".optim"
 _DEFAULT_NAME_MAX = 255
+_DEFAULT_PATH_MAX = 4096
 
 
 class InvalidNameError(ValueError):
@@ -24,6 +25,30 @@ def sanitize_name(name: str) -> str:
     if not cleaned or set(cleaned) <= {"."}:
         raise InvalidNameError(f"name {name!r} leaves no usable file name (letters, digits and ._- are kept)")
     return cleaned
+
+
+def path_problem(text: str) -> str | None:
+    """Why ``text`` cannot name any file (a NUL character, a path or a name longer than the system takes), or None.
+
+    Checked where a path is typed (the Train tab's folders): the system's own refusal is a Python error
+    ("embedded null byte", "[Errno 36] File name too long") that said nothing about the field.
+    """
+    if "\x00" in text:
+        return "contains a NUL character, which no path can hold"
+    try:
+        path_max = int(os.pathconf("/", "PC_PATH_MAX"))
+    except (AttributeError, ValueError, OSError):
+        path_max = _DEFAULT_PATH_MAX
+    try:
+        encoded = _encoded(text)
+    except UnicodeEncodeError:
+        return "contains characters that no file name can hold"
+    if len(encoded) >= path_max:
+        return f"{len(encoded)} bytes long; paths end at {path_max - 1}"
+    longest = max((len(_encoded(part)) for part in Path(text).parts), default=0)
+    if longest > _DEFAULT_NAME_MAX:
+        return f"a name in it is {longest} bytes long; names end at {_DEFAULT_NAME_MAX}"
+    return None
 
 
 def name_max(folder: str | Path) -> int:

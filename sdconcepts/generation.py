@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field, replace
 
-from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE
+from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE, MAX_PROMPT_CHARS
 
 # A1111's sampler names, in the order its UI lists them; each maps to a diffusers scheduler in the backend.
 SAMPLERS: tuple[str, ...] = (
@@ -20,7 +21,11 @@ SAMPLERS: tuple[str, ...] = (
     "PLMS",
     "UniPC",
 )
+# A random seed is drawn below 2**32, as A1111's get_fixed_seed. A1111 does not wrap the seeds that follow
+# (image i gets seed + i, written as such into its infotext) and takes any integer back, so a typed or pasted seed
+# may go higher: up to 2**53 - 1, the largest integer a browser's number field keeps exact (torch takes < 2**64).
 MAX_SEED = 2**32 - 1
+SEED_LIMIT = 2**53 - 1
 
 
 class GenerationError(ValueError):
@@ -58,6 +63,11 @@ class GenerationParams:
             raise GenerationError("batch size and batch count must be at least 1")
         if self.clip_skip < 1:
             raise GenerationError(f"clip skip must be at least 1, got {self.clip_skip}")
+        if not math.isfinite(self.cfg_scale):
+            raise GenerationError(f"CFG scale must be a finite number, got {self.cfg_scale}")
+        for label, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt)):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise GenerationError(f"the {label} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are read")
         if size_limits:
             for label, value, limit in (
                 ("width", self.width, MAX_IMAGE_SIDE),
@@ -73,8 +83,8 @@ class GenerationParams:
         seed = self.seed
         if seed < 0:
             seed = random.randrange(MAX_SEED)
-        elif seed > MAX_SEED:
-            raise GenerationError(f"seed must be at most {MAX_SEED}, got {seed}")
+        elif seed > SEED_LIMIT:
+            raise GenerationError(f"seed must be at most {SEED_LIMIT}, got {seed}")
         return replace(self, seed=seed)
 
     def image_seeds(self) -> list[list[int]]:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from sdconcepts.atomic_files import atomic_path
-from sdconcepts.safe_load import file_sha256
+from sdconcepts.safe_load import file_sha256, read_json
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Background reads hash a large library in batches: writing the whole cache after each batch would cost more than
 # it saves, so unforced saves wait this long after the previous one (the last batch forces one).
 SAVE_INTERVAL_S = 5.0
+# An entry is about 150 bytes: 64 MiB hold some 400,000 files. A bigger file is not ours and is not read at all.
+MAX_BYTES = 64 << 20
 
 Stamp = tuple[int, int, int]  # (mtime_ns, size, inode), as folder_scan.Library stamps files
 
@@ -63,7 +65,10 @@ class HashCache:
             return self._entries
         entries: dict[str, tuple[int, int, int, str]] = {}
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if not os.path.lexists(self.path):
+                raise FileNotFoundError(self.path)
+            # read_json: a regular file only (a FIFO here would block every scan), size and depth bounded.
+            data = read_json(self.path, max_bytes=MAX_BYTES)
             if not isinstance(data, dict) or data.get("version") != _VERSION or not isinstance(data.get("files"), dict):
                 raise ValueError(f"not a version {_VERSION} hash cache")
             for key, value in data["files"].items():

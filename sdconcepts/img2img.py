@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from sdconcepts.generation import GenerationError
+from sdconcepts.limits import MAX_MASK_BLUR
 
 # A1111's names and order (its radio buttons pass the index; the infotext writes these words).
 RESIZE_MODES: tuple[str, ...] = ("Just resize", "Crop and resize", "Resize and fill")
@@ -46,8 +47,8 @@ class Img2ImgOptions:
             raise GenerationError(
                 f"unknown masked content {self.inpainting_fill!r}; choose one of: {', '.join(MASKED_CONTENT)}"
             )
-        if self.mask_blur < 0:
-            raise GenerationError(f"mask blur must be at least 0, got {self.mask_blur}")
+        if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+            raise GenerationError(f"mask blur must be between 0 and {MAX_MASK_BLUR} (A1111's slider), got {self.mask_blur}")
         if self.inpaint_padding < 0:
             raise GenerationError(f"masked area padding must be at least 0, got {self.inpaint_padding}")
         if not 0.0 <= self.mask_weight <= 1.0:
@@ -102,11 +103,19 @@ def resize_image(image: Image.Image, width: int, height: int, mode: str) -> Imag
     else:
         raise GenerationError(f"unknown resize mode {mode!r}; choose one of: {', '.join(RESIZE_MODES)}")
     # Integer arithmetic as A1111: the side that is not fitted keeps the image's aspect ratio, rounded down.
-    src_w = width if fit_width else image.width * height // image.height
-    src_h = height if fit_height else image.height * width // image.width
-    resized = image.resize((src_w, src_h), resample=Image.Resampling.LANCZOS)
+    # At least one pixel: a 1×5000 picture fitted into 64×64 is 0 pixels wide by that arithmetic (a traceback).
+    src_w = width if fit_width else max(1, image.width * height // image.height)
+    src_h = height if fit_height else max(1, image.height * width // image.width)
     canvas = Image.new("RGB", (width, height))
     left, top = width // 2 - src_w // 2, height // 2 - src_h // 2
+    if mode == "Crop and resize" and src_w * src_h > 4 * width * height:
+        # Only the visible window is resampled, from the matching box of the source: the same picture (the filter
+        # scales by the same factor) without the intermediate, which for a 1×2,000,000 picture is 64×128,000,000.
+        sx, sy = image.width / src_w, image.height / src_h
+        box = (-left * sx, -top * sy, (width - left) * sx, (height - top) * sy)
+        canvas.paste(image.resize((width, height), resample=Image.Resampling.LANCZOS, box=box), box=(0, 0))
+        return canvas
+    resized = image.resize((src_w, src_h), resample=Image.Resampling.LANCZOS)
     canvas.paste(resized, box=(left, top))
     if mode == "Resize and fill":
         if ratio < src_ratio and top > 0:

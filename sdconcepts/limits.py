@@ -3,9 +3,10 @@
 Two independent guards. The *limits* are the web UI's slider maxima (width/height 2048, batch size 8, batch count
 100) and a few more for training and hypernetwork creation; they apply on the command line too unless the user
 passes ``--no-size-limits``. The *memory check* always applies: it compares a lower-bound estimate of what a request
-allocates with the memory available on its device (``MemAvailable`` from ``/proc/meminfo`` for the CPU,
-``torch.cuda.mem_get_info`` for CUDA) and is skipped where that is unknown. The estimates count only tensors that
-must exist at the same time, so a refusal means the request cannot run; passing the check does not promise it will.
+allocates with the memory available on its device (for the CPU the least of ``MemAvailable`` from ``/proc/meminfo``,
+the cgroup's memory limit and the process's rlimits; ``torch.cuda.mem_get_info`` for CUDA) and is skipped where that
+is unknown. The estimates count only tensors that must exist at the same time, so a refusal means the request cannot
+run; passing the check does not promise it will.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ __all__ = [
     "MAX_GRADIENT_ACCUMULATION",
     "MAX_HYPERNETWORK_BYTES",
     "MAX_IMAGE_SIDE",
+    "MAX_INFOTEXT_CHARS",
+    "MAX_JSON_DEPTH",
     "MAX_LAYER_FACTOR",
+    "MAX_MASK_BLUR",
+    "MAX_PROMPT_CHARS",
+    "MAX_PROMPT_CHUNKS",
+    "MAX_SCAN_ENTRIES",
     "MAX_SOURCE_PIXELS",
     "MAX_TRAIN_BATCH_SIZE",
     "available_memory",
@@ -48,6 +55,20 @@ MAX_HYPERNETWORK_BYTES = 1 << 30
 # Source images for preprocessing and training are decoded only below PIL's own decompression-bomb threshold
 # (about 89.5 megapixels, a 9459 x 9459 image); the size is read from the file header first.
 MAX_SOURCE_PIXELS = 89_478_485
+# Prompts and captions: A1111 reads any length, but every 75 tokens are one more text-encoder pass and one more
+# 77-token block every attention layer reads at every step. 32768 characters are a few thousand tokens, far beyond
+# any prompt written by hand; 64 chunks (4800 tokens) bound what BREAK can make of them. Checked before tokenizing.
+MAX_PROMPT_CHARS = 32_768
+MAX_PROMPT_CHUNKS = 64
+# An infotext holds two prompts and a line of fields: a longer one (PNG Info reads any file) was not written by us.
+MAX_INFOTEXT_CHARS = 2 * MAX_PROMPT_CHARS + 16_384
+# A1111's mask blur slider ends at 64; a larger sigma costs time in the kernel's length (5 sigma) per pixel.
+MAX_MASK_BLUR = 64
+# A library folder scan (embeddings, hypernetworks) stops after this many directory entries: tens of thousands of
+# files are a big library, a million entries are a disk reached through a link.
+MAX_SCAN_ENTRIES = 200_000
+# JSON we read (user metadata, the hash cache) is a few levels deep; deeper nesting is refused, never recursed into.
+MAX_JSON_DEPTH = 64
 
 # Live activations per latent pixel, in units of the UNet's first block width (a conv input, its output and the
 # residual: a lower bound), and at full resolution in units of the VAE decoder's last block width.
@@ -75,8 +96,98 @@ def _meminfo_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
+_CGROUP_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
+def _read_number(path: Path) -> int | None:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+        return int(text) if text != "max" else None
+    except (OSError, ValueError):
+        return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text(encoding="ascii", errors="replace").splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_available(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes left under the memory limit of this process's cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``)
+    and of every cgroup above it, or None when none is limited. A container's limit is not in ``MemAvailable``.
+
+    Usage counts the page cache; its inactive part (``inactive_file``) is reclaimed before the limit bites, so it
+    counts as available, as ``docker stats`` counts it.
+    """
+    try:
+        lines = membership.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    best: int | None = None
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, group = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            base = root if (root / "cgroup.controllers").exists() else root / "unified"
+            names = ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base = root / "memory"
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        # The group and its ancestors (each limit applies); in a container's namespace the group's own folder may
+        # be the mount's root, which the walk reaches too.
+        folder = base / group.strip("/")
+        for place in (folder, *folder.parents):
+            if not place.is_relative_to(base):
+                break
+            limit = _read_number(place / names[0])
+            if limit is None or limit >= _CGROUP_UNLIMITED:
+                continue
+            used = (_read_number(place / names[1]) or 0) - _stat_value(place / "memory.stat", names[2])
+            free = max(0, limit - max(0, used))
+            best = free if best is None else min(best, free)
+    return best
+
+
+def _rlimit_available(status: Path = Path("/proc/self/status")) -> int | None:
+    """Bytes this process may still map under its ``RLIMIT_AS`` (address space, against ``VmSize``) and
+    ``RLIMIT_DATA`` (private writable memory, against ``VmData``), or None when neither is set (``ulimit -v``)."""
+    try:
+        import resource  # lazy: Unix only
+    except ImportError:
+        return None
+    try:
+        fields = {
+            name: int(value.split()[0]) * 1024
+            for name, _, value in (line.partition(":") for line in status.read_text(encoding="ascii").splitlines())
+            if name in ("VmSize", "VmData")
+        }
+    except (OSError, ValueError, IndexError):
+        fields = {}
+    best: int | None = None
+    for limit_kind, field in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+        soft, _hard = resource.getrlimit(limit_kind)
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            continue
+        free = max(0, soft - fields.get(field, 0))
+        best = free if best is None else min(best, free)
+    return best
+
+
 def available_memory(device: torch.device | str) -> int | None:
-    """Bytes free on ``device`` now, or None when unknown (then the memory check is skipped)."""
+    """Bytes free on ``device`` now, or None when unknown (then the memory check is skipped).
+
+    On the CPU the smallest of ``MemAvailable``, what the cgroup's limit leaves (a container) and what the process's
+    rlimits leave (``ulimit -v``/``-d``): a request that passed ``MemAvailable`` under a 2 GiB container failed to
+    allocate with a traceback.
+    """
     dev = torch.device(device)
     if dev.type == "cuda":
         try:
@@ -85,7 +196,8 @@ def available_memory(device: torch.device | str) -> int | None:
             return None
         return int(free)
     if dev.type == "cpu":
-        return _meminfo_available()
+        known = [n for n in (_meminfo_available(), _cgroup_available(), _rlimit_available()) if n is not None]
+        return min(known) if known else None
     return None
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import json
 import os
 import pickle
 import pickletools
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+
+from sdconcepts.limits import MAX_JSON_DEPTH
 
 
 class UnsafeFileError(ValueError):
@@ -119,6 +122,48 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_json(path: str | os.PathLike[str], *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> object:
+    """The JSON value in the regular file ``path``, or UnsafeFileError (one line naming the file) otherwise.
+
+    The one loader for the small JSON files we read beside the user's files (user metadata, the hash cache): only a
+    regular file (see ``open_regular``), refused from its size before anything is read when over ``max_bytes``, and
+    refused when nested deeper than ``max_depth`` (Python's parser would raise RecursionError past ~1000 levels;
+    anything we read is a few levels deep). A UTF-8 byte-order mark is accepted, as A1111's editors may write one.
+    """
+    p = Path(path)
+    with open_regular(p) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        limit = f"{max_bytes >> 20} MiB" if max_bytes % (1 << 20) == 0 else f"{max_bytes} bytes"
+        if size > max_bytes:
+            raise UnsafeFileError(f"{p}: more than {limit} ({size} bytes), too big for this file; not read")
+        raw = handle.read(max_bytes + 1)
+    if len(raw) > max_bytes:  # grew while read
+        raise UnsafeFileError(f"{p}: more than {limit}, too big for this file; not read")
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except RecursionError:
+        raise UnsafeFileError(f"{p}: nested more than {max_depth} levels deep") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UnsafeFileError(f"{p}: not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+    if _json_depth_exceeds(data, max_depth):
+        raise UnsafeFileError(f"{p}: nested more than {max_depth} levels deep")
+    return data
+
+
+def _json_depth_exceeds(data: object, limit: int) -> bool:
+    """Whether ``data`` nests lists/dicts deeper than ``limit``, walked without recursion."""
+    stack: list[tuple[object, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def describe_foreign(head: bytes) -> str | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.atomic_files import atomic_path
-from sdconcepts.safe_load import UnsafeFileError, open_regular
+from sdconcepts.safe_load import UnsafeFileError, read_json
 
 __all__ = [
     "SD_VERSIONS",
@@ -113,18 +113,9 @@ def read_user_metadata(path: str | os.PathLike[str]) -> UserMetadata | None:
     if not os.path.lexists(sidecar):
         return None
     try:
-        with open_regular(sidecar) as handle:
-            raw = handle.read(MAX_BYTES + 1)
-    except (UnsafeFileError, OSError) as exc:
-        reason = str(exc) if isinstance(exc, UnsafeFileError) else f"cannot read it ({exc.strerror or exc})"
-        raise UserMetadataError(_with_name(reason, sidecar)) from None
-    if len(raw) > MAX_BYTES:
-        raise UserMetadataError(f"{sidecar}: more than {MAX_BYTES >> 20} MiB, not user metadata")
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise UserMetadataError(f"{sidecar}: not valid JSON ({reason})") from None
+        data = read_json(sidecar, max_bytes=MAX_BYTES)
+    except UnsafeFileError as exc:
+        raise UserMetadataError(_with_name(str(exc), sidecar)) from None
     if not isinstance(data, dict):
         raise UserMetadataError(f"{sidecar}: expected a JSON object, found {type(data).__name__}")
     return UserMetadata.from_json(data)
@@ -149,6 +140,9 @@ def write_user_metadata(path: str | os.PathLike[str], metadata: UserMetadata) ->
         other={**other, **metadata.other},
     ).to_json()
     text = json.dumps(data, indent=4, ensure_ascii=False)
+    if len(text.encode("utf-8")) > MAX_BYTES:
+        # Written, it could never be read back (nor repaired from the editor): refuse it while the old file is intact.
+        raise UserMetadataError(f"{sidecar}: the metadata would take more than {MAX_BYTES >> 20} MiB; shorten it")
     try:
         with atomic_path(sidecar) as tmp:
             tmp.write_text(text, encoding="utf-8")

@@ -14,6 +14,7 @@ import torch
 from sdconcepts.backends.loaded_model import LoadedModel
 from sdconcepts.backends.tokenizer import BOS_ID, EOS_ID
 from sdconcepts.generation import GenerationError
+from sdconcepts.limits import MAX_PROMPT_CHARS, MAX_PROMPT_CHUNKS
 from sdconcepts.prompts.chunks import EmbeddingEntry, PromptChunk, build_chunks, build_embedding_index
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,6 +66,19 @@ class PromptEncoder:
         return ids
 
     def chunks(self, text: str) -> tuple[list[PromptChunk], int]:
+        """A1111's chunks of ``text``; GenerationError for a text over the prompt limits (``sdconcepts.limits``),
+        checked before tokenizing and before anything is encoded: BREAK × 50,000 ended in an allocator traceback."""
+        if len(text) > MAX_PROMPT_CHARS:
+            raise GenerationError(f"a prompt of {len(text)} characters; at most {MAX_PROMPT_CHARS} are read")
+        chunks, count = self._build(text)
+        if len(chunks) > MAX_PROMPT_CHUNKS:
+            raise GenerationError(
+                f"a prompt of {len(chunks)} chunks of 75 tokens; at most {MAX_PROMPT_CHUNKS} are encoded "
+                "(BREAK starts a new chunk)"
+            )
+        return chunks, count
+
+    def _build(self, text: str) -> tuple[list[PromptChunk], int]:
         return build_chunks(
             text,
             self.tokenize,

@@ -7,6 +7,7 @@ pure functions in the core; the prompt's conditioning is `prompt_encoder`'s, the
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,28 @@ def make_scheduler(model: LoadedModel, sampler: str) -> Any:
     return cls.from_config(config, **extra)
 
 
+def _out_of_memory_is_one_line(generate: Callable[..., GenerationResult]) -> Callable[..., GenerationResult]:
+    """The memory check runs first, but it counts a lower bound: what still fails to allocate is one line, not the
+    allocator's traceback (and what was allocated is freed with the frames that held it)."""
+
+    @functools.wraps(generate)
+    def wrapper(*args: Any, **kwargs: Any) -> GenerationResult:
+        try:
+            return generate(*args, **kwargs)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; so is the CPU allocator's refusal
+            text = str(exc)
+            if not isinstance(exc, torch.cuda.OutOfMemoryError) and "can't allocate memory" not in text \
+                    and "out of memory" not in text.lower():
+                raise
+            raise GenerationError(
+                "out of memory while generating (the device could not allocate what this request needs); "
+                "use a smaller size or batch"
+            ) from None
+
+    return wrapper
+
+
+@_out_of_memory_is_one_line
 def txt2img(
     model: LoadedModel,
     params: GenerationParams,
@@ -343,6 +366,13 @@ def sample_latents(
                 uncond = torch.zeros_like(uncond)
             rows = ([uncond] * batch if guided else []) + [conds[key[0]]] * batch
             hidden = stack_conds(rows, empty).to(model.device, model.dtype)
+            if not bool(torch.isfinite(hidden).all()):
+                # Said before sampling: after it, "NaN values" would point at the sampler or the weights' precision.
+                raise GenerationError(
+                    "the prompt's conditioning has NaN or infinite values: an emphasis weight too large for "
+                    f"{str(model.dtype).removeprefix('torch.')} (e.g. many nested brackets), or an embedding with "
+                    "such values"
+                )
             added = None
             if pooled is not None:
                 pooled_uncond = torch.zeros_like(pooled[key[1]]) if zero_uncond else pooled[key[1]]

@@ -8,11 +8,22 @@ from pathlib import Path
 
 from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, EMBEDDED_XL_NAME
 
-__all__ = ["CommandError", "existing_dir", "existing_path", "int_at_least", "positive_int"]
+__all__ = ["CommandError", "check_folder", "existing_dir", "existing_path", "int_at_least", "positive_int"]
 
 
 class CommandError(Exception):
     """An error the CLI reports as one line and exit code 2."""
+
+
+def check_folder(path: Path, what: str) -> None:
+    """Refuse (CommandError, one line) a folder to write into that is a file or lies under one, before any work:
+    ``--output /dev/null`` was found out only after generating, the others as a traceback."""
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            return
+        if candidate.exists() or candidate.is_symlink():
+            where = "it is" if candidate == path else f"{candidate} is"
+            raise CommandError(f"{what} {path}: {where} a file, not a folder")
 
 
 def existing_dir(value: str) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.backends.embedding_conversion import convert_for_model
-from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, int_at_least
+from sdconcepts.cli.arguments import CommandError, check_folder, existing_dir, existing_path, int_at_least
 from sdconcepts.embeddings.conversion import ConversionError, default_map_cache
 from sdconcepts.embeddings.embedding import SDXL_ENCODERS, Embedding, kind_mismatch
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES, EmbeddingFileError, load_embedding
@@ -173,8 +173,15 @@ def _model(args: argparse.Namespace, ref: Any = None) -> Any:
         raise CommandError(str(exc)) from exc
 
 
+def _out_dir(args: argparse.Namespace) -> Path:
+    """Where the new file goes, checked before any work (a file there was a traceback after the work)."""
+    folder: Path = args.out_dir or (_folders(args) or [Path("embeddings")])[0]
+    check_folder(folder, "--out-dir" if args.out_dir else "the embeddings folder")
+    return folder
+
+
 def _write(args: argparse.Namespace, vectors: Any, model: Any | None, suffix: str | None = None) -> Path:
-    folder = args.out_dir or (_folders(args) or [Path("embeddings")])[0]
+    folder = _out_dir(args)
     pair = not hasattr(vectors, "shape")
     suffix = suffix or (f".{args.format}" if args.format else (".safetensors" if pair else ".pt"))
     try:
@@ -227,6 +234,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_mix(args: argparse.Namespace) -> int:
+    _out_dir(args)
     try:
         terms = [term for group in parse_mix(args.expression) for term in group]
         # The model is loaded only for words (its vocabulary) and to record which model the words came from.
@@ -251,6 +259,7 @@ def run_mix(args: argparse.Namespace) -> int:
 
 
 def run_edit(args: argparse.Namespace) -> int:
+    _out_dir(args)
     embedding = _embedding(args, args.source)
     try:
         if embedding.is_sdxl:  # the same positions in both halves

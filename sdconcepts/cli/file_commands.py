@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.cli.arguments import CommandError
+from sdconcepts.cli.arguments import CommandError, check_folder
 from sdconcepts.embeddings.files import (
     EMBEDDING_SUFFIXES,
     EmbeddingFileError,
@@ -50,6 +51,7 @@ def add_file_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("src", type=Path, metavar="SRC", help="an embedding file")
     p.add_argument("dst", type=Path, metavar="DST", help=f"the file to write ({', '.join(EMBEDDING_SUFFIXES)})")
     p.add_argument("--name", default=None, help="the name to store (default: DST's file name without extension)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.set_defaults(func=run_convert)
 
 
@@ -65,7 +67,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         for key, value in info.items():
             if value is not None:
-                print(f"{key}: {_text(value)}")
+                print(f"{key}: {printable(_text(value))}")
     return 0
 
 
@@ -131,8 +133,8 @@ def _inspect_folder(folder: Path, width: int | None, *, as_json: bool) -> int:
             shape = f"hypernetwork {', '.join(str(w) for w in row['widths'] or ())}".rstrip()
         else:
             shape = f"{row['vectors']}v x {row['width']}" if row["vectors"] is not None else "-"
-        line = f"{row['name']}\t{shape}\t{row['short_hash'] or '-'}\t{row['path']}"
-        print(f"{line}\tSKIPPED: {row['skipped']}" if row["skipped"] else line)
+        line = "\t".join(printable(str(v)) for v in (row["name"], shape, row["short_hash"] or "-", row["path"]))
+        print(f"{line}\tSKIPPED: {printable(row['skipped'])}" if row["skipped"] else line)
     embeddings = sum(1 for row in rows if row["kind"] == "embedding" and row["skipped"] is None)
     hypernetworks = sum(1 for row in rows if row["kind"] == "hypernetwork" and row["skipped"] is None)
     skipped = sum(1 for row in rows if row["skipped"] is not None)
@@ -168,7 +170,17 @@ def _hypernetwork_row(path: Path, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    src: Path = args.src
     dst: Path = args.dst
+    # As the other writing commands: nothing is replaced silently, and never the file being read.
+    if os.path.lexists(dst):
+        if src.exists() and (os.path.samefile(src, dst) if dst.exists() else False):
+            raise CommandError(f"{dst}: SRC and DST are the same file; write the converted file under another name")
+        if not args.overwrite:
+            raise CommandError(f"{dst} already exists (use --overwrite to replace it)")
+        if dst.is_dir():
+            raise CommandError(f"{dst}: a folder, not a file")
+    check_folder(dst.parent, "DST's folder")
     try:
         embedding = load_embedding(args.src)
         name = args.name if args.name is not None else dst.stem
@@ -177,6 +189,13 @@ def run_convert(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     print(written)
     return 0
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (escape sequences, newlines, tabs, ...) written as
+    Python's escape: a file named ``"\x1b]0;pwned\x07"`` or ``"x\nSKIPPED: ..."`` cannot set the terminal's title,
+    clear the screen or forge a row of the listing."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _reason(message: str, path: Path) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sdconcepts.backends.embedding_conversion import convert_skipped
-from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, positive_int
+from sdconcepts.cli.arguments import CommandError, check_folder, existing_dir, existing_path, positive_int
 from sdconcepts.embeddings.bundles import bundled_for_prompt, find_lora_files
 from sdconcepts.embeddings.conversion import default_map_cache
 from sdconcepts.embeddings.library import EmbeddingLibrary, usable_embeddings
@@ -89,6 +89,9 @@ def run_generate(args: argparse.Namespace) -> int:
         batch_count=args.batch_count,
         clip_skip=args.clip_skip,
     )
+    output: Path = args.output
+    single_file = output.suffix.lower() == ".png"
+    check_folder(output.parent if single_file else output, "--output")
     try:
         params = params.validated(size_limits=args.size_limits)
         model = load_model(args.ckpt, device=args.device)
@@ -108,8 +111,6 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    output: Path = args.output
-    single_file = output.suffix.lower() == ".png"
     for index, (image, infotext, seed) in enumerate(zip(result.images, result.infotexts, result.seeds, strict=True)):
         if single_file:
             path = output if len(result.images) == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")

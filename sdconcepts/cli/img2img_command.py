@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from sdconcepts.backends.sampler_start import ImageSource
 from sdconcepts.cli.arguments import CommandError, int_at_least
 from sdconcepts.cli.generate_command import run_generate
+from sdconcepts.images import ImageProblem, open_image
 from sdconcepts.img2img import MASKED_CONTENT, RESIZE_MODES, Img2ImgOptions
 
 
@@ -102,13 +103,6 @@ def run_img2img(args: argparse.Namespace) -> int:
 def read_image(path: Path) -> Image.Image:
     """The decoded image at ``path``, or a one-line CommandError naming it."""
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = opened.copy()
-            image.info.update(opened.info)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CommandError(f"{path}: not a readable image ({reason})") from None
-    if image.width < 1 or image.height < 1:
-        raise CommandError(f"{path}: the image is empty")
-    return image
+        return open_image(path)
+    except ImageProblem as exc:
+        raise CommandError(f"{path}: {exc}") from None

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from sdconcepts.atomic_files import describe_os_error
 from sdconcepts.cli.arguments import CommandError
 from sdconcepts.cli.embedding_commands import add_embedding_parser
 from sdconcepts.cli.file_commands import add_file_parsers
@@ -52,3 +53,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a file in the way of a folder, ...: what the system said, in one line
+        print(f"{parser.prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1

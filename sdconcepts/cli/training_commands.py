@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sdconcepts.cli.arguments import CommandError, existing_path, int_at_least, positive_int
+from sdconcepts.cli.arguments import CommandError, check_folder, existing_path, int_at_least, positive_int
 from sdconcepts.embeddings.files import EmbeddingFileError
 from sdconcepts.file_names import InvalidNameError, target_path
 from sdconcepts.generation import GenerationError
@@ -260,6 +260,7 @@ def run_create_hypernetwork(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    check_folder(Path(args.log_dir), "--log-dir")
     fields: dict[str, Any] = {
         "dataset": str(args.dataset),
         "learn_rate": args.learn_rate,
@@ -308,11 +309,11 @@ def run_train(args: argparse.Namespace) -> int:
         if args.kind == "embedding":
             config = EmbeddingTrainingConfig(**fields, save_image_with_embedding=args.save_image_with_embedding)
             events = train_embedding(model, args.name, config, embeddings_dir=args.embeddings_dir, stop=stop,
-                                     distributed=distributed)
+                                     distributed=distributed, preparing=True)
         else:
             hn_config = HypernetworkTrainingConfig(**fields)
             events = train_hypernetwork(model, args.name, hn_config, hypernetworks_dir=args.hypernetworks_dir,
-                                        stop=stop, distributed=distributed)
+                                        stop=stop, distributed=distributed, preparing=True)
         return _drive(events, stop, args.max_steps, distributed.is_main, tqdm)
     except errors as exc:
         raise CommandError(str(exc)) from exc
@@ -335,6 +336,10 @@ def _drive(events: Any, stop: threading.Event, max_steps: int, show: bool, tqdm:
     status = 0
     try:
         for event in events:
+            if event.kind == "preparing":
+                if show:
+                    print(f"{event.message}", file=sys.stderr)
+                continue
             if bar is None:
                 start = event.step - 1 if event.kind == "step" else event.step
                 bar = tqdm(total=max_steps, initial=start, unit="step", file=sys.stderr, disable=not show,

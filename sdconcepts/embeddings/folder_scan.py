@@ -25,6 +25,7 @@ from sdconcepts.embeddings.files import (
     file_sha256,
 )
 from sdconcepts.hash_cache import HashCache
+from sdconcepts.limits import MAX_SCAN_ENTRIES
 from sdconcepts.safe_load import file_kind
 from sdconcepts.user_metadata import UserMetadata, UserMetadataError, read_user_metadata
 
@@ -120,6 +121,8 @@ class Library(Generic[T]):
     _pictures: dict[str, Path] = field(default_factory=dict, repr=False)
     # Counts the refreshes that changed anything: a view built from the records stays valid while it is the same.
     version: int = field(default=0, repr=False)
+    _warned: set[str] = field(default_factory=set, repr=False)
+    _warned_budget: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.folders = [Path(f) for f in self.folders]
@@ -253,11 +256,17 @@ class Library(Generic[T]):
     def _walk(self) -> dict[str, _Stamp]:
         stamps: dict[str, _Stamp] = {}
         seen: set[tuple[int, int]] = set()
+        budget = [MAX_SCAN_ENTRIES]
         for folder in self.folders:
-            self._walk_folder(str(folder), stamps, seen)
+            self._walk_folder(str(folder), stamps, seen, budget)
+        if budget[0] < 0 and not self._warned_budget:
+            self._warned_budget = True
+            log.warning("stopped listing %s after %d entries: a library folder holds far more than files to list",
+                        ", ".join(str(f) for f in self.folders), MAX_SCAN_ENTRIES)
         return stamps
 
-    def _walk_folder(self, folder: str, stamps: dict[str, _Stamp], seen: set[tuple[int, int]]) -> None:
+    def _walk_folder(self, folder: str, stamps: dict[str, _Stamp], seen: set[tuple[int, int]],
+                     budget: list[int]) -> None:
         try:
             info = os.stat(folder)
             key = (info.st_dev, info.st_ino)
@@ -268,10 +277,18 @@ class Library(Generic[T]):
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError:
             return
+        budget[0] -= len(entries)
+        if budget[0] < 0:
+            return
         subfolders = []
         for entry in entries:
             try:
                 if entry.is_dir():
+                    if entry.is_symlink() and _contains(os.path.realpath(entry.path), os.path.realpath(folder)):
+                        # A link to / or to a folder above this one: following it lists a superset of the library
+                        # (a link to / made ``inspect`` walk for minutes). Symlinks elsewhere are followed, as A1111.
+                        self._warn_once(f"not following {entry.path}: it links to a folder that contains it")
+                        continue
                     subfolders.append(entry.path)
                 elif entry.name.lower().endswith(self._watched):
                     st = entry.stat()
@@ -279,7 +296,12 @@ class Library(Generic[T]):
             except OSError:  # vanished while listing, or a dangling symlink
                 continue
         for sub in subfolders:
-            self._walk_folder(sub, stamps, seen)
+            self._walk_folder(sub, stamps, seen, budget)
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
 
     def _pending_record(self, path: Path, stamp: _Stamp) -> FileRecord[T]:
         return FileRecord(
@@ -394,3 +416,8 @@ def error_line(exc: BaseException, path: Path) -> str:
         return "cannot be read (corrupt or unsupported file)"
     prefix = f"{path}: "
     return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _contains(outer: str, inner: str) -> bool:
+    """Whether the folder ``outer`` is ``inner`` or one of its ancestors (both real paths)."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)

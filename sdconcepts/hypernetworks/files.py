@@ -204,6 +204,12 @@ def hypernetwork_from_dict(data: object, *, source: str, default_name: str) -> H
                     f"{source}: the {role} module for width {key} does not fit its structure "
                     f"({_first_line(exc)})"
                 ) from None
+            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+                # Applied, every picture would fail at its end with "NaN values" far from the cause.
+                raise HypernetworkFileError(
+                    f"{source}: the {role} module for width {key} has NaN or infinite weights (a training run that "
+                    "diverged?); it cannot be applied"
+                )
             built.append(module)
         layers[key] = (built[0], built[1])
 

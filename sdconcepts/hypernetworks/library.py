@@ -25,6 +25,7 @@ from sdconcepts.hypernetworks.files import (
     read_hypernetwork_info,
 )
 from sdconcepts.hypernetworks.hypernetwork import Hypernetwork
+from sdconcepts.prompts.network_tags import tag_name_problem
 
 __all__ = [
     "HYPERNETWORK_SUFFIXES",
@@ -49,9 +50,18 @@ def hypernetwork_library(
     """The cards' library of ``folders``: cards need only the metadata and widths, so no module is built and no
     weight is read until a prompt uses it."""
     return Library(
-        folders=[Path(folder) for folder in folders], load=read_hypernetwork_info, suffixes=HYPERNETWORK_SUFFIXES, ignore=is_ignored,
-        hashes=hashes,
+        folders=[Path(folder) for folder in folders], load=_nameable_info, suffixes=HYPERNETWORK_SUFFIXES,
+        ignore=is_ignored, hashes=hashes,
     )
+
+
+def _nameable_info(path: Path) -> HypernetworkInfo:
+    """The card's information, for a file a ``<hypernet:...>`` tag can name; ``hn:5.pt`` got a card whose tag named
+    another hypernetwork, so it is listed as skipped with the reason instead."""
+    problem = tag_name_problem(path.stem)
+    if problem is not None:
+        raise HypernetworkFileError(f"{path}: {problem}")
+    return read_hypernetwork_info(path)
 
 
 def find_hypernetworks(folders: Iterable[str | os.PathLike[str]]) -> dict[str, Path]:

@@ -81,7 +81,7 @@ def resolve_hypernetworks(
     bad one warned about and left out, in tag order.
     """
     if forge_folder is not None:
-        return _resolve_forge(tags, find, load, widths, forge_folder)
+        return _bounded(_resolve_forge(tags, find, load, widths, forge_folder))
     tags = list(tags)
     result: ResolvedHypernetworks[F] = ResolvedHypernetworks()
     loaded: dict[str, Hypernetwork] = {}
@@ -112,7 +112,7 @@ def resolve_hypernetworks(
         used = hypernetwork_tags(tags)
     except ValueError as exc:
         result.error = str(exc)
-        return result
+        return _bounded(result)
     result.chain = [(loaded[t.name], t.strength) for t in used if t.name in loaded]
     if result.chain and widths is not None:
         model_widths = set(widths())
@@ -120,6 +120,20 @@ def resolve_hypernetworks(
             mismatch = width_mismatch(t.name, loaded[t.name], model_widths) if t.name in loaded else None
             if mismatch is not None and mismatch not in result.warnings:
                 result.warnings.append(mismatch)
+    return _bounded(result)
+
+
+# A prompt with 10,000 unknown tags printed 10,000 warning lines: the first ones say what is wrong.
+MAX_TAG_WARNINGS = 10
+
+
+def _bounded(result: ResolvedHypernetworks[F]) -> ResolvedHypernetworks[F]:
+    """``result`` with each warning said once and at most MAX_TAG_WARNINGS of them, the rest counted."""
+    unique = list(dict.fromkeys(result.warnings))
+    if len(unique) > MAX_TAG_WARNINGS:
+        rest = len(unique) - MAX_TAG_WARNINGS
+        unique = [*unique[:MAX_TAG_WARNINGS], f"... and {rest} more warning{'s' if rest != 1 else ''} about tags"]
+    result.warnings = unique
     return result
 
 

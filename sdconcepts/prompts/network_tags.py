@@ -14,6 +14,7 @@ __all__ = [
     "hypernetwork_tags",
     "parse_extra_network_tags",
     "parse_hypernetwork_tags",
+    "tag_name_problem",
 ]
 
 # A1111's tag pattern: a word, a colon, then anything up to the first '>'.
@@ -49,6 +50,16 @@ def parse_extra_network_tags(prompt: str) -> tuple[str, list[ExtraNetworkTag]]:
         return ""
 
     return _EXTRA_NETWORK_TAG.sub(take, prompt), tags
+
+
+def tag_name_problem(name: str) -> str | None:
+    """Why no ``<kind:name:...>`` tag can name a file called ``name``, or None: the tag ends at the first ``>`` and
+    its arguments are split on ``:`` (A1111 reads ``<hypernet:hn:5.pt>`` as hypernetwork ``hn`` at strength 5)."""
+    bad = "".join(dict.fromkeys(c for c in name if c in ":>"))
+    if bad:
+        shown = " and ".join(repr(c) for c in bad)
+        return f"its name has {shown}, which end a prompt tag's name: no tag can name it (rename the file)"
+    return None
 
 
 def hypernetwork_tags(tags: Iterable[ExtraNetworkTag], *, default_strength: float = 1.0) -> list[HypernetworkTag]:

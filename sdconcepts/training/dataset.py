@@ -14,30 +14,31 @@ from __future__ import annotations
 import logging
 import random
 import re
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import regex  # type: ignore[import-untyped]
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from sdconcepts.limits import MAX_IMAGE_SIDE, MAX_SOURCE_PIXELS
+from sdconcepts.images import ImageProblem, open_image
+from sdconcepts.limits import MAX_IMAGE_SIDE, MAX_PROMPT_CHARS
+from sdconcepts.safe_load import UnsafeFileError, open_regular
 from sdconcepts.training.templates import fill_template
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DatasetError",
-    "ImageProblem",
     "ImageRecord",
     "LatentSampling",
     "TrainingBatch",
     "TrainingDataset",
+    "filename_matches",
     "filewords_for",
-    "open_image",
     "read_caption",
     "read_images",
 ]
@@ -52,18 +53,22 @@ class DatasetError(ValueError):
     """A dataset folder that cannot be trained on (missing, no images)."""
 
 
-class ImageProblem(ValueError):
-    """One image file that cannot be used; the message is the reason (the caller names the file)."""
-
-
 def read_caption(path: Path) -> tuple[str, str | None]:
     """A caption file's text, and a warning when it is not UTF-8.
 
     A1111 reads captions as UTF-8 and stops the whole run on one that is not. A caption that is not UTF-8 is almost
     always legacy Windows text, so it is read as Windows-1252 (Latin-1 where that leaves a byte undefined): its
-    words reach the prompt intact and the warning says so. A UTF-8 byte-order mark is dropped.
+    words reach the prompt intact and the warning says so. A UTF-8 byte-order mark is dropped. A caption over
+    ``MAX_PROMPT_CHARS`` (a prompt's bound) or a file that is not a regular file is an ImageProblem: its picture is
+    skipped with the reason, before the text is read whole (a 10 MB caption took 6.6 GB to encode).
     """
-    data = path.read_bytes()
+    try:
+        with open_regular(path) as handle:
+            data = handle.read(4 * MAX_PROMPT_CHARS + 4)
+    except UnsafeFileError as exc:
+        raise ImageProblem(f"caption {str(exc).removeprefix(f'{path}: ')}") from None
+    if len(data) > MAX_PROMPT_CHARS and len(data.decode("utf-8", "replace")) > MAX_PROMPT_CHARS:
+        raise ImageProblem(f"caption {path.name} longer than {MAX_PROMPT_CHARS} characters")
     try:
         return data.decode("utf-8-sig"), None
     except UnicodeDecodeError as exc:
@@ -72,37 +77,6 @@ def read_caption(path: Path) -> tuple[str, str | None]:
         except UnicodeDecodeError:
             text = data.decode("latin-1")
         return text, f"{path.name} (caption not UTF-8 at byte {exc.start}; read as Windows-1252/Latin-1)"
-
-
-_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
-
-
-def open_image(path: Path, *, max_pixels: int = MAX_SOURCE_PIXELS) -> Image.Image:
-    """The fully decoded image at ``path``, or ImageProblem with the reason.
-
-    The size is read from the header first: an image over ``max_pixels`` is refused before its pixels are decoded
-    (PIL itself refuses beyond twice its limit with DecompressionBombError, also reported as too large).
-    """
-    try:
-        with warnings.catch_warnings():
-            # Our own limit below decides, with the image's size in the message.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                width, height = opened.size
-                if width * height > max_pixels:
-                    raise ImageProblem(f"image too large: {width}×{height} > {max_pixels} pixels")
-                opened.load()
-                return opened.copy()
-    except Image.DecompressionBombError as exc:
-        found = _BOMB_PIXELS.search(str(exc))
-        size = f"{found.group(1)} pixels" if found else "too many pixels"
-        raise ImageProblem(f"image too large: {size} > {max_pixels} pixels") from None
-    except UnidentifiedImageError:
-        raise ImageProblem("not an image PIL can read") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        if isinstance(exc, ImageProblem):
-            raise
-        raise ImageProblem(f"unreadable image: {str(exc).strip() or type(exc).__name__}") from None
 
 
 @dataclass(frozen=True)
@@ -139,8 +113,27 @@ def filewords_for(path: Path, *, filename_regex: str = "", join_string: str = " 
         return text
     text = re.sub(r"^[-\d]+\s*", "", path.stem)
     if filename_regex:
-        text = join_string.join(re.findall(filename_regex, text))
+        text = join_string.join(filename_matches(filename_regex, text))
     return text
+
+
+# A1111 runs the user's regex with ``re``, which cannot be stopped: ``(a+)+$`` on a long name backtracks for ever.
+# The ``regex`` module (a dependency of transformers; ``re``'s syntax in its default VERSION0) takes a timeout.
+REGEX_TIMEOUT_S = 0.5  # a sane pattern takes microseconds on a file name (at most 255 bytes)
+
+
+def filename_matches(pattern: str, text: str) -> list[str]:
+    """``re.findall(pattern, text)``, or DatasetError when the pattern is invalid or runs over REGEX_TIMEOUT_S."""
+    try:
+        found: list[str] = regex.findall(pattern, text, timeout=REGEX_TIMEOUT_S)
+    except regex.error as exc:
+        raise DatasetError(f"filename regex {pattern!r} is invalid: {exc}") from None
+    except TimeoutError:
+        raise DatasetError(
+            f"filename regex {pattern!r} ran for over {REGEX_TIMEOUT_S:g} s on the name {text[:60]!r} (it backtracks "
+            "without end on some names); simplify it"
+        ) from None
+    return found
 
 
 def read_images(
@@ -166,8 +159,8 @@ def read_images(
         raise DatasetError(f"{root}: the dataset folder does not exist")
     if filename_regex:
         try:
-            re.compile(filename_regex)
-        except re.error as exc:
+            regex.compile(filename_regex)
+        except regex.error as exc:
             raise DatasetError(f"filename regex {filename_regex!r} is invalid: {exc}") from None
     records = []
     skipped: list[str] = []
@@ -188,6 +181,10 @@ def read_images(
             continue
         try:
             filewords = filewords_for(path, filename_regex=filename_regex, join_string=join_string)
+        except ImageProblem as exc:
+            skipped.append(f"{path.name} ({exc})")
+            log.warning("skipped %s: %s", path, exc)
+            continue
         except OSError as exc:
             skipped.append(f"{path.name} (caption unreadable: {exc.strerror or exc})")
             log.warning("skipped %s: caption unreadable: %s", path, exc)
@@ -241,6 +238,7 @@ class TrainingDataset:
         use_alpha: bool = False,
         seed: int = 0,
         encode_batch_size: int = 1,
+        lazy: bool = False,
     ) -> None:
         if latent_sampling not in LATENT_SAMPLING:
             raise DatasetError(f"latent sampling must be one of {', '.join(LATENT_SAMPLING)}, got {latent_sampling!r}")
@@ -266,37 +264,53 @@ class TrainingDataset:
         self.groups = list(groups.values())
         self._means: list[Tensor] = []
         self._stds: list[Tensor] = []
-        self._encode_all(encode, encode_batch_size)
-        self.weights = (
-            [_alpha_weight(r.alpha, m.shape) for r, m in zip(self.records, self._means, strict=True)] if use_alpha else None
-        )
-        # Without shuffling or dropout A1111 fixes each image's text when the dataset is built.
-        rng = random.Random(_seeded(seed, "texts"))
-        self.fixed_texts = (
-            None
-            if shuffle_tags or tag_dropout
-            else [fill_template(rng.choice(self.lines), name=name, filewords=r.filewords) for r in self.records]
-        )
+        self._use_alpha = use_alpha
+        self._encode = encode
+        self._chunk = encode_batch_size
+        self.weights: list[Tensor] | None = None
+        self.fixed_texts: list[str] | None = None
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        if not lazy:
+            for _ in self.encoding():
+                pass
 
-    def _encode_all(self, encode: EncodeImages, chunk: int) -> None:
+    def encoding(self) -> Iterator[tuple[int, int]]:
+        """Encode every image's latents (once: a dataset built with ``lazy=True`` is usable after this ends),
+        yielding (images encoded, images) before each chunk and at the end: a caller reports progress and may stop
+        before the next chunk (10,000 pictures take a minute, and an interrupt waited for all of them)."""
+        if self._means:
+            return
         # One image at a time by default: the VAE encoder's activations at full resolution are the peak of a run.
         means: dict[int, Tensor] = {}
         stds: dict[int, Tensor] = {}
+        total = len(self.records)
         for group in self.groups:
-            for start in range(0, len(group), chunk):
-                part = group[start : start + chunk]
+            for start in range(0, len(group), self._chunk):
+                yield len(means), total
+                part = group[start : start + self._chunk]
                 with torch.no_grad():
-                    mean, std = encode(torch.stack([self.records[i].pixels for i in part]))
+                    mean, std = self._encode(torch.stack([self.records[i].pixels for i in part]))
                 for i, m, s in zip(part, mean, std, strict=True):
                     means[i], stds[i] = m.detach().float().cpu(), s.detach().float().cpu()
+        yield total, total
         generator = torch.Generator().manual_seed(_seeded(self.seed, "latents"))
-        for i in range(len(self.records)):
+        for i in range(total):
             mean, std = means[i], stds[i]
             if self.latent_sampling == "once":
                 mean = mean + std * torch.randn(mean.shape, generator=generator)
             self._means.append(mean)
             self._stds.append(std)
+        self.weights = (
+            [_alpha_weight(r.alpha, m.shape) for r, m in zip(self.records, self._means, strict=True)]
+            if self._use_alpha else None
+        )
+        # Without shuffling or dropout A1111 fixes each image's text when the dataset is built.
+        rng = random.Random(_seeded(self.seed, "texts"))
+        self.fixed_texts = (
+            None
+            if self.shuffle_tags or self.tag_dropout
+            else [fill_template(rng.choice(self.lines), name=self.name, filewords=r.filewords) for r in self.records]
+        )
 
     def __len__(self) -> int:
         return len(self.records)

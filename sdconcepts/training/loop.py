@@ -21,7 +21,8 @@ __all__ = ["GradientClip", "TrainingEvent", "training_loop"]
 
 @dataclass(frozen=True)
 class TrainingEvent:
-    """One optimizer step done (``kind`` "step"), or the end of the run ("finished", "interrupted", "nan").
+    """One optimizer step done (``kind`` "step"), the end of the run ("finished", "interrupted", "nan"), or, before
+    the first step, how far its preparation got ("preparing": ``message`` says what it is doing).
 
     ``step`` is the total step count after the step (it lives in the saved file). ``texts`` are the prompts of the
     step's first micro-batch. Output consumers fill ``saved``, ``preview`` and ``eta_s``; ``message`` explains ends.

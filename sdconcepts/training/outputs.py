@@ -71,10 +71,15 @@ class LossLog:
             return
         new = not self.path.is_file()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            if new:
-                handle.write("step,epoch,epoch_step,loss,learn_rate\n")
-            handle.write(f"{step},{epoch},{epoch_step},{loss:.7f},{learn_rate}\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                if new:
+                    handle.write("step,epoch,epoch_step,loss,learn_rate\n")
+                handle.write(f"{step},{epoch},{epoch_step},{loss:.7f},{learn_rate}\n")
+        except OSError as exc:
+            if exc.filename is not None or not exc.errno:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc  # a failed write names no file
 
     def plot(self, path: Path, title: str = "") -> Path:
         return draw_loss_plot(self.points, path, title=title)

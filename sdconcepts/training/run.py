@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ from sdconcepts.training.trainables import (
 __all__ = ["find_embedding_file", "train_embedding", "train_hypernetwork"]
 
 log = logging.getLogger(__name__)
+# While latents are cached (a minute for 10,000 pictures) a "preparing" event says how far it got, this often.
+PROGRESS_INTERVAL_S = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,11 +89,14 @@ def train_embedding(
     embeddings_dir: str | Path | None = "embeddings",
     stop: threading.Event | None = None,
     distributed: Distributed | None = None,
+    preparing: bool = False,
 ) -> Iterator[TrainingEvent]:
-    """Train a textual inversion embedding (a name in ``embeddings_dir`` or a path) on a LoadedModel."""
+    """Train a textual inversion embedding (a name in ``embeddings_dir`` or a path) on a LoadedModel.
+
+    ``preparing``: also yield "preparing" events before the first step (latent caching's progress)."""
     config.validated(int(model.size_multiple))
     path = find_embedding_file(embedding, embeddings_dir)
-    yield from _train(path, "embedding", open_embedding, model, config, stop, distributed)
+    yield from _train(path, "embedding", open_embedding, model, config, stop, distributed, preparing)
 
 
 def train_hypernetwork(
@@ -101,11 +107,13 @@ def train_hypernetwork(
     hypernetworks_dir: str | Path | None = "models/hypernetworks",
     stop: threading.Event | None = None,
     distributed: Distributed | None = None,
+    preparing: bool = False,
 ) -> Iterator[TrainingEvent]:
-    """Train an A1111 hypernetwork (a name in ``hypernetworks_dir`` or a path) on a LoadedModel."""
+    """Train an A1111 hypernetwork (a name in ``hypernetworks_dir`` or a path) on a LoadedModel (``preparing``: as
+    ``train_embedding``)."""
     config.validated(int(model.size_multiple))
     path = _find_hypernetwork_file(hypernetwork, hypernetworks_dir)
-    yield from _train(path, "hypernetwork", open_hypernetwork, model, config, stop, distributed)
+    yield from _train(path, "hypernetwork", open_hypernetwork, model, config, stop, distributed, preparing)
 
 
 def _train(
@@ -116,12 +124,15 @@ def _train(
     config: TrainingConfig,
     stop: threading.Event | None,
     distributed: Distributed | None,
+    preparing: bool = False,
 ) -> Iterator[TrainingEvent]:
     """The path both kinds share: lock the file, open what trains in it, run, and undo what the job did."""
     with _locked(path, kind, distributed):
         job = open_job(path, model, config)
         try:
-            yield from _run(job, job.model, config, stop or threading.Event(), distributed or Distributed())
+            for event in _run(job, job.model, config, stop or threading.Event(), distributed or Distributed()):
+                if preparing or event.kind != "preparing":
+                    yield event
         finally:
             job.close()
 
@@ -179,6 +190,17 @@ def _run(
     job: Trainable, model: Any, config: TrainingConfig, stop: threading.Event, distributed: Distributed
 ) -> Iterator[TrainingEvent]:
     dataset = _dataset(job, model, config)
+    said = -math.inf
+    for done, total in dataset.encoding():
+        if stop.is_set():
+            yield TrainingEvent(job.step, math.nan, 0.0, kind="interrupted",
+                                message=f"Training interrupted while caching latents ({done} of {total} images); "
+                                "nothing was trained or saved.")
+            return
+        if time.monotonic() - said >= PROGRESS_INTERVAL_S or done == total:
+            said = time.monotonic()
+            yield TrainingEvent(job.step, math.nan, 0.0, kind="preparing",
+                                message=f"caching latents: {done} of {total} images")
     main = distributed.is_main
     folder = run_folder(config.log_directory, job.name)
     copies = folder / ("embeddings" if job.kind == "embedding" else "hypernetworks")
@@ -254,6 +276,7 @@ def _dataset(job: Trainable, model: Any, config: TrainingConfig) -> TrainingData
         tag_dropout=config.tag_dropout,
         use_alpha=config.use_alpha_weight,
         seed=config.seed,
+        lazy=True,  # encoded by _run, which reports progress and can stop between images
     )
 
 

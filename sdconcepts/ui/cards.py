@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from sdconcepts.images import ImageProblem, opened_image
+
 __all__ = [
     "Card",
     "PAGE_SIZE",
@@ -293,10 +295,11 @@ class _Thumbnails:
 
 def _thumbnail_uri(path: Path) -> str | None:
     try:
-        with Image.open(path) as image:
+        # opened_image: a regular file only (a FIFO named x.preview.png blocked the web UI's start), size-checked.
+        with opened_image(path) as image:
             image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
             rgba = image.convert("RGBA")
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (ImageProblem, OSError, ValueError):
         return None  # an unreadable picture shows the placeholder, as a missing one does
     flat = Image.new("RGB", rgba.size, (255, 255, 255))
     flat.paste(rgba, mask=rgba.getchannel("A"))

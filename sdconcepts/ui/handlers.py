@@ -17,7 +17,7 @@ from sdconcepts.backends.embedding_conversion import convert_skipped
 from sdconcepts.embeddings.bundles import bundled_for_prompt, find_lora_files, list_bundled
 from sdconcepts.embeddings.embedding import kind_mismatch
 from sdconcepts.embeddings.library import usable_embeddings
-from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
+from sdconcepts.generation import SAMPLERS, SEED_LIMIT, GenerationError, GenerationParams
 from sdconcepts.images import next_image_path, save_png
 from sdconcepts.ui.cards import (
     PAGE_SIZE,
@@ -32,7 +32,7 @@ from sdconcepts.ui.cards import (
     render_skipped,
     sort_cards,
 )
-from sdconcepts.ui.ui_session import UiError, UiSession
+from sdconcepts.ui.ui_session import UiError, UiSession, whole_number
 from sdconcepts.user_metadata import (
     SD_VERSIONS,
     UserMetadata,
@@ -325,16 +325,6 @@ def selected_infotext(infotexts: Sequence[str] | None, index: int | None) -> str
 # -- txt2img -------------------------------------------------------------------------------------------------
 
 
-def _whole(value: Any, label: str) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UiError(f"{label} must be a number, got {value!r}") from None
-    if not number.is_integer():
-        raise UiError(f"{label} must be a whole number, got {value}")
-    return int(number)
-
-
 def generation_params(
     prompt: str,
     negative_prompt: str,
@@ -350,27 +340,27 @@ def generation_params(
     """The form's values as ``GenerationParams``; width or height 0 means the model's own size."""
     if sampler not in SAMPLERS:
         raise UiError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    seed_value = _whole(seed if seed not in (None, "") else -1, "Seed")
-    if seed_value > MAX_SEED:
-        raise UiError(f"Seed must be at most {MAX_SEED}, got {seed_value}")
+    seed_value = whole_number(seed if seed not in (None, "") else -1, "Seed")
+    if seed_value > SEED_LIMIT:
+        raise UiError(f"Seed must be at most {SEED_LIMIT}, got {seed_value}")
     try:
         cfg = float(cfg_scale)
     except (TypeError, ValueError):
         raise UiError(f"CFG scale must be a number, got {cfg_scale!r}") from None
-    w, h = _whole(width, "Width"), _whole(height, "Height")
+    w, h = whole_number(width, "Width"), whole_number(height, "Height")
     if w < 0 or h < 0:
         raise UiError("Width and height must be positive (0: the model's own size)")
     return GenerationParams(
         prompt=prompt or "",
         negative_prompt=negative_prompt or "",
-        steps=_whole(steps, "Steps"),
+        steps=whole_number(steps, "Steps"),
         sampler=sampler,
         cfg_scale=cfg,
         seed=seed_value,
         width=w or None,
         height=h or None,
-        batch_size=_whole(batch_size, "Batch size"),
-        batch_count=_whole(batch_count, "Batch count"),
+        batch_size=whole_number(batch_size, "Batch size"),
+        batch_count=whole_number(batch_count, "Batch count"),
     )
 
 

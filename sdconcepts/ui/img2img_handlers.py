@@ -9,17 +9,18 @@ txt2img's path (``handlers.generate``) with an ``ImageSource``.
 from __future__ import annotations
 
 import html
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageChops, UnidentifiedImageError
+from PIL import Image, ImageChops
 
 from sdconcepts.backends.sampler_start import ImageSource
 from sdconcepts.generation import SAMPLERS, GenerationError, parse_infotext
+from sdconcepts.images import ImageProblem, open_image
 from sdconcepts.img2img import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES, Img2ImgOptions
+from sdconcepts.limits import MAX_INFOTEXT_CHARS, MAX_SOURCE_PIXELS
 from sdconcepts.ui.ui_session import UiError
 
 __all__ = [
@@ -38,12 +39,18 @@ MODES: tuple[str, ...] = ("img2img", "Inpaint", "Inpaint upload")
 
 
 def _as_image(value: Any) -> Image.Image | None:
-    if value is None or isinstance(value, Image.Image):
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        # gradio decoded it already (PIL's own bomb check applies there); the resize must not start from a bomb.
+        if value.width * value.height > MAX_SOURCE_PIXELS:
+            raise UiError(f"image too large: {value.width}×{value.height} > {MAX_SOURCE_PIXELS} pixels")
         return value
     if isinstance(value, (str, Path)):
-        with Image.open(value) as opened:
-            opened.load()
-            return opened.copy()
+        try:
+            return open_image(value)
+        except ImageProblem as exc:
+            raise UiError(f"{Path(value).name}: {exc}") from None
     try:  # numpy arrays (a component built with type="numpy")
         return Image.fromarray(value)
     except (TypeError, ValueError, AttributeError):
@@ -196,22 +203,21 @@ def read_png_info(data: Any) -> PngInfo:
     """Read a dropped file (bytes or a path): A1111's ``parameters`` text chunk and any other text it carries."""
     if data is None:
         return PngInfo("", "", None)
-    if isinstance(data, (str, Path)):
-        try:
-            data = Path(data).read_bytes()
-        except OSError as exc:
-            raise UiError(f"cannot read the file: {exc.strerror or exc}") from None
-    if not isinstance(data, (bytes, bytearray)):
+    if isinstance(data, bytearray):
+        data = bytes(data)
+    if not isinstance(data, (bytes, str, Path)):
         raise UiError(f"not a file: {type(data).__name__}")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            image = opened.copy()
-            info = dict(opened.info)
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise UiError("PNG Info: the file is not an image this server can read") from None
+        image = open_image(data)
+    except ImageProblem as exc:
+        raise UiError(f"PNG Info: {exc}") from None
+    info = dict(image.info)
     infotext = info.pop("parameters", None)
     infotext = infotext if isinstance(infotext, str) else ""
+    if len(infotext) > MAX_INFOTEXT_CHARS:
+        # Longer than any infotext a generation writes (its prompts are bounded): not passed on to Send to txt2img.
+        raise UiError(f"PNG Info: the parameters text has {len(infotext)} characters, more than the "
+                      f"{MAX_INFOTEXT_CHARS} a generation writes; not read")
     rows = []
     if infotext:
         rows.append(f"<div><strong>parameters</strong><pre>{html.escape(infotext)}</pre></div>")

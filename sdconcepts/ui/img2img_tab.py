@@ -13,6 +13,7 @@ from typing import Any
 import gradio as gr
 
 from sdconcepts.img2img import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
+from sdconcepts.limits import MAX_MASK_BLUR
 from sdconcepts.ui import handlers
 from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.compat import make, mask_editor
@@ -73,7 +74,7 @@ def _lay_out(ti_view: handlers.CardsView, hn_view: handlers.CardsView) -> tuple[
                         c["denoising"] = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength",
                                                    elem_id=f"{PREFIX}denoising_strength")
                         with gr.Group(elem_id=f"{PREFIX}inpaint_settings"):
-                            c["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur",
+                            c["mask_blur"] = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur",
                                                        elem_id=f"{PREFIX}mask_blur")
                             c["mask_mode"] = gr.Radio(["Inpaint masked", "Inpaint not masked"],
                                                       value="Inpaint masked", label="Mask mode",

@@ -30,7 +30,7 @@ from sdconcepts.training.templates import available_templates
 from sdconcepts.training.training_model import TrainingModel
 from sdconcepts.ui.train_jobs import HOST_NOTE, TrainingJob, TrainingJobs
 from sdconcepts.ui.train_preprocess import run_preprocess
-from sdconcepts.ui.ui_session import UiError, UiSession, contained_path
+from sdconcepts.ui.ui_session import UiError, UiSession, contained_path, whole_number
 
 __all__ = [
     "ERROR_FIELDS",
@@ -142,7 +142,7 @@ def create_embedding(session: UiSession, model_label: str, name: str, init_text:
     from sdconcepts.file_names import InvalidNameError, target_path
     from sdconcepts.training.create import CreateError
 
-    count = int(vectors or 0)
+    count = whole_number(vectors or 0, "vectors per token")
     if not str(name).strip():
         raise UiError("name: enter a name for the embedding")
     if not 1 <= count <= MAX_VECTORS:
@@ -225,8 +225,8 @@ def preprocess_form(session: UiSession, form: Mapping[str, Any]) -> str:
     """The Preprocess images form, by field name (``PreprocessSettings``' fields, ``source``, ``destination``)."""
     from sdconcepts.ui.train_preprocess import PreprocessSettings
 
-    settings = PreprocessSettings(width=int(form["width"]), height=int(form["height"]),
-                                  caption_action=form["caption_action"], keep_size=bool(form["keep_size"]),
+    settings = PreprocessSettings(width=whole_number(form["width"], "width"),
+                                  height=whole_number(form["height"], "height"), caption_action=form["caption_action"], keep_size=bool(form["keep_size"]),
                                   flip=bool(form["flip"]), split=bool(form["split"]),
                                   split_threshold=float(form["split_threshold"]),
                                   overlap_ratio=float(form["overlap_ratio"]),
@@ -262,7 +262,14 @@ def training_config(kind: str, name: str, values: dict[str, Any], *, roots: Sequ
     config_class = EmbeddingTrainingConfig if kind == "embedding" else HypernetworkTrainingConfig
     ints = ("batch_size", "gradient_accumulation", "width", "height", "max_steps", "preview_every", "save_every",
             "preview_steps", "preview_seed")
-    fields: dict[str, Any] = {k: (int(v) if k in ints and v is not None else v) for k, v in values.items()}
+    fields: dict[str, Any] = {}
+    for key, value in values.items():
+        try:
+            fields[key] = whole_number(value, key.replace("_", " ")) if key in ints and value is not None else value
+        except UiError as exc:
+            errors[key] = str(exc)
+    if errors.keys() - {"name"}:
+        return None, errors
     if kind != "embedding":
         fields.pop("save_image_with_embedding", None)
     try:
@@ -283,10 +290,12 @@ def start_training(session: UiSession, jobs: TrainingJobs, kind: str, model_labe
         model = session.model(model_label)
         if kind == "embedding":
             assert isinstance(config, EmbeddingTrainingConfig)
-            events = train_embedding(model, name, config, embeddings_dir=embeddings_folder(session), stop=stop)
+            events = train_embedding(model, name, config, embeddings_dir=embeddings_folder(session), stop=stop,
+                                     preparing=True)
         else:
             assert isinstance(config, HypernetworkTrainingConfig)
-            events = train_hypernetwork(model, name, config, hypernetworks_dir=hypernetworks_folder(session), stop=stop)
+            events = train_hypernetwork(model, name, config, hypernetworks_dir=hypernetworks_folder(session), stop=stop,
+                                        preparing=True)
         return _announcing_saves(session, kind, events)
 
     return jobs.start(kind, name, config.max_steps, run, lock_whole_run=kind == "hypernetwork")

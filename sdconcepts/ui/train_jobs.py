@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdconcepts.atomic_files import describe_os_error
 from sdconcepts.training.loop import TrainingEvent
 from sdconcepts.training.outputs import draw_loss_plot
 from sdconcepts.ui.ui_session import UiError
@@ -54,7 +55,7 @@ class TrainingJob:
         return [e for e in self.events if e.kind == "step"]
 
     def end(self) -> TrainingEvent | None:
-        return next((e for e in reversed(self.events) if e.kind != "step"), None)
+        return next((e for e in reversed(self.events) if e.kind not in ("step", "preparing")), None)
 
     def wait(self, timeout: float | None = None) -> bool:
         if self.thread is not None:
@@ -78,7 +79,9 @@ class TrainingJobs:
         with self._lock:
             if self.current is not None and self.current.running:
                 job = self.current
-                raise UiError(f"a {job.kind} ({job.name}) is training already; interrupt it or wait for it to end")
+                article = "an" if job.kind[:1] in "aeiou" else "a"  # "an embedding", "a hypernetwork"
+                raise UiError(f"{article} {job.kind} ({job.name}) is training already; interrupt it or wait for it "
+                              "to end")
             job = TrainingJob(kind, name, max_steps)
             job.thread = threading.Thread(target=self._work, args=(job, run, lock_whole_run),
                                           name=f"sdconcepts-train-{name}", daemon=True)
@@ -93,6 +96,8 @@ class TrainingJobs:
                     self._drive(job, run, step_lock=None)
             else:
                 self._drive(job, run, step_lock=self.model_lock)
+        except OSError as exc:  # a full disk while saving the .pt, the loss CSV or a preview: one line, not errno
+            job.error = describe_os_error(exc)
         except Exception as exc:  # noqa: BLE001 - whatever stops the run is shown to the user, not lost in a thread
             job.error = str(exc) or type(exc).__name__
         finally:
@@ -185,7 +190,8 @@ def train_view(job: TrainingJob | None) -> TrainView:
     events = list(job.events)
     times = list(job.times)[: len(events)]
     steps = [e for e in events if e.kind == "step"]
-    end = next((e for e in reversed(events) if e.kind != "step"), None)
+    end = next((e for e in reversed(events) if e.kind not in ("step", "preparing")), None)
+    preparing = next((e for e in reversed(events) if e.kind == "preparing"), None)
     error = job.error
     parts: list[str] = []
     # The thread appends the end event (or sets the error) and flips ``done`` a moment later: a snapshot between the
@@ -208,7 +214,7 @@ def train_view(job: TrainingJob | None) -> TrainView:
         parts.append(f"{rate:.2f} it/s" if rate else "- it/s")
         parts.append(f"ETA {_duration(last.eta_s)}")
     elif not ended:
-        parts.append("loading the model and the dataset…")
+        parts.append(preparing.message if preparing is not None else "loading the model and the dataset…")
     if job.stop.is_set() and not ended:
         parts.append("interrupting…")
     status = '<div class="sdconcepts-train-status">' + " · ".join(parts)

@@ -13,15 +13,15 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from sdconcepts.images import ImageProblem, open_image
 from sdconcepts.limits import MAX_IMAGE_SIDE, MAX_SOURCE_PIXELS
-from sdconcepts.training.dataset import ImageProblem, open_image, read_caption
+from sdconcepts.training.dataset import read_caption
 from sdconcepts.ui.ui_session import UiError
 
 __all__ = ["CAPTION_ACTIONS", "PreprocessReport", "PreprocessSettings", "caption_from_name", "preprocess_images",
            "run_preprocess", "split_image"]
 
 CAPTION_ACTIONS = ("ignore", "copy", "prepend", "append")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _NUMBERS_AT_START = re.compile(r"^[-\d]+")
 
 
@@ -131,7 +131,9 @@ def run_preprocess(source: str | Path, destination: str | Path, settings: Prepro
     _validate(source, destination, settings)
     destination.mkdir(parents=True, exist_ok=True)
     report = PreprocessReport()
-    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Every file but the captions, as A1111's preprocess and our dataset reader: a .gif or .tif is read, not
+    # silently left out by its extension, and what PIL cannot read is listed as skipped with that reason.
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() != ".txt")
     for index, path in enumerate(files):
         try:
             image = open_image(path).convert("RGB")

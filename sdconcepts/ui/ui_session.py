@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from sdconcepts.embeddings.conversion import MapCache, default_map_cache
 from sdconcepts.embeddings.library import EmbeddingLibrary
+from sdconcepts.file_names import path_problem
 from sdconcepts.hash_cache import HashCache
 from sdconcepts.hypernetworks.attach import attention_widths
 from sdconcepts.hypernetworks.files import HypernetworkFileError
@@ -48,6 +49,17 @@ def _lower_thread_priority() -> None:
 
 class UiError(ValueError):
     """A request the UI cannot carry out; the message is shown to the user as it is."""
+
+
+def whole_number(value: Any, label: str) -> int:
+    """A form's number as an int, or UiError: 1.5 was silently truncated to 1, NaN was Python's own error."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UiError(f"{label} must be a number, got {value!r}") from None
+    if not number.is_integer():
+        raise UiError(f"{label} must be a whole number, got {value}")
+    return int(number)
 
 
 class HostModelSource(Protocol):
@@ -123,6 +135,9 @@ def contained_path(value: str | Path, roots: Sequence[Path], label: str, option:
     wherever they point. Here they stay inside the folders the server was started with (``option``: ``--train-root``
     for our server, ``--sdconcepts-train-root`` inside a host).
     """
+    problem = path_problem(str(value))
+    if problem is not None:
+        raise UiError(f"{label}: {problem}")
     resolved = Path(value).resolve()
     allowed = [Path(root).resolve() for root in roots]
     if any(resolved == root or resolved.is_relative_to(root) for root in allowed):

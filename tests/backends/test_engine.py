@@ -193,6 +193,17 @@ def test_long_prompts_and_break_make_more_chunks(tiny_model) -> None:  # type: i
     assert enc.encode("").shape == (77, 48)
 
 
+def test_prompt_length_is_bounded_before_anything_is_encoded(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    enc = PromptEncoder(tiny_model)
+    assert enc.encode(" BREAK ".join(["x"] * 64)).shape == (64 * 77, 48)
+    with pytest.raises(GenerationError, match="a prompt of 65 chunks of 75 tokens; at most 64 are encoded"):
+        enc.encode(" BREAK ".join(["x"] * 65))  # BREAK × 50,000 ended in an allocator traceback
+    with pytest.raises(GenerationError, match="at most 32768 are read"):
+        enc.encode("x" * 32_769)
+    with pytest.raises(GenerationError, match="the negative prompt has 20000000 characters; at most 32768"):
+        GenerationParams(negative_prompt="x" * 20_000_000).validated()  # the web kept 5.76 GB after one
+
+
 def test_clip_skip_uses_an_earlier_layer(tiny_model) -> None:  # type: ignore[no-untyped-def]
     one = PromptEncoder(tiny_model, clip_skip=1).encode("a red circle")
     two = PromptEncoder(tiny_model, clip_skip=2).encode("a red circle")
@@ -338,6 +349,28 @@ def test_sd2_v_prediction_single_file_loads_and_generates(tmp_path: Path) -> Non
     in_memory = model_from_components(components, family="sd2")
     params = GenerationParams(prompt="a red circle", steps=3, seed=4, sampler="DDIM")
     assert_images_close(pixels(txt2img(model, params)), pixels(txt2img(in_memory, params)))
+
+
+def test_non_finite_cfg_and_conditioning_are_named_before_sampling(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    for cfg in (float("nan"), float("inf")):
+        with pytest.raises(GenerationError, match="CFG scale must be a finite number"):
+            txt2img(tiny_model, GenerationParams(prompt="x", steps=2, seed=1, cfg_scale=cfg))
+    steps: list[int] = []
+    emphasis = "(" * 1000 + "x" + ")" * 1000  # 1.1 ** 1000: infinite in float32
+    with pytest.raises(GenerationError, match="conditioning has NaN or infinite values: an emphasis weight"):
+        txt2img(tiny_model, GenerationParams(prompt=emphasis, steps=2, seed=1), progress=lambda *a: steps.append(1))
+    assert steps == []  # refused before the first step, not after the whole run
+
+
+def test_an_allocation_that_fails_after_the_memory_check_is_one_line() -> None:
+    from sdconcepts.backends import sampling
+
+    def allocates_too_much() -> object:
+        return torch.empty(1 << 60, dtype=torch.uint8)  # the CPU allocator's real refusal
+
+    with pytest.raises(GenerationError, match="^out of memory while generating .*use a smaller size or batch$"):
+        sampling._out_of_memory_is_one_line(allocates_too_much)()  # type: ignore[arg-type]
+    assert sampling.txt2img.__wrapped__  # type: ignore[attr-defined]  # the generation goes through it
 
 
 def test_nan_output_is_an_error_not_a_black_image() -> None:

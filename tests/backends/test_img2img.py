@@ -83,6 +83,35 @@ def test_resize_modes_against_hand_computed_results() -> None:
         resize_image(wide, 4, 4, "Stretch")
 
 
+def test_extreme_aspect_ratios_resize_without_a_huge_intermediate() -> None:
+    # A 1×2,000,000 picture (4 KB as a PNG) "Crop and resize"d to 64×64 went through a 64×128,000,000 intermediate
+    # and ran out of memory; only the visible window is resampled now. Its pixels are the middle rows of the picture.
+    rows = np.zeros((2_000_000, 1, 3), dtype=np.uint8)
+    rows[:1_000_000] = (200, 0, 0)
+    rows[1_000_000:] = (0, 0, 200)
+    tall = Image.fromarray(rows)
+    out = np.asarray(resize_image(tall, 64, 64, "Crop and resize")).astype(int)
+    assert out.shape == (64, 64, 3)
+    # The window is one source row each side of the red/blue boundary, magnified 64 times: red above, blue below.
+    assert out[0, :, 0].min() >= 190 and out[-1, :, 2].min() >= 190 and out[0, :, 2].max() <= 10
+    # The window path gives what resizing the whole picture gives, where both can run: on noise (the worst case for
+    # the rounding between PIL's two passes) the mean difference is under one grey level.
+    mid = Image.fromarray(np.random.default_rng(1).integers(0, 256, (1500, 7, 3), dtype=np.uint8))
+    whole = mid.resize((32, 1500 * 32 // 7), resample=Image.Resampling.LANCZOS)
+    top = (1500 * 32 // 7) // 2 - 16
+    expected = np.asarray(whole.crop((0, top, 32, top + 32))).astype(int)
+    assert np.abs(np.asarray(resize_image(mid, 32, 32, "Crop and resize")).astype(int) - expected).mean() < 1.0
+    # "Resize and fill" of a 1×5000 picture was 0 pixels wide (a traceback): one column, stretched into the margins.
+    filled = resize_image(Image.new("RGB", (1, 5000), (9, 99, 199)), 64, 64, "Resize and fill")
+    assert filled.size == (64, 64) and np.abs(np.asarray(filled).astype(int) - (9, 99, 199)).max() <= 1
+
+
+def test_mask_blur_is_bounded_by_a1111s_slider() -> None:
+    assert Img2ImgOptions(mask_blur=64).validated().mask_blur == 64
+    with pytest.raises(GenerationError, match="mask blur must be between 0 and 64"):
+        Img2ImgOptions(mask_blur=200_000).validated()  # 77 s and 2 GB; 1e9 asked for 37 GiB
+
+
 def test_mask_binarisation_blur_and_crop_region() -> None:
     # A drawn mask (RGBA with transparency) is its alpha thresholded at 128; an opaque one is its luminance.
     drawn = Image.new("RGBA", (4, 1), (0, 0, 0, 0))
@@ -363,7 +392,7 @@ def test_cli_img2img_help_and_one_line_errors(tiny_model_dir: Path, tmp_path: Pa
     _noise_image().save(tmp_path / "init.png")
     common = ["--prompt", "x", "--ckpt", str(tiny_model_dir), "--output", str(tmp_path / "out")]
     for extra, expected in (
-        (["--init-image", str(tmp_path / "bad.png")], "bad.png: not a readable image"),
+        (["--init-image", str(tmp_path / "bad.png")], "bad.png: not an image PIL can read"),
         (["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "bad.png")], "bad.png"),
         (["--init-image", str(tmp_path / "missing.png")], "missing.png: no such file"),
         (["--init-image", str(tmp_path / "init.png"), "--denoising-strength", "1.5"], "between 0 and 1"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 from cli_process import run_cli
 
 from sdconcepts.generation import parse_infotext
@@ -56,3 +57,19 @@ def test_bad_options_and_missing_files_are_one_line_errors(tmp_path: Path, tiny_
     assert "multiples of 32" in line
     line = _one_line_error(run_cli("generate", "--prompt", "x", "--output", str(tmp_path), "--sampler", "Foo"))
     assert "Foo" in line
+
+
+def test_training_on_the_command_line_says_how_far_latent_caching_got(capsys: pytest.CaptureFixture[str]) -> None:
+    import math
+    import threading
+
+    from tqdm import tqdm
+
+    from sdconcepts.cli.training_commands import _drive
+    from sdconcepts.training.loop import TrainingEvent
+
+    events = [TrainingEvent(0, math.nan, 0.0, kind="preparing", message="caching latents: 0 of 3 images"),
+              TrainingEvent(1, 0.5, 0.01), TrainingEvent(1, math.nan, 0.0, kind="finished", message="done")]
+    assert _drive(iter(events), threading.Event(), 1, True, tqdm) == 0
+    captured = capsys.readouterr()
+    assert "caching latents: 0 of 3 images" in captured.err and captured.out.strip() == "done"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,11 @@ def test_other_libraries_use_the_cache_too(tmp_path: Path) -> None:
     assert listing() == first_hash != file_sha256(path)
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"version": 1, "files": []}', '["a"]', "\udcff"])
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", '{"version": 1, "files": []}', '["a"]', "\udcff", "[" * 100_000 + "]" * 100_000,
+     '{"version": 1, "files": {"x": ' + "[" * 200 + "]" * 200 + "}}"],
+)
 def test_a_damaged_cache_is_ignored_with_a_log_line_and_rewritten(
     tmp_path: Path, content: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -105,6 +110,34 @@ def test_a_damaged_cache_is_ignored_with_a_log_line_and_rewritten(
         assert _hash(EmbeddingLibrary([folder], hashes=HashCache(cache))) == file_sha256(folder / "e.safetensors")
     assert any("hash cache" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
     assert str(folder / "e.safetensors") in json.loads(cache.read_text())["files"]
+
+
+def _hash_within(library: EmbeddingLibrary, seconds: float) -> str | None:
+    """``_hash`` in a thread: a test of something that used to hang fails instead of hanging."""
+    result: list[str | None] = []
+    worker = threading.Thread(target=lambda: result.append(_hash(library)), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"listing the library took more than {seconds} s"
+    return result[0]
+
+
+def test_a_fifo_or_a_huge_file_in_place_of_the_cache_is_ignored_without_reading_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "embeddings"
+    _save(folder / "e.safetensors", seed=1)
+    fifo, huge = tmp_path / "fifo.json", tmp_path / "huge.json"
+    os.mkfifo(fifo)  # a plain open() blocks until a writer comes: every scan, and the web UI's start, hung
+    with open(huge, "wb") as handle:
+        handle.truncate(3 << 30)  # sparse: costs nothing on disk, but was read whole (3 GB) before being ignored
+    with caplog.at_level(logging.WARNING, logger="sdconcepts.hash_cache"):
+        for cache in (fifo, huge):
+            library = EmbeddingLibrary([folder], hashes=HashCache(cache))
+            assert _hash_within(library, 10.0) == file_sha256(folder / "e.safetensors")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("fifo.json" in m and "not a regular file: FIFO" in m for m in messages)
+    assert any("huge.json" in m and "more than 64 MiB" in m for m in messages)
 
 
 def test_bad_entries_are_skipped_and_the_file_gets_the_umask_mode(tmp_path: Path) -> None:

@@ -65,6 +65,8 @@ def test_lenient_values_as_a1111_reads_them(tmp_path: Path) -> None:
         (b"[1, 2]", "expected a JSON object, found list"),
         (b"\xff\xfe\x00", "not valid JSON"),
         (b" " * (1 << 20) + b"{}", "more than 1 MiB"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested more than 64 levels deep"),
+        (b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}", "nested more than 64 levels deep"),
     ],
 )
 def test_bad_json_is_refused_with_one_line_and_never_overwritten(tmp_path: Path, content: bytes, reason: str) -> None:
@@ -82,3 +84,12 @@ def test_a_fifo_named_json_is_refused_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "x.json")
     with pytest.raises(UserMetadataError, match="not a regular file"):
         read_user_metadata(tmp_path / "x.pt")
+
+
+def test_metadata_that_could_not_be_read_back_is_not_written(tmp_path: Path) -> None:
+    write_user_metadata(tmp_path / "x.pt", UserMetadata(description="short"))
+    before = (tmp_path / "x.json").read_bytes()
+    with pytest.raises(UserMetadataError, match="more than 1 MiB; shorten it"):
+        write_user_metadata(tmp_path / "x.pt", UserMetadata(description="d" * (1 << 20)))
+    assert (tmp_path / "x.json").read_bytes() == before
+    assert read_user_metadata(tmp_path / "x.pt") == UserMetadata(description="short", sd_version="Unknown")

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from test_embedding_files import write_bad_files, write_hostile_files
@@ -268,3 +269,33 @@ def test_user_metadata_is_read_from_the_json_beside_each_file(tmp_path: Path) ->
     fixed = {r.name: r for r in library.records(WIDTH)}["broken"]
     assert fixed.metadata_error is None and fixed.user_metadata is not None
     assert fixed.user_metadata.description == "fixed"
+
+
+def test_a_link_to_a_folder_above_is_not_followed_and_a_huge_walk_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    from sdconcepts.embeddings import folder_scan
+
+    folder = tmp_path / "embeddings"
+    save_embedding(_emb("e"), folder / "e.safetensors")
+    (folder / "root").symlink_to("/")  # inspect walked all of / for over 180 s, 3.4 GB
+    (folder / "up").symlink_to(tmp_path)
+    elsewhere = tmp_path / "shared"
+    save_embedding(_emb("s"), elsewhere / "s.safetensors")
+    (folder / "shared").symlink_to(elsewhere)  # a link to a folder beside it is followed, as A1111 follows links
+    library = EmbeddingLibrary([folder])
+    worker = threading.Thread(target=library.refresh, daemon=True)
+    with caplog.at_level("WARNING", logger="sdconcepts.embeddings.folder_scan"):
+        worker.start()
+        worker.join(20)
+    assert not worker.is_alive(), "the scan followed the link to /"
+    assert sorted(r.name for r in library.records(WIDTH)) == ["e", "s"]
+    assert any("not following" in r.getMessage() and "root" in r.getMessage() for r in caplog.records)
+    # However a folder got there, a scan stops at the entry budget with a warning instead of listing a whole disk.
+    monkeypatch.setattr(folder_scan, "MAX_SCAN_ENTRIES", 3)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sdconcepts.embeddings.folder_scan"):
+        EmbeddingLibrary([folder]).refresh()
+    assert any("stopped listing" in r.getMessage() for r in caplog.records)

@@ -274,3 +274,15 @@ def test_half_precision_unet_with_float32_hypernetworks() -> None:
         assert fast.dtype == torch.bfloat16 and not torch.equal(plain, base)
         torch.testing.assert_close(fast.float(), plain.float(), rtol=0.05, atol=0.05)
     assert torch.equal(_unet_out(unet, inputs), base)
+
+
+def test_many_bad_tags_give_a_bounded_list_of_warnings() -> None:
+    from sdconcepts.hypernetworks.tags import MAX_TAG_WARNINGS, resolve_in_memory
+
+    prompt = " ".join(f"<hypernet:missing{i}>" for i in range(10_000)) + " <hypernet:missing0>" * 3
+    warnings = resolve_in_memory(prompt, {}).warnings  # 10,000 warning lines were printed
+    assert len(warnings) == MAX_TAG_WARNINGS + 1 == 11
+    assert warnings[0].startswith("unknown hypernet 'missing0'") and warnings[1].startswith("unknown hypernet 'missing1'")
+    assert warnings[-1] == "... and 9990 more warnings about tags"
+    assert resolve_in_memory("<hypernet:a> <hypernet:a>", {}).warnings == [
+        "unknown hypernet 'a': the tag was removed from the prompt and has no effect"]  # each said once (it came twice)

@@ -176,6 +176,8 @@ def _valid_dict() -> dict[Any, Any]:
         (lambda d: d.update(layer_structure="1,2,1"), "not a list of numbers"),
         (lambda d: d.update(dropout_structure=[0, 0.2]), "one entry per"),
         (lambda d: d.pop(8), "no integer width keys"),
+        (lambda d: d[8][1]["linear.0.weight"].fill_(float("nan")),
+         "the value module for width 8 has NaN or infinite weights"),
     ],
 )
 def test_bad_files_name_the_file_and_the_reason(tmp_path: Path, mutate: Any, message: str) -> None:

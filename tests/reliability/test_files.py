@@ -408,3 +408,19 @@ def test_skipped_reasons_say_what_the_file_is_in_one_line(tmp_path: Path) -> Non
     # torch's warning about the pickle protocol does not reach the user either.
     proc = _run_cli("inspect", str(folder / "plain.pt"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_hypernetwork_no_tag_can_name_is_listed_as_skipped_with_the_reason(tmp_path: Path) -> None:
+    from sdconcepts.hypernetworks.files import save_hypernetwork
+    from sdconcepts.hypernetworks.hypernetwork import create_hypernetwork
+    from sdconcepts.ui import handlers
+    from sdconcepts.ui.ui_session import UiConfig, UiSession
+
+    folder = tmp_path / "hypernetworks"
+    for name in ("hn:5", "a>b", "plain"):
+        save_hypernetwork(create_hypernetwork(name, (8,), generator_seed=0), folder / f"{name}.pt")
+    view = handlers.hypernetwork_cards_view(UiSession(UiConfig(hypernetworks_dirs=[folder])))
+    # hn:5.pt had a card whose tag <hypernet:hn:5:1> named hypernetwork "hn" at strength 5.
+    assert 'data-name="plain"' in view.cards_html and 'data-name="hn' not in view.cards_html
+    assert "&#x27;:&#x27;, which end a prompt tag&#x27;s name: no tag can name it" in view.skipped_html
+    assert "&#x27;&gt;&#x27;, which end a prompt tag&#x27;s name" in view.skipped_html

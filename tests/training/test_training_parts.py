@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import threading
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from sdconcepts.training import (
     sanitize_name,
     training_loop,
 )
-from sdconcepts.training.dataset import filewords_for
+from sdconcepts.training.dataset import DatasetError, filewords_for
 from sdconcepts.training.outputs import LossLog, draw_loss_plot
 from sdconcepts.training.templates import fill_template
 
@@ -189,6 +190,47 @@ def test_read_images_captions_filenames_and_regex(tmp_path: Path) -> None:
     assert filewords_for(tmp_path / "00012-a red circle.png", filename_regex=r"\w+", join_string="_") == "a_red_circle"
     with pytest.raises(ValueError, match="no images"):
         read_images(_empty(tmp_path), width=8, height=8)
+
+
+def test_a_caption_longer_than_a_prompt_skips_its_picture_with_the_reason(tmp_path: Path) -> None:
+    from sdconcepts.limits import MAX_PROMPT_CHARS
+
+    _image(tmp_path / "a.png", (8, 8), (255, 0, 0))
+    _image(tmp_path / "b.png", (8, 8), (0, 255, 0))
+    (tmp_path / "a.txt").write_text("x" * (MAX_PROMPT_CHARS + 1))  # a 10 MB caption used 6.6 GB to encode
+    (tmp_path / "b.txt").write_text("é" * MAX_PROMPT_CHARS)  # as long as a prompt may be (2 bytes a character)
+    (record,) = read_images(tmp_path, width=8, height=8)
+    assert record.path.name == "b.png" and len(record.filewords) == MAX_PROMPT_CHARS
+    (tmp_path / "b.png").unlink()
+    with pytest.raises(DatasetError) as info:
+        read_images(tmp_path, width=8, height=8)
+    assert f"(skipped: a.png (caption a.txt longer than {MAX_PROMPT_CHARS} characters))" in str(info.value)
+
+
+def test_a_backtracking_filename_regex_is_stopped_with_one_line(tmp_path: Path) -> None:
+    _image(tmp_path / ("a" * 60 + "!.png"), (8, 8), (255, 0, 0))
+
+    def too_long(_signum: int, _frame: object) -> None:
+        raise AssertionError("the filename regex was not stopped")
+
+    # A deadline by signal: ``re`` holds the GIL while it backtracks (a watchdog thread never runs), but it checks
+    # for signals, so without the fix this test fails after 20 s instead of hanging (2**60 ways to split the name).
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(20)
+    try:
+        # The issue's pattern: the regex engine finds at once that it cannot match (A1111's words: none).
+        (record,) = read_images(tmp_path, width=8, height=8, filename_regex="(a+)+$")
+        assert record.filewords == ""
+        # One that backtracks there too is stopped at its timeout, with the run refused in one line.
+        with pytest.raises(DatasetError) as info:
+            read_images(tmp_path, width=8, height=8, filename_regex="(a|aa)+$")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert "ran for over 0.5 s on the name 'aaaa" in str(info.value) and "simplify it" in str(info.value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(DatasetError, match="is invalid"):
+        read_images(tmp_path, width=8, height=8, filename_regex="(")
 
 
 def _empty(tmp_path: Path) -> Path:

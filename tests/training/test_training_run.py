@@ -292,3 +292,29 @@ def test_two_process_data_parallel_run_on_cpu(tiny_model_dir: Path, dataset: Pat
     assert load_embedding(tmp_path / "embeddings" / "ddp.pt").step == 3
     csv = next((tmp_path / "textual_inversion").rglob("textual_inversion_loss.csv")).read_text().splitlines()
     assert len(csv) == 4  # header and 3 steps, written once
+
+
+def test_latent_caching_reports_progress_and_stops_at_an_interrupt(
+    tiny_model: Any, dataset: Path, tmp_path: Path
+) -> None:
+    path = _new_embedding(tiny_model, tmp_path / "emb")
+    before = path.read_bytes()
+    images = len([p for p in dataset.iterdir() if p.suffix == ".png"])
+    assert images >= 2
+    stop = threading.Event()
+    seen = []
+    # Caching 10,000 pictures said nothing for a minute, and Interrupt waited for all of them.
+    for event in train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, max_steps=3),
+                                 embeddings_dir=path.parent, stop=stop, preparing=True):
+        seen.append(event)
+        if event.kind == "preparing":
+            stop.set()  # the user interrupts as caching starts: it stops before the second picture
+    assert [e.kind for e in seen] == ["preparing", "interrupted"]
+    assert seen[0].message == f"caching latents: 0 of {images} images"  # said at once, then at most every second
+    assert seen[1].message == (f"Training interrupted while caching latents (1 of {images} images); nothing was "
+                               "trained or saved.")
+    assert path.read_bytes() == before
+    # Without ``preparing`` the stream is steps and an end, as before.
+    kinds = [e.kind for e in train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, max_steps=2),
+                                             embeddings_dir=path.parent)]
+    assert kinds == ["step", "step", "finished"]

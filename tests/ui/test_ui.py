@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sdconcepts import Embedding, save_embedding
-from sdconcepts.generation import MAX_SEED
+from sdconcepts.generation import SEED_LIMIT
 from sdconcepts.images import read_infotext
 from sdconcepts.ui import handlers
 from sdconcepts.ui.cards import format_multiplier, hypernetwork_tag
@@ -141,8 +141,9 @@ def test_form_values_become_generation_params_or_a_clear_error() -> None:
         handlers.generation_params("p", "", "Euler", 4.5, 7, -1, 0, 0, 1, 1)
     with pytest.raises(UiError, match="Width must be a number"):
         handlers.generation_params("p", "", "Euler", 4, 7, -1, "wide", 0, 1, 1)
-    with pytest.raises(UiError, match=f"at most {MAX_SEED}"):
-        handlers.generation_params("p", "", "Euler", 4, 7, MAX_SEED + 1, 0, 0, 1, 1)
+    assert handlers.generation_params("p", "", "Euler", 4, 7, 2**32, 0, 0, 1, 1).seed == 2**32  # A1111 writes such seeds
+    with pytest.raises(UiError, match=f"at most {SEED_LIMIT}"):
+        handlers.generation_params("p", "", "Euler", 4, 7, SEED_LIMIT + 1, 0, 0, 1, 1)
 
 
 # -- models and generation ------------------------------------------------------------------------------------
@@ -221,6 +222,13 @@ def test_stylesheet_only_styles_our_root() -> None:
     css = re.sub(r"/\*.*?\*/", "", (ROOT / "style.css").read_text(), flags=re.S)
     selectors = [s.strip() for block in re.findall(r"([^{}]+)\{", css) for s in block.split(",")]
     assert selectors and all(s.startswith("#sdconcepts_root ") for s in selectors), selectors
+
+
+def test_png_info_wraps_long_lines() -> None:
+    css = re.sub(r"/\*.*?\*/", "", (ROOT / "style.css").read_text(), flags=re.S)
+    rules = dict((sel.strip(), body) for sel, body in re.findall(r"([^{}]+)\{([^}]*)\}", css))
+    body = rules["#sdconcepts_root .sdconcepts-png-info pre"]
+    assert "white-space: pre-wrap" in body and "overflow-wrap: anywhere" in body
 
 
 def test_javascript_defines_one_global_and_targets_our_ids() -> None:

@@ -185,6 +185,22 @@ def test_png_info_reads_ours_and_a1111s_and_refuses_what_is_not_an_image(session
     assert i2i.read_png_info(None).image is None
 
 
+def test_png_info_refuses_bombs_and_parameters_no_generation_writes() -> None:
+    from forged_images import forged_png
+
+    from sdconcepts.limits import MAX_INFOTEXT_CHARS
+
+    with pytest.raises(UiError, match=r"^PNG Info: image too large: 12000×12000 > \d+ pixels$"):
+        i2i.read_png_info(forged_png(12_000, 12_000))  # PIL's raw message, or a 2.3 GB decode below PIL's limit
+    # An upload gradio decoded already (1 bit a pixel here, 11 MB) is refused before img2img resizes it.
+    with pytest.raises(UiError, match=r"^image too large: 9500×9500 > \d+ pixels$"):
+        i2i.editor_parts(Image.new("1", (9500, 9500)))
+    fits = i2i.read_png_info(_png_bytes(_picture(8), "p" * MAX_INFOTEXT_CHARS))
+    assert len(fits.infotext) == MAX_INFOTEXT_CHARS
+    with pytest.raises(UiError, match=f"more than the {MAX_INFOTEXT_CHARS} a generation writes; not read$"):
+        i2i.read_png_info(_png_bytes(_picture(8), "p" * (MAX_INFOTEXT_CHARS + 1)))  # a 60 MB chunk was fed on
+
+
 # -- layout ------------------------------------------------------------------------------------------------------
 
 

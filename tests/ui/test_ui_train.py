@@ -6,6 +6,7 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig
 from sdconcepts.training.loop import TrainingEvent
+from sdconcepts.training.outputs import LossLog
 from sdconcepts.ui import handlers, train_handlers, train_jobs
 from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
@@ -69,6 +71,36 @@ def test_bad_settings_name_their_field_and_start_nothing(dataset: Path, tmp_path
     # A hypernetwork has no "save images with embedding" field; the rest is the same form.
     config, errors = train_handlers.training_config("hypernetwork", "h", _fields(dataset, tmp_path, template="hypernetwork"))
     assert isinstance(config, HypernetworkTrainingConfig) and errors == {}
+
+
+def test_paths_no_system_takes_and_fractional_numbers_are_named_in_one_line(dataset: Path, tmp_path: Path) -> None:
+    roots = [tmp_path, dataset]
+    long = str(tmp_path / ("d" * 200) / ("e" * 6000))
+    for key, value, reason in (
+        ("dataset", str(tmp_path / "a\x00b"), "dataset directory: contains a NUL character"),  # was "embedded null byte"
+        ("log_directory", long, "log directory: 6"),  # was "[Errno 36] File name too long"
+        ("dataset", str(tmp_path / ("n" * 300)), "dataset directory: a name in it is 300 bytes long; names end at 255"),
+    ):
+        config, errors = train_handlers.training_config("embedding", "toy", _fields(dataset, tmp_path, **{key: value}),
+                                                        roots=roots)
+        assert config is None and list(errors) == [key] and errors[key].startswith(reason), errors
+        assert "\n" not in errors[key]
+    for value, message in ((1.5, "batch size must be a whole number, got 1.5"),
+                           (float("nan"), "batch size must be a whole number, got nan")):
+        config, errors = train_handlers.training_config("embedding", "toy",
+                                                        _fields(dataset, tmp_path, batch_size=value))
+        assert config is None and errors == {"batch_size": message}
+
+
+def test_preprocess_and_create_refuse_such_values_too(session: UiSession, tiny_model_dir: Path,
+                                                       tmp_path: Path) -> None:
+    session.train_roots = lambda: [tmp_path]  # type: ignore[method-assign]
+    with pytest.raises(UiError, match="^source directory: contains a NUL character"):
+        train_handlers.preprocess(session, str(tmp_path / "x\x00"), str(tmp_path / "out"), None)
+    for vectors, shown in ((1.5, "1.5"), (float("nan"), "nan")):  # 1.5 became 1 vector, NaN a Python error
+        with pytest.raises(UiError, match=f"^vectors per token must be a whole number, got {shown}$"):
+            train_handlers.create_embedding(session, str(tiny_model_dir), "toy", "", vectors, False)
+    assert not (tmp_path / "embeddings").exists()
 
 
 # -- create -------------------------------------------------------------------------------------------------------
@@ -195,7 +227,7 @@ def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
     while not job.steps() and time.monotonic() < deadline and job.running:
         time.sleep(0.02)
     assert job.steps(), job.error
-    with pytest.raises(UiError, match="is training already"):
+    with pytest.raises(UiError, match=r"^an embedding \(toytri\) is training already"):
         train_handlers.start_training(session, jobs, "embedding", label, "toytri", config)
     # Generation takes turns with the training steps on the shared model.
     params = handlers.generation_params("a toytri", "", "Euler a", 2, 7.0, 1, SIZE, SIZE, 1, 1)
@@ -217,6 +249,15 @@ def test_interrupt_saves_a_second_start_is_refused_and_txt2img_still_works(
     assert config2 is not None
     again = train_handlers.start_training(session, jobs, "embedding", label, "toytri", config2)
     assert again.wait(60) and again.error is None and again is jobs.current
+
+
+def test_the_view_says_how_far_latent_caching_got() -> None:
+    job = train_jobs.TrainingJob("embedding", "toytri", 100)
+    job.events.append(TrainingEvent(0, math.nan, 0.0, kind="preparing", message="caching latents: 1200 of 10000 images"))
+    job.times.append(job.started + 1)
+    view = train_jobs.train_view(job)
+    assert view.running and job.end() is None  # not an end: the run goes on
+    assert "<b>Training</b>" in view.status_html and "caching latents: 1200 of 10000 images" in view.status_html
 
 
 def test_the_view_between_the_end_event_and_done_already_shows_the_end() -> None:
@@ -343,7 +384,7 @@ def test_model_shape_from_files_and_from_the_loaded_model(tiny_model_dir: Path, 
 def test_preprocess_resizes_flips_splits_and_captions(tmp_path: Path) -> None:
     from PIL import Image
 
-    from sdconcepts.ui.train_preprocess import PreprocessSettings, caption_from_name, preprocess_images
+    from sdconcepts.ui.train_preprocess import PreprocessSettings, caption_from_name, preprocess_images, run_preprocess
 
     source = tmp_path / "in"
     source.mkdir()
@@ -376,7 +417,29 @@ def test_preprocess_resizes_flips_splits_and_captions(tmp_path: Path) -> None:
     assert (tmp_path / "kept" / "00000-0-12-wide_blue.txt").read_text() == "a banner\n"
     assert not (tmp_path / "kept" / "00001-0-red_band.txt").exists()
 
+    # A .gif or .tif is read as the dataset reader reads it (they were silently left out); what is not a picture is
+    # listed as skipped with its reason.
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(source / "green.gif")
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(source / "green2.tif")
+    (source / "readme.md").write_text("not a picture")
+    report = run_preprocess(source, tmp_path / "more", PreprocessSettings(width=32, height=32))
+    assert sorted(p.name for p in report.written) == ["00000-0-12-wide_blue.png", "00001-0-green.png",
+                                                      "00002-0-green2.png", "00004-0-red_band.png"]  # numbered by file, as A1111
+    assert report.skipped == ["readme.md (not an image PIL can read)"]
+
     with pytest.raises(UiError, match="^source directory"):
         preprocess_images(tmp_path / "missing", out, settings)
     with pytest.raises(UiError, match="^destination directory"):
         preprocess_images(source, source, settings)
+
+
+def test_a_full_disk_ends_a_web_run_with_one_line(tmp_path: Path) -> None:
+    def run(_stop: threading.Event) -> Iterator[TrainingEvent]:
+        # The run's loss CSV on /dev/full: the kernel's own ENOSPC, as a full disk gives it (a raw OSError before).
+        LossLog(Path("/dev/full")).add(1, 0, 1, 0.5, 0.005)
+        yield from ()
+
+    jobs = train_jobs.TrainingJobs(threading.Lock())
+    job = jobs.start("embedding", "toytri", 4, run)
+    assert job.wait(30)
+    assert job.error == "/dev/full: No space left on device (the disk is full); files saved before are kept"
