@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from sdconcepts.backends.half_weights import compute_in_float32, half_on_cpu
 from sdconcepts.backends.tokenizer import load_clip_tokenizer
 from sdconcepts.checkpoints import files as cf
 from sdconcepts.checkpoints.configs import ModelConfigs
@@ -209,18 +210,21 @@ def _plain_view(tensor: torch.Tensor) -> torch.Tensor:
 def _alias(make: Any, state_dict: dict[str, torch.Tensor], what: str) -> Any:
     with torch.device("meta"):
         model = make()
-    if isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection)):
+    text_encoder = isinstance(model, (CLIPTextModel, CLIPTextModelWithProjection))
+    if text_encoder:
         state_dict = cf.match_text_encoder_keys(state_dict, model.state_dict().keys())
     # A view without the host's autograd flags; load_state_dict(assign=True) wraps it in a new Parameter.
     tensors = {k: _plain_view(v) for k, v in state_dict.items()}
-    # One dtype per module: Forge keeps CLIP's token and position tables in float32 beside fp16/bf16 layers (its
-    # own layers cast at every call). The dtype of most tensors (the layers') wins; the others are converted, a copy
-    # of that much only (logged).
+    # Forge (and its forks) hold CLIP in float16 even on the CPU and compute it in float32, casting at every call:
+    # so does our view (half_weights), keeping every tensor as the host holds it. Elsewhere one dtype per module:
+    # Forge keeps CLIP's token and position tables in float32 beside fp16/bf16 layers (on a GPU); the dtype of most
+    # tensors (the layers') wins and the others are converted, a copy of that much only (logged).
+    cast_on_compute = text_encoder and half_on_cpu(tensors.values())
     sizes: dict[torch.dtype, int] = {}
     for value in tensors.values():
         if value.is_floating_point():
             sizes[value.dtype] = sizes.get(value.dtype, 0) + 1
-    if len(sizes) > 1:
+    if len(sizes) > 1 and not cast_on_compute:
         main = max(sizes, key=lambda dtype: sizes[dtype])
         converted = [k for k, v in tensors.items() if v.is_floating_point() and v.dtype != main]
         for key in converted:
@@ -239,6 +243,10 @@ def _alias(make: Any, state_dict: dict[str, torch.Tensor], what: str) -> Any:
                 setattr(module, name, torch.arange(buffer.shape[-1], dtype=buffer.dtype, device=device).expand(buffer.shape))
             elif buffer.is_meta:
                 raise cf.CheckpointError(f"the loaded model's {what} buffer {name} is missing")
+    if cast_on_compute:
+        layers = compute_in_float32(model)
+        log.info("%s: half-precision weights on the CPU, computed in float32 (%d layers cast at each call)", what,
+                 layers)
     model.eval()
     model.requires_grad_(False)
     return model
