@@ -72,4 +72,5 @@ def web_ui_config(args: argparse.Namespace) -> Any:
         train_roots=args.ui_train_roots,
         extra_embeddings_dirs=[EXAMPLE_EMBEDDINGS_DIR] if args.ui_examples else [],
         extra_hypernetworks_dirs=[EXAMPLE_HYPERNETWORKS_DIR] if args.ui_examples else [],
+        cpu_threads=getattr(args, "threads", None),  # as main() resolved it; None leaves torch's alone
     )

@@ -394,6 +394,7 @@ def generate(
     from sdconcepts.backends.sampling import txt2img  # lazy: transformers, diffusers
 
     with session.generate_lock:
+        session.use_cpu_threads()
         model = session.model(model_label)
         width = int(model.context_width)
         session.embeddings.refresh(lazy=True)

@@ -280,6 +280,7 @@ def start_training(session: UiSession, jobs: TrainingJobs, kind: str, model_labe
     from sdconcepts.training.run import train_embedding, train_hypernetwork
 
     def run(stop: threading.Event) -> Iterator[TrainingEvent]:
+        session.use_cpu_threads()
         model = session.model(model_label)
         if kind == "embedding":
             assert isinstance(config, EmbeddingTrainingConfig)

@@ -23,6 +23,7 @@ from sdconcepts.hypernetworks.library import LoadedHypernetworks, hypernetwork_l
 from sdconcepts.hypernetworks.tags import ResolvedHypernetworks, resolve_hypernetworks
 from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, read_model_shape, shape_of_loaded
 from sdconcepts.prompts.network_tags import parse_extra_network_tags
+from sdconcepts.threads import apply_threads
 
 __all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConfig", "UiError", "UiSession",
            "contained_path", "scan_models"]
@@ -88,6 +89,9 @@ class UiConfig:
     files_changed: Callable[[str], None] | None = None
     # The file that keeps file hashes across runs (``sdconcepts.hash_cache``); None: the user cache folder's.
     hash_cache: Path | None = None
+    # torch's CPU threads, set before each generation and training run: "auto" or a count (``sdconcepts.threads``);
+    # None leaves them alone (inside a host, whose choice stands).
+    cpu_threads: str | None = None
 
 
 def scan_models(folder: Path | None) -> list[Path]:
@@ -272,6 +276,11 @@ class UiSession:
         """We wrote an ``embedding`` or ``hypernetwork`` file: tell the host (it reloads its lists)."""
         if self.config.files_changed is not None:
             self.config.files_changed(kind)
+
+    def use_cpu_threads(self) -> None:
+        """Set torch's thread count for the job about to run, as configured (``UiConfig.cpu_threads``)."""
+        if self.config.cpu_threads is not None:
+            apply_threads(self.config.cpu_threads)
 
     def model(self, label: str) -> Any:
         """The model behind a dropdown label, loading it (and dropping the previous one) when it changed."""
