@@ -30,6 +30,7 @@ from sdconcepts.limits import (
     MAX_TRAIN_BATCH_SIZE,
     format_bytes,
 )
+from sdconcepts.model_shape import read_model_shape
 from sdconcepts.training.config import ConfigError, EmbeddingTrainingConfig, HypernetworkTrainingConfig
 from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
 from sdconcepts.training.dataset import DatasetError
@@ -92,10 +93,10 @@ def _add_create_hypernetwork_parser(subparsers: argparse._SubParsersAction[argpa
         description="Write <hypernetworks-dir>/NAME.pt with A1111's layout and create-form defaults.",
     )
     p.add_argument("name", metavar="NAME", help="the hypernetwork's name")
-    p.add_argument("--sizes", default="768,320,640,1280",
-                   help="context widths to make modules for, comma-separated (default: 768,320,640,1280; the toy "
-                   "model's are 48,32,64), or a family: sd1, sd2, sdxl (2048,640,1280), or 'model': the attention "
-                   "widths of the --ckpt model")
+    p.add_argument("--sizes", default="model",
+                   help="context widths to make modules for, comma-separated (the toy model's are 48,32,64; SD 1.x's "
+                   "768,320,640,1280), or a family: sd1, sd2, sdxl (2048,640,1280), or 'model': the attention widths "
+                   "of the --ckpt model, read from its files (a .ckpt is loaded) (default: model, as the web form)")
     p.add_argument("--layer-structure", default="1, 2, 1", help='layer structure, first and last 1 (default: "1, 2, 1")')
     p.add_argument("--activation", default="linear", help="activation function (default: linear)")
     p.add_argument("--weight-init", default="Normal",
@@ -223,9 +224,13 @@ def _floats(text: str, label: str) -> list[float]:
 def run_create_hypernetwork(args: argparse.Namespace) -> int:
     preset = args.sizes.strip().lower()
     if preset == "model":
-        model = _load_model(args, "cpu")
-        # The context width first, then the self-attention widths (A1111's order of the create form's sizes).
-        sizes = [model.context_width, *sorted(attention_widths(model.unet) - {model.context_width})]
+        shape = read_model_shape(args.ckpt)  # None: only loading tells (a .ckpt)
+        if shape is not None:
+            sizes = list(shape.widths)
+        else:
+            model = _load_model(args, "cpu")
+            # The context width first, then the self-attention widths (A1111's order of the create form's sizes).
+            sizes = [model.context_width, *sorted(attention_widths(model.unet) - {model.context_width})]
     elif preset in FAMILY_SIZES:
         sizes = list(FAMILY_SIZES[preset])
     else:

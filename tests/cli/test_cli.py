@@ -5,10 +5,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 from cli_process import run_cli
 
+from sdconcepts.cli import main
 from sdconcepts.generation import parse_infotext
+from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.images import read_infotext
+from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, read_model_shape
 
 
 def test_generate_writes_pngs_with_infotext(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -57,3 +61,33 @@ def test_bad_options_and_missing_files_are_one_line_errors(tmp_path: Path, tiny_
     assert "multiples of 32" in line
     line = _one_line_error(run_cli("generate", "--prompt", "x", "--output", str(tmp_path), "--sampler", "Foo"))
     assert "Foo" in line
+
+
+def test_create_hypernetwork_defaults_to_the_models_widths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --sizes the file fits the model it is created for (the embedded one by default), as the web form's
+    does; it used to get SD 1.x's 768/320/640/1280, which train-hypernetwork then refused (issue 26 item 5)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["create-hypernetwork", "hn", "--threads", "1"]) == 0
+    assert sorted(load_hypernetwork(tmp_path / "models" / "hypernetworks" / "hn.pt").widths) == [32, 48, 64]
+    assert main(["create-hypernetwork", "hn_xl", "--ckpt", "toyworld-xl", "--threads", "1"]) == 0
+    shape = read_model_shape(EMBEDDED_XL_MODEL_DIR)
+    assert shape is not None
+    assert sorted(load_hypernetwork(tmp_path / "models" / "hypernetworks" / "hn_xl.pt").widths) == sorted(shape.widths)
+
+
+def test_generate_finds_the_shipped_examples_as_the_web_ui_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The picture of the README's "Try this" can be made again from the CLI (issue 26 item 6)."""
+    monkeypatch.chdir(tmp_path)
+    prompt = "a example_triangle <hypernet:example_teal:1>"
+    assert main(["generate", "--prompt", prompt, "--steps", "1", "--seed", "1", "--output", "a.png",
+                 "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "unknown" not in err and "skipped" not in err, err
+    fields = parse_infotext(read_infotext(tmp_path / "a.png") or "")[2]
+    assert fields["TI hashes"].startswith("example_triangle: ")
+    # --no-examples leaves them out: the word is plain text and the tag unknown.
+    assert main(["generate", "--prompt", prompt, "--steps", "1", "--seed", "1", "--output", "b.png",
+                 "--threads", "1", "--no-examples"]) == 0
+    assert "unknown hypernet 'example_teal'" in capsys.readouterr().err
+    assert "TI hashes" not in parse_infotext(read_infotext(tmp_path / "b.png") or "")[2]

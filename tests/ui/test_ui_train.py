@@ -298,6 +298,10 @@ def test_forms_fit_the_model(session: UiSession, tiny_model_dir: Path, tmp_path:
     other = UiSession(UiConfig(models_dir=tmp_path / "models"))
     assert train_handlers.form_defaults(other, "big.ckpt").widths_ticked == ["768", "320", "640", "1280"]
     assert train_handlers.form_defaults(other, "big.ckpt").size == 512
+    # ... and does not call them the model's own widths (1024 is SD 2.x's only; issue 26 item 15).
+    assert "the model's" in fit.widths_label
+    unknown = train_handlers.form_defaults(other, "big.ckpt").widths_label
+    assert "the model's" not in unknown and "A1111's widths" in unknown and "1024 SD 2.x" in unknown
 
 
 def test_model_shape_from_files_and_from_the_loaded_model(tiny_model_dir: Path, tiny_model: Any,
