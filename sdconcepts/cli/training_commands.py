@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sdconcepts.cli.arguments import CommandError, existing_path, int_at_least, positive_int
+from sdconcepts.cli.arguments import TRAIN_LOG_DIR, CommandError, existing_path, int_at_least, positive_int
 from sdconcepts.embeddings.files import EmbeddingFileError
 from sdconcepts.file_names import InvalidNameError, target_path
 from sdconcepts.generation import GenerationError
@@ -138,8 +138,9 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                        help="folder holding the hypernetwork (default: ./models/hypernetworks)")
         p.add_argument("--learn-rate", default="0.00001", metavar="S",
                        help="learning rate or schedule (default: 0.00001)")
-    p.add_argument("--log-dir", default="textual_inversion", metavar="D",
-                   help="log directory; the run writes to D/YYYY-MM-DD/NAME (default: textual_inversion)")
+    p.add_argument("--log-dir", default=str(TRAIN_LOG_DIR), metavar="D",
+                   help=f"log directory; the run writes to D/YYYY-MM-DD/NAME (default: {TRAIN_LOG_DIR}, the web "
+                   "UI's; A1111's is textual_inversion)")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="batch size (default: 1)")
     p.add_argument("--gradient-accumulation", type=positive_int, default=1, metavar="G",
                    help="gradient accumulation steps (default: 1)")

@@ -420,6 +420,8 @@ def generate(
             raise UiError(str(exc)) from exc
     saved: list[Path] = []
     outputs = session.config.outputs_dir
+    if source is not None and session.config.img2img_outputs_dir is not None:
+        outputs = session.config.img2img_outputs_dir
     if outputs is not None:
         for image, infotext, seed in zip(result.images, result.infotexts, result.seeds, strict=True):
             saved.append(save_png(image, next_image_path(outputs, seed), infotext))

@@ -183,7 +183,7 @@ def _train_form(session: UiSession, fit: FormDefaults, templates: list[str]) -> 
     c["dataset"] = gr.Textbox(label="Dataset directory", placeholder="Path to directory with input images",
                               elem_id="sdconcepts_train_dataset", max_lines=1)
     c["err_dataset"] = _field_error("dataset")
-    c["log_directory"] = gr.Textbox(label="Log directory", value="textual_inversion",
+    c["log_directory"] = gr.Textbox(label="Log directory", value=session.config.train_log_dir,
                                     elem_id="sdconcepts_train_log_directory", max_lines=1)
     c["err_log_directory"] = _field_error("log_directory")
     c["template"] = gr.Dropdown(templates, value="style_filewords", label="Prompt template",

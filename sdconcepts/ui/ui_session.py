@@ -75,6 +75,11 @@ class UiConfig:
     embeddings_dirs: Sequence[Path] = ()
     hypernetworks_dirs: Sequence[Path] = ()
     outputs_dir: Path | None = None
+    # img2img/inpaint results (A1111's outputs/img2img-images); None: beside txt2img's, in outputs_dir.
+    img2img_outputs_dir: Path | None = None
+    # The Train tab's default log directory: A1111's "textual_inversion" (relative to the working folder: inside a host
+    # its data folder); the standalone app puts it under ./outputs instead of the folder it was started in.
+    train_log_dir: str = "textual_inversion"
     device: str | None = None
     multiplier: Callable[[], float] = field(default=lambda: 1.0)
     # Folders that paths typed into the Train tab (preprocess source/destination, dataset, log directory, template
@@ -161,7 +166,7 @@ class UiSession:
         if config.train_roots is not None:
             self._train_roots = [Path(root) for root in config.train_roots]
         else:
-            data = [*config.embeddings_dirs, *config.hypernetworks_dirs, config.outputs_dir]
+            data = [*config.embeddings_dirs, *config.hypernetworks_dirs, config.outputs_dir, config.img2img_outputs_dir]
             self._train_roots = [Path.cwd(), *(Path(p) for p in data if p is not None)]
 
     def read_in_background(self) -> None:

@@ -27,7 +27,8 @@ WIDTH = 48  # the tiny test model's text width
 def session(tmp_path: Path, tiny_model_dir: Path) -> UiSession:
     embeddings, hypernetworks = write_library(tmp_path, WIDTH)
     return UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[embeddings], hypernetworks_dirs=[hypernetworks],
-                              outputs_dir=tmp_path / "outputs", device="cpu"))
+                              outputs_dir=tmp_path / "outputs", img2img_outputs_dir=tmp_path / "img2img-images",
+                              device="cpu"))
 
 
 def _picture(size: int) -> Image.Image:
@@ -134,6 +135,21 @@ def test_inpaint_through_the_ui_handler_keeps_every_pixel_outside_the_mask(sessi
     assert "Denoising strength: 0.9" in info and "Seed: 5" in info and "TI hashes" in info
     assert "Mask blur" not in info  # 0: A1111 writes it only when it blurs
     assert read_infotext(out.saved[0]) == info
+    assert out.saved[0].parent == session.config.img2img_outputs_dir  # A1111's img2img-images, not txt2img's folder
+
+
+def test_standalone_app_folders_follow_a1111_and_keep_the_working_folder_clean() -> None:
+    """img2img results go to outputs/img2img-images; the Train tab's logs under ./outputs (git-ignored), not in a
+    ./textual_inversion of whatever folder the app was started in (issue 26 item 8)."""
+    from sdconcepts.cli.main import build_parser
+    from sdconcepts.cli.web_ui_command import web_ui_config
+
+    config = web_ui_config(build_parser().parse_args([]))
+    assert config.outputs_dir == Path("outputs") / "txt2img-images"
+    assert config.img2img_outputs_dir == Path("outputs") / "img2img-images"
+    assert Path(config.train_log_dir).parts[0] == "outputs"
+    ignored = (Path(__file__).resolve().parents[2] / ".gitignore").read_text().split()
+    assert "/outputs/" in ignored and "/textual_inversion/" in ignored
 
 
 def test_img2img_reports_bad_requests_as_one_line(session: UiSession, tiny_model_dir: Path) -> None:
