@@ -19,6 +19,7 @@ from sdconcepts.hypernetworks.tags import resolve_hypernetworks
 from sdconcepts.images import next_image_path, save_png
 from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE
 from sdconcepts.prompts.network_tags import parse_extra_network_tags
+from sdconcepts.safe_load import file_sha256
 from sdconcepts.toyworld.examples import EMBEDDING as EXAMPLE_EMBEDDING
 from sdconcepts.toyworld.examples import EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR
 
@@ -139,7 +140,8 @@ def hypernetwork_arguments(folders: list[Path] | None, prompt: str, unet: Any = 
     for tag in tags:  # as each tag naming it tried the file again: once per such tag
         if tag.name == "hypernet" and tag.args[0] in skipped:
             print(skipped[tag.args[0]].cli_warning(), file=sys.stderr)
-    return {"hypernetworks": resolved}
+    # The infotext's Hypernet hashes; the CLI loads these files anyway, so reading them once more costs little.
+    return {"hypernetworks": resolved, "hypernetwork_hashes": {name: file_sha256(path) for name, path in resolved.used}}
 
 
 def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False,

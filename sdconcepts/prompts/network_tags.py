@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "hypernetwork_tags",
     "parse_extra_network_tags",
     "parse_hypernetwork_tags",
+    "without_tags",
 ]
 
 # A1111's tag pattern: a word, a colon, then anything up to the first '>'.
@@ -49,6 +50,16 @@ def parse_extra_network_tags(prompt: str) -> tuple[str, list[ExtraNetworkTag]]:
         return ""
 
     return _EXTRA_NETWORK_TAG.sub(take, prompt), tags
+
+
+def without_tags(prompt: str, drop: Callable[[ExtraNetworkTag], bool]) -> str:
+    """``prompt`` with the tags for which ``drop`` is true removed (the same tags ``parse_extra_network_tags`` finds),
+    everything else as it is."""
+
+    def keep_or_drop(match: re.Match[str]) -> str:
+        return "" if drop(ExtraNetworkTag(match.group(1), tuple(match.group(2).split(":")))) else match.group(0)
+
+    return _EXTRA_NETWORK_TAG.sub(keep_or_drop, prompt)
 
 
 def hypernetwork_tags(tags: Iterable[ExtraNetworkTag], *, default_strength: float = 1.0) -> list[HypernetworkTag]:

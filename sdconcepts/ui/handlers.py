@@ -413,6 +413,7 @@ def generate(
                 embedding_hashes={n: e.hash for n, e in usable.items() if e.hash},
                 skipped_embeddings=skipped_embeddings,
                 hypernetworks=resolved,
+                hypernetwork_hashes=session.hypernetwork_hashes(resolved),
                 progress=progress,
                 source=source,
             )

@@ -247,6 +247,19 @@ class UiSession:
         failed = sorted((s for s in resolved.skipped if s.file not in errors), key=lambda s: order[s.file])
         return resolved, [*warnings, *(s.ui_warning() for s in failed)]
 
+    def hypernetwork_hashes(self, resolved: ResolvedHypernetworks[Path]) -> dict[str, str]:
+        """Name -> SHA-256 of the hypernetworks a generation uses (its infotext's ``Hypernet hashes``): the scan's
+        hash where it has one, else read once per file version through the hash cache."""
+        known = {r.path: r.hash for r in self.hypernetworks.records() if r.hash}
+        hashes: dict[str, str] = {}
+        for name, path in resolved.used:
+            digest = known.get(path)
+            if digest is None:
+                stat = path.stat()
+                digest = self.hashes.sha256(str(path), (stat.st_mtime_ns, stat.st_size, stat.st_ino))
+            hashes[name] = digest
+        return hashes
+
     # -- models -----------------------------------------------------------------------------------------------
 
     def model_choices(self) -> dict[str, Path | None]:

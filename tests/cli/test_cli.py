@@ -86,6 +86,7 @@ def test_generate_finds_the_shipped_examples_as_the_web_ui_does(tmp_path: Path, 
     assert "unknown" not in err and "skipped" not in err, err
     fields = parse_infotext(read_infotext(tmp_path / "a.png") or "")[2]
     assert fields["TI hashes"].startswith("example_triangle: ")
+    assert fields["Hypernet hashes"].startswith("example_teal: ")
     # --no-examples leaves them out: the word is plain text and the tag unknown.
     assert main(["generate", "--prompt", prompt, "--steps", "1", "--seed", "1", "--output", "b.png",
                  "--threads", "1", "--no-examples"]) == 0

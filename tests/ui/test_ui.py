@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from sdconcepts import Embedding, save_embedding
-from sdconcepts.generation import MAX_SEED
+from sdconcepts.generation import MAX_SEED, parse_infotext
 from sdconcepts.images import read_infotext
+from sdconcepts.safe_load import file_sha256
 from sdconcepts.ui import handlers
 from sdconcepts.ui.cards import format_multiplier, hypernetwork_tag
 from sdconcepts.ui.ui_session import DEFAULT_MODEL_LABEL, XL_MODEL_LABEL, UiConfig, UiError, UiSession, scan_models
@@ -190,10 +191,17 @@ def test_generate_applies_embeddings_and_hypernetworks_and_saves_pngs(session: U
     info = tagged.first_infotext
     assert info.startswith("a red circle <hypernet:toy-hypernet:1>\nNegative prompt: toy-style\n")
     assert "TI hashes" in info and tagged.warnings == []
-    problems = run("<hypernet:broken-hypernet:1> <hypernet:missing:1> other-width")
+    # As Forge's extension writes it (a1111-compat §3.8): the hypernetworks used, with A1111's 10-hex shorthash.
+    digest = file_sha256(session.config.hypernetworks_dirs[0] / "toy-hypernet.pt")[:10]
+    assert parse_infotext(info)[2]["Hypernet hashes"] == f"toy-hypernet: {digest}"
+    problems = run("a <hypernet:broken-hypernet:1> <hypernet:missing:1> <lora:x:1> other-width <hypernet:toy-hypernet:1>")
     text = " | ".join(problems.warnings)
     assert "broken-hypernet.pt was skipped" in text and "unknown hypernet 'missing'" in text
     assert "embedding 'other-width' was skipped" in text
+    # The tags the warnings call removed are not in the infotext either; the one used stays (issue 26 item 13).
+    prompt, _, fields = parse_infotext(problems.first_infotext)
+    assert prompt == "a    other-width <hypernet:toy-hypernet:1>"
+    assert fields["Hypernet hashes"] == f"toy-hypernet: {digest}"
     assert "<li>" in problems.warnings_html and handlers.render_warnings([]) == ""
 
 
