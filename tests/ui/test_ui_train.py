@@ -368,3 +368,23 @@ def test_preprocess_resizes_flips_splits_and_captions(tmp_path: Path) -> None:
         preprocess_images(tmp_path / "missing", out, settings)
     with pytest.raises(UiError, match="^destination directory"):
         preprocess_images(source, source, settings)
+
+
+def test_status_of_an_interrupted_run_shows_no_speed_or_time_left() -> None:
+    """After Interrupt the status showed the last "0.12 it/s · ETA 25:12" as if the run went on (issue 26 item 10)."""
+    job = train_jobs.TrainingJob("embedding", "toytri", 1000)
+    job.started = 100.0
+    for step in (1, 2, 3):
+        job.events.append(TrainingEvent(step=step, loss=0.1, lr=0.005, eta_s=1500.0))
+        job.times.append(100.0 + 8 * step)
+    running = train_jobs.train_view(job).status_html
+    assert "it/s" in running and "ETA 25:00" in running
+    job.stop.set()
+    interrupting = train_jobs.train_view(job).status_html
+    assert "interrupting" in interrupting and "it/s" not in interrupting and "ETA" not in interrupting
+    job.events.append(TrainingEvent(step=3, loss=0.1, lr=0.005, kind="interrupted", message="Training interrupted"))
+    job.times.append(125.0)
+    job.done = True
+    ended = train_jobs.train_view(job).status_html
+    assert "<b>Interrupted</b>" in ended and "step 3/1000" in ended and "in 00:24" in ended
+    assert "it/s" not in ended and "ETA" not in ended
