@@ -386,5 +386,5 @@ def test_status_of_an_interrupted_run_shows_no_speed_or_time_left() -> None:
     job.times.append(125.0)
     job.done = True
     ended = train_jobs.train_view(job).status_html
-    assert "<b>Interrupted</b>" in ended and "step 3/1000" in ended and "in 00:24" in ended
+    assert "<b>Interrupted</b>" in ended and "step 3/1000" in ended and "in 00:25" in ended
     assert "it/s" not in ended and "ETA" not in ended
