@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -219,3 +220,14 @@ def test_the_standalone_app_has_img2img_and_png_info_and_the_hosted_tab_does_not
     hosted = _element_ids(build_tabs(session)[0][0])
     assert not mine & hosted and not any("img2img" in i or "png_info" in i for i in hosted)
     assert {"sdconcepts_prompt", "sdconcepts_gallery", "sdconcepts_ti_cards"} <= hosted
+
+
+def test_png_info_text_blocks_wrap() -> None:
+    """The parameters block ran off to the right of its column (issue 26 item 10): its <pre> wraps."""
+    info = i2i.read_png_info(_png_bytes(_picture(8), "a " * 400 + "\nSteps: 20"))
+    assert '<div class="sdconcepts-png-info">' in info.html and "<pre>" in info.html
+    css = re.sub(r"/\*.*?\*/", "", (Path(__file__).resolve().parents[2] / "style.css").read_text(), flags=re.S)
+    rules = {selector.strip(): body for selectors, body in re.findall(r"([^{}]+)\{([^{}]*)\}", css)
+             for selector in selectors.split(",")}
+    body = rules["#sdconcepts_root .sdconcepts-png-info pre"]
+    assert "white-space: pre-wrap" in body and "overflow-wrap: anywhere" in body
