@@ -18,10 +18,12 @@ from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.compat import (
     QUEUE_KWARGS,
     blocks_kwargs,
+    calm_idle_queue,
     js_kwargs,
     launch_kwargs,
     make,
     patient_localhost_check,
+    quiet_client_disconnects,
     update,
 )
 from sdconcepts.ui.controls import (
@@ -348,6 +350,8 @@ def launch_app(session: UiSession, *, host: str = "127.0.0.1", port: int | None 
     blocks = build_ui(session, css=css)
     install_js(blocks)
     blocks.queue(**QUEUE_KWARGS)
+    calm_idle_queue(blocks)
+    quiet_client_disconnects()
     with patient_localhost_check():
         blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
                       **launch_kwargs(css))

@@ -14,7 +14,7 @@ import gradio as gr
 from sdconcepts.generation import SAMPLERS
 from sdconcepts.ui import handlers
 from sdconcepts.ui.cards import SORT_KEYS
-from sdconcepts.ui.compat import update
+from sdconcepts.ui.compat import update, user_error
 from sdconcepts.ui.ui_session import UiError, UiSession
 from sdconcepts.user_metadata import SD_VERSIONS
 
@@ -31,7 +31,7 @@ def guard(function: Any) -> Any:
         try:
             return function(*args, **kwargs)
         except UiError as exc:
-            raise gr.Error(str(exc)) from None
+            raise user_error(str(exc)) from None
 
     wrapped.__name__ = function.__name__
     wrapped.__doc__ = function.__doc__
