@@ -16,6 +16,7 @@ from PIL import Image
 from sdconcepts.embeddings.library import usable_embeddings
 from sdconcepts.generation import MAX_SEED, SAMPLERS, GenerationError, GenerationParams
 from sdconcepts.images import next_image_path, save_png
+from sdconcepts.toyworld.world import words_outside_the_world
 from sdconcepts.ui.cards import (
     PAGE_SIZE,
     Card,
@@ -28,7 +29,7 @@ from sdconcepts.ui.cards import (
     render_skipped,
     sort_cards,
 )
-from sdconcepts.ui.ui_session import UiError, UiSession
+from sdconcepts.ui.ui_session import DEFAULT_MODEL_LABEL, XL_MODEL_LABEL, UiError, UiSession
 from sdconcepts.user_metadata import (
     SD_VERSIONS,
     UserMetadata,
@@ -380,6 +381,13 @@ def render_warnings(warnings: Sequence[str]) -> str:
     return f'<div class="sdconcepts-warnings"><strong>Warnings</strong><ul>{items}</ul></div>'
 
 
+def _outside_the_toy_world(model_label: str, prompt: str) -> list[str]:
+    # The embedded model draws only its world: a colour or shape it lacks silently becomes one it has.
+    if model_label not in (DEFAULT_MODEL_LABEL, XL_MODEL_LABEL):
+        return []
+    return [f"{note} (the embedded model draws one of those instead)" for note in words_outside_the_world(prompt)]
+
+
 def generate(
     session: UiSession, model_label: str, params: GenerationParams, progress: Progress | None = None,
     *, source: Any = None,
@@ -431,6 +439,6 @@ def generate(
         captions=[f"seed {s}" for s in result.seeds],
         infotexts=list(result.infotexts),
         seeds=list(result.seeds),
-        warnings=[*warnings, *result.warnings],
+        warnings=[*warnings, *result.warnings, *_outside_the_toy_world(model_label, params.prompt)],
         saved=saved,
     )

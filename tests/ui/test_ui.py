@@ -205,6 +205,12 @@ def test_generate_applies_embeddings_and_hypernetworks_and_saves_pngs(session: U
     assert "<li>" in problems.warnings_html and handlers.render_warnings([]) == ""
 
 
+def test_generate_on_the_embedded_model_names_words_its_world_lacks(session: UiSession) -> None:
+    params = handlers.generation_params("a circle on a white background", "", "Euler", 1, 7, 1, 0, 0, 1, 1)
+    out = handlers.generate(session, DEFAULT_MODEL_LABEL, params)
+    assert any("no white background" in w and "teal" in w for w in out.warnings), out.warnings
+
+
 def test_generate_reports_bad_sizes_without_generating(session: UiSession, tiny_model_dir: Path) -> None:
     params = handlers.generation_params("p", "", "Euler", 2, 7, 1, 40, 0, 1, 1)
     with pytest.raises(UiError, match="multiples of"):
