@@ -231,3 +231,14 @@ def test_png_info_text_blocks_wrap() -> None:
              for selector in selectors.split(",")}
     body = rules["#sdconcepts_root .sdconcepts-png-info pre"]
     assert "white-space: pre-wrap" in body and "overflow-wrap: anywhere" in body
+
+
+def test_mask_brush_fits_the_model_size(tmp_path: Path) -> None:
+    """The default brush (8) covered half of the embedded model's 32 px picture (issue 26 item 10)."""
+    from sdconcepts.ui.img2img_tab import brush_size
+
+    assert brush_size(UiSession(UiConfig())) == 2  # the embedded toy-world model, 32 px
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "big.ckpt").write_bytes(b"not read")
+    unknown = UiSession(UiConfig(ckpt=tmp_path / "models" / "big.ckpt", models_dir=tmp_path / "models"))
+    assert brush_size(unknown) == 8  # a .ckpt's size is not known without loading it
