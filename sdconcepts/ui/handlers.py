@@ -439,6 +439,7 @@ def generate(
         captions=[f"seed {s}" for s in result.seeds],
         infotexts=list(result.infotexts),
         seeds=list(result.seeds),
-        warnings=[*warnings, *result.warnings, *_outside_the_toy_world(model_label, params.prompt)],
+        warnings=[session.readable(w) for w in
+                  [*warnings, *result.warnings, *_outside_the_toy_world(model_label, params.prompt)]],
         saved=saved,
     )

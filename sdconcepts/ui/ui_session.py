@@ -247,6 +247,24 @@ class UiSession:
         failed = sorted((s for s in resolved.skipped if s.file not in errors), key=lambda s: order[s.file])
         return resolved, [*warnings, *(s.ui_warning() for s in failed)]
 
+    def readable(self, text: str) -> str:
+        """``text`` (a warning) with the server's absolute folders shortened: a file in a listed folder is named
+        from that folder's last two parts ("models/hypernetworks/x.pt"), anything else under the working folder
+        relative to it. The page need not show where the server keeps its files (a host's install path)."""
+        config = self.config
+        folders = [*config.extra_embeddings_dirs, *config.embeddings_dirs, *config.extra_hypernetworks_dirs,
+                   *config.hypernetworks_dirs, config.outputs_dir, config.img2img_outputs_dir]
+        prefixes: dict[str, str] = {}
+        for folder in (Path(f) for f in folders if f is not None):
+            short = Path(*folder.parts[-2:]).as_posix() + "/" if folder.parts else ""
+            for form in {str(folder.absolute()), str(folder.resolve())}:
+                prefixes[form + os.sep] = short
+        prefixes.setdefault(str(Path.cwd()) + os.sep, "")
+        for prefix in sorted(prefixes, key=len, reverse=True):
+            if os.path.isabs(prefix):
+                text = text.replace(prefix, prefixes[prefix])
+        return text
+
     def hypernetwork_hashes(self, resolved: ResolvedHypernetworks[Path]) -> dict[str, str]:
         """Name -> SHA-256 of the hypernetworks a generation uses (its infotext's ``Hypernet hashes``): the scan's
         hash where it has one, else read once per file version through the hash cache."""

@@ -211,6 +211,18 @@ def test_generate_on_the_embedded_model_names_words_its_world_lacks(session: UiS
     assert any("no white background" in w and "teal" in w for w in out.warnings), out.warnings
 
 
+def test_warnings_do_not_show_the_servers_absolute_paths(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Inside a host the folders are absolute (its install path); a warning named the file by it (issue 26 item 17)."""
+    hypernetworks = tmp_path / "webui" / "models" / "hypernetworks"
+    hypernetworks.mkdir(parents=True)
+    (hypernetworks / "broken.pt").write_text("junk")
+    session = UiSession(UiConfig(ckpt=tiny_model_dir, hypernetworks_dirs=[hypernetworks], device="cpu"))
+    params = handlers.generation_params("a <hypernet:broken:1>", "", "Euler", 1, 7, 1, 0, 0, 1, 1)
+    warnings = handlers.generate(session, str(tiny_model_dir), params).warnings
+    assert any("models/hypernetworks/broken.pt was skipped" in w for w in warnings), warnings
+    assert not any(str(tmp_path) in w for w in warnings), warnings
+
+
 def test_generate_reports_bad_sizes_without_generating(session: UiSession, tiny_model_dir: Path) -> None:
     params = handlers.generation_params("p", "", "Euler", 2, 7, 1, 40, 0, 1, 1)
     with pytest.raises(UiError, match="multiples of"):
