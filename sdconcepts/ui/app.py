@@ -16,6 +16,7 @@ import gradio as gr
 from sdconcepts.ui import handlers, img2img_tab, train_jobs
 from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.compat import (
+    GRADIO_MAJOR,
     QUEUE_KWARGS,
     blocks_kwargs,
     calm_idle_queue,
@@ -163,15 +164,23 @@ class _CardTabs:
         # queue answers the next keystroke makes stale.
         for trigger in (ti["search"].submit, ti["sort"].change, ti["descending"].change, ti["page"].change,
                         ti["search_go"].click):
-            trigger(guard(self.ti_filter), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
+            trigger(guard(self.ti_filter), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden",
+                    **LAST_REQUEST_WINS)
         hn["refresh"].click(guard(self.hn_render), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
         for trigger in (hn["search"].submit, hn["sort"].change, hn["descending"].change, hn["page"].change,
                         hn["search_go"].click):
-            trigger(guard(self.hn_filter), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
+            trigger(guard(self.hn_filter), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden",
+                    **LAST_REQUEST_WINS)
         wire_metadata_editor(self.session, ti["editor"], (guard(self.ti_render), ti_inputs, ti_outputs))
         wire_metadata_editor(self.session, hn["editor"], (guard(self.hn_render), hn_inputs, hn_outputs))
         self.renderers.extend([(guard(self.ti_render), ti_inputs, ti_outputs),
                                (guard(self.hn_render), hn_inputs, hn_outputs)])
+
+
+# gradio 4+ ignores a click (and a change) that comes while the same event is still running ("once"): the search for
+# the final text was dropped behind the one for older text. "always_last" runs it when the running one ends (only the
+# latest waits). gradio 3 has no such option; there the page script asks again (``card_outputs``' serial).
+LAST_REQUEST_WINS: dict[str, Any] = {"trigger_mode": "always_last"} if GRADIO_MAJOR >= 4 else {}
 
 
 def _lay_out_pages(session: UiSession, model: Any, ti_view: handlers.CardsView, hn_view: handlers.CardsView,

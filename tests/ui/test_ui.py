@@ -234,6 +234,7 @@ def test_generate_reports_bad_sizes_without_generating(session: UiSession, tiny_
 
 def test_every_element_id_is_ours(session: UiSession) -> None:
     from sdconcepts.ui.app import ROOT_ID, build_ui
+    from sdconcepts.ui.compat import GRADIO_MAJOR
 
     blocks = build_ui(session)
     ids = [c.get("props", {}).get("elem_id") for c in blocks.config["components"]]
@@ -241,6 +242,12 @@ def test_every_element_id_is_ours(session: UiSession) -> None:
     assert ROOT_ID in ids and "sdconcepts_prompt" in ids and "sdconcepts_neg_prompt" in ids
     assert len(ids) >= 30 and all(i.startswith("sdconcepts_") for i in ids), ids
     assert len(ids) == len(set(ids))
+    if GRADIO_MAJOR >= 4:  # a search click for the final text waits for the running search instead of being ignored
+        config = blocks.config
+        by_id = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+        modes = {dep.get("trigger_mode") for dep in config["dependencies"]
+                 for target in dep.get("targets", []) if by_id.get(target[0]) == "sdconcepts_ti_search_go"}
+        assert modes == {"always_last"}, modes
 
 
 def test_stylesheet_only_styles_our_root() -> None:
@@ -382,6 +389,18 @@ def test_a_browser_that_went_away_leaves_no_traceback() -> None:
     assert CLIENT_DISCONNECT_FILTER.filter(record(ValueError("a real server error")))  # still logged
     quiet_client_disconnects()
     assert CLIENT_DISCONNECT_FILTER in logging.getLogger("uvicorn.error").filters
+
+
+def test_every_search_answer_reaches_the_page_and_the_last_search_is_not_dropped(session: UiSession) -> None:
+    """A search whose request gradio dropped behind an in-flight one for the text already shown was never asked
+    again: that answer equalled the shown HTML, so the page saw no change (issue 26 item 11)."""
+    from sdconcepts.ui.controls import card_outputs
+
+    view = handlers.embedding_cards_view(session, "", "Name", False)
+    first, second = card_outputs(view)[0], card_outputs(view)[0]
+    assert first != second and _card_names(first) == _card_names(second)
+    assert re.findall(r'data-answer="(\d+)"', first) != re.findall(r'data-answer="(\d+)"', second)
+    # (the search button's trigger mode is checked on the built UI in test_every_element_id_is_ours)
 
 
 # -- big libraries: pages, lazy reads; A1111 user metadata on cards ----------------------------------------------
