@@ -78,3 +78,13 @@ def test_readme_commands_run_as_written(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr, f"{command}\n{proc.stderr[-3000:]}"
     assert (tmp_path / "embeddings" / "toymix.pt").is_file()
     assert (tmp_path / "models" / "hypernetworks" / "toyteal.pt").is_file()
+
+
+def test_readme_test_command_is_the_fast_tier(pytestconfig: pytest.Config) -> None:
+    """The README's test command runs the fast tier only (issue 26 item 7): pyproject's addopts deselect the other
+    tiers and the command does not select them again."""
+    (command,) = [c for c in readme_commands() if "-m pytest" in c]
+    assert " -m slow" not in command and '-m ""' not in command and "-m ''" not in command
+    addopts = list(pytestconfig.getini("addopts"))
+    marker = addopts[addopts.index("-m") + 1]
+    assert all(f"not {tier}" in marker for tier in ("slow", "browser", "hosts")), marker
