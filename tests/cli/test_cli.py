@@ -92,3 +92,6 @@ def test_generate_finds_the_shipped_examples_as_the_web_ui_does(tmp_path: Path, 
                  "--threads", "1", "--no-examples"]) == 0
     assert "unknown hypernet 'example_teal'" in capsys.readouterr().err
     assert "TI hashes" not in parse_infotext(read_infotext(tmp_path / "b.png") or "")[2]
+    # The embedding tools find it by name too, as the web UI's do.
+    assert main(["embedding", "inspect", "example_triangle", "--json", "--threads", "1"]) == 0
+    assert "example_triangle" in capsys.readouterr().out

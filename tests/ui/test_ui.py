@@ -223,6 +223,20 @@ def test_warnings_do_not_show_the_servers_absolute_paths(tmp_path: Path, tiny_mo
     assert not any(str(tmp_path) in w for w in warnings), warnings
 
 
+def test_cpu_threads_set_per_job_standalone_and_left_alone_in_a_host(tmp_path: Path) -> None:
+    """The standalone app sets torch's threads before each job; inside a host (whose adapter gives no cpu_threads)
+    the host's choice stands (issue 26 item 2)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        UiSession(UiConfig(hash_cache=tmp_path / "h.json")).use_cpu_threads()  # as the host adapter builds it
+        assert torch.get_num_threads() == 3
+        UiSession(UiConfig(hash_cache=tmp_path / "h.json", cpu_threads="2")).use_cpu_threads()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_generate_reports_bad_sizes_without_generating(session: UiSession, tiny_model_dir: Path) -> None:
     params = handlers.generation_params("p", "", "Euler", 2, 7, 1, 40, 0, 1, 1)
     with pytest.raises(UiError, match="multiples of"):
