@@ -149,8 +149,9 @@ def test_training_streams_steps_plot_previews_and_saves(session: UiSession, tiny
     views = list(train_jobs.follow(jobs, poll=0.05, job=job))
     last = views[-1]
     assert not last.running and job.error is None, job.error
-    assert "step 4/4" in last.status_html and "loss:" in last.status_html and "it/s" in last.status_html
-    assert "ETA" in last.status_html and "Training finished at 4 steps" in last.status_html
+    assert "step 4/4" in last.status_html and "loss:" in last.status_html and " · in " in last.status_html
+    assert "it/s" not in last.status_html and "ETA" not in last.status_html  # an ended run has neither
+    assert "Training finished at 4 steps" in last.status_html
     assert last.status_html.startswith('<div class="sdconcepts-train-status"><b>Done</b>')
     assert last.plot is not None and Path(last.plot).is_file()
     assert [Path(p).name for p in last.previews] == ["toytri-2.png", "toytri-4.png"]
