@@ -9,6 +9,8 @@ import pytest
 from cli_process import run_cli
 
 from sdconcepts.cli import main
+from sdconcepts.cli.generate_command import embedding_arguments, hypernetwork_arguments
+from sdconcepts.cli.main import build_parser
 from sdconcepts.generation import parse_infotext
 from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.images import read_infotext
@@ -88,10 +90,10 @@ def test_generate_finds_the_shipped_examples_as_the_web_ui_does(tmp_path: Path, 
     assert fields["TI hashes"].startswith("example_triangle: ")
     assert fields["Hypernet hashes"].startswith("example_teal: ")
     # --no-examples leaves them out: the word is plain text and the tag unknown.
-    assert main(["generate", "--prompt", prompt, "--steps", "1", "--seed", "1", "--output", "b.png",
-                 "--threads", "1", "--no-examples"]) == 0
-    assert "unknown hypernet 'example_teal'" in capsys.readouterr().err
-    assert "TI hashes" not in parse_infotext(read_infotext(tmp_path / "b.png") or "")[2]
+    assert build_parser().parse_args(["generate", "--prompt", "p", "--output", "o", "--no-examples"]).examples is False
+    assert embedding_arguments(None, 48, examples=False) == {}
+    resolved = hypernetwork_arguments(None, prompt, examples=False)["hypernetworks"]
+    assert resolved.used == [] and "unknown hypernet 'example_teal'" in " ".join(resolved.warnings)
     # The embedding tools find it by name too, as the web UI's do.
     assert main(["embedding", "inspect", "example_triangle", "--json", "--threads", "1"]) == 0
     assert "example_triangle" in capsys.readouterr().out

@@ -405,12 +405,15 @@ def test_a_browser_that_went_away_leaves_no_traceback() -> None:
     assert CLIENT_DISCONNECT_FILTER in logging.getLogger("uvicorn.error").filters
 
 
-def test_every_search_answer_reaches_the_page_and_the_last_search_is_not_dropped(session: UiSession) -> None:
+def test_every_search_answer_reaches_the_page_and_the_last_search_is_not_dropped() -> None:
     """A search whose request gradio dropped behind an in-flight one for the text already shown was never asked
     again: that answer equalled the shown HTML, so the page saw no change (issue 26 item 11)."""
+    from sdconcepts.ui.cards import Card, render_cards
     from sdconcepts.ui.controls import card_outputs
 
-    view = handlers.embedding_cards_view(session, "", "Name", False)
+    cards = [Card(kind="embedding", name="toy-style", prompt="toy-style", path=Path("toy-style.pt"), preview=None,
+                  details=("2 vectors",), mtime=0.0, search_text="toy-style")]
+    view = handlers.CardsView(render_cards(cards, query=""), "", "1 of 1 embeddings")
     first, second = card_outputs(view)[0], card_outputs(view)[0]
     assert first != second and _card_names(first) == _card_names(second)
     assert re.findall(r'data-answer="(\d+)"', first) != re.findall(r'data-answer="(\d+)"', second)
