@@ -23,7 +23,7 @@ from sdconcepts.hypernetworks.library import LoadedHypernetworks, hypernetwork_l
 from sdconcepts.hypernetworks.tags import ResolvedHypernetworks, resolve_hypernetworks
 from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, read_model_shape, shape_of_loaded
 from sdconcepts.prompts.network_tags import parse_extra_network_tags
-from sdconcepts.threads import apply_threads
+from sdconcepts.threads import apply_threads, parse_threads
 
 __all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConfig", "UiError", "UiSession",
            "contained_path", "scan_models"]
@@ -312,6 +312,14 @@ class UiSession:
         """We wrote an ``embedding`` or ``hypernetwork`` file: tell the host (it reloads its lists)."""
         if self.config.files_changed is not None:
             self.config.files_changed(kind)
+
+    def set_cpu_threads(self, value: str) -> str:
+        """The page's CPU threads setting: "auto" or a count, used from the next job on; UiError when it is neither."""
+        try:
+            self.config.cpu_threads = parse_threads(str(value))
+        except ValueError as exc:
+            raise UiError(str(exc)) from None
+        return self.config.cpu_threads
 
     def use_cpu_threads(self) -> None:
         """Set torch's thread count for the job about to run, as configured (``UiConfig.cpu_threads``)."""

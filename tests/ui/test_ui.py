@@ -231,8 +231,15 @@ def test_cpu_threads_set_per_job_standalone_and_left_alone_in_a_host(tmp_path: P
         torch.set_num_threads(3)
         UiSession(UiConfig(hash_cache=tmp_path / "h.json")).use_cpu_threads()  # as the host adapter builds it
         assert torch.get_num_threads() == 3
-        UiSession(UiConfig(hash_cache=tmp_path / "h.json", cpu_threads="2")).use_cpu_threads()
+        standalone = UiSession(UiConfig(hash_cache=tmp_path / "h.json", cpu_threads="2"))
+        standalone.use_cpu_threads()
         assert torch.get_num_threads() == 2
+        # The page's CPU threads setting changes it from the next job on; a bad value is one line.
+        assert standalone.set_cpu_threads("1") == "1"
+        standalone.use_cpu_threads()
+        assert torch.get_num_threads() == 1
+        with pytest.raises(UiError, match="at least 1"):
+            standalone.set_cpu_threads("0")
     finally:
         torch.set_num_threads(before)
 

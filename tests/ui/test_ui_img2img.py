@@ -214,7 +214,9 @@ def test_the_standalone_app_has_img2img_and_png_info_and_the_hosted_tab_does_not
     from sdconcepts.ui.app import build_ui
 
     mine = {"sdconcepts_img2img_prompt", "sdconcepts_img2img_inpaint_editor", "sdconcepts_png_info_file",
-            "sdconcepts_send_to_img2img", "sdconcepts_send_to_inpaint", "sdconcepts_main_tabs"}
+            "sdconcepts_send_to_img2img", "sdconcepts_send_to_inpaint", "sdconcepts_main_tabs",
+            "sdconcepts_cpu_threads"}  # the standalone app's CPU threads setting (a host keeps its own)
+    session.config.cpu_threads = "auto"  # as web_ui_command configures the standalone app
     standalone = _element_ids(build_ui(session))
     assert mine <= standalone
     hosted = _element_ids(build_tabs(session)[0][0])
