@@ -15,6 +15,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Any:
+    """Tests that run the CLI in-process (``sdconcepts.cli.main``) let it choose torch's threads as it does for a
+    user (``sdconcepts.threads``); the next test starts from the one thread above again."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _hash_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     """UI sessions (and the apps the browser tests start) keep file hashes in a test folder, not the user's cache."""

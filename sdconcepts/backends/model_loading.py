@@ -152,6 +152,7 @@ def _upcast_vae(model: LoadedModel, dtype: torch.dtype | None = None) -> bool:
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel  # lazy: diffusers
+    from diffusers.utils import is_accelerate_available  # lazy: diffusers
     from transformers import CLIPTokenizer  # lazy: transformers' models
 
     from sdconcepts.backends.single_file import own_weights  # lazy: diffusers
@@ -160,8 +161,13 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype) -> LoadedModel:
     if missing:
         raise ModelLoadError(f"{path}: not a diffusers model folder (missing {', '.join(missing)})")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+        # Asked for only when accelerate is there: diffusers' default asks for it regardless and, without it, prints a
+        # five-line "install accelerate" warning per component for what is only a slower load of small files.
+        low_memory = {"low_cpu_mem_usage": is_accelerate_available()}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, local_files_only=True,
+                                                    **low_memory)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, local_files_only=True,
+                                            **low_memory)
         text_encoder = _load_text_encoder(path / "text_encoder", dtype)
         sdxl = (path / "text_encoder_2").is_dir()
         text_encoder_2 = _load_text_encoder(path / "text_encoder_2", dtype, projection=True) if sdxl else None

@@ -34,7 +34,7 @@ from sdconcepts.hypernetworks.tags import ResolvedHypernetworks, resolve_hyperne
 from sdconcepts.img2img import Img2ImgOptions
 from sdconcepts.limits import generation_bytes, memory_problem
 from sdconcepts.prompts.editing import get_prompt_schedule, text_at_step
-from sdconcepts.prompts.network_tags import ExtraNetworkTag, parse_extra_network_tags
+from sdconcepts.prompts.network_tags import ExtraNetworkTag, parse_extra_network_tags, without_tags
 
 # A1111 sampler name -> (diffusers scheduler class name, extra config). A1111 runs these through k-diffusion, whose
 # sigmas come from timesteps spaced evenly from the last training step down to 0: diffusers' "linspace" spacing.
@@ -101,6 +101,14 @@ def _out_of_memory_is_one_line(generate: Callable[..., GenerationResult]) -> Cal
     return wrapper
 
 
+def _hypernet_hashes_field(resolved: ResolvedHypernetworks[Any], hashes: Mapping[str, str]) -> dict[str, str]:
+    """``Hypernet hashes: "name: <10 hex>, ..."`` for the hypernetworks used, first use first: the field Forge's
+    extension writes (a1111-compat §3.8; shaped like A1111's ``Lora hashes``); names lose ``:`` and ``,``."""
+    entries = [f"{name.replace(':', '').replace(',', '')}: {hashes[name][:10]}"
+               for name, _file in resolved.used if hashes.get(name)]
+    return {"Hypernet hashes": ", ".join(entries)} if entries else {}
+
+
 @_out_of_memory_is_one_line
 def txt2img(
     model: LoadedModel,
@@ -112,14 +120,17 @@ def txt2img(
     embedding_hashes: Mapping[str, str] | None = None,
     skipped_embeddings: Mapping[str, str] | None = None,
     hypernetworks: ResolvedHypernetworks[Any] | None = None,
+    hypernetwork_hashes: Mapping[str, str] | None = None,
     size_limits: bool = True,
     source: ImageSource | None = None,
     converted_embeddings: Collection[str] = (),
 ) -> GenerationResult:
     """Generate ``batch_count`` batches of ``batch_size`` images with A1111's prompt semantics and seeds.
 
-    Extra-network tags (``<hypernet:name:1>``) are removed from the positive prompt before encoding and kept in the
-    infotext.
+    Extra-network tags (``<hypernet:name:1>``) are removed from the positive prompt before encoding; the infotext
+    keeps those of the hypernetworks loaded (as A1111) and drops the tags that had no effect (an unknown kind or name,
+    a file that could not be loaded), as the warnings about them say. ``hypernetwork_hashes`` (name -> SHA-256) gives
+    the infotext's ``Hypernet hashes`` for the hypernetworks used, as Forge's extension writes it.
     ``embedding_hashes`` (name -> SHA-256) gives the infotext's ``TI hashes`` for the embeddings the prompts use;
     a prompt word naming one of ``skipped_embeddings`` (name -> reason) comes back as a warning.
     ``converted_embeddings``: names of SD 1.x embeddings converted for this SDXL model on the fly
@@ -161,8 +172,12 @@ def txt2img(
     except ValueError as exc:  # a prompt the encoder cannot take (an embedding longer than a chunk): one line
         raise GenerationError(str(exc)) from None
     pooled = {text: encoder.pooled(text) for text in {*conds, *unconds, ""}} if model.is_sdxl else None
-    extra = _ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {})
+    extra = {**_ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {}),
+             **_hypernet_hashes_field(resolved, hypernetwork_hashes or {})}
     extra.update(_converted_field(encoder, [*cond_schedule, *uncond_schedule], converted_embeddings))
+    used = {name for name, _file in resolved.used}
+    infotext_prompt = without_tags(params.prompt, lambda tag: tag.name != "hypernet" or not tag.args
+                                   or tag.args[0] not in used)
     if start is not None:
         extra = {**start.infotext, **extra}
     skipped = skipped_embeddings or {}
@@ -195,7 +210,7 @@ def txt2img(
             images.append(start.finish(image) if start is not None else image)
             all_seeds.append(seed)
             infotexts.append(format_infotext(
-                params, prompt=params.prompt, negative_prompt=params.negative_prompt, seed=seed, width=width,
+                params, prompt=infotext_prompt, negative_prompt=params.negative_prompt, seed=seed, width=width,
                 height=height, model_name=model.name, model_hash=model.short_hash, extra=extra,
             ))
     return GenerationResult(images=images, infotexts=infotexts, seeds=all_seeds, params=params, warnings=warnings)

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, EMBEDDED_XL_NAME
 
-__all__ = ["CommandError", "check_folder", "existing_dir", "existing_path", "int_at_least", "positive_int"]
+__all__ = ["TRAIN_LOG_DIR", "CommandError", "check_folder", "existing_dir", "existing_path", "int_at_least",
+           "positive_int"]
+
+# The training logs (loss CSV, previews, snapshots) of the CLI and the standalone web UI: under ./outputs (git-ignored,
+# beside the pictures) rather than A1111's ./textual_inversion in whatever folder they were started from.
+TRAIN_LOG_DIR = Path("outputs") / "textual_inversion"
 
 
 class CommandError(Exception):

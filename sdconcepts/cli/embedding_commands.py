@@ -28,6 +28,7 @@ from sdconcepts.embeddings.tools import (
     vocabulary_of,
     write_embedding,
 )
+from sdconcepts.toyworld.examples import EXAMPLE_EMBEDDINGS_DIR
 
 FORMATS = tuple(s.lstrip(".") for s in EMBEDDING_SUFFIXES)
 
@@ -49,6 +50,9 @@ def add_embedding_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
                        help="the model whose vocabulary words and nearest tokens come from (default: the embedded "
                        "toy-world model)")
         p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+        p.add_argument("--no-examples", dest="examples", action="store_false",
+                       help="leave out the shipped example_triangle (found by name before the folders above, as in "
+                       "the web UI; never written to)")
         if writes:
             p.add_argument("--out-dir", type=Path, default=None, metavar="D",
                            help="where the new file goes (default: the first --embeddings-dir, else ./embeddings)")
@@ -69,12 +73,12 @@ def add_embedding_parser(subparsers: argparse._SubParsersAction[argparse.Argumen
     p.set_defaults(func=run_inspect)
 
     p = commands.add_parser(
-        "mix", help='make an embedding from a mix, e.g. 0.5*toytri + 0.5*"red triangle"',
+        "mix", help='make an embedding from a mix, e.g. 0.5*toytri[0:2] + 0.5*"red triangle"',
         description='Write a new embedding from an expression. Terms: embedding names, or "quoted words" (their '
         "token embeddings, one vector per token), each optionally followed by a vector selection [0, 2, 1:3]. "
         "w*term weights a term; terms joined by + or ' - ' are summed position by position (weights as given; every "
         "term of a sum needs the same vector count); sums joined by | or , are concatenated. Example: "
-        '0.5*toytri + 0.5*"red triangle"  |  toytri | "red"  |  toytri[0:2] + "red triangle". SDXL pairs are '
+        '0.5*toytri[0:2] + 0.5*"red triangle"  |  toytri | "red"  |  toytri[0:2] + "red triangle". SDXL pairs are '
         "mixed per encoder (words from each encoder's table); 0.3:0.7*name weights clip_l 0.3 and clip_g 0.7.",
     )
     p.add_argument("name", metavar="NAME", help="the new embedding's name (its prompt word and file name)")
@@ -132,7 +136,7 @@ def _folders(args: argparse.Namespace) -> list[Path]:
 
 
 def _scan(args: argparse.Namespace) -> EmbeddingLibrary:
-    library = EmbeddingLibrary(_folders(args))
+    library = EmbeddingLibrary([*([EXAMPLE_EMBEDDINGS_DIR] if args.examples else []), *_folders(args)])
     library.refresh()
     return library
 

@@ -23,6 +23,9 @@ from sdconcepts.hypernetworks.tags import resolve_hypernetworks
 from sdconcepts.images import next_image_path, save_png
 from sdconcepts.limits import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_IMAGE_SIDE
 from sdconcepts.prompts.network_tags import parse_extra_network_tags
+from sdconcepts.safe_load import file_sha256
+from sdconcepts.toyworld.examples import EMBEDDING as EXAMPLE_EMBEDDING
+from sdconcepts.toyworld.examples import EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR
 
 log = logging.getLogger("sdconcepts")
 
@@ -64,6 +67,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--convert-sd1-embeddings", action="store_true",
                    help="on an SDXL model, use the SD 1.x embeddings the prompt names, converted on the fly (A1111 "
                    "skips them; the infotext's 'TI converted' says so; docs/sdxl-conversion.md)")
+    p.add_argument("--no-examples", dest="examples", action="store_false",
+                   help="leave out the shipped example_triangle embedding and example_teal hypernetwork (for the "
+                   "embedded toy-world model; read from the package before the folders above, as in the web UI)")
     p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
                    help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_BATCH_SIZE} and batch count "
                    f"over {MAX_BATCH_COUNT} (the web UI's limits); a request that cannot fit in memory is still refused")
@@ -98,9 +104,11 @@ def run_generate(args: argparse.Namespace) -> int:
         embeddings = embedding_arguments(args.embeddings_dir, model.context_width, sdxl=model.is_sdxl,
                                          encoder_widths=model.encoder_widths,
                                          convert_on=model if getattr(args, "convert_sd1_embeddings", False) else None,
-                                         used_in=f"{params.prompt}\n{params.negative_prompt}")
+                                         used_in=f"{params.prompt}\n{params.negative_prompt}",
+                                         examples=args.examples)
         embeddings = add_bundled(embeddings, getattr(args, "lora_dir", None), params.prompt, model)
-        hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt, model.unet)
+        hypernetworks = hypernetwork_arguments(args.hypernetworks_dir, params.prompt, model.unet,
+                                               examples=args.examples)
         source = getattr(args, "source", None)  # img2img's init image (sdconcepts.cli.img2img_command)
         with tqdm(total=params.steps * params.batch_count, unit="step", desc=args.command, file=sys.stderr) as bar:
             result = txt2img(
@@ -126,17 +134,19 @@ def _advance(bar: Any, done: int, total: int) -> None:
     bar.update(done - bar.n)
 
 
-def hypernetwork_arguments(folders: list[Path] | None, prompt: str, unet: Any = None) -> dict[str, Any]:
+def hypernetwork_arguments(folders: list[Path] | None, prompt: str, unet: Any = None, *,
+                           examples: bool = False) -> dict[str, Any]:
     """``txt2img`` keyword arguments for the hypernetworks the prompt's tags name (A1111 loads only those).
 
-    Every ``.pt`` under ``folders`` (default ``./models/hypernetworks`` if present) is a known name; a named file
-    that fails to load is reported on stderr and the generation warns that its tag had no effect. ``unet`` (None:
-    no check) gives the attention widths a hypernetwork must fit.
+    Every ``.pt`` under ``folders`` (default ``./models/hypernetworks`` if present) is a known name, and with
+    ``examples`` the shipped example's (listed first: a user file of the same name wins, as in the web UI); a named
+    file that fails to load is reported on stderr and the generation warns that its tag had no effect. ``unet``
+    (None: no check) gives the attention widths a hypernetwork must fit.
     """
     if folders is None:
         default = Path("models") / "hypernetworks"
         folders = [default] if default.is_dir() else []
-    paths = find_hypernetworks(folders)
+    paths = find_hypernetworks([*([EXAMPLE_HYPERNETWORKS_DIR] if examples else []), *folders])
     files = LoadedHypernetworks()
     _, tags = parse_extra_network_tags(prompt)
     resolved = resolve_hypernetworks(
@@ -146,7 +156,8 @@ def hypernetwork_arguments(folders: list[Path] | None, prompt: str, unet: Any = 
     for tag in tags:  # as each tag naming it tried the file again: once per such tag
         if tag.name == "hypernet" and tag.args[0] in skipped:
             print(skipped[tag.args[0]].cli_warning(), file=sys.stderr)
-    return {"hypernetworks": resolved}
+    # The infotext's Hypernet hashes; the CLI loads these files anyway, so reading them once more costs little.
+    return {"hypernetworks": resolved, "hypernetwork_hashes": {name: file_sha256(path) for name, path in resolved.used}}
 
 
 def add_bundled(embeddings: dict[str, Any], folders: list[Path] | None, prompt: str, model: Any) -> dict[str, Any]:
@@ -172,27 +183,32 @@ def add_bundled(embeddings: dict[str, Any], folders: list[Path] | None, prompt: 
 
 
 def embedding_arguments(folders: list[Path] | None, width: int, *, sdxl: bool = False, convert_on: Any = None,
-                        used_in: str | None = None, encoder_widths: Sequence[int] | None = None) -> dict[str, Any]:
-    """``txt2img`` keyword arguments for the embeddings under ``folders`` (default ``./embeddings`` if present).
+                        used_in: str | None = None, encoder_widths: Sequence[int] | None = None,
+                        examples: bool = False) -> dict[str, Any]:
+    """``txt2img`` keyword arguments for the embeddings under ``folders`` (default ``./embeddings`` if present),
+    and with ``examples`` the shipped example's (listed first: a user file of the same name wins, as in the web UI).
 
     Embeddings that fit the model's ``width`` are passed with their hashes (for the infotext); the others are
-    passed as skipped, so that a prompt naming one gets a warning, and are counted on stderr (listed with -v).
+    passed as skipped, so that a prompt naming one gets a warning, and are counted on stderr (listed with -v; the
+    example, which fits only the embedded model, is not counted).
     ``convert_on`` (the loaded SDXL model): SD 1.x embeddings that ``used_in`` names are converted for it on the fly.
     """
     if folders is None:
         default = Path("embeddings")
         folders = [default] if default.is_dir() else []
-    if not folders:
+    extra = [EXAMPLE_EMBEDDINGS_DIR] if examples else []
+    if not folders and not extra:
         return {}
-    library = EmbeddingLibrary(folders)
+    library = EmbeddingLibrary([*extra, *folders])
     library.refresh()
     usable, skipped = usable_embeddings(library, width, sdxl=sdxl, encoder_widths=encoder_widths)
     converted: dict[str, Any] = {}
     if convert_on is not None and skipped:
         converted, skipped = convert_skipped(library, convert_on, default_map_cache(), skipped, used_in)
         usable = {**usable, **converted}
-    if skipped:
-        print(f"note: {len(skipped)} embedding file(s) skipped (-v lists them)", file=sys.stderr)
+    counted = [name for name in skipped if not (examples and name == EXAMPLE_EMBEDDING)]
+    if counted:
+        print(f"note: {len(counted)} embedding file(s) skipped (-v lists them)", file=sys.stderr)
         for name, reason in skipped.items():
             log.info("skipped embedding %s: %s", name, reason)
     return {

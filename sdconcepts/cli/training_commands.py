@@ -16,7 +16,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sdconcepts.cli.arguments import CommandError, check_folder, existing_path, int_at_least, positive_int
+from sdconcepts.cli.arguments import (
+    TRAIN_LOG_DIR,
+    CommandError,
+    check_folder,
+    existing_path,
+    int_at_least,
+    positive_int,
+)
 from sdconcepts.embeddings.files import EmbeddingFileError
 from sdconcepts.file_names import InvalidNameError, target_path
 from sdconcepts.generation import GenerationError
@@ -30,6 +37,7 @@ from sdconcepts.limits import (
     MAX_TRAIN_BATCH_SIZE,
     format_bytes,
 )
+from sdconcepts.model_shape import read_model_shape
 from sdconcepts.training.config import ConfigError, EmbeddingTrainingConfig, HypernetworkTrainingConfig
 from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
 from sdconcepts.training.dataset import DatasetError
@@ -92,10 +100,10 @@ def _add_create_hypernetwork_parser(subparsers: argparse._SubParsersAction[argpa
         description="Write <hypernetworks-dir>/NAME.pt with A1111's layout and create-form defaults.",
     )
     p.add_argument("name", metavar="NAME", help="the hypernetwork's name")
-    p.add_argument("--sizes", default="768,320,640,1280",
-                   help="context widths to make modules for, comma-separated (default: 768,320,640,1280; the toy "
-                   "model's are 48,32,64), or a family: sd1, sd2, sdxl (2048,640,1280), or 'model': the attention "
-                   "widths of the --ckpt model")
+    p.add_argument("--sizes", default="model",
+                   help="context widths to make modules for, comma-separated (the toy model's are 48,32,64; SD 1.x's "
+                   "768,320,640,1280), or a family: sd1, sd2, sdxl (2048,640,1280), or 'model': the attention widths "
+                   "of the --ckpt model, read from its files (a .ckpt is loaded) (default: model, as the web form)")
     p.add_argument("--layer-structure", default="1, 2, 1", help='layer structure, first and last 1 (default: "1, 2, 1")')
     p.add_argument("--activation", default="linear", help="activation function (default: linear)")
     p.add_argument("--weight-init", default="Normal",
@@ -137,8 +145,9 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                        help="folder holding the hypernetwork (default: ./models/hypernetworks)")
         p.add_argument("--learn-rate", default="0.00001", metavar="S",
                        help="learning rate or schedule (default: 0.00001)")
-    p.add_argument("--log-dir", default="textual_inversion", metavar="D",
-                   help="log directory; the run writes to D/YYYY-MM-DD/NAME (default: textual_inversion)")
+    p.add_argument("--log-dir", default=str(TRAIN_LOG_DIR), metavar="D",
+                   help=f"log directory; the run writes to D/YYYY-MM-DD/NAME (default: {TRAIN_LOG_DIR}, the web "
+                   "UI's; A1111's is textual_inversion)")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="batch size (default: 1)")
     p.add_argument("--gradient-accumulation", type=positive_int, default=1, metavar="G",
                    help="gradient accumulation steps (default: 1)")
@@ -223,9 +232,13 @@ def _floats(text: str, label: str) -> list[float]:
 def run_create_hypernetwork(args: argparse.Namespace) -> int:
     preset = args.sizes.strip().lower()
     if preset == "model":
-        model = _load_model(args, "cpu")
-        # The context width first, then the self-attention widths (A1111's order of the create form's sizes).
-        sizes = [model.context_width, *sorted(attention_widths(model.unet) - {model.context_width})]
+        shape = read_model_shape(args.ckpt)  # None: only loading tells (a .ckpt)
+        if shape is not None:
+            sizes = list(shape.widths)
+        else:
+            model = _load_model(args, "cpu")
+            # The context width first, then the self-attention widths (A1111's order of the create form's sizes).
+            sizes = [model.context_width, *sorted(attention_widths(model.unet) - {model.context_width})]
     elif preset in FAMILY_SIZES:
         sizes = list(FAMILY_SIZES[preset])
     else:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sdconcepts.cli.arguments import CommandError, existing_dir, existing_path, positive_int
+from sdconcepts.cli.arguments import TRAIN_LOG_DIR, CommandError, existing_dir, existing_path, positive_int
 from sdconcepts.toyworld.examples import EXAMPLE_EMBEDDINGS_DIR, EXAMPLE_HYPERNETWORKS_DIR
 from sdconcepts.ui.ui_session import UiConfig, UiSession
 
@@ -33,6 +33,9 @@ def add_web_ui_arguments(parser: argparse.ArgumentParser) -> None:
                     help="hypernetworks folder; repeatable (default: ./models/hypernetworks)")
     ui.add_argument("--outputs-dir", dest="ui_outputs_dir", type=Path, default=Path("outputs") / "txt2img-images",
                     metavar="D", help="where generated PNGs are saved (default: ./outputs/txt2img-images)")
+    ui.add_argument("--img2img-outputs-dir", dest="ui_img2img_outputs_dir", type=Path,
+                    default=Path("outputs") / "img2img-images", metavar="D",
+                    help="where img2img and inpaint PNGs are saved (default: ./outputs/img2img-images, as A1111)")
     ui.add_argument("--train-root", dest="ui_train_roots", type=existing_dir, action="append", default=None,
                     metavar="D", help="a folder that the Train tab's paths (preprocess source and destination, dataset, "
                     "log directory) may use; repeatable (default: the working folder and the folders above)")
@@ -72,8 +75,11 @@ def web_ui_config(args: argparse.Namespace) -> Any:
         hypernetworks_dirs=_default_dirs(args.ui_hypernetworks_dir, Path("models") / "hypernetworks"),
         lora_dirs=_default_dirs(args.ui_lora_dir, Path("models") / "Lora"),
         outputs_dir=args.ui_outputs_dir,
+        img2img_outputs_dir=args.ui_img2img_outputs_dir,
+        train_log_dir=str(TRAIN_LOG_DIR),
         device=args.ui_device,
         train_roots=args.ui_train_roots,
         extra_embeddings_dirs=[EXAMPLE_EMBEDDINGS_DIR] if args.ui_examples else [],
         extra_hypernetworks_dirs=[EXAMPLE_HYPERNETWORKS_DIR] if args.ui_examples else [],
+        cpu_threads=getattr(args, "threads", None),  # as main() resolved it; None leaves torch's alone
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "parse_extra_network_tags",
     "parse_hypernetwork_tags",
     "tag_name_problem",
+    "without_tags",
 ]
 
 # A1111's tag pattern: a word, a colon, then anything up to the first '>'.
@@ -60,6 +61,16 @@ def tag_name_problem(name: str) -> str | None:
         shown = " and ".join(repr(c) for c in bad)
         return f"its name has {shown}, which end a prompt tag's name: no tag can name it (rename the file)"
     return None
+
+
+def without_tags(prompt: str, drop: Callable[[ExtraNetworkTag], bool]) -> str:
+    """``prompt`` with the tags for which ``drop`` is true removed (the same tags ``parse_extra_network_tags`` finds),
+    everything else as it is."""
+
+    def keep_or_drop(match: re.Match[str]) -> str:
+        return "" if drop(ExtraNetworkTag(match.group(1), tuple(match.group(2).split(":")))) else match.group(0)
+
+    return _EXTRA_NETWORK_TAG.sub(keep_or_drop, prompt)
 
 
 def hypernetwork_tags(tags: Iterable[ExtraNetworkTag], *, default_strength: float = 1.0) -> list[HypernetworkTag]:

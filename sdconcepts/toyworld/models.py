@@ -31,6 +31,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.utils import is_accelerate_available
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -187,7 +188,9 @@ def load_component(model_dir: str | Path, name: str):
         "text_encoder": CLIPTextModel,
         "text_encoder_2": CLIPTextModelWithProjection,
     }[name]
-    return kind.from_pretrained(str(Path(model_dir) / name), local_files_only=True).to(torch.float32)
+    # diffusers' components warn "install accelerate" unless asked for what is there (transformers' do not).
+    extra = {"low_cpu_mem_usage": is_accelerate_available()} if name in ("unet", "vae") else {}
+    return kind.from_pretrained(str(Path(model_dir) / name), local_files_only=True, **extra).to(torch.float32)
 
 
 def training_scheduler() -> DDPMScheduler:
@@ -268,8 +271,8 @@ def load_pipeline(model_dir: str | Path | None = None) -> DiffusionPipeline:
 @lru_cache(maxsize=2)
 def _load_pipeline(path: str) -> DiffusionPipeline:
     kind = StableDiffusionXLPipeline if family_of(path) == "sdxl" else StableDiffusionPipeline
-    extra = {"add_watermarker": False} if kind is StableDiffusionXLPipeline else {}
-    pipe = kind.from_pretrained(path, local_files_only=True, **extra)
+    extra: dict[str, Any] = {"add_watermarker": False} if kind is StableDiffusionXLPipeline else {}
+    pipe = kind.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=is_accelerate_available(), **extra)
     if any(getattr(m, "dtype", torch.float32) != torch.float32 for m in pipe.components.values()):
         pipe = pipe.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -7,6 +7,7 @@ Images are drawn at 4x and BOX-downsampled to 32x32 so edges are anti-aliased. E
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -200,3 +201,35 @@ def caption(
 def concept_caption(attrs: Attributes, fixed: Collection[str]) -> str:
     """The caption of a concept image: it names every attribute except the ``fixed`` ones."""
     return f"a {describe(attrs, omit=fixed)}"
+
+
+# Words a prompt may use for a colour or a shape that this world does not have (the model then draws one it knows).
+OTHER_COLOURS = frozenset({
+    "orange", "pink", "cyan", "magenta", "violet", "indigo", "gold", "golden", "silver", "beige", "maroon", "lime",
+    "olive", "turquoise", "crimson", "scarlet", "tan", "khaki", "lavender", "aqua", "grey", "azure", "amber",
+})
+OTHER_SHAPES = frozenset({
+    "star", "hexagon", "pentagon", "octagon", "heart", "oval", "ellipse", "rectangle", "diamond", "rhombus",
+    "arrow", "line", "dot", "crescent", "moon", "spiral", "cube", "sphere", "cone", "cylinder", "pyramid",
+})
+
+
+def words_outside_the_world(prompt: str) -> list[str]:
+    """What the embedded toy-world model cannot draw of ``prompt``: one sentence per colour or shape word it lacks
+    ("white background": white is a shape colour here, not a background), listing the words it knows instead."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    shape_colours, backgrounds = ", ".join(COLOURS), ", ".join(BACKGROUNDS)
+    notes: list[str] = []
+    for i, word in enumerate(words):
+        after = words[i + 1] if i + 1 < len(words) else ""
+        colour_word = word in OTHER_COLOURS or word in COLOURS or word in BACKGROUNDS
+        if after == "background" and colour_word and word not in BACKGROUNDS:
+            notes.append(f"the toy world has no {word} background; its backgrounds are {backgrounds}")
+        elif after in SHAPES and colour_word and word not in COLOURS:
+            notes.append(f"the toy world has no {word} {after}; its shapes are coloured {shape_colours}")
+        elif word in OTHER_COLOURS and after != "background" and after not in SHAPES:
+            notes.append(f"the toy world has no colour {word}; its shapes are coloured {shape_colours}, its "
+                         f"backgrounds {backgrounds}")
+        elif word in OTHER_SHAPES:
+            notes.append(f"the toy world has no {word}; its shapes are {', '.join(SHAPES)}")
+    return list(dict.fromkeys(notes))

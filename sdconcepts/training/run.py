@@ -409,6 +409,8 @@ class _Saves:
         what = "finished" if event.kind == "finished" else "interrupted"
         if event.kind == "finished" and job.step == self.start_step:
             message = f"{job.path} is already trained to step {job.step}; raise max steps above it to train more"
+        elif job.step == self.start_step:  # interrupted before its first step: nothing was trained or written
+            message = f"Training interrupted before its first step; {job.path} is unchanged (step {job.step})"
         elif not kept:
             message = (
                 f"Training {what} at {job.step} steps, but those weights give a non-finite loss; not saved, "

@@ -13,15 +13,19 @@ from typing import Any
 
 import gradio as gr
 
+from sdconcepts.threads import AUTO, usable_cores
 from sdconcepts.ui import handlers, img2img_tab, train_jobs
 from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.compat import (
+    GRADIO_MAJOR,
     QUEUE_KWARGS,
     blocks_kwargs,
+    calm_idle_queue,
     js_kwargs,
     launch_kwargs,
     make,
     patient_localhost_check,
+    quiet_client_disconnects,
     update,
 )
 from sdconcepts.ui.controls import (
@@ -88,6 +92,12 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train_jobs.Tra
             with gr.Row(elem_classes=["sdconcepts-model-row"]):
                 model = gr.Dropdown(choices, value=initial_model, label="Model", elem_id="sdconcepts_model", scale=4)
                 model_refresh = gr.Button("Refresh models", elem_id="sdconcepts_model_refresh", scale=1)
+                if standalone and session.config.cpu_threads is not None:  # a host keeps its own thread count
+                    threads = gr.Dropdown(thread_choices(session.config.cpu_threads), value=session.config.cpu_threads, label="CPU threads",
+                                          elem_id="sdconcepts_cpu_threads", scale=1,
+                                          info="auto: the cores other work leaves free, chosen before each job")
+                    threads.change(guard(session.set_cpu_threads), inputs=[threads], outputs=[threads],
+                                   show_progress="hidden")
             cards = _CardTabs(session, model)
             page = _lay_out_pages(session, model, ti_view, hn_view, cards, standalone)
         page.update(infotexts=gr.State([]), seeds=gr.State([]), selected=gr.State(None), images=gr.State([]))
@@ -161,15 +171,29 @@ class _CardTabs:
         # queue answers the next keystroke makes stale.
         for trigger in (ti["search"].submit, ti["sort"].change, ti["descending"].change, ti["page"].change,
                         ti["search_go"].click):
-            trigger(guard(self.ti_filter), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden")
+            trigger(guard(self.ti_filter), inputs=ti_inputs, outputs=ti_outputs, show_progress="hidden",
+                    **LAST_REQUEST_WINS)
         hn["refresh"].click(guard(self.hn_render), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
         for trigger in (hn["search"].submit, hn["sort"].change, hn["descending"].change, hn["page"].change,
                         hn["search_go"].click):
-            trigger(guard(self.hn_filter), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden")
+            trigger(guard(self.hn_filter), inputs=hn_inputs, outputs=hn_outputs, show_progress="hidden",
+                    **LAST_REQUEST_WINS)
         wire_metadata_editor(self.session, ti["editor"], (guard(self.ti_render), ti_inputs, ti_outputs))
         wire_metadata_editor(self.session, hn["editor"], (guard(self.hn_render), hn_inputs, hn_outputs))
         self.renderers.extend([(guard(self.ti_render), ti_inputs, ti_outputs),
                                (guard(self.hn_render), hn_inputs, hn_outputs)])
+
+
+# gradio 4+ ignores a click (and a change) that comes while the same event is still running ("once"): the search for
+# the final text was dropped behind the one for older text. "always_last" runs it when the running one ends (only the
+# latest waits). gradio 3 has no such option; there the page script asks again (``card_outputs``' serial).
+LAST_REQUEST_WINS: dict[str, Any] = {"trigger_mode": "always_last"} if GRADIO_MAJOR >= 4 else {}
+
+
+def thread_choices(current: str) -> list[str]:
+    """The CPU threads setting's choices: auto, 1 to the cores this process may use, and the current one."""
+    choices = [AUTO, *(str(n) for n in range(1, usable_cores() + 1))]
+    return choices if current in choices else [*choices, current]
 
 
 def _lay_out_pages(session: UiSession, model: Any, ti_view: handlers.CardsView, hn_view: handlers.CardsView,
@@ -348,6 +372,8 @@ def launch_app(session: UiSession, *, host: str = "127.0.0.1", port: int | None 
     blocks = build_ui(session, css=css)
     install_js(blocks)
     blocks.queue(**QUEUE_KWARGS)
+    calm_idle_queue(blocks)
+    quiet_client_disconnects()
     with patient_localhost_check():
         blocks.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
                       **launch_kwargs(css))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,8 @@ from gradio import networking
 
 __all__ = [
     "GRADIO_MAJOR", "blocks_kwargs", "describe_events_for_the_page", "js_kwargs", "launch_kwargs", "make",
-    "mask_editor", "binary_file", "update",
+    "mask_editor", "binary_file", "update", "user_error", "calm_idle_queue", "quiet_client_disconnects",
+    "CLIENT_DISCONNECT_FILTER",
 ]
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
@@ -43,6 +45,55 @@ def make(component: type[Any], *, optional: dict[str, Any] | None = None, **kwar
     accepted = _parameters(component.__init__)
     kwargs.update({k: v for k, v in (optional or {}).items() if k in accepted})
     return component(**kwargs)
+
+
+def user_error(message: str) -> Exception:
+    """gradio's error toast for a user's mistake, without the traceback gradio prints to the console for every
+    ``gr.Error`` (``print_exception``, gradio 4.42+; older versions print it regardless)."""
+    return make(gr.Error, optional={"print_exception": False}, message=message)
+
+
+IDLE_QUEUE_SLEEP_S = 0.05  # gradio's own value on Windows; 50 ms at most before a queued event starts
+
+
+def calm_idle_queue(blocks: Any) -> None:
+    """Let a queued app sleep when idle: gradio 4+'s queue checks for work every 1 ms and for progress every 10 ms
+    (except on Windows), which kept an idle server at about 5 % of a core; its Windows values (50 ms, 100 ms) are
+    used instead. gradio 3's queue waits on events and has neither attribute."""
+    queue = getattr(blocks, "_queue", None)
+    if queue is None:
+        return
+    if hasattr(queue, "sleep_when_free"):
+        queue.sleep_when_free = max(queue.sleep_when_free, IDLE_QUEUE_SLEEP_S)
+    if hasattr(queue, "progress_update_sleep_when_free"):
+        queue.progress_update_sleep_when_free = max(queue.progress_update_sleep_when_free, 2 * IDLE_QUEUE_SLEEP_S)
+
+
+class _NoClientDisconnects(logging.Filter):
+    """Drops the server's traceback for a browser that went away mid-request (starlette's ``ClientDisconnect``: a
+    closed tab during an upload); nothing is wrong on the server's side."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        seen = 0
+        while error is not None and seen < 10:  # the exception, or one it was raised from
+            if type(error).__name__ == "ClientDisconnect":
+                return False
+            inner = getattr(error, "exceptions", None)  # an ExceptionGroup of one
+            error = inner[0] if inner and len(inner) == 1 else (error.__cause__ or error.__context__)
+            seen += 1
+        return True
+
+
+CLIENT_DISCONNECT_FILTER = _NoClientDisconnects()
+
+
+def quiet_client_disconnects() -> None:
+    """Install the filter on the loggers that uvicorn reports request errors on (once; the standalone app only)."""
+    for name in ("uvicorn.error", "uvicorn"):
+        logger = logging.getLogger(name)
+        if CLIENT_DISCONNECT_FILTER not in logger.filters:
+            logger.addFilter(CLIENT_DISCONNECT_FILTER)
 
 
 def blocks_kwargs(css: str | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Each builder takes an id prefix, so txt2img keeps its ids (``sdconcepts_steps``)
 from __future__ import annotations
 
 import html
+import itertools
 from typing import Any
 
 import gradio as gr
@@ -14,7 +15,7 @@ import gradio as gr
 from sdconcepts.generation import SAMPLERS
 from sdconcepts.ui import handlers
 from sdconcepts.ui.cards import SORT_KEYS
-from sdconcepts.ui.compat import update
+from sdconcepts.ui.compat import update, user_error
 from sdconcepts.ui.ui_session import UiError, UiSession
 from sdconcepts.user_metadata import SD_VERSIONS
 
@@ -31,7 +32,7 @@ def guard(function: Any) -> Any:
         try:
             return function(*args, **kwargs)
         except UiError as exc:
-            raise gr.Error(str(exc)) from None
+            raise user_error(str(exc)) from None
 
     wrapped.__name__ = function.__name__
     wrapped.__doc__ = function.__doc__
@@ -138,5 +139,15 @@ def wire_metadata_editor(session: UiSession, editor: dict[str, Any],
     editor["cancel"].click(lambda: update(visible=False), inputs=None, outputs=[editor["box"]])
 
 
+_ANSWERS = itertools.count(1)
+
+
 def card_outputs(view: handlers.CardsView) -> tuple[str, str, str]:
-    return view.cards_html, view.skipped_html, f'<div class="sdconcepts-summary">{view.summary}</div>'
+    """The card tab's outputs. Each answer carries its own serial (``data-answer``), so that an answer equal to the
+    one shown still replaces it on the page: gradio leaves an unchanged value's HTML alone, and the page script
+    learns that a search answer arrived (and asks again when it is for older text) only from the change. Without it
+    a search whose request gradio dropped, behind an in-flight request for the text already shown, was never asked
+    again and the cards stayed filtered to nothing (issue 26 item 11)."""
+    cards = view.cards_html.replace('<div class="sdconcepts-cards" ',
+                                    f'<div class="sdconcepts-cards" data-answer="{next(_ANSWERS)}" ', 1)
+    return cards, view.skipped_html, f'<div class="sdconcepts-summary">{view.summary}</div>'

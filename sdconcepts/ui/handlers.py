@@ -19,6 +19,7 @@ from sdconcepts.embeddings.embedding import kind_mismatch
 from sdconcepts.embeddings.library import usable_embeddings
 from sdconcepts.generation import SAMPLERS, SEED_LIMIT, GenerationError, GenerationParams
 from sdconcepts.images import next_image_path, save_png
+from sdconcepts.toyworld.world import words_outside_the_world
 from sdconcepts.ui.cards import (
     PAGE_SIZE,
     Card,
@@ -32,7 +33,7 @@ from sdconcepts.ui.cards import (
     render_skipped,
     sort_cards,
 )
-from sdconcepts.ui.ui_session import UiError, UiSession, whole_number
+from sdconcepts.ui.ui_session import DEFAULT_MODEL_LABEL, XL_MODEL_LABEL, UiError, UiSession, whole_number
 from sdconcepts.user_metadata import (
     SD_VERSIONS,
     UserMetadata,
@@ -393,6 +394,13 @@ def render_warnings(warnings: Sequence[str]) -> str:
     return f'<div class="sdconcepts-warnings"><strong>Warnings</strong><ul>{items}</ul></div>'
 
 
+def _outside_the_toy_world(model_label: str, prompt: str) -> list[str]:
+    # The embedded model draws only its world: a colour or shape it lacks silently becomes one it has.
+    if model_label not in (DEFAULT_MODEL_LABEL, XL_MODEL_LABEL):
+        return []
+    return [f"{note} (the embedded model draws one of those instead)" for note in words_outside_the_world(prompt)]
+
+
 def generate(
     session: UiSession, model_label: str, params: GenerationParams, progress: Progress | None = None,
     *, source: Any = None,
@@ -407,6 +415,7 @@ def generate(
     from sdconcepts.backends.sampling import txt2img  # lazy: transformers, diffusers
 
     with session.generate_lock:
+        session.use_cpu_threads()
         model = session.model(model_label)
         width = int(model.context_width)
         session.embeddings.refresh(lazy=True)
@@ -436,6 +445,7 @@ def generate(
                 embedding_hashes={n: e.hash for n, e in usable.items() if e.hash},
                 skipped_embeddings=skipped_embeddings,
                 hypernetworks=resolved,
+                hypernetwork_hashes=session.hypernetwork_hashes(resolved),
                 progress=progress,
                 source=source,
                 converted_embeddings=set(converted),
@@ -444,6 +454,8 @@ def generate(
             raise UiError(str(exc)) from exc
     saved: list[Path] = []
     outputs = session.config.outputs_dir
+    if source is not None and session.config.img2img_outputs_dir is not None:
+        outputs = session.config.img2img_outputs_dir
     if outputs is not None:
         for image, infotext, seed in zip(result.images, result.infotexts, result.seeds, strict=True):
             saved.append(save_png(image, next_image_path(outputs, seed), infotext))
@@ -452,6 +464,7 @@ def generate(
         captions=[f"seed {s}" for s in result.seeds],
         infotexts=list(result.infotexts),
         seeds=list(result.seeds),
-        warnings=[*warnings, *result.warnings],
+        warnings=[session.readable(w) for w in
+                  [*warnings, *result.warnings, *_outside_the_toy_world(model_label, params.prompt)]],
         saved=saved,
     )

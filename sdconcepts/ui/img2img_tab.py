@@ -18,7 +18,7 @@ from sdconcepts.ui import handlers
 from sdconcepts.ui import img2img_handlers as i2i
 from sdconcepts.ui.compat import make, mask_editor
 from sdconcepts.ui.controls import GENERATION_INPUTS, card_tab, generation_controls, guard, wire_seed_buttons
-from sdconcepts.ui.ui_session import UiSession
+from sdconcepts.ui.ui_session import UiError, UiSession
 
 __all__ = ["PREFIX", "ROOT_ID", "build_img2img_tab"]
 
@@ -29,10 +29,20 @@ MODE_TAB_IDS = {mode: f"{PREFIX}mode_{index}" for index, mode in enumerate(i2i.M
 CardWiring = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
+def brush_size(session: UiSession) -> int:
+    """The mask brush's default size in image pixels: a 16th of the model's native side (2 on the embedded 32 px
+    model, where 8 covered half the picture; 32 on SD 1.x's 512), 8 when the size is not known without loading."""
+    try:
+        shape = session.model_shape()
+    except UiError:
+        shape = None
+    return max(1, int(shape.size) // 16) if shape is not None else 8
+
+
 def build_img2img_tab(session: UiSession, model: Any, ti_view: handlers.CardsView, hn_view: handlers.CardsView,
                       wire_cards: CardWiring) -> dict[str, Any]:
     """Build the tab's components and events; returns those the send buttons fill (``prompt``, ``init_image``...)."""
-    c, shown = _lay_out(ti_view, hn_view)
+    c, shown = _lay_out(ti_view, hn_view, brush_size(session))
     for mode, tab in shown["mode_tabs"].items():
         tab.select(lambda mode=mode: mode, inputs=None, outputs=[c["mode"]])
     _wire_generate(session, model, c, shown)
@@ -40,7 +50,8 @@ def build_img2img_tab(session: UiSession, model: Any, ti_view: handlers.CardsVie
     return c
 
 
-def _lay_out(ti_view: handlers.CardsView, hn_view: handlers.CardsView) -> tuple[dict[str, Any], dict[str, Any]]:
+def _lay_out(ti_view: handlers.CardsView, hn_view: handlers.CardsView,
+             brush: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The tab's components: those the send buttons fill, and the rest (mode tabs, card tabs, gallery, states)."""
     c: dict[str, Any] = {}
     with gr.Column(elem_id=ROOT_ID, elem_classes=["sdconcepts"]):
@@ -61,7 +72,8 @@ def _lay_out(ti_view: handlers.CardsView, hn_view: handlers.CardsView) -> tuple[
                                                    elem_id=f"{PREFIX}init_image")
                     with gr.Tab("Inpaint", id=MODE_TAB_IDS["Inpaint"]) as mode_tabs["Inpaint"]:
                         c["editor"] = mask_editor(label="Image for inpainting: draw the mask",
-                                                  elem_id=f"{PREFIX}inpaint_editor")
+                                                  elem_id=f"{PREFIX}inpaint_editor",
+                                                  brush_size=brush)
                     with gr.Tab("Inpaint upload", id=MODE_TAB_IDS["Inpaint upload"]) as mode_tabs["Inpaint upload"]:
                         c["upload_image"] = gr.Image(label="Image", type="pil", elem_id=f"{PREFIX}upload_image")
                         c["upload_mask"] = gr.Image(label="Mask (white: inpaint)", type="pil",

@@ -117,6 +117,12 @@ class FormDefaults:
     widths_ticked: list[str]
     size: int
     size_step: int
+    widths_label: str = "Modules (the model's attention widths)"
+
+
+# When only loading would tell (a .ckpt, a host's model not used yet): A1111's widths, not called the model's own.
+UNKNOWN_WIDTHS_LABEL = ("Modules (A1111's widths: 768 SD 1.x, 1024 SD 2.x, 320/640/1280 both; this model's own are "
+                        "offered once it is loaded)")
 
 
 def form_defaults(session: UiSession, model_label: str | None = None) -> FormDefaults:
@@ -127,7 +133,7 @@ def form_defaults(session: UiSession, model_label: str | None = None) -> FormDef
     except UiError:
         shape = None
     if shape is None:
-        return FormDefaults(list(_A1111_CHOICES), list(_A1111_TICKED), 512, 8)
+        return FormDefaults(list(_A1111_CHOICES), list(_A1111_TICKED), 512, 8, UNKNOWN_WIDTHS_LABEL)
     widths = [str(w) for w in shape.widths]
     # The slider steps by 8 (A1111's step) unless the model's own multiple is smaller; the run checks the multiple.
     return FormDefaults(widths, list(widths), int(shape.size), min(8, int(shape.multiple)))
@@ -287,6 +293,7 @@ def start_training(session: UiSession, jobs: TrainingJobs, kind: str, model_labe
     from sdconcepts.training.run import train_embedding, train_hypernetwork
 
     def run(stop: threading.Event) -> Iterator[TrainingEvent]:
+        session.use_cpu_threads()
         model = session.model(model_label)
         if kind == "embedding":
             assert isinstance(config, EmbeddingTrainingConfig)

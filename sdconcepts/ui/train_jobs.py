@@ -211,8 +211,11 @@ def train_view(job: TrainingJob | None) -> TrainView:
         parts.append(f"[Epoch {last.epoch}: {last.epoch_step + 1}]")
         parts.append(f"loss: {last.loss:.7f}")
         parts.append(f"lr: {last.lr:g}")
-        parts.append(f"{rate:.2f} it/s" if rate else "- it/s")
-        parts.append(f"ETA {_duration(last.eta_s)}")
+        if ended:  # a speed and time left of a run that no longer runs would read as if it did
+            parts.append(f"in {_duration(times[-1] - job.started) if times else '-'}")
+        elif not job.stop.is_set():
+            parts.append(f"{rate:.2f} it/s" if rate else "- it/s")
+            parts.append(f"ETA {_duration(last.eta_s)}")
     elif not ended:
         parts.append(preparing.message if preparing is not None else "loading the model and the dataset…")
     if job.stop.is_set() and not ended:

@@ -103,7 +103,7 @@ def _create_hypernetwork_form(fit: FormDefaults) -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["name"] = gr.Textbox(label="Name", elem_id="sdconcepts_create_hn_name", max_lines=1)
     c["sizes"] = gr.CheckboxGroup(fit.width_choices, value=fit.widths_ticked,
-                                  label="Modules (the model's attention widths)", elem_id="sdconcepts_create_hn_sizes")
+                                  label=fit.widths_label, elem_id="sdconcepts_create_hn_sizes")
     c["extra"] = gr.Textbox(label="More modules (context widths, comma-separated, for another model)",
                             value="", elem_id="sdconcepts_create_hn_extra", max_lines=1)
     c["layers"] = gr.Textbox(label="Enter hypernetwork layer structure", value="1, 2, 1",
@@ -183,7 +183,7 @@ def _train_form(session: UiSession, fit: FormDefaults, templates: list[str]) -> 
     c["dataset"] = gr.Textbox(label="Dataset directory", placeholder="Path to directory with input images",
                               elem_id="sdconcepts_train_dataset", max_lines=1)
     c["err_dataset"] = _field_error("dataset")
-    c["log_directory"] = gr.Textbox(label="Log directory", value="textual_inversion",
+    c["log_directory"] = gr.Textbox(label="Log directory", value=session.config.train_log_dir,
                                     elem_id="sdconcepts_train_log_directory", max_lines=1)
     c["err_log_directory"] = _field_error("log_directory")
     c["template"] = gr.Dropdown(templates, value="style_filewords", label="Prompt template",
@@ -347,7 +347,8 @@ def _wire_model_change(session: UiSession, model: Any, hn: dict[str, Any], c: di
         # Another model has other widths and another size: offer its own (A1111 offers SD's whatever is loaded).
         chosen = train_handlers.form_defaults(session, model_label)
         size = update(value=chosen.size, step=chosen.size_step)
-        return [update(choices=chosen.width_choices, value=chosen.widths_ticked), size, size, size, size]
+        return [update(choices=chosen.width_choices, value=chosen.widths_ticked, label=chosen.widths_label), size, size,
+                size, size]
 
     model.change(on_model_change, inputs=[model], outputs=[hn["sizes"], c["width"], c["height"], pre["width"],
                                                              pre["height"]],

@@ -25,6 +25,7 @@ from sdconcepts.hypernetworks.library import LoadedHypernetworks, hypernetwork_l
 from sdconcepts.hypernetworks.tags import ResolvedHypernetworks, resolve_hypernetworks
 from sdconcepts.model_shape import EMBEDDED_XL_MODEL_DIR, read_model_shape, shape_of_loaded
 from sdconcepts.prompts.network_tags import parse_extra_network_tags
+from sdconcepts.threads import apply_threads, parse_threads
 
 __all__ = ["DEFAULT_MODEL_LABEL", "HOST_MODEL_LABEL", "HostModelSource", "UiConfig", "UiError", "UiSession",
            "contained_path", "scan_models"]
@@ -87,6 +88,11 @@ class UiConfig:
     embeddings_dirs: Sequence[Path] = ()
     hypernetworks_dirs: Sequence[Path] = ()
     outputs_dir: Path | None = None
+    # img2img/inpaint results (A1111's outputs/img2img-images); None: beside txt2img's, in outputs_dir.
+    img2img_outputs_dir: Path | None = None
+    # The Train tab's default log directory: A1111's "textual_inversion" (relative to the working folder: inside a host
+    # its data folder); the standalone app puts it under ./outputs instead of the folder it was started in.
+    train_log_dir: str = "textual_inversion"
     device: str | None = None
     multiplier: Callable[[], float] = field(default=lambda: 1.0)
     # Folders that paths typed into the Train tab (preprocess source/destination, dataset, log directory, template
@@ -109,6 +115,9 @@ class UiConfig:
     convert_sd1_on_sdxl: bool = False
     # LoRA files whose bundled embeddings are words while the LoRA is in the prompt (``embeddings.bundles``).
     lora_dirs: Sequence[Path] = ()
+    # torch's CPU threads, set before each generation and training run: "auto" or a count (``sdconcepts.threads``);
+    # None leaves them alone (inside a host, whose choice stands).
+    cpu_threads: str | None = None
 
 
 def scan_models(folder: Path | None) -> list[Path]:
@@ -186,7 +195,7 @@ class UiSession:
         if config.train_roots is not None:
             self._train_roots = [Path(root) for root in config.train_roots]
         else:
-            data = [*config.embeddings_dirs, *config.hypernetworks_dirs, config.outputs_dir]
+            data = [*config.embeddings_dirs, *config.hypernetworks_dirs, config.outputs_dir, config.img2img_outputs_dir]
             self._train_roots = [Path.cwd(), *(Path(p) for p in data if p is not None)]
 
     def read_in_background(self) -> None:
@@ -267,6 +276,37 @@ class UiSession:
         failed = sorted((s for s in resolved.skipped if s.file not in errors), key=lambda s: order[s.file])
         return resolved, [*warnings, *(s.ui_warning() for s in failed)]
 
+    def readable(self, text: str) -> str:
+        """``text`` (a warning) with the server's absolute folders shortened: a file in a listed folder is named
+        from that folder's last two parts ("models/hypernetworks/x.pt"), anything else under the working folder
+        relative to it. The page need not show where the server keeps its files (a host's install path)."""
+        config = self.config
+        folders = [*config.extra_embeddings_dirs, *config.embeddings_dirs, *config.extra_hypernetworks_dirs,
+                   *config.hypernetworks_dirs, config.outputs_dir, config.img2img_outputs_dir]
+        prefixes: dict[str, str] = {}
+        for folder in (Path(f) for f in folders if f is not None):
+            short = Path(*folder.parts[-2:]).as_posix() + "/" if folder.parts else ""
+            for form in {str(folder.absolute()), str(folder.resolve())}:
+                prefixes[form + os.sep] = short
+        prefixes.setdefault(str(Path.cwd()) + os.sep, "")
+        for prefix in sorted(prefixes, key=len, reverse=True):
+            if os.path.isabs(prefix):
+                text = text.replace(prefix, prefixes[prefix])
+        return text
+
+    def hypernetwork_hashes(self, resolved: ResolvedHypernetworks[Path]) -> dict[str, str]:
+        """Name -> SHA-256 of the hypernetworks a generation uses (its infotext's ``Hypernet hashes``): the scan's
+        hash where it has one, else read once per file version through the hash cache."""
+        known = {r.path: r.hash for r in self.hypernetworks.records() if r.hash}
+        hashes: dict[str, str] = {}
+        for name, path in resolved.used:
+            digest = known.get(path)
+            if digest is None:
+                stat = path.stat()
+                digest = self.hashes.sha256(str(path), (stat.st_mtime_ns, stat.st_size, stat.st_ino))
+            hashes[name] = digest
+        return hashes
+
     # -- models -----------------------------------------------------------------------------------------------
 
     def model_choices(self) -> dict[str, Path | None]:
@@ -303,6 +343,19 @@ class UiSession:
         if self.config.files_changed is not None:
             return self.config.files_changed(kind)
         return None
+
+    def set_cpu_threads(self, value: str) -> str:
+        """The page's CPU threads setting: "auto" or a count, used from the next job on; UiError when it is neither."""
+        try:
+            self.config.cpu_threads = parse_threads(str(value))
+        except ValueError as exc:
+            raise UiError(str(exc)) from None
+        return self.config.cpu_threads
+
+    def use_cpu_threads(self) -> None:
+        """Set torch's thread count for the job about to run, as configured (``UiConfig.cpu_threads``)."""
+        if self.config.cpu_threads is not None:
+            apply_threads(self.config.cpu_threads)
 
     def model(self, label: str) -> Any:
         """The model behind a dropdown label, loading it (and dropping the previous one) when it changed."""

@@ -207,3 +207,15 @@ def test_training_is_deterministic_and_snapshots_equal_shorter_runs(tmp_path: Pa
     assert (tmp_path / "long" / "unet/diffusion_pytorch_model.safetensors").read_bytes() != (
         tmp_path / "short" / "unet/diffusion_pytorch_model.safetensors"
     ).read_bytes()
+
+
+def test_words_the_toy_world_lacks_are_named_with_the_ones_it_has() -> None:
+    """"white background" silently gave another background (issue 26 item 10): say what the world has instead."""
+    from sdconcepts.toyworld.world import BACKGROUNDS, words_outside_the_world
+
+    assert words_outside_the_world("a red circle on a teal background, a photo of a toytri") == []
+    (note,) = words_outside_the_world("a circle on a white background")
+    assert "no white background" in note and all(name in note for name in BACKGROUNDS)
+    assert "no teal circle" in words_outside_the_world("a teal circle")[0]  # teal is a background here, not a colour
+    notes = " | ".join(words_outside_the_world("an (orange:1.2) star"))
+    assert "no colour orange" in notes and "no star" in notes and "triangle" in notes

@@ -116,6 +116,19 @@ def test_interrupt_saves_a_final_checkpoint(tiny_model: Any, dataset: Path, tmp_
     assert load_embedding(path).step == 2
 
 
+def test_interrupt_before_the_first_step_says_nothing_was_saved(tiny_model: Any, dataset: Path, tmp_path: Path) -> None:
+    # It used to report "Embedding saved to ..." although nothing was trained or written (issue 26 item 14).
+    path = _new_embedding(tiny_model, tmp_path)
+    before = os.stat(path).st_ino
+    stop = threading.Event()
+    stop.set()
+    events = list(train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, max_steps=100),
+                                  embeddings_dir=tmp_path, stop=stop))
+    assert [(e.kind, e.step, e.saved) for e in events] == [("interrupted", 0, None)]
+    assert "saved" not in events[0].message and "unchanged" in events[0].message
+    assert os.stat(path).st_ino == before and load_embedding(path).step == 0
+
+
 @pytest.mark.parametrize("interrupt", [False, True])
 def test_end_of_run_does_not_save_again_what_the_last_step_saved(tiny_model: Any, dataset: Path, tmp_path: Path,
                                                                  interrupt: bool) -> None:

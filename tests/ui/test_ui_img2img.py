@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ WIDTH = 48  # the tiny test model's text width
 def session(tmp_path: Path, tiny_model_dir: Path) -> UiSession:
     embeddings, hypernetworks = write_library(tmp_path, WIDTH)
     return UiSession(UiConfig(ckpt=tiny_model_dir, embeddings_dirs=[embeddings], hypernetworks_dirs=[hypernetworks],
-                              outputs_dir=tmp_path / "outputs", device="cpu"))
+                              outputs_dir=tmp_path / "outputs", img2img_outputs_dir=tmp_path / "img2img-images",
+                              device="cpu"))
 
 
 def _picture(size: int) -> Image.Image:
@@ -134,6 +136,21 @@ def test_inpaint_through_the_ui_handler_keeps_every_pixel_outside_the_mask(sessi
     assert "Denoising strength: 0.9" in info and "Seed: 5" in info and "TI hashes" in info
     assert "Mask blur" not in info  # 0: A1111 writes it only when it blurs
     assert read_infotext(out.saved[0]) == info
+    assert out.saved[0].parent == session.config.img2img_outputs_dir  # A1111's img2img-images, not txt2img's folder
+
+
+def test_standalone_app_folders_follow_a1111_and_keep_the_working_folder_clean() -> None:
+    """img2img results go to outputs/img2img-images; the Train tab's logs under ./outputs (git-ignored), not in a
+    ./textual_inversion of whatever folder the app was started in (issue 26 item 8)."""
+    from sdconcepts.cli.main import build_parser
+    from sdconcepts.cli.web_ui_command import web_ui_config
+
+    config = web_ui_config(build_parser().parse_args([]))
+    assert config.outputs_dir == Path("outputs") / "txt2img-images"
+    assert config.img2img_outputs_dir == Path("outputs") / "img2img-images"
+    assert Path(config.train_log_dir).parts[0] == "outputs"
+    ignored = (Path(__file__).resolve().parents[2] / ".gitignore").read_text().split()
+    assert "/outputs/" in ignored and "/textual_inversion/" in ignored
 
 
 def test_img2img_reports_bad_requests_as_one_line(session: UiSession, tiny_model_dir: Path) -> None:
@@ -213,9 +230,33 @@ def test_the_standalone_app_has_img2img_and_png_info_and_the_hosted_tab_does_not
     from sdconcepts.ui.app import build_ui
 
     mine = {"sdconcepts_img2img_prompt", "sdconcepts_img2img_inpaint_editor", "sdconcepts_png_info_file",
-            "sdconcepts_send_to_img2img", "sdconcepts_send_to_inpaint", "sdconcepts_main_tabs"}
+            "sdconcepts_send_to_img2img", "sdconcepts_send_to_inpaint", "sdconcepts_main_tabs",
+            "sdconcepts_cpu_threads"}  # the standalone app's CPU threads setting (a host keeps its own)
+    session.config.cpu_threads = "auto"  # as web_ui_command configures the standalone app
     standalone = _element_ids(build_ui(session))
     assert mine <= standalone
     hosted = _element_ids(build_tabs(session)[0][0])
     assert not mine & hosted and not any("img2img" in i or "png_info" in i for i in hosted)
     assert {"sdconcepts_prompt", "sdconcepts_gallery", "sdconcepts_ti_cards"} <= hosted
+
+
+def test_png_info_text_blocks_wrap() -> None:
+    """The parameters block ran off to the right of its column (issue 26 item 10): its <pre> wraps."""
+    info = i2i.read_png_info(_png_bytes(_picture(8), "a " * 400 + "\nSteps: 20"))
+    assert '<div class="sdconcepts-png-info">' in info.html and "<pre>" in info.html
+    css = re.sub(r"/\*.*?\*/", "", (Path(__file__).resolve().parents[2] / "style.css").read_text(), flags=re.S)
+    rules = {selector.strip(): body for selectors, body in re.findall(r"([^{}]+)\{([^{}]*)\}", css)
+             for selector in selectors.split(",")}
+    body = rules["#sdconcepts_root .sdconcepts-png-info pre"]
+    assert "white-space: pre-wrap" in body and "overflow-wrap: anywhere" in body
+
+
+def test_mask_brush_fits_the_model_size(tmp_path: Path) -> None:
+    """The default brush (8) covered half of the embedded model's 32 px picture (issue 26 item 10)."""
+    from sdconcepts.ui.img2img_tab import brush_size
+
+    assert brush_size(UiSession(UiConfig())) == 2  # the embedded toy-world model, 32 px
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "big.ckpt").write_bytes(b"not read")
+    unknown = UiSession(UiConfig(ckpt=tmp_path / "models" / "big.ckpt", models_dir=tmp_path / "models"))
+    assert brush_size(unknown) == 8  # a .ckpt's size is not known without loading it

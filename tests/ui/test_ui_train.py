@@ -197,8 +197,9 @@ def test_training_streams_steps_plot_previews_and_saves(session: UiSession, tiny
     views = list(train_jobs.follow(jobs, poll=0.05, job=job))
     last = views[-1]
     assert not last.running and job.error is None, job.error
-    assert "step 4/4" in last.status_html and "loss:" in last.status_html and "it/s" in last.status_html
-    assert "ETA" in last.status_html and "Training finished at 4 steps" in last.status_html
+    assert "step 4/4" in last.status_html and "loss:" in last.status_html and " · in " in last.status_html
+    assert "it/s" not in last.status_html and "ETA" not in last.status_html  # an ended run has neither
+    assert "Training finished at 4 steps" in last.status_html
     assert last.status_html.startswith('<div class="sdconcepts-train-status"><b>Done</b>')
     assert last.plot is not None and Path(last.plot).is_file()
     assert [Path(p).name for p in last.previews] == ["toytri-2.png", "toytri-4.png"]
@@ -355,6 +356,10 @@ def test_forms_fit_the_model(session: UiSession, tiny_model_dir: Path, tmp_path:
     other = UiSession(UiConfig(models_dir=tmp_path / "models"))
     assert train_handlers.form_defaults(other, "big.ckpt").widths_ticked == ["768", "320", "640", "1280"]
     assert train_handlers.form_defaults(other, "big.ckpt").size == 512
+    # ... and does not call them the model's own widths (1024 is SD 2.x's only; issue 26 item 15).
+    assert "the model's" in fit.widths_label
+    unknown = train_handlers.form_defaults(other, "big.ckpt").widths_label
+    assert "the model's" not in unknown and "A1111's widths" in unknown and "1024 SD 2.x" in unknown
 
 
 def test_model_shape_from_files_and_from_the_loaded_model(tiny_model_dir: Path, tiny_model: Any,
@@ -443,3 +448,23 @@ def test_a_full_disk_ends_a_web_run_with_one_line(tmp_path: Path) -> None:
     job = jobs.start("embedding", "toytri", 4, run)
     assert job.wait(30)
     assert job.error == "/dev/full: No space left on device (the disk is full); files saved before are kept"
+
+
+def test_status_of_an_interrupted_run_shows_no_speed_or_time_left() -> None:
+    """After Interrupt the status showed the last "0.12 it/s · ETA 25:12" as if the run went on (issue 26 item 10)."""
+    job = train_jobs.TrainingJob("embedding", "toytri", 1000)
+    job.started = 100.0
+    for step in (1, 2, 3):
+        job.events.append(TrainingEvent(step=step, loss=0.1, lr=0.005, eta_s=1500.0))
+        job.times.append(100.0 + 8 * step)
+    running = train_jobs.train_view(job).status_html
+    assert "it/s" in running and "ETA 25:00" in running
+    job.stop.set()
+    interrupting = train_jobs.train_view(job).status_html
+    assert "interrupting" in interrupting and "it/s" not in interrupting and "ETA" not in interrupting
+    job.events.append(TrainingEvent(step=3, loss=0.1, lr=0.005, kind="interrupted", message="Training interrupted"))
+    job.times.append(125.0)
+    job.done = True
+    ended = train_jobs.train_view(job).status_html
+    assert "<b>Interrupted</b>" in ended and "step 3/1000" in ended and "in 00:25" in ended
+    assert "it/s" not in ended and "ETA" not in ended
