@@ -195,7 +195,7 @@ def _run(
         if stop.is_set():
             yield TrainingEvent(job.step, math.nan, 0.0, kind="interrupted",
                                 message=f"Training interrupted while caching latents ({done} of {total} images); "
-                                "nothing was trained or saved.")
+                                f"nothing was trained: {job.path} is unchanged (step {job.step}).")
             return
         if time.monotonic() - said >= PROGRESS_INTERVAL_S or done == total:
             said = time.monotonic()

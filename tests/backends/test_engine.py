@@ -284,9 +284,10 @@ def test_negative_prompt_and_tags(tiny_model) -> None:  # type: ignore[no-untype
     negative = txt2img(tiny_model, GenerationParams(**{**base.__dict__, "negative_prompt": "blue"}))
     assert (pixels(plain) != pixels(negative)).any()
     tagged = txt2img(tiny_model, GenerationParams(**{**base.__dict__, "prompt": "a red circle <hypernet:nope:0.5>"}))
-    # The tag is stripped before encoding (same image), kept in the infotext, and reported as unknown.
+    # The tag is stripped before encoding (same image) and reported as unknown; the infotext drops it as the warning
+    # says (issue 26 item 13: it had no effect, so Reuse and PNG Info must not bring it back).
     assert (pixels(tagged) == pixels(plain)).all()
-    assert tagged.infotexts[0].startswith("a red circle <hypernet:nope:0.5>\n")
+    assert tagged.infotexts[0].startswith("a red circle \n") and "nope" not in tagged.infotexts[0]
     assert any("nope" in w for w in tagged.warnings)
 
 

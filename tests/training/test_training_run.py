@@ -325,7 +325,7 @@ def test_latent_caching_reports_progress_and_stops_at_an_interrupt(
     assert [e.kind for e in seen] == ["preparing", "interrupted"]
     assert seen[0].message == f"caching latents: 0 of {images} images"  # said at once, then at most every second
     assert seen[1].message == (f"Training interrupted while caching latents (1 of {images} images); nothing was "
-                               "trained or saved.")
+                               f"trained: {path} is unchanged (step 0).")
     assert path.read_bytes() == before
     # Without ``preparing`` the stream is steps and an end, as before.
     kinds = [e.kind for e in train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, max_steps=2),
