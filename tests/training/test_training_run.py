@@ -71,12 +71,15 @@ def test_embedding_training_moves_only_the_vectors_and_saves(tiny_model: Any, da
     for name, before in frozen.items():
         assert _unchanged(before, getattr(tiny_model, name)), name
     run = tmp_path / "log" / time.strftime("%Y-%m-%d") / "toytri"
-    assert sorted(p.name for p in (run / "embeddings").glob("*.pt")) == ["toytri-2.pt", "toytri-4.pt"]
+    # The validation loss is checked at the start (step 0) and every 48 steps: after 4 steps the best is step 0.
+    assert sorted(p.name for p in (run / "embeddings").glob("*.pt")) == ["toytri-2.pt", "toytri-4.pt", "toytri-best.pt"]
     assert load_embedding(run / "embeddings" / "toytri-2.pt").step == 2
+    assert load_embedding(run / "embeddings" / "toytri-best.pt").step == 0
     optim = load_torch_file(Path(f"{path}.optim"))
     assert isinstance(optim, dict) and optim["hash"] == trained.checksum()
     csv = (run / "textual_inversion_loss.csv").read_text().splitlines()
-    assert csv[0] == "step,epoch,epoch_step,loss,learn_rate" and len(csv) == 5
+    assert csv[0] == "step,epoch,epoch_step,loss,learn_rate,val_loss" and len(csv) == 6
+    assert csv[1].startswith("0,,,,,") and all(row.endswith(",") for row in csv[2:])
     assert (run / "loss.png").is_file()
     settings = json.loads(next(run.glob("settings-*.json")).read_text())
     assert settings["num_of_dataset_images"] == 4 and settings["learn_rate"] == "0.01"
