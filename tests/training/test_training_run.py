@@ -231,8 +231,9 @@ def test_cli_create_train_and_resume(tiny_model_dir: Path, dataset: Path, tmp_pa
     first = run_cli(*train, "--max-steps", "2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "Training finished at 2 steps" in first.stdout and "loss:" in first.stderr  # the progress bar
-    second = run_cli(*train, "--max-steps", "3", cwd=tmp_path)
+    second = run_cli(*train, "--max-steps", "3", "--validate-every", "1", cwd=tmp_path)
     assert "Training finished at 3 steps" in second.stdout, second.stderr
+    assert "val=" in second.stderr and "Best step " in second.stdout and "toy tri-best.pt" in second.stdout
     assert load_embedding(tmp_path / "embeddings" / "toy tri.pt").step == 3
     hn = run_cli("create-hypernetwork", "style1", "--sizes", "48,32,64", "--layer-structure", "1, 1.5, 1", cwd=tmp_path)
     assert hn.returncode == 0, hn.stderr
