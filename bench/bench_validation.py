@@ -32,8 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def _run(model: Any, data: Path, work: Path, batch: int, steps: int, validate_every: int) -> tuple[float, float, int]:
     """(CPU seconds of the run's steps, CPU seconds in checks, checks) for one fresh embedding."""
-    from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
-    from sdconcepts.training import validation
+    from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding, validation
     from sdconcepts.training.training_model import TrainingModel
 
     folder = Path(tempfile.mkdtemp(dir=work))

@@ -367,7 +367,8 @@ def _drive(events: Any, stop: threading.Event, max_steps: int, show: bool, tqdm:
                 if event.best_saved:
                     postfix["best"] = f"step {event.step}"
                 bar.set_postfix(postfix, refresh=False)
-                for label, value in (("saved", event.saved), ("preview", event.preview)):
+                for label, value in (("saved", event.saved), ("preview", event.preview),
+                                     ("compile", event.extra.get("compile"))):
                     if value and show:
                         bar.write(f"{label}: {value}", file=sys.stderr)
             else:

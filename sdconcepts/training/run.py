@@ -45,6 +45,7 @@ from sdconcepts.training.trainables import (
     open_hypernetwork,
     seeded,
 )
+from sdconcepts.training.training_model import CompileClock
 from sdconcepts.training.validation import Validation, split_held_out, validation_for_run
 
 __all__ = ["find_embedding_file", "train_embedding", "train_hypernetwork"]
@@ -200,6 +201,7 @@ def _run(
     if validation is not None and validation.start is not None:
         losses.log.add_validation(start_step, validation.start[0])
     history = tuple(losses.log.history())
+    compiling = CompileClock(getattr(job.model, "compiled", None))
     sync: Callable[[Sequence[Tensor]], None] | None = (
         distributed.average_gradients if distributed.world_size > 1 else None
     )
@@ -221,6 +223,7 @@ def _run(
             epoch, epoch_step = losses.add(event, val_loss)
             saved = saves.on_step(event.step)
             preview = previews.on_step(event.step, batches.texts)
+            note = compiling.on_step()
             yield dataclasses.replace(
                 event,
                 epoch=epoch,
@@ -232,6 +235,7 @@ def _run(
                 val_loss=val_loss,
                 best_saved=best_saved,
                 history=history,
+                extra={"compile": note} if note else {},
             )
             history = ()
             if validation is not None and validation.stop_reason is not None:

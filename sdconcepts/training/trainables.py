@@ -253,14 +253,14 @@ def open_embedding(path: Path, model: Any, config: EmbeddingTrainingConfig) -> T
             f"{path}: the embedding's width {loaded.width} does not fit this model's text width {model.context_width}"
         )
     job = EmbeddingTrainable(path, loaded, torch.device(model.device), config.save_optimizer_state)
-    job.model = TrainingModel(model, {job.name: job.vectors})
+    job.model = TrainingModel(model, {job.name: job.vectors}, compile_unet=config.compile_unet)
     return job
 
 
 def open_hypernetwork(path: Path, model: Any, config: HypernetworkTrainingConfig) -> Trainable:
     """The hypernetwork in ``path`` with its modules attached to a TrainingModel over ``model``."""
 
-    training_model = TrainingModel(model)
+    training_model = TrainingModel(model, compile_unet=config.compile_unet)
     return HypernetworkTrainable(path, load_hypernetwork(path), training_model, config.save_optimizer_state)
 
 

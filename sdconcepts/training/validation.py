@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 
 VALIDATION_SAMPLES = 8  # fixed (picture, timestep, noise) samples per check
 # The automatic interval: a check is VALIDATION_SAMPLES forward passes without gradients, a training step
-# batch x accumulation forward and backward passes (about 3 forward passes each, measured by
-# bench/bench_validation.py); every INTERVAL_FACTOR x samples / (batch x accumulation) steps keeps checks near 5 %.
-INTERVAL_FACTOR = 6
+# batch x accumulation forward and backward passes (about 2 forward passes each on the toy model: at a factor of 6
+# bench/bench_validation.py measured checks at 7.9 % of a run); every INTERVAL_FACTOR x samples /
+# (batch x accumulation) steps keeps them near 6 %.
+INTERVAL_FACTOR = 8
 MIN_INTERVAL, MAX_INTERVAL = 10, 250
 VALIDATION_STEP = -1  # the "step" whose prompt and latent sample validation uses: never a training step
 

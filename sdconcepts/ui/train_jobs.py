@@ -221,6 +221,9 @@ def train_view(job: TrainingJob | None) -> TrainView:
         parts.append(f"lr: {last.lr:g}")
         parts.append(f"{rate:.2f} it/s" if rate else "- it/s")
         parts.append(f"ETA {_duration(last.eta_s)}")
+        compiled = [str(e.extra["compile"]) for e in steps if e.extra.get("compile")]
+        if compiled:
+            parts.append(html.escape(compiled[-1]))
     elif not ended:
         parts.append("loading the model and the dataset…")
     if job.stop.is_set() and not ended:

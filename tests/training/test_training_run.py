@@ -71,7 +71,7 @@ def test_embedding_training_moves_only_the_vectors_and_saves(tiny_model: Any, da
     for name, before in frozen.items():
         assert _unchanged(before, getattr(tiny_model, name)), name
     run = tmp_path / "log" / time.strftime("%Y-%m-%d") / "toytri"
-    # The validation loss is checked at the start (step 0) and every 48 steps: after 4 steps the best is step 0.
+    # The validation loss is checked at the start (step 0) and every 64 steps: after 4 steps the best is step 0.
     assert sorted(p.name for p in (run / "embeddings").glob("*.pt")) == ["toytri-2.pt", "toytri-4.pt", "toytri-best.pt"]
     assert load_embedding(run / "embeddings" / "toytri-2.pt").step == 2
     assert load_embedding(run / "embeddings" / "toytri-best.pt").step == 0

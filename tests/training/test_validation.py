@@ -65,7 +65,7 @@ def test_plateau_rule_waits_for_the_end_of_improvement_and_then_stops() -> None:
 
 
 def test_automatic_interval_keeps_checks_rare_relative_to_the_work_of_the_steps() -> None:
-    assert automatic_interval(1, 1) == 48 and automatic_interval(4, 1) == 12 and automatic_interval(64, 4) == 10
+    assert automatic_interval(1, 1) == 64 and automatic_interval(4, 1) == 16 and automatic_interval(64, 4) == 10
 
 
 # -- the loss itself ---------------------------------------------------------------------------------------------
