@@ -5,7 +5,8 @@ second training run or generation reuses what was compiled; across processes Ind
 default in torch >= 2.4, under ``TORCHINDUCTOR_CACHE_DIR``) shorten the next start. Before the UNet it compiles a
 one-line function on the UNet's device, so a machine that cannot compile (no C++ compiler for the CPU backend, a
 torch or Python that dynamo does not support) is found in seconds, not after minutes of tracing; then, and when the
-compiled call itself fails, the UNet runs eagerly and ``fallback`` says why (logged once).
+compiled call itself fails, the UNet runs eagerly and ``fallback`` says why, in one line that the caller shows (a
+training run's first step event, txt2img's warnings).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class CompiledUnet:
     def _fall_back(self, reason: str) -> None:
         self.compiled = None
         self.fallback = f"compiling the UNet failed, running it eagerly: {reason}"
-        log.warning("%s", self.fallback)
+        log.info("%s", self.fallback)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is None:

@@ -151,6 +151,7 @@ def txt2img(
     all_seeds: list[int] = []
     total = (start.sampled_steps if start is not None else steps) * params.batch_count
     done = 0
+    unet = compiled_unet(model.unet) if compile_unet else None
     for batch_seeds in params.image_seeds():
 
         def step_progress(_i: int) -> None:
@@ -167,7 +168,7 @@ def txt2img(
                 uncond_at=lambda i: text_at_step(uncond_schedule, i), conds=conds, unconds=unconds, empty=empty,
                 on_step=step_progress, init=start.init_latents(batch_seeds) if start is not None else None,
                 pooled=pooled, zero_uncond=model.is_sdxl and all(text == "" for _, text in uncond_schedule),
-                unet=compiled_unet(model.unet) if compile_unet else None,
+                unet=unet,
             )
         for image, seed in zip(decode_latents(model, latents), batch_seeds, strict=True):
             images.append(start.finish(image) if start is not None else image)
@@ -176,6 +177,8 @@ def txt2img(
                 params, prompt=params.prompt, negative_prompt=params.negative_prompt, seed=seed, width=width,
                 height=height, model_name=model.name, model_hash=model.short_hash, extra=extra,
             ))
+    if unet is not None and unet.fallback is not None:
+        warnings.append(unet.fallback)
     return GenerationResult(images=images, infotexts=infotexts, seeds=all_seeds, params=params, warnings=warnings)
 
 
