@@ -21,6 +21,7 @@ from sdconcepts.training import create_embedding_file  # noqa: E402
 from sdconcepts.training.training_model import TrainingModel  # noqa: E402
 
 
+@pytest.mark.slow
 def test_a_machine_that_cannot_compile_trains_and_generates_eagerly_saying_so_once(
         tiny_model: Any, tiny_model_dir: Path, dataset: Path, tmp_path: Path) -> None:
     create_embedding_file(tmp_path / "embeddings", "toytri", TrainingModel(tiny_model).token_rows("triangle", 1),
