@@ -100,10 +100,9 @@ class LossLog:
         self._write(f"{step},{epoch},{epoch_step},{loss:.7f},{learn_rate},{'' if val_loss is None else f'{val_loss:.7f}'}")
 
     def add_validation(self, step: int, val_loss: float) -> None:
-        """A validation loss without a training step (the check at the start of a run)."""
+        """A validation loss without a training step (the check at the start of a run): plotted, not written (every
+        CSV row stays a training step with all of A1111's columns)."""
         self.val_points.append((step, val_loss))
-        if self.every:
-            self._write(f"{step},,,,,{val_loss:.7f}")
 
     def _write(self, row: str) -> None:
         new = not self.path.is_file()

@@ -116,10 +116,10 @@ def test_best_file_holds_the_weights_of_the_best_step(tiny_model: Any, dataset: 
         assert (event.best_saved is not None) == (event.val_loss < running)  # type: ignore[operator]
         running = min(running, event.val_loss)  # type: ignore[type-var]
     assert f"Best step {best_step} (validation loss {best_loss:.6f}): {copies / 'toytri-best.pt'}" in events[-1].message
-    # The CSV holds the same values in its last column.
+    # The CSV holds the same values in its last column (the check at the start is plotted, not a row).
     rows = (_run_folder(tmp_path) / "textual_inversion_loss.csv").read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == [step for step, _ in checks]
-    assert [float(r.split(",")[5]) for r in rows] == pytest.approx([value for _, value in checks], abs=1e-6)
+    assert [int(r.split(",")[0]) for r in rows] == [step for step, _ in checks[1:]]
+    assert [float(r.split(",")[5]) for r in rows] == pytest.approx([value for _, value in checks[1:]], abs=1e-6)
 
 
 def test_early_stop_ends_a_flat_run_and_a_resumed_run_keeps_the_history(tiny_model: Any, dataset: Path,
@@ -146,7 +146,7 @@ def test_early_stop_ends_a_flat_run_and_a_resumed_run_keeps_the_history(tiny_mod
     assert [(e.kind, e.step) for e in resumed] == [("step", 3), ("step", 4), ("step", 5), ("early_stop", 5)]
     assert "Best step 0" in resumed[-1].message
     # The resumed run's first event carries the earlier rows, for the Train tab's plot.
-    assert [row[0] for row in resumed[0].history] == [0, 1, 2]
+    assert [(step, value is not None) for step, _, value in resumed[0].history] == [(1, True), (2, True)]
 
 
 def test_early_stop_is_refused_without_validation(dataset: Path, tmp_path: Path) -> None:
