@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 _problems: dict[str, str | None] = {}
 _unets: weakref.WeakKeyDictionary[torch.nn.Module, CompiledUnet] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_unets_lock = threading.Lock()  # one wrapper per UNet when the web UI's training and generation threads ask at once
 
 
 def _first_line(exc: BaseException) -> str:
@@ -102,7 +103,8 @@ class CompiledUnet:
 
 def compiled_unet(unet: torch.nn.Module) -> CompiledUnet:
     """The process's ``CompiledUnet`` for ``unet`` (made on first use)."""
-    found = _unets.get(unet)
-    if found is None:
-        found = _unets[unet] = CompiledUnet(unet)
-    return found
+    with _unets_lock:
+        found = _unets.get(unet)
+        if found is None:
+            found = _unets[unet] = CompiledUnet(unet)
+        return found
