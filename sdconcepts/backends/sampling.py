@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdconcepts.backends.compiled import compiled_unet
 from sdconcepts.backends.loaded_model import LoadedModel
 from sdconcepts.backends.prompt_encoder import PromptEncoder, check_clip_skip, stack_conds
 from sdconcepts.backends.sampler_start import (
@@ -124,6 +125,7 @@ def txt2img(
     size_limits: bool = True,
     source: ImageSource | None = None,
     converted_embeddings: Collection[str] = (),
+    compile_unet: bool = False,
 ) -> GenerationResult:
     """Generate ``batch_count`` batches of ``batch_size`` images with A1111's prompt semantics and seeds.
 
@@ -142,6 +144,8 @@ def txt2img(
     ``size_limits`` False lifts the web UI's size and batch limits; a request that cannot fit in the device's
     memory is refused either way, before anything is allocated.
     With ``source`` (an ``ImageSource``; see ``img2img``), sampling starts from an init image instead of noise.
+    ``compile_unet`` runs the UNet through torch.compile (``backends.compiled``; eager, with a warning, where the
+    machine cannot compile).
     """
     params = params.validated(size_limits=size_limits)
     width, height = _checked_size(model, params)
@@ -189,6 +193,7 @@ def txt2img(
     all_seeds: list[int] = []
     total = (start.sampled_steps if start is not None else steps) * params.batch_count
     done = 0
+    unet = compiled_unet(model.unet) if compile_unet else None
     for batch_seeds in params.image_seeds():
 
         def step_progress(_i: int) -> None:
@@ -205,6 +210,7 @@ def txt2img(
                 uncond_at=lambda i: text_at_step(uncond_schedule, i), conds=conds, unconds=unconds, empty=empty,
                 on_step=step_progress, init=start.init_latents(batch_seeds) if start is not None else None,
                 pooled=pooled, zero_uncond=model.is_sdxl and all(text == "" for _, text in uncond_schedule),
+                unet=unet,
             )
         for image, seed in zip(decode_latents(model, latents), batch_seeds, strict=True):
             images.append(start.finish(image) if start is not None else image)
@@ -213,6 +219,8 @@ def txt2img(
                 params, prompt=infotext_prompt, negative_prompt=params.negative_prompt, seed=seed, width=width,
                 height=height, model_name=model.name, model_hash=model.short_hash, extra=extra,
             ))
+    if unet is not None and unet.fallback is not None:
+        warnings.append(unet.fallback)
     return GenerationResult(images=images, infotexts=infotexts, seeds=all_seeds, params=params, warnings=warnings)
 
 
@@ -343,6 +351,7 @@ def sample_latents(
     init: InitLatents | None = None,
     pooled: Mapping[str, torch.Tensor] | None = None,
     zero_uncond: bool = False,
+    unet: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     """Run the sampler loop; the conditioning may change per step (prompt editing and alternation).
 
@@ -356,6 +365,7 @@ def sample_latents(
 
     With ``init`` (img2img), the last steps of the ``steps`` schedule run from the init latents noised to the first
     one's level; for inpainting, the kept region of each step's denoised estimate is the init latents' (A1111).
+    ``unet``: what runs the UNet (a ``backends.compiled.CompiledUnet``); default the model's own.
     """
     scheduler = make_scheduler(model, sampler)
     scheduler.set_timesteps(steps, device=model.device)
@@ -408,7 +418,7 @@ def sample_latents(
         if image_conditioning is not None:
             model_input = torch.cat([model_input, image_conditioning], dim=1)
         hidden, added = context(i)
-        noise_pred = model.unet(model_input, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+        noise_pred = (unet or model.unet)(model_input, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
         if guided:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + cfg_scale * (cond - uncond)

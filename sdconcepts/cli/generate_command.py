@@ -73,6 +73,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction[argparse.Argument
     p.add_argument("--no-size-limits", dest="size_limits", action="store_false",
                    help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_BATCH_SIZE} and batch count "
                    f"over {MAX_BATCH_COUNT} (the web UI's limits); a request that cannot fit in memory is still refused")
+    p.add_argument("--compile", dest="compile_unet", action="store_true",
+                   help="run the UNet through torch.compile (a slow first image, faster ones after; eager with one "
+                   "line where this machine cannot compile)")
     p.add_argument("--output", required=True, type=Path,
                    help="a folder (files named like A1111's NNNNN-SEED.png) or a .png path")
     p.set_defaults(func=run_generate)
@@ -113,7 +116,7 @@ def run_generate(args: argparse.Namespace) -> int:
         with tqdm(total=params.steps * params.batch_count, unit="step", desc=args.command, file=sys.stderr) as bar:
             result = txt2img(
                 model, params, progress=lambda done, total: _advance(bar, done, total), size_limits=args.size_limits,
-                source=source, **embeddings, **hypernetworks
+                source=source, compile_unet=getattr(args, "compile_unet", False), **embeddings, **hypernetworks
             )
     except (GenerationError, ModelLoadError) as exc:
         raise CommandError(str(exc)) from exc

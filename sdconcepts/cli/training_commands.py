@@ -181,6 +181,19 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                    help=f"allow width/height over {MAX_IMAGE_SIDE}, batch size over {MAX_TRAIN_BATCH_SIZE} and "
                    f"gradient accumulation over {MAX_GRADIENT_ACCUMULATION} (the web UI's limits); a run that "
                    "cannot fit in memory is still refused")
+    p.add_argument("--validate-every", type=int_at_least(-1), default=-1, metavar="N",
+                   help="the validation loss (fixed pictures, noise and timesteps) every N steps; the best step is "
+                   "saved as NAME-best in the log directory; -1 = chosen from the batch size, 0 = off (default: -1)")
+    p.add_argument("--validation-share", type=float, default=0.0, metavar="P",
+                   help="hold out this share of the pictures for the validation loss; 0 = use the training pictures "
+                   "(default: 0)")
+    p.add_argument("--early-stop", action="store_true",
+                   help="stop once the validation loss has stopped improving by more than its own fluctuation")
+    p.add_argument("--early-stop-window", type=int_at_least(2), default=5, metavar="K",
+                   help="validation checks the early stop looks back over (default: 5)")
+    p.add_argument("--compile", dest="compile_unet", action="store_true",
+                   help="compile the UNet with torch.compile (a slower start for faster steps; falls back to eager "
+                   "with one line where this machine cannot compile)")
     p.add_argument("--preview-prompt", default="", help="preview prompt (default: the first prompt of the batch)")
     p.add_argument("--preview-negative-prompt", default="", help="preview negative prompt")
     p.add_argument("--preview-steps", type=positive_int, default=20, help="preview sampling steps (default: 20)")
@@ -304,6 +317,11 @@ def run_train(args: argparse.Namespace) -> int:
         "preview_cfg_scale": args.preview_cfg_scale,
         "preview_seed": args.preview_seed,
         "size_limits": args.size_limits,
+        "validate_every": args.validate_every,
+        "validation_share": args.validation_share,
+        "early_stop": args.early_stop,
+        "early_stop_window": args.early_stop_window,
+        "compile_unet": args.compile_unet,
     }
     stop = threading.Event()
     errors = (ConfigError, TrainingError, TemplateError, DatasetError, ScheduleError, EmbeddingFileError,
@@ -347,6 +365,7 @@ def _drive(events: Any, stop: threading.Event, max_steps: int, show: bool, tqdm:
         signal.signal(signal.SIGINT, interrupt)
     bar = None
     status = 0
+    postfix: dict[str, str] = {}
     try:
         for event in events:
             if event.kind == "preparing":
@@ -360,8 +379,14 @@ def _drive(events: Any, stop: threading.Event, max_steps: int, show: bool, tqdm:
             if event.kind == "step":
                 bar.update(event.step - bar.n)
                 bar.set_description(f"[Epoch {event.epoch}: {event.epoch_step + 1}] loss: {event.loss:.7f}", refresh=False)
-                bar.set_postfix(lr=f"{event.lr:g}", refresh=False)
-                for label, value in (("saved", event.saved), ("preview", event.preview)):
+                postfix["lr"] = f"{event.lr:g}"
+                if event.val_loss is not None:
+                    postfix["val"] = f"{event.val_loss:.6f}"
+                if event.best_saved:
+                    postfix["best"] = f"step {event.step}"
+                bar.set_postfix(postfix, refresh=False)
+                for label, value in (("saved", event.saved), ("preview", event.preview),
+                                     ("compile", event.extra.get("compile"))):
                     if value and show:
                         bar.write(f"{label}: {value}", file=sys.stderr)
             else:

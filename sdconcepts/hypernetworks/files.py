@@ -65,10 +65,12 @@ class HypernetworkFileError(HypernetworkError):
 
 @dataclass(frozen=True)
 class OptimizerState:
-    """The ``.optim`` sidecar's content: a ``torch.optim`` class name and that optimizer's ``state_dict()``."""
+    """The ``.optim`` sidecar's content: a ``torch.optim`` class name and that optimizer's ``state_dict()``; and
+    ours beside A1111's keys, which A1111 ignores: the run's validation state (``training.validation``)."""
 
     optimizer_name: str
     state_dict: Mapping[str, Any]
+    validation: Mapping[str, Any] | None = None
 
 
 def shorthash(path: str | os.PathLike[str]) -> str:
@@ -387,6 +389,7 @@ def save_hypernetwork(
                 "optimizer_name": state.optimizer_name,
                 "hash": shorthash(tmp),
                 "optimizer_state_dict": dict(state.state_dict),
+                **({"validation": dict(state.validation)} if state.validation is not None else {}),
             }
 
     # The .pt and its .optim are committed so that a kill between the two renames loses neither (safe_load).
@@ -408,7 +411,9 @@ def load_optimizer_state(path: str | os.PathLike[str]) -> OptimizerState | None:
             continue
         if not isinstance(state, Mapping):
             raise HypernetworkFileError(f"{sidecar}: optimizer_state_dict is not a dict")
-        return OptimizerState(str(data.get("optimizer_name") or "AdamW"), dict(state))
+        validation = data.get("validation")
+        return OptimizerState(str(data.get("optimizer_name") or "AdamW"), dict(state),
+                              dict(validation) if isinstance(validation, Mapping) else None)
     return None
 
 

@@ -62,6 +62,17 @@ class TrainingConfig:
     # The web UI's limits on width/height, batch size and gradient accumulation (``sdconcepts.limits``); the command
     # line's --no-size-limits sets this False. The memory check at the start of a run applies either way.
     size_limits: bool = True
+    # Beyond A1111 (docs/training.md, "Validation loss, best step and early stop"): every ``validate_every`` steps
+    # (-1: chosen from the dataset and batch size, 0: off) the loss of fixed pictures, noise and timesteps, on the
+    # training pictures or on a held-out ``validation_share`` of them; the best step is saved as <name>-best, and
+    # ``early_stop`` ends the run once that loss has stopped improving by more than its own fluctuation over the last
+    # ``early_stop_window`` checks.
+    validate_every: int = -1
+    validation_share: float = 0.0
+    early_stop: bool = False
+    early_stop_window: int = 5
+    # Run the UNet through torch.compile (falls back to eager with one line where the machine cannot compile).
+    compile_unet: bool = False
 
     kind = "embedding"
 
@@ -100,6 +111,7 @@ class TrainingConfig:
                 if value > limit:
                     raise ConfigError(f"{label} must be at most {limit}, got {value} (the web UI's limit; "
                                       "--no-size-limits lifts it on the command line)")
+        self._validate_validation()
         if not 0.0 <= self.tag_dropout <= 1.0:
             raise ConfigError(f"tag dropout must be between 0 and 1, got {self.tag_dropout}")
         if self.latent_sampling not in LATENT_SAMPLING:
@@ -116,6 +128,18 @@ class TrainingConfig:
         except TemplateError as exc:
             raise ConfigError(f"template: {exc}") from None
         return self
+
+    def _validate_validation(self) -> None:
+        if self.validate_every < -1:
+            raise ConfigError("validation interval must be -1 (automatic), 0 (off) or a number of steps, "
+                              f"got {self.validate_every}")
+        if not 0.0 <= self.validation_share < 1.0:
+            raise ConfigError(f"validation share must be at least 0 and below 1, got {self.validation_share}")
+        if self.early_stop_window < 2:
+            raise ConfigError(f"early stop window must be at least 2 checks, got {self.early_stop_window}")
+        if self.early_stop and self.validate_every == 0:
+            raise ConfigError("early stop needs the validation loss: set the validation interval to -1 "
+                              "(automatic) or a number of steps")
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,11 +21,15 @@ __all__ = ["GradientClip", "TrainingEvent", "training_loop"]
 
 @dataclass(frozen=True)
 class TrainingEvent:
-    """One optimizer step done (``kind`` "step"), the end of the run ("finished", "interrupted", "nan"), or, before
-    the first step, how far its preparation got ("preparing": ``message`` says what it is doing).
+    """One optimizer step done (``kind`` "step"), the end of the run ("finished", "interrupted", "nan",
+    "early_stop"), or, before the first step, how far its preparation got ("preparing": ``message`` says what it is
+    doing).
 
     ``step`` is the total step count after the step (it lives in the saved file). ``texts`` are the prompts of the
-    step's first micro-batch. Output consumers fill ``saved``, ``preview`` and ``eta_s``; ``message`` explains ends.
+    step's first micro-batch. Output consumers fill ``saved``, ``preview``, ``eta_s``, ``val_loss`` (the validation
+    loss at a check step), ``best_saved`` (the best step's file, when this step is the best so far) and, on a run's
+    first step, ``history``: the rows logged before it, as (step, training loss or NaN, validation loss or None), so
+    that a resumed run's plot shows them too; ``message`` explains ends.
     """
 
     step: int
@@ -39,6 +43,9 @@ class TrainingEvent:
     preview: str | None = None
     eta_s: float | None = None
     message: str = ""
+    val_loss: float | None = None
+    best_saved: str | None = None
+    history: tuple[tuple[int, float, float | None], ...] = ()
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -70,7 +77,7 @@ def training_loop(
     stop: threading.Event,
     clip: GradientClip | None = None,
     sync_gradients: Callable[[Sequence[Tensor]], None] | None = None,
-) -> Iterator[TrainingEvent]:
+) -> Generator[TrainingEvent, None, None]:
     """Step until the schedule finishes or ``stop`` is set. ``loss_of(step, micro)`` is one micro-batch's loss.
 
     A non-finite loss ends the run before the update, with a "nan" event naming the step; the weights are left as

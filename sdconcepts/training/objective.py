@@ -15,7 +15,7 @@ from torch import Tensor
 
 from sdconcepts.training.dataset import TrainingBatch
 
-__all__ = ["DiffusionModel", "diffusion_loss"]
+__all__ = ["DiffusionModel", "denoising_error", "diffusion_loss"]
 
 
 class DiffusionModel(Protocol):
@@ -45,12 +45,18 @@ class DiffusionModel(Protocol):
 
 def diffusion_loss(model: DiffusionModel, batch: TrainingBatch, generator: torch.Generator) -> Tensor:
     """Mean squared denoising error of ``batch``; the timesteps and noise come from the CPU ``generator``."""
+    count = batch.latents.shape[0]
+    timesteps = torch.randint(0, model.alphas_cumprod.shape[0], (count,), generator=generator)
+    noise = torch.randn(batch.latents.shape, generator=generator, dtype=torch.float32)
+    return denoising_error(model, batch, timesteps, noise)
+
+
+def denoising_error(model: DiffusionModel, batch: TrainingBatch, timesteps: Tensor, noise: Tensor) -> Tensor:
+    """Mean squared denoising error of ``batch`` at the given ``timesteps`` (CPU, long) with the given ``noise``
+    (CPU, float32, shaped like the latents): the loss itself, and with fixed inputs the validation loss."""
     latents = batch.latents
-    count = latents.shape[0]
     alphas = model.alphas_cumprod
-    timesteps = torch.randint(0, alphas.shape[0], (count,), generator=generator)
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    shape = (count,) + (1,) * (latents.dim() - 1)
+    shape = (latents.shape[0],) + (1,) * (latents.dim() - 1)
     alpha = alphas[timesteps].to(torch.float32).reshape(shape)
     signal, sigma = alpha.sqrt(), (1 - alpha).sqrt()
     latents = latents.to(torch.float32)

@@ -2,7 +2,8 @@
 
 Layout as A1111's (a1111-compat §4.7): ``<log directory>/<YYYY-MM-DD>/<name>/`` holding ``embeddings/`` or
 ``hypernetworks/`` copies, ``images/`` previews, ``<kind>_loss.csv`` (step, epoch, epoch_step, loss, learn_rate) and
-``settings-<time>.json``; we add ``loss.png``. Every file is written atomically.
+``settings-<time>.json``; we add ``loss.png`` and a last CSV column, ``val_loss`` (the validation loss at the steps
+that have one, empty elsewhere; A1111's five columns keep their places). Every file is written appended or atomically.
 """
 
 from __future__ import annotations
@@ -37,52 +38,87 @@ def write_settings(folder: Path, settings: dict[str, Any], when: dt.datetime | N
     return path
 
 
+CSV_HEADER = "step,epoch,epoch_step,loss,learn_rate,val_loss"
+_A1111_HEADER = "step,epoch,epoch_step,loss,learn_rate"
+
+
 class LossLog:
-    """A1111's loss CSV (appended; header only for a new file), plus the points kept in memory for the plot."""
+    """A1111's loss CSV (appended; header only for a new file) with our ``val_loss`` column, plus the points kept in
+    memory for the plot: ``points`` (step, training loss) and ``val_points`` (step, validation loss)."""
 
     def __init__(self, path: Path, every: int = 1, *, resume_step: int | None = None) -> None:
         """``resume_step``: the step the run continues from. Rows past it were logged by a run that was killed
-        after its last save; those steps are about to be trained (and logged) again, so they are dropped."""
+        after its last save; those steps are about to be trained (and logged) again, so they are dropped. A CSV
+        with A1111's header gets the ``val_loss`` column (empty in its rows)."""
         self.path = path
         self.every = every
         self.points: list[tuple[int, float]] = []
+        self.val_points: list[tuple[int, float]] = []
         if not path.is_file():
             return
         lines = path.read_text(encoding="utf-8").splitlines()
-        kept = lines[:1]
+        kept = [CSV_HEADER] if lines[:1] == [_A1111_HEADER] else lines[:1]
         for line in lines[1:]:
             fields = line.split(",")
             try:
-                step, loss = int(fields[0]), float(fields[3])
+                step, loss = int(fields[0]), float(fields[3]) if fields[3].strip() else math.nan
             except (IndexError, ValueError):
                 kept.append(line)
                 continue
             if resume_step is not None and step > resume_step:
                 continue
-            kept.append(line)
-            self.points.append((step, loss))
-        if every and len(kept) != len(lines):
+            kept.append(line if len(fields) > 5 or kept[0] != CSV_HEADER else f"{line},")
+            if math.isfinite(loss):
+                self.points.append((step, loss))
+            if len(fields) > 5 and fields[5].strip():
+                try:
+                    self.val_points.append((step, float(fields[5])))
+                except ValueError:
+                    pass
+        if every and kept != lines:
             with atomic_path(path) as tmp:
                 tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
-    def add(self, step: int, epoch: int, epoch_step: int, loss: float, learn_rate: float) -> None:
-        self.points.append((step, loss))
-        if not self.every or step % self.every:
+    def history(self) -> list[tuple[int, float, float | None]]:
+        """The rows logged so far as (step, training loss or NaN, validation loss or None), in step order."""
+        rows: dict[int, list[float | None]] = {}
+        for step, loss in self.points:
+            rows.setdefault(step, [math.nan, None])[0] = loss
+        for step, value in self.val_points:
+            rows.setdefault(step, [math.nan, None])[1] = value
+        return [(step, float(pair[0] if pair[0] is not None else math.nan), pair[1]) for step, pair in sorted(rows.items())]
+
+    def add(self, step: int, epoch: int, epoch_step: int, loss: float, learn_rate: float,
+            val_loss: float | None = None) -> None:
+        """A step's row: written every ``every`` steps, and at every step with a validation loss."""
+        if math.isfinite(loss):
+            self.points.append((step, loss))
+        if val_loss is not None:
+            self.val_points.append((step, val_loss))
+        if not self.every or (step % self.every and val_loss is None):
             return
+        self._write(f"{step},{epoch},{epoch_step},{loss:.7f},{learn_rate},{'' if val_loss is None else f'{val_loss:.7f}'}")
+
+    def add_validation(self, step: int, val_loss: float) -> None:
+        """A validation loss without a training step (the check at the start of a run): plotted, not written (every
+        CSV row stays a training step with all of A1111's columns)."""
+        self.val_points.append((step, val_loss))
+
+    def _write(self, row: str) -> None:
         new = not self.path.is_file()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(self.path, "a", encoding="utf-8") as handle:
                 if new:
-                    handle.write("step,epoch,epoch_step,loss,learn_rate\n")
-                handle.write(f"{step},{epoch},{epoch_step},{loss:.7f},{learn_rate}\n")
+                    handle.write(f"{CSV_HEADER}\n")
+                handle.write(f"{row}\n")
         except OSError as exc:
             if exc.filename is not None or not exc.errno:
                 raise
             raise OSError(exc.errno, exc.strerror, str(self.path)) from exc  # a failed write names no file
 
     def plot(self, path: Path, title: str = "") -> Path:
-        return draw_loss_plot(self.points, path, title=title)
+        return draw_loss_plot(self.points, path, title=title, validation=self.val_points)
 
 
 def _moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -95,19 +131,27 @@ def _moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def draw_loss_plot(points: Sequence[tuple[int, float]], path: Path, *, title: str = "", size: tuple[int, int] = (640, 360)) -> Path:
-    """A loss-versus-step chart drawn with PIL: raw losses in grey, a moving average in blue, axis labels."""
+_BLUE, _ORANGE, _GREY = (30, 80, 200), (230, 120, 0), (190, 190, 190)
+
+
+def draw_loss_plot(points: Sequence[tuple[int, float]], path: Path, *, title: str = "", size: tuple[int, int] = (640, 360),
+                   validation: Sequence[tuple[int, float]] = ()) -> Path:
+    """A loss-versus-step chart drawn with PIL: raw training losses in grey, their moving average in blue, the
+    validation loss in orange with a dot per check, a legend and axis labels."""
     width, height = size
     image = Image.new("RGB", size, "white")
     pen = ImageDraw.Draw(image)
     left, right, top, bottom = 60, width - 15, 25, height - 35
     pen.rectangle((left, top, right, bottom), outline=(160, 160, 160))
     finite = [(s, v) for s, v in points if math.isfinite(v)]
+    checks = [(s, v) for s, v in validation if math.isfinite(v)]
     if title:
         pen.text((left, 6), title, fill=(0, 0, 0))
-    if finite:
-        steps = [s for s, _ in finite]
-        values = [v for _, v in finite]
+    if not finite and not checks:
+        pen.text((left + 10, (top + bottom) // 2), "no finite loss values yet", fill=(0, 0, 0))
+    else:
+        steps = [s for s, _ in finite + checks]
+        values = [v for _, v in finite + checks]
         low, high = min(values), max(values)
         if high - low < 1e-12:
             low, high = low - 0.5, high + 0.5
@@ -120,24 +164,44 @@ def draw_loss_plot(points: Sequence[tuple[int, float]], path: Path, *, title: st
                 bottom - (value - low) / (high - low) * (bottom - top),
             )
 
-        raw = [xy(s, v) for s, v in finite]
-        smooth = [xy(s, v) for s, v in zip(steps, _moving_average(values, max(1, len(values) // 20)), strict=True)]
-        if len(raw) > 1:
-            pen.line(raw, fill=(190, 190, 190), width=1)
-            pen.line(smooth, fill=(30, 80, 200), width=2)
-        else:
-            x, y = raw[0]
-            pen.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(30, 80, 200))
+        if finite:
+            raw = [xy(s, v) for s, v in finite]
+            averages = _moving_average([v for _, v in finite], max(1, len(finite) // 20))
+            _series(pen, raw, [xy(s, v) for (s, _), v in zip(finite, averages, strict=True)], _BLUE)
+        if checks:
+            dots = [xy(s, v) for s, v in checks]
+            _series(pen, [], dots, _ORANGE)
+            for x, y in dots:
+                pen.ellipse((x - 2, y - 2, x + 2, y + 2), fill=_ORANGE)
+        _legend(pen, right, top, [("training loss (average)", _BLUE)] * bool(finite)
+                + [("validation loss", _ORANGE)] * bool(checks))
         for value, y in ((high, top), (low, bottom)):
             pen.text((4, y - 6), f"{value:.4f}", fill=(0, 0, 0))
         pen.text((left, bottom + 8), f"step {first}", fill=(0, 0, 0))
         label = f"step {last}"
         pen.text((right - 7 * len(label), bottom + 8), label, fill=(0, 0, 0))
-    else:
-        pen.text((left + 10, (top + bottom) // 2), "no finite loss values yet", fill=(0, 0, 0))
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
     return path
+
+
+def _series(pen: ImageDraw.ImageDraw, raw: list[tuple[float, float]], line: list[tuple[float, float]],
+            colour: tuple[int, int, int]) -> None:
+    if len(line) > 1:
+        if len(raw) > 1:
+            pen.line(raw, fill=_GREY, width=1)
+        pen.line(line, fill=colour, width=2)
+    elif line:
+        x, y = line[0]
+        pen.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+
+
+def _legend(pen: ImageDraw.ImageDraw, right: int, top: int, entries: list[tuple[str, tuple[int, int, int]]]) -> None:
+    for row, (label, colour) in enumerate(entries):
+        y = top + 6 + 14 * row
+        x = right - 8 - 7 * len(label) - 22
+        pen.line((x, y + 5, x + 16, y + 5), fill=colour, width=3)
+        pen.text((x + 22, y), label, fill=(0, 0, 0))
 
 
 class EtaClock:

@@ -30,7 +30,7 @@ from sdconcepts.file_names import fit_file_name
 from sdconcepts.images import save_png
 from sdconcepts.limits import MAX_IMAGE_SIDE, memory_problem, training_bytes
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig, TrainingConfig
-from sdconcepts.training.dataset import TrainingDataset, read_images
+from sdconcepts.training.dataset import ImageRecord, TrainingDataset, read_images
 from sdconcepts.training.distributed import Distributed
 from sdconcepts.training.lock import TrainingBusyError, TrainingLock
 from sdconcepts.training.loop import GradientClip, TrainingEvent, training_loop
@@ -46,6 +46,8 @@ from sdconcepts.training.trainables import (
     open_hypernetwork,
     seeded,
 )
+from sdconcepts.training.training_model import CompileClock
+from sdconcepts.training.validation import Validation, split_held_out, validation_for_run
 
 __all__ = ["find_embedding_file", "train_embedding", "train_hypernetwork"]
 
@@ -189,18 +191,24 @@ def _check_memory(model: Any, config: TrainingConfig) -> None:
 def _run(
     job: Trainable, model: Any, config: TrainingConfig, stop: threading.Event, distributed: Distributed
 ) -> Iterator[TrainingEvent]:
-    dataset = _dataset(job, model, config)
-    said = -math.inf
-    for done, total in dataset.encoding():
-        if stop.is_set():
-            yield TrainingEvent(job.step, math.nan, 0.0, kind="interrupted",
-                                message=f"Training interrupted while caching latents ({done} of {total} images); "
-                                f"nothing was trained: {job.path} is unchanged (step {job.step}).")
-            return
-        if time.monotonic() - said >= PROGRESS_INTERVAL_S or done == total:
-            said = time.monotonic()
-            yield TrainingEvent(job.step, math.nan, 0.0, kind="preparing",
-                                message=f"caching latents: {done} of {total} images")
+    dataset, held_out = _dataset(job, model, config)
+    # The latents are encoded here (the datasets are lazy): progress is said, and an interrupt stops between images.
+    parts = [dataset, *([held_out] if held_out is not None else [])]
+    total = sum(len(part.records) for part in parts)
+    said, before = -math.inf, 0
+    for part in parts:
+        for done_in_part, _ in part.encoding():
+            done = before + done_in_part
+            if stop.is_set():
+                yield TrainingEvent(job.step, math.nan, 0.0, kind="interrupted",
+                                    message=f"Training interrupted while caching latents ({done} of {total} images); "
+                                    f"nothing was trained: {job.path} is unchanged (step {job.step}).")
+                return
+            if time.monotonic() - said >= PROGRESS_INTERVAL_S or done == total:
+                said = time.monotonic()
+                yield TrainingEvent(job.step, math.nan, 0.0, kind="preparing",
+                                    message=f"caching latents: {done} of {total} images")
+        before += len(part.records)
     main = distributed.is_main
     folder = run_folder(config.log_directory, job.name)
     copies = folder / ("embeddings" if job.kind == "embedding" else "hypernetworks")
@@ -216,6 +224,12 @@ def _run(
     batches = _Batches(dataset, model, config.seed, distributed)
     saves = _Saves(job, model, config, copies, losses, batches, main)
     previews = _Previews(job, model, config, folder, main)
+    best = copies / fit_file_name(copies, job.name, f"-best{_suffix(job)}", reserve=len(".optim"))
+    validation = validation_for_run(job, config, dataset, held_out, best, main)
+    if validation is not None and validation.start is not None:
+        losses.log.add_validation(start_step, validation.start[0])
+    history = tuple(losses.log.history())
+    compiling = CompileClock(getattr(job.model, "compiled", None))
     sync: Callable[[Sequence[Tensor]], None] | None = (
         distributed.average_gradients if distributed.world_size > 1 else None
     )
@@ -233,9 +247,11 @@ def _run(
     for event in events:
         if event.kind == "step":
             job.step = event.step
-            epoch, epoch_step = losses.add(event)
+            val_loss, best_saved = validation.on_step(event.step) if validation is not None else (None, None)
+            epoch, epoch_step = losses.add(event, val_loss)
             saved = saves.on_step(event.step)
             preview = previews.on_step(event.step, batches.texts)
+            note = compiling.on_step()
             yield dataclasses.replace(
                 event,
                 epoch=epoch,
@@ -244,14 +260,34 @@ def _run(
                 saved=saved,
                 preview=preview,
                 eta_s=eta.eta(event.step),
+                val_loss=val_loss,
+                best_saved=best_saved,
+                history=history,
+                extra={"compile": note} if note else {},
             )
+            history = ()
+            if validation is not None and validation.stop_reason is not None:
+                events.close()
+                end = saves.on_end(TrainingEvent(event.step, math.nan, event.lr, kind="early_stop"))
+                yield _with_best(end, validation, f" Early stop: {validation.stop_reason}.")
+                return
             continue
-        yield saves.on_nan(event) if event.kind == "nan" else saves.on_end(event)
+        end = saves.on_nan(event) if event.kind == "nan" else saves.on_end(event)
+        yield _with_best(end, validation)
         return
 
 
-def _dataset(job: Trainable, model: Any, config: TrainingConfig) -> TrainingDataset:
-    """The run's dataset: the template read, the memory checked, then the images read and encoded."""
+def _with_best(end: TrainingEvent, validation: Validation | None, reason: str = "") -> TrainingEvent:
+    """The end message, with why the run stopped early and which step was best."""
+    best = validation.summary() if validation is not None else ""
+    if not (reason or best):
+        return end
+    return dataclasses.replace(end, message=f"{end.message}.{reason}{best}")
+
+
+def _dataset(job: Trainable, model: Any, config: TrainingConfig) -> tuple[TrainingDataset, TrainingDataset | None]:
+    """The run's dataset: the template read, the memory checked, then the images read and encoded; and the pictures
+    held out for the validation loss, when ``validation_share`` asks for some (else None)."""
     lines = read_template(config.template, require_name=job.kind == "embedding")
     _check_memory(model.model, config)
     records = read_images(
@@ -264,6 +300,17 @@ def _dataset(job: Trainable, model: Any, config: TrainingConfig) -> TrainingData
         filename_regex=config.filename_regex,
         join_string=config.filename_join,
     )
+    try:
+        records, held = split_held_out(records, config.validation_share if config.validate_every else 0.0, config.seed)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+    datasets = [_encoded(part, job, model, config, lines) if part else None for part in (records, held)]
+    assert datasets[0] is not None
+    return datasets[0], datasets[1]
+
+
+def _encoded(records: list[ImageRecord], job: Trainable, model: Any, config: TrainingConfig,
+             lines: list[str]) -> TrainingDataset:
     return TrainingDataset(
         records,
         model.encode_images,
@@ -329,10 +376,10 @@ class _LossRecord:
         self.plot_path = folder / "loss.png"
         self.title = f"{job.name} loss"
 
-    def add(self, event: TrainingEvent) -> tuple[int, int]:
-        """Log a step; its epoch and step within the epoch."""
+    def add(self, event: TrainingEvent, val_loss: float | None = None) -> tuple[int, int]:
+        """Log a step (with its validation loss, at a check); its epoch and step within the epoch."""
         epoch, epoch_step = (event.step - 1) // self.steps_per_epoch, (event.step - 1) % self.steps_per_epoch
-        self.log.add(event.step, epoch, epoch_step, event.loss, event.lr)
+        self.log.add(event.step, epoch, epoch_step, event.loss, event.lr, val_loss)
         return epoch, epoch_step
 
     def plot(self) -> None:
@@ -406,7 +453,7 @@ class _Saves:
             if kept:
                 saved = str(job.save(job.path, optimizer=config.save_optimizer_state))
                 self.losses.plot()
-        what = "finished" if event.kind == "finished" else "interrupted"
+        what = {"finished": "finished", "early_stop": "stopped early"}.get(event.kind, "interrupted")
         if event.kind == "finished" and job.step == self.start_step:
             message = f"{job.path} is already trained to step {job.step}; raise max steps above it to train more"
         elif job.step == self.start_step:  # interrupted before its first step: nothing was trained or written

@@ -6,8 +6,10 @@ that knows its parameters, how to save itself atomically, and how to make a prev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +52,18 @@ class Trainable:
     optimizer: torch.optim.Optimizer
     prompt_word: str
     model: Any  # the TrainingModel the job trains in
+    # The validation history saved in (and restored from) the optimizer sidecar: ``training.validation``'s state.
+    validation_state: dict[str, Any] | None = None
 
     def save(self, path: Path, *, file_name: str | None = None, optimizer: bool = True) -> Path:
         raise NotImplementedError
 
     def preview(self, model: Any, prompt: str, config: TrainingConfig) -> tuple[Image.Image, str]:
         raise NotImplementedError
+
+    def evaluating(self) -> contextlib.AbstractContextManager[None]:
+        """The trained modules as a user's generation runs them (no dropout), for the validation loss."""
+        return contextlib.nullcontext()
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters)
@@ -98,6 +106,8 @@ class EmbeddingTrainable(Trainable):
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning("ignored optimizer state in %s: %s", sidecar, exc)
                 continue
+            validation = data.get("validation")
+            self.validation_state = dict(validation) if isinstance(validation, dict) else None
             return True
         return False
 
@@ -122,7 +132,10 @@ class EmbeddingTrainable(Trainable):
 
         def sidecar(_tmp: Path) -> dict[str, Any]:
             # A1111's sidecar: the legacy 4-hex checksum of the vectors links it to the file.
-            return {"hash": embedding.checksum(), "optimizer_state_dict": self.optimizer.state_dict()}
+            data = {"hash": embedding.checksum(), "optimizer_state_dict": self.optimizer.state_dict()}
+            if self.validation_state is not None:
+                data["validation"] = self.validation_state
+            return data
 
         # The file and its .optim are committed so that a kill between the two renames loses neither.
         return commit_with_sidecar(path, write, sidecar if optimizer else None)
@@ -173,6 +186,7 @@ class HypernetworkTrainable(Trainable):
             try:
                 self.optimizer.load_state_dict(dict(state.state_dict))
                 self.restored = True
+                self.validation_state = dict(state.validation) if state.validation is not None else None
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning("ignored optimizer state of %s: %s", path, exc)
         self._attach = attach_hypernetworks
@@ -183,7 +197,8 @@ class HypernetworkTrainable(Trainable):
         hypernetwork.step = self.step
         hypernetwork.sd_checkpoint = self.model.short_hash
         hypernetwork.sd_checkpoint_name = self.model.name
-        state = OptimizerState(type(self.optimizer).__name__, self.optimizer.state_dict()) if optimizer else None
+        state = (OptimizerState(type(self.optimizer).__name__, self.optimizer.state_dict(), self.validation_state)
+                 if optimizer else None)
         return save_hypernetwork(hypernetwork, path, optimizer=state)
 
     def preview(self, model: Any, prompt: str, config: TrainingConfig) -> tuple[Image.Image, str]:
@@ -206,6 +221,14 @@ class HypernetworkTrainable(Trainable):
         finally:
             self.hypernetwork.train()
             self.handle = self._attach(model.unet, [(self.hypernetwork, 1.0)])
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        self.hypernetwork.eval()
+        try:
+            yield
+        finally:
+            self.hypernetwork.train()
 
     def close(self) -> None:
         self.handle.remove()
@@ -231,14 +254,14 @@ def open_embedding(path: Path, model: Any, config: EmbeddingTrainingConfig) -> T
             f"{path}: the embedding's width {loaded.width} does not fit this model's text width {model.context_width}"
         )
     job = EmbeddingTrainable(path, loaded, torch.device(model.device), config.save_optimizer_state)
-    job.model = TrainingModel(model, {job.name: job.vectors})
+    job.model = TrainingModel(model, {job.name: job.vectors}, compile_unet=config.compile_unet)
     return job
 
 
 def open_hypernetwork(path: Path, model: Any, config: HypernetworkTrainingConfig) -> Trainable:
     """The hypernetwork in ``path`` with its modules attached to a TrainingModel over ``model``."""
 
-    training_model = TrainingModel(model)
+    training_model = TrainingModel(model, compile_unet=config.compile_unet)
     return HypernetworkTrainable(path, load_hypernetwork(path), training_model, config.save_optimizer_state)
 
 

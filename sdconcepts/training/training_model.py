@@ -9,6 +9,7 @@ for previews) and never imports diffusers or transformers itself. Which tensors 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from sdconcepts.backends.compiled import CompiledUnet, compiled_unet
 from sdconcepts.generation import GenerationParams
 from sdconcepts.hypernetworks.tags import resolve_in_memory
 
@@ -56,13 +58,16 @@ def _token_rows(tokenizer: Any, text_encoder: Any, text: str, limit: int | None)
 class TrainingModel:
     """A LoadedModel seen by the objective (``DiffusionModel``) and by the training session."""
 
-    def __init__(self, model: Any, trainable_embeddings: Mapping[str, Tensor] | None = None) -> None:
+    def __init__(self, model: Any, trainable_embeddings: Mapping[str, Tensor] | None = None, *,
+                 compile_unet: bool = False) -> None:
         from sdconcepts.backends.prompt_encoder import PromptEncoder  # lazy: transformers, diffusers
 
         self.model = model
         self.trainable = dict(trainable_embeddings or {})
         self._encoder = PromptEncoder(model, self.trainable)
         self._alphas = alphas_cumprod_from_config(model.scheduler_config)
+        # With compile_unet the UNet runs through torch.compile (or eagerly with the reason in ``compiled.fallback``).
+        self.compiled: CompiledUnet | None = compiled_unet(model.unet) if compile_unet else None
 
     # -- DiffusionModel -------------------------------------------------------------------------------------------
     @property
@@ -113,7 +118,8 @@ class TrainingModel:
             h, w = (int(d) * self.vae_scale_factor for d in noisy.shape[-2:])
             time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=noisy.device).expand(len(noisy), -1)
             added = {"text_embeds": pooled.to(dtype), "time_ids": time_ids}
-        out: Tensor = unet(
+        call = self.compiled if self.compiled is not None else unet
+        out: Tensor = call(
             noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype), added_cond_kwargs=added
         ).sample
         return out
@@ -179,7 +185,8 @@ class TrainingModel:
         )
         frozen = {name: vectors.detach().clone() for name, vectors in (embeddings or {}).items()}
         resolved = resolve_in_memory(prompt, dict(hypernetworks or {}), self.model.unet)
-        result = txt2img(self.model, params, embeddings=frozen, hypernetworks=resolved)
+        result = txt2img(self.model, params, embeddings=frozen, hypernetworks=resolved,
+                         compile_unet=self.compiled is not None)
         return result.images[0], result.infotexts[0]
 
     @property
@@ -195,3 +202,33 @@ class TrainingModel:
     def unet(self) -> torch.nn.Module:
         unet: torch.nn.Module = self.model.unet
         return unet
+
+
+class CompileClock:
+    """What a run says about its compiled UNet: after the first step the fallback line (when it runs eagerly); after
+    the second the compile time, estimated as the first step's wall time beyond the second's."""
+
+    def __init__(self, compiled: CompiledUnet | None) -> None:
+        self.compiled = compiled
+        self.started = time.perf_counter()
+        self.steps: list[float] = []
+        self.said_fallback = False
+
+    def on_step(self) -> str | None:
+        """Call once per step, as it ends; the line to show, if any."""
+        now = time.perf_counter()
+        self.steps.append(now - self.started)
+        self.started = now
+        compiled = self.compiled
+        if compiled is None:
+            return None
+        if compiled.fallback is not None:
+            if self.said_fallback:
+                return None
+            self.said_fallback = True
+            return compiled.fallback
+        if len(self.steps) == 2:
+            first, second = self.steps
+            return (f"UNet compiled: the first step took {first:.1f} s, the second {second:.2f} s "
+                    f"(about {max(first - second, 0.0):.1f} s of compiling)")
+        return None

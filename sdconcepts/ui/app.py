@@ -256,18 +256,20 @@ def _wire_txt2img(session: UiSession, model: Any, page: dict[str, Any]) -> None:
 
     # gradio finds the progress tracker through this default value (its documented idiom).
     def on_generate(model_label, prompt_text, negative_text, *settings, progress=gr.Progress()):  # noqa: B008
-        params = handlers.generation_params(prompt_text, negative_text, *settings)
+        *values, compile_unet = settings
+        params = handlers.generation_params(prompt_text, negative_text, *values)
         progress(0, desc="Loading model")
 
         def report(done: int, total: int) -> None:
             progress((done, total), desc="Sampling", unit="steps")
 
-        out = handlers.generate(session, model_label, params, progress=report)
+        out = handlers.generate(session, model_label, params, progress=report, compile_unet=bool(compile_unet))
         return out.gallery, out.first_infotext, out.warnings_html, out.infotexts, out.seeds, 0, out.images
 
     page["generate"].click(
         guard(on_generate),
-        inputs=[model, page["prompt"], page["negative"], *(controls[name] for name in GENERATION_INPUTS)],
+        inputs=[model, page["prompt"], page["negative"], *(controls[name] for name in GENERATION_INPUTS),
+                controls["compile_unet"]],
         outputs=[page[key] for key in ("gallery", "infotext", "warnings", "infotexts", "seeds", "selected", "images")],
         api_name="generate",
     )

@@ -56,6 +56,11 @@ def generation_controls(prefix: str) -> dict[str, Any]:
     with gr.Row():
         c["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id=f"{prefix}batch_count")
         c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{prefix}batch_size")
+    # Not one of GENERATION_INPUTS (it is no generation parameter and stays out of the infotext): the tabs pass it
+    # to ``handlers.generate`` after them.
+    c["compile_unet"] = gr.Checkbox(value=False, label="Compile the UNet (torch.compile: a slow first image, faster "
+                                    "ones after; eager where this machine cannot compile)",
+                                    elem_id=f"{prefix}compile_unet")
     return c
 
 

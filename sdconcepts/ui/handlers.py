@@ -403,12 +403,13 @@ def _outside_the_toy_world(model_label: str, prompt: str) -> list[str]:
 
 def generate(
     session: UiSession, model_label: str, params: GenerationParams, progress: Progress | None = None,
-    *, source: Any = None,
+    *, source: Any = None, compile_unet: bool = False,
 ) -> GenerateOutput:
     """Run txt2img on the chosen model with the session's embeddings and hypernetworks; save PNGs when configured.
 
     ``source`` (an ``ImageSource``: init image, mask, img2img options) makes it img2img or inpainting, on the same
-    path: embeddings, hypernetworks, seeds and saving are txt2img's.
+    path: embeddings, hypernetworks, seeds and saving are txt2img's. ``compile_unet``: the UNet through
+    torch.compile (``backends.compiled``).
 
     Bad values raise ``UiError`` with a one-line message; nothing is generated then.
     """
@@ -449,6 +450,7 @@ def generate(
                 progress=progress,
                 source=source,
                 converted_embeddings=set(converted),
+                compile_unet=compile_unet,
             )
         except GenerationError as exc:
             raise UiError(str(exc)) from exc

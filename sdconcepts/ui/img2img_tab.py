@@ -133,13 +133,15 @@ def _wire_generate(session: UiSession, model: Any, c: dict[str, Any], shown: dic
         options = i2i.img2img_options(denoising, resize_mode, mask_blur, masked_content, inpaint_area, padding,
                                       mask_mode == "Inpaint not masked")
         source = i2i.image_source(mode, init_image, editor, upload_image, upload_mask, options)
-        params = handlers.generation_params(prompt_text, negative_text, *settings)
+        *values, compile_unet = settings
+        params = handlers.generation_params(prompt_text, negative_text, *values)
         progress(0, desc="Loading model")
 
         def report(done: int, total: int) -> None:
             progress((done, total), desc="Sampling", unit="steps")
 
-        out = handlers.generate(session, model_label, params, progress=report, source=source)
+        out = handlers.generate(session, model_label, params, progress=report, source=source,
+                                compile_unet=bool(compile_unet))
         return out.gallery, out.first_infotext, out.warnings_html, out.infotexts, out.seeds, 0
 
     shown["generate"].click(
@@ -147,7 +149,7 @@ def _wire_generate(session: UiSession, model: Any, c: dict[str, Any], shown: dic
         inputs=[model, c["mode"], c["init_image"], c["editor"], c["upload_image"], c["upload_mask"],
                 c["resize_mode"], c["denoising"], c["mask_blur"], c["mask_mode"], c["masked_content"],
                 c["inpaint_area"], c["padding"], c["prompt"], c["negative"],
-                *(c[name] for name in GENERATION_INPUTS)],
+                *(c[name] for name in GENERATION_INPUTS), c["compile_unet"]],
         outputs=[gallery, infotext, warnings, infotexts, seeds, selected],
         api_name="img2img",
     )

@@ -54,12 +54,13 @@ __all__ = [
 
 # Where a settings message is shown: the key of the field (group) it is about.
 ERROR_FIELDS = ("name", "learn_rate", "clip_grad_value", "batch_size", "gradient_accumulation", "dataset",
-                "log_directory", "template", "size", "max_steps", "intervals", "tag_dropout")
+                "log_directory", "template", "size", "max_steps", "intervals", "tag_dropout", "validation")
 _PREFIXES = (
     ("learn rate", "learn_rate"), ("clip value", "clip_grad_value"), ("batch size", "batch_size"),
     ("gradient accumulation", "gradient_accumulation"), ("max steps", "max_steps"),
     ("save, preview and csv", "intervals"), ("a log directory", "log_directory"), ("width", "size"),
     ("height", "size"), ("tag dropout", "tag_dropout"), ("dataset", "dataset"), ("template", "template"),
+    ("validation", "validation"), ("early stop", "validation"),
 )
 
 
@@ -267,7 +268,7 @@ def training_config(kind: str, name: str, values: dict[str, Any], *, roots: Sequ
             return None, errors
     config_class = EmbeddingTrainingConfig if kind == "embedding" else HypernetworkTrainingConfig
     ints = ("batch_size", "gradient_accumulation", "width", "height", "max_steps", "preview_every", "save_every",
-            "preview_steps", "preview_seed")
+            "preview_steps", "preview_seed", "validate_every", "early_stop_window")
     fields: dict[str, Any] = {}
     for key, value in values.items():
         try:
@@ -356,6 +357,12 @@ class TrainForm:
     preview_sampler: str | None
     preview_cfg_scale: float
     preview_seed: float | None
+    # Beyond A1111 (docs/training.md): the validation loss, its held-out share, the early stop, the compiled UNet.
+    validate_every: float | None = -1
+    validation_share: float | None = 0.0
+    early_stop: bool = False
+    early_stop_window: float | None = 5
+    compile_unet: bool = False
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -363,8 +370,8 @@ class TrainForm:
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> TrainForm:
-        """The form from its values by field name (every field present)."""
-        return cls(**{key: values[key] for key in cls.keys()})
+        """The form from its values by field name (every field present; those beyond A1111's may be left out)."""
+        return cls(**{key: values[key] for key in cls.keys() if key in values})
 
     def config_values(self, kind: str) -> dict[str, Any]:
         """The values ``training_config`` takes for a run of ``kind``: its own learning rate, the previews' settings
@@ -380,6 +387,10 @@ class TrainForm:
             "tag_dropout": float(self.tag_dropout or 0), "latent_sampling": self.latent_sampling,
             "clip_grad_mode": self.clip_grad_mode, "clip_grad_value": self.clip_grad_value or "",
             "save_image_with_embedding": bool(self.save_image_with_embedding),
+            "validate_every": -1 if self.validate_every is None else self.validate_every,
+            "validation_share": float(self.validation_share or 0), "early_stop": bool(self.early_stop),
+            "early_stop_window": 5 if self.early_stop_window is None else self.early_stop_window,
+            "compile_unet": bool(self.compile_unet),
         }
         if self.read_txt2img:
             values.update(

@@ -21,7 +21,7 @@ from sdconcepts.training.loop import TrainingEvent
 from sdconcepts.training.outputs import draw_loss_plot
 from sdconcepts.ui.ui_session import UiError
 
-__all__ = ["HOST_NOTE", "SHOWN", "Run", "TrainView", "TrainingJob", "TrainingJobs", "follow", "train_view"]
+__all__ = ["HOST_NOTE", "SHOWN", "Run", "TrainView", "TrainingJob", "TrainingJobs", "follow", "plot_points", "train_view"]
 
 
 # A step's ``extra`` key for one sentence about the host (e.g. it could not reload the file just saved), shown under
@@ -168,6 +168,17 @@ def _rate(started: float, arrivals: list[float], events: list[TrainingEvent]) ->
 _plot_dir: Path | None = None
 
 
+def plot_points(steps: list[TrainingEvent]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """The plot's (training, validation) points: the rows a resumed run logged before (its first event's
+    ``history``), then this run's steps."""
+    earlier = steps[0].history if steps else ()
+    training = [(step, loss) for step, loss, _ in earlier if math.isfinite(loss)]
+    validation = [(step, value) for step, _, value in earlier if value is not None]
+    training += [(e.step, e.loss) for e in steps]
+    validation += [(e.step, e.val_loss) for e in steps if e.val_loss is not None]
+    return training, validation
+
+
 def _plot(job: TrainingJob, steps: list[TrainingEvent]) -> str | None:
     global _plot_dir
     if not steps:
@@ -177,8 +188,13 @@ def _plot(job: TrainingJob, steps: list[TrainingEvent]) -> str | None:
     # A new name per step: browsers and gradio's file cache key on the path.
     path = _plot_dir / f"{id(job)}-{steps[-1].step}.png"
     if not path.is_file():
-        draw_loss_plot([(e.step, e.loss) for e in steps], path, title=f"{job.name} loss")
+        training, validation = plot_points(steps)
+        draw_loss_plot(training, path, title=f"{job.name} loss", validation=validation)
     return str(path)
+
+
+def _best(steps: list[TrainingEvent]) -> TrainingEvent | None:
+    return next((e for e in reversed(steps) if e.best_saved), None)
 
 
 def train_view(job: TrainingJob | None) -> TrainView:
@@ -210,12 +226,18 @@ def train_view(job: TrainingJob | None) -> TrainView:
         parts.append(f"step {last.step}/{job.max_steps}")
         parts.append(f"[Epoch {last.epoch}: {last.epoch_step + 1}]")
         parts.append(f"loss: {last.loss:.7f}")
+        checked = next((e for e in reversed(steps) if e.val_loss is not None), None)
+        if checked is not None:
+            parts.append(f"validation loss: {checked.val_loss:.6f} (step {checked.step})")
         parts.append(f"lr: {last.lr:g}")
         if ended:  # a speed and time left of a run that no longer runs would read as if it did
             parts.append(f"in {_duration(times[-1] - job.started) if times else '-'}")
         elif not job.stop.is_set():
             parts.append(f"{rate:.2f} it/s" if rate else "- it/s")
             parts.append(f"ETA {_duration(last.eta_s)}")
+        compiled = [str(e.extra["compile"]) for e in steps if e.extra.get("compile")]
+        if compiled:
+            parts.append(html.escape(compiled[-1]))
     elif not ended:
         parts.append(preparing.message if preparing is not None else "loading the model and the dataset…")
     if job.stop.is_set() and not ended:
@@ -230,6 +252,9 @@ def train_view(job: TrainingJob | None) -> TrainView:
     status += "</div>"
     previews = [e.preview for e in steps if e.preview][-SHOWN:]
     saves = [f"step {e.step}: {e.saved}" for e in events if e.saved][-SHOWN:]
+    best = _best(steps)
+    if best is not None:
+        saves.insert(0, f"best, step {best.step} (validation loss {best.val_loss:.6f}): {best.best_saved}")
     return TrainView(status, _plot(job, steps), previews, "\n".join(saves), running, (len(events), running))
 
 

@@ -214,7 +214,27 @@ def _train_form(session: UiSession, fit: FormDefaults, templates: list[str]) -> 
     c["err_tag_dropout"] = _field_error("tag_dropout")
     c["latent_sampling"] = gr.Radio(["once", "deterministic", "random"], value="once",
                                     label="Choose latent sampling method", elem_id="sdconcepts_train_latent_sampling")
+    _validation_fields(c)
     return c
+
+
+def _validation_fields(c: dict[str, Any]) -> None:
+    """Beyond A1111: the validation loss, the best step's file, the early stop and the compiled UNet."""
+    with gr.Row():
+        c["validate_every"] = gr.Number(label="Validation loss every N steps (-1: automatic, 0: off); the best step "
+                                        "is saved as <name>-best", value=-1, precision=0,
+                                        elem_id="sdconcepts_train_validate_every")
+        c["validation_share"] = gr.Slider(0, 0.5, value=0, step=0.05,
+                                          label="Hold out this share of the pictures for it (0: the training pictures)",
+                                          elem_id="sdconcepts_train_validation_share")
+    with gr.Row():
+        c["early_stop"] = gr.Checkbox(value=False, label="Stop early once the validation loss stops improving",
+                                      elem_id="sdconcepts_train_early_stop")
+        c["early_stop_window"] = gr.Number(label="Early stop window (validation checks)", value=5, precision=0,
+                                           elem_id="sdconcepts_train_early_stop_window")
+    c["err_validation"] = _field_error("validation")
+    c["compile_unet"] = gr.Checkbox(value=False, label="Compile the UNet (torch.compile: slower start, faster steps)",
+                                    elem_id="sdconcepts_train_compile")
 
 
 def _train_outputs(jobs: train_jobs.TrainingJobs) -> dict[str, Any]:

@@ -318,7 +318,7 @@ def test_resume_after_a_kill_drops_loss_rows_past_the_saved_step(tiny_model: Any
     assert [row.split(",")[0] for row in csv.read_text().splitlines()[1:]] == ["1", "2", "3"]
     list(train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, max_steps=4), embeddings_dir=tmp_path / "emb"))
     rows = csv.read_text().splitlines()
-    assert rows[0] == "step,epoch,epoch_step,loss,learn_rate"
+    assert rows[0] == "step,epoch,epoch_step,loss,learn_rate,val_loss"
     assert [row.split(",")[0] for row in rows[1:]] == ["1", "2", "3", "4"]
 
 

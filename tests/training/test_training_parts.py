@@ -351,12 +351,19 @@ def test_loop_stops_on_event_and_on_nan() -> None:
 def test_loss_log_csv_and_plot(tmp_path: Path) -> None:
     log = LossLog(tmp_path / "textual_inversion_loss.csv", every=2)
     for step in range(1, 6):
-        log.add(step, (step - 1) // 2, (step - 1) % 2, 1.0 / step, 0.005)
+        # A validation loss at step 3: its row is written although 3 is not a multiple of ``every``.
+        log.add(step, (step - 1) // 2, (step - 1) % 2, 1.0 / step, 0.005, 0.3 if step == 3 else None)
     lines = (tmp_path / "textual_inversion_loss.csv").read_text().splitlines()
-    assert lines == ["step,epoch,epoch_step,loss,learn_rate", "2,0,1,0.5000000,0.005", "4,1,1,0.2500000,0.005"]
-    assert LossLog(tmp_path / "textual_inversion_loss.csv").points == [(2, 0.5), (4, 0.25)]  # a resumed log
+    assert lines == ["step,epoch,epoch_step,loss,learn_rate,val_loss", "2,0,1,0.5000000,0.005,",
+                     "3,1,0,0.3333333,0.005,0.3000000", "4,1,1,0.2500000,0.005,"]
+    resumed = LossLog(tmp_path / "textual_inversion_loss.csv")
+    assert resumed.points == [(2, 0.5), (3, 0.3333333), (4, 0.25)] and resumed.val_points == [(3, 0.3)]
     plot = draw_loss_plot(log.points, tmp_path / "loss.png", title="loss")
     with Image.open(plot) as image:
         pixels = np.asarray(image.convert("RGB"))
     assert image.size == (640, 360)
     assert ((pixels[..., 2] > 150) & (pixels[..., 0] < 80)).sum() > 100  # the blue curve was drawn
+    assert not ((pixels[..., 0] > 200) & (pixels[..., 1] > 90) & (pixels[..., 1] < 150) & (pixels[..., 2] < 60)).any()
+    with Image.open(log.plot(tmp_path / "both.png")) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert ((pixels[..., 0] > 200) & (pixels[..., 1] > 90) & (pixels[..., 1] < 150) & (pixels[..., 2] < 60)).sum() > 20

@@ -71,12 +71,15 @@ def test_embedding_training_moves_only_the_vectors_and_saves(tiny_model: Any, da
     for name, before in frozen.items():
         assert _unchanged(before, getattr(tiny_model, name)), name
     run = tmp_path / "log" / time.strftime("%Y-%m-%d") / "toytri"
-    assert sorted(p.name for p in (run / "embeddings").glob("*.pt")) == ["toytri-2.pt", "toytri-4.pt"]
+    # The validation loss is checked at the start (step 0) and every 64 steps: after 4 steps the best is step 0.
+    assert sorted(p.name for p in (run / "embeddings").glob("*.pt")) == ["toytri-2.pt", "toytri-4.pt", "toytri-best.pt"]
     assert load_embedding(run / "embeddings" / "toytri-2.pt").step == 2
+    assert load_embedding(run / "embeddings" / "toytri-best.pt").step == 0
     optim = load_torch_file(Path(f"{path}.optim"))
     assert isinstance(optim, dict) and optim["hash"] == trained.checksum()
     csv = (run / "textual_inversion_loss.csv").read_text().splitlines()
-    assert csv[0] == "step,epoch,epoch_step,loss,learn_rate" and len(csv) == 5
+    assert csv[0] == "step,epoch,epoch_step,loss,learn_rate,val_loss" and len(csv) == 5
+    assert all(row.endswith(",") for row in csv[1:])  # no check after the start: the val_loss column is empty
     assert (run / "loss.png").is_file()
     settings = json.loads(next(run.glob("settings-*.json")).read_text())
     assert settings["num_of_dataset_images"] == 4 and settings["learn_rate"] == "0.01"
@@ -241,8 +244,9 @@ def test_cli_create_train_and_resume(tiny_model_dir: Path, dataset: Path, tmp_pa
     first = run_cli(*train, "--max-steps", "2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "Training finished at 2 steps" in first.stdout and "loss:" in first.stderr  # the progress bar
-    second = run_cli(*train, "--max-steps", "3", cwd=tmp_path)
+    second = run_cli(*train, "--max-steps", "3", "--validate-every", "1", cwd=tmp_path)
     assert "Training finished at 3 steps" in second.stdout, second.stderr
+    assert "val=" in second.stderr and "Best step " in second.stdout and "toy tri-best.pt" in second.stdout
     assert load_embedding(tmp_path / "embeddings" / "toy tri.pt").step == 3
     hn = run_cli("create-hypernetwork", "style1", "--sizes", "48,32,64", "--layer-structure", "1, 1.5, 1", cwd=tmp_path)
     assert hn.returncode == 0, hn.stderr

@@ -189,7 +189,7 @@ def test_training_streams_steps_plot_previews_and_saves(session: UiSession, tiny
                                                        tmp_path: Path) -> None:
     label = str(tiny_model_dir)
     train_handlers.create_embedding(session, label, "toytri", "triangle", 2, False)
-    config, _ = train_handlers.training_config("embedding", "toytri", _fields(dataset, tmp_path))
+    config, _ = train_handlers.training_config("embedding", "toytri", _fields(dataset, tmp_path, validate_every=2))
     assert config is not None
     jobs = train_jobs.TrainingJobs(session.generate_lock)
     assert "No training" in train_jobs.train_view(jobs.current).status_html
@@ -206,7 +206,12 @@ def test_training_streams_steps_plot_previews_and_saves(session: UiSession, tiny
     assert all(Path(p).is_file() for p in last.previews)
     path = session.config.embeddings_dirs[0] / "toytri.pt"
     # Each save once: the end of the run does not write (or list) again what step 4's save wrote.
-    assert last.saves.splitlines() == [f"step 2: {path}", f"step 4: {path}"]
+    saves = last.saves.splitlines()
+    assert saves[1:] == [f"step 2: {path}", f"step 4: {path}"]
+    # The validation loss (steps 0, 2, 4) in the status line, its best step first among the saved files and named
+    # in the end message.
+    assert "validation loss: " in last.status_html and "Best step " in last.status_html
+    assert saves[0].startswith("best, step ") and saves[0].endswith("toytri-best.pt")
     assert load_embedding(session.config.embeddings_dirs[0] / "toytri.pt").step == 4
     # A page loaded afterwards (a reload) shows the same job.
     assert train_jobs.train_view(jobs.current).status_html == last.status_html
@@ -288,6 +293,15 @@ def test_the_view_between_the_end_event_and_done_already_shows_the_end() -> None
     failing.error = "out of memory"
     view = train_jobs.train_view(failing)
     assert failing.running and "<b>Stopped</b>" in view.status_html and "sdconcepts-train-error" in view.status_html
+
+
+def test_the_plot_of_a_resumed_run_shows_the_earlier_steps_too() -> None:
+    # The run's first event carries the rows the loss CSV already had (training.run; tests/training/test_validation
+    # checks a real resumed run gives them): the plot starts at step 1, not at the resumed run's first step.
+    first = TrainingEvent(3, 0.3, 0.005, val_loss=0.25, history=((0, math.nan, 0.4), (1, 0.5, None), (2, 0.45, 0.3)))
+    training, validation = train_jobs.plot_points([first, TrainingEvent(4, 0.2, 0.005)])
+    assert training == [(1, 0.5), (2, 0.45), (3, 0.3), (4, 0.2)]
+    assert validation == [(0, 0.4), (2, 0.3), (3, 0.25)]
 
 
 def test_a_failing_run_reports_its_error(session: UiSession, tiny_model_dir: Path, dataset: Path,
