@@ -162,11 +162,13 @@ def create_embedding(session: UiSession, model_label: str, name: str, init_text:
         with session.generate_lock:
             model = TrainingModel(session.model(model_label))
             rows = model.token_rows(init_text or "", count)
-        return create_embedding_file(folder, name, rows, vectors=count, width=model.context_width,
+        path = create_embedding_file(folder, name, rows, vectors=count, width=model.context_width,
                                      overwrite=bool(overwrite), sd_checkpoint=getattr(model.model, "short_hash", None),
                                      sd_checkpoint_name=getattr(model.model, "name", None))
     except (CreateError, InvalidNameError) as exc:
         raise UiError(f"name: {exc}") from exc
+    session.files_changed("embedding")  # inside a host: its lists know the new file at once
+    return path
 
 
 def _numbers(text: str, label: str, kind: Callable[[str], Any]) -> list[Any]:
@@ -187,7 +189,7 @@ def create_hypernetwork(session: UiSession, name: str, sizes: Sequence[str] | st
     if not widths:
         raise UiError("modules: choose at least one context width")
     try:
-        return create_hypernetwork_file(
+        path = create_hypernetwork_file(
             hypernetworks_folder(session), name, widths=widths,
             layer_structure=_numbers(layer_structure, "layer structure", float), activation=activation,
             weight_init=weight_init, layer_norm=bool(layer_norm), use_dropout=bool(use_dropout),
@@ -197,6 +199,9 @@ def create_hypernetwork(session: UiSession, name: str, sizes: Sequence[str] | st
         raise UiError(f"name: {exc}") from exc
     except HypernetworkError as exc:
         raise UiError(f"layer structure: {exc}") from exc
+    # Inside a host: its lists (A1111's and reForge's hypernetwork dropdowns, the embedding databases) know it at once.
+    session.files_changed("hypernetwork")
+    return path
 
 
 def create_hypernetwork_from_form(session: UiSession, name: str, sizes: Sequence[str], extra: str, layer_structure: str,

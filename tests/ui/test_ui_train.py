@@ -482,3 +482,18 @@ def test_status_of_an_interrupted_run_shows_no_speed_or_time_left() -> None:
     ended = train_jobs.train_view(job).status_html
     assert "<b>Interrupted</b>" in ended and "step 3/1000" in ended and "in 00:25" in ended
     assert "it/s" not in ended and "ETA" not in ended
+
+
+def test_creating_a_file_tells_the_host_at_once(session: UiSession, tiny_model_dir: Path) -> None:
+    """Inside a host the host's lists (A1111's hypernetwork dropdowns, its embedding database) must know a file our
+    tab created without a refresh (issue 26 item 17: A1111's Hypernetwork dropdown was empty after creating one)."""
+    told: list[str] = []
+    hosted = UiSession(dataclasses.replace(session.config, files_changed=lambda kind: told.append(kind) or None))
+    train_handlers.create_embedding(hosted, str(tiny_model_dir), "told", "triangle", 1, False)
+    assert told == ["embedding"]
+    train_handlers.create_hypernetwork(hosted, "toldhn", "48", "1, 2, 1", "linear", "Normal", False, False, "", False)
+    assert told == ["embedding", "hypernetwork"]
+    with pytest.raises(UiError):
+        train_handlers.create_hypernetwork(hosted, "toldhn", "48", "1, 2, 1", "linear", "Normal", False, False, "",
+                                           False)
+    assert told == ["embedding", "hypernetwork"]  # nothing written, nothing told
