@@ -307,7 +307,8 @@ def test_two_process_data_parallel_run_on_cpu(tiny_model_dir: Path, dataset: Pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("Training finished at 3 steps") == 1  # only rank 0 reports
     assert load_embedding(tmp_path / "embeddings" / "ddp.pt").step == 3
-    csv = next((tmp_path / "textual_inversion").rglob("textual_inversion_loss.csv")).read_text().splitlines()
+    # The CLI's default log folder: outputs/textual_inversion (issue 26 item 8).
+    csv = next((tmp_path / "outputs" / "textual_inversion").rglob("textual_inversion_loss.csv")).read_text().splitlines()
     assert len(csv) == 4  # header and 3 steps, written once
 
 
