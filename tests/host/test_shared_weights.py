@@ -160,6 +160,7 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
     assert after.widths_ticked == [str(w) for w in shape_of_loaded(source.load()).widths]
 
     train_handlers.create_embedding(session, HOST_MODEL_LABEL, "hostemb", "circle", 1, False)
+    assert changed == ["embedding"]  # the host lists the new file at once
     config, _ = train_handlers.training_config("embedding", "hostemb", {
         "dataset": str(dataset), "learn_rate": "0.01", "batch_size": 1, "gradient_accumulation": 1,
         "log_directory": str(tmp_path / "log"), "template": "subject", "width": 32, "height": 32, "keep_size": False,
@@ -171,7 +172,8 @@ def test_inside_a_host_the_train_tab_uses_the_hosts_model_and_tells_it_about_sav
     jobs = train_jobs.TrainingJobs(session.generate_lock)
     job = train_handlers.start_training(session, jobs, "embedding", HOST_MODEL_LABEL, "hostemb", config)
     assert job.wait(300) and job.error is None, job.error
-    assert changed == ["embedding"] * 2  # the saves at steps 1 and 2: each time the host reloads (once per save)
+    # Then the saves at steps 1 and 2: each time the host reloads (once per save).
+    assert changed == ["embedding"] * 3
     assert load_embedding(tmp_path / "emb" / "hostemb.pt").sd_checkpoint == "0123456789"
 
 
