@@ -110,6 +110,13 @@ def _hypernet_hashes_field(resolved: ResolvedHypernetworks[Any], hashes: Mapping
     return {"Hypernet hashes": ", ".join(entries)} if entries else {}
 
 
+def _infotext_prompt(prompt: str, resolved: ResolvedHypernetworks[Any]) -> str:
+    """The prompt as the infotext records it: the tags that had no effect (unknown kind or name, a file that did not
+    load) dropped, as their warnings say; the hypernetworks used kept as written."""
+    used = {name for name, _file in resolved.used}
+    return without_tags(prompt, lambda tag: tag.name != "hypernet" or not tag.args or tag.args[0] not in used)
+
+
 @_out_of_memory_is_one_line
 def txt2img(
     model: LoadedModel,
@@ -176,14 +183,11 @@ def txt2img(
     except ValueError as exc:  # a prompt the encoder cannot take (an embedding longer than a chunk): one line
         raise GenerationError(str(exc)) from None
     pooled = {text: encoder.pooled(text) for text in {*conds, *unconds, ""}} if model.is_sdxl else None
-    extra = {**_ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {}),
-             **_hypernet_hashes_field(resolved, hypernetwork_hashes or {})}
-    extra.update(_converted_field(encoder, [*cond_schedule, *uncond_schedule], converted_embeddings))
-    used = {name for name, _file in resolved.used}
-    infotext_prompt = without_tags(params.prompt, lambda tag: tag.name != "hypernet" or not tag.args
-                                   or tag.args[0] not in used)
-    if start is not None:
-        extra = {**start.infotext, **extra}
+    extra = {**(start.infotext if start is not None else {}),
+             **_ti_hashes_field(encoder, cond_schedule, uncond_schedule, embedding_hashes or {}),
+             **_hypernet_hashes_field(resolved, hypernetwork_hashes or {}),
+             **_converted_field(encoder, [*cond_schedule, *uncond_schedule], converted_embeddings)}
+    infotext_prompt = _infotext_prompt(params.prompt, resolved)
     skipped = skipped_embeddings or {}
     for name in names_in_prompt(f"{prompt_text}\n{params.negative_prompt}", list(skipped)):
         warnings.append(f"embedding {name!r} was skipped ({skipped[name]}); the prompt reads its name as words")
