@@ -64,9 +64,6 @@ def host_config() -> UiConfig:
     if Registration.host_model is None:
         Registration.host_model = HostModel()
     outputs = data_path / "outputs" / "sdconcepts"
-    # The Train tab's folders: the host's working folder and its data folders, plus each --sdconcepts-train-root
-    # (registered with the host by preload.py; hosts reject options nobody registered).
-    extra_roots = [Path(root) for root in option(TRAIN_ROOT_DEST) or ()]
     return UiConfig(
         models_dir=Path(checkpoints),
         embeddings_dirs=[Path(embeddings)],
@@ -74,7 +71,9 @@ def host_config() -> UiConfig:
         outputs_dir=outputs,
         device=device,
         multiplier=multiplier,
-        train_roots=[Path.cwd(), Path(embeddings), Path(hypernetworks), outputs, *extra_roots],
+        # The Train tab's folders: the default ones (the host's working folder, the folders above) and each
+        # --sdconcepts-train-root (registered with the host by preload.py; hosts reject options nobody registered).
+        extra_train_roots=[Path(root) for root in option(TRAIN_ROOT_DEST) or ()],
         train_root_option=TRAIN_ROOT_OPTION,
         host_model=Registration.host_model,
         files_changed=reload_host_files,

@@ -98,6 +98,8 @@ class UiConfig:
     # Folders that paths typed into the Train tab (preprocess source/destination, dataset, log directory, template
     # file) must lie in. None: the working folder when the session starts, plus the folders above.
     train_roots: Sequence[Path] | None = None
+    # Folders allowed besides those (inside a host: each ``--sdconcepts-train-root``).
+    extra_train_roots: Sequence[Path] = ()
     # How the user adds a folder to those (named in the refusal): our server's option, or the one the extension
     # registers with its host (``preload.py``).
     train_root_option: str = "--train-root"
@@ -197,6 +199,7 @@ class UiSession:
         else:
             data = [*config.embeddings_dirs, *config.hypernetworks_dirs, config.outputs_dir, config.img2img_outputs_dir]
             self._train_roots = [Path.cwd(), *(Path(p) for p in data if p is not None)]
+        self._train_roots += [Path(root) for root in config.extra_train_roots]
 
     def read_in_background(self) -> None:
         """Read the files lazy scans listed, a batch at a time, in a daemon thread (one at a time per session).

@@ -153,6 +153,9 @@ def test_inside_a_host_the_refusal_names_the_option_the_extension_registers(sess
     started = train_handlers.start_from_form(hosted, jobs, "embedding", "", "toy", _form(dataset, tmp_path))
     assert started.job is None
     assert "start it with --sdconcepts-train-root DIR" in started.problems["dataset"], started.problems
+    # --sdconcepts-train-root adds folders to the default ones (the host's working folder and data folders).
+    extended = UiSession(dataclasses.replace(session.config, extra_train_roots=[dataset.parent, tmp_path]))
+    assert extended.train_roots() == [*session.train_roots(), dataset.parent, tmp_path]
     allowed = UiSession(dataclasses.replace(session.config, train_roots=[dataset.parent, tmp_path]))
     config, problems = train_handlers.training_config("embedding", "toy", _form(dataset, tmp_path).config_values(
         "embedding"), roots=allowed.train_roots())
