@@ -28,6 +28,19 @@ MAX_SEED = 2**32 - 1
 SEED_LIMIT = 2**53 - 1
 
 
+def engine_sampler(sampler: str | None, schedule: str | None = None) -> str | None:
+    """The name this engine knows for A1111's sampler and schedule type, or None when it has no such sampler.
+
+    A1111 1.9+ keeps the schedule apart (sampler "DPM++ 2M", schedule type "Karras"; "Automatic" is the sampler's
+    own); before, and here, it is part of the name ("DPM++ 2M Karras").
+    """
+    if not sampler:
+        return None
+    if schedule and f"{sampler} {schedule}" in SAMPLERS:
+        return f"{sampler} {schedule}"
+    return sampler if sampler in SAMPLERS else None
+
+
 class GenerationError(ValueError):
     """A request that cannot be generated as given (bad size, unknown sampler, ...)."""
 

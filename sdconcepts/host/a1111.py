@@ -1,8 +1,9 @@
 """The A1111/Forge adapter: registers our tab through ``script_callbacks.on_ui_tabs`` and reads the host's folders.
 
 Host ``modules.*`` are imported only under ``sdconcepts/host/`` and only inside functions, so the rest of the package
-(and this file's ``build_tabs``) imports without a host. Our tab runs on our own engine, by default over the host's
-loaded model (``host.model``, no second copy); the host's own txt2img is left alone.
+(and this file's ``build_tabs``) imports without a host. Our tab holds what the host lacks (the Train tab, the
+embedding tools) and trains on the host's loaded model (``host.model``, no second copy); the host's own txt2img is
+left alone, and only read for the Train tab's previews when the user asks.
 """
 
 from __future__ import annotations
@@ -15,12 +16,21 @@ from sdconcepts.host.model import HostModel, reload_host_files
 from sdconcepts.host.options import TRAIN_ROOT_DEST, TRAIN_ROOT_OPTION
 from sdconcepts.ui.ui_session import UiConfig, UiSession
 
-__all__ = ["TAB_ID", "TAB_TITLE", "build_tabs", "host_config", "register", "unregister"]
+__all__ = ["HOST_TXT2IMG_IDS", "TAB_ID", "TAB_TITLE", "build_tabs", "host_config", "on_after_component", "register",
+           "unregister"]
 
 log = logging.getLogger(__name__)
 
 TAB_TITLE = "sdconcepts"
 TAB_ID = "sdconcepts"
+
+
+# The host's txt2img components our Train tab reads for its previews ("Read parameters from txt2img"), by their
+# elem_id in A1111 1.10, Forge, reForge and Forge-Classic (modules/ui.py, ui_toprow.py, scripts/sampler.py, seed.py);
+# the keys are train_tab.PREVIEW_FROM_TXT2IMG's sources.
+HOST_TXT2IMG_IDS = {"txt2img_prompt": "prompt", "txt2img_neg_prompt": "negative", "txt2img_steps": "steps",
+                    "txt2img_sampling": "sampler", "txt2img_scheduler": "schedule", "txt2img_cfg_scale": "cfg_scale",
+                    "txt2img_seed": "seed"}
 
 
 class Registration:
@@ -29,6 +39,7 @@ class Registration:
     session: UiSession | None = None
     blocks: Any = None
     host_model: Any = None  # host.model.HostModel: our view of the host's loaded model
+    txt2img: dict[str, Any] = {}  # noqa: RUF012 -- HOST_TXT2IMG_IDS' components, as the host builds its page
 
 
 def host_config() -> UiConfig:
@@ -80,14 +91,24 @@ def host_config() -> UiConfig:
     )
 
 
-def build_tabs(session: UiSession) -> list[tuple[Any, str, str]]:
+def build_tabs(session: UiSession, host_txt2img: dict[str, Any] | None = None) -> list[tuple[Any, str, str]]:
     """What ``on_ui_tabs`` returns: ``[(blocks, title, elem_id)]``. The host loads our JS and CSS files itself.
 
-    Built without our img2img and PNG Info tabs: the host has its own, and nothing here duplicates them.
+    Our tab inside a host holds what the host lacks: the Train tab and the embedding tools (``app.build_hosted_ui``);
+    prompts, pictures and the card pages are the host's own. ``host_txt2img``: the host's txt2img components the
+    Train tab reads for its previews (by default those collected by ``on_after_component``).
     """
     from sdconcepts.ui.app import build_ui  # lazy: gradio
 
-    return [(build_ui(session, standalone=False), TAB_TITLE, TAB_ID)]
+    components = Registration.txt2img if host_txt2img is None else host_txt2img
+    return [(build_ui(session, standalone=False, host_txt2img=components), TAB_TITLE, TAB_ID)]
+
+
+def on_after_component(component: Any, **kwargs: Any) -> None:
+    """Keep the host's txt2img components the Train tab reads (A1111 builds txt2img before calling on_ui_tabs)."""
+    source = HOST_TXT2IMG_IDS.get(str(kwargs.get("elem_id") or getattr(component, "elem_id", None) or ""))
+    if source is not None:
+        Registration.txt2img[source] = component
 
 
 def on_ui_tabs() -> list[tuple[Any, str, str]]:
@@ -120,6 +141,7 @@ def unregister() -> None:
         remove(on_ui_tabs)
         remove(on_app_started)
         remove(on_model_loaded)
+        remove(on_after_component)
         remove(unregister)
     if Registration.host_model is not None:
         Registration.host_model.forget()
@@ -127,6 +149,7 @@ def unregister() -> None:
         Registration.session.unload()
     Registration.session = None
     Registration.blocks = None
+    Registration.txt2img = {}
 
 
 def register() -> bool:
@@ -144,7 +167,12 @@ def register() -> bool:
         remove(on_ui_tabs)
         remove(on_app_started)
         remove(on_model_loaded)
+        remove(on_after_component)
         remove(unregister)
+    Registration.txt2img = {}
+    on_after_component_hook = getattr(script_callbacks, "on_after_component", None)
+    if on_after_component_hook is not None:  # without it the previews keep their own settings
+        on_after_component_hook(on_after_component)
     script_callbacks.on_ui_tabs(on_ui_tabs)
     on_app_started_hook = getattr(script_callbacks, "on_app_started", None)
     if on_app_started_hook is not None:  # every A1111 1.x / Forge has it; older forks may not

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from sdconcepts.ui.png_info_tab import FIELDS, IMG2IMG_FIELDS, build_png_info_ta
 from sdconcepts.ui.train_tab import build_train_tab
 from sdconcepts.ui.ui_session import UiError, UiSession
 
-__all__ = ["ROOT_ID", "build_ui", "launch_app", "read_css", "read_js"]
+__all__ = ["ROOT_ID", "build_hosted_ui", "build_ui", "launch_app", "read_css", "read_js"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ EXTENSION_ROOT = Path(__file__).resolve().parent.parent.parent
 CSS_PATH = EXTENSION_ROOT / "style.css"
 JS_PATH = EXTENSION_ROOT / "javascript" / "sdconcepts.js"
 TITLE = "sdconcepts"
-# The standalone app's top-level tabs (inside a host, only the txt2img part is built, without these tabs).
+# The standalone app's top-level tabs (inside a host they are the host's own).
 MAIN_TAB_IDS = {"txt2img": "sdconcepts_main_txt2img", "img2img": "sdconcepts_main_img2img",
                 "png_info": "sdconcepts_main_png_info"}
 
@@ -74,14 +74,17 @@ def read_js() -> str:
 
 
 def build_ui(session: UiSession, *, css: str | None = None, jobs: train_jobs.TrainingJobs | None = None,
-             standalone: bool = True) -> gr.Blocks:
-    """The whole UI: model picker, prompts, and the txt2img / Textual Inversion / Hypernetworks / Train tabs.
+             standalone: bool = True, host_txt2img: Mapping[str, Any] | None = None) -> gr.Blocks:
+    """The whole UI: model picker, prompts, and the txt2img / Textual Inversion / Hypernetworks / Train tabs, beside
+    the img2img and PNG Info tabs.
 
-    ``standalone`` adds the img2img and PNG Info tabs and the send buttons; inside a host (A1111/Forge) they are
-    left out, since the host has its own. ``jobs`` holds the training job; pages loaded later (reloads) show the one
-    that runs.
+    ``standalone=False`` builds our tab inside a host (A1111, Forge, reForge, Forge-Classic): only what the host lacks,
+    the Train tab and the embedding tools, on the model picker; prompts, pictures and the card pages are the host's
+    own (``build_hosted_ui``). ``jobs`` holds the training job; pages loaded later (reloads) show the one that runs.
     """
     jobs = jobs or train_jobs.TrainingJobs(session.generate_lock)
+    if not standalone:
+        return build_hosted_ui(session, css=css, jobs=jobs, host_txt2img=host_txt2img or {})
     choices = list(session.model_choices())
     initial_model = session.default_choice()
     ti_view = handlers.embedding_cards_view(session, model_label=initial_model)
@@ -92,14 +95,14 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train_jobs.Tra
             with gr.Row(elem_classes=["sdconcepts-model-row"]):
                 model = gr.Dropdown(choices, value=initial_model, label="Model", elem_id="sdconcepts_model", scale=4)
                 model_refresh = gr.Button("Refresh models", elem_id="sdconcepts_model_refresh", scale=1)
-                if standalone and session.config.cpu_threads is not None:  # a host keeps its own thread count
+                if session.config.cpu_threads is not None:
                     threads = gr.Dropdown(thread_choices(session.config.cpu_threads), value=session.config.cpu_threads, label="CPU threads",
                                           elem_id="sdconcepts_cpu_threads", scale=1,
                                           info="auto: the cores other work leaves free, chosen before each job")
                     threads.change(guard(session.set_cpu_threads), inputs=[threads], outputs=[threads],
                                    show_progress="hidden")
             cards = _CardTabs(session, model)
-            page = _lay_out_pages(session, model, ti_view, hn_view, cards, standalone)
+            page = _lay_out_pages(session, model, ti_view, hn_view, cards)
         page.update(infotexts=gr.State([]), seeds=gr.State([]), selected=gr.State(None), images=gr.State([]))
         controls = page["controls"]
 
@@ -111,13 +114,11 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train_jobs.Tra
             # each tab's (embedding, hypernetwork) renderers in that order.
             build_embedding_tools(session, model, cards.renderers[::2])
 
-        # -- send buttons (standalone only) --
-        if standalone:
-            _wire_send_buttons(
-                page["main_tabs"], page["img2img"], page["png_info"],
-                {"prompt": page["prompt"], "negative": page["negative"], **controls},
-                (page["send_img2img"], page["send_inpaint"], page["images"], page["infotexts"], page["selected"]),
-            )
+        _wire_send_buttons(
+            page["main_tabs"], page["img2img"], page["png_info"],
+            {"prompt": page["prompt"], "negative": page["negative"], **controls},
+            (page["send_img2img"], page["send_inpaint"], page["images"], page["infotexts"], page["selected"]),
+        )
 
         # -- train --
         with page["train_tab"]:
@@ -127,6 +128,39 @@ def build_ui(session: UiSession, *, css: str | None = None, jobs: train_jobs.Tra
                  **{key: controls[key] for key in ("steps", "sampler", "cfg_scale", "seed")}},
                 cards.renderers,
             )
+    return blocks
+
+
+# Our tab inside a host: what it holds, and where the rest is.
+HOSTED_INTRO = ("Train embeddings and hypernetworks on the model the host has loaded, and edit embeddings. Prompts, "
+                "pictures and the Textual Inversion and Hypernetworks card pages are the host's own (txt2img, img2img "
+                "and their card pages); ticking \"Read parameters from txt2img\" makes the previews use the host's "
+                "txt2img prompt and settings.")
+
+
+def build_hosted_ui(session: UiSession, *, css: str | None, jobs: train_jobs.TrainingJobs,
+                    host_txt2img: Mapping[str, Any]) -> gr.Blocks:
+    """Our tab inside a host: the model picker, the Train tab and the embedding tools.
+
+    ``host_txt2img`` maps the Train form's preview sources (``train_tab.PREVIEW_FROM_TXT2IMG``: prompt, negative,
+    steps, sampler, schedule, cfg_scale, seed) to the host's txt2img components (``host.a1111`` collects them as the
+    host builds its page); a source the host lacks keeps the run's default.
+    """
+    with gr.Blocks(analytics_enabled=False, title=TITLE, **blocks_kwargs(css)) as blocks:
+        with gr.Column(elem_id=ROOT_ID, elem_classes=["sdconcepts", "sdconcepts-hosted"]):
+            with gr.Row(elem_classes=["sdconcepts-model-row"]):
+                model = gr.Dropdown(list(session.model_choices()), value=session.default_choice(), label="Model",
+                                    elem_id="sdconcepts_model", scale=4)
+                model_refresh = gr.Button("Refresh models", elem_id="sdconcepts_model_refresh", scale=1)
+            gr.Markdown(HOSTED_INTRO, elem_id="sdconcepts_hosted_intro")
+            with gr.Tabs(elem_id="sdconcepts_tabs"):
+                with gr.Tab("Train", id="sdconcepts_train_tab", elem_id="sdconcepts_tab_train_root"):
+                    with gr.Column(elem_id="sdconcepts_train_root"):
+                        build_train_tab(blocks, session, jobs, model, dict(host_txt2img), [])
+                with gr.Tab("Embedding tools", id="sdconcepts_ti_tools_tab", elem_id="sdconcepts_tab_ti_tools"):
+                    with gr.Column(elem_id="sdconcepts_ti_tools_root"):
+                        build_embedding_tools(session, model, [], hosted=True)
+        _wire_model_refresh(session, model, model_refresh)
     return blocks
 
 
@@ -197,56 +231,50 @@ def thread_choices(current: str) -> list[str]:
 
 
 def _lay_out_pages(session: UiSession, model: Any, ti_view: handlers.CardsView, hn_view: handlers.CardsView,
-                   cards: _CardTabs, standalone: bool) -> dict[str, Any]:
-    """txt2img's prompts, settings, card tabs and gallery; standalone, inside main tabs beside img2img and PNG Info.
+                   cards: _CardTabs) -> dict[str, Any]:
+    """txt2img's prompts, settings, card tabs and gallery, inside main tabs beside img2img and PNG Info.
 
     Returns the components the wiring needs by name; the Train tab and the embedding tools are left as empty
     columns (``train_tab``, ``ti_tools``), filled once the rest is wired.
     """
     c: dict[str, Any] = {}
-    with ExitStack() as main_tabs_context, ExitStack() as txt2img_tab:
-        if standalone:
-            c["main_tabs"] = main_tabs_context.enter_context(gr.Tabs(elem_id="sdconcepts_main_tabs"))
-            txt2img_tab.enter_context(gr.Tab("txt2img", id=MAIN_TAB_IDS["txt2img"],
-                                             elem_id="sdconcepts_main_tab_txt2img"))
-        with gr.Row():
-            with gr.Column(scale=5):
-                c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="sdconcepts_prompt",
-                                         placeholder="Prompt (click a card below to insert it)")
-                c["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="sdconcepts_neg_prompt",
-                                           placeholder="Negative prompt")
-            with gr.Column(scale=1, min_width=160):
-                c["generate"] = gr.Button("Generate", variant="primary", elem_id="sdconcepts_generate")
-        with gr.Row():
-            with gr.Column(scale=1):
-                with gr.Tabs(elem_id="sdconcepts_tabs"):
-                    with gr.Tab("txt2img", id="sdconcepts_txt2img", elem_id="sdconcepts_tab_txt2img"):
-                        c["controls"] = generation_controls("sdconcepts_")
-                    with gr.Tab("Textual Inversion", id="sdconcepts_ti", elem_id="sdconcepts_tab_ti"):
-                        c["ti"] = card_tab("ti", "Textual Inversion", ti_view)
-                        c["ti_tools"] = gr.Column(elem_id="sdconcepts_ti_tools_root")
-                    with gr.Tab("Hypernetworks", id="sdconcepts_hn", elem_id="sdconcepts_tab_hn"):
-                        c["hn"] = card_tab("hn", "Hypernetworks", hn_view)
-                    with gr.Tab("Train", id="sdconcepts_train_tab", elem_id="sdconcepts_tab_train_root"):
-                        c["train_tab"] = gr.Column(elem_id="sdconcepts_train_root")
-            with gr.Column(scale=1):
-                c["gallery"] = make(
-                    gr.Gallery, label="Images", elem_id="sdconcepts_gallery", columns=4, height="auto",
-                    optional={"format": "png", "object_fit": "contain", "preview": True},
-                )
-                if standalone:
+    with gr.Tabs(elem_id="sdconcepts_main_tabs") as c["main_tabs"]:
+        with gr.Tab("txt2img", id=MAIN_TAB_IDS["txt2img"], elem_id="sdconcepts_main_tab_txt2img"):
+            with gr.Row():
+                with gr.Column(scale=5):
+                    c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id="sdconcepts_prompt",
+                                             placeholder="Prompt (click a card below to insert it)")
+                    c["negative"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="sdconcepts_neg_prompt",
+                                               placeholder="Negative prompt")
+                with gr.Column(scale=1, min_width=160):
+                    c["generate"] = gr.Button("Generate", variant="primary", elem_id="sdconcepts_generate")
+            with gr.Row():
+                with gr.Column(scale=1):
+                    with gr.Tabs(elem_id="sdconcepts_tabs"):
+                        with gr.Tab("txt2img", id="sdconcepts_txt2img", elem_id="sdconcepts_tab_txt2img"):
+                            c["controls"] = generation_controls("sdconcepts_")
+                        with gr.Tab("Textual Inversion", id="sdconcepts_ti", elem_id="sdconcepts_tab_ti"):
+                            c["ti"] = card_tab("ti", "Textual Inversion", ti_view)
+                            c["ti_tools"] = gr.Column(elem_id="sdconcepts_ti_tools_root")
+                        with gr.Tab("Hypernetworks", id="sdconcepts_hn", elem_id="sdconcepts_tab_hn"):
+                            c["hn"] = card_tab("hn", "Hypernetworks", hn_view)
+                        with gr.Tab("Train", id="sdconcepts_train_tab", elem_id="sdconcepts_tab_train_root"):
+                            c["train_tab"] = gr.Column(elem_id="sdconcepts_train_root")
+                with gr.Column(scale=1):
+                    c["gallery"] = make(
+                        gr.Gallery, label="Images", elem_id="sdconcepts_gallery", columns=4, height="auto",
+                        optional={"format": "png", "object_fit": "contain", "preview": True},
+                    )
                     with gr.Row():
                         c["send_img2img"] = gr.Button("Send to img2img", elem_id="sdconcepts_send_to_img2img")
                         c["send_inpaint"] = gr.Button("Send to inpaint", elem_id="sdconcepts_send_to_inpaint")
-                c["warnings"] = gr.HTML("", elem_id="sdconcepts_warnings")
-                c["infotext"] = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
-                                           elem_id="sdconcepts_infotext")
-        txt2img_tab.close()
-        if standalone:
-            with gr.Tab("img2img", id=MAIN_TAB_IDS["img2img"], elem_id="sdconcepts_main_tab_img2img"):
-                c["img2img"] = build_img2img_tab(session, model, ti_view, hn_view, cards.wire)
-            with gr.Tab("PNG Info", id=MAIN_TAB_IDS["png_info"], elem_id="sdconcepts_main_tab_png_info"):
-                c["png_info"] = build_png_info_tab()
+                    c["warnings"] = gr.HTML("", elem_id="sdconcepts_warnings")
+                    c["infotext"] = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                                               elem_id="sdconcepts_infotext")
+        with gr.Tab("img2img", id=MAIN_TAB_IDS["img2img"], elem_id="sdconcepts_main_tab_img2img"):
+            c["img2img"] = build_img2img_tab(session, model, ti_view, hn_view, cards.wire)
+        with gr.Tab("PNG Info", id=MAIN_TAB_IDS["png_info"], elem_id="sdconcepts_main_tab_png_info"):
+            c["png_info"] = build_png_info_tab()
     return c
 
 

@@ -20,9 +20,14 @@ def _message(text: str, css: str) -> str:
 
 
 def build_embedding_tools(session: UiSession, model: Any,
-                          after_change: Sequence[tuple[Callable[..., Any], list[Any], list[Any]]]) -> dict[str, Any]:
-    """Build the accordion inside the current layout context; ``after_change`` re-renders the card tabs."""
-    with gr.Accordion("Embedding tools", open=False, elem_id="sdconcepts_ti_tools"):
+                          after_change: Sequence[tuple[Callable[..., Any], list[Any], list[Any]]], *,
+                          hosted: bool = False) -> dict[str, Any]:
+    """Build the accordion inside the current layout context; ``after_change`` re-renders the card tabs.
+
+    ``hosted``: inside a host the tools are a tab of their own (open), and the on-the-fly conversion setting, which
+    only our generator applies, is left out (the host's txt2img encodes the prompts there).
+    """
+    with gr.Accordion("Embedding tools", open=hosted, elem_id="sdconcepts_ti_tools"):
         gr.HTML('<div class="sdconcepts-tools-help">Embeddings are named as in prompts. Mix: <code>0.5*toytri + '
                 '0.5*"red triangle"</code> sums terms of equal vector counts ("words" are their token embeddings; '
                 "<code>name[0:2]</code> selects vectors); <code>|</code> or <code>,</code> concatenates.</div>",
@@ -56,7 +61,8 @@ def build_embedding_tools(session: UiSession, model: Any,
             convert = gr.Button("Write SDXL copy", elem_id="sdconcepts_ti_tools_convert")
         on_the_fly = gr.Checkbox(value=session.convert_sd1_on_sdxl,
                                  label="Use SD 1.x embeddings on SDXL models, converted on the fly (A1111 skips them; "
-                                 "the infotext says so)", elem_id="sdconcepts_ti_tools_on_the_fly")
+                                 "the infotext says so)", elem_id="sdconcepts_ti_tools_on_the_fly",
+                                 visible=not hosted)
         with gr.Row():
             file_format = gr.Dropdown(list(embedding_tools_handlers.FORMATS), value=".pt", label="File format",
                                       elem_id="sdconcepts_ti_tools_format")

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image, ImageChops
 
 from sdconcepts.backends.sampler_start import ImageSource
-from sdconcepts.generation import SAMPLERS, GenerationError, parse_infotext
+from sdconcepts.generation import GenerationError, engine_sampler, parse_infotext
 from sdconcepts.images import ImageProblem, open_image
 from sdconcepts.img2img import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES, Img2ImgOptions
 from sdconcepts.limits import MAX_INFOTEXT_CHARS, MAX_SOURCE_PIXELS
@@ -170,14 +170,11 @@ def paste_fields(infotext: str | None) -> PastedFields:
         return PastedFields()
     prompt, negative, fields = parse_infotext(infotext)
     notes: list[str] = []
-    sampler = fields.get("Sampler")
+    written = fields.get("Sampler")
     # A1111 1.9+ writes the schedule apart ("Sampler: DPM++ 2M, Schedule type: Karras"); older ones in the name.
-    schedule = fields.get("Schedule type")
-    if sampler is not None and schedule and f"{sampler} {schedule}" in SAMPLERS:
-        sampler = f"{sampler} {schedule}"
-    elif sampler is not None and sampler not in SAMPLERS:
-        notes.append(f"sampler {sampler!r} is not available here; the sampler was left as it was")
-        sampler = None
+    sampler = engine_sampler(written, fields.get("Schedule type"))
+    if written is not None and sampler is None:
+        notes.append(f"sampler {written!r} is not available here; the sampler was left as it was")
     width = height = None
     size = fields.get("Size", "")
     if "x" in size:

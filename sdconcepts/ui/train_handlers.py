@@ -17,6 +17,7 @@ from typing import Any
 from sdconcepts.embeddings.files import EMBEDDING_SUFFIXES
 from sdconcepts.embeddings.folder_scan import is_preview_image
 from sdconcepts.file_names import InvalidNameError
+from sdconcepts.generation import engine_sampler
 from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
 from sdconcepts.training.config import (
     ConfigError,
@@ -368,6 +369,8 @@ class TrainForm:
     early_stop: bool = False
     early_stop_window: float | None = 5
     compile_unet: bool = False
+    # A1111 1.9+ keeps txt2img's schedule type apart from the sampler (inside a host: #txt2img_scheduler).
+    preview_schedule: str | None = None
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -398,17 +401,32 @@ class TrainForm:
             "compile_unet": bool(self.compile_unet),
         }
         if self.read_txt2img:
-            values.update(
-                preview_prompt=self.preview_prompt or "", preview_negative_prompt=self.preview_negative_prompt or "",
-                preview_steps=self.preview_steps, preview_sampler=self.preview_sampler,
-                preview_cfg_scale=float(self.preview_cfg_scale), preview_seed=self.preview_seed,
-            )
+            # Inside a host a txt2img field the host does not have (a fork renamed it) stays at the run's default.
+            read = {"preview_prompt": self.preview_prompt, "preview_negative_prompt": self.preview_negative_prompt,
+                    "preview_steps": self.preview_steps, "preview_sampler": self.preview_sampler_used()[0],
+                    "preview_cfg_scale": self.preview_cfg_scale, "preview_seed": self.preview_seed}
+            values.update({key: value for key, value in read.items() if value is not None})
         return values
+
+    def preview_sampler_used(self) -> tuple[str | None, str]:
+        """The sampler the previews use when txt2img's are read, and a note when txt2img's is not one of ours (a
+        host's txt2img offers samplers this engine lacks: the previews then use Euler a, and say so)."""
+        if not self.read_txt2img or not self.preview_sampler:
+            return None, ""
+        sampler = engine_sampler(self.preview_sampler, self.preview_schedule)
+        if sampler is not None:
+            return sampler, ""
+        return FALLBACK_PREVIEW_SAMPLER, (f"Previews use {FALLBACK_PREVIEW_SAMPLER}: txt2img's sampler "
+                                          f"{self.preview_sampler!r} is not one this engine has.")
+
+
+FALLBACK_PREVIEW_SAMPLER = "Euler a"
 
 
 @dataclass(frozen=True)
 class TrainStart:
-    """What a Train click did: the job it started, or why nothing started (a message, the fields' problems)."""
+    """What a Train click did: the job it started (and a note about it, if any), or why nothing started (a message,
+    the fields' problems)."""
 
     job: TrainingJob | None
     message: str = ""
@@ -426,4 +444,4 @@ def start_from_form(session: UiSession, jobs: TrainingJobs, kind: str, model_lab
         job = start_training(session, jobs, kind, model_label, name, config)
     except UiError as exc:
         return TrainStart(None, str(exc), problems)
-    return TrainStart(job, "", problems)
+    return TrainStart(job, form.preview_sampler_used()[1], problems)

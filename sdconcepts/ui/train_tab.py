@@ -65,7 +65,8 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train_jobs.Trai
     _wire_preprocess(session, pre)
     _wire_names_refresh(blocks, session, c)
     form = {**{key: c[key] for key in TrainForm.keys() if key in c},
-            **{f"preview_{key}": txt2img[source] for key, source in PREVIEW_FROM_TXT2IMG.items()}}
+            **{f"preview_{key}": txt2img[source] if source in txt2img else gr.State(None)
+               for key, source in PREVIEW_FROM_TXT2IMG.items()}}
     trained = _wire_training(session, jobs, model, c, form)
     chain_after([*created, *trained], after_change)
     _wire_model_change(session, model, hn, c, pre)
@@ -77,7 +78,7 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train_jobs.Trai
 
 # The Train form's preview fields, read from these txt2img components (``TrainForm.preview_*``).
 PREVIEW_FROM_TXT2IMG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "sampler": "sampler",
-                        "cfg_scale": "cfg_scale", "seed": "seed"}
+                        "cfg_scale": "cfg_scale", "seed": "seed", "schedule": "schedule"}
 
 
 def _size_row(fit: FormDefaults, id_prefix: str) -> dict[str, Any]:
@@ -339,8 +340,10 @@ def _wire_training(session: UiSession, jobs: train_jobs.TrainingJobs, model: Any
             return
         keep = [update() for _ in error_values]
         for index, view in enumerate(train_jobs.follow(jobs, job=started.job)):
-            # Only the first update clears the messages: a refusal shown meanwhile must stay.
-            yield ["", *error_values, *_view_values(view)] if index == 0 else [update(), *keep, *_view_values(view)]
+            # Only the first update clears the messages (or shows the start's note): a refusal shown meanwhile must
+            # stay.
+            first = [_message(started.message, "sdconcepts-field-ok"), *error_values, *_view_values(view)]
+            yield first if index == 0 else [update(), *keep, *_view_values(view)]
 
     def on_train_ti(model_label: str, name: str, *values: Any):
         yield from start("embedding", model_label, name, values)

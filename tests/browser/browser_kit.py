@@ -85,6 +85,9 @@ def wait_for_server(url: str, process: subprocess.Popen[bytes], log: Path) -> No
 
 # The default run serves the app standalone; CI and tools/host_stacks.sh also run the hosted page.
 MODES = [m.strip() for m in os.environ.get("SDCONCEPTS_BROWSER_MODES", "standalone,hosted").split(",") if m.strip()]
+# Our txt2img, card pages and generator exist in the standalone app only: inside a host our tab holds the Train tab
+# and the embedding tools, and the prompts and card pages are the host's own (ui/app.py build_hosted_ui).
+STANDALONE_MODES = [m for m in MODES if m == "standalone"]
 
 
 @contextmanager

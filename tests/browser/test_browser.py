@@ -1,8 +1,7 @@
 """The web UI in a real browser (Playwright driving Debian's chromium) against an app the test starts.
 
-Two ways of serving the same UI: ``standalone`` (``python -m sdconcepts``) and ``hosted`` (our tab inside a page
-built the way A1111/Forge build theirs, tests/browser/hosted_app.py); both run by default, and
-``SDCONCEPTS_BROWSER_MODES=standalone`` picks one. Served and driven through
+The standalone app (``python -m sdconcepts``): our txt2img, card pages and generator, which exist only there (inside
+a host our tab holds the Train tab and the embedding tools; test_train_tab.py serves both). Served and driven through
 browser_kit.py.
 """
 
@@ -15,8 +14,8 @@ import pytest
 from browser_kit import (
     CHROMIUM,
     CHROMIUM_ARGS,
-    MODES,
     OUTPUT,
+    STANDALONE_MODES,
     TIMEOUT_MS,
     app_command,
     errors,
@@ -33,7 +32,7 @@ from browser_kit import (
 from library_files import write_library
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=STANDALONE_MODES)
 def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     mode = request.param
     tmp = tmp_path_factory.mktemp(f"browser-{mode}")
@@ -55,9 +54,6 @@ def test_cards_insert_tags_and_generate(app: tuple[str, str]) -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(url)
-            if mode == "hosted":
-                host_tab = page.locator('#tabs button[role="tab"], #tabs .tab-nav button')
-                host_tab.filter(has_text="sdconcepts").filter(visible=True).first.click()
             page.wait_for_selector(prompt, state="visible")
             page.wait_for_function("() => window.sdconcepts && window.sdconcepts.installed")
 
@@ -102,8 +98,6 @@ def test_cards_insert_tags_and_generate(app: tuple[str, str]) -> None:
             assert value(page, prompt) == "a red circle <hypernet:anime-hypernet:1> on teal toy-style"
             assert value(page, negative) == "lineart"
             page.screenshot(path=str(OUTPUT / f"{mode}-textual-inversion.png"), full_page=True)
-            if mode == "hosted":
-                assert value(page, "#txt2img_prompt textarea") == "the host's own prompt"
 
             # Generate one image: gallery and infotext show what the server received from the prompt boxes.
             open_tab(page, "txt2img")

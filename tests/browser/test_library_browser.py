@@ -2,7 +2,7 @@
 user-metadata editor, and clicks that insert the activation text and use the preferred weight.
 
 Times (to the first usable card, per search) are printed, not asserted beyond a loose bound: speed goals are
-measured by bench/bench_library.py. Served standalone and hosted, as in test_browser.py (SDCONCEPTS_BROWSER_MODES).
+measured by bench/bench_library.py. Served standalone only: inside a host the card pages are the host's own.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import torch
 from browser_kit import (
     APP_PYTHON,
     CHROMIUM,
-    HERE,
-    MODES,
     OUTPUT,
     ROOT,
+    STANDALONE_MODES,
     TIMEOUT_MS,
     WEBGL_CHROMIUM_ARGS,
     free_port,
@@ -61,7 +60,7 @@ def _write_big_library(root: Path, width: int) -> tuple[Path, Path]:
     return embeddings, hypernetworks
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=STANDALONE_MODES)
 def big_app(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str, Path, Path]]:
@@ -72,15 +71,11 @@ def big_app(
     embeddings, hypernetworks = _write_big_library(tmp, width)
     print(f"\nwrote {EMBEDDINGS + 1} embeddings in {time.monotonic() - start:.0f} s")
     port = free_port()
-    if mode == "standalone":
-        command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--no-examples",
-                   "--embeddings-dir", str(embeddings), "--hypernetworks-dir", str(hypernetworks),
-                   "--outputs-dir", str(tmp / "outputs")]
-        if model != "-":
-            command += ["--ckpt", model]
-    else:  # our tab inside a page built the way A1111/Forge build theirs
-        command = [APP_PYTHON, str(HERE / "hosted_app.py"), str(port), model, str(embeddings), str(hypernetworks),
-                   str(tmp / "outputs")]
+    command = [APP_PYTHON, "-m", "sdconcepts", "--port", str(port), "--no-examples",
+               "--embeddings-dir", str(embeddings), "--hypernetworks-dir", str(hypernetworks),
+               "--outputs-dir", str(tmp / "outputs")]
+    if model != "-":
+        command += ["--ckpt", model]
     # The app runs this checkout's code (the interpreter's installed sdconcepts may be another checkout).
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
@@ -170,9 +165,6 @@ def test_big_library_pages_search_metadata_editor_and_clicks(big_app: tuple[str,
             page.set_default_timeout(TIMEOUT_MS)
             start = time.monotonic()
             page.goto(url)
-            if mode == "hosted":
-                host_tab = page.locator('#tabs button[role="tab"], #tabs .tab-nav button')
-                host_tab.filter(has_text="sdconcepts").filter(visible=True).first.click()
             page.wait_for_selector(prompt, state="visible")
             page.wait_for_function("() => window.sdconcepts && window.sdconcepts.installed")
             open_tab(page, "Textual Inversion")

@@ -1,9 +1,11 @@
 """The Train tab in a real browser (Playwright driving Debian's chromium) on the default model.
 
-Preprocess a dataset, create an embedding, train it with a preview every 2 steps, watch the status, loss plot and a preview arrive, reload
-the page and find the running job again, have a second Train click refused, interrupt, and find the embedding among
-the Textual Inversion cards. Runs standalone and hosted (tests/browser/hosted_app.py) as test_browser.py does
-(``SDCONCEPTS_BROWSER_MODES``); saves ``train-tab-<mode>.png`` to the browser output folder.
+Preprocess a dataset, create an embedding, train it with a preview every 2 steps, watch the status, loss plot and a
+preview arrive, reload the page and find the running job again, have a second Train click refused, interrupt. Runs
+standalone and hosted (tests/browser/hosted_app.py; ``SDCONCEPTS_BROWSER_MODES``). The previews read "txt2img":
+standalone our txt2img tab's settings, and the new embedding is then among our Textual Inversion cards; hosted the
+host's txt2img (its prompt, steps, and A1111's sampler and schedule type kept apart: "DPM++ 2M" + "Karras"), which
+the previews' infotext shows. Saves ``train-tab-<mode>.png`` to the browser output folder.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import browser_kit as kit
 import pytest
 from browser_kit import choose, fill, open_sub_tab, screenshot
 from page_waits import wait_text
+from PIL import Image
 
 from sdconcepts.toyworld.concept import write_concept
 
@@ -35,11 +38,29 @@ def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         yield mode, url, dataset
 
 
+def _host_tab(page, name: str) -> None:  # type: ignore[no-untyped-def]
+    host_tab = page.locator('#tabs button[role="tab"], #tabs .tab-nav button')
+    host_tab.filter(has_text=name).filter(visible=True).first.click()
+
+
 def _open_our_page(page, mode: str) -> None:  # type: ignore[no-untyped-def]
     if mode == "hosted":
-        host_tab = page.locator('#tabs button[role="tab"], #tabs .tab-nav button')
-        host_tab.filter(has_text="sdconcepts").filter(visible=True).first.click()
+        _host_tab(page, "sdconcepts")
+        page.wait_for_selector("#sdconcepts_train_root", state="visible")
+        # Our tab holds no prompt or cards of its own there: the host's are the ones.
+        assert page.locator("#sdconcepts_prompt, #sdconcepts_generate, #sdconcepts_ti_cards").count() == 0
+        return
     page.wait_for_selector("#sdconcepts_prompt textarea", state="visible")
+
+
+def _set_preview_steps(page, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """Previews use the txt2img settings: few sampling steps keep them quick (the host's txt2img, hosted)."""
+    if mode == "hosted":
+        _host_tab(page, "txt2img")
+        fill(page, "#txt2img_steps input[type=number]", "3")
+        _open_our_page(page, mode)
+        return
+    fill(page, "#sdconcepts_steps input[type=number]", "3")
 
 
 def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, str, Path]) -> None:
@@ -51,8 +72,7 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
             page.set_default_timeout(kit.TIMEOUT_MS)
             page.goto(url)
             _open_our_page(page, mode)
-            # Previews use the txt2img settings: few sampling steps keep them quick.
-            fill(page, "#sdconcepts_steps input[type=number]", "3")
+            _set_preview_steps(page, mode)
             kit.open_tab(page, "Train")
 
             # Preprocess the dataset: 3 images at the training size, each with a flipped copy, captions copied.
@@ -123,9 +143,18 @@ def test_create_train_watch_reload_interrupt_and_find_the_card(app: tuple[str, s
             page.locator("#sdconcepts_train_previews img").first.wait_for(state="visible")
             screenshot(page, kit.OUTPUT / f"train-tab-{mode}.png")
 
-            # The trained file is among the Textual Inversion cards without a restart.
-            kit.open_tab(page, "Textual Inversion")
-            page.locator('#sdconcepts_ti_cards .sdconcepts-card[data-name="uitoy"]').wait_for(state="visible")
+            if mode == "hosted":
+                # The previews were made with the host's txt2img settings.
+                previews = sorted(p for p in dataset.parent.rglob("uitoy-*.png") if p.parent.name == "images")
+                assert previews, list(dataset.parent.rglob("*.png"))
+                with Image.open(previews[-1]) as picture:
+                    info = str(picture.info.get("parameters", ""))
+                assert info.startswith("the host's own prompt"), info
+                assert "Steps: 3," in info and "DPM++ 2M" in info and "Karras" in info, info
+            else:
+                # The trained file is among the Textual Inversion cards without a restart.
+                kit.open_tab(page, "Textual Inversion")
+                page.locator('#sdconcepts_ti_cards .sdconcepts-card[data-name="uitoy"]').wait_for(state="visible")
         except Exception:
             screenshot(page, kit.OUTPUT / f"train-tab-{mode}-failure.png")
             raise

@@ -24,6 +24,16 @@ SCRIPT_CALLBACKS = '''
 callbacks_ui_tabs = []
 callbacks_script_unloaded = []
 callbacks_app_started = []
+callbacks_after_component = []
+
+
+def on_after_component(callback, *, name=None):
+    callbacks_after_component.append(callback)
+
+
+def after_component_callback(component, **kwargs):
+    for callback in list(callbacks_after_component):
+        callback(component, **kwargs)
 
 
 def on_app_started(callback, *, name=None):
@@ -39,7 +49,7 @@ def on_script_unloaded(callback, *, name=None):
 
 
 def remove_callbacks_for_function(callback):
-    for callbacks in (callbacks_ui_tabs, callbacks_script_unloaded, callbacks_app_started):
+    for callbacks in (callbacks_ui_tabs, callbacks_script_unloaded, callbacks_app_started, callbacks_after_component):
         while callback in callbacks:
             callbacks.remove(callback)
 
@@ -65,6 +75,7 @@ def clear_callbacks():
     callbacks_ui_tabs.clear()
     callbacks_script_unloaded.clear()
     callbacks_app_started.clear()
+    callbacks_after_component.clear()
 '''
 
 
@@ -116,13 +127,30 @@ def test_extension_registers_one_tab_and_unregisters_before_a_reload(host: dict[
     # An A1111-like host (no modules_forge): no Forge script, no hypernet network or page of ours.
     assert not hasattr(module, "SdconceptsHypernetworks")
     assert len(script_callbacks.callbacks_app_started) == 1
+    assert len(script_callbacks.callbacks_after_component) == 1
+    # The host builds its txt2img page first, announcing each component (A1111's patched gradio constructors).
+    with gr.Blocks():
+        host_prompt = gr.Textbox(elem_id="txt2img_prompt")
+        script_callbacks.after_component_callback(host_prompt, elem_id="txt2img_prompt")
+        host_steps = gr.Slider(1, 150, elem_id="txt2img_steps")
+        script_callbacks.after_component_callback(host_steps, elem_id="txt2img_steps")
+        other = gr.Textbox(elem_id="img2img_prompt")
+        script_callbacks.after_component_callback(other, elem_id="img2img_prompt")
     tabs = script_callbacks.ui_tabs_callback()
     assert [(title, elem_id) for _, title, elem_id in tabs] == [("sdconcepts", "sdconcepts")]
     blocks = tabs[0][0]
     assert isinstance(blocks, gr.Blocks)
-    html = " ".join(str(c.get("props", {}).get("value", "")) for c in blocks.config["components"])
-    # Our cards read the host's folders and its default-multiplier setting.
-    assert 'data-prompt="&lt;hypernet:anime-hypernet:0.8&gt;"' in html and 'data-name="toy-style"' in html
+    ids = {c.get("props", {}).get("elem_id") for c in blocks.config["components"]}
+    # What the host lacks: the Train tab and the embedding tools; prompts and card pages are the host's.
+    assert {"sdconcepts_train_root", "sdconcepts_ti_tools", "sdconcepts_train_read_txt2img"} <= ids
+    assert not ids & {"sdconcepts_prompt", "sdconcepts_generate", "sdconcepts_ti_cards", "sdconcepts_hn_cards"}
+    # The Train buttons read the host's txt2img prompt and steps for the previews, never its img2img.
+    inputs = {i for d in blocks.config["dependencies"] for i in d["inputs"]}
+    assert {host_prompt._id, host_steps._id} <= inputs and other._id not in inputs
+    from sdconcepts.host import a1111
+
+    assert a1111.Registration.session is not None
+    assert list(a1111.Registration.session.config.embeddings_dirs) == [host["embeddings"]]
 
     script_callbacks.app_started_callback(None, None)  # gradio 3 or no demo: nothing to describe, no error
     script_callbacks.script_unloaded_callback()  # "Reload UI": the host unloads scripts first

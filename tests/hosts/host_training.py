@@ -29,6 +29,7 @@ from typing import Any
 import host_harness as hh
 import numpy as np
 from page_waits import wait_text
+from PIL import Image
 
 from sdconcepts.embeddings.files import load_embedding
 from sdconcepts.toyworld.concept import write_concept
@@ -82,16 +83,22 @@ def _click_tab(page: Any, container: str, label: str) -> None:
 
 
 def open_our_tab(host: hh.Host, page: Any) -> Path:
-    """Write the test dataset, open our tab on the host's page (its default model: the host's) and set the preview
-    sampling steps to 2 (previews sample with the txt2img settings); returns the dataset folder."""
+    """Write the test dataset, set the host's txt2img sampling steps to 2 (our previews read the host's txt2img when
+    asked), open our tab on the host's page (its default model: the host's); returns the dataset folder."""
     dataset = host.dest / "sdconcepts-host-training" / "dataset"
     write_concept(dataset, count=2, seed=7, shape="circle", colour="red")
     page.goto(host.url, wait_until="domcontentloaded")
+    page.locator("#txt2img_prompt textarea").first.wait_for(state="visible")
+    generation = page.locator('#tab_txt2img button[role="tab"], #tab_txt2img .tab-nav button')
+    if generation.filter(has_text="Generation").filter(visible=True).count():  # the sliders' sub-tab (1.6+, Forge)
+        _click_tab(page, "#tab_txt2img", "Generation")
+    _fill(page, "#txt2img_steps input[type=number]", "2")
     _click_tab(page, "#tabs", "sdconcepts")
     model = page.locator("#sdconcepts_model input").first
     model.wait_for(state="visible")
     assert model.input_value() == HOST_MODEL_LABEL, model.input_value()
-    _fill(page, "#sdconcepts_steps input[type=number]", "2")
+    # Our tab holds the Train tab and the embedding tools; the prompts and card pages are the host's.
+    assert page.locator("#sdconcepts_prompt, #sdconcepts_generate, #sdconcepts_ti_cards").count() == 0
     _click_tab(page, "#sdconcepts_tabs", "Train")
     return dataset
 
@@ -143,6 +150,14 @@ def train_and_wait(host: hh.Host, page: Any, kind: str, name: str, *, read_txt2i
     seconds = time.monotonic() - started
     assert f"{name}.pt" in end and "finished at 2 steps" in end, end
     page.locator("#sdconcepts_train_previews img").first.wait_for(state="visible")
+    if read_txt2img:
+        # The preview was made with the host's txt2img settings (open_our_tab set its steps to 2); the Train tab's
+        # default log folder is relative to the host's working folder.
+        previews = sorted((host.dest / "textual_inversion").glob(f"*/{name}/images/{name}-2.png"))
+        assert previews, f"no preview of {name} under {host.dest / 'textual_inversion'}"
+        with Image.open(previews[-1]) as picture:
+            info = str(picture.info.get("parameters", ""))
+        assert "Steps: 2," in info, info
     return seconds
 
 

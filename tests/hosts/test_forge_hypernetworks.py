@@ -171,10 +171,10 @@ _TOO_MANY = "Too many arguments provided for the endpoint"
 def test_forge_console_gets_no_argument_warnings_from_our_events(forge: hh.Host, page: Any) -> None:
     """Forge's gradio 4 page logs "Too many arguments..." once per submitted event that carries data and that /info
     does not describe by id: Forge's own events do (e.g. its checkpoint dropdown's change), ours (open our tab,
-    Refresh, Refresh models, Generate) must not. So during each of our actions the warnings must not outnumber the
+    Refresh models, Train, Inspect) must not. So during each of our actions the warnings must not outnumber the
     data-carrying submissions of events that are not ours (ours: an input whose elem_id starts with sdconcepts_).
-    Generate is sent with an out-of-range seed so it fails at once (one-line error) instead of loading a second
-    SD 1.5 copy; the event is submitted all the same."""
+    Train and Inspect are sent without a file chosen so they answer at once (one line) instead of training; the
+    events are submitted all the same."""
     config = forge.request("/config")
     elem_ids = {c["id"]: str(c.get("props", {}).get("elem_id") or "") for c in config["components"]}
     ours = {d["id"] for d in config["dependencies"] if any(elem_ids.get(i, "").startswith("sdconcepts_") for i in d["inputs"])}
@@ -207,10 +207,12 @@ def test_forge_console_gets_no_argument_warnings_from_our_events(forge: hh.Host,
     # Opening the tab may or may not catch our page-load chain (cards, train names) still in flight.
     our(lambda: page.get_by_role("tab", name="sdconcepts").first.click(), submits_ours=False)
     our(lambda: page.click("#sdconcepts_model_refresh"))
-    page.click("#sdconcepts_tab_hn-button")
-    our(lambda: page.click("#sdconcepts_hn_refresh"))
-    page.click("#sdconcepts_tab_txt2img-button")
-    seed = page.locator("#sdconcepts_seed input").first
-    seed.fill("99999999999999999")  # past 2**53 - 1, the largest seed a page keeps exact (and we accept)
-    seed.press("Tab")  # gradio 4's Number commits its value on blur
-    our(lambda: page.click("#sdconcepts_generate"), "() => document.body.innerText.includes('Seed must be')")
+    # Train with no embedding chosen, and Inspect with no name: both answer at once with one line.
+    page.locator("#sdconcepts_tabs").get_by_role("tab", name="Train", exact=True).first.click()
+    page.locator("#sdconcepts_train_tabs").get_by_role("tab", name="Train", exact=True).first.click()
+    our(lambda: page.click("#sdconcepts_train_ti_button"),
+        "() => [...document.querySelectorAll('#sdconcepts_train_message, [id^=sdconcepts_train_err_]')]"
+        ".some(e => e.innerText.trim().length > 0)")
+    page.locator("#sdconcepts_tabs").get_by_role("tab", name="Embedding tools").first.click()
+    our(lambda: page.click("#sdconcepts_ti_tools_inspect"),
+        "() => (document.querySelector('#sdconcepts_ti_tools_report')?.innerText || '').trim().length > 0")

@@ -237,7 +237,10 @@ def test_the_standalone_app_has_img2img_and_png_info_and_the_hosted_tab_does_not
     assert mine <= standalone
     hosted = _element_ids(build_tabs(session)[0][0])
     assert not mine & hosted and not any("img2img" in i or "png_info" in i for i in hosted)
-    assert {"sdconcepts_prompt", "sdconcepts_gallery", "sdconcepts_ti_cards"} <= hosted
+    # Inside a host our tab holds what the host lacks; prompts, pictures and card pages are the host's own.
+    assert {"sdconcepts_model", "sdconcepts_train_root", "sdconcepts_ti_tools"} <= hosted
+    assert not hosted & {"sdconcepts_prompt", "sdconcepts_gallery", "sdconcepts_ti_cards", "sdconcepts_hn_cards"}
+    assert {"sdconcepts_prompt", "sdconcepts_gallery", "sdconcepts_ti_cards"} <= standalone
 
 
 def test_png_info_text_blocks_wrap() -> None:

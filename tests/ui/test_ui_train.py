@@ -129,10 +129,28 @@ def test_the_train_form_gives_the_kinds_rate_and_txt2img_previews_only_when_aske
     assert not any(key.startswith("preview_") and key != "preview_every" for key in embedding)
     assert form.config_values("hypernetwork")["learn_rate"] == "0.00001"
     asked = _form(dataset, tmp_path, read_txt2img=True).config_values("embedding")
-    assert (asked["preview_prompt"], asked["preview_negative_prompt"], asked["preview_cfg_scale"]) == (
-        "a txt2img prompt", "", 7.0)
+    assert (asked["preview_prompt"], asked["preview_cfg_scale"]) == ("a txt2img prompt", 7.0)
+    # A txt2img field that is not there (None: a host without it) keeps the run's default.
+    assert "preview_negative_prompt" not in asked
     config, errors = train_handlers.training_config("embedding", "toy", asked)
     assert errors == {} and isinstance(config, EmbeddingTrainingConfig) and config.preview_steps == 3
+    assert config.preview_negative_prompt == "" and config.preview_sampler == "Euler a"
+
+
+@pytest.mark.parametrize(("sampler", "schedule", "used", "noted"), [
+    ("DPM++ 2M", "Karras", "DPM++ 2M Karras", False),  # A1111 1.9+: the schedule type apart
+    ("DPM++ 2M", "Automatic", "DPM++ 2M", False),
+    ("DPM++ 2M Karras", None, "DPM++ 2M Karras", False),  # older hosts, and our own txt2img
+    ("LCM", "Automatic", "Euler a", True),  # a sampler this engine lacks: Euler a, and the start says so
+])
+def test_previews_read_a_hosts_sampler_and_schedule_type(dataset: Path, tmp_path: Path, sampler: str,
+                                                         schedule: str | None, used: str, noted: bool) -> None:
+    form = _form(dataset, tmp_path, read_txt2img=True, preview_sampler=sampler, preview_schedule=schedule)
+    assert form.config_values("embedding")["preview_sampler"] == used
+    note = form.preview_sampler_used()[1]
+    assert (sampler in note and "Euler a" in note) if noted else note == ""
+    unasked = _form(dataset, tmp_path, preview_sampler=sampler, preview_schedule=schedule)
+    assert "preview_sampler" not in unasked.config_values("embedding") and unasked.preview_sampler_used() == (None, "")
 
 
 def test_a_train_click_with_folders_outside_the_uis_starts_nothing(session: UiSession, dataset: Path,
