@@ -12,6 +12,7 @@ are imported inside functions only, so this file imports without a host.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from sdconcepts.hypernetworks.attach import AttentionPatch, attention_widths
-from sdconcepts.hypernetworks.files import shorthash
+from sdconcepts.hypernetworks.files import HypernetworkFileError, read_hypernetwork_info, shorthash
 from sdconcepts.hypernetworks.hypernetwork import Hypernetwork
 from sdconcepts.hypernetworks.library import LoadedHypernetworks, find_hypernetworks
 from sdconcepts.hypernetworks.tags import resolve_hypernetworks
@@ -30,6 +31,7 @@ from sdconcepts.prompts.network_tags import ExtraNetworkTag
 __all__ = [
     "ForgeHypernetworks",
     "PAGE_TITLE",
+    "fit_note",
     "STATE_ATTRIBUTE",
     "hypernetwork_folder",
     "infotext_hashes",
@@ -235,6 +237,31 @@ def script_class() -> type | None:
     return SdconceptsHypernetworks
 
 
+def fit_note(path: Path, model_widths: set[int] | None) -> str:
+    """A card's warning for a file that fits no attention layer of the loaded model ("" when it fits, or when no
+    model is loaded); read from the file's pickle alone, no weights."""
+    if not model_widths:
+        return ""
+    try:
+        widths = set(read_hypernetwork_info(path).widths)
+    except HypernetworkFileError as exc:
+        return f"Cannot be used: {exc}"
+    if widths & model_widths:
+        return ""
+    return (f"Fits no attention layer of the loaded model: its modules are for widths {sorted(widths)}, the model's "
+            f"layers read {sorted(model_widths)}.")
+
+
+def _loaded_model_widths() -> set[int] | None:
+    """The attention widths of the model the host has loaded, None when none is (never loads one)."""
+    from modules import sd_models  # lazy: host only
+
+    model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+    unet = getattr(getattr(model, "forge_objects", None), "unet", None)
+    diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
+    return attention_widths(diffusion_model) if isinstance(diffusion_model, torch.nn.Module) else None
+
+
 def _page() -> Any:
     from modules import shared, ui_extra_networks  # lazy: host only
 
@@ -245,6 +272,7 @@ def _page() -> Any:
 
         def __init__(self) -> None:
             super().__init__(PAGE_TITLE)
+            self.model_widths: set[int] | None = None
             files.refresh()
 
         def refresh(self) -> None:
@@ -266,12 +294,15 @@ def _page() -> Any:
             if digest:
                 search_terms.append(digest)
             quote = ui_extra_networks.quote_js
+            widths = self.model_widths if self.model_widths is not None else _loaded_model_widths()
+            note = html.escape(fit_note(full_path, widths))
+            description = self.find_description(stem)
             return {
                 "name": name,
                 "filename": str(full_path),
                 "shorthash": digest[:10] if digest else None,
                 "preview": self.find_preview(stem),
-                "description": self.find_description(stem),
+                "description": f"{note} {description or ''}".strip() if note else description,
                 "search_terms": search_terms,
                 # A JS expression: the host's default-multiplier setting is read in the page at click time.
                 "prompt": quote(f"<hypernet:{name}:") + " + opts.extra_networks_default_multiplier + " + quote(">"),
@@ -280,10 +311,14 @@ def _page() -> Any:
             }
 
         def list_items(self) -> Any:
-            for index, name in enumerate(list(files.names())):
-                item = self.create_item(name, index)
-                if item is not None:
-                    yield item
+            self.model_widths = _loaded_model_widths()  # once per listing, not per card
+            try:
+                for index, name in enumerate(list(files.names())):
+                    item = self.create_item(name, index)
+                    if item is not None:
+                        yield item
+            finally:
+                self.model_widths = None
 
         def allowed_directories_for_previews(self) -> list[str]:
             return [str(hypernetwork_folder())]

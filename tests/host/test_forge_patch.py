@@ -167,3 +167,18 @@ def test_outside_a_host_the_capabilities_say_what_is_missing_in_one_sentence() -
     with pytest.raises(capabilities.HostModelError, match="no load_models_gpu in backend.memory_management or "
                                                           "ldm_patched.modules.model_management"):
         capabilities.place_forge_patchers([])
+
+
+def test_the_card_page_marks_a_file_that_fits_no_layer_of_the_loaded_model(tmp_path: Path) -> None:
+    """Our Hypernetworks page in Forge/Forge-Classic (issue 26 item 16): a file whose modules fit none of the loaded
+    model's attention widths says so on its card; one that fits, or any file while no model is loaded, says nothing."""
+    xl = save_hypernetwork(create_hypernetwork("xl", (2048,)), tmp_path / "xl.pt")
+    sd1 = save_hypernetwork(create_hypernetwork("sd1", (768, 320)), tmp_path / "sd1.pt")
+    sd15_widths = {320, 640, 1280, 768}
+    note = forge.fit_note(xl, sd15_widths)
+    assert note.startswith("Fits no attention layer") and "[2048]" in note and "[320, 640, 768, 1280]" in note
+    assert forge.fit_note(sd1, sd15_widths) == ""
+    assert forge.fit_note(xl, None) == "" and forge.fit_note(xl, set()) == ""
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a pickle")
+    assert forge.fit_note(broken, sd15_widths).startswith("Cannot be used:")

@@ -132,6 +132,9 @@ def test_forge_patch_gives_a1111s_key_and_value_inputs(host_manager: hh.HostMana
 
 
 def test_forge_hypernetworks_page_lists_files_and_click_toggles_the_tag(forge: hh.Host, page: Any) -> None:
+    # A file that fits no layer of the loaded SD 1.5 model is marked on its card (a generation loads the model).
+    hh.write_hypernetwork(forge.hypernetwork_dir, hh.HypernetworkSpec("hn_xl", seed=4, widths=(2048,)))
+    hh.txt2img(forge, prompt=checks.prompt_with())
     page.goto(forge.url)
     prompt = page.wait_for_selector("#txt2img_prompt textarea")
     page.click("#txt2img_hypernetworks-button")
@@ -139,6 +142,9 @@ def test_forge_hypernetworks_page_lists_files_and_click_toggles_the_tag(forge: h
     page.wait_for_selector(f'{cards}[data-name="hn_a"]')
     names = page.eval_on_selector_all(cards, "els => els.map(e => e.dataset.name)")
     assert {spec.name for spec in hh.HYPERNETWORKS} <= set(names), names
+    xl_text = page.locator(f'{cards}[data-name="hn_xl"]').first.text_content() or ""
+    assert "Fits no attention layer of the loaded model" in xl_text and "[2048]" in xl_text, xl_text
+    assert "Fits no" not in (page.locator(f'{cards}[data-name="hn_a"]').first.text_content() or "")
     page.wait_for_timeout(2000)  # the host binds the cards' clicks after rendering them
     page.click(f'{cards}[data-name="hn_a"]')
     page.wait_for_function("el => el.value.includes('<hypernet:hn_a:')", arg=prompt)
