@@ -142,8 +142,14 @@ def test_forge_hypernetworks_page_lists_files_and_click_toggles_the_tag(forge: h
     page.wait_for_selector(f'{cards}[data-name="hn_a"]')
     names = page.eval_on_selector_all(cards, "els => els.map(e => e.dataset.name)")
     assert {spec.name for spec in hh.HYPERNETWORKS} <= set(names), names
+    # Forge keeps the cards it listed at its first page load: its Refresh lists them again, with the loaded model.
+    page.click("#txt2img_hypernetworks_extra_refresh")
+    page.wait_for_function(
+        "sel => (document.querySelector(sel)?.textContent || '').includes('Fits no attention layer')",
+        arg=f'{cards}[data-name="hn_xl"]',
+    )
     xl_text = page.locator(f'{cards}[data-name="hn_xl"]').first.text_content() or ""
-    assert "Fits no attention layer of the loaded model" in xl_text and "[2048]" in xl_text, xl_text
+    assert "of the loaded model" in xl_text and "[2048]" in xl_text, xl_text
     assert "Fits no" not in (page.locator(f'{cards}[data-name="hn_a"]').first.text_content() or "")
     page.wait_for_timeout(2000)  # the host binds the cards' clicks after rendering them
     page.click(f'{cards}[data-name="hn_a"]')
