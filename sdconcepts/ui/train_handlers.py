@@ -26,6 +26,7 @@ from sdconcepts.training.config import (
 )
 from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
 from sdconcepts.training.loop import TrainingEvent
+from sdconcepts.training.presets import preset
 from sdconcepts.training.templates import available_templates
 from sdconcepts.training.training_model import TrainingModel
 from sdconcepts.ui.train_jobs import HOST_NOTE, TrainingJob, TrainingJobs
@@ -141,6 +142,15 @@ def form_defaults(session: UiSession, model_label: str | None = None) -> FormDef
 
 
 # -- create ------------------------------------------------------------------------------------------------------
+
+
+def preset_fields(name: str) -> tuple[str, int, str, int]:
+    """A preset's (initialization text, vectors, embedding learning rate, batch size) for the Train tab's fields."""
+    try:
+        chosen = preset(name)
+    except ValueError as exc:
+        raise UiError(str(exc)) from None
+    return chosen.init_text, chosen.vectors, chosen.learn_rate, chosen.batch_size
 
 
 def create_embedding(session: UiSession, model_label: str, name: str, init_text: str, vectors: float,
