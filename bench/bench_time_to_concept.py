@@ -11,14 +11,15 @@ generations (DDIM 20 steps, CFG 5, seeds 1000-1059), the concept = shape, colour
   with its README's recipe, adapted only in resolution (32 px) and paths: lr 5e-4 x ``--scale_lr`` (= 2e-3),
   batch 1, gradient accumulation 4, constant schedule, AdamW weight decay 1e-2, 1 vector, 3000 steps (SDXL: 500).
 - ``ours``: ``sdconcepts.training.train_embedding`` with the shipped defaults (``sdconcepts.training.presets``; the
-  ``subject`` template, the counterpart of the example's object templates), a copy saved at each snapshot, the
-  validation loss at its automatic interval; ``--early-stop`` on: where it stops, and the stopped file's score.
+  ``subject`` template, the counterpart of the example's object templates), its live vectors scored at each
+  snapshot (no saves), the validation loss at its automatic interval; then the same run with ``--early-stop``
+  (its denser automatic interval): where it stops, and the stopped vectors' score.
 
 Reported: process CPU seconds (one thread; training only: model loading and scoring excluded) to the first snapshot
 at >= the bar (80 %), for ours without early stop, ours with early stop (CPU to the stop), and the example. Goals
 (issue 27): ours <= 0.2x the example's CPU time; the early stop within 1.5x of the earliest good snapshot, never
-before it. An early stop before the concept resumes the same run without it (one trajectory: a resumed run repeats
-an uninterrupted one), so the figures for ours come from one run.
+before it. Both runs of ours follow one trajectory (same file, seed and batches; the validation draws nothing from
+training's randomness), so the early stop is judged against the snapshots of the run without it.
 
 Usage: ``python bench/bench_time_to_concept.py [--models toyworld,toyworld-xl] [--quick] [--preset NAME]
 [--learn-rate S --batch-size B --vectors N --init-text T] [--json out.json]``. ``--quick``: 30 generations per
@@ -156,48 +157,49 @@ def watch_trainables() -> list[Any]:
 
 def run_ours(model: Any, work: Path, data: Path, settings: Settings, points: list[int], bar: float,
              samples: int, after_good: float = 10.0) -> Result:
-    """Train with early stop on; score the live vectors at each snapshot point until the concept is reached; then
-    go on (unscored) until the early stop or ``after_good`` x the good snapshot's pictures, or the last point."""
+    """Two runs from the same file and seed (one trajectory: validation draws nothing from training's randomness):
+    without early stop, the live vectors scored at each snapshot point until the concept is reached; then with early
+    stop (its denser automatic validation interval), unscored, until it stops (the stopped vectors scored) or
+    ``after_good`` x the concept's pictures (or the last point)."""
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
     from sdconcepts.training.training_model import TrainingModel
 
     batch = settings.batch_size
-    create_embedding_file(work / "embeddings", "ours", TrainingModel(model).token_rows(settings.init_text,
-                                                                                       settings.vectors),
-                          vectors=settings.vectors, overwrite=True)
-    result, clock, pending, opened = Result("ours"), [0.0], list(points), watch_trainables()
-    early_stop, end = True, None
-    while True:
+    rows = TrainingModel(model).token_rows(settings.init_text, settings.vectors)
+    result, opened = Result("ours"), watch_trainables()
+    for early_stop in (False, True):
+        name = "ours-early-stop" if early_stop else "ours"
+        create_embedding_file(work / "embeddings", name, rows, vectors=settings.vectors, overwrite=True)
+        good = first_good(result.snapshots, bar)
+        last = after_good * good.images if good is not None else points[-1]
         config = EmbeddingTrainingConfig(dataset=str(data), template="subject", width=IMAGE_SIZE, height=IMAGE_SIZE,
                                          batch_size=batch, max_steps=math.ceil(points[-1] / batch),
                                          learn_rate=settings.learn_rate, save_every=0, preview_every=0,
                                          log_directory=str(work / "log"), early_stop=early_stop)
-        for event in timed_events(train_embedding(model, "ours", config, embeddings_dir=work / "embeddings"), clock):
+        clock, pending, end = [0.0], list(points), None
+        for event in timed_events(train_embedding(model, name, config, embeddings_dir=work / "embeddings"), clock):
             end = event
-            if event.kind != "step":
+            images = event.step * batch
+            if event.kind != "step" or (early_stop and images >= last):
                 break
-            good, images = first_good(result.snapshots, bar), event.step * batch
-            if good is None and pending and images >= pending[0]:
+            if not early_stop and pending and images >= pending[0]:
                 while pending and images >= pending[0]:
                     pending.pop(0)
                 rate, parts = score(model, opened[-1].vectors.detach().clone(), samples)
                 result.snapshots.append(Snapshot(images, event.step, clock[0], rate, parts))
                 print(f"  ours    {images:6d} pictures, step {event.step:5d}, {clock[0]:8.1f} CPU s: "
                       f"concept {rate:.0%} {parts}", flush=True)
-            elif good is not None and images >= after_good * good.images:
-                break  # no early stop by after_good x the concept's pictures
-        if end is not None and end.kind == "early_stop" and result.stop is None:
+                if rate >= bar:
+                    break
+        if not early_stop:
+            result.cpu_total_s = clock[0]
+            result.capped = first_good(result.snapshots, bar) is None
+        elif end is not None and end.kind == "early_stop":
             rate, parts = score(model, opened[-1].vectors.detach().clone(), samples)
             result.stop = Snapshot(end.step * batch, end.step, clock[0], rate, parts)
             result.stop_message = end.message
             print(f"  ours    early stop at step {end.step} ({clock[0]:.1f} CPU s), concept {rate:.0%}: "
                   f"{end.message.strip()}", flush=True)
-            if first_good(result.snapshots, bar) is None:
-                early_stop = False  # resume the same run without the stop, to find the concept
-                continue
-        result.capped = end is None or end.kind == "step"
-        break
-    result.cpu_total_s = clock[0]
     return result
 
 

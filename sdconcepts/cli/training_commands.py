@@ -208,14 +208,15 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                    "cannot fit in memory is still refused")
     p.add_argument("--validate-every", type=int_at_least(-1), default=-1, metavar="N",
                    help="the validation loss (fixed pictures, noise and timesteps) every N steps; the best step is "
-                   "saved as NAME-best in the log directory; -1 = chosen from the batch size, 0 = off (default: -1)")
+                   "saved as NAME-best in the log directory; -1 = chosen from the batch size (denser with --early-stop), "
+                   "0 = off (default: -1)")
     p.add_argument("--validation-share", type=float, default=0.0, metavar="P",
                    help="hold out this share of the pictures for the validation loss; 0 = use the training pictures "
                    "(default: 0)")
     p.add_argument("--early-stop", action="store_true",
                    help="stop once the validation loss has stopped improving by more than its own fluctuation")
-    p.add_argument("--early-stop-window", type=int_at_least(2), default=5, metavar="K",
-                   help="validation checks the early stop looks back over (default: 5)")
+    p.add_argument("--early-stop-window", type=int_at_least(2), default=3, metavar="K",
+                   help="validation checks the early stop looks back over (default: 3)")
     p.add_argument("--compile", dest="compile_unet", action="store_true",
                    help="compile the UNet with torch.compile (a slower start for faster steps; falls back to eager "
                    "with one line where this machine cannot compile)")

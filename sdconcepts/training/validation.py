@@ -45,6 +45,11 @@ VALIDATION_SAMPLES = 8  # fixed (picture, timestep, noise) samples per check
 # (batch x accumulation) steps keeps them near 6 %.
 INTERVAL_FACTOR = 8
 MIN_INTERVAL, MAX_INTERVAL = 10, 250
+# With early stop on, checks come every EARLY_STOP_FACTOR x samples / (batch x accumulation) steps (at least 2): on
+# the toy models the validation loss flattens about when the concept appears (bench/bench_time_to_concept.py), and
+# a stop within 1.5x of that moment needs 2 x window checks by then; the checks then cost about a quarter of the run.
+EARLY_STOP_FACTOR = 1.5
+EARLY_STOP_MIN_INTERVAL = 2
 VALIDATION_STEP = -1  # the "step" whose prompt and latent sample validation uses: never a training step
 
 
@@ -65,10 +70,12 @@ def split_held_out(records: Sequence[ImageRecord], share: float, seed: int
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
-def automatic_interval(batch_size: int, accumulation: int, samples: int = VALIDATION_SAMPLES) -> int:
-    """The default steps between checks for a run's batch size and gradient accumulation."""
-    every = math.ceil(INTERVAL_FACTOR * samples / max(1, batch_size * accumulation))
-    return min(MAX_INTERVAL, max(MIN_INTERVAL, every))
+def automatic_interval(batch_size: int, accumulation: int, samples: int = VALIDATION_SAMPLES, *,
+                       early_stop: bool = False) -> int:
+    """The default steps between checks for a run's batch size and gradient accumulation (denser with early stop)."""
+    factor, least = (EARLY_STOP_FACTOR, EARLY_STOP_MIN_INTERVAL) if early_stop else (INTERVAL_FACTOR, MIN_INTERVAL)
+    every = math.ceil(factor * samples / max(1, batch_size * accumulation))
+    return min(MAX_INTERVAL, max(least, every))
 
 
 def plateau(values: Sequence[float], window: int) -> tuple[float, float] | None:
@@ -248,7 +255,8 @@ def validation_for_run(job: Any, config: Any, dataset: TrainingDataset, held_out
     if every == 0:
         return None
     if every < 0:
-        every = automatic_interval(dataset.batch_size, dataset.gradient_accumulation)
+        every = automatic_interval(dataset.batch_size, dataset.gradient_accumulation,
+                                   early_stop=bool(config.early_stop))
     source = held_out if held_out is not None else dataset
     samples = ValidationSet(source, int(job.model.alphas_cumprod.shape[0]), seed=int(config.seed),
                             chunk=dataset.batch_size)
