@@ -260,6 +260,14 @@ def report_lines(name: str, ours: Result, example: Result, bar: float) -> list[s
     return rows
 
 
+def result_from(data: dict[str, Any]) -> Result:
+    """A ``Result`` back from the bench's JSON."""
+    snaps = [Snapshot(**snap) for snap in data["snapshots"]]
+    stop = Snapshot(**data["stop"]) if data.get("stop") else None
+    return Result(data["method"], snaps, stop, data.get("stop_message", ""), data.get("capped", False),
+                  data.get("cpu_total_s", 0.0))
+
+
 def bench_model(name: str, args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR, XL_MODEL_DIR, load_model
     from sdconcepts.toyworld.concept import write_concept
@@ -312,7 +320,20 @@ def main(argv: Sequence[str] | None = None, *, announce: Callable[[str], None] =
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--report", type=Path, action="append", default=[],
+                        help="print the tables of earlier --json files at --bar, without training; given again, a "
+                        "later file's methods replace an earlier one's (ours from one run, the example from another)")
     args = parser.parse_args(argv)
+    if args.report:
+        merged: dict[str, dict[str, Any]] = {}
+        for path in args.report:
+            for out in json.loads(path.read_text()):
+                merged.setdefault(out["model"], {}).update(out)
+        for name, out in merged.items():
+            if "ours" in out and "example" in out:
+                announce("\n".join(report_lines(name, result_from(out["ours"]), result_from(out["example"]),
+                                                 args.bar)))
+        return
     args.samples = args.samples or (30 if args.quick else 60)
     import torch
 
