@@ -47,7 +47,7 @@ INTERVAL_FACTOR = 8
 MIN_INTERVAL, MAX_INTERVAL = 10, 250
 # With early stop on, checks come every EARLY_STOP_FACTOR x samples / (batch x accumulation) steps (at least 2): on
 # the toy models the validation loss flattens about when the concept appears (bench/bench_time_to_concept.py), and
-# a stop within 1.5x of that moment needs 2 x window checks by then; the checks then cost about a quarter of the run.
+# a stop within 1.5x of that moment needs 2 x window checks by then; the checks then cost about 10 % of the run.
 EARLY_STOP_FACTOR = 1.5
 EARLY_STOP_MIN_INTERVAL = 2
 VALIDATION_STEP = -1  # the "step" whose prompt and latent sample validation uses: never a training step
