@@ -41,6 +41,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ti_example import ExampleRun  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
 METHODS = ("example", "ours", "floor")
@@ -85,84 +86,12 @@ def build_model(device: str) -> Any:
     return model
 
 
-# -- diffusers' example, reimplemented step for step ---------------------------------------------------------------
+# -- diffusers' example, reimplemented step for step (bench/ti_example.py) -----------------------------------------
 
 
 def example_stepper(model: Any, data: Path, size: int, batch: int) -> Callable[[], None]:
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
-    from PIL import Image
-    from transformers import CLIPTokenizer
-
-    from sdconcepts.backends.tokenizer import TOKENIZER_DIR
-
-    device = model.device
-    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77, local_files_only=True)
-    tokens = [PLACEHOLDER] + [f"{PLACEHOLDER}_{i}" for i in range(1, VECTORS)]
-    tokenizer.add_tokens(tokens)
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    init = tokenizer.encode("toy", add_special_tokens=False)[0]
-    text_encoder = model.text_encoder
-    if text_encoder.dtype != torch.float32:
-        text_encoder = text_encoder.float()  # the example keeps the trained text encoder in float32
-    text_encoder.resize_token_embeddings(len(tokenizer))
-    weight = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for token_id in ids:
-            weight[token_id] = weight[init].clone()
-    text_encoder.requires_grad_(False)
-    text_encoder.get_input_embeddings().weight.requires_grad_(True)
-    text_encoder.train()  # the example trains the text encoder module (dropout is 0 in CLIP configs)
-    optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=5e-3, betas=(0.9, 0.999),
-                                  weight_decay=1e-2, eps=1e-8)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    original = text_encoder.get_input_embeddings().weight.data.clone()
-    scheduler = DDPMScheduler(**{k: v for k, v in model.scheduler_config.items()
-                                 if not k.startswith("_") and k != "set_alpha_to_one"})
-    paths = sorted(data.glob("*.png"))
-    templates = ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}"]
-    counter = [0]
-    placeholder_string = " ".join(tokens)
-
-    def example() -> dict[str, torch.Tensor]:
-        i = counter[0]
-        counter[0] += 1
-        image = Image.open(paths[i % len(paths)])
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        text = random.choice(templates).format(placeholder_string)
-        input_ids = tokenizer(text, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                              return_tensors="pt").input_ids[0]
-        array = np.array(image).astype(np.uint8)
-        image = Image.fromarray(array).resize((size, size), resample=Image.Resampling.BICUBIC)
-        if random.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        array = (np.array(image).astype(np.float32) / 127.5 - 1.0)
-        return {"input_ids": input_ids, "pixel_values": torch.from_numpy(array).permute(2, 0, 1)}
-
-    def step() -> None:
-        items = [example() for _ in range(batch)]
-        pixels = torch.stack([e["pixel_values"] for e in items]).to(device, model.vae.dtype)
-        input_ids = torch.stack([e["input_ids"] for e in items]).to(device)
-        latents = model.vae.encode(pixels).latent_dist.sample().detach() * model.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device).long()
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        hidden = text_encoder(input_ids)[0].to(model.unet.dtype)
-        pred = model.unet(noisy, timesteps, hidden).sample
-        loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        keep = torch.ones((len(tokenizer),), dtype=torch.bool)
-        keep[min(ids) : max(ids) + 1] = False
-        with torch.no_grad():
-            text_encoder.get_input_embeddings().weight[keep] = original[keep]
-
-    return step
+    return ExampleRun(model, data, size, batch, learning_rate=5e-3, initializer="toy", vectors=VECTORS,
+                      placeholder=PLACEHOLDER).step
 
 
 # -- ours: the real training session ----------------------------------------------------------------------------

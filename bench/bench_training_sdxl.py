@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_training import make_images  # noqa: E402
+from ti_example import ExampleRun  # noqa: E402
 from timing import interleaved_medians  # noqa: E402
 
 VECTORS = 2
@@ -60,76 +61,7 @@ def ours_stepper(model: Any, data: Path, size: int, batch: int, work: Path) -> C
 
 
 def example_stepper(model: Any, data: Path, size: int, batch: int) -> Callable[[], None]:
-    import copy
-    import random
-
-    import numpy as np
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
-    from PIL import Image
-
-    tokenizer_1, tokenizer_2 = copy.deepcopy(model.tokenizer), model.tokenizer_2
-    text_encoder_1 = copy.deepcopy(model.text_encoder)  # the example grows its table: not the shared model's
-    tokens = ["<cat-toy>"] + [f"<cat-toy>_{i}" for i in range(1, VECTORS)]
-    tokenizer_1.add_tokens(tokens)
-    ids = tokenizer_1.convert_tokens_to_ids(tokens)
-    init = tokenizer_1.encode("toy", add_special_tokens=False)[0]
-    text_encoder_1.resize_token_embeddings(len(tokenizer_1))
-    weight = text_encoder_1.get_input_embeddings().weight
-    with torch.no_grad():
-        for token_id in ids:
-            weight[token_id] = weight[init].clone()
-    text_encoder_1.requires_grad_(False)
-    text_encoder_1.get_input_embeddings().weight.requires_grad_(True)
-    text_encoder_1.train()
-    optimizer = torch.optim.AdamW(text_encoder_1.get_input_embeddings().parameters(), lr=5e-3, weight_decay=1e-2)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    original = weight.data.clone()
-    scheduler = DDPMScheduler(**{k: v for k, v in model.scheduler_config.items()
-                                 if not k.startswith("_") and k != "set_alpha_to_one"})
-    paths = sorted(data.glob("*.png"))
-    templates = ["a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}"]
-    counter = [0]
-    placeholder = " ".join(tokens)
-
-    def example() -> dict[str, Any]:
-        i = counter[0]
-        counter[0] += 1
-        image = Image.open(paths[i % len(paths)]).convert("RGB")
-        original_size = (image.height, image.width)
-        text = random.choice(templates).format(placeholder)
-        ids_1 = tokenizer_1(text, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids[0]
-        ids_2 = tokenizer_2(text, padding="max_length", truncation=True, max_length=77, return_tensors="pt").input_ids[0]
-        image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
-        if random.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        array = np.array(image).astype(np.float32) / 127.5 - 1.0
-        return {"ids_1": ids_1, "ids_2": ids_2, "pixels": torch.from_numpy(array).permute(2, 0, 1),
-                "time_ids": torch.tensor([*original_size, 0, 0, size, size], dtype=torch.float32)}
-
-    def step() -> None:
-        items = [example() for _ in range(batch)]
-        pixels = torch.stack([e["pixels"] for e in items])
-        with torch.no_grad():
-            latents = model.vae.encode(pixels).latent_dist.sample() * model.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        hidden_1 = text_encoder_1(torch.stack([e["ids_1"] for e in items]), output_hidden_states=True).hidden_states[-2]
-        out_2 = model.text_encoder_2(torch.stack([e["ids_2"] for e in items]), output_hidden_states=True)
-        added = {"text_embeds": out_2[0], "time_ids": torch.stack([e["time_ids"] for e in items])}
-        context = torch.cat([hidden_1, out_2.hidden_states[-2]], dim=-1)
-        pred = model.unet(noisy, timesteps, context, added_cond_kwargs=added).sample
-        F.mse_loss(pred.float(), noise.float(), reduction="mean").backward()
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        keep = torch.ones((len(tokenizer_1),), dtype=torch.bool)
-        keep[min(ids) : max(ids) + 1] = False
-        with torch.no_grad():
-            text_encoder_1.get_input_embeddings().weight[keep] = original[keep]
-
-    return step
+    return ExampleRun(model, data, size, batch, learning_rate=5e-3, initializer="toy", vectors=VECTORS).step
 
 
 def floor_stepper(model: Any, size: int, batch: int) -> Callable[[], None]:

@@ -42,6 +42,7 @@ from sdconcepts.training.config import ConfigError, EmbeddingTrainingConfig, Hyp
 from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
 from sdconcepts.training.dataset import DatasetError
 from sdconcepts.training.distributed import Distributed
+from sdconcepts.training.presets import DEFAULT_PRESET, PRESETS, preset
 from sdconcepts.training.run import train_embedding, train_hypernetwork
 from sdconcepts.training.schedule import ScheduleError
 from sdconcepts.training.templates import TemplateError
@@ -74,6 +75,24 @@ def add_training_parsers(subparsers: argparse._SubParsersAction[argparse.Argumen
         _add_train_parser(subparsers, kind)
 
 
+def _preset_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+                   help="the defaults of the options below: " + "; ".join(f"{k}: {v.description}" for k, v in
+                                                                          PRESETS.items()) + f" (default: {DEFAULT_PRESET})")
+
+
+def _preset_values(field: str) -> str:
+    return ", ".join(f"{getattr(v, field)} ({k})" for k, v in PRESETS.items())
+
+
+def preset_value(args: argparse.Namespace, field: str, fallback: Any = None) -> Any:
+    """The user's value of ``field``, else the chosen preset's (``fallback`` for a command without a preset)."""
+    value = getattr(args, field, None)
+    if value is not None:
+        return value
+    return getattr(preset(args.preset), field) if getattr(args, "preset", None) else fallback
+
+
 def _add_create_embedding_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "create-embedding",
@@ -84,8 +103,10 @@ def _add_create_embedding_parser(subparsers: argparse._SubParsersAction[argparse
         "gives zeros.",
     )
     p.add_argument("name", metavar="NAME", help="the embedding's name (its prompt word); letters, digits, ._- and spaces")
-    p.add_argument("--init-text", default="*", help="initialization text (default: *)")
-    p.add_argument("--vectors", type=positive_int, default=1, help="number of vectors per token, 1-75 (default: 1)")
+    _preset_argument(p)
+    p.add_argument("--init-text", default=None, help="initialization text (default: the preset's, *)")
+    p.add_argument("--vectors", type=positive_int, default=None,
+                   help=f"number of vectors per token, 1-75 (default: the preset's: {_preset_values('vectors')})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file of that name")
     p.add_argument("--embeddings-dir", type=Path, default=DEFAULT_EMBEDDINGS_DIR, metavar="D",
                    help="folder to write to (default: ./embeddings)")
@@ -136,19 +157,23 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     if kind == "embedding":
         p.add_argument("--embeddings-dir", type=Path, default=DEFAULT_EMBEDDINGS_DIR, metavar="D",
                        help="folder holding the embedding (default: ./embeddings)")
-        p.add_argument("--learn-rate", default="0.005", metavar="S",
-                       help='learning rate or schedule, e.g. "0.005:100, 1e-3:1000, 1e-5" (default: 0.005)')
+        _preset_argument(p)
+        p.add_argument("--learn-rate", default=None, metavar="S",
+                       help='learning rate or schedule, e.g. "0.005:100, 1e-3:1000, 1e-5" (default: the preset\'s: '
+                       f"{_preset_values('learn_rate')})")
         p.add_argument("--no-save-image-with-embedding", dest="save_image_with_embedding", action="store_false",
                        help="do not also save previews with the embedding in PNG chunks")
     else:
         p.add_argument("--hypernetworks-dir", type=Path, default=DEFAULT_HYPERNETWORKS_DIR, metavar="D",
                        help="folder holding the hypernetwork (default: ./models/hypernetworks)")
-        p.add_argument("--learn-rate", default="0.00001", metavar="S",
+        p.add_argument("--learn-rate", default=None, metavar="S",
                        help="learning rate or schedule (default: 0.00001)")
     p.add_argument("--log-dir", default=str(TRAIN_LOG_DIR), metavar="D",
                    help=f"log directory; the run writes to D/YYYY-MM-DD/NAME (default: {TRAIN_LOG_DIR}, the web "
                    "UI's; A1111's is textual_inversion)")
-    p.add_argument("--batch-size", type=positive_int, default=1, metavar="B", help="batch size (default: 1)")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="B",
+                   help="batch size (default: 1; an embedding: the preset's, "
+                   f"{_preset_values('batch_size')}; at most the number of pictures)")
     p.add_argument("--gradient-accumulation", type=positive_int, default=1, metavar="G",
                    help="gradient accumulation steps (default: 1)")
     p.add_argument("--width", type=positive_int, default=None, metavar="W",
@@ -183,14 +208,15 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                    "cannot fit in memory is still refused")
     p.add_argument("--validate-every", type=int_at_least(-1), default=-1, metavar="N",
                    help="the validation loss (fixed pictures, noise and timesteps) every N steps; the best step is "
-                   "saved as NAME-best in the log directory; -1 = chosen from the batch size, 0 = off (default: -1)")
+                   "saved as NAME-best in the log directory; -1 = chosen from the batch size (denser with --early-stop), "
+                   "0 = off (default: -1)")
     p.add_argument("--validation-share", type=float, default=0.0, metavar="P",
                    help="hold out this share of the pictures for the validation loss; 0 = use the training pictures "
                    "(default: 0)")
     p.add_argument("--early-stop", action="store_true",
                    help="stop once the validation loss has stopped improving by more than its own fluctuation")
-    p.add_argument("--early-stop-window", type=int_at_least(2), default=5, metavar="K",
-                   help="validation checks the early stop looks back over (default: 5)")
+    p.add_argument("--early-stop-window", type=int_at_least(2), default=3, metavar="K",
+                   help="validation checks the early stop looks back over (default: 3)")
     p.add_argument("--compile", dest="compile_unet", action="store_true",
                    help="compile the UNet with torch.compile (a slower start for faster steps; falls back to eager "
                    "with one line where this machine cannot compile)")
@@ -214,6 +240,8 @@ def _load_model(args: argparse.Namespace, device: Any = None) -> Any:
 
 
 def run_create_embedding(args: argparse.Namespace) -> int:
+    args.vectors = preset_value(args, "vectors")
+    args.init_text = preset_value(args, "init_text")
     if args.vectors > MAX_VECTORS:
         raise CommandError(f"--vectors must be between 1 and {MAX_VECTORS}, got {args.vectors}")
     try:
@@ -287,6 +315,8 @@ def run_create_hypernetwork(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     check_folder(Path(args.log_dir), "--log-dir")
+    args.learn_rate = preset_value(args, "learn_rate", HypernetworkTrainingConfig.learn_rate)
+    args.batch_size = preset_value(args, "batch_size", 1)
     fields: dict[str, Any] = {
         "dataset": str(args.dataset),
         "learn_rate": args.learn_rate,

@@ -70,7 +70,7 @@ class TrainingConfig:
     validate_every: int = -1
     validation_share: float = 0.0
     early_stop: bool = False
-    early_stop_window: int = 5
+    early_stop_window: int = 3
     # Run the UNet through torch.compile (falls back to eager with one line where the machine cannot compile).
     compile_unet: bool = False
 

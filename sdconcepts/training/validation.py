@@ -45,6 +45,13 @@ VALIDATION_SAMPLES = 8  # fixed (picture, timestep, noise) samples per check
 # (batch x accumulation) steps keeps them near 6 %.
 INTERVAL_FACTOR = 8
 MIN_INTERVAL, MAX_INTERVAL = 10, 250
+# With early stop on, checks come every EARLY_STOP_FACTOR x samples / (batch x accumulation) steps (at least 2): 5
+# steps at batch 5. Chosen on the embedded models' validation curves (docs/training.md, "Defaults and presets"):
+# the rule needs 2 x window checks, so the old interval (13 steps) could not stop before 4.6x the toy model's
+# concept, while 3 steps stopped toyworld-xl before its concept; 5 steps with window 3 is the densest that stops on
+# neither model before the concept.
+EARLY_STOP_FACTOR = 3.0
+EARLY_STOP_MIN_INTERVAL = 2
 VALIDATION_STEP = -1  # the "step" whose prompt and latent sample validation uses: never a training step
 
 
@@ -65,10 +72,12 @@ def split_held_out(records: Sequence[ImageRecord], share: float, seed: int
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
-def automatic_interval(batch_size: int, accumulation: int, samples: int = VALIDATION_SAMPLES) -> int:
-    """The default steps between checks for a run's batch size and gradient accumulation."""
-    every = math.ceil(INTERVAL_FACTOR * samples / max(1, batch_size * accumulation))
-    return min(MAX_INTERVAL, max(MIN_INTERVAL, every))
+def automatic_interval(batch_size: int, accumulation: int, samples: int = VALIDATION_SAMPLES, *,
+                       early_stop: bool = False) -> int:
+    """The default steps between checks for a run's batch size and gradient accumulation (denser with early stop)."""
+    factor, least = (EARLY_STOP_FACTOR, EARLY_STOP_MIN_INTERVAL) if early_stop else (INTERVAL_FACTOR, MIN_INTERVAL)
+    every = math.ceil(factor * samples / max(1, batch_size * accumulation))
+    return min(MAX_INTERVAL, max(least, every))
 
 
 def plateau(values: Sequence[float], window: int) -> tuple[float, float] | None:
@@ -248,7 +257,8 @@ def validation_for_run(job: Any, config: Any, dataset: TrainingDataset, held_out
     if every == 0:
         return None
     if every < 0:
-        every = automatic_interval(dataset.batch_size, dataset.gradient_accumulation)
+        every = automatic_interval(dataset.batch_size, dataset.gradient_accumulation,
+                                   early_stop=bool(config.early_stop))
     source = held_out if held_out is not None else dataset
     samples = ValidationSet(source, int(job.model.alphas_cumprod.shape[0]), seed=int(config.seed),
                             chunk=dataset.batch_size)

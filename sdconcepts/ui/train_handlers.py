@@ -27,6 +27,7 @@ from sdconcepts.training.config import (
 )
 from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
 from sdconcepts.training.loop import TrainingEvent
+from sdconcepts.training.presets import preset
 from sdconcepts.training.templates import available_templates
 from sdconcepts.training.training_model import TrainingModel
 from sdconcepts.ui.train_jobs import HOST_NOTE, TrainingJob, TrainingJobs
@@ -142,6 +143,15 @@ def form_defaults(session: UiSession, model_label: str | None = None) -> FormDef
 
 
 # -- create ------------------------------------------------------------------------------------------------------
+
+
+def preset_fields(name: str) -> tuple[str, int, str, int]:
+    """A preset's (initialization text, vectors, embedding learning rate, batch size) for the Train tab's fields."""
+    try:
+        chosen = preset(name)
+    except ValueError as exc:
+        raise UiError(str(exc)) from None
+    return chosen.init_text, chosen.vectors, chosen.learn_rate, chosen.batch_size
 
 
 def create_embedding(session: UiSession, model_label: str, name: str, init_text: str, vectors: float,
@@ -367,7 +377,7 @@ class TrainForm:
     validate_every: float | None = -1
     validation_share: float | None = 0.0
     early_stop: bool = False
-    early_stop_window: float | None = 5
+    early_stop_window: float | None = 3
     compile_unet: bool = False
     # A1111 1.9+ keeps txt2img's schedule type apart from the sampler (inside a host: #txt2img_scheduler).
     preview_schedule: str | None = None
@@ -397,7 +407,7 @@ class TrainForm:
             "save_image_with_embedding": bool(self.save_image_with_embedding),
             "validate_every": -1 if self.validate_every is None else self.validate_every,
             "validation_share": float(self.validation_share or 0), "early_stop": bool(self.early_stop),
-            "early_stop_window": 5 if self.early_stop_window is None else self.early_stop_window,
+            "early_stop_window": 3 if self.early_stop_window is None else self.early_stop_window,
             "compile_unet": bool(self.compile_unet),
         }
         if self.read_txt2img:

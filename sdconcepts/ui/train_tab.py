@@ -15,6 +15,7 @@ import gradio as gr
 
 from sdconcepts.hypernetworks.hypernetwork import ACTIVATIONS, WEIGHT_INITS
 from sdconcepts.limits import MAX_IMAGE_SIDE
+from sdconcepts.training.presets import PRESETS, Preset, preset
 from sdconcepts.training.templates import available_templates
 from sdconcepts.ui import train_handlers, train_jobs
 from sdconcepts.ui.compat import GRADIO_MAJOR, make, update
@@ -50,16 +51,21 @@ def build_train_tab(blocks: gr.Blocks, session: UiSession, jobs: train_jobs.Trai
     templates = list(available_templates())
     # The forms fit the model chosen when the page is built, and follow the model dropdown (_wire_model_change).
     fit = train_handlers.form_defaults(session, session.default_choice())
+    chosen = preset(None)
+    presets = gr.Dropdown(list(PRESETS), value=chosen.name, label="Embedding defaults",
+                          info="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()),
+                          elem_id="sdconcepts_train_preset")
     with gr.Tabs(elem_id="sdconcepts_train_tabs"):
         with gr.Tab("Create embedding", id="sdconcepts_create_ti", elem_id="sdconcepts_tab_create_ti"):
-            ti = _create_embedding_form()
+            ti = _create_embedding_form(chosen)
         with gr.Tab("Create hypernetwork", id="sdconcepts_create_hn", elem_id="sdconcepts_tab_create_hn"):
             hn = _create_hypernetwork_form(fit)
         with gr.Tab("Preprocess images", id="sdconcepts_preprocess", elem_id="sdconcepts_tab_preprocess"):
             pre = _preprocess_form(fit)
         with gr.Tab("Train", id="sdconcepts_train", elem_id="sdconcepts_tab_train"):
-            c = _train_form(session, fit, templates)
+            c = _train_form(session, fit, templates, chosen)
             c.update(_train_outputs(jobs))
+    _wire_preset(presets, ti, c)
 
     created = _wire_create(session, model, ti, hn, c)
     _wire_preprocess(session, pre)
@@ -88,11 +94,12 @@ def _size_row(fit: FormDefaults, id_prefix: str) -> dict[str, Any]:
                                 label=side.capitalize(), elem_id=f"{id_prefix}{side}") for side in ("width", "height")}
 
 
-def _create_embedding_form() -> dict[str, Any]:
+def _create_embedding_form(chosen: Preset) -> dict[str, Any]:
     c: dict[str, Any] = {}
     c["name"] = gr.Textbox(label="Name", elem_id="sdconcepts_create_ti_name", max_lines=1)
-    c["init"] = gr.Textbox(label="Initialization text", value="*", elem_id="sdconcepts_create_ti_init", max_lines=1)
-    c["vectors"] = gr.Slider(1, 75, value=1, step=1, label="Number of vectors per token",
+    c["init"] = gr.Textbox(label="Initialization text", value=chosen.init_text, elem_id="sdconcepts_create_ti_init",
+                           max_lines=1)
+    c["vectors"] = gr.Slider(1, 75, value=chosen.vectors, step=1, label="Number of vectors per token",
                              elem_id="sdconcepts_create_ti_vectors")
     c["overwrite"] = gr.Checkbox(value=False, label="Overwrite Old Embedding", elem_id="sdconcepts_create_ti_overwrite")
     c["create"] = gr.Button("Create embedding", variant="primary", elem_id="sdconcepts_create_ti_button")
@@ -151,7 +158,7 @@ def _preprocess_form(fit: FormDefaults) -> dict[str, Any]:
     return c
 
 
-def _train_form(session: UiSession, fit: FormDefaults, templates: list[str]) -> dict[str, Any]:
+def _train_form(session: UiSession, fit: FormDefaults, templates: list[str], chosen: Preset) -> dict[str, Any]:
     """The Train sub-tab's settings; keys are ``TrainForm``'s fields, ``err_<field>`` the messages under them."""
     gr.HTML('<div class="sdconcepts-train-help">Train an embedding or hypernetwork; you must specify a '
             "directory with a set of 1:1 ratio images.</div>", elem_id="sdconcepts_train_help")
@@ -164,7 +171,7 @@ def _train_form(session: UiSession, fit: FormDefaults, templates: list[str]) -> 
         c["names_refresh"] = gr.Button("Refresh", elem_id="sdconcepts_train_names_refresh", scale=1)
     c["err_name"] = _field_error("name")
     with gr.Row():
-        c["embedding_learn_rate"] = gr.Textbox(label="Embedding Learning rate", value="0.005",
+        c["embedding_learn_rate"] = gr.Textbox(label="Embedding Learning rate", value=chosen.learn_rate,
                                                elem_id="sdconcepts_train_ti_lr", max_lines=1)
         c["hypernetwork_learn_rate"] = gr.Textbox(label="Hypernetwork Learning rate", value="0.00001",
                                                   elem_id="sdconcepts_train_hn_lr", max_lines=1)
@@ -176,7 +183,7 @@ def _train_form(session: UiSession, fit: FormDefaults, templates: list[str]) -> 
                                           max_lines=1)
     c["err_clip_grad_value"] = _field_error("clip_grad_value")
     with gr.Row():
-        c["batch_size"] = gr.Number(label="Batch size", value=1, precision=0, elem_id="sdconcepts_train_batch_size")
+        c["batch_size"] = gr.Number(label="Batch size", value=chosen.batch_size, precision=0, elem_id="sdconcepts_train_batch_size")
         c["gradient_accumulation"] = gr.Number(label="Gradient accumulation steps", value=1, precision=0,
                                                elem_id="sdconcepts_train_accumulation")
     c["err_batch_size"] = _field_error("batch_size")
@@ -231,7 +238,7 @@ def _validation_fields(c: dict[str, Any]) -> None:
     with gr.Row():
         c["early_stop"] = gr.Checkbox(value=False, label="Stop early once the validation loss stops improving",
                                       elem_id="sdconcepts_train_early_stop")
-        c["early_stop_window"] = gr.Number(label="Early stop window (validation checks)", value=5, precision=0,
+        c["early_stop_window"] = gr.Number(label="Early stop window (validation checks)", value=3, precision=0,
                                            elem_id="sdconcepts_train_early_stop_window")
     c["err_validation"] = _field_error("validation")
     c["compile_unet"] = gr.Checkbox(value=False, label="Compile the UNet (torch.compile: slower start, faster steps)",
@@ -300,6 +307,17 @@ def _wire_create(session: UiSession, model: Any, ti: dict[str, Any], hn: dict[st
 
 PREPROCESS_INPUTS = ("source", "destination", "width", "height", "caption_action", "keep_size", "flip", "split",
                      "caption_from_name", "split_threshold", "overlap_ratio")
+
+
+def _wire_preset(presets: Any, ti: dict[str, Any], c: dict[str, Any]) -> None:
+    def on_preset(name: str):
+        try:
+            return [update(value=value) for value in train_handlers.preset_fields(name)]
+        except UiError:
+            return [update() for _ in range(4)]
+
+    presets.change(on_preset, inputs=[presets], outputs=[ti["init"], ti["vectors"], c["embedding_learn_rate"],
+                                                         c["batch_size"]], show_progress="hidden")
 
 
 def _wire_preprocess(session: UiSession, pre: dict[str, Any]) -> None:

@@ -66,6 +66,9 @@ def test_plateau_rule_waits_for_the_end_of_improvement_and_then_stops() -> None:
 
 def test_automatic_interval_keeps_checks_rare_relative_to_the_work_of_the_steps() -> None:
     assert automatic_interval(1, 1) == 64 and automatic_interval(4, 1) == 16 and automatic_interval(64, 4) == 10
+    # Denser with early stop: 3 x 8 samples' worth of pictures between checks, at least 2 steps.
+    assert automatic_interval(5, 1, early_stop=True) == 5 and automatic_interval(1, 1, early_stop=True) == 24
+    assert automatic_interval(64, 4, early_stop=True) == 2
 
 
 # -- the loss itself ---------------------------------------------------------------------------------------------

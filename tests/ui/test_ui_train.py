@@ -17,6 +17,7 @@ from sdconcepts.hypernetworks.files import load_hypernetwork
 from sdconcepts.training.config import EmbeddingTrainingConfig, HypernetworkTrainingConfig
 from sdconcepts.training.loop import TrainingEvent
 from sdconcepts.training.outputs import LossLog
+from sdconcepts.training.presets import PRESETS, preset
 from sdconcepts.ui import handlers, train_handlers, train_jobs
 from sdconcepts.ui.ui_session import UiConfig, UiError, UiSession
 
@@ -363,9 +364,25 @@ def test_the_ui_has_the_train_tab_with_our_ids(session: UiSession) -> None:
                    "sdconcepts_create_ti_name", "sdconcepts_create_hn_sizes", "sdconcepts_train_err_dataset"):
         assert wanted in ids
     defaults = {c["props"].get("elem_id"): c["props"].get("value") for c in blocks.config["components"]}
-    assert defaults["sdconcepts_train_ti_lr"] == "0.005" and defaults["sdconcepts_train_hn_lr"] == "0.00001"
+    # The embedding fields start from the default preset (docs/training.md, "Defaults and presets"); the
+    # hypernetwork's rate is A1111's.
+    chosen = preset(None)
+    assert defaults["sdconcepts_train_preset"] == chosen.name
+    assert defaults["sdconcepts_train_ti_lr"] == chosen.learn_rate and defaults["sdconcepts_train_hn_lr"] == "0.00001"
+    assert defaults["sdconcepts_train_batch_size"] == chosen.batch_size
+    assert (defaults["sdconcepts_create_ti_vectors"], defaults["sdconcepts_create_ti_init"]) == (chosen.vectors,
+                                                                                               chosen.init_text)
     assert defaults["sdconcepts_train_max_steps"] == 100000
     assert defaults["sdconcepts_train_template"] == "style_filewords"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_choosing_a_preset_fills_the_embedding_fields(name: str) -> None:
+    chosen = PRESETS[name]
+    assert train_handlers.preset_fields(name) == (chosen.init_text, chosen.vectors, chosen.learn_rate,
+                                                  chosen.batch_size)
+    with pytest.raises(UiError, match="unknown preset"):
+        train_handlers.preset_fields("kohya")
 
 
 def test_forms_fit_the_model(session: UiSession, tiny_model_dir: Path, tmp_path: Path) -> None:
