@@ -120,7 +120,9 @@ def start_in_our_tab(page: Any, kind: str, dataset: Path | None, *, max_steps: i
     """Fill the Train sub-tab (64x64 images) and click Train Embedding / Train Hypernetwork for the file chosen
     (the one just created); ``dataset`` None keeps the field as it is. Returns the click's time (monotonic)."""
     _click_tab(page, "#sdconcepts_train_tabs", "Train")
-    fields = [("#sdconcepts_train_width input[type=number]", "64"),
+    # Batch 1: these tests are about the host's model, and a step of full-size SD 1.5 on the CPU is what they pay.
+    fields = [("#sdconcepts_train_batch_size input", "1"),
+              ("#sdconcepts_train_width input[type=number]", "64"),
               ("#sdconcepts_train_height input[type=number]", "64"),
               ("#sdconcepts_train_max_steps input", str(max_steps)),
               ("#sdconcepts_train_preview_every input", str(preview_every)),
