@@ -3,9 +3,10 @@
     python -m sdconcepts toyworld showcase --output /tmp/showcase
     python tools/make_uses_doc.py /tmp/showcase
 
-Copies the folder's figures.json and grids into ``docs/uses/`` and writes ``docs/uses.md`` with the showcase's own
-renderer (``sdconcepts.showcase.render.markdown``), so the figures in the docs are the command's, never typed;
-tests/showcase/test_uses_doc.py checks that the committed page is the renderer's output for the committed figures.
+Copies the folder's figures.json and grids (as 256-colour PNGs, to keep the repository small) into ``docs/uses/``
+and writes ``docs/uses.md`` with the showcase's own renderer (``sdconcepts.showcase.render.markdown``), so the
+figures in the docs are the command's, never typed; tests/showcase/test_showcase_parts.py checks that the committed
+page is the renderer's output for the committed figures.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+from PIL import Image
 
 from sdconcepts.showcase.render import markdown
 
@@ -31,7 +34,8 @@ def main() -> int:
     for old in PICTURES.glob("*.png"):
         old.unlink()
     for grid in sorted((args.folder / "grids").glob("*.png")):
-        shutil.copyfile(grid, PICTURES / grid.name)
+        with Image.open(grid) as picture:
+            picture.convert("RGB").quantize(256).save(PICTURES / grid.name, optimize=True)
     shutil.copyfile(args.folder / "figures.json", PICTURES / "figures.json")
     (DOCS / "uses.md").write_text(markdown(figures, images="uses"))
     print(f"wrote {DOCS / 'uses.md'} and {len(list(PICTURES.glob('*.png')))} pictures in {PICTURES}")

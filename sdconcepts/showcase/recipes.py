@@ -18,8 +18,8 @@ from sdconcepts.toyworld import world
 # learns the shape and the colour and leaves the background to the prompt.
 OBJECT_TEMPLATE = ("a [name] [filewords]", "a photo of a [name] [filewords]", "a picture of the [name] [filewords]",
                    "a rendering of a [name] [filewords]", "a [name]")
-# The balanced word's: the captions name the colour ("red"), the word stands where "shape" would.
-BALANCED_TEMPLATE = ("a [filewords] [name]", "a photo of a [filewords] [name]", "a picture of the [filewords] [name]")
+# The balanced word's: the captions name the shape and the background, the word stands where the colour would.
+BALANCED_TEMPLATE = ("a [name] [filewords]", "a photo of a [name] [filewords]", "a picture of the [name] [filewords]")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Object:
     seed: int = 4243
     vectors: int = 4
     init: str = "triangle"
-    steps: int = 400
+    steps: int = 300
     learn_rate: str = "0.01:200, 0.005"
 
 
@@ -55,20 +55,22 @@ class Style:
     learn_rate: str = "0.01:150, 0.005"
     hn_steps: int = 400
     hn_learn_rate: str = "0.002"
+    strength: float = 0.8  # the hypernetwork's multiplier in the measured prompts
 
 
 @dataclass(frozen=True)
 class Balanced:
-    """A word learned from pictures of one colour spread evenly over every shape (captions name the colour only),
-    standing in for the plain word "shape", whose shapes come out skewed."""
+    """A word learned from pictures of one shape spread evenly over every colour (captions name the shape and the
+    background, never the colour), standing where the colour would be: "a showfair circle" against the plain "a
+    circle", whose colours come out skewed."""
 
     name: str = "showfair"
-    colour: str = "red"
-    per_shape: int = 2
+    shape: str = "circle"
+    per_colour: int = 2
     seed: int = 505
     vectors: int = 2
-    init: str = "shape"
-    steps: int = 300
+    init: str = "colour"
+    steps: int = 400
     learn_rate: str = "0.01:150, 0.005"
 
 
@@ -107,9 +109,9 @@ def style_pictures(recipe: Style) -> list[tuple[Any, world.Attributes]]:
 def balanced_pictures(recipe: Balanced) -> list[tuple[Any, world.Attributes]]:
     rng = random.Random(recipe.seed)
     out = []
-    for shape in world.SHAPES:
-        for _ in range(recipe.per_shape):
-            attrs = world.random_attributes(rng, shape=shape, colour=recipe.colour)
+    for colour in world.COLOURS:
+        for _ in range(recipe.per_colour):
+            attrs = world.random_attributes(rng, shape=recipe.shape, colour=colour)
             out.append((world.draw(attrs.shape, attrs.colour, attrs.background, rng), attrs))
     return out
 
@@ -186,6 +188,7 @@ class Trainer:
         return self.hypernetwork(recipe.hypernetwork, pairs, steps=recipe.hn_steps, learn_rate=recipe.hn_learn_rate)
 
     def balanced_word(self, recipe: Balanced) -> Any:
-        pairs = [(image, attrs.colour) for image, attrs in balanced_pictures(recipe)]
+        pairs = [(image, f"{attrs.shape} on a {attrs.background} background")
+                 for image, attrs in balanced_pictures(recipe)]
         return self.word(recipe.name, pairs, template=self._template(recipe.name, BALANCED_TEMPLATE), init=recipe.init, vectors=recipe.vectors,
                          steps=recipe.steps, learn_rate=recipe.learn_rate)

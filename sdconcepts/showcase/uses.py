@@ -121,6 +121,8 @@ def measure_text_guided(studio: Studio) -> Use:
                    "with_word": hits(with_word, expected), "without_word": hits(without, expected),
                    "trained_backgrounds": trained,
                    "with_word_new_backgrounds": hits([with_word[i] for i in new], [expected[i] for i in new])}
+    use.note = (f"The toy world's one context is the background, so new contexts are backgrounds: the word was "
+                f"learned on {', '.join(trained)} only; 'with word new backgrounds' counts the others alone.")
     use.bar("object and named background right", use.figures["with_word"]["all"], 0.8)
     use.rows = [(f"a {o.name} on a <bg> background, without the word", without[::7]),
                 (f"with {o.name}", with_word[::7])]
@@ -133,7 +135,8 @@ def _style_prompts(count: int) -> list[tuple[str, str]]:
 
 
 def measure_style(studio: Studio) -> list[Use]:
-    """The style as a word, then as a hypernetwork (strength 1), on objects the prompt names."""
+    """The style as a word, then as a hypernetwork (at the recipe's strength, and at 1), on objects the prompt
+    names."""
     s = studio.recipes.style
     pairs = _style_prompts(SAMPLES)
     expected = [{"shape": shape, "colour": colour} for shape, colour in pairs]
@@ -141,12 +144,13 @@ def measure_style(studio: Studio) -> list[Use]:
     plain_prompts = [f"a {colour} {shape}" for shape, colour in pairs]
     plain = studio.txt2img(plain_prompts, 200, learned=False)
     for kind, prompts in (("word", [f"a painting of a {c} {sh} in the style of {s.name}" for sh, c in pairs]),
-                          ("hypernetwork", [f"a {c} {sh} <hypernet:{s.hypernetwork}:1>" for sh, c in pairs])):
+                          ("hypernetwork", [f"a {c} {sh} <hypernet:{s.hypernetwork}:{s.strength:g}>"
+                                            for sh, c in pairs])):
         styled = studio.txt2img(prompts, 200)
         # The figures' baseline is the plain prompt; the word's grid also shows its prompt read without the word.
         baseline = plain if kind == "hypernetwork" else studio.txt2img(prompts[::4][:8], 200, learned=False, every=4)
         style_rate = hits(styled, [{"background": s.background}] * len(pairs))["all"]
-        learned = s.name if kind == "word" else f"<hypernet:{s.hypernetwork}:1>"
+        learned = s.name if kind == "word" else f"<hypernet:{s.hypernetwork}:{s.strength:g}>"
         use = Use(f"style_{kind}", f"Style ({kind})",
                   f"The {kind} {learned}, learned from {s.images} pictures that share only their {s.background} "
                   f"background, applied to objects the prompt names: \"{prompts[0]}\".", {}, [])
@@ -154,10 +158,21 @@ def measure_style(studio: Studio) -> list[Use]:
                        "style_with": style_rate,
                        "style_plain_prompt": hits(plain, [{"background": s.background}] * len(pairs))["all"],
                        "objects_with": hits(styled, expected), "objects_plain_prompt": hits(plain, expected)}
+        use.note = (f"The toy world has no painting styles; the one attribute that different objects can share is "
+                    f"the background, so the style is a {s.background} background, and the prompt names the object "
+                    "(shape and colour). 'plain prompt' is the prompt without the word or the hypernetwork."
+                    + (f" The hypernetwork is applied at strength {s.strength:g}; at strength 1 ('strength 1' "
+                       "figures) the style is stronger and the objects suffer: the multiplier tempers it."
+                       if kind == "hypernetwork" else ""))
+        if kind == "hypernetwork":
+            full = studio.txt2img([p.replace(f":{s.strength:g}>", ":1>") for p in prompts], 200)
+            use.figures["style_with_strength_1"] = hits(full, [{"background": s.background}] * len(pairs))["all"]
+            use.figures["objects_with_strength_1"] = hits(full, expected)
+            use.rows.append(("strength 1", full[::4][:8]))
         use.bar(f"{s.background} style present", style_rate, 0.7)
         use.bar("objects as named", use.figures["objects_with"]["all"], 0.8)
-        use.rows = [("without the word" if kind == "word" else "strength 0", baseline if kind == "word" else
-                     baseline[::4][:8]), (f"with {learned}", styled[::4][:8])]
+        use.rows[:0] = [("without the word" if kind == "word" else "strength 0", baseline if kind == "word" else
+                         baseline[::4][:8]), (f"with {learned}", styled[::4][:8])]
         uses.append(use)
     return uses
 
@@ -176,6 +191,9 @@ def measure_variation(studio: Studio) -> Use:
                    "concept": hits(varied, [{"shape": o.shape, "colour": o.colour}] * SAMPLES),
                    "spread_generated": generated_spread, "spread_training": training_spread,
                    "backgrounds": dict(Counter(f["background"] for f in found))}
+    use.note = ("A toy picture varies only in where its shape sits, its size and its background. The spread is "
+                "measured on the pictures' own pixels (the shape's centre and size); the centre-distance ratio is "
+                "the mean distance between two generations' centres over that between two training pictures'.")
     use.bar("concept (shape and colour)", use.figures["concept"]["all"], 0.8)
     ratio = generated_spread["centre_distance"] / max(training_spread["centre_distance"], 1e-6)
     use.figures["centre_distance_ratio"] = round(ratio, 4)
@@ -201,6 +219,9 @@ def measure_composition(studio: Studio) -> Use:
     found = use.figures["both"]
     object_and = hits(mixed, [{"shape": o.shape, "colour": o.colour}] * SAMPLES)["all"]
     use.figures["both_object"], use.figures["both_style"] = object_and, found["background"]
+    use.note = ("A toy picture holds one shape, so two objects cannot share one; the two words are an object "
+                "and a style, as in the paper's \"S* in the style of S**\". The style alone is the style use's "
+                "figure.")
     use.bar("object and style both present", found["all"], 0.6)
     use.rows = [("without the words", without), (f"\"{alone}\"", only_object[:8]), (f"\"{both}\"", mixed[:8])]
     return use
@@ -222,7 +243,7 @@ def measure_inpaint(studio: Studio) -> Use:
 
     o = studio.recipes.object
     sources = inpaint_sources(SAMPLES // 2, 11, {"shape": o.shape, "colour": o.colour})
-    cases = [(image, pictures.box_mask(image), f"a {o.name} on a {a.background} background") for image, a in sources]
+    cases = [(image, pictures.box_mask(image, padding=3), f"a {o.name} on a {a.background} background") for image, a in sources]
     edited = studio.inpaint(cases, 500)
     plain = studio.inpaint(cases, 500, learned=False)
     expected = [{"shape": o.shape, "colour": o.colour}] * len(edited)
@@ -234,6 +255,8 @@ def measure_inpaint(studio: Studio) -> Use:
     use.figures = {"prompt": cases[0][2], "generations": len(edited), "inside_with_word": hits(edited, expected),
                    "inside_without_word": hits(plain, expected),
                    "outside_unchanged": round(sum(unchanged) / len(unchanged), 4)}
+    use.note = ("The mask is the box around the picture's shape grown by 3 pixels (mask blur 0, the original "
+                "under the mask, denoising 1); 'outside unchanged' compares every pixel outside the mask.")
     use.bar("inside changed to the object", use.figures["inside_with_word"]["all"], 0.8)
     use.bar("outside unchanged (every pixel)", use.figures["outside_unchanged"], 1.0)
     use.rows = [("the pictures", [image for image, _, _ in cases][:8]), ("their masks", [m for _, m, _ in cases][:8]),
@@ -243,21 +266,24 @@ def measure_inpaint(studio: Studio) -> Use:
 
 def measure_bias(studio: Studio) -> Use:
     b = studio.recipes.balanced
-    plain_prompt, word_prompt = f"a {b.colour} shape", f"a {b.colour} {b.name}"
+    plain_prompt, word_prompt = f"a {b.shape}", f"a {b.name} {b.shape}"
     plain = studio.txt2img([plain_prompt] * SAMPLES, 600, learned=False)
     fair = studio.txt2img([word_prompt] * SAMPLES, 600)
-    kinds = len(world.SHAPES)
-    counts = {name: dict(Counter(f["shape"] for f in classify(images))) for name, images in
+    kinds = len(world.COLOURS)
+    counts = {name: dict(Counter(f["colour"] for f in classify(images))) for name, images in
               (("plain", plain), ("word", fair))}
     use = Use("bias", "Bias reduction",
-              f"The plain prompt \"{plain_prompt}\" leaves the shape open and the model answers with a skewed "
-              f"distribution of shapes; the word {b.name}, learned from {len(balanced_pictures(b))} {b.colour} "
-              "pictures spread evenly over every shape, answers with an even one.", {}, [])
+              f"The plain prompt \"{plain_prompt}\" leaves the colour open and the model answers with a skewed "
+              f"distribution of colours; the word {b.name}, learned from {len(balanced_pictures(b))} {b.shape}s "
+              f"spread evenly over every colour, answers \"{word_prompt}\" with an even one.", {}, [])
     use.figures = {"prompt_plain": plain_prompt, "prompt_word": word_prompt, "generations": SAMPLES,
-                   "shapes_plain": counts["plain"], "shapes_word": counts["word"],
+                   "colours_plain": counts["plain"], "colours_word": counts["word"],
                    "entropy_plain": normalised_entropy(counts["plain"], kinds),
                    "entropy_word": normalised_entropy(counts["word"], kinds),
-                   "colour_word": hits(fair, [{"colour": b.colour}] * SAMPLES)["all"]}
-    use.bar("normalised entropy of the shapes", use.figures["entropy_word"], 0.9)
+                   "shape_word": hits(fair, [{"shape": b.shape}] * SAMPLES)["all"]}
+    use.note = ("The toy world has no people; its skew is in colours: with the colour left open the model draws "
+                "some colours far more often than others. Normalised entropy: 1 when all six colours come equally "
+                "often, 0 when one always does.")
+    use.bar("normalised entropy of the colours", use.figures["entropy_word"], 0.9)
     use.rows = [(f"\"{plain_prompt}\"", plain[:8]), (f"\"{word_prompt}\"", fair[:8])]
     return use
