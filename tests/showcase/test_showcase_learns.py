@@ -1,7 +1,8 @@
 """``python -m sdconcepts toyworld showcase`` as a user runs it, on the embedded SD-1 toy model: every use's bar
 (issue 24) is met, every figure counts at least 60 generations, and the folder holds what the pages show and the
-learned files, loadable. Slow: about 6-8 minutes on 2 idle cores (the run trains 3 words and a hypernetwork and
-makes about 800 generations); CI runs it."""
+learned files, loadable. Slow: the run trains 3 words and a hypernetwork and makes about 900 generations, 556 s of
+CPU on one thread (2026-12-06, docs/uses/figures.json's run: 26 min of wall time at load average 12 on the shared
+2-core machine; on an idle core its wall time is about its CPU time, 9-10 minutes). CI runs it."""
 
 from __future__ import annotations
 

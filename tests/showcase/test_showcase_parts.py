@@ -4,6 +4,7 @@ the normalised entropy, the pages, and that docs/uses.md is the renderer's outpu
 from __future__ import annotations
 
 import copy
+import html
 import json
 import math
 import random
@@ -89,6 +90,12 @@ def test_pages_show_each_bar_and_a_failed_one_as_failed() -> None:
     for use in figures["uses"]:
         assert f"(g/{use['key']}.png)" in text and f'src="g/{use["key"]}.png"' in page
         for bar in use["bars"]:
-            assert bar["label"] in text and bar["label"] in page
+            assert bar["label"] in text and html.escape(bar["label"]) in page
     assert f"| {first['label']} | 10.0% | 80.0% | FAIL |" in text
     assert '<span class="fail">FAIL</span>' in page and "<script" not in page
+
+
+def test_the_train_tabs_link_is_the_committed_page() -> None:
+    from sdconcepts.ui.train_tab import USES_DOC
+
+    assert USES_DOC == ROOT / "docs" / "uses.md" and USES_DOC.is_file()
