@@ -1,4 +1,4 @@
-"""The ``toyworld`` command: train, eval, concept, score (and train-probe), wired into an argparse parser.
+"""The ``toyworld`` command: train, eval, concept, score, showcase (and train-probe), wired into an argparse parser.
 
 The toy-world model code (diffusers) is imported inside the handlers so that building the parser stays cheap.
 """
@@ -144,6 +144,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+@_guard
+def cmd_showcase(args: argparse.Namespace) -> int:
+    """Train words and a hypernetwork on an embedded model, measure the six uses and write the showcase folder."""
+    from sdconcepts.showcase.run import run_showcase  # lazy: torch, diffusers
+
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output} exists and is not a folder")
+    figures = run_showcase(output, model_name=args.model, report=print)
+    print(f"wrote {output / 'index.html'} and {output / 'README.md'} ({figures['run']['seconds']:.0f} s); "
+          + ("every bar passed" if figures["passed"] else "some bars FAILED (see figures.json)"))
+    return 0
+
+
 def add_toyworld_parser(subparsers: Any) -> None:
     """Add the ``toyworld`` command and its sub-commands to an argparse ``subparsers`` object."""
     toy = subparsers.add_parser("toyworld", help="the embedded toy-world model: train, evaluate, concept images")
@@ -194,6 +208,13 @@ def add_toyworld_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_concept)
+
+    p = sub.add_parser("showcase", help="the six uses of textual inversion: train, measure, write grids and pages")
+    p.add_argument("--output", required=True, help="the folder to write (figures.json, index.html, README.md, grids, "
+                   "and the learned embeddings and hypernetwork)")
+    p.add_argument("--model", choices=("toyworld", "toyworld-xl"), default="toyworld",
+                   help="the embedded model (default toyworld, the SD-1 one)")
+    p.set_defaults(func=cmd_showcase)
 
     p = sub.add_parser("score", help="hit rate of each expected attribute over a folder of images")
     p.add_argument("dir")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -24,6 +25,8 @@ from sdconcepts.ui.train_preprocess import CAPTION_ACTIONS
 from sdconcepts.ui.ui_session import UiError, UiSession
 
 __all__ = ["TxtToImg", "build_train_tab", "chain_after"]
+
+USES_DOC = Path(__file__).resolve().parents[2] / "docs" / "uses.md"  # the six uses, measured (toyworld showcase)
 
 # Components of the txt2img tab read when "Read parameters from txt2img tab" is ticked.
 TxtToImg = dict[str, Any]
@@ -161,7 +164,9 @@ def _preprocess_form(fit: FormDefaults) -> dict[str, Any]:
 def _train_form(session: UiSession, fit: FormDefaults, templates: list[str], chosen: Preset) -> dict[str, Any]:
     """The Train sub-tab's settings; keys are ``TrainForm``'s fields, ``err_<field>`` the messages under them."""
     gr.HTML('<div class="sdconcepts-train-help">Train an embedding or hypernetwork; you must specify a '
-            "directory with a set of 1:1 ratio images.</div>", elem_id="sdconcepts_train_help")
+            "directory with a set of 1:1 ratio images. What they are good for, measured: "
+            f'<a href="{USES_DOC.as_uri()}" target="_blank">{USES_DOC.name}</a> in docs/.</div>',
+            elem_id="sdconcepts_train_help")
     c: dict[str, Any] = {}
     with gr.Row():
         c["embedding"] = gr.Dropdown(train_handlers.embedding_names(session), label="Embedding",
