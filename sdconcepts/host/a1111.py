@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.host.model import HostModel, reload_host_files
-from sdconcepts.host.options import TRAIN_ROOT_DEST, TRAIN_ROOT_OPTION
+from sdconcepts.host.options import CONVERT_SD1_SETTING, TRAIN_ROOT_DEST, TRAIN_ROOT_OPTION
 from sdconcepts.ui.ui_session import UiConfig, UiSession
 
 __all__ = ["HOST_TXT2IMG_IDS", "TAB_ID", "TAB_TITLE", "build_tabs", "host_config", "on_after_component", "register",
@@ -44,8 +44,9 @@ class Registration:
 
 def host_config() -> UiConfig:
     """Our folders from the host's settings: ``--embeddings-dir`` (Forge-Classic's default is ``models/embeddings``),
-    ``--hypernetwork-dir`` (Forge-Classic lacks it: ``models/hypernetworks``), ``--ckpt-dir``,
-    ``--sdconcepts-train-root``, and the default-multiplier setting for hypernet tags."""
+    ``--hypernetwork-dir`` (Forge-Classic lacks it: ``models/hypernetworks``), ``--ckpt-dir``, ``--lora-dir`` (every
+    host's Lora extension registers it, default ``models/Lora``: the bundled embeddings' cards), ``--sdconcepts-train-root``,
+    the default-multiplier setting for hypernet tags, and our on-the-fly SD 1.x -> SDXL setting."""
     from modules import paths, shared  # lazy: host only
 
     cmd_opts = getattr(shared, "cmd_opts", None)
@@ -64,6 +65,7 @@ def host_config() -> UiConfig:
     embeddings = option("embeddings_dir") or data_path / "embeddings"
     hypernetworks = option("hypernetwork_dir") or models_path / "hypernetworks"
     checkpoints = option("ckpt_dir") or models_path / "Stable-diffusion"
+    loras = option("lora_dir") or models_path / "Lora"
     device = None
     try:
         from modules import devices  # lazy: host only
@@ -88,6 +90,8 @@ def host_config() -> UiConfig:
         train_root_option=TRAIN_ROOT_OPTION,
         host_model=Registration.host_model,
         files_changed=reload_host_files,
+        lora_dirs=[Path(loras)],
+        convert_sd1_on_sdxl=bool(getattr(shared.opts, CONVERT_SD1_SETTING, False)),
     )
 
 
@@ -126,6 +130,28 @@ def on_app_started(demo: Any, app: Any) -> None:
     describe_events_for_the_page(demo, app, Registration.blocks)
 
 
+def on_ui_settings() -> None:
+    """Our setting in the host's Settings (section "sdconcepts"), default off so that our tab's pictures stay A1111's;
+    the embedding tools' checkbox in our tab starts from it. The host's own txt2img never converts."""
+    from modules import shared  # lazy: host only
+
+    info = shared.OptionInfo(
+        False,
+        "sdconcepts tab: use SD 1.x embeddings on SDXL models, converted on the fly (A1111 skips them; the infotext "
+        "says so)",
+        onchange=_convert_setting_changed,
+        section=("sdconcepts", "sdconcepts"),
+    )
+    shared.opts.add_option(CONVERT_SD1_SETTING, info)
+
+
+def _convert_setting_changed() -> None:
+    from modules import shared  # lazy: host only
+
+    if Registration.session is not None:
+        Registration.session.convert_sd1_on_sdxl = bool(getattr(shared.opts, CONVERT_SD1_SETTING, False))
+
+
 def on_model_loaded(_sd_model: Any) -> None:
     """The host loaded another model: drop our view of the old one, which would keep its weights in memory."""
     if Registration.host_model is not None:
@@ -142,6 +168,7 @@ def unregister() -> None:
         remove(on_app_started)
         remove(on_model_loaded)
         remove(on_after_component)
+        remove(on_ui_settings)
         remove(unregister)
     if Registration.host_model is not None:
         Registration.host_model.forget()
@@ -168,12 +195,14 @@ def register() -> bool:
         remove(on_app_started)
         remove(on_model_loaded)
         remove(on_after_component)
+        remove(on_ui_settings)
         remove(unregister)
     Registration.txt2img = {}
     on_after_component_hook = getattr(script_callbacks, "on_after_component", None)
     if on_after_component_hook is not None:  # without it the previews keep their own settings
         on_after_component_hook(on_after_component)
     script_callbacks.on_ui_tabs(on_ui_tabs)
+    script_callbacks.on_ui_settings(on_ui_settings)
     on_app_started_hook = getattr(script_callbacks, "on_app_started", None)
     if on_app_started_hook is not None:  # every A1111 1.x / Forge has it; older forks may not
         on_app_started_hook(on_app_started)

@@ -233,7 +233,7 @@ class HostManager:
     def _checkpoint_link(self, dest: Path) -> Path:
         return dest / "models" / "Stable-diffusion" / f"{CHECKPOINT_NAME}{self.checkpoint.suffix}"
 
-    def _install_models(self, dest: Path) -> None:
+    def _install_models(self, kind: str, dest: Path) -> None:
         link = self._checkpoint_link(dest)
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():
@@ -247,6 +247,10 @@ class HostManager:
             # a tree within a session must see the very same files.
             if not (target.is_file() and target.read_bytes() == source.read_bytes()):
                 shutil.copy2(source, target)
+        # LoRA files with bundled embeddings, and standalone ones to compare with (bundle_checks.py).
+        import bundle_checks
+
+        bundle_checks.write_bundle_files(dest, dest.joinpath(*EMBEDDINGS_DIRS.get(kind, ("embeddings",))))
 
     def get(self, kind: str, *, extension: bool = True, extra_flags: Iterable[str] = ()) -> Host:
         """The running host of ``kind`` (with or without our extension active), launched first when needed."""
@@ -265,7 +269,7 @@ class HostManager:
 
     def _launch(self, kind: str, extension: bool, flags: tuple[str, ...]) -> Host:
         dest = self.dirs[kind]
-        self._install_models(dest)
+        self._install_models(kind, dest)
         port = free_port()
         # The checkpoint is always named: a tree's settings remember the last one loaded (a launch on the SD 2 file
         # must not leave the next launch on it).
