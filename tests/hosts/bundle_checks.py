@@ -112,3 +112,13 @@ def check_bundle_lifetime_and_bad_input(host: hh.Host, plain_before: np.ndarray)
     ours = [line for line in log.splitlines() if "sdcnan" in line and "sdconcepts: " in line]
     assert len(ours) == 1 and "NaN" in ours[0], host.log_tail()
     assert "Traceback" not in log, host.log_tail()
+
+
+def check_in_forge_family(host: hh.Host) -> str:
+    """Every check above on a Forge-family host (our extension registers the bundled words there); a line of figures."""
+    logged_before = len(host.log_text())
+    results = {name: hh.txt2img(host, **body) for name, body in bundle_requests().items()}
+    figures = check_bundled_words(host, results, ti_hashes=True)
+    assert "Traceback" not in host.log_text()[logged_before:], host.log_tail()
+    check_bundle_lifetime_and_bad_input(host, results["word, no lora"][0])
+    return f"[{host.kind}] bundled word mean |diff|: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items())

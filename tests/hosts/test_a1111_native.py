@@ -1,5 +1,7 @@
-"""AUTOMATIC1111 1.10.1 keeps its own hypernetworks (issue 11, point 4): with our extension installed, A1111's
-``<hypernet:...>`` images, infotexts and its own Hypernetworks card page are exactly what A1111 gives without it.
+"""AUTOMATIC1111 1.10.1 keeps its own hypernetworks (issue 11, point 4) and its own embeddings bundled in LoRA files
+(issue 23: A1111 loads them natively, our extension registers nothing there): with our extension installed, A1111's
+``<hypernet:...>`` and ``<lora:...>`` + bundled-word images, infotexts and its own Hypernetworks card page are exactly
+what A1111 gives without it.
 
 "Without" is the same prepared tree launched with A1111's ``--disable-extra-extensions`` (only extensions-builtin/
 run): the same code, weights and files, so equal results are equal by construction and compared exactly.
@@ -11,6 +13,7 @@ import json
 import urllib.parse
 from typing import Any
 
+import bundle_checks as bc
 import host_harness as hh
 import numpy as np
 
@@ -20,6 +23,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "no tag": {"prompt": PROMPT},
     "hn_a:1": {"prompt": f"{PROMPT} <hypernet:hn_a:1>"},
     "hn_b:0.6 then hn_a:-0.5": {"prompt": f"{PROMPT} <hypernet:hn_b:0.6> <hypernet:hn_a:-0.5>"},
+    **bc.bundle_requests(),  # the words bundled in models/Lora/sdc_bundle.safetensors (bundle_checks.py)
 }
 
 
@@ -37,7 +41,7 @@ def _hypernetwork_page_state(host: hh.Host) -> dict[str, Any]:
     return {"tabs": tabs, "listed": listed, "card": card.get("html") if isinstance(card, dict) else card}
 
 
-def test_a1111_hypernetworks_unchanged_by_our_extension(host_manager: hh.HostManager) -> None:
+def test_a1111_hypernetworks_and_bundled_embeddings_unchanged_by_our_extension(host_manager: hh.HostManager) -> None:
     # Without the extension first: the host launched with it then stays up for the next A1111 tests (one launch per
     # configuration; tests/hosts/conftest.py orders the tests so).
     host = host_manager.get("a1111", extension=False)
@@ -62,6 +66,8 @@ def test_a1111_hypernetworks_unchanged_by_our_extension(host_manager: hh.HostMan
     # one Hypernetworks card page per generation tab, A1111's own ids
     assert page_with_ext["tabs"] == [("Hypernetworks", "txt2img_hypernetworks"), ("Hypernetworks", "img2img_hypernetworks")]
     assert "hn_a" in page_with_ext["card"]
+    # A1111 itself uses the bundled word while its LoRA is in the prompt (the same checks as in Forge, its TI hashes).
+    bc.check_bundled_words(host, {name: with_ext[name] for name in bc.bundle_requests()}, ti_hashes=True)
 
     for name in REQUESTS:
         image_with, info_with = with_ext[name]

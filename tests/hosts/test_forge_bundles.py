@@ -12,9 +12,4 @@ import host_training as ht
 
 
 def test_forge_uses_embeddings_bundled_in_the_lora_of_the_prompt(forge: hh.Host) -> None:
-    logged_before = len(forge.log_text())
-    results = {name: hh.txt2img(forge, **body) for name, body in bc.bundle_requests().items()}
-    figures = bc.check_bundled_words(forge, results, ti_hashes=True)
-    assert "Traceback" not in forge.log_text()[logged_before:], forge.log_tail()
-    bc.check_bundle_lifetime_and_bad_input(forge, results["word, no lora"][0])
-    ht.report_figures("[forge] bundled word mean |diff|: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
+    ht.report_figures(bc.check_in_forge_family(forge))

@@ -1,12 +1,14 @@
 """reForge (Panchovix, 3b56b268) with our extension, an old-Forge fork (gradio 3.41, ``ldm_patched`` + ``modules_forge``; issue 22):
 hypernetworks in its own txt2img/img2img/hires pass (its own Hypernetworks page (A1111's code) lists the files; our ``hypernet`` network replaces its no-op one), and our Train tab training an embedding and a
 hypernetwork on its loaded model (no second copy, its picture unchanged, its txt2img using the files at once),
-interrupted and resumed. See hypernetwork_checks.py and host_training.py."""
+interrupted and resumed; the embeddings bundled in LoRA files, which its Lora extension no longer loads, used while
+the LoRA is in the prompt. See hypernetwork_checks.py, host_training.py and bundle_checks.py."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import bundle_checks as bc
 import host_harness as hh
 import host_training as ht
 import hypernetwork_checks as checks
@@ -36,3 +38,7 @@ def test_reforge_train_hypernetwork_on_the_hosts_model(reforge: hh.Host, page: A
 
 def test_reforge_train_interrupt_resume_an_embedding_on_the_hosts_model(reforge: hh.Host, page: Any) -> None:
     ht.report_figures(ht.interrupt_resume_and_use(reforge, page, "hostresumed", "TI hashes: "))
+
+
+def test_reforge_uses_embeddings_bundled_in_the_lora_of_the_prompt(reforge: hh.Host) -> None:
+    ht.report_figures(bc.check_in_forge_family(reforge))
