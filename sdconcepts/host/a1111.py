@@ -202,7 +202,9 @@ def register() -> bool:
     if on_after_component_hook is not None:  # without it the previews keep their own settings
         on_after_component_hook(on_after_component)
     script_callbacks.on_ui_tabs(on_ui_tabs)
-    script_callbacks.on_ui_settings(on_ui_settings)
+    on_ui_settings_hook = getattr(script_callbacks, "on_ui_settings", None)
+    if on_ui_settings_hook is not None:  # every A1111 1.x / Forge has it
+        on_ui_settings_hook(on_ui_settings)
     on_app_started_hook = getattr(script_callbacks, "on_app_started", None)
     if on_app_started_hook is not None:  # every A1111 1.x / Forge has it; older forks may not
         on_app_started_hook(on_app_started)

@@ -179,6 +179,25 @@ def test_host_folders_fall_back_when_the_host_has_no_hypernetwork_option(host: d
     assert config.multiplier() == 0.8
 
 
+def test_host_lora_folder_and_conversion_setting(host: dict[str, Any]) -> None:
+    """Our tab's bundled-embedding cards read the host's ``--lora-dir`` (every host's Lora extension registers it,
+    default ``models/Lora``); the on-the-fly SD 1.x -> SDXL conversion follows our host setting, off by default."""
+    from modules import shared
+
+    from sdconcepts.host.a1111 import host_config
+    from sdconcepts.host.options import CONVERT_SD1_SETTING
+
+    webui = host["webui"]
+    config = host_config()
+    assert list(config.lora_dirs) == [webui / "models" / "Lora"]
+    assert config.convert_sd1_on_sdxl is False
+    shared.cmd_opts.lora_dir = str(webui / "my-loras")
+    setattr(shared.opts, CONVERT_SD1_SETTING, True)
+    config = host_config()
+    assert list(config.lora_dirs) == [webui / "my-loras"]
+    assert config.convert_sd1_on_sdxl is True
+
+
 def test_outside_a_host_the_script_registers_nothing() -> None:
     from sdconcepts.host.a1111 import register
 

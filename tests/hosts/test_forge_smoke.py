@@ -18,3 +18,5 @@ def test_forge_txt2img_with_our_extension(forge: hh.Host) -> None:
     hh.assert_finite_picture(image)
     assert "Seed: 42" in info and f"Model: {hh.CHECKPOINT_NAME}" in info, info
     assert "Traceback" not in forge.log_text()[logged_before:], forge.log_tail()
+    # Our setting in Forge's Settings (host.a1111.on_ui_settings), off by default.
+    assert forge.request("/sdapi/v1/options").get("sdconcepts_convert_sd1_on_sdxl") is False
