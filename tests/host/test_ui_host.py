@@ -126,6 +126,7 @@ def test_extension_registers_one_tab_and_unregisters_before_a_reload(host: dict[
     module = _run_extension_script()  # executed twice (a host that does not clear callbacks): still one tab
     # An A1111-like host (no modules_forge): no Forge script, no hypernet network or page of ours.
     assert not hasattr(module, "SdconceptsHypernetworks")
+    assert not hasattr(module, "SdconceptsBundledEmbeddings")  # A1111 loads bundled embeddings itself
     assert len(script_callbacks.callbacks_app_started) == 1
     assert len(script_callbacks.callbacks_after_component) == 1
     # The host builds its txt2img page first, announcing each component (A1111's patched gradio constructors).
