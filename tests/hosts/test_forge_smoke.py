@@ -18,5 +18,7 @@ def test_forge_txt2img_with_our_extension(forge: hh.Host) -> None:
     hh.assert_finite_picture(image)
     assert "Seed: 42" in info and f"Model: {hh.CHECKPOINT_NAME}" in info, info
     assert "Traceback" not in forge.log_text()[logged_before:], forge.log_tail()
-    # Our setting in Forge's Settings (host.a1111.on_ui_settings), off by default.
-    assert forge.request("/sdapi/v1/options").get("sdconcepts_convert_sd1_on_sdxl") is False
+    # Our setting on Forge's Settings page (host.a1111.on_ui_settings; the page's ids are "setting_<key>"), off by
+    # default (/sdapi/v1/options lists only saved settings).
+    settings = {c.get("props", {}).get("elem_id"): c.get("props", {}) for c in forge.request("/config")["components"]}
+    assert settings["setting_sdconcepts_convert_sd1_on_sdxl"].get("value") is False
