@@ -45,7 +45,7 @@ class Registration:
 def host_config() -> UiConfig:
     """Our folders from the host's settings: ``--embeddings-dir`` (Forge-Classic's default is ``models/embeddings``),
     ``--hypernetwork-dir`` (Forge-Classic lacks it: ``models/hypernetworks``), ``--ckpt-dir``, ``--lora-dir`` (every
-    host's Lora extension registers it, default ``models/Lora``: the bundled embeddings' cards), ``--sdconcepts-train-root``,
+    host's Lora extension registers it, default ``models/Lora``: where our session finds bundled embeddings), ``--sdconcepts-train-root``,
     the default-multiplier setting for hypernet tags, and our on-the-fly SD 1.x -> SDXL setting."""
     from modules import paths, shared  # lazy: host only
 
