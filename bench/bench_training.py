@@ -24,6 +24,7 @@ Usage: ``python bench/bench_training.py [--rounds N] [--threads 2] [--size 64] [
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -94,12 +95,9 @@ def example_stepper(model: Any, data: Path, size: int, batch: int) -> Callable[[
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
     from PIL import Image
-    from transformers import CLIPTokenizer
-
-    from sdconcepts.backends.tokenizer import TOKENIZER_DIR
 
     device = model.device
-    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), model_max_length=77, local_files_only=True)
+    tokenizer = copy.deepcopy(model.tokenizer)  # the model's CLIP tokenizer, as the example loads it; it grows
     tokens = [PLACEHOLDER] + [f"{PLACEHOLDER}_{i}" for i in range(1, VECTORS)]
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
