@@ -118,12 +118,15 @@ def main() -> int:
     parser.add_argument("--per-round", type=int, default=2)
     parser.add_argument("--burners", type=int, default=None, help="CPU-burning processes (default: usable cores)")
     parser.add_argument("--phases", default="quiet,busy")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads for both (default 1; more makes CPU time count waiting)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     count = args.burners if args.burners is not None else usable_cores()
     rows = []
     print(
-        f"batch {BATCH}, torch {torch.__version__}, 1 thread, {args.rounds}x{args.per_round} interleaved steps each; "
+        f"batch {BATCH}, torch {torch.__version__}, {args.threads} thread(s), {args.rounds}x{args.per_round} interleaved steps each; "
         f"busy = {count} burner process(es)",
         flush=True,
     )

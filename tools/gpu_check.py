@@ -147,7 +147,7 @@ def txt2img_row(family: str, size: int, settings: Settings, memory: Memory) -> R
     model = build(family, settings)
     vectors = torch.randn(2, int(model.context_width), generator=torch.Generator().manual_seed(2)) * 0.02
     hypernetwork = create_hypernetwork(HYPERNETWORK, attention_widths(model.unet), generator_seed=3)
-    hypernetwork.to(settings.device, settings.dtype)
+    hypernetwork.to(settings.device).eval()  # float32, as the library loads one (hypernetworks/library.py)
     prompt = f"a photo of {WORD} on a table <hypernet:{HYPERNETWORK}:1>"
     params = GenerationParams(
         prompt=prompt,
