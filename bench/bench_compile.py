@@ -14,7 +14,7 @@ Ratios below 1 mean the compiled path is faster. CPU time of this process with o
 (wall time on CUDA, synchronised). Compiling on CPU needs a C++ compiler; where it cannot, the bench says so and stops.
 
 Usage: ``python bench/bench_compile.py [--cases toy,sd15] [--rounds 10] [--sample-steps 10] [--threads 1]
-[--device cpu]``
+[--device cpu] [--no-sampling]``
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _model(case: str, device: str) -> tuple[Any, int]:
     return model, 64
 
 
-def _case(case: str, device: str, rounds: int, sample_steps: int) -> dict[str, Any]:
+def _case(case: str, device: str, rounds: int, sample_steps: int, sampling: bool = True) -> dict[str, Any]:
     import torch
 
     from sdconcepts.backends.sampling import txt2img
@@ -101,16 +101,20 @@ def _case(case: str, device: str, rounds: int, sample_steps: int) -> dict[str, A
     stepper(compiled)()
     sync()
     first_step = time.perf_counter() - start
-    start = time.perf_counter()
-    sampler(True)()
-    sync()
-    first_image = time.perf_counter() - start
+    first_image = float("nan")
+    if sampling:
+        start = time.perf_counter()
+        sampler(True)()
+        sync()
+        first_image = time.perf_counter() - start
     rss_after = _peak_rss_mb()
     clock = time.perf_counter if cuda else time.process_time
     steps = interleaved_medians({"eager": stepper(eager), "compiled": stepper(compiled)}, rounds, sync=sync,
                                 clock=clock)
-    images = interleaved_medians({"eager": sampler(False), "compiled": sampler(True)}, max(2, rounds // 3),
-                                 warmup=1, sync=sync, clock=clock)
+    images = {"eager": float("nan"), "compiled": float("nan")}
+    if sampling:
+        images = interleaved_medians({"eager": sampler(False), "compiled": sampler(True)}, max(2, rounds // 3),
+                                     warmup=1, sync=sync, clock=clock)
     return {
         "case": case, "size": size, "batch": batch, "device": device, "fallback": compiled.compiled.fallback,
         "first_compiled_step_s": first_step, "first_compiled_image_s": first_image,
@@ -129,6 +133,8 @@ def main() -> int:
     parser.add_argument("--sample-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-sampling", action="store_true",
+                        help="the training step only (sampling's shapes compile again: minutes more on a CPU)")
     args = parser.parse_args()
 
     import torch
@@ -136,7 +142,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     results = []
     for case in args.cases.split(","):
-        row = _case(case, args.device, args.rounds, args.sample_steps)
+        row = _case(case, args.device, args.rounds, args.sample_steps, sampling=not args.no_sampling)
         results.append(row)
         if row.get("fallback"):
             print(f"{case}: {row['fallback']}", flush=True)

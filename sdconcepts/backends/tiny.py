@@ -201,23 +201,27 @@ def save_tiny_sdxl(path: Path, seed: int = 0) -> Path:
 
 
 def build_reference_random(family: str = "sd1", seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, object]:
-    """Full-size SD 1.5 (``sd1``) or SD 2.1 (``sd2``) shaped components with random weights, for benchmarks.
+    """Full-size SD 1.5 (``sd1``), SD 2.1 (``sd2``) or SDXL base (``sdxl``) shaped components with random weights,
+    for benchmarks and ``tools/gpu_check.sh``.
 
-    Built from the reference configs shipped in the package; about 1 B parameters, so only for benchmarks.
+    Built from the reference configs shipped in the package; about 1 B parameters (SDXL: 3.5 B), so only for
+    benchmarks; build under ``torch.device("cuda")`` to initialise on a GPU.
     """
     configs = reference_configs(family)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**configs["unet"]).eval()
-    vae = AutoencoderKL(**configs["vae"]).eval()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval()
-    if dtype != torch.float32:
-        for module in (unet, vae, text_encoder):
+    modules: dict[str, torch.nn.Module] = {
+        "unet": UNet2DConditionModel(**configs["unet"]),
+        "vae": AutoencoderKL(**configs["vae"]),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+    }
+    if family == "sdxl":
+        modules["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
+    for module in modules.values():
+        module.eval()
+        if dtype != torch.float32:
             module.to(dtype)
     scheduler_config = {k: v for k, v in configs["scheduler"].items() if not k.startswith("_")}
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": load_clip_tokenizer(family),
-        "scheduler": DDIMScheduler.from_config(scheduler_config),
-    }
+    tokenizers: dict[str, object] = {"tokenizer": load_clip_tokenizer("sd1" if family == "sdxl" else family)}
+    if family == "sdxl":
+        tokenizers["tokenizer_2"] = load_clip_tokenizer("sd2")
+    return {**modules, **tokenizers, "scheduler": DDIMScheduler.from_config(scheduler_config)}
