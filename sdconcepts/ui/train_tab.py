@@ -8,6 +8,7 @@ about a field are shown in a small HTML element right under it (``sdconcepts_tra
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,26 @@ from sdconcepts.ui.train_handlers import FormDefaults, TrainForm
 from sdconcepts.ui.train_preprocess import CAPTION_ACTIONS
 from sdconcepts.ui.ui_session import UiError, UiSession
 
-__all__ = ["TxtToImg", "build_train_tab", "chain_after"]
+__all__ = ["TxtToImg", "build_train_tab", "chain_after", "uses_markdown"]
 
 USES_DOC = Path(__file__).resolve().parents[2] / "docs" / "uses.md"  # the six uses, measured (toyworld showcase)
+
+def uses_markdown() -> str:
+    """docs/uses.md for the Train tab, without its pictures (a page served by the app or a host cannot show the
+    checkout's files; each picture is named by its path instead); "" when the file is missing."""
+    try:
+        text = USES_DOC.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("<a id="):
+            continue  # the page's anchors; the links to them stay harmless text in the tab
+        picture = re.fullmatch(r"!\[(.*)\]\((.*)\)", line.strip())
+        lines.append(f"*(picture: {picture.group(1)}, docs/{picture.group(2)})*" if picture else
+                     line.replace("<", "&lt;"))
+    return "\n".join(lines)
+
 
 # Components of the txt2img tab read when "Read parameters from txt2img tab" is ticked.
 TxtToImg = dict[str, Any]
@@ -164,9 +182,13 @@ def _preprocess_form(fit: FormDefaults) -> dict[str, Any]:
 def _train_form(session: UiSession, fit: FormDefaults, templates: list[str], chosen: Preset) -> dict[str, Any]:
     """The Train sub-tab's settings; keys are ``TrainForm``'s fields, ``err_<field>`` the messages under them."""
     gr.HTML('<div class="sdconcepts-train-help">Train an embedding or hypernetwork; you must specify a '
-            "directory with a set of 1:1 ratio images. What they are good for, measured: "
-            f'<a href="{USES_DOC.as_uri()}" target="_blank">{USES_DOC.name}</a> in docs/.</div>',
-            elem_id="sdconcepts_train_help")
+            "directory with a set of 1:1 ratio images. What they are good for, measured: docs/uses.md (below, "
+            "and with its pictures in the checkout).</div>", elem_id="sdconcepts_train_help")
+    uses = uses_markdown()
+    if uses:
+        with gr.Accordion("The six uses of textual inversion, measured (docs/uses.md)", open=False,
+                          elem_id="sdconcepts_train_uses"):
+            gr.Markdown(uses, elem_id="sdconcepts_train_uses_text")
     c: dict[str, Any] = {}
     with gr.Row():
         c["embedding"] = gr.Dropdown(train_handlers.embedding_names(session), label="Embedding",

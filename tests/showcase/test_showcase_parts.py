@@ -95,7 +95,13 @@ def test_pages_show_each_bar_and_a_failed_one_as_failed() -> None:
     assert '<span class="fail">FAIL</span>' in page and "<script" not in page
 
 
-def test_the_train_tabs_link_is_the_committed_page() -> None:
-    from sdconcepts.ui.train_tab import USES_DOC
+def test_the_train_tab_shows_the_committed_page() -> None:
+    from sdconcepts.ui.train_tab import USES_DOC, uses_markdown
 
     assert USES_DOC == ROOT / "docs" / "uses.md" and USES_DOC.is_file()
+    shown = uses_markdown()
+    figures = json.loads((ROOT / "docs" / "uses" / "figures.json").read_text(encoding="utf-8"))
+    for use in figures["uses"]:  # every use's title, and every picture named by its path instead of shown
+        assert f"## {use['title']}" in shown
+    assert "![" not in shown and "(picture: Text-guided synthesis, docs/uses/text_guided.png)" in shown
+    assert "<background>" not in shown and "&lt;background> background" in shown
