@@ -7,7 +7,6 @@ seeds with and without what was learned). ``Studio`` holds the loaded model and 
 from __future__ import annotations
 
 import math
-import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -227,22 +226,11 @@ def measure_composition(studio: Studio) -> Use:
     return use
 
 
-def inpaint_sources(count: int, seed: int, avoid: Mapping[str, str]) -> list[tuple[Image.Image, world.Attributes]]:
-    rng = random.Random(seed)
-    out: list[tuple[Image.Image, world.Attributes]] = []
-    while len(out) < count:
-        attrs = world.random_attributes(rng)
-        if any(getattr(attrs, name) == value for name, value in avoid.items()):
-            continue
-        out.append((world.draw(attrs.shape, attrs.colour, attrs.background, rng), attrs))
-    return out
-
-
 def measure_inpaint(studio: Studio) -> Use:
     import numpy as np  # the outside-unchanged check
 
     o = studio.recipes.object
-    sources = inpaint_sources(SAMPLES // 2, 11, {"shape": o.shape, "colour": o.colour})
+    sources = world.random_pictures(SAMPLES // 2, 11, {"shape": o.shape, "colour": o.colour})
     cases = [(image, pictures.box_mask(image, padding=3), f"a {o.name} on a {a.background} background") for image, a in sources]
     edited = studio.inpaint(cases, 500)
     plain = studio.inpaint(cases, 500, learned=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -126,6 +126,19 @@ def draw(shape: str, colour: str, background: str, rng: random.Random) -> Image.
         pen.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fg)
         pen.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fg)
     return image.resize((SIZE, SIZE), Image.Resampling.BOX)
+
+
+def random_pictures(count: int, seed: int, avoid: Mapping[str, str]) -> list[tuple[Image.Image, Attributes]]:
+    """``count`` random pictures (with their attributes), seeded, none of whose attributes equals ``avoid``'s (e.g.
+    ``{"colour": "yellow"}``): pictures to edit toward a concept they do not show yet."""
+    rng = random.Random(seed)
+    out: list[tuple[Image.Image, Attributes]] = []
+    while len(out) < count:
+        attrs = random_attributes(rng)
+        if any(getattr(attrs, name) == value for name, value in avoid.items()):
+            continue
+        out.append((draw(attrs.shape, attrs.colour, attrs.background, rng), attrs))
+    return out
 
 
 def random_attributes(

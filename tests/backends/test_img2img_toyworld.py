@@ -17,7 +17,6 @@ Slow (a few minutes on one thread); CI runs them. ``python tests/backends/test_i
 from __future__ import annotations
 
 import json
-import random
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from PIL import Image, ImageFilter
 from trained_style import STYLE_HYPERNETWORK, train_style_hypernetwork
 
 from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR
+from sdconcepts.toyworld import world
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,20 +44,6 @@ HN = {k: STYLE_HYPERNETWORK[k] for k in ("name", "background", "images", "batch"
 INPAINT = {"images": 20, "seeds": 2, "steps": 20, "sampler": "DDIM", "cfg_scale": 5.0, "strength": 1.0,
            "padding": 1}
 VARIATION = {"images": 30, "steps": 20, "sampler": "DDIM", "cfg_scale": 5.0, "strength": 0.5}
-
-
-def init_images(count: int, seed: int, *, avoid: Mapping[str, str]) -> list[tuple[Image.Image, Any]]:
-    """Toy images (with attributes) none of whose attributes equal ``avoid``'s."""
-    from sdconcepts.toyworld import world
-
-    rng = random.Random(seed)
-    out = []
-    while len(out) < count:
-        attrs = world.random_attributes(rng)
-        if any(getattr(attrs, name) == value for name, value in avoid.items()):
-            continue
-        out.append((world.draw(attrs.shape, attrs.colour, attrs.background, rng), attrs))
-    return out
 
 
 def shape_mask(image: Image.Image, padding: int, *, box: bool = True) -> Image.Image:
@@ -140,7 +126,7 @@ def measure(work: Path, style_hypernetwork: tuple[Path, float]) -> dict[str, Any
     colour = WORD["colour"]
 
     # Inpaint the shape's box with the learned word.
-    sources = init_images(INPAINT["images"], 11, avoid={"colour": colour})
+    sources = world.random_pictures(INPAINT["images"], 11, {"colour": colour})
     cases = [(image, shape_mask(image, INPAINT["padding"])) for image, _ in sources]
     start = time.perf_counter()
     prompts = [f"a {WORD['name']} shape"] * len(cases)
@@ -156,7 +142,7 @@ def measure(work: Path, style_hypernetwork: tuple[Path, float]) -> dict[str, Any
     style_path, style_seconds = style_hypernetwork  # the session's, shared with test_training_learns.py
     style = load_hypernetwork(style_path)
     report["hypernetwork_train_seconds"] = round(style_seconds, 1)
-    bg_sources = init_images(INPAINT["images"], 12, avoid={"background": HN["background"]})
+    bg_sources = world.random_pictures(INPAINT["images"], 12, {"background": HN["background"]})
     bg_cases = [(image, shape_mask(image, INPAINT["padding"], box=False)) for image, _ in bg_sources]
     start = time.perf_counter()
     # The prompt names what the box keeps, as the hypernetwork's training captions did.
@@ -171,7 +157,7 @@ def measure(work: Path, style_hypernetwork: tuple[Path, float]) -> dict[str, Any
     report["hypernetwork_box_unchanged"] = _unchanged_outside(styled, bg_cases, inside=True)
 
     # Image variation at strength 0.5: the prompt describes the image, the learned word stands for the colour.
-    var_sources = init_images(VARIATION["images"], 13, avoid={"colour": colour})
+    var_sources = world.random_pictures(VARIATION["images"], 13, {"colour": colour})
     options = Img2ImgOptions(denoising_strength=VARIATION["strength"])
     start = time.perf_counter()
     results: dict[str, list[Image.Image]] = {"word": [], "plain": [], "word_shape_unnamed": []}

@@ -219,3 +219,13 @@ def test_words_the_toy_world_lacks_are_named_with_the_ones_it_has() -> None:
     assert "no teal circle" in words_outside_the_world("a teal circle")[0]  # teal is a background here, not a colour
     notes = " | ".join(words_outside_the_world("an (orange:1.2) star"))
     assert "no colour orange" in notes and "no star" in notes and "triangle" in notes
+
+
+def test_random_pictures_avoid_the_given_attributes_and_repeat_with_the_seed() -> None:
+    pictures = world.random_pictures(12, 5, {"colour": "yellow", "shape": "circle"})
+    assert len(pictures) == 12
+    assert all(attrs.colour != "yellow" and attrs.shape != "circle" for _, attrs in pictures)
+    again = world.random_pictures(12, 5, {"colour": "yellow", "shape": "circle"})
+    assert [a for _, a in again] == [a for _, a in pictures]
+    assert all(p.tobytes() == q.tobytes() for (p, _), (q, _) in zip(pictures, again, strict=True))
+    assert [a for _, a in world.random_pictures(12, 6, {})] != [a for _, a in pictures]
