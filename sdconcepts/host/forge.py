@@ -120,11 +120,15 @@ def _unet_of(p: Any) -> Any:
     return getattr(forge_objects, "unet", None)
 
 
-def _model_widths(unet: Any) -> set[int]:
+def _unet_widths(unet: Any) -> set[int] | None:
+    """The attention widths of a Forge UNet patcher's model; None when it holds no torch module."""
     model = getattr(getattr(unet, "model", None), "diffusion_model", None)
-    if isinstance(model, torch.nn.Module):
-        return attention_widths(model)
-    return set(_FALLBACK_WIDTHS)
+    return attention_widths(model) if isinstance(model, torch.nn.Module) else None
+
+
+def _model_widths(unet: Any) -> set[int]:
+    widths = _unet_widths(unet)
+    return set(_FALLBACK_WIDTHS) if widths is None else widths
 
 
 def _warn(p: Any, message: str) -> None:
@@ -257,9 +261,7 @@ def _loaded_model_widths() -> set[int] | None:
     from modules import sd_models  # lazy: host only
 
     model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
-    unet = getattr(getattr(model, "forge_objects", None), "unet", None)
-    diffusion_model = getattr(getattr(unet, "model", None), "diffusion_model", None)
-    return attention_widths(diffusion_model) if isinstance(diffusion_model, torch.nn.Module) else None
+    return _unet_widths(getattr(getattr(model, "forge_objects", None), "unet", None))
 
 
 def _page() -> Any:
