@@ -128,23 +128,48 @@ def _open(page, url: str) -> None:  # type: ignore[no-untyped-def]
     page.wait_for_function("() => window.sdconcepts && window.sdconcepts.installed")
 
 
+def _generate(page, url: str) -> str:  # type: ignore[no-untyped-def]
+    """Open the app, generate one image with known parameters; its infotext."""
+    _open(page, url)
+    page.locator("#sdconcepts_prompt textarea").fill("a red circle on teal")
+    page.locator("#sdconcepts_neg_prompt textarea").fill("blurry")
+    fill(page, "#sdconcepts_steps input[type=number]", "3")
+    fill(page, "#sdconcepts_seed input", "42")
+    page.locator("#sdconcepts_generate").click()
+    kit.wait_for_images(page)
+    page.wait_for_function(
+        "() => { const t = document.querySelector('#sdconcepts_infotext textarea');"
+        " return t && t.value.includes('Seed: 42'); }", timeout=180_000)
+    return kit.value(page, "#sdconcepts_infotext textarea")
+
+
+def _send_to_inpaint(page) -> bool:  # type: ignore[no-untyped-def]
+    """Press txt2img's Send to inpaint: whether the Inpaint editor opened and shows the image within 180 s."""
+    _tab(page, "txt2img", "#sdconcepts_main_tabs")
+    page.locator("#sdconcepts_send_to_inpaint").click()
+    editor = page.locator("#sdconcepts_img2img_inpaint_editor").first
+    editor.wait_for(state="visible", timeout=240_000)
+    # The page script opens the tab at once; the image and the Inpaint mode come with the server's answer.
+    # Generate clicked before that answer (seen on A1111's stack in CI) runs with the form as it was.
+    deadline = time.monotonic() + 180  # CI runs three lanes on two cores
+    while re.search("Upload an image|Drop Image Here", editor.inner_text()) and time.monotonic() < deadline:
+        errors = kit.errors(page)
+        assert not errors, f"gradio error: {errors[0]}"
+        page.wait_for_timeout(200)
+    text = editor.inner_text()
+    if re.search("Upload an image|Drop Image Here", text):
+        print(f"the Inpaint editor got no image: {text!r}")
+        return False
+    return True
+
+
 def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, int]) -> None:
     url, outputs, _size = app
     with kit.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(kit.CHROMIUM), args=SEND_CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            _open(page, url)
-            page.locator("#sdconcepts_prompt textarea").fill("a red circle on teal")
-            page.locator("#sdconcepts_neg_prompt textarea").fill("blurry")
-            fill(page, "#sdconcepts_steps input[type=number]", "3")
-            fill(page, "#sdconcepts_seed input", "42")
-            page.locator("#sdconcepts_generate").click()
-            kit.wait_for_images(page)
-            page.wait_for_function(
-                "() => { const t = document.querySelector('#sdconcepts_infotext textarea');"
-                " return t && t.value.includes('Seed: 42'); }", timeout=180_000)
-            infotext = kit.value(page, "#sdconcepts_infotext textarea")
+            infotext = _generate(page, url)
 
             # Send to img2img: the image and its parameters land in the img2img tab, which opens.
             page.locator("#sdconcepts_send_to_img2img").click()
@@ -158,16 +183,18 @@ def test_txt2img_send_to_img2img_and_png_info_round_trip(app: tuple[str, Path, i
             page.screenshot(path=str(kit.OUTPUT / "img2img-sent.png"), full_page=True)
 
             # Send to inpaint: the Inpaint editor opens with the image (Generate then asks for a mask, not an image).
-            _tab(page, "txt2img", "#sdconcepts_main_tabs")
-            page.locator("#sdconcepts_send_to_inpaint").click()
-            editor = page.locator("#sdconcepts_img2img_inpaint_editor").first
-            editor.wait_for(state="visible", timeout=240_000)
-            # The page script opens the tab at once; the image and the Inpaint mode come with the server's answer.
-            # Generate clicked before that answer (seen on A1111's stack in CI) runs with the form as it was.
-            deadline = time.monotonic() + 240  # the ceiling of the other page waits: CI runs three lanes on two cores
-            while re.search("Upload an image|Drop Image Here", editor.inner_text()) and time.monotonic() < deadline:
-                page.wait_for_timeout(200)
-            assert not re.search("Upload an image|Drop Image Here", editor.inner_text()), "the editor got no image"
+            # Under load gradio 6's editor can lay out an empty canvas ("36%", "Upload an image") and then ignore
+            # every image it is given, ours as well as an upload (test_draw_a_mask_... below meets the same): the
+            # browser-side editor, not our server. Such a page is dropped and the send is tried again from a fresh
+            # page's generation, three pages at most.
+            for attempt in range(3):
+                if _send_to_inpaint(page):
+                    break
+                page.screenshot(path=str(kit.OUTPUT / f"inpaint-send-stuck-{attempt + 1}.png"), full_page=True)
+                assert attempt < 2, "the Inpaint editor got no image in three pages"
+                page.close()
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                assert _generate(page, url) == infotext
             page.locator("#sdconcepts_img2img_generate").click()
             deadline = time.monotonic() + 60
             while not kit.errors(page) and time.monotonic() < deadline:
