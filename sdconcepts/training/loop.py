@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from sdconcepts.threads import recheck_threads
 from sdconcepts.training.schedule import LearnRateSchedule
 
 __all__ = ["GradientClip", "TrainingEvent", "training_loop"]
@@ -110,4 +111,5 @@ def training_loop(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        recheck_threads()  # under ``auto``: other work may have started or stopped since the run began
         yield TrainingEvent(step, total, rate)

@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from sdconcepts.cli import main
-from sdconcepts.threads import apply_threads, busy_cores, choose_threads, parse_threads, usable_cores
+from sdconcepts.threads import (
+    AutoThreads,
+    apply_threads,
+    busy_cores,
+    choose_threads,
+    parse_threads,
+    recheck_threads,
+    usable_cores,
+)
 
 
 @pytest.fixture
@@ -72,3 +80,29 @@ def test_environment_setting_and_omp_num_threads(restore_threads: None, tmp_path
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(2)
     assert main(["inspect", str(tmp_path)]) == 0 and torch.get_num_threads() == 2
+
+
+
+def test_auto_decides_again_during_a_job_from_the_last_window(restore_threads: None) -> None:
+    """Under ``auto`` a long job's count follows other work that starts after the job began (issue 27 item 6)."""
+    apply_threads("auto")
+    assert recheck_threads() is None  # the window (RECHECK_S) has not passed: nothing measured, nothing set
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)  # its interpreter has started
+        watch = AutoThreads(usable_cores(), every_s=0.4)
+        time.sleep(0.2)
+        assert watch.recheck() is None and watch.last_busy is None  # 0.2 s < every_s: not measured yet
+        time.sleep(0.3)
+        watch.recheck()
+        assert watch.last_busy is not None and watch.last_busy >= 0.6  # the burner's core, over the whole window
+        assert torch.get_num_threads() == choose_threads(watch.cores, watch.last_busy)
+    finally:
+        burner.kill()
+        burner.wait()
+
+
+def test_a_set_count_is_never_rechecked(restore_threads: None) -> None:
+    apply_threads("auto")
+    assert apply_threads("3") == 3
+    assert recheck_threads(force=True) is None and torch.get_num_threads() == 3
