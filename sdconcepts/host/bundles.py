@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sdconcepts.embeddings.bundles import BundleCache, BundledEmbedding, find_lora_files, list_bundled
-from sdconcepts.host.forge import is_forge
+from sdconcepts.host.forge import always_visible_script, is_forge
 
 __all__ = ["BundledLora", "BundleWords", "register", "script_class"]
 
@@ -263,29 +263,8 @@ def add_infotext_hashes(p: Any, words: BundleWords = _WORDS) -> None:
 def script_class() -> type | None:
     """The always-visible script: wraps the ``lora`` network before each run (in case our ``before_ui`` ran before the
     Lora extension's) and adds the ``TI hashes`` entry before each sampling; None outside Forge."""
-    if not is_forge():
-        return None
-    from modules import scripts  # lazy: host only
-
-    class SdconceptsBundledEmbeddings(scripts.Script):  # type: ignore[misc,name-defined]
-        sorting_priority = 0
-
-        def title(self) -> str:
-            return "sdconcepts bundled embeddings"
-
-        def show(self, is_img2img: bool) -> Any:
-            return scripts.AlwaysVisible
-
-        def ui(self, is_img2img: bool) -> list[Any]:
-            return []
-
-        def process(self, p: Any, *args: Any) -> None:
-            wrap_lora_network()
-
-        def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
-            add_infotext_hashes(p)
-
-    return SdconceptsBundledEmbeddings
+    return always_visible_script("SdconceptsBundledEmbeddings", "sdconcepts bundled embeddings",
+                                 process=lambda p: wrap_lora_network(), before_every_sampling=add_infotext_hashes)
 
 
 def _before_ui() -> None:

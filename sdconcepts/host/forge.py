@@ -16,6 +16,7 @@ import html
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "infotext_hashes",
     "is_forge",
     "register",
+    "always_visible_script",
     "script_class",
 ]
 
@@ -216,29 +218,31 @@ def patch_unet(p: Any) -> bool:
     return True
 
 
-def script_class() -> type | None:
-    """The always-visible script (a subclass of the host's ``Script``) that patches before every sampling; None
-    outside Forge. ``scripts/`` exposes it at module level, where the host looks for Script classes."""
+def always_visible_script(name: str, title: str, *, process: Callable[[Any], object] | None = None,
+                          before_every_sampling: Callable[[Any], object] | None = None) -> type | None:
+    """A subclass of the host's ``Script`` named ``name``, always visible and without UI, that calls ``process(p)``
+    when a generation starts and ``before_every_sampling(p)`` before each sampling pass; None outside Forge.
+    ``scripts/`` exposes it at module level, where the host looks for Script classes."""
     if not is_forge():
         return None
     from modules import scripts  # lazy: host only
 
-    class SdconceptsHypernetworks(scripts.Script):  # type: ignore[misc,name-defined]
-        sorting_priority = 0
+    namespace: dict[str, Any] = {
+        "sorting_priority": 0,
+        "title": lambda self: title,
+        "show": lambda self, is_img2img: scripts.AlwaysVisible,
+        "ui": lambda self, is_img2img: [],
+    }
+    if process is not None:
+        namespace["process"] = lambda self, p, *args: process(p)
+    if before_every_sampling is not None:
+        namespace["process_before_every_sampling"] = lambda self, p, *args, **kwargs: before_every_sampling(p)
+    return type(name, (scripts.Script,), namespace)
 
-        def title(self) -> str:
-            return "sdconcepts hypernetworks"
 
-        def show(self, is_img2img: bool) -> Any:
-            return scripts.AlwaysVisible
-
-        def ui(self, is_img2img: bool) -> list[Any]:
-            return []
-
-        def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
-            patch_unet(p)
-
-    return SdconceptsHypernetworks
+def script_class() -> type | None:
+    """The always-visible script that patches the UNet before every sampling; None outside Forge."""
+    return always_visible_script("SdconceptsHypernetworks", "sdconcepts hypernetworks", before_every_sampling=patch_unet)
 
 
 def fit_note(path: Path, model_widths: set[int] | None) -> str:
