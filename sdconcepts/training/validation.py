@@ -111,14 +111,19 @@ class _Chunk:
 
 class ValidationSet:
     """Fixed samples of a dataset: pictures spread over it, each with its prompt and latent of a step no training
-    step uses, stratified timesteps over the whole schedule and seeded noise, in chunks of ``chunk`` samples."""
+    step uses, timesteps stratified over the ``noise_levels`` share of the schedule and seeded noise, in chunks of
+    ``chunk`` samples."""
 
     def __init__(self, dataset: TrainingDataset, schedule_length: int, *, seed: int, chunk: int,
-                 samples: int = VALIDATION_SAMPLES) -> None:
+                 samples: int = VALIDATION_SAMPLES, noise_levels: tuple[float, float] = (0.0, 1.0)) -> None:
         n = len(dataset)
         pictures = [k % n for k in range(samples)] if n <= samples else [k * n // samples for k in range(samples)]
-        # Stratified timesteps, shuffled by seed so that no picture always gets the noisy end of the schedule.
-        timesteps = [int((k + 0.5) * schedule_length / samples) for k in range(samples)]
+        # Stratified timesteps over the ``noise_levels`` share of the schedule (the whole of it by default),
+        # shuffled by seed so that no picture always gets the noisy end of it.
+        low, high = noise_levels
+        span = (high - low) * schedule_length
+        timesteps = [min(schedule_length - 1, int(low * schedule_length + (k + 0.5) * span / samples))
+                     for k in range(samples)]
         random.Random(_seeded(seed, "validation timesteps")).shuffle(timesteps)
         generator = torch.Generator().manual_seed(_seeded(seed, "validation noise"))
         latents = [dataset.latent_for(i, VALIDATION_STEP) for i in pictures]

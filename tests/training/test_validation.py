@@ -83,6 +83,11 @@ def test_validation_loss_is_deterministic_and_moves_only_with_the_weights(tiny_m
     data = TrainingDataset(records, model.encode_images, name="toytri", template_lines=["a photo of [name]"],
                            latent_sampling="random", seed=3)
     samples = ValidationSet(data, 1000, seed=3, chunk=3)
+    # Timesteps stratified over the whole schedule by default (one in each eighth), over the share asked for
+    # otherwise (one in each sixteenth of the noisier half).
+    assert sorted(int(t) * 8 // 1000 for c in samples.chunks for t in c.timesteps) == list(range(8))
+    noisier = ValidationSet(data, 1000, seed=3, chunk=3, noise_levels=(0.5, 1.0))
+    assert sorted(int(t) * 16 // 1000 for c in noisier.chunks for t in c.timesteps) == list(range(8, 16))
     first = samples.loss(model)
     torch.randn(100)  # the global random state does not enter it
     assert samples.loss(model) == first
