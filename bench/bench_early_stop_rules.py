@@ -11,8 +11,11 @@ on a model when it stops at or after that snapshot and within 1.5x its CPU time.
 follow one trajectory (the validation draws nothing from training's randomness), so the replay gives the stop
 step of a real run exactly; the CPU is a model (steps and checks timed here), confirmed by the bench.
 
-Usage: ``python bench/bench_early_stop_rules.py --model toyworld --steps 70 --json rec.json`` (recording), then
-``python bench/bench_early_stop_rules.py --simulate rec.json [--simulate rec2.json]``.
+Usage: ``python bench/bench_early_stop_rules.py --model toyworld --steps 70 [--seed S --pictures-seed P]
+--json rec.json`` (recording: about 3 CPU minutes for toyworld at 70 steps, 5 for toyworld-xl at 100), then
+``python bench/bench_early_stop_rules.py --simulate rec.json [--simulate rec2.json ...]`` (seconds). The docs'
+table (docs/training.md, "Early stop: the rules replayed") came from toyworld at 70 steps and toyworld-xl at 100,
+each with seeds 0 (the bench's trajectory: pictures seed 4242), 1 (4243) and 2 (4244).
 """
 
 from __future__ import annotations
@@ -189,7 +192,7 @@ def judge(rec: dict[str, Any], variant: str, every: int, rule: Callable[[Sequenc
 # The rules the docs' table shows, each for the intervals 3-8: (variant, rule name in ``rules()``)
 NAMED = [("s8-all", "plateau K=3"), ("s8-all", "dvar K=3 a=0.02"), ("s8-high", "plateau K=3"),
          ("s8-high", "dvar K=3 a=0.02"), ("s8-high", "dvar K=4 a=0.02"), ("s8-high", "dvar K=5 a=0.02"),
-         ("s4-high", "dvar K=3 a=0.02")]
+         ("s5-high", "dvar K=4 a=0.02"), ("s4-high", "dvar K=3 a=0.02")]
 
 
 def simulate(recs: list[dict[str, Any]], bars: dict[str, float], limit: float = 1.5) -> None:

@@ -49,7 +49,10 @@ MIN_INTERVAL, MAX_INTERVAL = 10, 250
 # steps at batch 5. Chosen on the embedded models' validation curves (docs/training.md, "Defaults and presets"):
 # the rule needs 2 x window checks, so the old interval (13 steps) could not stop before 4.6x the toy model's
 # concept, while 3 steps stopped toyworld-xl before its concept; 5 steps with window 3 is the densest that stops on
-# neither model before the concept.
+# neither model before the concept on the bench's trajectories. Replayed with other rules and samples on three
+# trajectories of each model (bench/bench_early_stop_rules.py), none stopped within 1.5x of the concept and never
+# before it on all six, and this one stops toyworld-xl's seed-2 trajectory before its concept (docs/training.md,
+# "Early stop: the rules replayed").
 EARLY_STOP_FACTOR = 3.0
 EARLY_STOP_MIN_INTERVAL = 2
 VALIDATION_STEP = -1  # the "step" whose prompt and latent sample validation uses: never a training step
