@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import threading
 import time
 from pathlib import Path
@@ -83,6 +84,11 @@ def test_validation_loss_is_deterministic_and_moves_only_with_the_weights(tiny_m
     data = TrainingDataset(records, model.encode_images, name="toytri", template_lines=["a photo of [name]"],
                            latent_sampling="random", seed=3)
     samples = ValidationSet(data, 1000, seed=3, chunk=3)
+    # Timesteps stratified over the whole schedule by default (one in each eighth), over the share asked for
+    # otherwise (one in each sixteenth of the noisier half).
+    assert sorted(int(t) * 8 // 1000 for c in samples.chunks for t in c.timesteps) == list(range(8))
+    noisier = ValidationSet(data, 1000, seed=3, chunk=3, noise_levels=(0.5, 1.0))
+    assert sorted(int(t) * 16 // 1000 for c in noisier.chunks for t in c.timesteps) == list(range(8, 16))
     first = samples.loss(model)
     torch.randn(100)  # the global random state does not enter it
     assert samples.loss(model) == first
@@ -206,3 +212,30 @@ def test_loss_log_adds_the_validation_column_to_an_a1111_csv(tmp_path: Path) -> 
                                             "1,0,0,0.5000000,0.005,", "2,0,1,0.4000000,0.005,",
                                             "3,0,2,0.3000000,0.005,0.2500000"]
     assert LossLog(csv).history() == [(1, 0.5, None), (2, 0.4, None), (3, 0.3, 0.25)]
+
+
+def test_the_bench_replay_of_a_dense_validation_curve_gives_the_real_early_stop(tiny_model: Any, dataset: Path,
+                                                                                tmp_path: Path) -> None:
+    # bench/bench_early_stop_rules.py chooses stop rules by replaying the checks of an every-step validation curve;
+    # that is only sound if the validation draws nothing from training's randomness (one trajectory with and without
+    # checks) and the replay's checks fall on the steps a real run checks.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_early_stop_rules as rules
+
+    for folder in ("dense", "stop"):
+        _new_embedding(tiny_model, tmp_path / folder)
+    # Learning for 4 steps, then a rate of 0: a falling curve that goes flat, so the rule stops at a later check
+    # than its first possible one.
+    fields: dict[str, Any] = {"max_steps": 10, "learn_rate": "0.05:4, 0"}
+    dense = list(train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, **fields),
+                                 embeddings_dir=tmp_path / "dense"))
+    curve = [dense[0].history[0][2], *(e.val_loss for e in dense if e.kind == "step")]
+    every, window = 2, 2
+    replayed = rules.stop_step(curve, every, rules.plateau_rule(window))
+    events = list(train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, **fields, validate_every=every,
+                                                                early_stop=True, early_stop_window=window),
+                                  embeddings_dir=tmp_path / "stop"))
+    real = events[-1].step if events[-1].kind == "early_stop" else None
+    assert real is not None and real > (2 * window - 1) * every and replayed == real, (replayed, real, curve)
+    checked = [e.val_loss for e in events if e.kind == "step" and e.val_loss is not None]
+    assert checked == pytest.approx([curve[step] for step in range(every, real + 1, every)], rel=1e-6)

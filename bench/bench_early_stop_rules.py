@@ -1,0 +1,256 @@
+"""Benchmark: early-stop rules replayed on dense validation curves of one training trajectory per model.
+
+One run of ours (the shipped preset, bench/bench_time_to_concept.py's concept and snapshot schedule) per embedded
+model records, at every step, the validation loss of several ``ValidationSet`` variants (samples, the noise-level
+share of the schedule) with the CPU time each check takes, the training's own CPU time, and the probe's concept
+rate at the snapshot points. ``--simulate`` then replays stop rules (interval N steps x window K checks; the
+plateau rule, DVAR's variance ratio, a relative-improvement threshold) on those curves, far cheaper than one bench
+run per rule: a rule's stop CPU is the training's CPU to its stop step plus its checks' CPU, judged against the
+first snapshot at the bar (with the automatic interval's checks of the run without early stop). A rule qualifies
+on a model when it stops at or after that snapshot and within 1.5x its CPU time. Both runs of ours in the bench
+follow one trajectory (the validation draws nothing from training's randomness), so the replay gives the stop
+step of a real run exactly; the CPU is a model (steps and checks timed here), confirmed by the bench.
+
+Usage: ``python bench/bench_early_stop_rules.py --model toyworld --steps 70 [--seed S --pictures-seed P]
+--json rec.json`` (recording: about 3 CPU minutes for toyworld at 70 steps, 5 for toyworld-xl at 100), then
+``python bench/bench_early_stop_rules.py --simulate rec.json [--simulate rec2.json ...]`` (seconds). The docs'
+table (docs/training.md, "Early stop: the rules replayed") came from toyworld at 70 steps and toyworld-xl at 100,
+each with seeds 0 (the bench's trajectory: pictures seed 4242), 1 (4243) and 2 (4244).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_time_to_concept import CONCEPT, IMAGE_SIZE, score, snapshot_points, watch_trainables  # noqa: E402
+
+# (name, samples, noise-level share of the schedule)
+VARIANTS: list[tuple[str, int, tuple[float, float]]] = [
+    ("s8-all", 8, (0.0, 1.0)),
+    ("s16-all", 16, (0.0, 1.0)),
+    ("s4-high", 4, (0.5, 1.0)),
+    ("s8-high", 8, (0.5, 1.0)),
+    ("s16-high", 16, (0.5, 1.0)),
+    ("s8-top", 8, (0.7, 1.0)),
+    ("s8-mid", 8, (0.25, 0.75)),
+    ("s5-high", 5, (0.5, 1.0)),
+]
+
+
+def record(name: str, steps: int, samples: int, seed_dir: Path, seed: int = 0, pictures_seed: int = 4242
+           ) -> dict[str, Any]:
+    from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR, XL_MODEL_DIR, load_model
+    from sdconcepts.toyworld.concept import write_concept
+    from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
+    from sdconcepts.training import run as run_module
+    from sdconcepts.training.presets import preset
+    from sdconcepts.training.training_model import TrainingModel
+    from sdconcepts.training.validation import ValidationSet
+
+    model = load_model(DEFAULT_MODEL_DIR if name == "toyworld" else XL_MODEL_DIR, device="cpu")
+    chosen = preset(None)
+    batch = chosen.batch_size
+    write_concept(seed_dir / "concept", count=5, seed=pictures_seed, **CONCEPT)
+    rows = TrainingModel(model).token_rows("triangle", chosen.vectors)
+    create_embedding_file(seed_dir / "embeddings", "rec", rows, vectors=chosen.vectors, overwrite=True)
+    opened = watch_trainables()
+    sets: dict[str, ValidationSet] = {}
+    curves: dict[str, list[float]] = {v[0]: [] for v in VARIANTS}
+    costs: dict[str, list[float]] = {v[0]: [] for v in VARIANTS}
+    original = run_module.validation_for_run
+
+    def check_all() -> None:
+        job = opened[-1]
+        for variant in sets:
+            start = time.process_time()
+            with job.evaluating():
+                value = sets[variant].loss(job.model)
+            costs[variant].append(time.process_time() - start)
+            curves[variant].append(value)
+
+    def capturing(job: Any, config: Any, dataset: Any, held_out: Any, best_path: Path, main: bool) -> Any:
+        length = int(job.model.alphas_cumprod.shape[0])
+        for variant, count, levels in VARIANTS:
+            sets[variant] = ValidationSet(dataset, length, seed=int(config.seed), chunk=dataset.batch_size,
+                                          samples=count, noise_levels=levels)
+        check_all()  # step 0
+        return original(job, config, dataset, held_out, best_path, main)
+
+    run_module.validation_for_run = capturing
+    config = EmbeddingTrainingConfig(dataset=str(seed_dir / "concept"), template="subject", width=IMAGE_SIZE,
+                                     height=IMAGE_SIZE, batch_size=batch, max_steps=steps,
+                                     learn_rate=chosen.learn_rate, seed=seed, save_every=0, preview_every=0, validate_every=0,
+                                     log_directory=str(seed_dir / "log"))
+    points = [p // batch for p in snapshot_points(20, steps * batch)]
+    clock, train_cpu, snaps = 0.0, [0.0], []
+    events = train_embedding(model, "rec", config, embeddings_dir=seed_dir / "embeddings")
+    while True:
+        start = time.process_time()
+        event = next(events, None)
+        clock += time.process_time() - start
+        if event is None or event.kind != "step":
+            if event is None or event.kind != "preparing":
+                break
+            continue
+        train_cpu.append(clock)
+        check_all()
+        if event.step in points:
+            rate, parts = score(model, opened[-1].vectors.detach().clone(), samples)
+            snaps.append({"step": event.step, "rate": rate, "parts": parts})
+            print(f"  {name} step {event.step}: concept {rate:.0%} {parts}; "
+                  + ", ".join(f"{v} {curves[v][-1]:.5f}" for v in curves), flush=True)
+    return {"model": name, "batch": batch, "train_cpu": train_cpu, "curves": curves,
+            "check_cpu": {v: statistics.median(c) for v, c in costs.items()}, "snapshots": snaps,
+            "samples": samples, "seed": seed, "pictures_seed": pictures_seed}
+
+
+# -- rules --------------------------------------------------------------------------------------------------------
+
+
+def plateau_rule(window: int, least: int | None = None) -> Callable[[Sequence[float]], bool]:
+    """The shipped rule (``sdconcepts.training.validation.plateau``), with at least ``least`` checks (default its
+    own ``2 * window``)."""
+    from sdconcepts.training.validation import plateau
+
+    def rule(values: Sequence[float]) -> bool:
+        if len(values) < (least or 2 * window) or len(values) <= window:
+            return False
+        # plateau() itself asks for 2 x window checks: give it a copy of the first check in front when fewer
+        padded = [values[0]] * max(0, 2 * window - len(values)) + list(values)
+        return plateau(padded, window) is not None
+
+    return rule
+
+
+def dvar_rule(window: int, threshold: float) -> Callable[[Sequence[float]], bool]:
+    """DVAR's variance ratio (Voronov et al. 2023): with at least ``2 * window`` checks, the variance of the last
+    ``window`` checks at most ``threshold`` x the variance of all of them."""
+
+    def rule(values: Sequence[float]) -> bool:
+        if len(values) < 2 * window:
+            return False
+        return statistics.pvariance(values[-window:]) <= threshold * statistics.pvariance(values)
+
+    return rule
+
+
+def relative_rule(window: int, threshold: float) -> Callable[[Sequence[float]], bool]:
+    def rule(values: Sequence[float]) -> bool:
+        if len(values) < 2 * window:
+            return False
+        before = min(values[:-window])
+        return (before - min(values[-window:])) <= threshold * before
+
+    return rule
+
+
+def rules() -> dict[str, Callable[[Sequence[float]], bool]]:
+    found: dict[str, Callable[[Sequence[float]], bool]] = {}
+    for window in range(2, 7):
+        found[f"plateau K={window}"] = plateau_rule(window)
+        for least in (window + 1, window + 2, 3 * window):
+            if least != 2 * window:
+                found[f"plateau K={window} min={least}"] = plateau_rule(window, least)
+        for threshold in (0.02, 0.05, 0.1, 0.15, 0.25):
+            found[f"dvar K={window} a={threshold}"] = dvar_rule(window, threshold)
+        for threshold in (0.001, 0.002, 0.005, 0.01):
+            found[f"rel K={window} r={threshold}"] = relative_rule(window, threshold)
+    return found
+
+
+def stop_step(curve: Sequence[float], every: int, rule: Callable[[Sequence[float]], bool]) -> int | None:
+    values: list[float] = []
+    for step in range(0, len(curve), every):
+        values.append(curve[step])
+        if step and rule(values):
+            return step
+    return None
+
+
+def judge(rec: dict[str, Any], variant: str, every: int, rule: Callable[[Sequence[float]], bool], bar: float,
+          auto_every: int = 13) -> tuple[float | None, int | None, int]:
+    """(stop CPU / first good CPU, stop step, first good step); ratio None when there is no stop."""
+    good = next(s["step"] for s in rec["snapshots"] if s["rate"] >= bar)
+    cost = rec["check_cpu"][variant]
+    good_cpu = rec["train_cpu"][good] + (1 + good // auto_every) * cost
+    step = stop_step(rec["curves"][variant], every, rule)
+    if step is None:
+        return None, None, good
+    return (rec["train_cpu"][step] + (1 + step // every) * cost) / good_cpu, step, good
+
+
+# The rules the docs' table shows, each for the intervals 3-8: (variant, rule name in ``rules()``)
+NAMED = [("s8-all", "plateau K=3"), ("s8-all", "dvar K=3 a=0.02"), ("s8-high", "plateau K=3"),
+         ("s8-high", "dvar K=3 a=0.02"), ("s8-high", "dvar K=4 a=0.02"), ("s8-high", "dvar K=5 a=0.02"),
+         ("s5-high", "dvar K=4 a=0.02"), ("s4-high", "dvar K=3 a=0.02")]
+
+
+def simulate(recs: list[dict[str, Any]], bars: dict[str, float], limit: float = 1.5) -> None:
+    for rec in recs:
+        bar = bars[rec["model"]]
+        good = next(s for s in rec["snapshots"] if s["rate"] >= bar)
+        print(f"{rec['model']} (seed {rec.get('seed', 0)}, pictures {rec.get('pictures_seed', 4242)}): first good "
+              f"step {good['step']} ({good['rate']:.0%}), train CPU {rec['train_cpu'][good['step']]:.2f} s, steps "
+              f"recorded {len(rec['train_cpu']) - 1}; check CPU "
+              + ", ".join(f"{v} {c * 1000:.0f} ms" for v, c in rec["check_cpu"].items()))
+        print("  snapshots: " + ", ".join(f"{s['step']}: {s['rate']:.0%}" for s in rec["snapshots"]))
+    table = rules()
+    print("stop step (stop CPU / first good CPU; ! = before the first good snapshot, - = no stop) per recording:")
+    for variant, name in NAMED:
+        for every in range(3, 9):
+            cells = []
+            for rec in recs:
+                ratio, step, good = judge(rec, variant, every, table[name], bars[rec["model"]])
+                cells.append("-" if step is None else f"{step}{'!' if step < good else ''} ({ratio:.2f}x)")
+            print(f"  {variant:8s} {name:16s} N={every}: " + " | ".join(cells))
+    never_early = []
+    for variant in recs[0]["curves"]:
+        for name, rule in table.items():
+            for every in range(1, 9):
+                results = [judge(rec, variant, every, rule, bars[rec["model"]]) for rec in recs]
+                if all(r is not None and s is not None and s >= g for r, s, g in results):
+                    worst = max(r for r, _, _ in results if r is not None)
+                    never_early.append((worst, variant, name, every, results))
+    never_early.sort(key=lambda p: p[0])
+    passing = [p for p in never_early if p[0] <= limit]
+    print(f"{len(passing)} (variant, rule, interval) stop within {limit:g}x and never early on every recording; "
+          f"{len(never_early)} never early and stop on every one; the best of those:")
+    for worst, variant, name, every, results in never_early[:20]:
+        print(f"  worst {worst:.2f}x  {variant:9s} {name:22s} N={every}: "
+              + "; ".join(f"stop {s} ({r:.2f}x, good {g})" for r, s, g in results))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toyworld")
+    parser.add_argument("--steps", type=int, default=70)
+    parser.add_argument("--samples", type=int, default=30, help="generations per snapshot (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="the training (and validation) seed")
+    parser.add_argument("--pictures-seed", type=int, default=4242, help="the concept pictures' seed")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--simulate", type=Path, action="append", default=[])
+    args = parser.parse_args(argv)
+    if args.simulate:
+        simulate([json.loads(p.read_text()) for p in args.simulate], {"toyworld": 0.8, "toyworld-xl": 0.6})
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = record(args.model, args.steps, args.samples, Path(tmp), args.seed, args.pictures_seed)
+    if args.json:
+        args.json.write_text(json.dumps(out) + "\n")
+
+
+if __name__ == "__main__":
+    main()
