@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -117,19 +118,39 @@ def record(name: str, steps: int, samples: int, seed_dir: Path, seed: int = 0, p
 # -- rules --------------------------------------------------------------------------------------------------------
 
 
+def plateau(values: Sequence[float], window: int) -> bool:
+    """The rule shipped before 2026-12-06 (kept here for the replays): with at least ``2 * window`` checks, the best of
+    the last ``window`` improves on the best before them by no more than those checks' residual standard deviation
+    around a straight line."""
+    if window < 2 or len(values) < 2 * window:
+        return False
+    recent = [float(v) for v in values[-window:]]
+    improvement = min(float(v) for v in values[:-window]) - min(recent)
+    xs = range(window)
+    mean_x, mean_y = (window - 1) / 2, sum(recent) / window
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, recent, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+    residuals = [y - (mean_y + slope * (x - mean_x)) for x, y in zip(xs, recent, strict=True)]
+    return improvement <= math.sqrt(sum(r * r for r in residuals) / max(window - 2, 1))
+
+
 def plateau_rule(window: int, least: int | None = None) -> Callable[[Sequence[float]], bool]:
-    """The shipped rule (``sdconcepts.training.validation.plateau``), with at least ``least`` checks (default its
-    own ``2 * window``)."""
-    from sdconcepts.training.validation import plateau
+    """The earlier rule (``plateau``), with at least ``least`` checks (default its own ``2 * window``)."""
 
     def rule(values: Sequence[float]) -> bool:
         if len(values) < (least or 2 * window) or len(values) <= window:
             return False
         # plateau() itself asks for 2 x window checks: give it a copy of the first check in front when fewer
         padded = [values[0]] * max(0, 2 * window - len(values)) + list(values)
-        return plateau(padded, window) is not None
+        return plateau(padded, window)
 
     return rule
+
+
+def shipped_rule(window: int) -> Callable[[Sequence[float]], bool]:
+    """The product's rule, ``sdconcepts.training.validation.settled`` (DVAR's variance ratio at its shipped ratio)."""
+    from sdconcepts.training.validation import settled
+
+    return lambda values: settled(values, window) is not None
 
 
 def dvar_rule(window: int, threshold: float) -> Callable[[Sequence[float]], bool]:

@@ -65,12 +65,12 @@ class TrainingConfig:
     # Beyond A1111 (docs/training.md, "Validation loss, best step and early stop"): every ``validate_every`` steps
     # (-1: chosen from the dataset and batch size, 0: off) the loss of fixed pictures, noise and timesteps, on the
     # training pictures or on a held-out ``validation_share`` of them; the best step is saved as <name>-best, and
-    # ``early_stop`` ends the run once that loss has stopped improving by more than its own fluctuation over the last
-    # ``early_stop_window`` checks.
+    # ``early_stop`` ends the run once that loss (then on the noisier half of the schedule) has settled over the last
+    # ``early_stop_window`` checks (``training.validation.settled``).
     validate_every: int = -1
     validation_share: float = 0.0
     early_stop: bool = False
-    early_stop_window: int = 3
+    early_stop_window: int = 5
     # Run the UNet through torch.compile (falls back to eager with one line where the machine cannot compile).
     compile_unet: bool = False
 

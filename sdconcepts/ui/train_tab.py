@@ -263,9 +263,9 @@ def _validation_fields(c: dict[str, Any]) -> None:
                                           label="Hold out this share of the pictures for it (0: the training pictures)",
                                           elem_id="sdconcepts_train_validation_share")
     with gr.Row():
-        c["early_stop"] = gr.Checkbox(value=False, label="Stop early once the validation loss stops improving",
+        c["early_stop"] = gr.Checkbox(value=False, label="Stop early once the validation loss has settled",
                                       elem_id="sdconcepts_train_early_stop")
-        c["early_stop_window"] = gr.Number(label="Early stop window (validation checks)", value=3, precision=0,
+        c["early_stop_window"] = gr.Number(label="Early stop window (validation checks)", value=5, precision=0,
                                            elem_id="sdconcepts_train_early_stop_window")
     c["err_validation"] = _field_error("validation")
     c["compile_unet"] = gr.Checkbox(value=False, label="Compile the UNet (torch.compile: slower start, faster steps)",

@@ -27,7 +27,7 @@ from sdconcepts.training.dataset import TrainingDataset, read_images
 from sdconcepts.training.outputs import LossLog
 from sdconcepts.training.trainables import TrainingError
 from sdconcepts.training.training_model import TrainingModel
-from sdconcepts.training.validation import ValidationSet, automatic_interval, plateau
+from sdconcepts.training.validation import ValidationSet, automatic_interval, settled
 
 
 def _new_embedding(model: Any, folder: Path, name: str = "toytri") -> Path:
@@ -51,24 +51,26 @@ def _run_folder(tmp_path: Path, name: str = "toytri") -> Path:
 
 
 def _first_stop(values: list[float], window: int) -> int | None:
-    return next((n for n in range(1, len(values) + 1) if plateau(values[:n], window)), None)
+    return next((n for n in range(1, len(values) + 1) if settled(values[:n], window)), None)
 
 
-def test_plateau_rule_waits_for_the_end_of_improvement_and_then_stops() -> None:
+def test_the_stop_rule_waits_until_the_loss_has_settled() -> None:
     rng = random.Random(0)
-    # Falling by 0.01 a check with a scatter of 0.002 for 40 checks, then flat with the same scatter.
-    falling = [1.0 - 0.01 * i + rng.gauss(0, 0.002) for i in range(40)]
-    flat = [falling[-1] + rng.gauss(0, 0.002) for _ in range(40)]
-    stop = _first_stop(falling + flat, window=5)
-    assert stop is not None and 40 < stop <= 40 + 3 * 5, stop
-    assert _first_stop(falling, window=5) is None  # never while it still falls
-    assert plateau([0.5] * 9, 5) is None and plateau([0.5] * 10, 5) == (0.0, 0.0)  # needs 2 windows of checks
+    # A loss that falls by half and levels off (a scatter of 0.001): the rule stops once the last 5 checks vary by at
+    # most 2 % of the run's variance, when most of the fall is behind, never in the first two windows.
+    falling = [0.5 + 0.5 * math.exp(-i / 8) + rng.gauss(0, 0.001) for i in range(60)]
+    stop = _first_stop(falling, window=5)
+    assert stop is not None and stop > 10 and (falling[stop - 1] - 0.5) / 0.5 < 0.2, stop
+    # A loss that only scatters has not settled by this rule (its window varies like the whole run): no stop.
+    assert _first_stop([0.5 + rng.gauss(0, 0.002) for _ in range(60)], window=5) is None
+    assert settled([0.5] * 9, 5) is None and settled([0.5] * 10, 5) == (0.0, 0.02)  # needs 2 windows of checks
+    assert settled([0.5] * 9 + [math.nan], 5) is None  # a non-finite check never stops the run by itself
 
 
 def test_automatic_interval_keeps_checks_rare_relative_to_the_work_of_the_steps() -> None:
     assert automatic_interval(1, 1) == 64 and automatic_interval(4, 1) == 16 and automatic_interval(64, 4) == 10
-    # Denser with early stop: 3 x 8 samples' worth of pictures between checks, at least 2 steps.
-    assert automatic_interval(5, 1, early_stop=True) == 5 and automatic_interval(1, 1, early_stop=True) == 24
+    # Denser with early stop: 3.75 x 8 samples' worth of pictures between checks, at least 2 steps.
+    assert automatic_interval(5, 1, early_stop=True) == 6 and automatic_interval(1, 1, early_stop=True) == 30
     assert automatic_interval(64, 4, early_stop=True) == 2
 
 
@@ -141,7 +143,7 @@ def test_early_stop_ends_a_flat_run_and_a_resumed_run_keeps_the_history(tiny_mod
     events = list(train_embedding(tiny_model, "toytri", config, embeddings_dir=tmp_path / "one"))
     assert [(e.kind, e.step) for e in events][-2:] == [("step", 5), ("early_stop", 5)]
     end = events[-1].message
-    assert end.startswith("Training stopped early at 5 steps") and "Early stop: the validation loss improved by 0" in end
+    assert end.startswith("Training stopped early at 5 steps") and "Early stop: the validation loss has settled" in end
     assert "Best step 0" in end and load_embedding(tmp_path / "one" / "toytri.pt").step == 5
     # Interrupted at step 2 and resumed: the resumed run continues the history instead of starting it again.
     stop = threading.Event()
@@ -224,14 +226,17 @@ def test_the_bench_replay_of_a_dense_validation_curve_gives_the_real_early_stop(
 
     for folder in ("dense", "stop"):
         _new_embedding(tiny_model, tmp_path / folder)
-    # Learning for 4 steps, then a rate of 0: a falling curve that goes flat, so the rule stops at a later check
-    # than its first possible one.
-    fields: dict[str, Any] = {"max_steps": 10, "learn_rate": "0.05:4, 0"}
-    dense = list(train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, **fields),
+    # Learning for 6 steps, then a rate of 0: a falling curve that goes flat, so the rule stops at a later check
+    # than its first possible one. The dense run checks every step on the early stop's samples (early stop on, with
+    # a window too long to stop it).
+    fields: dict[str, Any] = {"max_steps": 12, "learn_rate": "0.05:6, 0"}
+    dense = list(train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, **fields, early_stop=True,
+                                                               early_stop_window=50),
                                  embeddings_dir=tmp_path / "dense"))
+    assert dense[-1].kind != "early_stop"
     curve = [dense[0].history[0][2], *(e.val_loss for e in dense if e.kind == "step")]
     every, window = 2, 2
-    replayed = rules.stop_step(curve, every, rules.plateau_rule(window))
+    replayed = rules.stop_step(curve, every, rules.shipped_rule(window))
     events = list(train_embedding(tiny_model, "toytri", _config(dataset, tmp_path, **fields, validate_every=every,
                                                                 early_stop=True, early_stop_window=window),
                                   embeddings_dir=tmp_path / "stop"))
