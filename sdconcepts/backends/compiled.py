@@ -108,11 +108,18 @@ def _conv_args(node: torch.fx.Node) -> dict[str, Any]:
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
+    """The sizes of the tensor at a graph node; a dynamic size (a second batch size makes dynamo compile the batch
+    dimension dynamic) as its value at this compile, which only picks the faster of two exact ways."""
     value = getattr(node, "meta", {}).get("example_value")
     shape = getattr(value, "shape", None)
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return None  # symbolic (dynamic) sizes: leave the convolution as it is
-    return tuple(shape)
+    if shape is None:
+        return None
+    try:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        return tuple(d if isinstance(d, int) else int(optimization_hint(d)) for d in shape)
+    except Exception:  # noqa: BLE001 - a torch without it, or a size with no value: leave the convolution as it is
+        return None if not all(isinstance(d, int) for d in shape) else tuple(shape)
 
 
 def _ints(value: Any) -> bool:
