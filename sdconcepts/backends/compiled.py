@@ -8,11 +8,12 @@ torch or Python that dynamo does not support) is found in seconds, not after min
 compiled call itself fails, the UNet runs eagerly and ``fallback`` says why, in one line that the caller shows (a
 training run's first step event, txt2img's warnings).
 
-The backend is Inductor with one change (``_inductor_with_matmul_convs``): convolutions with many output channels on
-few positions run as one matrix product (``conv_as_matmul``). Plain Inductor made an SD-1.5-shaped UNet's training
-step at 64 px slower than eager on a CPU (1.56x): its layout optimisation runs the convolutions channels-last and so
-copies every convolution weight (2.2 GB of them in SD 1.5) into that layout on each call, on top of the reorder
-oneDNN does itself; with the products the step is faster than eager (docs/training.md, "Compiled UNet").
+The backend is Inductor after a rewrite (``_inductor_with_matmul_convs``): on a CPU, convolutions with many output
+channels on few positions run as one matrix product (``conv_as_matmul``); on CUDA it is plain Inductor. Plain
+Inductor made an SD-1.5-shaped UNet's training step at 64 px slower than eager on a CPU (1.56x): its layout
+optimisation runs the convolutions channels-last and so copies every convolution weight (2.2 GB of them in SD 1.5)
+into that layout on each call, on top of the reorder oneDNN does itself; with the products (and without the layout
+optimisation in their graphs) it took 0.55x eager (docs/training.md, "Compiled UNet").
 """
 
 from __future__ import annotations
@@ -128,11 +129,15 @@ def _ints(value: Any) -> bool:
 
 
 def _matmul_pays(args: dict[str, Any]) -> bool:
-    """Whether a convolution (``_conv_args``) is one for ``conv_as_matmul``: 2-D, groups 1, numeric stride, padding
-    and dilation, and at most a fifth as many output positions (batch x height x width) as output channels. The bound
-    is measured (one thread, forward and input gradient, 3x3 kernels, CPU time): the product took 0.4x the
-    convolution's time at 1280 channels on 4x4 positions x batch 4, 0.78x at 640 channels on 64 positions, 0.92x at
-    320 channels on 64, but 1.2-1.8x at 320 channels on 128-256 positions and at 128 channels or fewer."""
+    """Whether a convolution (``_conv_args``) is one for ``conv_as_matmul``: on a CPU, 2-D, groups 1, numeric
+    stride, padding and dilation, and at most a fifth as many output positions (batch x height x width) as output
+    channels. The bound is measured (one thread, forward and input gradient, 3x3 kernels, CPU time): the product
+    took 0.4x the convolution's time at 1280 channels on 4x4 positions x batch 4, 0.78x at 640 channels on 64
+    positions, 0.92x at 320 channels on 64, but 1.2-1.8x at 320 channels on 128-256 positions and at 128 channels or
+    fewer on 64 or more."""
+    device = getattr(getattr(args["weight"], "meta", {}).get("example_value"), "device", None)
+    if getattr(device, "type", None) != "cpu":
+        return False  # measured on CPU only (oneDNN's weight reorders); GPUs keep their convolutions
     x, weight = _shape(args["input"]), _shape(args["weight"])
     if x is None or weight is None or len(x) != 4 or len(weight) != 4 or args["groups"] != 1:
         return False
@@ -156,7 +161,8 @@ def _inductor_with_matmul_convs(gm: torch.fx.GraphModule, example_inputs: Any) -
         args = _conv_args(node)
         if _matmul_pays(args):
             node.target, node.args = conv_as_matmul, ()
-            node.kwargs = {"x": args["input"], **{k: args[k] for k in ("weight", "bias", "stride", "padding", "dilation")}}
+            node.kwargs = {"x": args["input"], **{k: args[k] for k in ("weight", "bias", "stride", "padding",
+                                                                       "dilation")}}
             changed += 1
     if not changed:
         return compile_fx(gm, example_inputs)
