@@ -76,3 +76,50 @@ def test_the_compiled_unet_trains_and_samples_like_eager(tiny_model: Any) -> Non
     want = pixels(txt2img(tiny_model, params))
     got = pixels(txt2img(tiny_model, params, compile_unet=True))
     assert int(np.abs(got - want).max()) <= 1
+
+
+def test_a_convolution_as_one_matrix_product_equals_the_convolution_and_its_input_gradient() -> None:
+    from sdconcepts.backends.compiled import conv_as_matmul
+
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(32, 8, 3, 3, generator=generator)
+    bias = torch.randn(32, generator=generator)
+    for stride, padding, dilation, with_bias in ((2, 1, 1, True), (1, 2, 2, False), ((2, 1), (0, 1), 1, True)):
+        x = torch.randn(3, 8, 7, 6, generator=generator)
+        got_x, want_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        b = bias if with_bias else None
+        got = conv_as_matmul(got_x, weight, b, stride, padding, dilation)
+        want = torch.conv2d(want_x, weight, b, stride, padding, dilation)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        upstream = torch.randn(want.shape, generator=generator)
+        got.backward(upstream)  # type: ignore[no-untyped-call]
+        want.backward(upstream)  # type: ignore[no-untyped-call]
+        torch.testing.assert_close(got_x.grad, want_x.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_wide_convolutions_on_few_positions_compile_to_matrix_products_equal_to_eager(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from sdconcepts.backends.compiled import CompiledUnet
+
+    torch.manual_seed(5)
+    # 64 output channels on 1 x 2 x 2 positions: a product; 8 channels on as many positions: a convolution.
+    module = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3, padding=1), torch.nn.SiLU(),
+                                 torch.nn.Conv2d(64, 8, 3, padding=1)).requires_grad_(False)
+    x = torch.randn(1, 8, 2, 2)
+
+    def step(call: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = x.clone().requires_grad_(True)
+        out = call(leaf)
+        out.square().sum().backward()
+        assert leaf.grad is not None
+        return out.detach(), leaf.grad
+
+    want_out, want_grad = step(module)
+    with caplog.at_level("INFO", logger="sdconcepts.backends.compiled"):
+        compiled = CompiledUnet(module)
+        got_out, got_grad = step(compiled)
+    assert compiled.fallback is None
+    assert "compiling: 1 convolutions as matrix products" in caplog.text
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
