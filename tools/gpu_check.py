@@ -338,13 +338,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def use_compile_backend(backend: str) -> None:
-    """Make ``torch.compile`` (as the product calls it) use ``backend`` unless the caller names one."""
+    """Make ``torch.compile`` (as the product calls it) use ``backend`` instead of the product's own (Inductor, after
+    its CPU rewrite of wide convolutions: ``sdconcepts.backends.compiled``)."""
     if backend == "inductor":
         return
     original = torch.compile
 
     def compile_with(model: Any = None, **kwargs: Any) -> Any:
-        kwargs.setdefault("backend", backend)
+        kwargs["backend"] = backend
         return original(model, **kwargs)
 
     torch.compile = compile_with  # type: ignore[assignment]
