@@ -1,8 +1,9 @@
 """``python -m sdconcepts toyworld showcase`` as a user runs it, on the embedded SD-1 toy model: every use's bar
 (issue 24) is met, every figure counts at least 60 generations, and the folder holds what the pages show and the
-learned files, loadable. Slow: the run trains 3 words and a hypernetwork and makes about 900 generations, 556 s of
-CPU on one thread (2026-12-06, docs/uses/figures.json's run: 26 min of wall time at load average 12 on the shared
-2-core machine; on an idle core its wall time is about its CPU time, 9-10 minutes). CI runs it."""
+learned files, loadable. Slow: the run trains 3 words and a hypernetwork and makes about 900 generations, 399 s of
+CPU on one thread (2026-12-06, docs/uses/figures.json's run: 460 s of wall time at load average 6.2 on the shared
+2-core machine, the test 474 s; an earlier run of the same recipes at load average 12 counted 555 s of CPU and 26
+minutes of wall time). CI runs it."""
 
 from __future__ import annotations
 
