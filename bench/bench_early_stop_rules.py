@@ -90,8 +90,8 @@ def record(name: str, steps: int, samples: int, seed_dir: Path, seed: int = 0, p
     run_module.validation_for_run = capturing
     config = EmbeddingTrainingConfig(dataset=str(seed_dir / "concept"), template="subject", width=IMAGE_SIZE,
                                      height=IMAGE_SIZE, batch_size=batch, max_steps=steps,
-                                     learn_rate=chosen.learn_rate, seed=seed, save_every=0, preview_every=0, validate_every=0,
-                                     log_directory=str(seed_dir / "log"))
+                                     learn_rate=chosen.learn_rate, seed=seed, save_every=0, preview_every=0,
+                                     validate_every=0, log_directory=str(seed_dir / "log"))
     points = [p // batch for p in snapshot_points(20, steps * batch)]
     clock, train_cpu, snaps = 0.0, [0.0], []
     events = train_embedding(model, "rec", config, embeddings_dir=seed_dir / "embeddings")
@@ -128,7 +128,8 @@ def plateau(values: Sequence[float], window: int) -> bool:
     improvement = min(float(v) for v in values[:-window]) - min(recent)
     xs = range(window)
     mean_x, mean_y = (window - 1) / 2, sum(recent) / window
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, recent, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, recent, strict=True)) / sum(
+        (x - mean_x) ** 2 for x in xs)
     residuals = [y - (mean_y + slope * (x - mean_x)) for x, y in zip(xs, recent, strict=True)]
     return improvement <= math.sqrt(sum(r * r for r in residuals) / max(window - 2, 1))
 
@@ -147,22 +148,19 @@ def plateau_rule(window: int, least: int | None = None) -> Callable[[Sequence[fl
 
 
 def shipped_rule(window: int) -> Callable[[Sequence[float]], bool]:
-    """The product's rule, ``sdconcepts.training.validation.settled`` (DVAR's variance ratio at its shipped ratio)."""
-    from sdconcepts.training.validation import settled
+    """The product's rule: DVAR's variance ratio at its shipped ratio (``EARLY_STOP_RATIO``)."""
+    from sdconcepts.training.validation import EARLY_STOP_RATIO
 
-    return lambda values: settled(values, window) is not None
+    return dvar_rule(window, EARLY_STOP_RATIO)
 
 
 def dvar_rule(window: int, threshold: float) -> Callable[[Sequence[float]], bool]:
-    """DVAR's variance ratio (Voronov et al. 2023): with at least ``2 * window`` checks, the variance of the last
+    """DVAR's variance ratio (Voronov et al. 2023) as the product computes it
+    (``sdconcepts.training.validation.settled``): with at least ``2 * window`` checks, the variance of the last
     ``window`` checks at most ``threshold`` x the variance of all of them."""
+    from sdconcepts.training.validation import settled
 
-    def rule(values: Sequence[float]) -> bool:
-        if len(values) < 2 * window:
-            return False
-        return statistics.pvariance(values[-window:]) <= threshold * statistics.pvariance(values)
-
-    return rule
+    return lambda values: settled(values, window, threshold) is not None
 
 
 def relative_rule(window: int, threshold: float) -> Callable[[Sequence[float]], bool]:

@@ -242,7 +242,8 @@ def always_visible_script(name: str, title: str, *, process: Callable[[Any], obj
 
 def script_class() -> type | None:
     """The always-visible script that patches the UNet before every sampling; None outside Forge."""
-    return always_visible_script("SdconceptsHypernetworks", "sdconcepts hypernetworks", before_every_sampling=patch_unet)
+    return always_visible_script("SdconceptsHypernetworks", "sdconcepts hypernetworks",
+                                 before_every_sampling=patch_unet)
 
 
 def fit_note(path: Path, model_widths: set[int] | None) -> str:

@@ -5,8 +5,8 @@ about when the concept is learnt. The validation loss is the same objective on f
 timesteps (DVAR, Voronov et al. 2023), so its curve moves only when the weights do. ``Validation`` consumes the
 run's steps: every ``validate_every`` steps it evaluates that loss, saves the best step's weights as
 ``<name>-best`` beside the numbered copies, and (opt-in) ends the run once that loss has settled: the variance of
-its last checks a small share of the whole run's (DVAR's rule). Its state travels in the trained file's optimizer sidecar, so a resumed run goes on
-with the same history, best and stop rule.
+its last checks a small share of the whole run's (DVAR's rule). Its state travels in the trained file's optimizer
+sidecar, so a resumed run goes on with the same history, best and stop rule.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ MIN_INTERVAL, MAX_INTERVAL = 10, 250
 # (batch x accumulation) steps (at least 2; 6 at batch 5), on timesteps from the noisier half of the schedule
 # (EARLY_STOP_NOISE_LEVELS: where the layout, colours and background are decided; the nearly clean end's larger error
 # hid toyworld-xl's background being learnt), and the run stops once the variance of the last ``window`` checks
-# (``early_stop_window``, default 5) is at most EARLY_STOP_RATIO of the whole run's (DVAR, Voronov et al. 2023). Replayed
-# with ~3,000 rules on three trajectories of each embedded model (bench/bench_early_stop_rules.py), none stopped
+# (``early_stop_window``, default 5) is at most EARLY_STOP_RATIO of the whole run's (DVAR, Voronov et al. 2023).
+# Replayed with ~3,000 rules on three trajectories of each embedded model (bench/bench_early_stop_rules.py), none stopped
 # within 1.5x of the concept's first good snapshot and never before it on all six; this is the safest tried: never
 # before the concept on the six (1.47-2.17x), where the earlier rule (whole schedule, plateau, window 3, every 5
 # steps) stopped toyworld-xl's seed-2 trajectory with the concept at 43 %. A stop before the concept leaves an
