@@ -82,7 +82,6 @@ def test_environment_setting_and_omp_num_threads(restore_threads: None, tmp_path
     assert main(["inspect", str(tmp_path)]) == 0 and torch.get_num_threads() == 2
 
 
-
 def test_auto_decides_again_during_a_job_from_the_last_window(restore_threads: None) -> None:
     """Under ``auto`` a long job's count follows other work that starts after the job began (issue 27 item 6)."""
     apply_threads("auto")
