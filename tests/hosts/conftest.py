@@ -35,22 +35,19 @@ def _host_dirs() -> dict[str, Path]:
     return {kind: Path(os.environ[var]) for kind, var in hh.ENV_DIRS.items() if os.environ.get(var)}
 
 
-_ORDER_KINDS = ("a1111", "forge", "forge", "reforge", "classic")  # the host each launch-order group runs on
-
-
-def _launch_order(item: pytest.Item) -> int:
-    """Tests that need the same host configuration run together, so that each is launched once: A1111 (its file order
-    starts with the test that launches it without our extension, then with it), Forge, Forge on the SD 2 file,
-    reForge, Forge-Classic."""
+def _launch_group(item: pytest.Item) -> tuple[int, str]:
+    """(order, host) of the host configuration a test needs; tests of one configuration run together, so that each is
+    launched once: A1111 (its file order starts with the test that launches it without our extension, then with it),
+    Forge, Forge on the SD 2 file, reForge, Forge-Classic."""
     fixtures = getattr(item, "fixturenames", ())
     name = Path(str(item.fspath)).name
     if "reforge" in name:
-        return 3
+        return 3, "reforge"
     if "classic" in name:
-        return 4
+        return 4, "classic"
     if "forge_sd2" in fixtures:
-        return 2
-    return 1 if "forge" in name else 0
+        return 2, "forge"
+    return (1, "forge") if "forge" in name else (0, "a1111")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -60,7 +57,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if prepared:
         # A run narrowed to some hosts (SDCONCEPTS_HOSTS="forge" tools/host_tests.sh): the tests of the hosts it did
         # not prepare are deselected, not failed at setup. A full run (CI) prepares every host, so nothing is.
-        other = [item for item in ours if _ORDER_KINDS[_launch_order(item)] not in dirs]
+        other = [item for item in ours if _launch_group(item)[1] not in dirs]
         if other:
             config.hook.pytest_deselected(items=other)
             items[:] = [item for item in items if item not in other]
@@ -68,7 +65,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if ours:
         first = items.index(ours[0])
         rest = [item for item in items if item not in ours]
-        items[:] = rest[:first] + sorted(ours, key=_launch_order) + rest[first:]
+        items[:] = rest[:first] + sorted(ours, key=_launch_group) + rest[first:]
     skip = pytest.mark.skip(reason="real hosts not prepared: run tools/host_tests.sh")
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
