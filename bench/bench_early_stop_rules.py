@@ -48,8 +48,11 @@ VARIANTS: list[tuple[str, int, tuple[float, float]]] = [
 ]
 
 
-def record(name: str, steps: int, samples: int, seed_dir: Path, seed: int = 0, pictures_seed: int = 4242
-           ) -> dict[str, Any]:
+def record(name: str, steps: int, samples: int, seed_dir: Path, seed: int = 0, pictures_seed: int = 4242,
+           variants: Sequence[str] | None = None, points: Sequence[int] | None = None) -> dict[str, Any]:
+    """One trajectory: the validation curves of ``variants`` (default all), the training CPU and loss, the trained
+    vectors and Adam's moments after every step (``state``: for parameter signals), the probe's rate at ``points``
+    (default the bench's snapshot steps; none to reuse an earlier recording's: one trajectory per seed)."""
     from sdconcepts.backends.model_loading import DEFAULT_MODEL_DIR, XL_MODEL_DIR, load_model
     from sdconcepts.toyworld.concept import write_concept
     from sdconcepts.training import EmbeddingTrainingConfig, create_embedding_file, train_embedding
@@ -66,8 +69,17 @@ def record(name: str, steps: int, samples: int, seed_dir: Path, seed: int = 0, p
     create_embedding_file(seed_dir / "embeddings", "rec", rows, vectors=chosen.vectors, overwrite=True)
     opened = watch_trainables()
     sets: dict[str, ValidationSet] = {}
-    curves: dict[str, list[float]] = {v[0]: [] for v in VARIANTS}
-    costs: dict[str, list[float]] = {v[0]: [] for v in VARIANTS}
+    chosen_variants = [v for v in VARIANTS if variants is None or v[0] in variants]
+    curves: dict[str, list[float]] = {v[0]: [] for v in chosen_variants}
+    costs: dict[str, list[float]] = {v[0]: [] for v in chosen_variants}
+    state: dict[str, list[list[float]]] = {"vectors": [], "exp_avg": [], "exp_avg_sq": []}
+
+    def keep_state() -> None:
+        job = opened[-1]
+        moments = job.optimizer.state.get(job.vectors, {})
+        for key in state:
+            tensor = job.vectors if key == "vectors" else moments.get(key)
+            state[key].append([] if tensor is None else [float(x) for x in tensor.detach().flatten()])
     original = run_module.validation_for_run
 
     def check_all() -> None:
@@ -81,10 +93,11 @@ def record(name: str, steps: int, samples: int, seed_dir: Path, seed: int = 0, p
 
     def capturing(job: Any, config: Any, dataset: Any, held_out: Any, best_path: Path, main: bool) -> Any:
         length = int(job.model.alphas_cumprod.shape[0])
-        for variant, count, levels in VARIANTS:
+        for variant, count, levels in chosen_variants:
             sets[variant] = ValidationSet(dataset, length, seed=int(config.seed), chunk=dataset.batch_size,
                                           samples=count, noise_levels=levels)
         check_all()  # step 0
+        keep_state()
         return original(job, config, dataset, held_out, best_path, main)
 
     run_module.validation_for_run = capturing
@@ -92,8 +105,9 @@ def record(name: str, steps: int, samples: int, seed_dir: Path, seed: int = 0, p
                                      height=IMAGE_SIZE, batch_size=batch, max_steps=steps,
                                      learn_rate=chosen.learn_rate, seed=seed, save_every=0, preview_every=0,
                                      validate_every=0, log_directory=str(seed_dir / "log"))
-    points = [p // batch for p in snapshot_points(20, steps * batch)]
-    clock, train_cpu, snaps = 0.0, [0.0], []
+    if points is None:
+        points = [p // batch for p in snapshot_points(20, steps * batch)]
+    clock, train_cpu, train_loss, snaps = 0.0, [0.0], [math.nan], []
     events = train_embedding(model, "rec", config, embeddings_dir=seed_dir / "embeddings")
     while True:
         start = time.process_time()
@@ -104,13 +118,16 @@ def record(name: str, steps: int, samples: int, seed_dir: Path, seed: int = 0, p
                 break
             continue
         train_cpu.append(clock)
+        train_loss.append(event.loss)
         check_all()
+        keep_state()
         if event.step in points:
             rate, parts = score(model, opened[-1].vectors.detach().clone(), samples)
             snaps.append({"step": event.step, "rate": rate, "parts": parts})
             print(f"  {name} step {event.step}: concept {rate:.0%} {parts}; "
                   + ", ".join(f"{v} {curves[v][-1]:.5f}" for v in curves), flush=True)
-    return {"model": name, "batch": batch, "train_cpu": train_cpu, "curves": curves,
+    return {"model": name, "batch": batch, "train_cpu": train_cpu, "train_loss": train_loss, "state": state,
+            "curves": curves,
             "check_cpu": {v: statistics.median(c) for v, c in costs.items()}, "snapshots": snaps,
             "samples": samples, "seed": seed, "pictures_seed": pictures_seed}
 
@@ -148,10 +165,24 @@ def plateau_rule(window: int, least: int | None = None) -> Callable[[Sequence[fl
 
 
 def shipped_rule(window: int) -> Callable[[Sequence[float]], bool]:
-    """The product's rule: DVAR's variance ratio at its shipped ratio (``EARLY_STOP_RATIO``)."""
-    from sdconcepts.training.validation import EARLY_STOP_RATIO
+    """The product's rule (``sdconcepts.training.validation.early_stop_decision``): DVAR's variance ratio over
+    ``window`` checks, or over a shorter window once the loss has fallen by a large share of its first check."""
+    from sdconcepts.training.validation import early_stop_decision
 
-    return dvar_rule(window, EARLY_STOP_RATIO)
+    return lambda values: early_stop_decision(values, window) is not None
+
+
+def fallen_rule(window: int, threshold: float, fall: float, slow: int = 5) -> Callable[[Sequence[float]], bool]:
+    """DVAR's rule over ``window`` checks at ``threshold`` once the loss has fallen by ``fall`` x its first check's
+    value, or DVAR's rule over ``slow`` checks at the shipped 2 % (the product's rule at ``window`` = slow - 2,
+    threshold 0.05 and fall 0.3)."""
+    fast, late = dvar_rule(window, threshold), dvar_rule(slow, 0.02)
+
+    def rule(values: Sequence[float]) -> bool:
+        fallen = values[0] > 0 and (values[0] - min(values)) >= fall * values[0]
+        return (fallen and fast(values)) or late(values)
+
+    return rule
 
 
 def dvar_rule(window: int, threshold: float) -> Callable[[Sequence[float]], bool]:
@@ -184,6 +215,10 @@ def rules() -> dict[str, Callable[[Sequence[float]], bool]]:
             found[f"dvar K={window} a={threshold}"] = dvar_rule(window, threshold)
         for threshold in (0.001, 0.002, 0.005, 0.01):
             found[f"rel K={window} r={threshold}"] = relative_rule(window, threshold)
+        for threshold in (0.02, 0.05, 0.1):
+            for fall in (0.2, 0.25, 0.3, 0.35):
+                found[f"fallen K={window} a={threshold} f={fall}"] = fallen_rule(window, threshold, fall)
+    found["shipped K=5"] = shipped_rule(5)
     return found
 
 
@@ -209,9 +244,9 @@ def judge(rec: dict[str, Any], variant: str, every: int, rule: Callable[[Sequenc
 
 
 # The rules the docs' table shows, each for the intervals 3-8: (variant, rule name in ``rules()``)
-NAMED = [("s8-all", "plateau K=3"), ("s8-all", "dvar K=3 a=0.02"), ("s8-high", "plateau K=3"),
-         ("s8-high", "dvar K=3 a=0.02"), ("s8-high", "dvar K=4 a=0.02"), ("s8-high", "dvar K=5 a=0.02"),
-         ("s5-high", "dvar K=4 a=0.02"), ("s4-high", "dvar K=3 a=0.02")]
+NAMED = [("s8-all", "plateau K=3"), ("s8-high", "dvar K=5 a=0.02"), ("s5-high", "dvar K=5 a=0.02"),
+         ("s5-high", "fallen K=3 a=0.02 f=0.25"), ("s5-high", "fallen K=3 a=0.05 f=0.3"),
+         ("s5-high", "fallen K=3 a=0.05 f=0.35"), ("s5-high", "shipped K=5")]
 
 
 def simulate(recs: list[dict[str, Any]], bars: dict[str, float], limit: float = 1.5) -> None:
@@ -257,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the training (and validation) seed")
     parser.add_argument("--pictures-seed", type=int, default=4242, help="the concept pictures' seed")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--variants", default=None, help="comma-separated validation variants to record (default all)")
+    parser.add_argument("--snapshots-from", type=Path, default=None,
+                        help="an earlier recording of the same model and seeds: its snapshots are reused, none scored")
     parser.add_argument("--simulate", type=Path, action="append", default=[])
     args = parser.parse_args(argv)
     if args.simulate:
@@ -266,7 +304,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        out = record(args.model, args.steps, args.samples, Path(tmp), args.seed, args.pictures_seed)
+        earlier = json.loads(args.snapshots_from.read_text()) if args.snapshots_from else None
+        variants = args.variants.split(",") if args.variants else None
+        out = record(args.model, args.steps, args.samples, Path(tmp), args.seed, args.pictures_seed, variants,
+                     [] if earlier else None)
+    if earlier:
+        out["snapshots"] = earlier["snapshots"]
+        out["earlier_curves"] = {v: earlier["curves"][v] for v in out["curves"] if v in earlier["curves"]}
     if args.json:
         args.json.write_text(json.dumps(out) + "\n")
 
