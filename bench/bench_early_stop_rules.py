@@ -260,7 +260,7 @@ def simulate(recs: list[dict[str, Any]], bars: dict[str, float], limit: float = 
         print("  snapshots: " + ", ".join(f"{s['step']}: {s['rate']:.0%}" for s in rec["snapshots"]))
     table = rules()
     print("stop step (stop CPU / first good CPU; ! = before the first good snapshot, - = no stop) per recording:")
-    for variant, name in NAMED:
+    for variant, name in [(v, n) for v, n in NAMED if all(v in rec["curves"] for rec in recs)]:
         for every in range(3, 9):
             cells = []
             for rec in recs:
@@ -268,7 +268,7 @@ def simulate(recs: list[dict[str, Any]], bars: dict[str, float], limit: float = 
                 cells.append("-" if step is None else f"{step}{'!' if step < good else ''} ({ratio:.2f}x)")
             print(f"  {variant:8s} {name:16s} N={every}: " + " | ".join(cells))
     never_early = []
-    for variant in recs[0]["curves"]:
+    for variant in [v for v in recs[0]["curves"] if all(v in rec["curves"] for rec in recs)]:
         for name, rule in table.items():
             for every in range(1, 9):
                 results = [judge(rec, variant, every, rule, bars[rec["model"]]) for rec in recs]
