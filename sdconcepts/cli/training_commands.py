@@ -214,10 +214,10 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
                    help="hold out this share of the pictures for the validation loss; 0 = use the training pictures "
                    "(default: 0)")
     p.add_argument("--early-stop", action="store_true",
-                   help="stop once the validation loss has settled (its last K checks vary by at most 2%% of its "
-                   "variance over the run; K-2 checks by at most 5%% once it has fallen by 30%% of its first check)")
+                   help="stop once the validation loss has settled (its last checks vary by at most 2%% of its "
+                   "variance over the run)")
     p.add_argument("--early-stop-window", type=int_at_least(2), default=5, metavar="K",
-                   help="validation checks the early stop looks back over (default: 5; 2 fewer after a large fall)")
+                   help="validation checks the early stop looks back over (default: 5)")
     p.add_argument("--compile", dest="compile_unet", action="store_true",
                    help="compile the UNet with torch.compile (a slower start for faster steps; falls back to eager "
                    "with one line where this machine cannot compile)")

@@ -66,7 +66,7 @@ class TrainingConfig:
     # (-1: chosen from the dataset and batch size, 0: off) the loss of fixed pictures, noise and timesteps, on the
     # training pictures or on a held-out ``validation_share`` of them; the best step is saved as <name>-best, and
     # ``early_stop`` ends the run once that loss (then on the noisier half of the schedule) has settled over the last
-    # ``early_stop_window`` checks, or 2 fewer after a large fall (``training.validation.early_stop_decision``).
+    # ``early_stop_window`` checks (``training.validation.settled``).
     validate_every: int = -1
     validation_share: float = 0.0
     early_stop: bool = False

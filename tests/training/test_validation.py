@@ -27,14 +27,7 @@ from sdconcepts.training.dataset import TrainingDataset, read_images
 from sdconcepts.training.outputs import LossLog
 from sdconcepts.training.trainables import TrainingError
 from sdconcepts.training.training_model import TrainingModel
-from sdconcepts.training.validation import (
-    EARLY_STOP_FALL,
-    ValidationSet,
-    automatic_interval,
-    early_stop_decision,
-    early_stop_samples,
-    settled,
-)
+from sdconcepts.training.validation import ValidationSet, automatic_interval, settled
 
 
 def _new_embedding(model: Any, folder: Path, name: str = "toytri") -> Path:
@@ -76,49 +69,9 @@ def test_the_stop_rule_waits_until_the_loss_has_settled() -> None:
 
 def test_automatic_interval_keeps_checks_rare_relative_to_the_work_of_the_steps() -> None:
     assert automatic_interval(1, 1) == 64 and automatic_interval(4, 1) == 16 and automatic_interval(64, 4) == 10
-    # Denser with early stop: 6 x its samples' worth of pictures between checks (one sample per picture, at most 8),
-    # at least 2 steps.
-    assert automatic_interval(5, 1, 5, early_stop=True) == 6 and automatic_interval(1, 1, 5, early_stop=True) == 30
-    assert automatic_interval(5, 1, early_stop=True) == 10 and automatic_interval(64, 4, early_stop=True) == 2
-    assert [early_stop_samples(n) for n in (1, 5, 8, 40)] == [1, 5, 8, 8]
-
-
-def _decision_stop(values: list[float], window: int = 5) -> int | None:
-    return next((n for n in range(1, len(values) + 1) if early_stop_decision(values[:n], window)), None)
-
-
-def test_the_early_stop_tells_a_pause_after_a_small_fall_from_the_end_of_a_large_one() -> None:
-    rng = random.Random(1)
-
-    def noisy(values: list[float]) -> list[float]:
-        return [v + rng.gauss(0, 0.0005) for v in values]
-
-    # A loss that falls by 40 % and levels off: once it is down by EARLY_STOP_FALL of its first check, 3 flat checks
-    # settle it (the window less 2), well before DVAR's 5-check rule alone would.
-    falling = noisy([0.6 + 0.4 * math.exp(-i / 3) for i in range(40)])
-    stop = _decision_stop(falling)
-    decision = early_stop_decision(falling[:stop], 5) if stop else None
-    assert stop is not None and decision is not None and decision.window == 3, stop
-    assert decision.fallen is not None and decision.fallen >= EARLY_STOP_FALL
-    assert "after falling by" in decision.reason(6) and "(18 steps)" in decision.reason(6)
-    dvar_alone = next(n for n in range(1, 41) if settled(falling[:n], 5))
-    assert stop < dvar_alone and (falling[stop - 1] - 0.6) / 0.4 < 0.2, (stop, dvar_alone)
-    # A pause after a fall of 14 % (4 flat checks: toyworld-xl learns shape and colour, holds still for 2-3 checks,
-    # then learns the background), then a fall to 40 % down: no stop in the pause (the short window needs the large
-    # fall, DVAR's 5 checks a longer plateau); it stops only after the second fall has levelled off.
-    first = [1.0, 0.92, 0.88]
-    pause = [0.86] * 4
-    second = [0.86 - 0.26 * (1 - math.exp(-i / 2)) for i in range(1, 20)]
-    paused = noisy(first + pause + second)
-    stop = _decision_stop(paused)
-    assert stop is not None and stop > len(first) + len(pause) + 3, stop
-    assert early_stop_decision(paused[:stop], 5).fallen is not None  # type: ignore[union-attr]
-    # A loss that only scatters has not fallen and has not settled: no stop; nor does a non-finite check stop it.
-    assert _decision_stop(noisy([0.5] * 60)) is None
-    assert early_stop_decision(falling[:30] + [math.nan], 5) is None
-    # A flat loss (nothing learnt) stops by DVAR's rule alone, after 2 windows of checks, without the fall.
-    flat = early_stop_decision([0.5] * 10, 5)
-    assert flat is not None and flat.fallen is None and flat.window == 5 and _decision_stop([0.5] * 20) == 10
+    # Denser with early stop: 3.75 x 8 samples' worth of pictures between checks, at least 2 steps.
+    assert automatic_interval(5, 1, early_stop=True) == 6 and automatic_interval(1, 1, early_stop=True) == 30
+    assert automatic_interval(64, 4, early_stop=True) == 2
 
 
 # -- the loss itself ---------------------------------------------------------------------------------------------
