@@ -165,17 +165,16 @@ def plateau_rule(window: int, least: int | None = None) -> Callable[[Sequence[fl
 
 
 def shipped_rule(window: int) -> Callable[[Sequence[float]], bool]:
-    """The product's rule (``sdconcepts.training.validation.early_stop_decision``): DVAR's variance ratio over
-    ``window`` checks, or over a shorter window once the loss has fallen by a large share of its first check."""
-    from sdconcepts.training.validation import early_stop_decision
+    """The product's rule: DVAR's variance ratio at its shipped ratio (``EARLY_STOP_RATIO``)."""
+    from sdconcepts.training.validation import EARLY_STOP_RATIO
 
-    return lambda values: early_stop_decision(values, window) is not None
+    return dvar_rule(window, EARLY_STOP_RATIO)
 
 
 def fallen_rule(window: int, threshold: float, fall: float, slow: int = 5) -> Callable[[Sequence[float]], bool]:
     """DVAR's rule over ``window`` checks at ``threshold`` once the loss has fallen by ``fall`` x its first check's
-    value, or DVAR's rule over ``slow`` checks at the shipped 2 % (the product's rule at ``window`` = slow - 2,
-    threshold 0.05 and fall 0.3)."""
+    value, or DVAR's rule over ``slow`` checks at the shipped 2 % (the candidate of 2026-12-06, branch es2-fallen:
+    ``window`` 3, threshold 0.05, fall 0.3 on the s5-high variant every 6 steps)."""
     fast, late = dvar_rule(window, threshold), dvar_rule(slow, 0.02)
 
     def rule(values: Sequence[float]) -> bool:
@@ -244,9 +243,9 @@ def judge(rec: dict[str, Any], variant: str, every: int, rule: Callable[[Sequenc
 
 
 # The rules the docs' table shows, each for the intervals 3-8: (variant, rule name in ``rules()``)
-NAMED = [("s8-all", "plateau K=3"), ("s8-high", "dvar K=5 a=0.02"), ("s5-high", "dvar K=5 a=0.02"),
+NAMED = [("s8-all", "plateau K=3"), ("s8-high", "shipped K=5"), ("s5-high", "dvar K=5 a=0.02"),
          ("s5-high", "fallen K=3 a=0.02 f=0.25"), ("s5-high", "fallen K=3 a=0.05 f=0.3"),
-         ("s5-high", "fallen K=3 a=0.05 f=0.35"), ("s5-high", "shipped K=5")]
+         ("s5-high", "fallen K=3 a=0.05 f=0.35"), ("s8-top", "fallen K=2 a=0.1 f=0.2")]
 
 
 def simulate(recs: list[dict[str, Any]], bars: dict[str, float], limit: float = 1.5) -> None:
@@ -284,6 +283,69 @@ def simulate(recs: list[dict[str, Any]], bars: dict[str, float], limit: float = 
               + "; ".join(f"stop {s} ({r:.2f}x, good {g})" for r, s, g in results))
 
 
+# -- parameter signals (no extra forward passes) ------------------------------------------------------------------
+
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, as EmbeddingTrainable builds it
+
+
+def parameter_signals(rec: dict[str, Any]) -> dict[str, list[float]]:
+    """Per step t >= 1 of a recording's ``state`` (the trained vectors and AdamW's moments after each step), the
+    statistics that are said to tell learning from wandering, each near 1 (or positive) while the vectors move one
+    way and small (or negative) in a random walk:
+
+    - ``coherence``: |mean of the last 8 gradients| / their root mean square (1 for equal gradients, about
+      1/sqrt(8) = 0.35 for independent ones); the gradients come back from Adam's first moment,
+      g_t = (m_t - b1 m_{t-1}) / (1 - b1);
+    - ``pflug``: the sum of the last 10 inner products of successive gradients (Pflug 1990; Chee and Toulis 2018):
+      positive while transient, negative once the iterates bounce around a minimum;
+    - ``snr``: Adam's bias-corrected |m| / sqrt(v), averaged over the coordinates;
+    - ``drift``: the vectors' displacement over the last 8 steps over the length of their path (1 on a straight
+      line, about 1/sqrt(8) in a random walk)."""
+    import numpy as np
+
+    b1, b2 = ADAM_BETAS
+    state = rec["state"]
+    theta = np.array(state["vectors"])
+    zero = [0.0] * theta.shape[1]
+    m = np.array([row or zero for row in state["exp_avg"]])
+    v = np.array([row or zero for row in state["exp_avg_sq"]])
+    g = np.zeros_like(m)
+    g[1:] = (m[1:] - b1 * m[:-1]) / (1 - b1)
+    steps = np.linalg.norm(np.diff(theta, axis=0), axis=1)
+    inner = [0.0, 0.0] + [float(g[t] @ g[t - 1]) for t in range(2, len(g))]
+    out: dict[str, list[float]] = {"coherence": [], "pflug": [], "snr": [], "drift": []}
+    for t in range(1, len(theta)):
+        last = g[max(1, t - 7):t + 1]
+        out["coherence"].append(float(np.linalg.norm(last.mean(0)) / np.sqrt(np.mean(np.sum(last**2, 1)))))
+        out["pflug"].append(sum(inner[max(2, t - 9):t + 1]) if t >= 11 else math.nan)
+        out["snr"].append(float(np.mean(np.abs(m[t] / (1 - b1**t)) / np.sqrt(v[t] / (1 - b2**t) + 1e-16))))
+        path = float(steps[t - 8:t].sum()) if t >= 8 else 0.0
+        out["drift"].append(float(np.linalg.norm(theta[t] - theta[t - 8])) / path if path > 0 else math.nan)
+    return out
+
+
+SIGNAL_RULES: dict[str, Callable[[float], bool]] = {
+    "coherence <= 0.4": lambda x: x <= 0.4, "pflug < 0": lambda x: x < 0, "snr <= 0.2": lambda x: x <= 0.2,
+    "drift <= 0.5": lambda x: x <= 0.5,
+}
+
+
+def signals_report(recs: list[dict[str, Any]], bars: dict[str, float]) -> None:
+    """The first step at which each parameter signal says "stationary", against the first good snapshot."""
+    for rec in recs:
+        if not rec.get("state", {}).get("vectors"):
+            continue
+        good = next((s["step"] for s in rec["snapshots"] if s["rate"] >= bars[rec["model"]]), None)
+        signals = parameter_signals(rec)
+        cells = []
+        for name, test in SIGNAL_RULES.items():
+            series = signals[name.split()[0]]
+            step = next((t + 1 for t, x in enumerate(series) if math.isfinite(x) and test(x)), None)
+            early = "!" if step is not None and good is not None and step < good else ""
+            cells.append(f"{name}: {step if step is not None else '-'}{early}")
+        print(f"{rec['model']} seed {rec.get('seed', 0)}: first good step {good}; " + ", ".join(cells))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="toyworld")
@@ -292,13 +354,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the training (and validation) seed")
     parser.add_argument("--pictures-seed", type=int, default=4242, help="the concept pictures' seed")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--signals", action="store_true",
+                        help="with --simulate: the parameter signals' first stationary step instead of the rules")
     parser.add_argument("--variants", default=None, help="comma-separated validation variants to record (default all)")
     parser.add_argument("--snapshots-from", type=Path, default=None,
                         help="an earlier recording of the same model and seeds: its snapshots are reused, none scored")
     parser.add_argument("--simulate", type=Path, action="append", default=[])
     args = parser.parse_args(argv)
     if args.simulate:
-        simulate([json.loads(p.read_text()) for p in args.simulate], {"toyworld": 0.8, "toyworld-xl": 0.6})
+        recs = [json.loads(p.read_text()) for p in args.simulate]
+        bars = {"toyworld": 0.8, "toyworld-xl": 0.6}
+        if args.signals:
+            signals_report(recs, bars)
+        else:
+            simulate(recs, bars)
         return
     import torch
 
