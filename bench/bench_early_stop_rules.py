@@ -15,7 +15,14 @@ Usage: ``python bench/bench_early_stop_rules.py --model toyworld --steps 70 [--s
 --json rec.json`` (recording: about 3 CPU minutes for toyworld at 70 steps, 5 for toyworld-xl at 100), then
 ``python bench/bench_early_stop_rules.py --simulate rec.json [--simulate rec2.json ...]`` (seconds). The docs'
 table (docs/training.md, "Early stop: the rules replayed") came from toyworld at 70 steps and toyworld-xl at 100,
-each with seeds 0 (the bench's trajectory: pictures seed 4242), 1 (4243) and 2 (4244).
+each with seeds 0 (the bench's trajectory: pictures seed 4242), 1 (4243) and 2 (4244); the held-out ones ("Early
+stop: held-out trajectories ...") from seeds 3 (4245) and 4 (4246), then 5 (4247) and 6 (4248).
+
+A recording also keeps the trained vectors and AdamW's moments after every step; ``--simulate ... --signals``
+reports where parameter signals (gradient coherence, Pflug's diagnostic, Adam's signal-to-noise, the drift ratio)
+first say "stationary". ``--variants s8-high,s5-high`` records only those validation variants (cheaper);
+``--snapshots-from earlier.json`` reuses an earlier recording's probe scores for the same model and seeds instead of
+scoring again (one trajectory per seed: the curves come back bit-equal).
 """
 
 from __future__ import annotations
