@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import sys
 import threading
 import time
@@ -244,3 +245,38 @@ def test_the_bench_replay_of_a_dense_validation_curve_gives_the_real_early_stop(
     assert real is not None and real > (2 * window - 1) * every and replayed == real, (replayed, real, curve)
     checked = [e.val_loss for e in events if e.kind == "step" and e.val_loss is not None]
     assert checked == pytest.approx([curve[step] for step in range(every, real + 1, every)], rel=1e-6)
+
+
+def test_the_bench_parameter_signals_read_adams_state_and_tell_a_drift_from_a_random_walk() -> None:
+    # bench/bench_early_stop_rules.py recovers each step's gradient from AdamW's first moment and computes its
+    # signals from the recorded state: on a real AdamW (as the embedding trains: weight decay 0), a constant gradient
+    # direction is coherent and drifts, independent gradients are a random walk (coherence about 1/sqrt(8)).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_early_stop_rules as rules
+
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(48, generator=generator)
+    for kind in ("drift", "walk"):
+        vectors = torch.zeros(48, requires_grad=True)
+        optimizer = torch.optim.AdamW([vectors], lr=0.01, weight_decay=0.0)
+        state: dict[str, list[list[float]]] = {"vectors": [vectors.tolist()], "exp_avg": [[]], "exp_avg_sq": [[]]}
+        grads = []
+        for _ in range(40):
+            noise = torch.randn(48, generator=generator)
+            vectors.grad = (direction + 0.3 * noise) if kind == "drift" else noise
+            grads.append(vectors.grad.clone())
+            optimizer.step()
+            moments = optimizer.state[vectors]
+            state["vectors"].append(vectors.tolist())
+            state["exp_avg"].append(moments["exp_avg"].tolist())
+            state["exp_avg_sq"].append(moments["exp_avg_sq"].tolist())
+        signals = rules.parameter_signals({"state": state})
+        late = signals["coherence"][10:]
+        if kind == "drift":
+            assert min(late) > 0.9 and min(signals["drift"][10:]) > 0.9 and min(signals["pflug"][11:]) > 0
+        else:
+            assert 0.2 < statistics.mean(late) < 0.5, statistics.mean(late)
+    # The gradients come back from the moments (the recovery the signals rest on).
+    m = torch.tensor(state["exp_avg"][1:])
+    recovered = torch.cat([m[:1], m[1:] - 0.9 * m[:-1]]) / 0.1
+    assert torch.allclose(recovered, torch.stack(grads), atol=1e-4)
