@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from sdconcepts.backends.attention import use_lean_attention
 from sdconcepts.safe_load import file_sha256
 
 __all__ = ["LoadedModel", "weights_hash"]
@@ -36,6 +37,11 @@ class LoadedModel:
     # SDXL: OpenCLIP ViT-bigG with its projection (CLIPTextModelWithProjection) and its tokenizer (pads with 0).
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+
+    def __post_init__(self) -> None:
+        # Every way of loading a model ends here: its UNet's attention runs through the lean processor, in
+        # training and in sampling alike (the same outputs as diffusers' default, with less Python per call).
+        use_lean_attention(self.unet)
 
     @property
     def is_sdxl(self) -> bool:
