@@ -38,7 +38,12 @@ from sdconcepts.limits import (
     format_bytes,
 )
 from sdconcepts.model_shape import read_model_shape
-from sdconcepts.training.config import ConfigError, EmbeddingTrainingConfig, HypernetworkTrainingConfig
+from sdconcepts.training.config import (
+    EARLY_STOP_WINDOW,
+    ConfigError,
+    EmbeddingTrainingConfig,
+    HypernetworkTrainingConfig,
+)
 from sdconcepts.training.create import MAX_VECTORS, CreateError, create_embedding_file, create_hypernetwork_file
 from sdconcepts.training.dataset import DatasetError
 from sdconcepts.training.distributed import Distributed
@@ -216,8 +221,8 @@ def _add_train_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--early-stop", action="store_true",
                    help="stop once the validation loss has settled (its last checks vary by at most 2%% of its "
                    "variance over the run)")
-    p.add_argument("--early-stop-window", type=int_at_least(2), default=5, metavar="K",
-                   help="validation checks the early stop looks back over (default: 5)")
+    p.add_argument("--early-stop-window", type=int_at_least(2), default=EARLY_STOP_WINDOW, metavar="K",
+                   help=f"validation checks the early stop looks back over (default: {EARLY_STOP_WINDOW})")
     p.add_argument("--compile", dest="compile_unet", action="store_true",
                    help="compile the UNet with torch.compile (a slower start for faster steps; falls back to eager "
                    "with one line where this machine cannot compile)")

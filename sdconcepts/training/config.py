@@ -11,9 +11,12 @@ from sdconcepts.training.dataset import LATENT_SAMPLING
 from sdconcepts.training.schedule import ScheduleError, parse_schedule
 from sdconcepts.training.templates import TemplateError, read_template
 
-__all__ = ["CLIP_MODES", "ConfigError", "EmbeddingTrainingConfig", "HypernetworkTrainingConfig", "TrainingConfig"]
+__all__ = ["CLIP_MODES", "EARLY_STOP_WINDOW", "ConfigError", "EmbeddingTrainingConfig", "HypernetworkTrainingConfig", "TrainingConfig"]
 
 CLIP_MODES = ("disabled", "value", "norm")
+
+# Validation checks the early stop looks back over, unless a run says otherwise (CLI, Train tab, config).
+EARLY_STOP_WINDOW = 5
 
 
 class ConfigError(ValueError):
@@ -70,7 +73,7 @@ class TrainingConfig:
     validate_every: int = -1
     validation_share: float = 0.0
     early_stop: bool = False
-    early_stop_window: int = 5
+    early_stop_window: int = EARLY_STOP_WINDOW
     # Run the UNet through torch.compile (falls back to eager with one line where the machine cannot compile).
     compile_unet: bool = False
 

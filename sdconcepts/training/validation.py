@@ -50,7 +50,8 @@ MIN_INTERVAL, MAX_INTERVAL = 10, 250
 # (batch x accumulation) steps (at least 2; 6 at batch 5), on timesteps from the noisier half of the schedule
 # (EARLY_STOP_NOISE_LEVELS: where the layout, colours and background are decided; the nearly clean end's larger error
 # hid toyworld-xl's background being learnt), and the run stops once the variance of the last ``window`` checks
-# (``early_stop_window``, default 5) is at most EARLY_STOP_RATIO of the whole run's (DVAR, Voronov et al. 2023).
+# (``early_stop_window``, default ``training.config.EARLY_STOP_WINDOW``) is at most EARLY_STOP_RATIO of the whole
+# run's (DVAR, Voronov et al. 2023).
 # Replayed with ~3,000 rules on three trajectories of each embedded model (bench/bench_early_stop_rules.py), none stopped
 # within 1.5x of the concept's first good snapshot and never before it on all six; this is the safest tried: never
 # before the concept on the six (1.47-2.17x), where the earlier rule (whole schedule, plateau, window 3, every 5

@@ -20,6 +20,7 @@ from sdconcepts.file_names import InvalidNameError
 from sdconcepts.generation import engine_sampler
 from sdconcepts.hypernetworks.hypernetwork import HypernetworkError
 from sdconcepts.training.config import (
+    EARLY_STOP_WINDOW,
     ConfigError,
     EmbeddingTrainingConfig,
     HypernetworkTrainingConfig,
@@ -377,7 +378,7 @@ class TrainForm:
     validate_every: float | None = -1
     validation_share: float | None = 0.0
     early_stop: bool = False
-    early_stop_window: float | None = 5
+    early_stop_window: float | None = EARLY_STOP_WINDOW
     compile_unet: bool = False
     # A1111 1.9+ keeps txt2img's schedule type apart from the sampler (inside a host: #txt2img_scheduler).
     preview_schedule: str | None = None
@@ -407,7 +408,7 @@ class TrainForm:
             "save_image_with_embedding": bool(self.save_image_with_embedding),
             "validate_every": -1 if self.validate_every is None else self.validate_every,
             "validation_share": float(self.validation_share or 0), "early_stop": bool(self.early_stop),
-            "early_stop_window": 5 if self.early_stop_window is None else self.early_stop_window,
+            "early_stop_window": EARLY_STOP_WINDOW if self.early_stop_window is None else self.early_stop_window,
             "compile_unet": bool(self.compile_unet),
         }
         if self.read_txt2img:

@@ -17,6 +17,7 @@ import gradio as gr
 
 from sdconcepts.hypernetworks.hypernetwork import ACTIVATIONS, WEIGHT_INITS
 from sdconcepts.limits import MAX_IMAGE_SIDE
+from sdconcepts.training.config import EARLY_STOP_WINDOW
 from sdconcepts.training.presets import PRESETS, Preset, preset
 from sdconcepts.training.templates import available_templates
 from sdconcepts.ui import train_handlers, train_jobs
@@ -265,7 +266,7 @@ def _validation_fields(c: dict[str, Any]) -> None:
     with gr.Row():
         c["early_stop"] = gr.Checkbox(value=False, label="Stop early once the validation loss has settled",
                                       elem_id="sdconcepts_train_early_stop")
-        c["early_stop_window"] = gr.Number(label="Early stop window (validation checks)", value=5, precision=0,
+        c["early_stop_window"] = gr.Number(label="Early stop window (validation checks)", value=EARLY_STOP_WINDOW, precision=0,
                                            elem_id="sdconcepts_train_early_stop_window")
     c["err_validation"] = _field_error("validation")
     c["compile_unet"] = gr.Checkbox(value=False, label="Compile the UNet (torch.compile: slower start, faster steps)",
