@@ -182,7 +182,7 @@ def fallen_rule(window: int, threshold: float, fall: float, slow: int = 5) -> Ca
     """DVAR's rule over ``window`` checks at ``threshold`` once the loss has fallen by ``fall`` x its first check's
     value, or DVAR's rule over ``slow`` checks at the shipped 2 % (the candidate of 2026-12-06, branch es2-fallen:
     ``window`` 3, threshold 0.05, fall 0.3 on the s5-high variant every 6 steps)."""
-    fast, late = dvar_rule(window, threshold), dvar_rule(slow, 0.02)
+    fast, late = dvar_rule(window, threshold), shipped_rule(slow)
 
     def rule(values: Sequence[float]) -> bool:
         fallen = values[0] > 0 and (values[0] - min(values)) >= fall * values[0]

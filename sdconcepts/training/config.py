@@ -11,7 +11,10 @@ from sdconcepts.training.dataset import LATENT_SAMPLING
 from sdconcepts.training.schedule import ScheduleError, parse_schedule
 from sdconcepts.training.templates import TemplateError, read_template
 
-__all__ = ["CLIP_MODES", "EARLY_STOP_WINDOW", "ConfigError", "EmbeddingTrainingConfig", "HypernetworkTrainingConfig", "TrainingConfig"]
+__all__ = [
+    "CLIP_MODES", "EARLY_STOP_WINDOW", "ConfigError", "EmbeddingTrainingConfig", "HypernetworkTrainingConfig",
+    "TrainingConfig",
+]
 
 CLIP_MODES = ("disabled", "value", "norm")
 

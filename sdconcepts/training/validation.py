@@ -54,9 +54,10 @@ MIN_INTERVAL, MAX_INTERVAL = 10, 250
 # run's (DVAR, Voronov et al. 2023).
 # Replayed with ~3,000 rules on three trajectories of each embedded model (bench/bench_early_stop_rules.py), none stopped
 # within 1.5x of the concept's first good snapshot and never before it on all six; this is the safest tried: never
-# before the concept on the six (1.47-2.17x), where the earlier rule (whole schedule, plateau, window 3, every 5
-# steps) stopped toyworld-xl's seed-2 trajectory with the concept at 43 %. A stop before the concept leaves an
-# unusable file; one after it only costs time.
+# before the concept on the six (1.47-2.17x), nor on eight held-out trajectories recorded after it was chosen
+# (1.38-4.51x over all fourteen; docs/training.md, "Early stop: held-out trajectories"), where the earlier rule (whole
+# schedule, plateau, window 3, every 5 steps) stopped toyworld-xl's seed-2 trajectory with the concept at 43 %. A stop
+# before the concept leaves an unusable file; one after it only costs time.
 EARLY_STOP_FACTOR = 3.75
 EARLY_STOP_NOISE_LEVELS = (0.5, 1.0)
 EARLY_STOP_RATIO = 0.02

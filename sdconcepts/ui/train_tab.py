@@ -266,8 +266,8 @@ def _validation_fields(c: dict[str, Any]) -> None:
     with gr.Row():
         c["early_stop"] = gr.Checkbox(value=False, label="Stop early once the validation loss has settled",
                                       elem_id="sdconcepts_train_early_stop")
-        c["early_stop_window"] = gr.Number(label="Early stop window (validation checks)", value=EARLY_STOP_WINDOW, precision=0,
-                                           elem_id="sdconcepts_train_early_stop_window")
+        c["early_stop_window"] = gr.Number(label="Early stop window (validation checks)", value=EARLY_STOP_WINDOW,
+                                           precision=0, elem_id="sdconcepts_train_early_stop_window")
     c["err_validation"] = _field_error("validation")
     c["compile_unet"] = gr.Checkbox(value=False, label="Compile the UNet (torch.compile: slower start, faster steps)",
                                     elem_id="sdconcepts_train_compile")
